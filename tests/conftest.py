@@ -1,25 +1,25 @@
 """Load the repository root as the package ``kinema``, the way ComfyUI loads a pack.
 
-The checkout's folder name never matters: the root ``__init__.py`` is imported
-under one fixed name with the root as its package path.
+The checkout's folder name never matters: the root is registered under one
+fixed name with the root as its package path. The root ``__init__.py`` (which
+imports every node) is executed on first use of ``kinema.NODE_CLASS_MAPPINGS``
+through ``load_pack()``, so engine tests do not depend on the node modules.
 """
 import importlib.util
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "kinema", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
+)
+if "kinema" not in sys.modules:
+    sys.modules["kinema"] = importlib.util.module_from_spec(_spec)
 
 
-def _load_pack():
-    if "kinema" in sys.modules:
-        return sys.modules["kinema"]
-    spec = importlib.util.spec_from_file_location(
-        "kinema", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kinema"] = module
-    spec.loader.exec_module(module)
+def load_pack():
+    """Execute the pack's root __init__ (what ComfyUI does) and return the package."""
+    module = sys.modules["kinema"]
+    if not hasattr(module, "NODE_CLASS_MAPPINGS"):
+        _spec.loader.exec_module(module)
     return module
-
-
-_load_pack()

@@ -1,0 +1,264 @@
+"""Safe checkpoint loading, format detection by key sniffing, and building models from files.
+
+- ``.safetensors`` is read with safetensors (header checked first, so a truncated
+  file is named as such); ``.ckpt/.pt/.pth/.bin`` only through
+  ``torch.load(weights_only=True)``, so a pickle that would run code is refused.
+- ``state_dict`` wrappers are unwrapped, non-tensor entries dropped.
+- Models are built on the meta device from a config inferred from the shapes,
+  then the file's tensors are assigned (no second copy of the weights in RAM).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import KinemaError
+
+TENSOR_EXTENSIONS = (".safetensors", ".sft")
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def _check_safetensors_header(path: str) -> None:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise KinemaError(f"'{os.path.basename(path)}' is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 * 2**20):
+            raise KinemaError(f"'{os.path.basename(path)}' is not a valid safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise KinemaError(f"'{os.path.basename(path)}' has a corrupt safetensors header") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise KinemaError(
+            f"'{os.path.basename(path)}' is truncated: {size} bytes on disk, {8 + n + end} expected. "
+            "Download the file again."
+        )
+
+
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint file safely; raise KinemaError naming the file and the fix."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise KinemaError(f"model file not found: {path}")
+    lower = path.lower()
+    if lower.endswith(TENSOR_EXTENSIONS):
+        _check_safetensors_header(path)
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own error types
+            raise KinemaError(f"could not read '{name}' as safetensors: {e}") from e
+    elif lower.endswith(PICKLE_EXTENSIONS):
+        if zipfile.is_zipfile(path):
+            try:
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, OSError) as e:
+                raise KinemaError(f"'{name}' is damaged or truncated ({e}): download it again") from e
+            if bad is not None:
+                raise KinemaError(f"'{name}' is damaged (bad entry {bad}): download it again")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError as e:
+            raise KinemaError(
+                f"'{name}' holds Python objects other than tensors, which Kinema will not unpickle (they could run "
+                "code). Use a .safetensors version of this model, or convert it on a machine you trust."
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise KinemaError(f"could not read '{name}': {e}. The file may be truncated: download it again.") from e
+    else:
+        raise KinemaError(
+            f"'{name}' is not a model file Kinema reads: use .safetensors (or .ckpt/.pt/.pth holding only tensors)"
+        )
+    return unwrap_state_dict(sd, name)
+
+
+def unwrap_state_dict(sd, name: str = "the file") -> dict[str, torch.Tensor]:
+    """Unwrap ``state_dict``/``module`` wrappers and keep only tensors."""
+    for _ in range(3):
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        elif isinstance(sd, dict) and "module" in sd and isinstance(sd["module"], dict) and len(sd) <= 3:
+            sd = sd["module"]
+    if not isinstance(sd, dict):
+        raise KinemaError(f"{name} does not hold a state dict (found {type(sd).__name__})")
+    out = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not out:
+        raise KinemaError(f"{name} holds no tensors")
+    return out
+
+
+# -- format detection -------------------------------------------------------------------------------------------
+
+def detect_format(sd: dict) -> str:
+    """Name the kind of model a state dict holds (key sniffing).
+
+    One of: ``sd15``, ``sd2``, ``sdxl``, ``svd``, ``motion_module``, ``motion_module_sdxl``, ``motion_lora``,
+    ``lora``, ``controlnet``, ``vae``, ``clip_vision``, ``unknown``.
+    """
+    keys = sd.keys()
+    if any(".motion_modules." in k for k in keys):
+        if any("_lora." in k for k in keys):
+            return "motion_lora"
+        if not any(k.startswith("down_blocks.3.") for k in keys):
+            return "motion_module_sdxl"
+        return "motion_module"
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) or ".lora_down." in k or ".lora_up." in k
+           or "_lora.down." in k or ".lora_A." in k for k in keys):
+        return "lora"
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        if any(".time_stack." in k or "time_mixer" in k for k in keys):
+            return "svd"
+        return "sdxl"
+    if any(".time_stack." in k for k in keys):
+        return "svd"
+    if "model.diffusion_model.input_blocks.0.0.weight" in sd:
+        if "model.diffusion_model.label_emb.0.0.weight" in sd:
+            return "sdxl"
+        k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+        if k in sd and sd[k].shape[1] == 1024:
+            return "sd2"
+        if any(k.startswith("cond_stage_model.model.") for k in keys):
+            return "sd2"
+        return "sd15"
+    if any(k.startswith(("control_model.", "input_hint_block.")) for k in keys):
+        return "controlnet"
+    if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd:
+        return "vae"
+    if any(k.startswith(("vision_model.", "visual.")) for k in keys):
+        return "clip_vision"
+    return "unknown"
+
+
+FORMAT_NAMES = {
+    "sd15": "an SD1.5 checkpoint",
+    "sd2": "an SD2.x checkpoint",
+    "sdxl": "an SDXL checkpoint",
+    "svd": "a Stable Video Diffusion checkpoint",
+    "motion_module": "an AnimateDiff motion module",
+    "motion_module_sdxl": "an SDXL AnimateDiff motion module",
+    "motion_lora": "an AnimateDiff MotionLoRA",
+    "lora": "a LoRA",
+    "controlnet": "a ControlNet",
+    "vae": "a standalone VAE",
+    "clip_vision": "a CLIP vision model",
+    "unknown": "an unrecognised model",
+}
+
+FORMAT_HOME = {
+    "sd15": "models/checkpoints with the Kinema checkpoint loader",
+    "svd": "models/checkpoints (Stable Video Diffusion support comes in a later Kinema release)",
+    "motion_module": "models/animatediff_models with the Kinema motion-module loader",
+    "motion_lora": "models/animatediff_motion_lora (MotionLoRA support comes in a later Kinema release)",
+    "lora": "models/loras",
+    "controlnet": "models/controlnet",
+    "vae": "models/vae",
+    "clip_vision": "models/clip_vision",
+}
+
+
+def expect_format(sd: dict, wanted: str, path: str, what: str) -> None:
+    found = detect_format(sd)
+    if found == wanted:
+        return
+    name = os.path.basename(path)
+    where = FORMAT_HOME.get(found)
+    hint = f" It belongs in {where}." if where else ""
+    if found == "motion_module_sdxl":
+        hint = " SDXL motion modules are not supported yet: use an SD1.5 motion module (v1, v2 or v3)."
+    raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not {what}.{hint}")
+
+
+# -- building -----------------------------------------------------------------------------------------------------
+
+def sub_state_dict(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
+    n = len(prefix)
+    return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name: str) -> nn.Module:
+    """Make ``factory()`` on the meta device and assign the state dict's tensors (cast to dtype)."""
+    with torch.device("meta"):
+        module = factory()
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise KinemaError(
+            f"'{name}' is missing {len(missing)} {what} weights (first: '{missing[0]}'): the file is incomplete "
+            "or not the format its loader expects"
+        )
+    loaded = {}
+    for k, ref in expected.items():
+        t = sd[k]
+        if t.shape != ref.shape:
+            if t.numel() == ref.numel():  # e.g. VAE attention stored as linear instead of 1x1 conv
+                t = t.reshape(ref.shape)
+            else:
+                raise KinemaError(
+                    f"'{name}': {what} weight '{k}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+                )
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        loaded[k] = t
+    module.load_state_dict(loaded, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+@dataclass
+class SD15Bundle:
+    """The three parts of an SD1.5 single-file checkpoint."""
+
+    unet: nn.Module
+    vae: nn.Module
+    clip: object
+    name: str
+
+
+def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> SD15Bundle:
+    """Load an SD1.5 single-file checkpoint into (UNet, VAE, CLIP text encoder)."""
+    from .encoders import TextEncoder
+    from .unet import UNetModel, infer_unet_config
+    from .vae import AutoencoderKL, infer_vae_config
+
+    name = os.path.basename(path)
+    sd = load_state_dict(path)
+    expect_format(sd, "sd15", path, "an SD1.5 checkpoint")
+    unet_sd = sub_state_dict(sd, "model.diffusion_model.")
+    vae_sd = sub_state_dict(sd, "first_stage_model.")
+    if not any(k.startswith("cond_stage_model.transformer.") for k in sd):
+        raise KinemaError(f"'{name}' has no CLIP text encoder ('cond_stage_model.transformer.*'): it is not a full "
+                          "SD1.5 checkpoint")
+    if not vae_sd:
+        raise KinemaError(f"'{name}' has no VAE ('first_stage_model.*'): it is not a full SD1.5 checkpoint")
+    ucfg = infer_unet_config(unet_sd)
+    unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
+    vcfg = infer_vae_config(vae_sd)
+    vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+    clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=dtype)
+    return SD15Bundle(unet=unet, vae=vae, clip=clip, name=name)
+
+
+def load_motion_module(path: str, dtype: torch.dtype | None = None):
+    """Load an AnimateDiff SD1.5 motion module (v1, v2 or v3) from its published layout."""
+    from .motion import MotionModuleSet, infer_motion_config
+
+    name = os.path.basename(path)
+    sd = load_state_dict(path)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    expect_format(sd, "motion_module", path, "an AnimateDiff motion module")
+    cfg = infer_motion_config(sd)
+    module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name)
+    module.source = name
+    return module

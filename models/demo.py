@@ -1,0 +1,153 @@
+"""Tiny demo models in the real file formats, made deterministically by the pack's own code.
+
+They have the real block structure (4 UNet levels with attention on the first
+three, 2 ResBlocks a level, GroupNorm with 32 groups, the CLIP text model and
+VAE of SD1.5, AnimateDiff motion modules v1/v2/v3) at a tiny width, and random
+weights: they are UNTRAINED. They exist so the pack, its tests and its headless
+runner work end to end on any machine; the videos they make are noise-like.
+
+Every tensor is drawn from a generator seeded by (seed, key name), so the files
+are identical on every machine and for every torch version.
+"""
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from .motion import MotionConfig, MotionModuleSet, sinusoidal_table
+from .unet import UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
+
+DEMO_CHECKPOINT = "kinema_demo_sd15.safetensors"
+DEMO_MOTION = {v: f"kinema_demo_mm_{v}.safetensors" for v in ("v1", "v2", "v3")}
+UNTRAINED_NOTE = (
+    "Kinema demo models: tiny, with random (untrained) weights, made by the pack itself. "
+    "Put a real SD1.5 checkpoint and motion module in your models folder for real videos."
+)
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    model_channels: int = 32
+    channel_mult: tuple = (1, 2, 2, 2)
+    clip_hidden: int = 64
+    clip_layers: int = 2
+    vae_ch: int = 32
+    vae_mult: tuple = (1, 2, 2, 2)
+
+
+def _clip_shapes(hidden: int, layers: int) -> dict[str, tuple]:
+    """Key names and shapes of a transformers CLIPTextModel (SD1.5 layout, 49408 tokens, 77 positions)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, hidden_act="quick_gelu",
+    )
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def _fill(key: str, shape: tuple, seed: int) -> torch.Tensor:
+    """A deterministic tensor for ``key``: unit norms, zero biases, fan-in scaled weights."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+    leaf = key.rsplit(".", 1)[-1]
+    parts = key.split(".")
+    is_norm = any("norm" in p for p in parts) or key.endswith(
+        (".in_layers.0.weight", ".in_layers.0.bias", ".out_layers.0.weight", ".out_layers.0.bias",
+         "diffusion_model.out.0.weight", "diffusion_model.out.0.bias")
+    )
+    if leaf == "bias":
+        if is_norm:
+            return torch.zeros(shape)
+        return torch.randn(shape, generator=gen) * 0.02
+    if is_norm and len(shape) == 1:
+        return 1.0 + 0.05 * torch.randn(shape, generator=gen)
+    if "embedding" in key:
+        return torch.randn(shape, generator=gen) * 0.02
+    fan_in = math.prod(shape[1:]) if len(shape) > 1 else shape[0]
+    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+
+
+def _tensors(shapes: dict[str, tuple], prefix: str, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {prefix + k: _fill(prefix + k, s, seed).to(dtype) for k, s in shapes.items()}
+
+
+def _shapes(module_factory) -> dict[str, tuple]:
+    with torch.device("meta"):
+        m = module_factory()
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def demo_unet_config(sizes: DemoSizes = DemoSizes()) -> UNetConfig:
+    return UNetConfig(model_channels=sizes.model_channels, channel_mult=sizes.channel_mult,
+                      context_dim=sizes.clip_hidden)
+
+
+def sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes()) -> dict:
+    """A tiny SD1.5 single-file checkpoint: UNet, VAE, CLIP text model and DDPM buffers."""
+    sd = {}
+    sd.update(_tensors(_shapes(lambda: UNetModel(demo_unet_config(sizes))), "model.diffusion_model.", seed, dtype))
+    vcfg = VAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult)
+    sd.update(_tensors(_shapes(lambda: AutoencoderKL(vcfg)), "first_stage_model.", seed, dtype))
+    sd.update(_tensors(_clip_shapes(sizes.clip_hidden, sizes.clip_layers), "cond_stage_model.transformer.", seed,
+                       dtype))
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    sd["betas"] = betas.float()
+    sd["alphas_cumprod"] = alphas_cumprod.float()
+    sd["alphas_cumprod_prev"] = torch.cat([torch.ones(1), alphas_cumprod[:-1].float()])
+    return sd
+
+
+def motion_state_dict(version: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      sizes: DemoSizes = DemoSizes()) -> dict:
+    """A tiny AnimateDiff motion module in the published layout (v1: 24 positions; v2: mid block; v3: 32)."""
+    chans = tuple(sizes.model_channels * m for m in sizes.channel_mult)
+    cfg = MotionConfig(down_channels=chans, modules_per_down=2, modules_per_up=3, has_mid=version == "v2",
+                       max_len=24 if version == "v1" else 32)
+    shapes = _shapes(lambda: MotionModuleSet(cfg))
+    sd = {}
+    for k, s in shapes.items():
+        if k.endswith("pos_encoder.pe"):
+            sd[k] = sinusoidal_table(s[1], s[2]).to(dtype)
+        else:
+            sd[k] = _fill(f"{version}.{k}", s, seed).to(dtype)
+    return sd
+
+
+def _save(sd: dict, path: str, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      overwrite: bool = False) -> dict[str, str]:
+    """Write the demo checkpoint and motion modules under ``models_dir`` (ComfyUI's folder names).
+
+    Returns {"checkpoint": path, "v1": path, "v2": path, "v3": path}. Existing files are kept
+    unless ``overwrite``.
+    """
+    meta = {"kinema_demo": "true", "note": UNTRAINED_NOTE}
+    paths = {"checkpoint": os.path.join(models_dir, "checkpoints", DEMO_CHECKPOINT)}
+    for v, name in DEMO_MOTION.items():
+        paths[v] = os.path.join(models_dir, "animatediff_models", name)
+    if overwrite or not os.path.exists(paths["checkpoint"]):
+        _save(sd15_state_dict(seed, dtype), paths["checkpoint"], meta)
+    for v in DEMO_MOTION:
+        if overwrite or not os.path.exists(paths[v]):
+            _save(motion_state_dict(v, seed, dtype), paths[v], meta)
+    return paths

@@ -1,0 +1,82 @@
+"""Denoisers and the guidances composed on them.
+
+``EpsVideoDenoiser`` turns an eps-prediction video model into
+``x0 = f(x, sigma, contexts)`` for one video latent ``[f, c, h, w]``; a
+guidance is a function of those x0 predictions. Classifier-free guidance
+runs cond and uncond in one batch when ``batch_cond`` is set.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .sampling import DiscreteSchedule
+
+
+def match_token_lengths(contexts: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """Repeat contexts along tokens to one common length so they batch.
+
+    Attending to a token sequence repeated k times gives exactly the result of
+    attending to it once, so this changes nothing but the batch shape. Returns
+    None when the lengths have no small common multiple.
+    """
+    lengths = [c.shape[1] for c in contexts]
+    if len(set(lengths)) == 1:
+        return contexts
+    lcm = math.lcm(*lengths)
+    if lcm > 4 * max(lengths):
+        return None
+    return [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
+
+
+class EpsVideoDenoiser:
+    """x0 predictions of an eps video model for several per-frame contexts at one sigma.
+
+    ``model(x, timesteps, context, num_frames, attn_chunk=, temporal=)`` is a
+    ``MotionModel``; contexts are per-frame ``[f, n, d]``.
+    """
+
+    def __init__(self, model, schedule: DiscreteSchedule, attn_chunk: int = 0, batch_cond: bool = True):
+        self.model = model
+        self.schedule = schedule
+        self.attn_chunk = attn_chunk
+        self.batch_cond = batch_cond
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, contexts: list[torch.Tensor],
+                 temporal: bool = True) -> list[torch.Tensor]:
+        """x [f, c, h, w], contexts [[f, n, d], ...] -> x0 for each context, each [f, c, h, w]"""
+        frames = x.shape[0]
+        dtype = self.model.unet.dtype
+        device = next(self.model.unet.parameters()).device
+        c_in = 1.0 / math.sqrt(float(sigma) ** 2 + 1.0)
+        t = self.schedule.timestep(sigma.reshape(1)).to(device)
+        groups = [contexts]
+        if not self.batch_cond or len(contexts) == 1:
+            groups = [[c] for c in contexts]
+        else:
+            matched = match_token_lengths(contexts)
+            groups = [matched] if matched is not None else [[c] for c in contexts]
+        outs = []
+        for group in groups:
+            b = len(group)
+            xin = (x.repeat(b, 1, 1, 1) * c_in).to(device, dtype)
+            ctx = torch.cat(group).to(device, dtype)
+            eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk, temporal=temporal)
+            eps = eps.float().to(x.device)
+            outs.extend(x - float(sigma) * e for e in eps.chunk(b))
+        return outs
+
+
+class CFGDenoiser:
+    """Classifier-free guidance on x0: ``x0_u + cfg * (x0_c - x0_u)`` (uncond skipped at cfg 1)."""
+
+    def __init__(self, denoiser: EpsVideoDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float):
+        self.denoiser, self.cond, self.uncond, self.cfg = denoiser, cond, uncond, float(cfg)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x [f, c, h, w] -> x0 [f, c, h, w]"""
+        if self.uncond is None or self.cfg == 1.0:
+            return self.denoiser(x, sigma, [self.cond])[0]
+        x0_u, x0_c = self.denoiser(x, sigma, [self.uncond, self.cond])
+        return x0_u + self.cfg * (x0_c - x0_u)

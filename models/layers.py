@@ -1,0 +1,207 @@
+"""Building blocks shared by the UNets: attention, ResBlock, spatial transformer.
+
+Names of parameters follow the original LDM checkpoints so a state dict loads
+without renaming. Every tensor reshape is an einops pattern.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-call switches of the networks (never stored on the modules).
+
+    num_frames: frames of one video in the folded batch ``(b f)``.
+    cross_frame_norm: AnimateDiff v1's UNet GroupNorm statistics over all
+        frames of a video instead of per frame.
+    attn_chunk: split attention queries into chunks of this many (0 = no split).
+    """
+
+    num_frames: int = 1
+    cross_frame_norm: bool = False
+    attn_chunk: int = 0
+
+
+def group_norm(norm: nn.GroupNorm, x: torch.Tensor, opts: RunOptions | None = None) -> torch.Tensor:
+    """GroupNorm over ``(b f) c h w``, per frame or, for v1, across frames."""
+    if opts is not None and opts.cross_frame_norm and opts.num_frames > 1:
+        v = rearrange(x, "(b f) c h w -> b c f h w", f=opts.num_frames)
+        v = F.group_norm(v, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return rearrange(v, "b c f h w -> (b f) c h w")
+    return norm(x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, chunk: int = 0) -> torch.Tensor:
+    """Multi-head attention: [b, n, c] x [b, m, c] -> [b, n, c] (SDPA, optional query chunks)."""
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    if chunk and q.shape[2] > chunk:
+        out = torch.cat(
+            [F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v) for i in range(0, q.shape[2], chunk)],
+            dim=2,
+        )
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, "b h n d -> b n (h d)")
+
+
+class CrossAttention(nn.Module):
+    """Self or cross attention with the LDM names ``to_q/to_k/to_v/to_out.0``."""
+
+    def __init__(self, dim: int, context_dim: int | None, heads: int):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        """[b, n, c], context [b, m, c'] -> [b, n, c]"""
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, chunk)
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, n, c] -> [b, n, dim_out]"""
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward, names ``net.0.proj`` and ``net.2``."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, n, c] -> [b, n, c]"""
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """[b, n, c], context [b, m, c'] -> [b, n, c]"""
+        x = x + self.attn1(self.norm1(x), chunk=chunk)
+        x = x + self.attn2(self.norm2(x), context, chunk=chunk)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """LDM SpatialTransformer: GroupNorm, proj_in (conv 1x1 or linear), blocks, proj_out."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, linear_proj: bool):
+        super().__init__()
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        make = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = make()
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+        )
+        self.proj_out = make()
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, opts: RunOptions) -> torch.Tensor:
+        """(b f) c h w, context [(b f), m, c'] -> (b f) c h w"""
+        h, w = x.shape[-2:]
+        y = self.norm(x)
+        if not self.linear_proj:
+            y = self.proj_in(y)
+        y = rearrange(y, "b c h w -> b (h w) c")
+        if self.linear_proj:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context, opts.attn_chunk)
+        if self.linear_proj:
+            y = self.proj_out(y)
+        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        if not self.linear_proj:
+            y = self.proj_out(y)
+        return x + y
+
+
+class ResBlock(nn.Module):
+    """LDM ResBlock with timestep embedding (``in_layers``, ``emb_layers``, ``out_layers``)."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, opts: RunOptions) -> torch.Tensor:
+        """(b f) c h w, emb [(b f), e] -> (b f) c' h w"""
+        h = F.silu(group_norm(self.in_layers[0], x, opts))
+        h = self.in_layers[2](h)
+        h = h + rearrange(self.emb_layers(emb), "b c -> b c 1 1").to(h.dtype)
+        h = F.silu(group_norm(self.out_layers[0], h, opts))
+        h = self.out_layers[3](h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b f) c h w -> (b f) c h/2 w/2"""
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(b f) c h w -> (b f) c 2h 2w (or the skip's size when given)"""
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding as in LDM (cos first): [b] -> [b, dim]"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb

@@ -1,0 +1,299 @@
+"""AnimateDiff motion modules (v1, v2, v3) for SD1.5, in the published key layout.
+
+A file holds ``{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.temporal_transformer.*``.
+Each module is a temporal transformer: per-frame GroupNorm, a linear projection,
+blocks of two temporal self-attentions (with a sinusoidal positional table
+``pos_encoder.pe`` stored in the file) and a GEGLU feed-forward, a linear
+projection out, and a residual. Attention runs across the frames of each
+spatial position.
+
+``MotionModel`` pairs a (never modified) SD1.5 UNet with a ``MotionModuleSet``
+and a motion scale; it is what the sampler calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .errors import KinemaError
+from .layers import FeedForward, RunOptions, attention
+from .unet import Slot, UNetConfig, UNetModel
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over frames, with the positional table added to its input."""
+
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+        self.pos_encoder = PositionalEncoding(dim, max_len)
+
+    def forward(self, x: torch.Tensor, num_frames: int, chunk: int = 0) -> torch.Tensor:
+        """[(b f), n, c] -> [(b f), n, c], attending across f for each of the n positions"""
+        n = x.shape[1]
+        x = rearrange(x, "(b f) n c -> (b n) f c", f=num_frames)
+        x = self.pos_encoder(x)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        if chunk and q.shape[0] > chunk:
+            out = torch.cat(
+                [attention(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk], self.heads)
+                 for i in range(0, q.shape[0], chunk)]
+            )
+        else:
+            out = attention(q, k, v, self.heads)
+        return rearrange(self.to_out(out), "(b n) f c -> (b f) n c", n=n)
+
+
+class PositionalEncoding(nn.Module):
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        self.register_buffer("pe", torch.zeros(1, max_len, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, f, c] -> [b, f, c] + pe[:, :f]"""
+        return x + self.pe[:, : x.shape[1]].to(x.dtype)
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """The table AnimateDiff trains with (sin on even, cos on odd channels): [1, max_len, dim]."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-torch.log(torch.tensor(10000.0)) / dim))
+    pe = torch.zeros(1, max_len, dim)
+    pe[0, :, 0::2] = torch.sin(pos * div)
+    pe[0, :, 1::2] = torch.cos(pos * div)
+    return pe
+
+
+class TemporalTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int, num_attn: int = 2):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList([TemporalAttention(dim, heads, max_len) for _ in range(num_attn)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(num_attn)])
+        self.ff = FeedForward(dim)
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, num_frames: int, chunk: int = 0) -> torch.Tensor:
+        """[(b f), n, c] -> [(b f), n, c]"""
+        for attn, norm in zip(self.attention_blocks, self.norms):
+            x = x + attn(norm(x), num_frames, chunk)
+        return x + self.ff(self.ff_norm(x))
+
+
+class TemporalTransformer(nn.Module):
+    """``temporal_transformer``: GroupNorm per frame, proj_in, blocks, proj_out (returns the update)."""
+
+    def __init__(self, channels: int, heads: int, max_len: int, depth: int = 1, num_attn: int = 2):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList(
+            [TemporalTransformerBlock(channels, heads, max_len, num_attn) for _ in range(depth)]
+        )
+        self.proj_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, num_frames: int, chunk: int = 0) -> torch.Tensor:
+        """(b f) c h w -> (b f) c h w: the update the module adds to its input"""
+        h, w = x.shape[-2:]
+        y = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, num_frames, chunk)
+        y = self.proj_out(y)
+        return rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+
+
+class MotionModule(nn.Module):
+    def __init__(self, channels: int, heads: int, max_len: int, depth: int = 1, num_attn: int = 2):
+        super().__init__()
+        self.temporal_transformer = TemporalTransformer(channels, heads, max_len, depth, num_attn)
+
+    def forward(self, x: torch.Tensor, num_frames: int, scale: float = 1.0, chunk: int = 0) -> torch.Tensor:
+        """(b f) c h w -> (b f) c h w; scale multiplies the temporal update (1 = as trained)"""
+        return x + scale * self.temporal_transformer(x, num_frames, chunk)
+
+
+class _Level(nn.Module):
+    def __init__(self, modules: list[MotionModule]):
+        super().__init__()
+        self.motion_modules = nn.ModuleList(modules)
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    down_channels: tuple          # channels of each down level's modules
+    modules_per_down: int         # 2 for SD1.5
+    modules_per_up: int           # 3 for SD1.5
+    has_mid: bool
+    max_len: int                  # positional table length: frames at once
+    heads: int = 8
+    depth: int = 1
+    num_attn: int = 2
+
+    @property
+    def version(self) -> str:
+        if self.has_mid:
+            return "v2"
+        return "v1" if self.max_len <= 24 else "v3"
+
+
+class MotionModuleSet(nn.Module):
+    """All motion modules of one file, in its names: ``down_blocks``, ``up_blocks``, ``mid_block``."""
+
+    def __init__(self, cfg: MotionConfig):
+        super().__init__()
+        self.cfg = cfg
+
+        def make(ch: int) -> MotionModule:
+            return MotionModule(ch, cfg.heads, cfg.max_len, cfg.depth, cfg.num_attn)
+
+        self.down_blocks = nn.ModuleList(
+            [_Level([make(ch) for _ in range(cfg.modules_per_down)]) for ch in cfg.down_channels]
+        )
+        self.up_blocks = nn.ModuleList(
+            [_Level([make(ch) for _ in range(cfg.modules_per_up)]) for ch in reversed(cfg.down_channels)]
+        )
+        if cfg.has_mid:
+            self.mid_block = _Level([make(cfg.down_channels[-1])])
+
+    @property
+    def version(self) -> str:
+        return self.cfg.version
+
+    def module_for(self, slot: Slot, unet_cfg: UNetConfig) -> MotionModule | None:
+        """The motion module that follows UNet block ``slot`` (None where the file has none)."""
+        kind, index = slot
+        nrb = unet_cfg.num_res_blocks
+        if kind == "middle":
+            return self.mid_block.motion_modules[0] if self.cfg.has_mid else None
+        if kind == "input":
+            if index == 0 or index % (nrb + 1) == 0:  # conv_in and the downsamplers
+                return None
+            level, j = divmod(index - 1, nrb + 1)
+            levels, count = self.down_blocks, self.cfg.modules_per_down
+        else:
+            level, j = divmod(index, nrb + 1)
+            levels, count = self.up_blocks, self.cfg.modules_per_up
+        if level >= len(levels) or j >= count:
+            return None
+        return levels[level].motion_modules[j]
+
+    def check_unet(self, unet_cfg: UNetConfig) -> None:
+        """Raise KinemaError unless this motion module fits the UNet."""
+        unet_channels = tuple(unet_cfg.model_channels * m for m in unet_cfg.channel_mult)
+        if tuple(self.cfg.down_channels) != unet_channels[: len(self.cfg.down_channels)] or (
+            self.cfg.modules_per_down != unet_cfg.num_res_blocks
+        ):
+            raise KinemaError(
+                f"this motion module was made for a UNet with channels {tuple(self.cfg.down_channels)}, "
+                f"the checkpoint's UNet has {unet_channels}: use an SD1.5 motion module with an SD1.5 checkpoint"
+            )
+
+
+def infer_motion_config(sd: dict) -> MotionConfig:
+    """Read a MotionConfig off the key layout and shapes of a motion-module state dict."""
+    suffix = ".temporal_transformer.norm.weight"
+    down: dict[int, dict[int, int]] = {}
+    up: dict[int, set] = {}
+    has_mid = False
+    max_len, depth, num_attn = None, 0, 0
+    for key, value in sd.items():
+        if key.endswith(suffix):
+            parts = key.split(".")
+            if parts[0] == "down_blocks":
+                down.setdefault(int(parts[1]), {})[int(parts[3])] = value.shape[0]
+            elif parts[0] == "up_blocks":
+                up.setdefault(int(parts[1]), set()).add(int(parts[3]))
+            elif parts[0] == "mid_block":
+                has_mid = True
+        elif key.endswith("pos_encoder.pe"):
+            max_len = value.shape[1]
+        if ".transformer_blocks." in key:
+            after = key.split(".transformer_blocks.")[1].split(".")
+            depth = max(depth, int(after[0]) + 1)
+            if after[1] == "attention_blocks":
+                num_attn = max(num_attn, int(after[2]) + 1)
+    if not down:
+        raise KinemaError("no AnimateDiff motion modules found (no 'down_blocks.N.motion_modules' keys)")
+    if max_len is None:
+        raise KinemaError("the motion module has no positional table ('pos_encoder.pe'): unsupported format")
+    levels = sorted(down)
+    return MotionConfig(
+        down_channels=tuple(down[i][0] for i in levels),
+        modules_per_down=len(down[levels[0]]),
+        modules_per_up=len(up.get(0, ())) or len(down[levels[0]]) + 1,
+        has_mid=has_mid,
+        max_len=max_len,
+        depth=depth or 1,
+        num_attn=num_attn or 2,
+    )
+
+
+class _Binding:
+    """Routes the UNet's temporal slots to a motion module set, with a scale."""
+
+    def __init__(self, motion: MotionModuleSet, unet_cfg: UNetConfig, scale: float):
+        self.motion, self.unet_cfg, self.scale = motion, unet_cfg, scale
+
+    def apply(self, slot: Slot, h: torch.Tensor, opts: RunOptions) -> torch.Tensor:
+        module = self.motion.module_for(slot, self.unet_cfg)
+        if module is None:
+            return h
+        return module(h, opts.num_frames, self.scale, opts.attn_chunk)
+
+
+@dataclass(frozen=True)
+class MotionModel:
+    """An SD1.5 UNet with a motion module applied, by composition (neither is modified).
+
+    ``temporal=False`` runs the same network with the motion modules bypassed
+    (frames independent), which temporal guidance needs.
+    """
+
+    unet: UNetModel
+    motion: MotionModuleSet | None = None
+    scale: float = 1.0
+    cross_frame_norm: bool | None = None  # None: as the motion module's version was trained (v1 only)
+    beta_schedule: str = "linear"  # AnimateDiff samples with linear betas; plain SD1.5 with sqrt_linear
+    name: str = ""
+
+    def with_options(self, **changes) -> "MotionModel":
+        return replace(self, **changes)
+
+    @property
+    def max_frames(self) -> int | None:
+        return None if self.motion is None else self.motion.cfg.max_len
+
+    def check_frames(self, num_frames: int) -> None:
+        if num_frames < 1:
+            raise KinemaError("a video needs at least 1 frame")
+        if self.max_frames is not None and num_frames > self.max_frames:
+            raise KinemaError(
+                f"the motion module '{self.name or self.motion.version}' sees at most {self.max_frames} frames at "
+                f"once and {num_frames} were asked for: lower the frame count to {self.max_frames} or less "
+                "(longer videos need context windows, which this version of Kinema does not have yet)"
+            )
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        num_frames: int,
+        attn_chunk: int = 0,
+        temporal: bool = True,
+    ) -> torch.Tensor:
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> eps (b f) c h w"""
+        use_motion = temporal and self.motion is not None
+        cross = self.cross_frame_norm
+        if cross is None:
+            cross = use_motion and self.motion.version == "v1"
+        opts = RunOptions(num_frames=num_frames, cross_frame_norm=bool(cross), attn_chunk=attn_chunk)
+        binding = _Binding(self.motion, self.unet.cfg, self.scale) if use_motion else None
+        return self.unet(x, timesteps, context, opts, binding)

@@ -1,0 +1,206 @@
+"""The SD1.5 spatial UNet in the original LDM names, with slots for temporal modules.
+
+The network is described by a small ``UNetConfig`` inferred from a checkpoint's
+tensor shapes. Temporal modules (AnimateDiff motion modules) are not attached
+to the UNet: they are passed to ``forward`` as ``temporal``, an object with
+``apply(slot, h, opts) -> h``, so applying a motion module never changes the
+loaded base model. Slots are ``("input", i)``, ``("middle", 0)`` and
+``("output", i)``: after block ``i``'s ResBlock/attention, before its
+down/upsampler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from einops import repeat
+from torch import nn
+
+from .errors import KinemaError
+from .layers import (
+    Downsample,
+    ResBlock,
+    RunOptions,
+    SpatialTransformer,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+)
+
+Slot = tuple  # ("input" | "middle" | "output", index)
+
+
+class Temporal(Protocol):
+    def apply(self, slot: Slot, h: torch.Tensor, opts: RunOptions) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)
+    transformer_depth: int = 1
+    context_dim: int = 768
+    num_heads: int = 8
+    linear_proj: bool = False
+
+    @property
+    def levels(self) -> int:
+        return len(self.channel_mult)
+
+
+class UNetModel(nn.Module):
+    """SD1.5 UNet; keys as in ``model.diffusion_model.*`` of the single-file checkpoint."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model_channels
+        emb = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+
+        def attn(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.linear_proj)
+
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        skip_channels = [mc]
+        ch = mc
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb, mc * mult)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(attn(ch))
+                self.input_blocks.append(nn.ModuleList(layers))
+                skip_channels.append(ch)
+            if level != cfg.levels - 1:
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = nn.ModuleList([ResBlock(ch, emb, ch), attn(ch), ResBlock(ch, emb, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb, mc * mult)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(attn(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(nn.ModuleList(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.out[2].weight.dtype
+
+    def _run_block(self, block, h, emb, context, opts, temporal, slot, up_size=None):
+        for layer in block:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb, opts)
+            elif isinstance(layer, SpatialTransformer):
+                h = layer(h, context, opts)
+            elif isinstance(layer, Upsample):
+                if temporal is not None:
+                    h = temporal.apply(slot, h, opts)
+                    temporal = None
+                h = layer(h, up_size)
+            elif isinstance(layer, Downsample):
+                h = layer(h)
+            else:
+                h = layer(h)
+        if temporal is not None and not isinstance(block[0], Downsample) and slot[0] != "middle":
+            h = temporal.apply(slot, h, opts)
+        return h
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        opts: RunOptions = RunOptions(),
+        temporal: Temporal | None = None,
+    ) -> torch.Tensor:
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> (b f) c h w"""
+        t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
+        emb = self.time_embed(t_emb)
+        hs = []
+        h = x
+        for i, block in enumerate(self.input_blocks):
+            h = self._run_block(block, h, emb, context, opts, temporal if i else None, ("input", i))
+            hs.append(h)
+        mid = self.middle_block
+        h = mid[0](h, emb, opts)
+        h = mid[1](h, context, opts)
+        if temporal is not None:
+            h = temporal.apply(("middle", 0), h, opts)
+        h = mid[2](h, emb, opts)
+        for i, block in enumerate(self.output_blocks):
+            h = torch.cat([h, hs.pop()], dim=1)
+            up_size = hs[-1].shape[-2:] if hs else None
+            h = self._run_block(block, h, emb, context, opts, temporal, ("output", i), up_size)
+        h = group_norm(self.out[0], h, opts)
+        return self.out[2](self.out[1](h))
+
+
+def expand_context(context: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Per-video conditioning to per-frame: [b, n, d] -> [(b f), n, d]; [(b f), n, d] passes."""
+    return repeat(context, "b n d -> (b f) n d", f=num_frames)
+
+
+def infer_unet_config(sd: dict, prefix: str = "") -> UNetConfig:
+    """Read a UNetConfig off the tensor shapes of an LDM UNet state dict."""
+
+    def get(key):
+        return sd.get(prefix + key)
+
+    conv_in = get("input_blocks.0.0.weight")
+    if conv_in is None:
+        raise KinemaError(f"no UNet found: the key '{prefix}input_blocks.0.0.weight' is missing")
+    mc, in_ch = conv_in.shape[0], conv_in.shape[1]
+    chans, attn_levels, blocks_in_level = [], set(), []
+    depth, context_dim, linear = 1, None, False
+    i, level, count = 1, 0, 0
+    while get(f"input_blocks.{i}.0.op.weight") is not None or get(f"input_blocks.{i}.0.in_layers.2.weight") is not None:
+        if get(f"input_blocks.{i}.0.op.weight") is not None:
+            blocks_in_level.append(count)
+            level, count = level + 1, 0
+        else:
+            out_ch = get(f"input_blocks.{i}.0.out_layers.3.weight").shape[0]
+            if count == 0:
+                chans.append(out_ch)
+            count += 1
+            if get(f"input_blocks.{i}.1.proj_in.weight") is not None:
+                attn_levels.add(level)
+                proj = get(f"input_blocks.{i}.1.proj_in.weight")
+                linear = proj.ndim == 2
+                d = 0
+                while get(f"input_blocks.{i}.1.transformer_blocks.{d}.attn2.to_k.weight") is not None:
+                    d += 1
+                depth = d
+                context_dim = get(f"input_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
+        i += 1
+    blocks_in_level.append(count)
+    if len(set(blocks_in_level)) != 1 or not chans:
+        raise KinemaError("the UNet's block layout is not an SD1.5 layout (uneven levels)")
+    if context_dim is None:
+        raise KinemaError("the UNet has no cross-attention layers: it is not an SD1.5 UNet")
+    mult = tuple(c // mc for c in chans)
+    return UNetConfig(
+        in_channels=in_ch,
+        out_channels=get("out.2.weight").shape[0],
+        model_channels=mc,
+        channel_mult=mult,
+        num_res_blocks=blocks_in_level[0],
+        attention_levels=tuple(sorted(attn_levels)),
+        transformer_depth=depth,
+        context_dim=context_dim,
+        num_heads=8,
+        linear_proj=linear,
+    )

@@ -1,0 +1,353 @@
+"""Writing frames to video files: animated GIF, animated WebP and H.264 MP4.
+
+Frames arrive as ComfyUI ``IMAGE`` (``[f, h, w, 3]`` float in [0, 1]);
+``to_uint8`` turns them into ``uint8`` arrays and ``write_video`` writes one file.
+
+- **gif** (Pillow): frame duration from fps (GIF stores 1/100 s), loop count in
+  the NETSCAPE block, metadata as a JSON comment block.
+- **webp** (Pillow, animated; lossy or lossless): metadata in EXIF the way
+  ComfyUI's own animated WebP saver writes it (``0x0110 = "prompt:<json>"``,
+  other keys from ``0x010F`` downwards as ``"<key>:<json>"``), so ComfyUI can
+  load the workflow back from the file.
+- **mp4** (the ffmpeg binary of ``imageio-ffmpeg``): libx264, yuv420p, BT.709,
+  ``crf``; odd sizes are padded by one edge pixel (yuv420p needs even sizes);
+  metadata as a ``comment`` tag holding the whole dict as JSON, plus one tag per
+  key (``prompt``, ``workflow``) like ComfyUI's SaveVideo.
+
+Every format is written to a hidden temporary file next to the target and moved
+into place with ``os.replace``: a reader never sees half a file, and on any
+error the temporary file is removed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import subprocess
+import tempfile
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from .errors import KinemaError
+
+FORMATS: tuple[str, ...] = ("gif", "webp", "mp4")
+
+_WEBP_PROMPT_TAG = 0x0110  # EXIF "Model": ComfyUI puts the prompt here
+_WEBP_FIRST_EXTRA_TAG = 0x010F  # EXIF "Make", then downwards: workflow and other extra_pnginfo keys
+
+
+def to_uint8(images) -> np.ndarray:
+    """``[f, h, w, c]`` float in [0, 1] (torch or numpy) -> numpy uint8, clamped and rounded.
+
+    A single ``[h, w, c]`` image becomes one frame. uint8 input is returned as is.
+    """
+    if isinstance(images, torch.Tensor):
+        t = images.detach()
+        if t.dtype == torch.uint8:
+            arr = t.cpu().numpy()
+        else:
+            t = torch.nan_to_num(t.to(device="cpu", dtype=torch.float32), nan=0.0)
+            arr = t.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()
+    else:
+        arr = np.asarray(images)
+        if arr.dtype != np.uint8:
+            if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+                raise KinemaError(f"images must be numbers, got dtype {arr.dtype}")
+            f = np.nan_to_num(arr.astype(np.float32), nan=0.0)
+            arr = np.round(np.clip(f, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if arr.ndim == 3:
+        arr = arr[None]
+    if arr.ndim != 4:
+        raise KinemaError(f"images must be [frames, height, width, channels], got shape {tuple(arr.shape)}")
+    return np.ascontiguousarray(arr)
+
+
+def _as_rgb(frames: np.ndarray) -> np.ndarray:
+    c = frames.shape[-1]
+    if c == 3:
+        return frames
+    if c == 1:
+        return np.repeat(frames, 3, axis=-1)
+    if c == 4:  # video formats here carry no alpha: drop it
+        return np.ascontiguousarray(frames[..., :3])
+    raise KinemaError(f"images need 1, 3 or 4 channels, got {c}")
+
+
+def _temp_path(path: str) -> str:
+    """Create an empty hidden file next to ``path`` (normal permissions) and return its name."""
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.part")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+
+
+def _frame_ms(fps: float) -> int:
+    return max(1, int(round(1000.0 / fps)))
+
+
+def _write_gif(tmp, frames, fps, loop, metadata):
+    from PIL import Image
+
+    pil = [Image.fromarray(fr, "RGB") for fr in frames]
+    kwargs = {}
+    # ``loop`` is the number of plays (0 = forever); GIF stores repeats after the first play
+    if loop == 0:
+        kwargs["loop"] = 0
+    elif loop > 1:
+        kwargs["loop"] = loop - 1
+    if metadata:
+        kwargs["comment"] = json.dumps(metadata).encode("utf-8")
+    pil[0].save(tmp, format="GIF", save_all=True, append_images=pil[1:], duration=_frame_ms(fps),
+                disposal=1, **kwargs)
+
+
+def _webp_exif(metadata):
+    from PIL import Image
+
+    exif = Image.Exif()
+    tag = _WEBP_FIRST_EXTRA_TAG
+    for key, value in metadata.items():
+        text = f"{key}:{json.dumps(value)}"
+        if key == "prompt":
+            exif[_WEBP_PROMPT_TAG] = text
+        else:
+            exif[tag] = text
+            tag -= 1
+    return exif
+
+
+def _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, method):
+    from PIL import Image
+
+    h, w = frames.shape[1:3]
+    if max(h, w) > 16383:
+        raise KinemaError(f"WebP frames can be at most 16383 pixels a side, got {w}x{h}: use mp4")
+    pil = [Image.fromarray(fr, "RGB") for fr in frames]
+    kwargs = {"exif": _webp_exif(metadata)} if metadata else {}
+    pil[0].save(tmp, format="WEBP", save_all=True, append_images=pil[1:], duration=_frame_ms(fps),
+                loop=int(loop), lossless=bool(lossless), quality=int(quality), method=int(method), **kwargs)
+
+
+def _ffmpeg_exe() -> str:
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise KinemaError("mp4 needs ffmpeg: install the Python package 'imageio-ffmpeg' "
+                          "(pip install imageio-ffmpeg), or save as gif/webp") from None
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as e:
+        raise KinemaError(f"mp4 needs ffmpeg and none was found ({e}): reinstall the Python package "
+                          "'imageio-ffmpeg' (pip install --force-reinstall imageio-ffmpeg) or set "
+                          "IMAGEIO_FFMPEG_EXE to an ffmpeg binary") from None
+
+
+def _ffmeta_escape(text: str) -> str:
+    for ch in ("\\", "=", ";", "#", "\n"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _mp4_tags(metadata: dict) -> dict[str, str]:
+    tags = {}
+    for key, value in metadata.items():
+        key = "".join(ch for ch in str(key) if ch.isalnum() or ch in "_-")
+        if key and key != "comment":
+            tags[key] = json.dumps(value)
+    tags["comment"] = json.dumps(metadata)
+    return tags
+
+
+def _write_mp4(tmp, frames, fps, metadata, crf, preset):
+    exe = _ffmpeg_exe()
+    f, h, w, _ = frames.shape
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w:  # yuv420p needs even sizes: repeat the last row/column
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        h, w = h + pad_h, w + pad_w
+    rate = Fraction(fps).limit_denominator(1001)
+    cmd = [exe, "-hide_banner", "-loglevel", "error", "-y",
+           "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{rate.numerator}/{rate.denominator}",
+           "-i", "-"]
+    meta_file = None
+    if metadata:
+        fd, meta_file = tempfile.mkstemp(prefix="kinema_meta_", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(";FFMETADATA1\n")
+            for key, value in _mp4_tags(metadata).items():
+                fh.write(f"{_ffmeta_escape(key)}={_ffmeta_escape(value)}\n")
+        cmd += ["-f", "ffmetadata", "-i", meta_file, "-map_metadata", "1"]
+    cmd += ["-map", "0:v:0", "-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)),
+            "-pix_fmt", "yuv420p", "-vf", "scale=out_color_matrix=bt709:out_range=tv",
+            "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709", "-color_range", "tv",
+            "-movflags", "+faststart" + ("+use_metadata_tags" if metadata else ""),
+            "-f", "mp4", tmp]
+    try:
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                for frame in frames:
+                    proc.stdin.write(frame.tobytes())
+                proc.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass  # ffmpeg stopped early: its exit code and message tell why
+            finally:
+                rc = proc.wait()
+            if rc != 0:
+                err.seek(0)
+                message = err.read().decode("utf-8", "replace").strip()[-2000:]
+                raise KinemaError(f"ffmpeg failed to write the mp4 (exit code {rc}): {message or 'no message'}")
+    finally:
+        if meta_file is not None:
+            try:
+                os.remove(meta_file)
+            except OSError:
+                pass
+
+
+def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, metadata: dict | None = None,
+                quality: int = 90, lossless: bool = False, crf: int = 19, webp_method: int = 4,
+                preset: str = "medium") -> str:
+    """Write frames ``[f, h, w, 3]`` uint8 (float [0, 1] is converted) to ``path``; return the path.
+
+    fmt: ``gif``, ``webp`` or ``mp4``. fps: frames per second (> 0).
+    loop: how many times gif/webp play, 0 = forever (mp4 has no loop flag).
+    metadata: a JSON-serialisable dict (ComfyUI: ``{"prompt": ..., "workflow": ...}``) or None.
+    quality / lossless / webp_method: WebP encoder (quality 0-100; method 0 fast - 6 small).
+    crf / preset: libx264 (crf 0 lossless - 51 worst; 17-23 is visually good).
+    """
+    fmt = str(fmt).lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise KinemaError(f"Unknown video format '{fmt}': choose one of {', '.join(FORMATS)}")
+    frames = _as_rgb(to_uint8(images_uint8))
+    if frames.shape[0] == 0:
+        raise KinemaError("No frames to write: the image batch is empty")
+    if frames.shape[1] == 0 or frames.shape[2] == 0:
+        raise KinemaError(f"Frames have no pixels (shape {tuple(frames.shape)})")
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        raise KinemaError(f"fps must be a number, got {fps!r}") from None
+    if not math.isfinite(fps) or fps <= 0:
+        raise KinemaError(f"fps must be a positive number, got {fps}")
+    loop = int(loop)
+    if loop < 0:
+        raise KinemaError(f"loop must be 0 (forever) or a positive play count, got {loop}")
+    if metadata:
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as e:
+            raise KinemaError(f"metadata must be JSON-serialisable: {e}") from None
+    if fmt == "mp4":
+        _ffmpeg_exe()  # fail before creating anything
+        if not 0 <= int(crf) <= 51:
+            raise KinemaError(f"crf must be in 0..51, got {crf}")
+    if fmt == "webp" and not 0 <= int(quality) <= 100:
+        raise KinemaError(f"quality must be in 0..100, got {quality}")
+
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise KinemaError(f"Output folder '{folder}' does not exist")
+    tmp = _temp_path(path)
+    try:
+        if fmt == "gif":
+            _write_gif(tmp, frames, fps, loop, metadata)
+        elif fmt == "webp":
+            _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, webp_method)
+        else:
+            _write_mp4(tmp, frames, fps, metadata, crf, preset)
+        if os.path.getsize(tmp) == 0:
+            raise KinemaError(f"Writing '{os.path.basename(path)}' produced an empty file")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _parse_json(text):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def read_video_metadata(path: str) -> dict | None:
+    """The metadata dict ``write_video`` stored in a gif/webp/mp4 file, or None if it has none."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".gif", ".webp"):
+        from PIL import Image
+
+        with Image.open(path) as im:
+            if ext == ".gif":
+                comment = im.info.get("comment")
+                if not comment:
+                    return None
+                value = _parse_json(comment.decode("utf-8", "replace") if isinstance(comment, bytes) else comment)
+                return value if isinstance(value, dict) else {"comment": value}
+            exif = im.getexif()
+            out = {}
+            for tag in [_WEBP_PROMPT_TAG] + list(range(_WEBP_FIRST_EXTRA_TAG, 0, -1)):
+                text = exif.get(tag)
+                if not isinstance(text, str) or ":" not in text:
+                    if tag != _WEBP_PROMPT_TAG:
+                        break
+                    continue
+                key, _, value = text.partition(":")
+                out[key] = _parse_json(value)
+            return out or None
+    if ext in (".mp4", ".mov", ".m4v"):
+        exe = _ffmpeg_exe()
+        proc = subprocess.run([exe, "-hide_banner", "-loglevel", "error", "-i", path, "-f", "ffmetadata", "-"],
+                              capture_output=True)
+        if proc.returncode != 0:
+            raise KinemaError(f"ffmpeg could not read '{path}': {proc.stderr.decode('utf-8', 'replace')[-500:]}")
+        tags = _parse_ffmetadata(proc.stdout.decode("utf-8", "replace"))
+        if "comment" in tags:
+            value = _parse_json(tags["comment"])
+            if isinstance(value, dict):
+                return value
+        wanted = {k: _parse_json(v) for k, v in tags.items() if k in ("prompt", "workflow")}
+        return wanted or None
+    raise KinemaError(f"Cannot read metadata from '{path}': not a gif, webp or mp4 file")
+
+
+def _parse_ffmetadata(text: str) -> dict[str, str]:
+    """Global ``key=value`` tags of ffmpeg's FFMETADATA text (backslash escapes, escaped newlines)."""
+    tags: dict[str, str] = {}
+    i, n = 0, len(text)
+    while i < n:
+        if text[i] in ";#[\n":  # comment, section header (streams/chapters: ignored) or blank line
+            if text[i] == "[":
+                break  # only the global section is wanted
+            j = text.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        parts, cur, seen_eq = [[], []], 0, False
+        while i < n:
+            ch = text[i]
+            i += 1
+            if ch == "\\" and i < n:
+                parts[cur].append(text[i])
+                i += 1
+            elif ch == "=" and not seen_eq:
+                seen_eq, cur = True, 1
+            elif ch == "\n":
+                break
+            else:
+                parts[cur].append(ch)
+        if seen_eq:
+            tags["".join(parts[0])] = "".join(parts[1])
+    return tags

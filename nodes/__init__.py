@@ -1,0 +1,10 @@
+"""Kinema's node classes (V1 API). Each module adds its own mappings."""
+from . import animatediff, conditioning, latent, loaders, sampler, vae, video_output
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in (loaders, animatediff, conditioning, latent, sampler, vae, video_output):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

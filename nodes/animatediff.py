@@ -1,0 +1,43 @@
+"""Apply an AnimateDiff motion module to an SD1.5 model."""
+from __future__ import annotations
+
+from ..models.sampling import BETA_SCHEDULES
+
+
+class KinemaApplyMotionModule:
+    DESCRIPTION = (
+        "Turns an SD1.5 model into a video model with an AnimateDiff motion module. The loaded checkpoint is "
+        "not changed: the result is a new model that shares its weights."
+    )
+    CATEGORY = "Kinema/animatediff"
+    RETURN_TYPES = ("KINEMA_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The video model; connect it to the Video Sampler.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("KINEMA_MODEL", {"tooltip": "An SD1.5 model from Load Checkpoint (Kinema)."}),
+                "motion_module": ("KINEMA_MOTION_MODULE", {"tooltip": "From Load Motion Module (Kinema)."}),
+                "motion_scale": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
+                    "tooltip": "Strength of the motion: scales what the motion module adds (1 = as trained, "
+                               "0 = frames drawn independently)."}),
+                "beta_schedule": (list(BETA_SCHEDULES), {
+                    "default": "linear",
+                    "tooltip": "Noise schedule of the sampler. AnimateDiff was trained with linear betas; "
+                               "sqrt_linear is SD1.5's own."}),
+            }
+        }
+
+    def apply(self, model, motion_module, motion_scale=1.0, beta_schedule="linear"):
+        motion_module.check_unet(model.unet.cfg)
+        name = getattr(motion_module, "source", "") or motion_module.version
+        return (model.with_options(motion=motion_module, scale=float(motion_scale), beta_schedule=beta_schedule,
+                                   name=name),)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaApplyMotionModule": KinemaApplyMotionModule}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaApplyMotionModule": "Apply Motion Module (Kinema)"}

@@ -1,0 +1,518 @@
+"""The one place where Kinema touches ComfyUI.
+
+Every other module of the pack asks this one for model folders, the output
+folder, progress, interrupts and devices. Each ComfyUI import is guarded: in a
+plain Python process (tests, the headless runner) the same functions fall back
+to plain implementations driven by environment variables and setters:
+
+- models: ``set_models_dir(path)`` or ``KINEMA_MODELS_DIR`` (``<dir>/<kind>/...``,
+  default ``./models``), plus ``add_model_folder(kind, path)``;
+- output / input / temp: ``set_output_dir`` / ``KINEMA_OUTPUT_DIR`` (default
+  ``./output``), ``set_input_dir`` / ``KINEMA_INPUT_DIR`` (``./input``),
+  ``set_temp_dir`` / ``KINEMA_TEMP_DIR`` (``./temp``);
+- interrupts: ``request_interrupt()`` makes the next ``check_interrupt()`` raise
+  ``KinemaInterrupted``;
+- devices: ``KINEMA_DEVICE`` overrides the compute device.
+
+Model names are always checked before a file is opened: a name that leaves its
+folder (``../x``, an absolute path, a link that resolves outside every
+registered folder of its kind) raises ``KinemaError``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+import time
+
+import torch
+
+from ..models.errors import KinemaError
+
+logger = logging.getLogger("kinema")
+
+# --- guarded host imports -------------------------------------------------------------------
+try:  # pragma: no cover - only inside ComfyUI
+    import folder_paths as _folder_paths
+except Exception:  # ImportError, or a half-configured host
+    _folder_paths = None
+
+try:  # pragma: no cover - only inside ComfyUI
+    import comfy.utils as _comfy_utils
+except Exception:
+    _comfy_utils = None
+
+try:  # pragma: no cover - only inside ComfyUI
+    import comfy.model_management as _comfy_mm
+except Exception:
+    _comfy_mm = None
+
+IN_COMFYUI: bool = _folder_paths is not None
+
+# --- model folders --------------------------------------------------------------------------
+MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+
+#: The kinds Kinema adds to ComfyUI; ``checkpoints``, ``loras``, ``vae``,
+#: ``clip_vision`` and ``controlnet`` are ComfyUI's own.
+KINEMA_MODEL_KINDS: tuple[str, ...] = ("animatediff_models", "animatediff_motion_lora", "depth_models")
+
+_state_lock = threading.RLock()
+_models_dir: str | None = None
+_extra_model_folders: dict[str, list[str]] = {}
+_output_dir: str | None = None
+_input_dir: str | None = None
+_temp_dir: str | None = None
+
+
+def _allow_external_links() -> bool:
+    return os.environ.get("KINEMA_ALLOW_SYMLINKS", "").strip().lower() in ("1", "true", "yes")
+
+
+def register_model_folders() -> None:
+    """Register Kinema's model kinds with ComfyUI at ``<models_dir>/<kind>``.
+
+    Idempotent. Folders already registered for a kind (another pack,
+    ``extra_model_paths.yaml``) are kept; the default folder is appended if
+    missing and the model extensions are added to the kind's filter. Outside
+    ComfyUI this does nothing: folders come from ``set_models_dir`` /
+    ``KINEMA_MODELS_DIR``.
+    """
+    fp = _folder_paths
+    if fp is None:
+        return
+    with _state_lock:
+        for kind in KINEMA_MODEL_KINDS:
+            default = os.path.join(fp.models_dir, kind)
+            entry = fp.folder_names_and_paths.get(kind)
+            if entry is None:
+                fp.folder_names_and_paths[kind] = ([default], set(MODEL_EXTENSIONS))
+            else:
+                paths, exts = entry
+                paths = list(paths)
+                if default not in paths:
+                    paths.append(default)
+                # an empty filter means "every file"; for these kinds we want model files
+                exts = set(exts) | set(MODEL_EXTENSIONS) if exts else set(MODEL_EXTENSIONS)
+                fp.folder_names_and_paths[kind] = (paths, exts)
+            cache = getattr(fp, "filename_list_cache", None)
+            if isinstance(cache, dict):
+                cache.pop(kind, None)
+
+
+def set_models_dir(path: str | None) -> None:
+    """Fallback only: the folder holding ``<kind>/`` subfolders (None: back to env/default)."""
+    global _models_dir
+    if IN_COMFYUI:
+        logger.warning("set_models_dir(%r) ignored inside ComfyUI: use extra_model_paths.yaml", path)
+    _models_dir = None if path is None else os.path.abspath(path)
+
+
+def get_models_dir() -> str:
+    """The folder holding ``<kind>/`` subfolders (ComfyUI's ``models_dir`` when hosted)."""
+    if _folder_paths is not None:
+        return _folder_paths.models_dir
+    return os.path.abspath(_models_dir or os.environ.get("KINEMA_MODELS_DIR") or "models")
+
+
+def add_model_folder(kind: str, path: str) -> None:
+    """Register one more folder for ``kind`` (ComfyUI: ``folder_paths.add_model_folder_path``)."""
+    path = os.path.abspath(path)
+    if _folder_paths is not None:
+        _folder_paths.add_model_folder_path(kind, path)
+        return
+    with _state_lock:
+        folders = _extra_model_folders.setdefault(kind, [])
+        if path not in folders:
+            folders.append(path)
+
+
+def model_folders(kind: str) -> list[str]:
+    """Every folder searched for ``kind``, in search order (they need not exist)."""
+    if _folder_paths is not None:
+        try:
+            return list(_folder_paths.get_folder_paths(kind))
+        except KeyError:
+            raise KinemaError(
+                f"ComfyUI has no model folder kind '{kind}'. Known kinds: "
+                f"{', '.join(sorted(_folder_paths.folder_names_and_paths))}"
+            ) from None
+    if not isinstance(kind, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", kind) or kind in (".", ".."):
+        raise KinemaError(f"'{kind}' is not a model folder kind")
+    return [os.path.join(get_models_dir(), kind)] + list(_extra_model_folders.get(kind, []))
+
+
+def _clean_name(kind: str, name: str) -> str:
+    """A model name as ``a/b/c`` relative to its folder, or KinemaError if it leaves it."""
+    if not isinstance(name, str) or not name.strip():
+        raise KinemaError(f"No {kind} model selected: pick a file from the list")
+    if "\x00" in name:
+        raise KinemaError(f"{kind} model name {name!r} contains a NUL character")
+    flat = name.replace("\\", "/")
+    if flat.startswith("/") or re.match(r"^[A-Za-z]:", flat):
+        raise KinemaError(
+            f"{kind} model name '{name}' is an absolute path; names are relative to the "
+            f"{kind} folder(s). Put the file in one of: {', '.join(model_folders(kind))}"
+        )
+    parts = [p for p in flat.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise KinemaError(f"{kind} model name '{name}' leaves the {kind} folder ('..' is not allowed)")
+    if not parts:
+        raise KinemaError(f"{kind} model name '{name}' names no file")
+    return "/".join(parts)
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([path, root]) == root
+    except ValueError:  # different drives
+        return False
+
+
+def _check_real_location(kind: str, name: str, full: str, folders: list[str]) -> str:
+    """Refuse a file that, links resolved, lies outside every folder of its kind."""
+    real = os.path.realpath(full)
+    roots = [os.path.realpath(f) for f in folders]
+    if any(_inside(real, r) for r in roots) or _allow_external_links():
+        return os.path.abspath(full)
+    raise KinemaError(
+        f"{kind} model '{name}' resolves to '{real}', outside the {kind} folder(s) "
+        f"{', '.join(folders)}. Move the file into the folder, or register its real folder "
+        f"({'extra_model_paths.yaml' if IN_COMFYUI else 'add_model_folder / KINEMA_MODELS_DIR'}); "
+        "set KINEMA_ALLOW_SYMLINKS=1 to follow such links anyway."
+    )
+
+
+def _walk_files(root: str) -> list[str]:
+    """Relative paths (forward slashes) of files under root, following links without looping."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        for f in filenames:
+            rel = f if rel_dir == "." else os.path.join(rel_dir, f)
+            out.append(rel.replace(os.sep, "/"))
+    return out
+
+
+def _fix_hint(kind: str) -> str:
+    if IN_COMFYUI:
+        return (f"Put the file in one of these folders (subfolders are fine) or add its folder to "
+                f"extra_model_paths.yaml under '{kind}', then refresh the page (R).")
+    return (f"Put the file there (subfolders are fine), or point KINEMA_MODELS_DIR / set_models_dir() "
+            f"at the folder that holds '{kind}/', or call add_model_folder('{kind}', path).")
+
+
+def list_models(kind: str) -> list[str]:
+    """Model files of ``kind``, relative to their folder, sorted (fallback names use '/')."""
+    folders = model_folders(kind)
+    if _folder_paths is not None:
+        names = list(_folder_paths.get_filename_list(kind))
+    else:
+        names = set()
+        for folder in folders:
+            if os.path.isdir(folder):
+                names.update(n for n in _walk_files(folder) if n.lower().endswith(MODEL_EXTENSIONS))
+        names = sorted(names)
+    if _allow_external_links():
+        return names
+    roots = [os.path.realpath(f) for f in folders]
+    kept = []
+    for n in names:  # hide files resolve_model would refuse
+        for folder in folders:
+            full = os.path.join(folder, n)
+            if os.path.isfile(full):
+                if any(_inside(os.path.realpath(full), r) for r in roots):
+                    kept.append(n)
+                else:
+                    logger.debug("hiding %s model %s: it links outside the %s folders", kind, n, kind)
+                break
+    return kept
+
+
+def resolve_model(kind: str, name: str) -> str:
+    """Absolute path of model file ``name`` of ``kind``; KinemaError if it escapes or is missing."""
+    clean = _clean_name(kind, name)
+    folders = model_folders(kind)
+    full = None
+    if _folder_paths is not None:
+        full = _folder_paths.get_full_path(kind, clean.replace("/", os.sep))
+    else:
+        for folder in folders:
+            candidate = os.path.join(folder, *clean.split("/"))
+            if os.path.isfile(candidate):
+                full = candidate
+                break
+    if full is None:
+        available = list_models(kind) if any(os.path.isdir(f) for f in folders) else []
+        listing = (f" Available: {', '.join(available[:10])}{' ...' if len(available) > 10 else ''}."
+                   if available else " The folder(s) hold no model files.")
+        raise KinemaError(
+            f"{kind} model '{name}' not found. Searched: {', '.join(folders)}.{listing} {_fix_hint(kind)}"
+        )
+    return _check_real_location(kind, name, full, folders)
+
+
+def list_model_dirs(kind: str, marker: str = "config.json") -> list[str]:
+    """Model *folders* of ``kind`` (e.g. transformers depth models): subfolders holding ``marker``."""
+    names = set()
+    for folder in model_folders(kind):
+        if os.path.isdir(folder):
+            for rel in _walk_files(folder):
+                head, _, tail = rel.rpartition("/")
+                if tail == marker and head:
+                    names.add(head)
+    return sorted(names)
+
+
+def resolve_model_dir(kind: str, name: str) -> str:
+    """Absolute path of model folder ``name`` of ``kind``, with the same checks as ``resolve_model``."""
+    clean = _clean_name(kind, name)
+    folders = model_folders(kind)
+    for folder in folders:
+        candidate = os.path.join(folder, *clean.split("/"))
+        if os.path.isdir(candidate):
+            return _check_real_location(kind, name, candidate, folders)
+    raise KinemaError(
+        f"{kind} model folder '{name}' not found. Searched: {', '.join(folders)}. {_fix_hint(kind)}"
+    )
+
+
+# --- input / output / temp folders ----------------------------------------------------------
+def set_output_dir(path: str | None) -> None:
+    """Fallback only: where outputs go (None: back to ``KINEMA_OUTPUT_DIR`` / ``./output``)."""
+    global _output_dir
+    _output_dir = None if path is None else os.path.abspath(path)
+
+
+def set_input_dir(path: str | None) -> None:
+    """Fallback only: where inputs are read (None: back to ``KINEMA_INPUT_DIR`` / ``./input``)."""
+    global _input_dir
+    _input_dir = None if path is None else os.path.abspath(path)
+
+
+def set_temp_dir(path: str | None) -> None:
+    """Fallback only: where previews go (None: back to ``KINEMA_TEMP_DIR`` / ``./temp``)."""
+    global _temp_dir
+    _temp_dir = None if path is None else os.path.abspath(path)
+
+
+def get_output_directory() -> str:
+    if _folder_paths is not None:
+        return _folder_paths.get_output_directory()
+    return os.path.abspath(_output_dir or os.environ.get("KINEMA_OUTPUT_DIR") or "output")
+
+
+def get_input_directory() -> str:
+    if _folder_paths is not None:
+        return _folder_paths.get_input_directory()
+    return os.path.abspath(_input_dir or os.environ.get("KINEMA_INPUT_DIR") or "input")
+
+
+def get_temp_directory() -> str:
+    if _folder_paths is not None:
+        return _folder_paths.get_temp_directory()
+    return os.path.abspath(_temp_dir or os.environ.get("KINEMA_TEMP_DIR") or "temp")
+
+
+def metadata_enabled() -> bool:
+    """False when ComfyUI runs with ``--disable-metadata`` (or ``KINEMA_DISABLE_METADATA=1``)."""
+    if os.environ.get("KINEMA_DISABLE_METADATA", "").strip().lower() in ("1", "true", "yes"):
+        return False
+    if IN_COMFYUI:
+        try:  # pragma: no cover - only inside ComfyUI
+            from comfy.cli_args import args
+            return not getattr(args, "disable_metadata", False)
+        except Exception:
+            pass
+    return True
+
+
+def _expand_prefix_vars(prefix: str, width: int, height: int) -> str:
+    now = time.localtime()
+    values = {
+        "%width%": str(width), "%height%": str(height), "%year%": str(now.tm_year),
+        "%month%": f"{now.tm_mon:02}", "%day%": f"{now.tm_mday:02}", "%hour%": f"{now.tm_hour:02}",
+        "%minute%": f"{now.tm_min:02}", "%second%": f"{now.tm_sec:02}",
+    }
+    for key, value in values.items():
+        prefix = prefix.replace(key, value)
+    return prefix
+
+
+def _split_prefix(filename_prefix: str, output_dir: str) -> tuple[str, str]:
+    """(subfolder, name) of a prefix; KinemaError if it leaves the output folder."""
+    if not isinstance(filename_prefix, str) or filename_prefix.strip() in ("", ".", "/"):
+        raise KinemaError("filename_prefix is empty: give a name such as 'Kinema/video'")
+    if "\x00" in filename_prefix:
+        raise KinemaError("filename_prefix contains a NUL character")
+    norm = os.path.normpath(filename_prefix.replace("\\", "/"))
+    subfolder, name = os.path.dirname(norm), os.path.basename(norm)
+    folder = os.path.abspath(os.path.join(output_dir, subfolder))
+    if os.path.isabs(norm) or not _inside(folder, os.path.abspath(output_dir)) or name in ("", ".", ".."):
+        raise KinemaError(
+            f"filename_prefix '{filename_prefix}' points outside the output folder {output_dir}; "
+            "use a relative prefix such as 'Kinema/video'"
+        )
+    return subfolder, name
+
+
+def _next_counter(folder: str, name: str) -> int:
+    """ComfyUI's convention: one more than the highest ``{name}_{counter}_...`` in folder."""
+    best = 0
+    want = os.path.normcase(name)
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return 1
+    for entry in entries:
+        if os.path.normcase(entry[: len(name)]) != want or entry[len(name): len(name) + 1] != "_":
+            continue
+        try:
+            best = max(best, int(entry[len(name) + 1:].split("_")[0]))
+        except ValueError:
+            continue
+    return best + 1
+
+
+def save_path(filename_prefix: str, ext: str, width: int = 0, height: int = 0) -> tuple[str, str, str]:
+    """``(full_path, subfolder, filename)`` for a new output file, named ``{prefix}_{counter:05}_.{ext}``.
+
+    ``filename_prefix`` may hold a subfolder (``Kinema/video``) and ComfyUI's
+    ``%width%``/``%date%``-style variables. The folder is created; the name
+    returned never exists yet.
+    """
+    ext = str(ext).lstrip(".")
+    if not re.fullmatch(r"[A-Za-z0-9]+", ext):
+        raise KinemaError(f"'{ext}' is not a file extension")
+    output_dir = get_output_directory()
+    if _folder_paths is not None:
+        _split_prefix(_expand_prefix_vars(filename_prefix, width, height), output_dir)  # KinemaError first
+        folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(
+            filename_prefix, output_dir, width, height)
+    else:
+        subfolder, name = _split_prefix(_expand_prefix_vars(filename_prefix, width, height), output_dir)
+        folder = os.path.join(output_dir, subfolder)
+        counter = _next_counter(folder, name)
+    os.makedirs(folder, exist_ok=True)
+    while True:
+        filename = f"{name}_{counter:05}_.{ext}"
+        full = os.path.join(folder, filename)
+        if not os.path.lexists(full):
+            return full, subfolder.replace(os.sep, "/"), filename
+        counter += 1
+
+
+# --- interrupts and progress ----------------------------------------------------------------
+class KinemaInterrupted(InterruptedError):
+    """The user asked to stop (fallback of ComfyUI's interrupt)."""
+
+
+_interrupt_lock = threading.Lock()
+_interrupt_requested = False
+
+
+def request_interrupt(value: bool = True) -> None:
+    """Ask the running job to stop at its next ``check_interrupt`` (ComfyUI: its own flag)."""
+    global _interrupt_requested
+    if _comfy_mm is not None:
+        _comfy_mm.interrupt_current_processing(value)
+        return
+    with _interrupt_lock:
+        _interrupt_requested = bool(value)
+
+
+def check_interrupt() -> None:
+    """Raise if an interrupt was requested (and clear the request)."""
+    global _interrupt_requested
+    if _comfy_mm is not None:
+        _comfy_mm.throw_exception_if_processing_interrupted()
+        return
+    with _interrupt_lock:
+        if not _interrupt_requested:
+            return
+        _interrupt_requested = False
+    raise KinemaInterrupted("Kinema: interrupted by request")
+
+
+class ProgressBar:
+    """Step progress: ComfyUI's bar (which also stops on interrupt) or a stderr line.
+
+    ``update(n)`` advances by n, ``update_absolute(value, total=None, preview=None)``
+    sets the position; both check for an interrupt.
+    """
+
+    def __init__(self, total: int, desc: str = "Kinema"):
+        self.total = max(int(total), 0)
+        self.current = 0
+        self.desc = desc
+        self._start = time.monotonic()
+        self._last_log = -1.0
+        self._bar = _comfy_utils.ProgressBar(self.total) if _comfy_utils is not None else None
+
+    def update(self, n: int = 1) -> None:
+        self.update_absolute(self.current + n)
+
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        if total is not None:
+            self.total = max(int(total), 0)
+        self.current = min(int(value), self.total) if self.total else int(value)
+        if self._bar is not None:
+            self._bar.update_absolute(self.current, self.total, preview)
+        else:
+            self._report()
+        check_interrupt()
+
+    def _report(self) -> None:
+        elapsed = time.monotonic() - self._start
+        rate = self.current / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.current / self.total if self.total else 100.0
+        done = self.total and self.current >= self.total
+        stream = sys.stderr
+        if stream is not None and getattr(stream, "isatty", lambda: False)():
+            width = 24
+            fill = int(width * pct / 100)
+            stream.write(f"\r{self.desc}: [{'#' * fill}{' ' * (width - fill)}] "
+                         f"{self.current}/{self.total} {rate:.2f} it/s")
+            if done:
+                stream.write("\n")
+            stream.flush()
+        elif done or elapsed - self._last_log >= 5.0:  # keep logs quiet: every 5 s and at the end
+            self._last_log = elapsed
+            logger.info("%s: %d/%d (%.0f%%) %.2f it/s", self.desc, self.current, self.total, pct, rate)
+
+
+# --- devices --------------------------------------------------------------------------------
+def compute_device() -> torch.device:
+    """Where models run: ComfyUI's torch device, else ``KINEMA_DEVICE``, CUDA or CPU."""
+    if _comfy_mm is not None:
+        return _comfy_mm.get_torch_device()
+    env = os.environ.get("KINEMA_DEVICE")
+    if env:
+        return torch.device(env)
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where idle weights wait: ComfyUI's unet offload device, else the CPU."""
+    if _comfy_mm is not None and hasattr(_comfy_mm, "unet_offload_device"):
+        return _comfy_mm.unet_offload_device()
+    return torch.device("cpu")
+
+
+def soft_empty_cache() -> None:
+    """Give cached accelerator memory back (ComfyUI's policy when hosted)."""
+    if _comfy_mm is not None:
+        _comfy_mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+register_model_folders()

@@ -1,0 +1,32 @@
+"""Empty video latent."""
+from __future__ import annotations
+
+from ..models import pipelines
+
+
+class KinemaEmptyVideoLatent:
+    DESCRIPTION = "An empty latent video: frames x height x width (multiples of 8), to sample from."
+    CATEGORY = "Kinema/latent"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Zeros [frames, 4, height/8, width/8], the LATENT layout of ComfyUI's frame batches.",)
+    FUNCTION = "make"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "frames": ("INT", {"default": 16, "min": 1, "max": 4096,
+                                   "tooltip": "Number of frames. Motion modules see at most 24 (v1) or 32 (v2/v3)."}),
+                "width": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8,
+                                  "tooltip": "Width in pixels, a multiple of 8."}),
+                "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8,
+                                   "tooltip": "Height in pixels, a multiple of 8."}),
+            }
+        }
+
+    def make(self, frames, width, height):
+        return ({"samples": pipelines.empty_video_latent(frames, width, height)},)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaEmptyVideoLatent": KinemaEmptyVideoLatent}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaEmptyVideoLatent": "Empty Video Latent (Kinema)"}

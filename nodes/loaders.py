@@ -1,0 +1,87 @@
+"""Loader nodes: SD1.5 checkpoint, AnimateDiff motion module."""
+from __future__ import annotations
+
+from ..models import checkpoint, memory
+from ..models.motion import MotionModel
+from . import host
+
+CATEGORY = "Kinema/loaders"
+
+
+class KinemaCheckpointLoader:
+    DESCRIPTION = (
+        "Loads an SD1.5 single-file checkpoint (.safetensors, or .ckpt holding only tensors) from "
+        "models/checkpoints: its UNet, CLIP text encoder and VAE."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("KINEMA_MODEL", "KINEMA_CLIP", "KINEMA_VAE")
+    RETURN_NAMES = ("model", "clip", "vae")
+    OUTPUT_TOOLTIPS = (
+        "The SD1.5 UNet; connect it to Apply Motion Module for video.",
+        "The CLIP text encoder for the prompts.",
+        "The VAE that turns latents into frames.",
+    )
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ckpt_name": (host.list_models("checkpoints"), {
+                    "tooltip": "An SD1.5 checkpoint in models/checkpoints (SDXL, SD2 and SVD files are refused)."}),
+                "precision": (list(memory.PRECISIONS), {
+                    "default": "auto",
+                    "tooltip": "Weight precision. auto: fp16 on a GPU (VAE kept in fp32), fp32 on the CPU."}),
+            }
+        }
+
+    def load(self, ckpt_name, precision="auto"):
+        path = host.resolve_model("checkpoints", ckpt_name)
+        device = host.compute_device()
+        bundle = checkpoint.load_sd15(
+            path, dtype=memory.pick_dtype(precision, device), vae_dtype=memory.vae_dtype(precision, device)
+        )
+        unet = bundle.unet.to(device)
+        vae = bundle.vae.to(device)
+        model = MotionModel(unet=unet, motion=None, beta_schedule="sqrt_linear", name=bundle.name)
+        return (model, bundle.clip, vae)
+
+
+class KinemaMotionModuleLoader:
+    DESCRIPTION = (
+        "Loads an AnimateDiff SD1.5 motion module (v1, v2 or v3, as published: .ckpt or .safetensors) "
+        "from models/animatediff_models."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("KINEMA_MOTION_MODULE",)
+    RETURN_NAMES = ("motion_module",)
+    OUTPUT_TOOLTIPS = ("The motion module; connect it to Apply Motion Module.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model_name": (host.list_models("animatediff_models"), {
+                    "tooltip": "A motion module in models/animatediff_models, e.g. mm_sd_v15_v2.ckpt or "
+                               "v3_sd15_mm.ckpt."}),
+                "precision": (list(memory.PRECISIONS), {
+                    "default": "auto", "tooltip": "Weight precision; auto follows the device."}),
+            }
+        }
+
+    def load(self, model_name, precision="auto"):
+        path = host.resolve_model("animatediff_models", model_name)
+        device = host.compute_device()
+        module = checkpoint.load_motion_module(path, dtype=memory.pick_dtype(precision, device))
+        return (module.to(device),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KinemaCheckpointLoader": KinemaCheckpointLoader,
+    "KinemaMotionModuleLoader": KinemaMotionModuleLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "KinemaCheckpointLoader": "Load Checkpoint (Kinema)",
+    "KinemaMotionModuleLoader": "Load Motion Module (Kinema)",
+}

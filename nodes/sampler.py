@@ -1,0 +1,74 @@
+"""The video sampler node."""
+from __future__ import annotations
+
+from ..models import pipelines
+from ..models.errors import KinemaError
+from ..models.sampling import SAMPLERS, SCHEDULERS
+from . import host
+
+
+def conditioning_tensor(conditioning, what):
+    """The context tensor of a CONDITIONING list ([[tensor, dict]])."""
+    if not conditioning:
+        raise KinemaError(f"the {what} conditioning is empty: connect a Text Encode (Kinema) node")
+    if len(conditioning) > 1:
+        raise KinemaError(f"the {what} conditioning holds {len(conditioning)} entries; Kinema's sampler takes one "
+                          "(combined conditionings are not supported yet)")
+    return conditioning[0][0]
+
+
+class KinemaVideoSampler:
+    DESCRIPTION = (
+        "Samples a video latent with a video model. Same seed, steps, sampler and scheduler give the same "
+        "starting noise and noise levels as ComfyUI's KSampler."
+    )
+    CATEGORY = "Kinema/sampling"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The sampled latent video; decode it with VAE Decode Frames (Kinema).",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("KINEMA_MODEL", {"tooltip": "The video model (Apply Motion Module)."}),
+                "positive": ("CONDITIONING", {"tooltip": "What the video should show."}),
+                "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
+                "latent": ("LATENT", {"tooltip": "Empty Video Latent, or an encoded video for video-to-video."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                                 "tooltip": "Noise seed (the same noise as ComfyUI's KSampler)."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                                  "tooltip": "Classifier-free guidance scale (1 = no negative pass)."}),
+                "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling method."}),
+                "scheduler": (list(SCHEDULERS), {"default": "normal", "tooltip": "How noise levels are spaced."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 = from pure noise; lower keeps more of the input latent."}),
+            },
+            "optional": {
+                "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
+                                            "tooltip": "Split attention queries into chunks of this size to save "
+                                                       "memory (0 = off)."}),
+            },
+        }
+
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise,
+               attention_chunk=0):
+        opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
+                                       denoise=denoise, attn_chunk=attention_chunk)
+        bar = host.ProgressBar(steps)
+
+        def on_step(i, total, x0):
+            bar.update_absolute(i + 1, total)
+
+        host.check_interrupt()
+        samples = pipelines.sample_video(model, conditioning_tensor(positive, "positive"),
+                                         conditioning_tensor(negative, "negative"), latent["samples"], opts,
+                                         callback=on_step)
+        out = {k: v for k, v in latent.items() if k != "noise_mask"}
+        out["samples"] = samples
+        return (out,)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaVideoSampler": KinemaVideoSampler}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaVideoSampler": "Video Sampler (Kinema)"}

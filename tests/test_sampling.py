@@ -1,0 +1,124 @@
+"""Schedules, samplers and noise: definitions checked against independent computations."""
+import math
+
+import pytest
+import torch
+
+from kinema.models import sampling
+from kinema.models.errors import KinemaError
+
+
+def test_linear_beta_schedule_is_animatediffs():
+    s = sampling.DiscreteSchedule("linear")
+    betas = torch.linspace(0.00085, 0.012, 1000, dtype=torch.float64)
+    ac = torch.cumprod(1 - betas, 0)
+    assert torch.allclose(s.sigmas.double(), ((1 - ac) / ac).sqrt(), rtol=1e-6)
+    sd = sampling.DiscreteSchedule("sqrt_linear")
+    # AnimateDiff's linear betas end far noisier than SD's scaled-linear ones
+    assert math.isclose(float(sd.sigma_max), 14.6146, rel_tol=1e-4)
+    assert math.isclose(float(s.sigma_max), 25.1461, rel_tol=1e-4)
+
+
+def test_timestep_and_sigma_are_inverse_on_the_grid():
+    s = sampling.DiscreteSchedule("linear")
+    t = torch.tensor([0.0, 1.0, 500.0, 999.0])
+    assert torch.equal(s.timestep(s.sigma(t)), t)
+    # fractional timesteps interpolate log sigma
+    mid = s.sigma(torch.tensor(10.5))
+    assert math.isclose(float(mid.log()), float((s.log_sigmas[10] + s.log_sigmas[11]) / 2), rel_tol=1e-6)
+
+
+def test_normal_scheduler_integer_timesteps():
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.normal_scheduler(s, 10)
+    assert len(sig) == 11 and sig[-1] == 0
+    expected = [float(s.sigmas[t]) for t in range(999, -1, -111)]
+    assert torch.allclose(sig[:-1], torch.tensor(expected), rtol=1e-6)
+
+
+def test_karras_matches_formula():
+    sig = sampling.karras_sigmas(5, 0.03, 14.6, rho=7)
+    ramp = [i / 4 for i in range(5)]
+    want = [(14.6 ** (1 / 7) + r * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7 for r in ramp] + [0.0]
+    assert torch.allclose(sig, torch.tensor(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(sampling.SCHEDULERS))
+def test_every_scheduler_decreases_to_zero(name):
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.calculate_sigmas(s, name, 12)
+    # ddim_uniform keeps ComfyUI's quirk: a stride of 1000 // steps can give one step more
+    assert len(sig) == (14 if name == "ddim_uniform" else 13) and sig[-1] == 0
+    assert torch.all(sig[:-1] > 0) and torch.all(sig[1:] <= sig[:-1])
+
+
+def test_denoise_keeps_the_tail_of_a_longer_schedule():
+    s = sampling.DiscreteSchedule("linear")
+    full = sampling.calculate_sigmas(s, "normal", 20)
+    part = sampling.calculate_sigmas(s, "normal", 10, denoise=0.5)
+    assert torch.equal(part, full[-11:])
+    assert len(sampling.calculate_sigmas(s, "normal", 10, denoise=0.0)) == 1
+
+
+@pytest.mark.parametrize("bad", [dict(scheduler="nope"), dict(steps=0), dict(denoise=1.5)])
+def test_bad_schedule_arguments(bad):
+    args = dict(scheduler="normal", steps=5, denoise=1.0) | bad
+    with pytest.raises(KinemaError):
+        sampling.calculate_sigmas(sampling.DiscreteSchedule(), **args)
+    with pytest.raises(KinemaError):
+        sampling.get_sampler("heun++")
+
+
+def test_initial_noise_is_comfyui_ksampler_noise():
+    torch.manual_seed(1234)
+    want = torch.randn((16, 4, 8, 8), dtype=torch.float32, device="cpu")
+    assert torch.equal(sampling.initial_noise(1234, (16, 4, 8, 8)), want)
+
+
+def _gaussian_denoiser(mu: float, var: float):
+    """Exact x0 for data ~ N(mu, var): the samplers must land on the data distribution."""
+
+    def denoise(x, sigma):
+        s2 = float(sigma) ** 2
+        return mu + (x - mu) * var / (var + s2)
+
+    return denoise
+
+
+@pytest.mark.parametrize("name", list(sampling.SAMPLERS))
+def test_samplers_solve_a_gaussian(name):
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.calculate_sigmas(s, "karras", 30)
+    noise = sampling.initial_noise(0, (20000,))
+    x = noise * float(sig[0])
+    out = sampling.get_sampler(name)(_gaussian_denoiser(2.0, 0.25), x, sig, seed=3)
+    # deterministic samplers map N(0, sigma^2 + var) onto N(mu, var); ancestral ones sample it
+    assert abs(float(out.mean()) - 2.0) < 0.05
+    assert abs(float(out.std()) - 0.5) < 0.05 + (0.03 if name == "euler_ancestral" else 0.0) + 0.5 / float(sig[0])
+
+
+def test_ddim_equals_euler_in_sigma_space():
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.calculate_sigmas(s, "ddim_uniform", 8)
+    x = sampling.initial_noise(5, (64,)) * float(sig[0])
+    den = _gaussian_denoiser(0.3, 0.5)
+    assert torch.allclose(sampling.sample_ddim(den, x, sig), sampling.sample_euler(den, x, sig), atol=1e-5)
+
+
+def test_callback_sees_every_step():
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.calculate_sigmas(s, "normal", 4)
+    seen = []
+    sampling.sample_dpmpp_2m(_gaussian_denoiser(0, 1), torch.zeros(3), sig, callback=lambda i, n, x0: seen.append((i, n)))
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_noise_latent_scaling():
+    s = sampling.DiscreteSchedule("linear")
+    full = sampling.calculate_sigmas(s, "normal", 5)
+    noise = torch.ones(2)
+    assert torch.allclose(sampling.noise_latent(torch.zeros(2), noise, full, s),
+                          torch.full((2,), math.sqrt(1 + float(full[0]) ** 2)))
+    part = sampling.calculate_sigmas(s, "normal", 5, denoise=0.5)
+    lat = torch.full((2,), 3.0)
+    assert torch.allclose(sampling.noise_latent(lat, noise, part, s), 3.0 + part[0])
