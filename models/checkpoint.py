@@ -228,7 +228,6 @@ class SD15Bundle:
 
 def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> SD15Bundle:
     """Load an SD1.5 single-file checkpoint into (UNet, VAE, CLIP text encoder)."""
-    from .encoders import TextEncoder
     from .unet import UNetModel, infer_unet_config
     from .vae import AutoencoderKL, infer_vae_config
 
@@ -246,6 +245,8 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
     unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
     vcfg = infer_vae_config(vae_sd)
     vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+    from .encoders import TextEncoder
+
     clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=dtype)
     return SD15Bundle(unet=unet, vae=vae, clip=clip, name=name)
 

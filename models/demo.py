@@ -151,3 +151,29 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
         if overwrite or not os.path.exists(paths[v]):
             _save(motion_state_dict(v, seed, dtype), paths[v], meta)
     return paths
+
+
+def substitute(kind: str, name: str) -> str | None:
+    """The demo file that stands in for model ``name`` of folder ``kind`` (None: no demo of that kind).
+
+    Motion modules keep their version where the name tells it (``v3_sd15_mm`` -> v3,
+    ``mm_sd_v15_v2`` -> v2, ``mm_sd_v15`` -> v1).
+    """
+    if kind == "checkpoints":
+        return DEMO_CHECKPOINT
+    if kind == "animatediff_models":
+        lower = os.path.basename(str(name)).lower()
+        if "v3" in lower:
+            return DEMO_MOTION["v3"]
+        if "v2" in lower:
+            return DEMO_MOTION["v2"]
+        if any(tag in lower for tag in ("v14", "v15", "v1.")):
+            return DEMO_MOTION["v1"]
+        return DEMO_MOTION["v2"]
+    return None
+
+
+def default_cache_dir() -> str:
+    """Where the headless runner keeps the demo models (``KINEMA_CACHE_DIR`` or ~/.cache/kinema)."""
+    base = os.environ.get("KINEMA_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kinema")
+    return os.path.join(base, "demo_models")

@@ -9,8 +9,8 @@ Frames arrive as ComfyUI ``IMAGE`` (``[f, h, w, 3]`` float in [0, 1]);
   ComfyUI's own animated WebP saver writes it (``0x0110 = "prompt:<json>"``,
   other keys from ``0x010F`` downwards as ``"<key>:<json>"``), so ComfyUI can
   load the workflow back from the file.
-- **mp4** (the ffmpeg binary of ``imageio-ffmpeg``): libx264, yuv420p, BT.709,
-  ``crf``; odd sizes are padded by one edge pixel (yuv420p needs even sizes);
+- **mp4** (the ffmpeg binary of ``imageio-ffmpeg``; PyAV, which ComfyUI itself
+  requires, when imageio-ffmpeg is missing): libx264, yuv420p, BT.709, ``crf``; odd sizes are padded by one edge pixel (yuv420p needs even sizes);
   metadata as a ``comment`` tag holding the whole dict as JSON, plus one tag per
   key (``prompt``, ``workflow``) like ComfyUI's SaveVideo.
 
@@ -39,6 +39,11 @@ _WEBP_PROMPT_TAG = 0x0110  # EXIF "Model": ComfyUI puts the prompt here
 _WEBP_FIRST_EXTRA_TAG = 0x010F  # EXIF "Make", then downwards: workflow and other extra_pnginfo keys
 
 
+def _tensor_to_uint8(t: torch.Tensor) -> np.ndarray:
+    t = torch.nan_to_num(t.to(device="cpu", dtype=torch.float32), nan=0.0)
+    return t.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()
+
+
 def to_uint8(images) -> np.ndarray:
     """``[f, h, w, c]`` float in [0, 1] (torch or numpy) -> numpy uint8, clamped and rounded.
 
@@ -48,9 +53,10 @@ def to_uint8(images) -> np.ndarray:
         t = images.detach()
         if t.dtype == torch.uint8:
             arr = t.cpu().numpy()
+        elif t.ndim == 4 and t.shape[0] > 16:  # long videos: convert a few frames at a time
+            arr = np.concatenate([_tensor_to_uint8(t[i:i + 16]) for i in range(0, t.shape[0], 16)])
         else:
-            t = torch.nan_to_num(t.to(device="cpu", dtype=torch.float32), nan=0.0)
-            arr = t.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()
+            arr = _tensor_to_uint8(t)
     else:
         arr = np.asarray(images)
         if arr.dtype != np.uint8:
@@ -137,6 +143,7 @@ def _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, method):
 
 
 def _ffmpeg_exe() -> str:
+    """The ffmpeg binary shipped by ``imageio-ffmpeg`` (or ``IMAGEIO_FFMPEG_EXE``)."""
     try:
         import imageio_ffmpeg
     except ImportError:
@@ -148,6 +155,18 @@ def _ffmpeg_exe() -> str:
         raise KinemaError(f"mp4 needs ffmpeg and none was found ({e}): reinstall the Python package "
                           "'imageio-ffmpeg' (pip install --force-reinstall imageio-ffmpeg) or set "
                           "IMAGEIO_FFMPEG_EXE to an ffmpeg binary") from None
+
+
+def _mp4_backend():
+    """``("ffmpeg", exe)`` from imageio-ffmpeg, else ``("av", module)`` (PyAV, which ComfyUI ships)."""
+    try:
+        return "ffmpeg", _ffmpeg_exe()
+    except KinemaError as missing:
+        try:
+            import av
+        except ImportError:
+            raise missing from None
+        return "av", av
 
 
 def _ffmeta_escape(text: str) -> str:
@@ -166,8 +185,7 @@ def _mp4_tags(metadata: dict) -> dict[str, str]:
     return tags
 
 
-def _write_mp4(tmp, frames, fps, metadata, crf, preset):
-    exe = _ffmpeg_exe()
+def _write_mp4(exe, tmp, frames, fps, metadata, crf, preset):
     f, h, w, _ = frames.shape
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:  # yuv420p needs even sizes: repeat the last row/column
@@ -186,8 +204,9 @@ def _write_mp4(tmp, frames, fps, metadata, crf, preset):
                 fh.write(f"{_ffmeta_escape(key)}={_ffmeta_escape(value)}\n")
         cmd += ["-f", "ffmetadata", "-i", meta_file, "-map_metadata", "1"]
     cmd += ["-map", "0:v:0", "-c:v", "libx264", "-preset", preset, "-crf", str(int(crf)),
-            "-pix_fmt", "yuv420p", "-vf", "scale=out_color_matrix=bt709:out_range=tv",
-            "-color_primaries", "bt709", "-color_trc", "bt709", "-colorspace", "bt709", "-color_range", "tv",
+            "-pix_fmt", "yuv420p",
+           "-vf", "scale=out_color_matrix=bt709:out_range=tv,"
+                  "setparams=color_primaries=bt709:color_trc=bt709:colorspace=bt709:range=tv",
             "-movflags", "+faststart" + ("+use_metadata_tags" if metadata else ""),
             "-f", "mp4", tmp]
     try:
@@ -211,6 +230,59 @@ def _write_mp4(tmp, frames, fps, metadata, crf, preset):
                 os.remove(meta_file)
             except OSError:
                 pass
+
+
+def _av_bt709(av):
+    """(reformat kwargs, colour tag): BT.709 limited range where PyAV can, else BT.601 (tag 6)."""
+    try:
+        from av.video.reformatter import ColorRange, Colorspace
+
+        convert = {"dst_colorspace": Colorspace.ITU709, "dst_color_range": ColorRange.MPEG}
+        av.VideoFrame(2, 2, "rgb24").reformat(format="yuv420p", **convert)
+        return convert, 1
+    except Exception:  # old PyAV: swscale's default matrix is BT.601, so say so
+        return {}, 6
+
+
+def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset):
+    """The same mp4 as ``_write_mp4`` through PyAV (used when imageio-ffmpeg is missing)."""
+    f, h, w, _ = frames.shape
+    pad_h, pad_w = h % 2, w % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        h, w = h + pad_h, w + pad_w
+    rate = Fraction(fps).limit_denominator(1001)
+    options = {"movflags": "+faststart" + ("+use_metadata_tags" if metadata else "")}
+    try:
+        with av.open(tmp, mode="w", format="mp4", options=options) as container:
+            for key, value in (_mp4_tags(metadata) if metadata else {}).items():
+                container.metadata[key] = value
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.options = {"crf": str(int(crf)), "preset": preset}
+            convert, tag = _av_bt709(av)
+            ctx = stream.codec_context
+            for attr in ("color_primaries", "color_trc", "colorspace"):
+                try:
+                    setattr(ctx, attr, tag)
+                except Exception:  # older PyAV: leave untagged
+                    pass
+            try:
+                ctx.color_range = 1  # limited ("tv") range
+            except Exception:
+                pass
+            for i, frame in enumerate(frames):
+                vf = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", **convert)
+                vf.pts = i
+                vf.time_base = Fraction(rate.denominator, rate.numerator)
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    except KinemaError:
+        raise
+    except Exception as e:
+        raise KinemaError(f"PyAV failed to write the mp4: {e}") from e
 
 
 def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, metadata: dict | None = None,
@@ -246,8 +318,9 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
             json.dumps(metadata)
         except (TypeError, ValueError) as e:
             raise KinemaError(f"metadata must be JSON-serialisable: {e}") from None
+    backend = None
     if fmt == "mp4":
-        _ffmpeg_exe()  # fail before creating anything
+        backend = _mp4_backend()  # fail before creating anything
         if not 0 <= int(crf) <= 51:
             raise KinemaError(f"crf must be in 0..51, got {crf}")
     if fmt == "webp" and not 0 <= int(quality) <= 100:
@@ -263,8 +336,10 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
             _write_gif(tmp, frames, fps, loop, metadata)
         elif fmt == "webp":
             _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, webp_method)
+        elif backend[0] == "ffmpeg":
+            _write_mp4(backend[1], tmp, frames, fps, metadata, crf, preset)
         else:
-            _write_mp4(tmp, frames, fps, metadata, crf, preset)
+            _write_mp4_av(backend[1], tmp, frames, fps, metadata, crf, preset)
         if os.path.getsize(tmp) == 0:
             raise KinemaError(f"Writing '{os.path.basename(path)}' produced an empty file")
         os.replace(tmp, path)
@@ -309,12 +384,17 @@ def read_video_metadata(path: str) -> dict | None:
                 out[key] = _parse_json(value)
             return out or None
     if ext in (".mp4", ".mov", ".m4v"):
-        exe = _ffmpeg_exe()
-        proc = subprocess.run([exe, "-hide_banner", "-loglevel", "error", "-i", path, "-f", "ffmetadata", "-"],
-                              capture_output=True)
-        if proc.returncode != 0:
-            raise KinemaError(f"ffmpeg could not read '{path}': {proc.stderr.decode('utf-8', 'replace')[-500:]}")
-        tags = _parse_ffmetadata(proc.stdout.decode("utf-8", "replace"))
+        kind, tool = _mp4_backend()
+        if kind == "ffmpeg":
+            proc = subprocess.run([tool, "-hide_banner", "-loglevel", "error", "-i", path, "-f", "ffmetadata", "-"],
+                                  capture_output=True)
+            if proc.returncode != 0:
+                raise KinemaError(f"ffmpeg could not read '{path}': "
+                                  f"{proc.stderr.decode('utf-8', 'replace')[-500:]}")
+            tags = _parse_ffmetadata(proc.stdout.decode("utf-8", "replace"))
+        else:
+            with tool.open(path) as container:
+                tags = dict(container.metadata)
         if "comment" in tags:
             value = _parse_json(tags["comment"])
             if isinstance(value, dict):

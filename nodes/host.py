@@ -104,7 +104,7 @@ def register_model_folders() -> None:
 def set_models_dir(path: str | None) -> None:
     """Fallback only: the folder holding ``<kind>/`` subfolders (None: back to env/default)."""
     global _models_dir
-    if IN_COMFYUI:
+    if _folder_paths is not None:
         logger.warning("set_models_dir(%r) ignored inside ComfyUI: use extra_model_paths.yaml", path)
     _models_dir = None if path is None else os.path.abspath(path)
 
@@ -164,6 +164,7 @@ def _clean_name(kind: str, name: str) -> str:
 
 
 def _inside(path: str, root: str) -> bool:
+    path, root = os.path.normcase(path), os.path.normcase(root)
     try:
         return os.path.commonpath([path, root]) == root
     except ValueError:  # different drives
@@ -179,7 +180,7 @@ def _check_real_location(kind: str, name: str, full: str, folders: list[str]) ->
     raise KinemaError(
         f"{kind} model '{name}' resolves to '{real}', outside the {kind} folder(s) "
         f"{', '.join(folders)}. Move the file into the folder, or register its real folder "
-        f"({'extra_model_paths.yaml' if IN_COMFYUI else 'add_model_folder / KINEMA_MODELS_DIR'}); "
+        f"({'extra_model_paths.yaml' if _folder_paths is not None else 'add_model_folder / KINEMA_MODELS_DIR'}); "
         "set KINEMA_ALLOW_SYMLINKS=1 to follow such links anyway."
     )
 
@@ -203,7 +204,7 @@ def _walk_files(root: str) -> list[str]:
 
 
 def _fix_hint(kind: str) -> str:
-    if IN_COMFYUI:
+    if _folder_paths is not None:
         return (f"Put the file in one of these folders (subfolders are fine) or add its folder to "
                 f"extra_model_paths.yaml under '{kind}', then refresh the page (R).")
     return (f"Put the file there (subfolders are fine), or point KINEMA_MODELS_DIR / set_models_dir() "
@@ -326,7 +327,7 @@ def metadata_enabled() -> bool:
     """False when ComfyUI runs with ``--disable-metadata`` (or ``KINEMA_DISABLE_METADATA=1``)."""
     if os.environ.get("KINEMA_DISABLE_METADATA", "").strip().lower() in ("1", "true", "yes"):
         return False
-    if IN_COMFYUI:
+    if _folder_paths is not None:
         try:  # pragma: no cover - only inside ComfyUI
             from comfy.cli_args import args
             return not getattr(args, "disable_metadata", False)

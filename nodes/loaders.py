@@ -22,6 +22,7 @@ class KinemaCheckpointLoader:
         "The VAE that turns latents into frames.",
     )
     FUNCTION = "load"
+    MODEL_INPUTS = {"ckpt_name": "checkpoints"}  # input -> models folder kind (the runner's demo fallback)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -57,6 +58,7 @@ class KinemaMotionModuleLoader:
     RETURN_NAMES = ("motion_module",)
     OUTPUT_TOOLTIPS = ("The motion module; connect it to Apply Motion Module.",)
     FUNCTION = "load"
+    MODEL_INPUTS = {"model_name": "animatediff_models"}
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -368,6 +368,14 @@ def _topo_depths(api):
 
     for nid in sorted(api, key=_id_key):
         visit(nid, [])
+    # a node without inputs (a loader, an empty latent) sits just left of its first consumer
+    consumers = {}
+    for nid, srcs in deps.items():
+        for src in srcs:
+            consumers.setdefault(src, []).append(nid)
+    for nid in order:
+        if not deps[nid] and nid in consumers:
+            depth[nid] = min(depth[c] for c in consumers[nid]) - 1
     return depth, order, deps
 
 

@@ -23,3 +23,28 @@ def load_pack():
     if not hasattr(module, "NODE_CLASS_MAPPINGS"):
         _spec.loader.exec_module(module)
     return module
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_models_dir(tmp_path_factory):
+    """The pack's demo models (tiny, real layouts) written once per session, ComfyUI folder names."""
+    from kinema.models.demo import write_demo_models
+
+    root = tmp_path_factory.mktemp("models")
+    write_demo_models(str(root))
+    return str(root)
+
+
+@pytest.fixture()
+def host_dirs(demo_models_dir, tmp_path):
+    """Point the host adapter at the demo models and a fresh output folder; restore afterwards."""
+    from kinema.nodes import host
+
+    host.set_models_dir(demo_models_dir)
+    host.set_output_dir(str(tmp_path / "output"))
+    yield host
+    host.set_models_dir(None)
+    host.set_output_dir(None)

@@ -1,0 +1,78 @@
+"""Saving frames as a video file in ComfyUI's output folder, with a preview in the UI."""
+from __future__ import annotations
+
+import logging
+
+from ..models import video_io
+from ..models.errors import KinemaError
+from . import host
+
+logger = logging.getLogger("kinema")
+
+
+class KinemaSaveVideo:
+    """Write an IMAGE batch (the frames of one video) as an animated webp/gif or an H.264 mp4."""
+
+    DESCRIPTION = (
+        "Saves the frames as one video file in the ComfyUI output folder and previews it. "
+        "webp and gif are animated images (the workflow is embedded, so dropping the file on "
+        "ComfyUI loads it back); mp4 is H.264 for players and editors."
+    )
+    CATEGORY = "Kinema/video"
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "images": ("IMAGE", {"tooltip": "The frames of the video, in order (an IMAGE batch)."}),
+                "fps": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 240.0, "step": 0.01,
+                                  "tooltip": "Frames per second of the saved video. AnimateDiff models "
+                                             "are trained around 8; SVD around 6-8."}),
+                "format": (list(video_io.FORMATS), {"default": "webp",
+                                                    "tooltip": "webp: animated image, good colours, previewed "
+                                                               "in ComfyUI. gif: widest support, 256 colours. "
+                                                               "mp4: H.264 video, smallest file."}),
+                "loop_count": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                       "tooltip": "How many times a webp/gif plays: 0 = forever. "
+                                                  "Ignored for mp4."}),
+                "filename_prefix": ("STRING", {"default": "Kinema/video",
+                                               "tooltip": "Name of the file in the output folder; may hold "
+                                                          "a subfolder (Kinema/video). A counter is added so "
+                                                          "nothing is overwritten."}),
+            },
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
+
+    def save(self, images, fps, format, loop_count, filename_prefix, prompt=None, extra_pnginfo=None):
+        if getattr(images, "ndim", None) != 4 or images.shape[0] == 0:
+            shape = tuple(getattr(images, "shape", ()))
+            raise KinemaError(f"Save Video needs a batch of frames [frames, height, width, 3], got shape {shape}")
+        if format not in video_io.FORMATS:
+            raise KinemaError(f"Unknown format '{format}': choose one of {', '.join(video_io.FORMATS)}")
+        frames = video_io.to_uint8(images)
+        height, width = frames.shape[1:3]
+
+        metadata = None
+        if host.metadata_enabled():
+            metadata = {}
+            if prompt is not None:
+                metadata["prompt"] = prompt
+            if isinstance(extra_pnginfo, dict):
+                metadata.update(extra_pnginfo)
+            metadata = metadata or None
+
+        full_path, subfolder, filename = host.save_path(filename_prefix, format, width, height)
+        video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata)
+        logger.info("Kinema: saved %d frames (%dx%d, %g fps) to %s", frames.shape[0], width, height, fps, full_path)
+
+        result = {"filename": filename, "subfolder": subfolder, "type": "output"}
+        # ComfyUI shows webp/gif as animated images and mp4 in a video player from this same shape
+        animated = format == "mp4" or frames.shape[0] > 1
+        return {"ui": {"images": [result], "animated": (animated,)}}
+
+
+NODE_CLASS_MAPPINGS = {"KinemaSaveVideo": KinemaSaveVideo}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaSaveVideo": "Save Video (Kinema)"}

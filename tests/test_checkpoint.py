@@ -1,0 +1,149 @@
+"""Safe loading and format detection: every bad file gives a clear KinemaError."""
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kinema.models import checkpoint, demo
+from kinema.models.errors import KinemaError
+
+
+@pytest.fixture(scope="module")
+def motion_sd():
+    return demo.motion_state_dict("v2")
+
+
+def test_safetensors_and_ckpt_load_the_same_tensors(tmp_path, motion_sd):
+    st, ck = tmp_path / "mm.safetensors", tmp_path / "mm.ckpt"
+    save_file(motion_sd, str(st))
+    torch.save({"state_dict": motion_sd, "animatediff_config": {"version": "v2", "frames": 32}}, str(ck))
+    a, b = checkpoint.load_state_dict(str(st)), checkpoint.load_state_dict(str(ck))
+    assert a.keys() == b.keys() == motion_sd.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_file_loads_into_fp32_model(tmp_path, motion_sd):
+    path = tmp_path / "mm16.safetensors"
+    save_file({k: v.half() for k, v in motion_sd.items()}, str(path))
+    module = checkpoint.load_motion_module(str(path), dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert module.version == "v2" and module.cfg.max_len == 32
+
+
+def test_truncated_safetensors_is_named(tmp_path, motion_sd):
+    path = tmp_path / "cut.safetensors"
+    save_file(motion_sd, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KinemaError, match="truncated.*Download"):
+        checkpoint.load_state_dict(str(path))
+    path.write_bytes(b"\x01\x02")
+    with pytest.raises(KinemaError, match="not a safetensors file"):
+        checkpoint.load_state_dict(str(path))
+
+
+def test_truncated_ckpt_is_named(tmp_path, motion_sd):
+    path = tmp_path / "cut.ckpt"
+    torch.save(motion_sd, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KinemaError, match="cut.ckpt"):
+        checkpoint.load_state_dict(str(path))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode()}, str(path))
+    with pytest.raises(KinemaError, match="will not unpickle"):
+        checkpoint.load_state_dict(str(path))
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+    # an old-style (non-zip) pickle is refused the same way
+    legacy = tmp_path / "evil_legacy.pt"
+    with open(legacy, "wb") as f:
+        pickle.dump(_RunsCode(), f)
+    with pytest.raises(KinemaError):
+        checkpoint.load_state_dict(str(legacy))
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(KinemaError, match="not a model file"):
+        checkpoint.load_state_dict(str(tmp_path / "model.gguf"))
+    with pytest.raises(KinemaError, match="not found"):
+        checkpoint.load_state_dict(str(tmp_path / "nope.safetensors"))
+
+
+def test_detect_formats(motion_sd):
+    assert checkpoint.detect_format(motion_sd) == "motion_module"
+    sdxl_mm = {k: v for k, v in motion_sd.items() if not k.startswith(("down_blocks.3.", "up_blocks.3."))}
+    assert checkpoint.detect_format(sdxl_mm) == "motion_module_sdxl"
+    lora = {"down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor"
+            ".to_q_lora.down.weight": torch.zeros(4, 32)}
+    assert checkpoint.detect_format(lora) == "motion_lora"
+    assert checkpoint.detect_format({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1)}) \
+        == "lora"
+    svd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+           "model.diffusion_model.input_blocks.1.0.time_stack.in_layers.0.weight": torch.zeros(1)}
+    assert checkpoint.detect_format(svd) == "svd"
+    sdxl = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+            "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1),
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)}
+    assert checkpoint.detect_format(sdxl) == "sdxl"
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("sdxl_mm", "SDXL motion modules are not supported"),
+    ("lora", "is a LoRA, not an AnimateDiff motion module"),
+    ("sd15", "is an SD1.5 checkpoint, not an AnimateDiff motion module"),
+])
+def test_motion_loader_refuses_other_files(tmp_path, motion_sd, kind, match):
+    if kind == "sdxl_mm":
+        sd = {k: v for k, v in motion_sd.items() if not k.startswith(("down_blocks.3.", "up_blocks.3."))}
+    elif kind == "lora":
+        sd = {"lora_unet_x.lora_down.weight": torch.zeros(2, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 2)}
+    else:
+        sd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}
+    path = tmp_path / f"{kind}.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match=match):
+        checkpoint.load_motion_module(str(path))
+
+
+def test_checkpoint_loader_refuses_motion_module_and_svd(tmp_path, motion_sd):
+    path = tmp_path / "mm.safetensors"
+    save_file(motion_sd, str(path))
+    with pytest.raises(KinemaError, match="'mm.safetensors' is an AnimateDiff motion module, not an SD1.5"):
+        checkpoint.load_sd15(str(path))
+    svd = tmp_path / "svd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1),
+               "model.diffusion_model.input_blocks.1.0.time_stack.in_layers.0.weight": torch.zeros(1)}, str(svd))
+    with pytest.raises(KinemaError, match="Stable Video Diffusion checkpoint, not an SD1.5"):
+        checkpoint.load_sd15(str(svd))
+
+
+def test_incomplete_motion_module_names_the_missing_weight(tmp_path, motion_sd):
+    sd = dict(motion_sd)
+    sd.pop("up_blocks.1.motion_modules.2.temporal_transformer.proj_out.weight")
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match="missing 1 motion module weights.*up_blocks.1.motion_modules.2"):
+        checkpoint.load_motion_module(str(path))
+
+
+def test_build_on_meta_assigns_without_copy(motion_sd):
+    from kinema.models.motion import MotionModuleSet, infer_motion_config
+
+    module = checkpoint.build_on_meta(lambda: MotionModuleSet(infer_motion_config(motion_sd)), motion_sd, None,
+                                      "motion module", "x")
+    key = "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"
+    assert module.state_dict()[key].data_ptr() == motion_sd[key].data_ptr()
+    assert not any(p.is_meta for p in module.parameters())

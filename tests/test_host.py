@@ -1,0 +1,328 @@
+"""nodes/host.py outside ComfyUI: model folders, output names, interrupts, progress, devices.
+
+A small stand-in for ComfyUI's ``folder_paths`` also checks the hosted branch of
+folder registration and model resolution.
+"""
+import logging
+import os
+import types
+
+import pytest
+import torch
+
+from kinema.models.errors import KinemaError
+from kinema.nodes import host
+
+
+@pytest.fixture(autouse=True)
+def clean_host(tmp_path, monkeypatch):
+    for var in ("KINEMA_MODELS_DIR", "KINEMA_OUTPUT_DIR", "KINEMA_INPUT_DIR", "KINEMA_TEMP_DIR",
+                "KINEMA_ALLOW_SYMLINKS", "KINEMA_DEVICE", "KINEMA_DISABLE_METADATA"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(host, "_extra_model_folders", {})
+    host.set_models_dir(str(tmp_path / "models"))
+    host.set_output_dir(str(tmp_path / "output"))
+    host.request_interrupt(False)
+    yield
+    host.set_models_dir(None)
+    host.set_output_dir(None)
+    host.set_input_dir(None)
+    host.set_temp_dir(None)
+    host.request_interrupt(False)
+
+
+def _touch(path, data=b"x"):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+def test_plain_process_is_not_comfyui():
+    assert host.IN_COMFYUI is False
+    host.register_model_folders()  # idempotent no-op outside ComfyUI
+
+
+# --- model folders ---------------------------------------------------------------------------
+def test_list_models_subfolders_forward_slashes_and_extensions(tmp_path):
+    root = tmp_path / "models" / "animatediff_models"
+    for rel in ("mm_sd_v15_v2.ckpt", "v3/mm_v3.safetensors", "v3/deep/x.pth", "readme.txt",
+                ".git/hidden.safetensors", "b.bin", "c.pt", "d.sft"):
+        _touch(root / rel)
+    names = host.list_models("animatediff_models")
+    assert names == ["b.bin", "c.pt", "d.sft", "mm_sd_v15_v2.ckpt", "v3/deep/x.pth", "v3/mm_v3.safetensors"]
+    assert host.list_models("depth_models") == []  # missing folder: empty, no error
+
+
+def test_resolve_model_returns_absolute_path_inside_folder(tmp_path):
+    f = _touch(tmp_path / "models" / "loras" / "sub" / "a.safetensors")
+    got = host.resolve_model("loras", "sub/a.safetensors")
+    assert os.path.isabs(got) and os.path.samefile(got, f)
+    assert os.path.samefile(host.resolve_model("loras", "sub\\a.safetensors"), f)  # Windows-style name
+    assert os.path.samefile(host.resolve_model("loras", "./sub//a.safetensors"), f)
+
+
+def test_models_dir_from_environment(tmp_path, monkeypatch):
+    host.set_models_dir(None)
+    other = tmp_path / "elsewhere"
+    f = _touch(other / "checkpoints" / "sd15.safetensors")
+    monkeypatch.setenv("KINEMA_MODELS_DIR", str(other))
+    assert host.list_models("checkpoints") == ["sd15.safetensors"]
+    assert os.path.samefile(host.resolve_model("checkpoints", "sd15.safetensors"), f)
+
+
+def test_extra_model_folder_is_searched(tmp_path):
+    _touch(tmp_path / "models" / "vae" / "a.safetensors")
+    extra = tmp_path / "shared_vae"
+    f = _touch(extra / "b.safetensors")
+    host.add_model_folder("vae", str(extra))
+    host.add_model_folder("vae", str(extra))  # no duplicate
+    assert host.model_folders("vae") == [str(tmp_path / "models" / "vae"), str(extra)]
+    assert host.list_models("vae") == ["a.safetensors", "b.safetensors"]
+    assert os.path.samefile(host.resolve_model("vae", "b.safetensors"), f)
+
+
+@pytest.mark.parametrize("name", ["../x.safetensors", "../models/loras/a.safetensors", "a/../../x.safetensors",
+                                  "..\\x.safetensors", "/etc/passwd", "C:\\Windows\\x.ckpt", "c:/x.ckpt",
+                                  "sub/..", "", "   ", ".", "a\x00b"])
+def test_resolve_refuses_names_that_escape(tmp_path, name):
+    _touch(tmp_path / "models" / "loras" / "a.safetensors")
+    _touch(tmp_path / "models" / "x.safetensors")
+    with pytest.raises(KinemaError):
+        host.resolve_model("loras", name)
+
+
+def test_resolve_refuses_kind_that_escapes():
+    with pytest.raises(KinemaError):
+        host.resolve_model("../loras", "a.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_symlink_out_of_the_folder_is_refused_and_hidden(tmp_path, monkeypatch):
+    secret = _touch(tmp_path / "secret" / "key.safetensors")
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    os.symlink(secret, folder / "link.safetensors")
+    os.symlink(tmp_path / "secret", folder / "linkdir")
+    inside = _touch(folder / "real.safetensors")
+    os.symlink(inside, folder / "alias.safetensors")  # a link that stays inside is fine
+    for name in ("link.safetensors", "linkdir/key.safetensors"):
+        with pytest.raises(KinemaError, match="outside"):
+            host.resolve_model("loras", name)
+    assert host.list_models("loras") == ["alias.safetensors", "real.safetensors"]
+    assert os.path.samefile(host.resolve_model("loras", "alias.safetensors"), inside)
+    monkeypatch.setenv("KINEMA_ALLOW_SYMLINKS", "1")
+    assert os.path.samefile(host.resolve_model("loras", "link.safetensors"), secret)
+    assert "link.safetensors" in host.list_models("loras")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_symlinked_folder_itself_is_fine(tmp_path):
+    real = tmp_path / "big_disk" / "checkpoints"
+    f = _touch(real / "sd15.safetensors")
+    (tmp_path / "models").mkdir()
+    os.symlink(real, tmp_path / "models" / "checkpoints")
+    assert host.list_models("checkpoints") == ["sd15.safetensors"]
+    assert os.path.samefile(host.resolve_model("checkpoints", "sd15.safetensors"), f)
+
+
+def test_missing_model_message_names_folders_and_fix(tmp_path):
+    _touch(tmp_path / "models" / "animatediff_models" / "mm_sd_v15_v2.ckpt")
+    with pytest.raises(KinemaError) as e:
+        host.resolve_model("animatediff_models", "mm_v3.ckpt")
+    msg = str(e.value)
+    assert "mm_v3.ckpt" in msg and "not found" in msg
+    assert str(tmp_path / "models" / "animatediff_models") in msg
+    assert "KINEMA_MODELS_DIR" in msg and "mm_sd_v15_v2.ckpt" in msg  # the fix and what is there
+
+
+def test_missing_directory_is_refused_as_model_file(tmp_path):
+    (tmp_path / "models" / "loras" / "adir").mkdir(parents=True)
+    with pytest.raises(KinemaError, match="not found"):
+        host.resolve_model("loras", "adir")
+
+
+def test_model_dirs_for_transformers_folders(tmp_path):
+    root = tmp_path / "models" / "depth_models"
+    _touch(root / "depth-anything-small" / "config.json", b"{}")
+    _touch(root / "depth-anything-small" / "model.safetensors")
+    _touch(root / "org" / "dpt-hybrid" / "config.json", b"{}")
+    (root / "empty").mkdir()
+    assert host.list_model_dirs("depth_models") == ["depth-anything-small", "org/dpt-hybrid"]
+    got = host.resolve_model_dir("depth_models", "org/dpt-hybrid")
+    assert os.path.samefile(got, root / "org" / "dpt-hybrid")
+    with pytest.raises(KinemaError):
+        host.resolve_model_dir("depth_models", "../depth_models/org")
+    with pytest.raises(KinemaError, match="not found"):
+        host.resolve_model_dir("depth_models", "nope")
+
+
+# --- the hosted branch, against a stand-in for ComfyUI's folder_paths --------------------------
+def _fake_folder_paths(models_dir):
+    fp = types.SimpleNamespace()
+    fp.models_dir = str(models_dir)
+    fp.folder_names_and_paths = {
+        "checkpoints": ([os.path.join(fp.models_dir, "checkpoints")], {".safetensors"}),
+        # as extra_model_paths.yaml leaves a kind ComfyUI did not know: no extension filter
+        "animatediff_models": (["/data/custom_motion"], set()),
+    }
+    fp.filename_list_cache = {"animatediff_models": "stale"}
+
+    def get_folder_paths(kind):
+        return list(fp.folder_names_and_paths[kind][0])
+
+    def get_full_path(kind, filename):  # like ComfyUI: normalises the name, no escape error
+        if kind not in fp.folder_names_and_paths:
+            return None
+        filename = os.path.relpath(os.path.join("/", filename), "/")
+        for folder in fp.folder_names_and_paths[kind][0]:
+            full = os.path.join(folder, filename)
+            if os.path.isfile(full):
+                return full
+        return None
+
+    def get_filename_list(kind):
+        out = set()
+        folders, exts = fp.folder_names_and_paths[kind]
+        for folder in folders:
+            for dirpath, _, files in os.walk(folder, followlinks=True):
+                for f in files:
+                    if not exts or os.path.splitext(f)[1] in exts:
+                        out.add(os.path.relpath(os.path.join(dirpath, f), folder))
+        return sorted(out)
+
+    fp.get_folder_paths = get_folder_paths
+    fp.get_full_path = get_full_path
+    fp.get_filename_list = get_filename_list
+    return fp
+
+
+def test_register_model_folders_keeps_existing_and_is_idempotent(tmp_path, monkeypatch):
+    fp = _fake_folder_paths(tmp_path / "models")
+    monkeypatch.setattr(host, "_folder_paths", fp)
+    host.register_model_folders()
+    host.register_model_folders()
+    paths, exts = fp.folder_names_and_paths["animatediff_models"]
+    assert paths == ["/data/custom_motion", os.path.join(fp.models_dir, "animatediff_models")]
+    assert {".safetensors", ".ckpt", ".pt", ".pth", ".bin"} <= set(exts)
+    assert "animatediff_models" not in fp.filename_list_cache
+    for kind in ("animatediff_motion_lora", "depth_models"):
+        assert fp.folder_names_and_paths[kind][0] == [os.path.join(fp.models_dir, kind)]
+    assert fp.folder_names_and_paths["checkpoints"] == (
+        [os.path.join(fp.models_dir, "checkpoints")], {".safetensors"})
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_hosted_resolve_still_checks_escapes(tmp_path, monkeypatch):
+    fp = _fake_folder_paths(tmp_path / "models")
+    monkeypatch.setattr(host, "_folder_paths", fp)
+    folder = tmp_path / "models" / "checkpoints"
+    f = _touch(folder / "sd15.safetensors")
+    _touch(tmp_path / "models" / "sd15.safetensors")
+    secret = _touch(tmp_path / "secret.safetensors")
+    os.symlink(secret, folder / "link.safetensors")
+    assert os.path.samefile(host.resolve_model("checkpoints", "sd15.safetensors"), f)
+    with pytest.raises(KinemaError):  # ComfyUI would quietly map this to checkpoints/sd15.safetensors
+        host.resolve_model("checkpoints", "../sd15.safetensors")
+    with pytest.raises(KinemaError, match="outside"):
+        host.resolve_model("checkpoints", "link.safetensors")
+    assert host.list_models("checkpoints") == ["sd15.safetensors"]
+    with pytest.raises(KinemaError, match="not found.*extra_model_paths.yaml"):
+        host.resolve_model("checkpoints", "missing.safetensors")
+    with pytest.raises(KinemaError, match="no model folder kind"):
+        host.resolve_model("not_a_kind", "x.safetensors")
+
+
+# --- output names ---------------------------------------------------------------------------
+def test_save_path_counter_convention(tmp_path):
+    out = tmp_path / "output"
+    full, sub, name = host.save_path("Kinema/video", "webp", 64, 48)
+    assert (sub, name) == ("Kinema", "video_00001_.webp")
+    assert full == str(out / "Kinema" / "video_00001_.webp") and os.path.isdir(out / "Kinema")
+    _touch(full)
+    assert host.save_path("Kinema/video", "webp")[2] == "video_00002_.webp"
+    _touch(out / "Kinema" / "video_00007_.png")  # the counter is shared by every extension
+    _touch(out / "Kinema" / "videofoo_00099_.gif")  # another prefix
+    _touch(out / "Kinema" / "video_notanumber_.gif")
+    assert host.save_path("Kinema/video", ".gif")[2] == "video_00008_.gif"
+    full, sub, name = host.save_path("plain", "mp4")
+    assert (sub, name) == ("", "plain_00001_.mp4") and full == str(out / "plain_00001_.mp4")
+
+
+def test_save_path_never_returns_an_existing_name(tmp_path, monkeypatch):
+    out = tmp_path / "output"
+    _touch(out / "v_00001_.gif")
+    _touch(out / "v_00002_.gif")
+    monkeypatch.setattr(host, "_next_counter", lambda folder, name: 1)  # e.g. a race with another writer
+    full, _, name = host.save_path("v", "gif")
+    assert name == "v_00003_.gif" and not os.path.exists(full)
+
+
+def test_save_path_expands_size_variables():
+    _, sub, name = host.save_path("runs/%width%x%height%/clip", "gif", 512, 320)
+    assert sub == "runs/512x320" and name == "clip_00001_.gif"
+
+
+@pytest.mark.parametrize("prefix", ["../escape", "a/../../escape", "/tmp/abs", "", "  ", "..", "x\x00y"])
+def test_save_path_refuses_prefix_outside_output(prefix):
+    with pytest.raises(KinemaError):
+        host.save_path(prefix, "webp")
+
+
+def test_save_path_refuses_bad_extension():
+    with pytest.raises(KinemaError):
+        host.save_path("ok", "we/bp")
+
+
+def test_directories_fallbacks(tmp_path, monkeypatch):
+    assert host.get_output_directory() == str(tmp_path / "output")
+    host.set_output_dir(None)
+    monkeypatch.setenv("KINEMA_OUTPUT_DIR", str(tmp_path / "env_out"))
+    assert host.get_output_directory() == str(tmp_path / "env_out")
+    monkeypatch.delenv("KINEMA_OUTPUT_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert host.get_output_directory() == str(tmp_path / "output")
+    assert host.get_input_directory() == str(tmp_path / "input")
+    assert host.get_temp_directory() == str(tmp_path / "temp")
+    host.set_input_dir(str(tmp_path / "in2"))
+    assert host.get_input_directory() == str(tmp_path / "in2")
+
+
+# --- interrupts and progress -----------------------------------------------------------------
+def test_interrupt_flag_raises_once():
+    host.check_interrupt()  # nothing requested
+    host.request_interrupt()
+    with pytest.raises(host.KinemaInterrupted) as e:
+        host.check_interrupt()
+    assert isinstance(e.value, InterruptedError)
+    host.check_interrupt()  # cleared
+
+
+def test_progress_bar_checks_interrupt_and_logs(caplog):
+    caplog.set_level(logging.INFO, logger="kinema")
+    bar = host.ProgressBar(4, desc="sampling")
+    bar.update()
+    bar.update(2)
+    assert bar.current == 3
+    bar.update_absolute(10)  # clamped
+    assert bar.current == 4
+    assert any("sampling: 4/4" in r.getMessage() for r in caplog.records)
+    bar.update_absolute(1, total=8)
+    assert (bar.current, bar.total) == (1, 8)
+    host.request_interrupt()
+    with pytest.raises(host.KinemaInterrupted):
+        bar.update()
+
+
+def test_devices(monkeypatch):
+    assert isinstance(host.compute_device(), torch.device)
+    monkeypatch.setenv("KINEMA_DEVICE", "cpu")
+    assert host.compute_device() == torch.device("cpu")
+    assert host.offload_device() == torch.device("cpu")
+    host.soft_empty_cache()
+
+
+def test_metadata_switch(monkeypatch):
+    assert host.metadata_enabled() is True
+    monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
+    assert host.metadata_enabled() is False

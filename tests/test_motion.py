@@ -1,0 +1,103 @@
+"""Motion-module injection: composition without mutation, scale, frame coupling, limits."""
+import pytest
+import torch
+
+from kinema.models import checkpoint, demo
+from kinema.models.errors import KinemaError
+from kinema.models.motion import MotionModel, MotionModuleSet, infer_motion_config
+from kinema.models.unet import UNetModel, infer_unet_config
+
+F, HW = 4, 8
+
+
+@pytest.fixture(scope="module")
+def unet():
+    sd = checkpoint.sub_state_dict(demo.sd15_state_dict(), "model.diffusion_model.")
+    return checkpoint.build_on_meta(lambda: UNetModel(infer_unet_config(sd)), sd, None, "UNet", "demo")
+
+
+def _motion(version):
+    sd = demo.motion_state_dict(version)
+    return checkpoint.build_on_meta(lambda: MotionModuleSet(infer_motion_config(sd)), sd, None, "mm", version)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(F, 4, HW, HW, generator=g)
+    ctx = torch.randn(F, 77, 64, generator=g)
+    t = torch.full((F,), 400.0)
+    return x, t, ctx
+
+
+def _run(model, x, t, ctx, **kw):
+    with torch.no_grad():
+        return model(x, t, ctx, x.shape[0], **kw)
+
+
+def test_applying_a_motion_module_does_not_change_the_base_model(unet, inputs):
+    base = MotionModel(unet)
+    before = _run(base, *inputs)
+    params = {k: v.clone() for k, v in unet.state_dict().items()}
+    video = base.with_options(motion=_motion("v2"), scale=1.0, beta_schedule="linear")
+    moved = _run(video, *inputs)
+    assert not torch.allclose(moved, before)
+    assert torch.equal(_run(base, *inputs), before)
+    assert all(torch.equal(v, params[k]) for k, v in unet.state_dict().items())
+    assert base.motion is None and video.motion is not None
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_scale_zero_and_temporal_off_are_the_image_model(unet, inputs, version):
+    base = _run(MotionModel(unet), *inputs)
+    video = MotionModel(unet, _motion(version))
+    assert torch.allclose(_run(video.with_options(scale=0.0), *inputs), base, atol=1e-6)
+    assert torch.equal(_run(video, *inputs, temporal=False), base)
+
+
+def test_temporal_off_keeps_frames_independent_and_on_couples_them(unet, inputs):
+    x, t, ctx = inputs
+    video = MotionModel(unet, _motion("v3"))
+    x2 = x.clone()
+    x2[3] += 1.0
+    off_a, off_b = _run(video, x, t, ctx, temporal=False), _run(video, x2, t, ctx, temporal=False)
+    assert torch.equal(off_a[:3], off_b[:3]) and not torch.equal(off_a[3], off_b[3])
+    on_a, on_b = _run(video, x, t, ctx), _run(video, x2, t, ctx)
+    assert (on_a[0] - on_b[0]).abs().max() > 1e-4
+
+
+def test_v1_uses_cross_frame_groupnorm(unet, inputs):
+    x, t, ctx = inputs
+    v1 = MotionModel(unet, _motion("v1"))
+    # at scale 0 the motion modules add nothing, yet v1 frames stay coupled through the UNet's norms
+    a = _run(v1.with_options(scale=0.0), x, t, ctx)
+    x2 = x.clone()
+    x2[3] += 1.0
+    b = _run(v1.with_options(scale=0.0), x2, t, ctx)
+    assert (a[0] - b[0]).abs().max() > 1e-5
+    # per-frame norms can be forced, and a single frame is the same either way
+    per_frame = _run(v1.with_options(scale=0.0, cross_frame_norm=False), x, t, ctx)
+    assert torch.allclose(per_frame, _run(MotionModel(unet), x, t, ctx), atol=1e-6)
+    one = (x[:1], t[:1], ctx[:1])
+    assert torch.allclose(_run(v1, *one), _run(v1.with_options(cross_frame_norm=False), *one), atol=1e-5)
+
+
+@pytest.mark.parametrize("version,limit", [("v1", 24), ("v2", 32), ("v3", 32)])
+def test_positional_limit_is_enforced_with_a_clear_message(unet, version, limit):
+    video = MotionModel(unet, _motion(version), name=f"mm_{version}")
+    video.check_frames(limit)
+    with pytest.raises(KinemaError, match=f"at most {limit} frames.*context windows"):
+        video.check_frames(limit + 1)
+    with pytest.raises(KinemaError, match="at least 1 frame"):
+        video.check_frames(0)
+
+
+def test_motion_module_for_another_unet_is_refused(unet):
+    sd = demo.motion_state_dict("v2", sizes=demo.DemoSizes(model_channels=64))
+    other = checkpoint.build_on_meta(lambda: MotionModuleSet(infer_motion_config(sd)), sd, None, "mm", "big")
+    with pytest.raises(KinemaError, match="made for a UNet with channels"):
+        other.check_unet(unet.cfg)
+
+
+def test_versions_are_told_apart():
+    assert [_motion(v).version for v in ("v1", "v2", "v3")] == ["v1", "v2", "v3"]

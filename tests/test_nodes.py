@@ -1,0 +1,127 @@
+"""Node classes called directly, without ComfyUI: the text-to-video graph by hand, and bad inputs."""
+import os
+
+import pytest
+import torch
+
+from conftest import load_pack
+from kinema.models.errors import KinemaError
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+def test_every_node_is_a_documented_v1_class(nodes):
+    display = load_pack().NODE_DISPLAY_NAME_MAPPINGS
+    assert set(nodes) == set(display)
+    for node_id, cls in nodes.items():
+        assert node_id.startswith("Kinema") and display[node_id].endswith("(Kinema)")
+        assert cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION
+        assert hasattr(cls, cls.FUNCTION)
+        spec = cls.INPUT_TYPES()
+        for section in ("required", "optional"):
+            for name, entry in spec.get(section, {}).items():
+                assert len(entry) == 2 and entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        for t in cls.RETURN_TYPES:
+            assert t in ("IMAGE", "LATENT", "CONDITIONING") or t.startswith("KINEMA_")
+
+
+def test_loaders_list_the_models_folders(nodes, host_dirs):
+    ckpts = nodes["KinemaCheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
+    mms = nodes["KinemaMotionModuleLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    assert "kinema_demo_sd15.safetensors" in ckpts
+    assert {"kinema_demo_mm_v1.safetensors", "kinema_demo_mm_v2.safetensors", "kinema_demo_mm_v3.safetensors"} <= set(mms)
+
+
+def test_txt2vid_graph_by_hand(nodes, host_dirs):
+    model, clip, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v3.safetensors", "fp32")
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")
+    assert model.motion is None and video.motion is mm  # the loaded model is left as it was
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "a (red:1.2) fox running")
+    (neg,) = nodes["KinemaTextEncode"]().encode(clip, "")
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(6, 64, 48)
+    assert latent["samples"].shape == (6, 4, 6, 8)
+    (out,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, latent, 7, 3, 7.5, "euler_ancestral", "normal", 1.0)
+    assert out["samples"].shape == (6, 4, 6, 8) and torch.isfinite(out["samples"]).all()
+    assert not torch.equal(out["samples"], latent["samples"])
+    (again,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, latent, 7, 3, 7.5, "euler_ancestral", "normal", 1.0)
+    assert torch.equal(again["samples"], out["samples"])  # same seed, same video
+    (images,) = nodes["KinemaVAEDecodeFrames"]().decode(vae, out, 4)
+    assert images.shape == (6, 48, 64, 3) and images.min() >= 0 and images.max() <= 1
+    ui = nodes["KinemaSaveVideo"]().save(images, 8.0, "gif", 0, "test/txt2vid")
+    saved = ui["ui"]["images"][0]
+    path = os.path.join(host_dirs.get_output_directory(), saved["subfolder"], saved["filename"])
+    assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize("frames,width,height,match", [
+    (0, 64, 64, "frames must be at least 1"),
+    (4, 60, 64, "width must be a positive multiple of 8"),
+    (4, 64, 30, "height must be a positive multiple of 8"),
+])
+def test_empty_latent_bad_sizes(nodes, frames, width, height, match):
+    with pytest.raises(KinemaError, match=match):
+        nodes["KinemaEmptyVideoLatent"]().make(frames, width, height)
+
+
+def test_loader_refuses_names_outside_the_models_folder(nodes, host_dirs):
+    for name in ("../checkpoints/kinema_demo_sd15.safetensors", "/etc/passwd", "../../secret.safetensors"):
+        with pytest.raises(KinemaError):
+            nodes["KinemaCheckpointLoader"]().load(name, "fp32")
+
+
+def test_loaders_refuse_the_wrong_kind_of_file(nodes, host_dirs):
+    import shutil
+
+    folder = os.path.join(host_dirs.get_models_dir(), "checkpoints")
+    wrong = os.path.join(folder, "actually_a_motion_module.safetensors")
+    shutil.copy(os.path.join(host_dirs.get_models_dir(), "animatediff_models", "kinema_demo_mm_v2.safetensors"), wrong)
+    try:
+        with pytest.raises(KinemaError, match="is an AnimateDiff motion module, not an SD1.5 checkpoint"):
+            nodes["KinemaCheckpointLoader"]().load("actually_a_motion_module.safetensors", "fp32")
+    finally:
+        os.remove(wrong)
+    mm_folder = os.path.join(host_dirs.get_models_dir(), "animatediff_models")
+    wrong = os.path.join(mm_folder, "actually_a_checkpoint.safetensors")
+    shutil.copy(os.path.join(folder, "kinema_demo_sd15.safetensors"), wrong)
+    try:
+        with pytest.raises(KinemaError, match="is an SD1.5 checkpoint, not an AnimateDiff motion module"):
+            nodes["KinemaMotionModuleLoader"]().load("actually_a_checkpoint.safetensors", "fp32")
+    finally:
+        os.remove(wrong)
+
+
+def test_too_many_frames_for_the_motion_module(nodes, host_dirs):
+    model, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v1.safetensors", "fp32")
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "x")
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(25, 16, 16)
+    with pytest.raises(KinemaError, match="kinema_demo_mm_v1.safetensors' sees at most 24 frames"):
+        nodes["KinemaVideoSampler"]().sample(video, pos, pos, latent, 0, 1, 7.5, "euler", "normal", 1.0)
+
+
+def test_interrupt_stops_the_sampler_within_a_step(nodes, host_dirs):
+    model, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "x")
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(2, 16, 16)
+    calls = []
+    real_call = type(model).__call__
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            host_dirs.request_interrupt()
+        return real_call(self, *a, **k)
+
+    type(model).__call__ = counting
+    try:
+        with pytest.raises(host_dirs.KinemaInterrupted):
+            nodes["KinemaVideoSampler"]().sample(model, pos, pos, latent, 0, 50, 1.0, "euler", "normal", 1.0)
+    finally:
+        type(model).__call__ = real_call
+        host_dirs.request_interrupt(False)
+    assert len(calls) == 2  # stopped right after the step during which Cancel came

@@ -1,0 +1,457 @@
+"""The headless runner on tiny fake node classes (no ComfyUI, no real nodes needed)."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+import kinema.nodes
+from kinema.models.errors import KinemaError
+from kinema.nodes import runner
+from kinema.nodes.runner import run_prompt, validate_prompt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CALLS = []
+
+
+class Number:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 1, "min": 0, "max": 100})}}
+
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "make"
+
+    def make(self, value):
+        CALLS.append(("Number", value))
+        return (value,)
+
+
+class Add:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"a": ("NUMBER",), "b": ("NUMBER",)},
+                "optional": {"scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0})}}
+
+    RETURN_TYPES = ("NUMBER", "STRING")
+    RETURN_NAMES = ("sum", "text")
+    FUNCTION = "add"
+
+    def add(self, a, b, scale=1.0):
+        CALLS.append(("Add", a, b))
+        return (a * scale + b, f"{a}+{b}")
+
+
+class Options:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("NUMBER",), "mode": (["sum", "max"],), "flag": ("BOOLEAN", {"default": True}),
+                             "label": ("STRING", {"default": ""}),
+                             "frames": ("INT", {"default": 8, "min": 1, "max": 64})}}
+
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "go"
+
+    def go(self, x, mode, flag, label, frames):
+        CALLS.append(("Options", mode, flag, label, frames))
+        return (x,)
+
+
+class Sink:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("NUMBER",), "prefix": ("STRING", {"default": "out"})},
+                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+    seen = []
+
+    def save(self, x, prefix, prompt=None, extra_pnginfo="unset", unique_id=None):
+        CALLS.append(("Sink", x))
+        Sink.seen.append({"prompt": prompt, "extra_pnginfo": extra_pnginfo, "unique_id": unique_id})
+        return {"ui": {"images": [{"filename": f"{prefix}_{x}.png", "subfolder": "sub", "type": "output"}]}}
+
+
+class AnySink:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"anything": ("*",)}}
+
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "take"
+    OUTPUT_NODE = True
+
+    def take(self, anything):
+        return (anything,)
+
+
+class Boom:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"x": ("NUMBER",), "kind": (["value", "kinema"],)}}
+
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "explode"
+
+    def explode(self, x, kind):
+        if kind == "kinema":
+            raise KinemaError("the motion module does not fit this checkpoint")
+        raise ValueError("bad value")
+
+
+class Picky:
+    """A class with its own VALIDATE_INPUTS, which takes over the range check of `value`."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 10}), "src": ("NUMBER",)}}
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, value, src):
+        Picky.validated = (value, src)
+        return True if value != 13 else "13 is unlucky"
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    RETURN_TYPES = ("NUMBER",)
+    FUNCTION = "go"
+
+    def go(self, value, src):
+        return (value + src,)
+
+
+CLASSES = {c.__name__: c for c in (Number, Add, Options, Sink, AnySink, Boom, Picky)}
+
+
+def base_prompt():
+    return {
+        "1": {"class_type": "Number", "inputs": {"value": 2}, "_meta": {"title": "two"}},
+        "2": {"class_type": "Number", "inputs": {"value": 3}},
+        "3": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["2", 0]}},
+        "4": {"class_type": "Add", "inputs": {"a": ["3", 0], "b": ["1", 0], "scale": 2}},
+        "5": {"class_type": "Sink", "inputs": {"x": ["4", 0], "prefix": "clip"}},
+        # not feeding an output: must not run
+        "6": {"class_type": "Number", "inputs": {"value": 99}},
+        "7": {"class_type": "Add", "inputs": {"a": ["6", 0], "b": ["6", 0]}},
+    }
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+    Sink.seen.clear()
+    yield
+
+
+def run(prompt, **kw):
+    kw.setdefault("progress", False)
+    return run_prompt(prompt, CLASSES, **kw)
+
+
+# ----------------------------------------------------------------- execution
+def test_runs_outputs_and_dependencies_once_in_order():
+    out = run(base_prompt())
+    assert set(out) == {"5"}
+    assert out["5"]["result"] == ()
+    assert out["5"]["ui"]["images"][0]["filename"] == "clip_12.0.png"  # (2+3)*2 + 2
+    names = [c[0] for c in CALLS]
+    assert names.count("Number") == 2 and ("Number", 99) not in CALLS  # node 6/7 never run
+    assert names.count("Add") == 2 and names[-1] == "Sink"
+    assert names.index("Add") > max(i for i, n in enumerate(names) if n == "Number")
+
+
+def test_outputs_only_false_returns_every_executed_node():
+    out = run(base_prompt(), outputs_only=False)
+    assert set(out) == {"1", "2", "3", "4", "5"}
+    assert out["3"]["result"] == (5, "2+3")
+    assert out["1"]["ui"] is None
+
+
+def test_shared_source_runs_once():
+    p = {"1": {"class_type": "Number", "inputs": {"value": 4}},
+         "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["1", 0]}},
+         "3": {"class_type": "Sink", "inputs": {"x": ["2", 0], "prefix": "a"}},
+         "4": {"class_type": "Sink", "inputs": {"x": ["1", 0], "prefix": "b"}}}
+    out = run(p)
+    assert set(out) == {"3", "4"}
+    assert CALLS.count(("Number", 4)) == 1
+    assert [c[0] for c in CALLS].count("Sink") == 2
+
+
+def test_hidden_inputs():
+    p = base_prompt()
+    run(p)
+    seen = Sink.seen[0]
+    assert seen["prompt"] is p and seen["unique_id"] == "5" and seen["extra_pnginfo"] is None
+    wf = {"nodes": [], "links": []}
+    run(p, workflow=wf)
+    assert Sink.seen[1]["extra_pnginfo"] == {"workflow": wf}
+
+
+def test_unknown_inputs_are_ignored_and_optional_may_be_missing():
+    p = base_prompt()
+    p["3"]["inputs"]["not_an_input"] = 123
+    out = run(p)
+    assert "5" in out
+
+
+def test_values_are_converted_like_comfyui():
+    p = {"1": {"class_type": "Number", "inputs": {"value": 3.0}},
+         "2": {"class_type": "Options", "inputs": {"x": ["1", 0], "mode": "max", "flag": False,
+                                                    "label": "hi", "frames": {"__value__": 16}}},
+         "3": {"class_type": "Sink", "inputs": {"x": ["2", 0], "prefix": "p"}}}
+    run(p)
+    assert ("Number", 3) in CALLS and isinstance(CALLS[0][1], int)
+    assert ("Options", "max", False, "hi", 16) in CALLS
+
+
+def test_star_input_accepts_any_type():
+    p = {"1": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["2", 0]}},
+         "2": {"class_type": "Number", "inputs": {"value": 1}},
+         "3": {"class_type": "AnySink", "inputs": {"anything": ["1", 1]}}}
+    assert run(p)["3"]["result"] == ("1+1",)
+
+
+def test_validate_inputs_and_is_changed_need_nothing_special():
+    p = {"1": {"class_type": "Number", "inputs": {"value": 1}},
+         "2": {"class_type": "Picky", "inputs": {"value": 50, "src": ["1", 0]}},  # 50 > max: Picky decides
+         "3": {"class_type": "Sink", "inputs": {"x": ["2", 0], "prefix": "p"}}}
+    assert run(p)["3"]["ui"]["images"][0]["filename"] == "p_51.png"
+    assert Picky.validated == (50, None)
+    p["2"]["inputs"]["value"] = 13
+    with pytest.raises(KinemaError, match=r"node 2 \(Picky\).*13 is unlucky"):
+        run(p)
+
+
+# ----------------------------------------------------------------- validation
+def expect_error(prompt, pattern):
+    with pytest.raises(KinemaError, match=pattern):
+        run(prompt)
+    assert not CALLS, "nothing may run when validation fails"
+
+
+def test_unknown_class():
+    p = base_prompt()
+    p["3"]["class_type"] = "Nope"
+    expect_error(p, r"node 3 \(Nope\): unknown class_type 'Nope'")
+
+
+def test_missing_required_input():
+    p = base_prompt()
+    del p["3"]["inputs"]["b"]
+    expect_error(p, r"node 3 \(Add\): input 'b': required input is missing")
+
+
+def test_link_to_missing_node():
+    p = base_prompt()
+    p["3"]["inputs"]["b"] = ["42", 0]
+    expect_error(p, r"node 3 \(Add\): input 'b': links to node 42, which is not in the prompt")
+
+
+def test_link_output_index_out_of_range():
+    p = base_prompt()
+    p["4"]["inputs"]["a"] = ["3", 2]
+    expect_error(p, r"node 4 \(Add\): input 'a': links to output 2 of node 3 \(Add\), which has 2 outputs")
+
+
+def test_link_type_mismatch():
+    p = base_prompt()
+    p["4"]["inputs"]["a"] = ["3", 1]  # STRING into NUMBER
+    expect_error(p, r"node 4 \(Add\): input 'a': expects NUMBER, but output 1 of node 3 \(Add\) is STRING")
+
+
+def test_bad_link_shape():
+    p = base_prompt()
+    p["4"]["inputs"]["a"] = ["3", 0, 1]
+    expect_error(p, r"node 4 \(Add\): input 'a': a link must be")
+
+
+def test_value_for_a_socket_input():
+    p = base_prompt()
+    p["4"]["inputs"]["a"] = 5
+    expect_error(p, r"node 4 \(Add\): input 'a': expects a link from a NUMBER output")
+
+
+@pytest.mark.parametrize("name,value,pattern", [
+    ("mode", "median", r"input 'mode': 'median' is not one of \['sum', 'max'\]"),
+    ("frames", 0, r"input 'frames': 0 is smaller than the minimum 1"),
+    ("frames", 65, r"input 'frames': 65 is bigger than the maximum 64"),
+    ("frames", 2.5, r"input 'frames': expected an integer, got 2.5"),
+    ("frames", "8", r"input 'frames': expected an integer, got str"),
+    ("flag", "true", r"input 'flag': expected true or false"),
+    ("label", 5, r"input 'label': expected a string, got int"),
+])
+def test_widget_values_are_checked(name, value, pattern):
+    p = {"1": {"class_type": "Number", "inputs": {"value": 1}},
+         "2": {"class_type": "Options", "inputs": {"x": ["1", 0], "mode": "sum", "flag": True,
+                                                    "label": "", "frames": 8}},
+         "3": {"class_type": "Sink", "inputs": {"x": ["2", 0], "prefix": "p"}}}
+    p["2"]["inputs"][name] = value
+    expect_error(p, r"node 2 \(Options\): " + pattern)
+
+
+def test_float_range_and_type():
+    p = base_prompt()
+    p["4"]["inputs"]["scale"] = 11
+    expect_error(p, r"node 4 \(Add\): input 'scale': 11.0 is bigger than the maximum 10.0")
+    p["4"]["inputs"]["scale"] = True
+    expect_error(p, r"node 4 \(Add\): input 'scale': expected a number")
+
+
+def test_nodes_outside_the_outputs_are_validated_too():
+    p = base_prompt()
+    p["6"]["inputs"]["value"] = 1000
+    expect_error(p, r"node 6 \(Number\): input 'value': 1000 is bigger than the maximum 100")
+
+
+def test_cycle():
+    p = {"1": {"class_type": "Add", "inputs": {"a": ["2", 0], "b": ["3", 0]}},
+         "2": {"class_type": "Add", "inputs": {"a": ["1", 0], "b": ["3", 0]}},
+         "3": {"class_type": "Number", "inputs": {"value": 1}},
+         "4": {"class_type": "Sink", "inputs": {"x": ["2", 0], "prefix": "p"}}}
+    expect_error(p, r"cycle: 1 \(Add\) -> 2 \(Add\) -> 1 \(Add\)")
+
+
+def test_no_output_node():
+    p = base_prompt()
+    del p["5"]
+    expect_error(p, r"no output node")
+
+
+def test_not_a_prompt():
+    with pytest.raises(KinemaError, match="no class_type"):
+        run({"1": {"inputs": {}}})
+    with pytest.raises(KinemaError, match="empty"):
+        run({})
+
+
+def test_validate_prompt_returns_plan():
+    plan = validate_prompt(base_prompt(), CLASSES)
+    assert plan["4"].links == {"a": ("3", 0), "b": ("1", 0)}
+    assert plan["4"].literals == {"scale": 2.0}
+
+
+# ----------------------------------------------------------------- errors inside nodes
+@pytest.mark.parametrize("kind,message", [
+    ("value", "node 3 (Boom): ValueError: bad value"),
+    ("kinema", "node 3 (Boom): the motion module does not fit this checkpoint"),
+])
+def test_errors_inside_nodes_are_wrapped(kind, message):
+    p = {"1": {"class_type": "Number", "inputs": {"value": 1}},
+         "3": {"class_type": "Boom", "inputs": {"x": ["1", 0], "kind": kind}},
+         "4": {"class_type": "Sink", "inputs": {"x": ["3", 0], "prefix": "p"}}}
+    with pytest.raises(KinemaError) as info:
+        run(p)
+    assert str(info.value) == message
+    assert isinstance(info.value.__cause__, ValueError if kind == "value" else KinemaError)
+    assert ("Sink", 1) not in CALLS
+
+
+def test_progress_goes_to_stderr(capsys):
+    run(base_prompt(), progress=True)
+    err = capsys.readouterr().err
+    assert "node 5 (Sink)" in err and "1/5" in err
+
+
+# ----------------------------------------------------------------- command line
+@pytest.fixture
+def cli(monkeypatch, tmp_path):
+    """main() with the fake classes and a fake host adapter."""
+    host = types.SimpleNamespace(calls=[])
+    host.set_models_dir = lambda p: host.calls.append(("models", p))
+    host.set_output_dir = lambda p: host.calls.append(("output", p))
+    host.get_output_dir = lambda: str(tmp_path / "default_out")
+    monkeypatch.setitem(sys.modules, "kinema.nodes.host", host)
+    monkeypatch.setattr(kinema.nodes, "host", host, raising=False)
+    monkeypatch.setattr(runner, "_registry", lambda classes: CLASSES if classes is None else classes)
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(base_prompt()))
+    return host, path
+
+
+def test_main_runs_and_prints_files(cli, tmp_path, capsys):
+    host, path = cli
+    models = tmp_path / "models"
+    models.mkdir()
+    out_dir = tmp_path / "out"
+    rc = runner.main([str(path), "--models-dir", str(models), "--output-dir", str(out_dir), "-q"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert host.calls == [("models", str(models)), ("output", str(out_dir))]
+    assert os.path.join(str(out_dir), "sub", "clip_12.0.png") in captured.out
+    assert captured.err == ""
+
+
+def test_main_default_output_dir_and_set(cli, tmp_path, capsys):
+    host, path = cli
+    rc = runner.main([str(path), "--set", "1.value=5", "--set", "5.prefix=7", "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    # (5+3)*2 + 5 = 21; "7" stays a string for a STRING input
+    assert os.path.join(str(tmp_path / "default_out"), "sub", "7_21.0.png") in captured.out
+
+
+def test_main_ui_format_workflow(cli, tmp_path, capsys):
+    from kinema.nodes.workflow_format import ui_from_api
+    host, _ = cli
+    ui = ui_from_api(base_prompt(), CLASSES)
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps(ui))
+    rc = runner.main([str(path), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert Sink.seen[0]["extra_pnginfo"]["workflow"]["nodes"]
+
+
+def test_main_print_api(cli, capsys):
+    _, path = cli
+    assert runner.main([str(path), "--print-api", "--set", "2.value=9"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["2"]["inputs"]["value"] == 9
+    assert not CALLS
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--set", "9.value=1"], "no node 9"),
+    (["--set", "1.nope=1"], "has no input 'nope'"),
+    (["--set", "1value"], "expected NODE_ID.INPUT=VALUE"),
+    (["--set", "1.value=1000"], r"node 1 \(Number\): input 'value': 1000 is bigger"),
+])
+def test_main_errors_exit_1_without_traceback(cli, capsys, args, pattern):
+    import re
+    _, path = cli
+    rc = runner.main([str(path), "-q"] + args)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("error: ") and re.search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_main_verbose_prints_traceback(cli, capsys):
+    _, path = cli
+    assert runner.main([str(path), "-q", "-v", "--set", "1.value=1000"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_main_missing_file(cli, tmp_path, capsys):
+    assert runner.main([str(tmp_path / "missing.json")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_script_entry_bootstraps_the_package(tmp_path):
+    """`python nodes/runner.py ...` works from any directory without installing the pack."""
+    script = os.path.join(ROOT, "nodes", "runner.py")
+    env = dict(os.environ, PYTHONPATH="")
+    r = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--models-dir" in r.stdout and "--set" in r.stdout
+    r = subprocess.run([sys.executable, script, str(tmp_path / "missing.json")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "error:" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,315 @@
+"""models/video_io.py and the KinemaSaveVideo node: files read back with Pillow / imageio."""
+import json
+import os
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kinema.models import video_io
+from kinema.models.errors import KinemaError
+from kinema.nodes import host
+from kinema.nodes import video_output
+
+METADATA = {
+    "prompt": {"3": {"class_type": "KSampler", "inputs": {"text": "a=b; #c \\ d\nnew line, caf\u00e9 \u2603"}}},
+    "workflow": {"nodes": [{"id": 3, "type": "KSampler"}], "links": [], "version": 0.4, "big": "x" * 150_000},
+}
+
+
+def _frames(f=5, h=24, w=32, seed=0):
+    """Distinct, smooth-ish frames (so lossy codecs stay close) as IMAGE float [f, h, w, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(f, h // 16 + 2, w // 16 + 2, 3, generator=g)
+    up = torch.nn.functional.interpolate(base.permute(0, 3, 1, 2), size=(h, w), mode="bilinear",
+                                         align_corners=False)
+    return up.permute(0, 2, 3, 1).contiguous()
+
+
+def _pil_frames(path):
+    out = []
+    with Image.open(path) as im:
+        for i in range(im.n_frames):
+            im.seek(i)
+            out.append((np.asarray(im.convert("RGB")), im.info.get("duration")))
+        info = dict(im.info)
+    return out, info
+
+
+def _leftovers(folder):
+    return [n for n in os.listdir(folder) if n.endswith(".part") or n.startswith(".")]
+
+
+# --- to_uint8 ---------------------------------------------------------------------------------
+def test_to_uint8_clamps_and_rounds():
+    x = torch.tensor([[[[-0.5, 0.0, 1.0], [2.0, 0.5 / 255, 0.49 / 255], [127.6 / 255, float("nan"), 0.999]]]])
+    got = video_io.to_uint8(x)
+    assert got.dtype == np.uint8 and got.shape == (1, 1, 3, 3)
+    assert got.tolist() == [[[[0, 0, 255], [255, 0, 0], [128, 0, 255]]]]
+    # ties to even for exactly .5 is fine; 1.5/255 -> 2
+    assert video_io.to_uint8(np.full((1, 1, 1, 3), 1.5 / 255, np.float64)).tolist() == [[[[2, 2, 2]]]]
+
+
+def test_to_uint8_long_video_in_chunks_matches():
+    x = torch.rand(37, 5, 6, 3, generator=torch.Generator().manual_seed(1)) * 1.2 - 0.1
+    want = np.round(np.clip(x.numpy(), 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(video_io.to_uint8(x), want)
+    assert np.array_equal(video_io.to_uint8(x.double()), want)
+
+
+def test_to_uint8_accepts_numpy_uint8_and_single_image():
+    u = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    assert video_io.to_uint8(u).shape == (1, 2, 2, 3)
+    assert video_io.to_uint8(torch.from_numpy(u)).tolist() == [u.tolist()]
+    with pytest.raises(KinemaError):
+        video_io.to_uint8(torch.zeros(3))
+
+
+# --- the three formats ---------------------------------------------------------------------
+def test_gif_frames_size_timing_loop_and_metadata(tmp_path):
+    imgs = _frames(5, 24, 32)
+    p = video_io.write_video(str(tmp_path / "a.gif"), video_io.to_uint8(imgs), 8, "gif", loop=0, metadata=METADATA)
+    frames, info = _pil_frames(p)
+    assert len(frames) == 5 and frames[0][0].shape == (24, 32, 3)
+    assert all(d in (120, 130) for _, d in frames)  # 125 ms in GIF's 1/100 s units
+    assert info.get("loop") == 0
+    assert video_io.read_video_metadata(p) == METADATA
+    err = np.abs(np.stack([f for f, _ in frames]).astype(int) - video_io.to_uint8(imgs).astype(int)).mean()
+    assert err < 12  # 256-colour palette
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("loop, stored", [(1, None), (3, 2)])
+def test_gif_loop_count_is_number_of_plays(tmp_path, loop, stored):
+    p = video_io.write_video(str(tmp_path / "l.gif"), _frames(2), 8, "gif", loop=loop)
+    _, info = _pil_frames(p)
+    assert info.get("loop") == stored
+    assert video_io.read_video_metadata(p) is None
+
+
+def test_webp_animated_lossless_exact_with_exif_metadata(tmp_path):
+    imgs = _frames(4, 20, 36)
+    p = video_io.write_video(str(tmp_path / "a.webp"), imgs, 10, "webp", loop=2, metadata=METADATA, lossless=True)
+    frames, info = _pil_frames(p)
+    assert len(frames) == 4 and frames[0][0].shape == (20, 36, 3)
+    assert np.array_equal(np.stack([f for f, _ in frames]), video_io.to_uint8(imgs))
+    assert info.get("loop") == 2
+    assert [d for _, d in frames] == [100] * 4
+    with Image.open(p) as im:  # ComfyUI's layout: 0x0110 prompt, 0x010F workflow
+        exif = im.getexif()
+        assert exif[0x0110].startswith("prompt:") and json.loads(exif[0x0110][7:]) == METADATA["prompt"]
+        assert exif[0x010F].startswith("workflow:") and json.loads(exif[0x010F][9:]) == METADATA["workflow"]
+    assert video_io.read_video_metadata(p) == METADATA
+
+
+def test_webp_lossy_is_close(tmp_path):
+    imgs = _frames(3, 32, 32)
+    p = video_io.write_video(str(tmp_path / "b.webp"), imgs, 8, "webp", quality=90)
+    frames, _ = _pil_frames(p)
+    err = np.abs(np.stack([f for f, _ in frames]).astype(int) - video_io.to_uint8(imgs).astype(int)).mean()
+    assert len(frames) == 3 and err < 5
+
+
+def test_mp4_frames_size_fps_and_metadata(tmp_path):
+    imgs = _frames(6, 32, 48)
+    p = video_io.write_video(str(tmp_path / "a.mp4"), imgs, 12, "mp4", metadata=METADATA)
+    arr = iio.imread(p, index=None, plugin="FFMPEG")
+    assert arr.shape == (6, 32, 48, 3)
+    assert abs(iio.immeta(p, plugin="FFMPEG")["fps"] - 12) < 1e-6
+    assert np.abs(arr.astype(int) - video_io.to_uint8(imgs).astype(int)).mean() < 8  # tiny frames, 4:2:0
+    assert video_io.read_video_metadata(p) == METADATA
+    assert _leftovers(tmp_path) == []
+
+
+def test_mp4_colours_survive(tmp_path):
+    # flat patches: a wrong colour matrix or range shows as a shift of 5-20 levels
+    colours = torch.tensor([[0.8, 0.2, 0.4], [0.1, 0.9, 0.3], [0.95, 0.95, 0.1], [0.2, 0.3, 0.9]])
+    imgs = colours[:, None, None, :].repeat_interleave(32, 1).repeat_interleave(32, 2)
+    imgs = torch.cat([imgs[:2], imgs[2:]], dim=2).repeat(3, 1, 1, 1)  # 6 frames of 32x64, two patches each
+    p = video_io.write_video(str(tmp_path / "c.mp4"), imgs, 8, "mp4")
+    arr = iio.imread(p, index=None, plugin="FFMPEG").astype(int)
+    want = video_io.to_uint8(imgs).astype(int)
+    centre = (slice(None), slice(8, 24), slice(8, 56))
+    assert np.abs(arr[centre] - want[centre]).mean() < 3
+
+
+def test_mp4_odd_size_is_padded_by_edge_pixels(tmp_path):
+    imgs = torch.zeros(3, 15, 21, 3)
+    imgs[..., 0] = 1.0  # red everywhere, so the padded row/column must be red too
+    p = video_io.write_video(str(tmp_path / "odd.mp4"), imgs, 8, "mp4")
+    arr = iio.imread(p, index=None, plugin="FFMPEG")
+    assert arr.shape == (3, 16, 22, 3)
+    assert arr[:, -1, :, 0].min() > 200 and arr[:, :, -1, 1].max() < 60
+    assert video_io.read_video_metadata(p) is None
+
+
+def test_mp4_through_pyav_when_imageio_ffmpeg_is_missing(tmp_path, monkeypatch):
+    av = pytest.importorskip("av")  # ComfyUI ships PyAV; this environment may not
+
+    def missing():
+        raise KinemaError("mp4 needs ffmpeg: install the Python package 'imageio-ffmpeg'")
+
+    monkeypatch.setattr(video_io, "_ffmpeg_exe", missing)
+    imgs = _frames(5, 31, 45)
+    p = video_io.write_video(str(tmp_path / "av.mp4"), imgs, 12, "mp4", metadata=METADATA)
+    with av.open(p) as c:
+        stream = c.streams.video[0]
+        arr = np.stack([fr.to_ndarray(format="rgb24") for fr in c.decode(stream)])
+        assert stream.codec_context.name == "h264" and abs(float(stream.average_rate) - 12) < 1e-6
+    assert arr.shape == (5, 32, 46, 3)
+    assert np.abs(arr[:, :31, :45].astype(int) - video_io.to_uint8(imgs).astype(int)).mean() < 8
+    assert video_io.read_video_metadata(p) == METADATA
+    assert _leftovers(tmp_path) == []
+
+
+def test_write_replaces_existing_target_atomically(tmp_path):
+    target = tmp_path / "v.gif"
+    target.write_bytes(b"old")
+    video_io.write_video(str(target), _frames(2), 8, "gif")
+    with Image.open(target) as im:
+        assert im.n_frames == 2
+
+
+# --- errors ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    ({"images_uint8": np.zeros((0, 8, 8, 3), np.uint8)}, "No frames"),
+    ({"fmt": "avi"}, "Unknown video format"),
+    ({"fps": 0}, "fps"),
+    ({"fps": float("nan")}, "fps"),
+    ({"loop": -1}, "loop"),
+    ({"metadata": {"x": object()}}, "JSON"),
+    ({"images_uint8": np.zeros((2, 8, 8, 2), np.uint8)}, "channels"),
+])
+def test_bad_arguments_raise_kinema_error(tmp_path, kwargs, match):
+    args = {"path": str(tmp_path / "x.gif"), "images_uint8": np.zeros((2, 8, 8, 3), np.uint8), "fps": 8,
+            "fmt": "gif"}
+    args.update(kwargs)
+    with pytest.raises(KinemaError, match=match):
+        video_io.write_video(**args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_output_folder(tmp_path):
+    with pytest.raises(KinemaError, match="does not exist"):
+        video_io.write_video(str(tmp_path / "nope" / "x.gif"), _frames(1), 8, "gif")
+
+
+def test_missing_ffmpeg_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails
+    monkeypatch.setitem(sys.modules, "av", None)  # and no PyAV to fall back on
+    with pytest.raises(KinemaError, match="imageio-ffmpeg"):
+        video_io.write_video(str(tmp_path / "x.mp4"), _frames(2), 8, "mp4")
+    assert os.listdir(tmp_path) == []
+
+
+def test_ffmpeg_without_binary_names_the_package(tmp_path, monkeypatch):
+    import imageio_ffmpeg
+
+    def no_binary():
+        raise RuntimeError("No ffmpeg exe could be found")
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", no_binary)
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(KinemaError, match="imageio-ffmpeg"):
+        video_io.write_video(str(tmp_path / "x.mp4"), _frames(2), 8, "mp4")
+    assert os.listdir(tmp_path) == []
+
+
+def test_failing_encoder_leaves_no_temp_file_and_keeps_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "v.gif"
+    target.write_bytes(b"old")
+
+    def broken(tmp, *args, **kwargs):
+        with open(tmp, "wb") as f:
+            f.write(b"GIF89a half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(video_io, "_write_gif", broken)
+    with pytest.raises(OSError, match="disk full"):
+        video_io.write_video(str(target), _frames(2), 8, "gif")
+    assert sorted(os.listdir(tmp_path)) == ["v.gif"] and target.read_bytes() == b"old"
+
+
+def test_failing_ffmpeg_process_leaves_nothing(tmp_path, monkeypatch):
+    false = "/bin/false" if os.path.exists("/bin/false") else "/usr/bin/false"
+    if not os.path.exists(false):
+        pytest.skip("no 'false' binary")
+    monkeypatch.setattr(video_io, "_ffmpeg_exe", lambda: false)
+    with pytest.raises(KinemaError, match="ffmpeg failed"):
+        video_io.write_video(str(tmp_path / "x.mp4"), _frames(2), 8, "mp4", metadata={"a": 1})
+    assert os.listdir(tmp_path) == []
+
+
+def test_ffmetadata_parser_handles_escapes():
+    text = ";FFMETADATA1\nk\\=ey=va\\;l\\#u\\\\e\\\nnext\n[STREAM]\nignored=1\n"
+    assert video_io._parse_ffmetadata(text) == {"k=ey": "va;l#u\\e\nnext"}
+
+
+# --- the node -------------------------------------------------------------------------------
+@pytest.fixture
+def output_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("KINEMA_DISABLE_METADATA", raising=False)
+    host.set_output_dir(str(tmp_path / "output"))
+    yield tmp_path / "output"
+    host.set_output_dir(None)
+
+
+def test_node_declaration():
+    cls = video_output.KinemaSaveVideo
+    assert video_output.NODE_CLASS_MAPPINGS == {"KinemaSaveVideo": cls}
+    assert video_output.NODE_DISPLAY_NAME_MAPPINGS["KinemaSaveVideo"] == "Save Video (Kinema)"
+    assert cls.CATEGORY == "Kinema/video" and cls.OUTPUT_NODE is True and cls.RETURN_TYPES == ()
+    assert cls.DESCRIPTION and callable(getattr(cls, cls.FUNCTION))
+    spec = cls.INPUT_TYPES()
+    assert list(spec["required"]) == ["images", "fps", "format", "loop_count", "filename_prefix"]
+    for name, (kind, opts) in spec["required"].items():
+        assert opts.get("tooltip"), name
+    assert spec["required"]["format"][0] == ["gif", "webp", "mp4"]
+    assert spec["required"]["format"][1]["default"] == "webp"
+    assert spec["required"]["fps"][1]["default"] == 8.0
+    assert spec["required"]["filename_prefix"][1]["default"] == "Kinema/video"
+    assert spec["hidden"] == {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif", "mp4"])
+def test_node_saves_and_returns_ui(output_dir, fmt):
+    node = video_output.KinemaSaveVideo()
+    imgs = _frames(4, 16, 24)
+    prompt = {"1": {"class_type": "KinemaSaveVideo", "inputs": {}}}
+    extra = {"workflow": {"nodes": [], "links": []}}
+    out = node.save(imgs, 8.0, fmt, 0, "Kinema/video", prompt=prompt, extra_pnginfo=extra)
+    assert out == {"ui": {"images": [{"filename": f"video_00001_.{fmt}", "subfolder": "Kinema", "type": "output"}],
+                          "animated": (True,)}}
+    path = output_dir / "Kinema" / f"video_00001_.{fmt}"
+    assert path.is_file()
+    assert video_io.read_video_metadata(str(path)) == {"prompt": prompt, "workflow": extra["workflow"]}
+    again = node.save(imgs, 8.0, fmt, 0, "Kinema/video")
+    assert again["ui"]["images"][0]["filename"] == f"video_00002_.{fmt}"
+    assert _leftovers(output_dir / "Kinema") == []
+
+
+def test_node_metadata_can_be_disabled(output_dir, monkeypatch):
+    monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
+    out = video_output.KinemaSaveVideo().save(_frames(2), 8.0, "webp", 0, "v", prompt={"a": 1})
+    assert video_io.read_video_metadata(str(output_dir / out["ui"]["images"][0]["filename"])) is None
+
+
+def test_node_does_not_change_its_input(output_dir):
+    imgs = _frames(2)
+    before = imgs.clone()
+    video_output.KinemaSaveVideo().save(imgs, 8.0, "gif", 0, "v")
+    assert torch.equal(imgs, before)
+
+
+def test_node_refuses_bad_input(output_dir):
+    node = video_output.KinemaSaveVideo()
+    with pytest.raises(KinemaError):
+        node.save(torch.zeros(0, 8, 8, 3), 8.0, "gif", 0, "v")
+    with pytest.raises(KinemaError):
+        node.save(torch.zeros(8, 8, 3), 8.0, "gif", 0, "v")
+    with pytest.raises(KinemaError):
+        node.save(_frames(2), 8.0, "gif", 0, "../outside")
+    assert not output_dir.exists() or list(output_dir.rglob("*.*")) == []

@@ -1,0 +1,354 @@
+"""UI <-> API workflow conversion on tiny fake node classes."""
+import copy
+import json
+
+import pytest
+
+from kinema.models.errors import KinemaError
+from kinema.nodes.workflow_format import (api_from_ui, complete_api, input_specs, is_ui_format,
+                                          load_workflow, strip_meta, ui_from_api, widget_specs)
+
+
+class Loader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": (["a.safetensors", "b.safetensors"],)}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+
+
+class Encode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP",), "text": ("STRING", {"multiline": True, "default": ""})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "encode"
+
+
+class Sampler:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**64 - 1}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 100}),
+                "cfg": ("FLOAT", {"default": 7.5}),
+                "sampler_name": (["euler", "ddim"],),
+                "positive": ("CONDITIONING",),
+                "negative": ("CONDITIONING",),
+            },
+            "optional": {
+                "denoise": ("FLOAT", {"default": 1.0}),
+                "context": ("CONTEXT",),
+                "noise_seed": ("INT", {"default": 5, "control_after_generate": False}),
+                "motion": (["linear", "sqrt"], {"control_after_generate": True}),
+                "frame": ("INT", {"default": 0, "control_after_generate": "fixed"}),
+                "count": ("INT", {"default": 1, "forceInput": True}),
+                "weights": ("STRING", {"default": "[]"}),
+            },
+            "hidden": {"prompt": "PROMPT", "unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "sample"
+
+
+class Count:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 3})}}
+
+    RETURN_TYPES = ("INT", "CONTEXT")
+    RETURN_NAMES = ("count", "ctx")
+    FUNCTION = "go"
+
+
+class Save:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latent": ("LATENT",), "filename_prefix": ("STRING", {"default": "kinema"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+
+class LoadPicture:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": (["x.png", "y.png"], {"image_upload": True}),
+                             "frames": ("INT", {"default": 4})},
+                "optional": {"strength": ("FLOAT", {"default": 0.5})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "load"
+
+
+class Passthrough:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latent": ("LATENT",), "amount": ("FLOAT", {"default": 0.0})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "go"
+
+
+CLASSES = {c.__name__: c for c in (Loader, Encode, Sampler, Count, Save, LoadPicture, Passthrough)}
+NAMES = {"Sampler": "Video Sampler (Kinema)"}
+
+
+def full_api():
+    """An API prompt as the frontend writes it (every widget value present)."""
+    return {
+        "1": {"class_type": "Loader", "inputs": {"ckpt_name": "b.safetensors"}, "_meta": {"title": "Loader"}},
+        "2": {"class_type": "Encode", "inputs": {"clip": ["1", 1], "text": "a cat, walking"},
+              "_meta": {"title": "Encode"}},
+        "3": {"class_type": "Encode", "inputs": {"clip": ["1", 1], "text": ""}, "_meta": {"title": "Encode"}},
+        "4": {"class_type": "Sampler", "inputs": {
+            "model": ["1", 0], "seed": 123456789012, "steps": ["7", 0], "cfg": 6.5, "sampler_name": "ddim",
+            "positive": ["2", 0], "negative": ["3", 0], "denoise": 0.75, "context": ["7", 1],
+            "noise_seed": 9, "motion": "sqrt", "frame": 2, "count": ["7", 0],
+            "weights": {"__value__": [1, 2]}}, "_meta": {"title": "my sampler"}},
+        "5": {"class_type": "Save", "inputs": {"latent": ["4", 0], "filename_prefix": "clip"},
+              "_meta": {"title": "Save"}},
+        "7": {"class_type": "Count", "inputs": {"value": 12}, "_meta": {"title": "Count"}},
+    }
+
+
+def test_widget_order_and_controls():
+    specs = input_specs(Sampler)
+    order = [(s.name if s else "upload", extra) for s, extra in widget_specs(specs)]
+    assert order == [("seed", 1), ("steps", 0), ("cfg", 0), ("sampler_name", 0), ("denoise", 0),
+                     ("noise_seed", 0), ("motion", 2), ("frame", 1), ("weights", 0)]
+    pic = [(s.name if s else "upload", extra) for s, extra in widget_specs(input_specs(LoadPicture))]
+    assert pic == [("image", 0), ("frames", 0), ("upload", 0), ("strength", 0)]
+
+
+def test_ui_from_api_node_contents():
+    ui = ui_from_api(full_api(), CLASSES, display_names=NAMES)
+    json.dumps(ui)  # serializable
+    assert ui["version"] == 0.4 and is_ui_format(ui)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert sorted(nodes) == [1, 2, 3, 4, 5, 7]
+    s = nodes[4]
+    assert s["type"] == "Sampler" and s["title"] == "my sampler"
+    assert s["properties"] == {"Node name for S&R": "Sampler"}
+    assert s["mode"] == 0 and s["flags"] == {}
+    # seed + control, steps (linked: default kept), cfg, sampler, denoise, noise_seed (no control),
+    # motion + control + filter, frame + its own control mode, weights
+    assert s["widgets_values"] == [123456789012, "randomize", 20, 6.5, "ddim", 0.75, 9, "sqrt",
+                                   "randomize", "", 2, "fixed", [1, 2]]
+    # sockets first (spec order), then widget inputs driven by a link
+    assert [(i["name"], i["type"], "widget" in i) for i in s["inputs"]] == [
+        ("model", "MODEL", False), ("positive", "CONDITIONING", False), ("negative", "CONDITIONING", False),
+        ("context", "CONTEXT", False), ("count", "INT", False), ("steps", "INT", True)]
+    assert s["inputs"][3]["shape"] == 7 and "shape" not in s["inputs"][0]
+    assert all(isinstance(i["link"], int) for i in s["inputs"])
+    assert [o["name"] for o in nodes[7]["outputs"]] == ["count", "ctx"]
+    assert nodes[1]["outputs"][1]["links"] and len(nodes[1]["outputs"][1]["links"]) == 2
+    assert "title" not in nodes[1]  # same as the class name: no title
+    assert nodes[5]["outputs"] == [] and nodes[5]["widgets_values"] == ["clip"]
+
+
+def test_links_are_consistent():
+    ui = ui_from_api(full_api(), CLASSES)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert ui["last_link_id"] == len(ui["links"]) == 9
+    assert ui["last_node_id"] == 7
+    ids = set()
+    for link_id, src, src_slot, dst, dst_slot, type_ in ui["links"]:
+        ids.add(link_id)
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        assert link_id in nodes[src]["outputs"][src_slot]["links"]
+        assert nodes[src]["outputs"][src_slot]["type"] == type_
+    assert len(ids) == len(ui["links"])
+
+
+def test_layout_left_to_right():
+    ui = ui_from_api(full_api(), CLASSES, title="Kinema demo")
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    x = {i: n["pos"][0] for i, n in nodes.items()}
+    # by depth; a node without inputs sits just left of its first consumer
+    assert x[1] < x[2] == x[3] == x[7] < x[4] < x[5]
+    # nodes in a column do not overlap (title bar included)
+    for a in nodes.values():
+        for b in nodes.values():
+            if a is not b and a["pos"][0] == b["pos"][0] and a["pos"][1] < b["pos"][1]:
+                assert a["pos"][1] + a["size"][1] + 30 <= b["pos"][1]
+    assert sorted(n["order"] for n in nodes.values()) == list(range(6))
+    assert nodes[5]["order"] == 5 and nodes[4]["order"] == 4
+    assert ui["groups"][0]["title"] == "Kinema demo"
+    gx, gy, gw, gh = ui["groups"][0]["bounding"]
+    assert all(gx <= n["pos"][0] and n["pos"][0] + n["size"][0] <= gx + gw for n in nodes.values())
+    assert nodes[2]["size"][0] > nodes[1]["size"][0]  # multiline text gets a wider node
+
+
+def test_round_trip():
+    api = full_api()
+    back = api_from_ui(ui_from_api(api, CLASSES), CLASSES)
+    assert strip_meta(back) == strip_meta(api)
+    assert back["4"]["_meta"]["title"] == "my sampler"
+    assert back["1"]["_meta"]["title"] == "Loader"
+
+
+def test_round_trip_seed_control_choice():
+    ui = ui_from_api(full_api(), CLASSES, seed_control="fixed")
+    node = next(n for n in ui["nodes"] if n["id"] == 4)
+    assert node["widgets_values"][:2] == [123456789012, "fixed"]
+    assert strip_meta(api_from_ui(ui, CLASSES)) == strip_meta(full_api())
+
+
+def test_complete_api_fills_defaults():
+    api = full_api()
+    sparse = copy.deepcopy(api)
+    for name in ("denoise", "noise_seed", "motion", "frame", "weights"):
+        del sparse["4"]["inputs"][name]
+    done = complete_api(sparse, CLASSES)
+    assert done["4"]["inputs"]["denoise"] == 1.0 and done["4"]["inputs"]["noise_seed"] == 5
+    assert done["4"]["inputs"]["motion"] == "linear" and done["4"]["inputs"]["weights"] == "[]"
+    assert strip_meta(api_from_ui(ui_from_api(sparse, CLASSES), CLASSES)) == strip_meta(done)
+    assert "denoise" not in sparse["4"]["inputs"]  # input left untouched
+
+
+# ----------------------------------------------------------------- frontend-written UI files
+def frontend_ui():
+    """A graph as the ComfyUI editor saves it, with a muted, a bypassed, a reroute, a primitive and a note."""
+    return {
+        "last_node_id": 14, "last_link_id": 20,
+        "nodes": [
+            {"id": 1, "type": "Loader", "pos": [0, 0], "size": [315, 98], "flags": {}, "order": 0, "mode": 0,
+             "outputs": [{"name": "MODEL", "type": "MODEL", "links": [1], "slot_index": 0},
+                         {"name": "CLIP", "type": "CLIP", "links": [2, 3], "slot_index": 1},
+                         {"name": "VAE", "type": "VAE", "links": None, "slot_index": 2}],
+             "properties": {"Node name for S&R": "Loader"}, "widgets_values": ["a.safetensors"]},
+            {"id": 2, "type": "Encode", "pos": [400, 0], "size": [400, 200], "flags": {}, "order": 1, "mode": 0,
+             "inputs": [{"name": "clip", "type": "CLIP", "link": 2}],
+             "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [4]}],
+             "properties": {}, "widgets_values": ["a dog"]},
+            {"id": 3, "type": "Encode", "pos": [400, 300], "size": [400, 200], "flags": {}, "order": 2, "mode": 0,
+             "inputs": [{"name": "clip", "type": "CLIP", "link": 3}],
+             "outputs": [{"name": "CONDITIONING", "type": "CONDITIONING", "links": [5]}],
+             "properties": {}, "widgets_values": ["blurry"]},
+            {"id": 10, "type": "Reroute", "pos": [800, 0], "size": [75, 26], "flags": {}, "order": 3, "mode": 0,
+             "inputs": [{"name": "", "type": "*", "link": 4}],
+             "outputs": [{"name": "", "type": "CONDITIONING", "links": [6]}],
+             "properties": {"showOutputText": False, "horizontal": False}},
+            {"id": 11, "type": "PrimitiveNode", "pos": [0, 400], "size": [210, 82], "flags": {}, "order": 4,
+             "mode": 0, "outputs": [{"name": "INT", "type": "INT", "links": [7], "widget": {"name": "steps"}}],
+             "properties": {"Run widget replace on values": False}, "widgets_values": [33, "fixed"]},
+            {"id": 4, "type": "Sampler", "pos": [900, 0], "size": [315, 400], "flags": {}, "order": 6, "mode": 0,
+             "inputs": [{"name": "model", "type": "MODEL", "link": 1},
+                        {"name": "positive", "type": "CONDITIONING", "link": 6},
+                        {"name": "negative", "type": "CONDITIONING", "link": 5},
+                        {"name": "context", "type": "CONTEXT", "link": 12, "shape": 7},
+                        {"name": "count", "type": "INT", "link": None, "shape": 7},
+                        {"name": "steps", "type": "INT", "widget": {"name": "steps"}, "link": 7}],
+             "outputs": [{"name": "LATENT", "type": "LATENT", "links": [8], "slot_index": 0}],
+             "properties": {"Node name for S&R": "Sampler"},
+             # an odd control value as found in some templates: it is skipped by position
+             "widgets_values": [42, True, 33, 8, "euler", 1, 5, "linear", "increment", "", 0, "fixed", "[]"]},
+            {"id": 12, "type": "Count", "pos": [500, 600], "size": [315, 58], "flags": {}, "order": 5, "mode": 2,
+             "outputs": [{"name": "count", "type": "INT", "links": []},
+                         {"name": "ctx", "type": "CONTEXT", "links": [12]}],
+             "properties": {}, "widgets_values": [4]},
+            {"id": 13, "type": "Passthrough", "pos": [1300, 0], "size": [315, 58], "flags": {}, "order": 7,
+             "mode": 4, "inputs": [{"name": "latent", "type": "LATENT", "link": 8}],
+             "outputs": [{"name": "LATENT", "type": "LATENT", "links": [9]}],
+             "properties": {}, "widgets_values": [0.3]},
+            {"id": 5, "type": "Save", "pos": [1700, 0], "size": [315, 58], "flags": {}, "order": 8, "mode": 0,
+             "inputs": [{"name": "latent", "type": "LATENT", "link": 9}],
+             "properties": {}, "widgets_values": ["vid"]},
+            {"id": 14, "type": "Note", "pos": [0, 700], "size": [300, 100], "flags": {}, "order": 9, "mode": 0,
+             "properties": {}, "widgets_values": ["remember to pick a checkpoint"]},
+        ],
+        "links": [[1, 1, 0, 4, 0, "MODEL"], [2, 1, 1, 2, 0, "CLIP"], [3, 1, 1, 3, 0, "CLIP"],
+                  [4, 2, 0, 10, 0, "*"], [5, 3, 0, 4, 2, "CONDITIONING"], [6, 10, 0, 4, 1, "CONDITIONING"],
+                  [7, 11, 0, 4, 5, "INT"], [8, 4, 0, 13, 0, "LATENT"], [9, 13, 0, 5, 0, "LATENT"],
+                  [12, 12, 1, 4, 3, "CONTEXT"]],
+        "groups": [], "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4,
+    }
+
+
+def test_api_from_frontend_ui():
+    api = api_from_ui(frontend_ui(), CLASSES, display_names=NAMES)
+    assert set(api) == {"1", "2", "3", "4", "5"}  # reroute, primitive, note, muted and bypassed dropped
+    sampler = api["4"]
+    assert sampler["class_type"] == "Sampler"
+    assert sampler["_meta"] == {"title": "Video Sampler (Kinema)"}
+    assert sampler["inputs"] == {
+        "model": ["1", 0],
+        "positive": ["2", 0],   # through the reroute
+        "negative": ["3", 0],
+        # "context" linked to the muted node: removed
+        "seed": 42, "steps": 33,  # steps from the primitive
+        "cfg": 8, "sampler_name": "euler", "denoise": 1, "noise_seed": 5, "motion": "linear", "frame": 0,
+        "weights": "[]",
+    }
+    assert api["5"]["inputs"] == {"latent": ["4", 0], "filename_prefix": "vid"}  # bypass wired through
+    assert api["2"]["inputs"] == {"clip": ["1", 1], "text": "a dog"}
+
+
+def test_api_from_ui_short_widgets_values_use_defaults():
+    ui = ui_from_api(full_api(), CLASSES)
+    node = next(n for n in ui["nodes"] if n["id"] == 4)
+    node["widgets_values"] = node["widgets_values"][:5]  # an older save, before optional inputs existed
+    api = api_from_ui(ui, CLASSES)
+    assert api["4"]["inputs"]["denoise"] == 1.0 and api["4"]["inputs"]["frame"] == 0
+    assert api["4"]["inputs"]["sampler_name"] == "ddim"
+
+
+def test_upload_widget_value_is_skipped():
+    api = {"1": {"class_type": "LoadPicture", "inputs": {"image": "y.png", "frames": 6, "strength": 0.25}},
+           "2": {"class_type": "Save", "inputs": {"latent": ["1", 0], "filename_prefix": "k"}}}
+    ui = ui_from_api(api, CLASSES)
+    node = next(n for n in ui["nodes"] if n["id"] == 1)
+    assert node["widgets_values"] == ["y.png", 6, "image", 0.25]
+    assert strip_meta(api_from_ui(ui, CLASSES)) == api
+
+
+def test_dict_links_and_dict_widget_values():
+    ui = frontend_ui()
+    ui["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3],
+                    "target_slot": l[4], "type": l[5]} for l in ui["links"]]
+    node = next(n for n in ui["nodes"] if n["id"] == 2)
+    node["widgets_values"] = {"text": "a bird"}
+    api = api_from_ui(ui, CLASSES)
+    assert api["2"]["inputs"]["text"] == "a bird"
+    assert api["4"]["inputs"]["positive"] == ["2", 0]
+
+
+def test_errors():
+    ui = frontend_ui()
+    ui["nodes"][0]["type"] = "Mystery"
+    with pytest.raises(KinemaError, match="node 1: unknown node type 'Mystery'"):
+        api_from_ui(ui, CLASSES)
+    with pytest.raises(KinemaError, match="subgraphs"):
+        api_from_ui(dict(frontend_ui(), definitions={"subgraphs": [{"id": "x"}]}), CLASSES)
+    with pytest.raises(KinemaError, match="not a UI-format"):
+        api_from_ui({"1": {"class_type": "Save"}}, CLASSES)
+    bad = full_api()
+    bad["4"]["inputs"]["model"] = "a value"
+    with pytest.raises(KinemaError, match="MODEL socket and needs a link"):
+        ui_from_api(bad, CLASSES)
+    cyclic = full_api()
+    cyclic["7"]["inputs"]["value"] = ["5", 0]
+    cyclic["5"]["inputs"]["filename_prefix"] = ["7", 0]
+    with pytest.raises(KinemaError, match="cycle"):
+        ui_from_api(cyclic, CLASSES)
+    with pytest.raises(KinemaError, match="unknown class_type"):
+        ui_from_api({"1": {"class_type": "Nope", "inputs": {}}}, CLASSES)
+
+
+def test_load_workflow(tmp_path):
+    api = full_api()
+    p = tmp_path / "a.json"
+    p.write_text(json.dumps(api))
+    assert load_workflow(str(p)) == (api, None)
+    ui = ui_from_api(api, CLASSES)
+    p.write_text(json.dumps(ui))
+    assert load_workflow(str(p)) == (None, ui)
+    p.write_text(json.dumps({"prompt": api, "extra_data": {"extra_pnginfo": {"workflow": ui}}}))
+    assert load_workflow(str(p)) == (api, ui)
