@@ -24,6 +24,7 @@ from .vae import AutoencoderKL, VAEConfig
 
 DEMO_CHECKPOINT = "kinema_demo_sd15.safetensors"
 DEMO_MOTION = {v: f"kinema_demo_mm_{v}.safetensors" for v in ("v1", "v2", "v3")}
+DEMO_VERSION = "2"  # bump when the demo tensors change: cached files of another version are rewritten
 UNTRAINED_NOTE = (
     "Kinema demo models: tiny, with random (untrained) weights, made by the pack itself. "
     "Put a real SD1.5 checkpoint and motion module in your models folder for real videos."
@@ -50,7 +51,9 @@ def _clip_shapes(hidden: int, layers: int) -> dict[str, tuple]:
     )
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    # transformers 4 names keys "text_model.*", transformers 5 drops that level: normalise to the bare names
+    return {k.removeprefix("text_model."): tuple(v.shape) for k, v in model.state_dict().items()
+            if not k.endswith("position_ids")}
 
 
 def _fill(key: str, shape: tuple, seed: int) -> torch.Tensor:
@@ -95,8 +98,8 @@ def sd15_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: De
     sd.update(_tensors(_shapes(lambda: UNetModel(demo_unet_config(sizes))), "model.diffusion_model.", seed, dtype))
     vcfg = VAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult)
     sd.update(_tensors(_shapes(lambda: AutoencoderKL(vcfg)), "first_stage_model.", seed, dtype))
-    sd.update(_tensors(_clip_shapes(sizes.clip_hidden, sizes.clip_layers), "cond_stage_model.transformer.", seed,
-                       dtype))
+    sd.update(_tensors(_clip_shapes(sizes.clip_hidden, sizes.clip_layers), "cond_stage_model.transformer.text_model.",
+                       seed, dtype))
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     sd["betas"] = betas.float()
@@ -141,16 +144,29 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
     Returns {"checkpoint": path, "v1": path, "v2": path, "v3": path}. Existing files are kept
     unless ``overwrite``.
     """
-    meta = {"kinema_demo": "true", "note": UNTRAINED_NOTE}
+    meta = {"kinema_demo": DEMO_VERSION, "seed": str(seed), "dtype": str(dtype), "note": UNTRAINED_NOTE}
     paths = {"checkpoint": os.path.join(models_dir, "checkpoints", DEMO_CHECKPOINT)}
     for v, name in DEMO_MOTION.items():
         paths[v] = os.path.join(models_dir, "animatediff_models", name)
-    if overwrite or not os.path.exists(paths["checkpoint"]):
+    if overwrite or not _is_current(paths["checkpoint"], meta):
         _save(sd15_state_dict(seed, dtype), paths["checkpoint"], meta)
     for v in DEMO_MOTION:
-        if overwrite or not os.path.exists(paths[v]):
+        if overwrite or not _is_current(paths[v], meta):
             _save(motion_state_dict(v, seed, dtype), paths[v], meta)
     return paths
+
+
+def _is_current(path: str, meta: dict) -> bool:
+    """True when ``path`` is a demo file written by this version with the same seed and dtype."""
+    if not os.path.exists(path):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}) == meta
+    except Exception:  # unreadable: rewrite it
+        return False
 
 
 def substitute(kind: str, name: str) -> str | None:

@@ -55,24 +55,17 @@ class VAEAttention(nn.Module):
         return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 
-class _Down(nn.Module):
-    def __init__(self, blocks: list[nn.Module], downsample: bool, ch: int):
+class _Level(nn.Module):
+    """One resolution level: ``block`` (ResBlocks), an empty ``attn``, and ``downsample``/``upsample``."""
+
+    def __init__(self, blocks: list[nn.Module], resample: str | None, conv: nn.Conv2d | None = None):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList()
-        if downsample:
-            self.downsample = nn.Module()
-            self.downsample.conv = nn.Conv2d(ch, ch, 3, stride=2)
-
-
-class _Up(nn.Module):
-    def __init__(self, blocks: list[nn.Module], upsample: bool, ch: int):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList()
-        if upsample:
-            self.upsample = nn.Module()
-            self.upsample.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        if resample:
+            holder = nn.Module()
+            holder.conv = conv
+            setattr(self, resample, holder)
 
 
 class _Mid(nn.Module):
@@ -106,7 +99,9 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_res_blocks):
                 blocks.append(VAEResBlock(ch, cfg.ch * mult))
                 ch = cfg.ch * mult
-            self.down.append(_Down(blocks, i != len(cfg.ch_mult) - 1, ch))
+            last = i == len(cfg.ch_mult) - 1
+            self.down.append(_Level(blocks, None, None) if last
+                             else _Level(blocks, "downsample", nn.Conv2d(ch, ch, 3, stride=2)))
         self.mid = _Mid(ch)
         self.norm_out = nn.GroupNorm(32, ch, eps=1e-6)
         self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
@@ -135,7 +130,7 @@ class Decoder(nn.Module):
             for _ in range(cfg.num_res_blocks + 1):
                 blocks.append(VAEResBlock(ch, cfg.ch * mult))
                 ch = cfg.ch * mult
-            ups.insert(0, _Up(blocks, i != 0, ch))
+            ups.insert(0, _Level(blocks, "upsample", nn.Conv2d(ch, ch, 3, padding=1)) if i else _Level(blocks, None))
         self.up = nn.ModuleList(ups)
         self.norm_out = nn.GroupNorm(32, ch, eps=1e-6)
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)

@@ -147,3 +147,42 @@ def test_build_on_meta_assigns_without_copy(motion_sd):
     key = "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"
     assert module.state_dict()[key].data_ptr() == motion_sd[key].data_ptr()
     assert not any(p.is_meta for p in module.parameters())
+
+
+def test_demo_checkpoint_uses_the_published_key_names():
+    """Names every real SD1.5 single file and motion module has (read off the published files)."""
+    sd = demo.sd15_state_dict()
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "model.diffusion_model.input_blocks.3.0.op.weight",
+        "model.diffusion_model.input_blocks.11.0.out_layers.3.weight",
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.output_blocks.2.1.conv.weight",
+        "model.diffusion_model.output_blocks.5.2.conv.weight",
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight",
+        "model.diffusion_model.time_embed.2.weight",
+        "model.diffusion_model.out.2.bias",
+        "first_stage_model.encoder.down.0.downsample.conv.weight",
+        "first_stage_model.decoder.up.3.upsample.conv.weight",
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight",
+        "first_stage_model.post_quant_conv.weight",
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+        "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+        "alphas_cumprod",
+    ):
+        assert key in sd, key
+    assert sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].shape[0] == 49408
+    mm = demo.motion_state_dict("v2")
+    for key in (
+        "down_blocks.0.motion_modules.0.temporal_transformer.norm.weight",
+        "down_blocks.3.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.1.pos_encoder.pe",
+        "up_blocks.0.motion_modules.2.temporal_transformer.transformer_blocks.0.ff.net.0.proj.weight",
+        "up_blocks.3.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_out.0.bias",
+        "mid_block.motion_modules.0.temporal_transformer.proj_out.weight",
+        "up_blocks.3.motion_modules.2.temporal_transformer.transformer_blocks.0.ff_norm.weight",
+    ):
+        assert key in mm, key
+    per_module = [k for k in mm if k.startswith("down_blocks.0.motion_modules.0.")]
+    assert len(per_module) == 28  # as in the published files

@@ -140,7 +140,8 @@ def test_v1_matches_diffusers_with_cross_frame_resnet_norms():
 def test_v1_single_frame_is_per_frame_and_its_length_limit_is_enforced():
     x, t, ctx = _video_inputs(1)
     v1 = motion_model("v1")
-    assert torch.equal(_kinema_eps(v1, x, t, ctx, 1), _kinema_eps(v1.with_options(cross_frame_norm=False), x, t, ctx, 1))
+    per_frame = v1.with_options(cross_frame_norm=False)
+    assert torch.equal(_kinema_eps(v1, x, t, ctx, 1), _kinema_eps(per_frame, x, t, ctx, 1))
     v1.check_frames(24)
     with pytest.raises(KinemaError, match="at most 24 frames"):
         v1.check_frames(25)
@@ -205,7 +206,8 @@ def test_sampled_video_matches_diffusers_animatediff_pipeline():
     # the same start: ComfyUI scales noise by sqrt(1 + sigma_max^2), diffusers' linspace Euler by init_noise_sigma
     sigma_max = float(scheduler.sigmas.max())
     noise = initial_noise(seed, (frames, 4, HW, HW))
-    latents = rearrange(noise, "f c h w -> 1 c f h w") * (math.sqrt(1 + sigma_max**2) / float(scheduler.init_noise_sigma))
+    start_scale = math.sqrt(1 + sigma_max**2) / float(scheduler.init_noise_sigma)
+    latents = rearrange(noise, "f c h w -> 1 c f h w") * start_scale
     with torch.no_grad():
         out = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_frames=frames, height=8 * HW,
                    width=8 * HW, num_inference_steps=steps, guidance_scale=cfg, latents=latents,

@@ -33,7 +33,7 @@ def test_ui_workflow_matches_its_api_twin(ui_path):
     classes = load_pack().NODE_CLASS_MAPPINGS
     ui = json.load(open(ui_path))
     api = json.load(open(os.path.join(ROOT, "workflows", "api", os.path.basename(ui_path))))
-    assert wf.api_from_ui(ui, classes) == wf.strip_meta(wf.complete_api(api, classes))
+    assert wf.strip_meta(wf.api_from_ui(ui, classes)) == wf.strip_meta(wf.complete_api(api, classes))
     assert all(n["type"].startswith("Kinema") for n in ui["nodes"])  # only Kinema nodes: runs headless too
 
 

@@ -1,0 +1,184 @@
+"""Text encoders: the SD1.5 CLIP text model (transformers ``CLIPTextModel``) and its tokenizer.
+
+The tokenizer is OpenAI CLIP's BPE, shipped with the pack as ``data/clip_tokenizer``
+(``vocab.json`` + ``merges.txt``; see the README there) and loaded once.
+
+``TextEncoder.encode(prompt)`` reads the prompt the way ComfyUI's CLIPTextEncode does
+for SD1.5: weights from ``models/prompt.py``, 77-token chunks concatenated along the
+tokens, weighted tokens pulled away from the empty prompt's encoding, pooled output
+from the first chunk.
+
+Where this differs from ComfyUI on purpose:
+
+- textual-inversion embeddings (``embedding:name``) are not loaded; the reference is
+  dropped with a warning, as ComfyUI does when the file is missing (``embedding:`` with
+  no name is ignored; ComfyUI raises an IndexError there);
+- ``clip_skip`` beyond the number of layers raises ``KinemaError`` (ComfyUI silently
+  uses the last layer);
+- text normalisation is transformers' fast ``CLIPTokenizer`` (NFC, whitespace, lower
+  case): ComfyUI's under transformers 5. ComfyUI under transformers 4 uses the slow
+  tokenizer, which with ftfy installed also fixes text (curly quotes, ligatures) and
+  without it spaces CJK ideographs apart, so such prompts can tokenize differently there.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+
+import torch
+from einops import rearrange
+
+from .errors import KinemaError
+from .prompt import has_weights, tokenize_weighted
+
+TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "clip_tokenizer")
+START_TOKEN = 49406  # <|startoftext|>
+END_TOKEN = 49407  # <|endoftext|>, also the padding of SD1.5 prompts
+VOCAB_SIZE = 49408
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """The CLIP BPE tokenizer (transformers ``CLIPTokenizer``) built from the shipped files, once."""
+    from transformers import CLIPTokenizer
+
+    with open(os.path.join(TOKENIZER_DIR, "vocab.json"), encoding="utf-8") as f:
+        vocab = json.load(f)
+    with open(os.path.join(TOKENIZER_DIR, "merges.txt"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    merges = [tuple(line.split(" ")) for line in lines if line]
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    if tokenizer.bos_token_id != START_TOKEN or tokenizer.eos_token_id != END_TOKEN:
+        raise KinemaError(f"the CLIP tokenizer files in '{TOKENIZER_DIR}' are damaged: reinstall the pack")
+    return tokenizer
+
+
+def tokenize(text: str) -> list[int]:
+    """CLIP token ids of ``text``, without start and end tokens."""
+    return clip_tokenizer()(text, add_special_tokens=False)["input_ids"]
+
+
+def infer_text_config(sd: dict):
+    """A ``CLIPTextConfig`` from the shapes of a CLIP text model state dict (transformers names, no prefix)."""
+    from transformers import CLIPTextConfig
+
+    needed = ("embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+              "encoder.layers.0.mlp.fc1.weight")
+    missing = [k for k in needed if k not in sd]
+    if missing:
+        raise KinemaError(f"the CLIP text encoder weights lack '{missing[0]}': not a CLIP text model")
+    vocab_size, hidden = sd["embeddings.token_embedding.weight"].shape
+    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=START_TOKEN,
+        eos_token_id=END_TOKEN,
+        pad_token_id=END_TOKEN,
+    )
+
+
+class TextEncoder:
+    """The SD1.5 CLIP text encoder: prompt -> (cond [1, 77*k, d], pooled [1, d])."""
+
+    def __init__(self, model):
+        """``model``: a transformers ``CLIPTextModel`` (any device and dtype)."""
+        self.model = model.eval().requires_grad_(False)
+        self.chunk_length = model.config.max_position_embeddings
+        self.num_layers = model.config.num_hidden_layers
+
+    @classmethod
+    def from_state_dict(cls, sd: dict, prefix: str = "cond_stage_model.transformer.",
+                        dtype: torch.dtype | None = None, device="cpu") -> "TextEncoder":
+        """Build from a state dict in the SD1.5 single-file layout (``{prefix}text_model.*``).
+
+        Keys without ``text_model.`` after the prefix (old checkpoints) are accepted too;
+        ``position_ids`` and other extra keys are ignored. The model is built on the meta
+        device and the tensors are assigned (cast to ``dtype``, moved to ``device``).
+        """
+        from transformers import CLIPTextModel
+
+        weights = {}
+        for key, tensor in sd.items():
+            if not key.startswith(prefix) or key.endswith("position_ids"):
+                continue
+            name = key[len(prefix):]
+            name = name[len("text_model."):] if name.startswith("text_model.") else name
+            weights[name] = tensor
+        if not weights:
+            raise KinemaError(f"no CLIP text encoder weights ('{prefix}text_model.*') in the state dict")
+        config = infer_text_config(weights)
+        if config.vocab_size < VOCAB_SIZE:
+            raise KinemaError(f"the CLIP text encoder has {config.vocab_size} tokens, the SD1.5 tokenizer needs "
+                              f"{VOCAB_SIZE}: not an SD1.5 text encoder")
+        with torch.device("meta"):
+            model = CLIPTextModel(config)
+        expected = [k for k in model.state_dict() if not k.endswith("position_ids")]
+        missing = [k for k in expected if k not in weights]
+        if missing:
+            raise KinemaError(
+                f"the CLIP text encoder is missing {len(missing)} weights (first: '{prefix}text_model.{missing[0]}'): "
+                "the checkpoint is incomplete or not SD1.5")
+        loaded = {}
+        for k in expected:
+            t = weights[k]
+            loaded[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+        try:
+            model.load_state_dict(loaded, strict=True, assign=True)
+        except RuntimeError as e:
+            raise KinemaError(f"the CLIP text encoder weights have inconsistent shapes: {e}") from e
+        positions = config.max_position_embeddings
+        model.embeddings.position_ids = torch.arange(positions, device=device).expand(1, -1)
+        return cls(model)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embeddings.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embeddings.token_embedding.weight.dtype
+
+    def tokenize(self, prompt: str) -> list[list[tuple[int, float]]]:
+        """The prompt as chunks of ``chunk_length`` (token id, weight) pairs."""
+        return tokenize_weighted(prompt, tokenize, START_TOKEN, END_TOKEN, END_TOKEN, self.chunk_length)
+
+    @torch.no_grad()
+    def encode(self, prompt: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompt -> (cond [1, 77*k, d], pooled [1, d]), float32 on the CPU.
+
+        ``clip_skip=1``: the last layer through ``final_layer_norm``; ``clip_skip=2``: the
+        penultimate layer's hidden state through ``final_layer_norm`` (ComfyUI's
+        CLIPSetLastLayer -2). ``pooled`` is always the last layer at the first chunk's end
+        token.
+        """
+        if not 1 <= clip_skip <= self.num_layers:
+            raise KinemaError(f"clip_skip must be between 1 and {self.num_layers}, got {clip_skip}")
+        chunks = self.tokenize(prompt)
+        weighted = has_weights(chunks)
+        ids = [[t for t, _ in chunk] for chunk in chunks]
+        if weighted:  # the empty prompt, the reference weights pull away from
+            ids.append([START_TOKEN, END_TOKEN] + [END_TOKEN] * (self.chunk_length - 2))
+        out = self.model(input_ids=torch.tensor(ids, device=self.device), output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            z = out.last_hidden_state
+        else:
+            z = self.model.final_layer_norm(out.hidden_states[-clip_skip])
+        z = z.float().cpu()
+        pooled = out.pooler_output[:1].float().cpu()
+        if weighted:
+            z, empty = z[:-1], z[-1:]
+            w = torch.tensor([[w for _, w in chunk] for chunk in chunks], dtype=torch.float32)
+            w = rearrange(w, "k n -> k n 1")
+            z = torch.where(w != 1.0, (z - empty) * w + empty, z)
+        return rearrange(z, "k n d -> 1 (k n) d"), pooled

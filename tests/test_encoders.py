@@ -1,0 +1,400 @@
+"""The SD1.5 CLIP text encoder: shipped tokenizer, prompt weighting, chunking, loading, encoding."""
+import ast
+import importlib.util
+import logging
+import os
+import random
+import re
+import sys
+import types
+import unicodedata
+
+import pytest
+import torch
+
+from kinema.models import encoders, prompt
+from kinema.models.errors import KinemaError
+
+S, E = encoders.START_TOKEN, encoders.END_TOKEN
+TOKENIZER_DIR = encoders.TOKENIZER_DIR
+
+
+def _load_by_path(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+derive = _load_by_path("_kinema_derive_clip_bpe", os.path.join(TOKENIZER_DIR, "derive.py"))
+
+
+# ---------------------------------------------------------------- tokenizer data
+
+def test_shipped_files_are_the_derivation_from_clip_bpe():
+    bpe = derive.open_clip_bpe_path()
+    if bpe is None:
+        pytest.skip("open_clip's bpe_simple_vocab_16e6.txt.gz is not installed")
+    vocab, merges = derive.derive(bpe)
+    with open(os.path.join(TOKENIZER_DIR, "vocab.json"), encoding="utf-8") as f:
+        assert f.read() == derive.vocab_text(vocab)
+    with open(os.path.join(TOKENIZER_DIR, "merges.txt"), encoding="utf-8") as f:
+        assert f.read() == derive.merges_text(merges)
+    assert len(vocab) == 49408 and vocab["<|startoftext|>"] == S and vocab["<|endoftext|>"] == E
+    assert len(merges) == 48894
+
+
+def test_tokenizer_special_tokens_and_standard_loading():
+    from transformers import CLIPTokenizer
+
+    tok = encoders.clip_tokenizer()
+    assert encoders.clip_tokenizer() is tok  # loaded once
+    assert tok("a photo of a cat")["input_ids"] == [S, 320, 1125, 539, 320, 2368, E]
+    # the same files load through transformers' own folder loader, offline
+    standard = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    assert standard("a photo of a cat")["input_ids"] == [S, 320, 1125, 539, 320, 2368, E]
+
+
+def _open_clip_simple_tokenizer():
+    """open_clip's SimpleTokenizer, loaded from its file (``import open_clip`` needs torchvision).
+
+    open_clip cleans text with ftfy; where ftfy is not installed a stand-in doing only its
+    NFC step is used, which is all ftfy does to the prompts below.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "tokenizer.py")
+    stub = None
+    if importlib.util.find_spec("ftfy") is None:
+        stub = types.ModuleType("ftfy")
+        stub.fix_text = lambda text: unicodedata.normalize("NFC", text)
+        sys.modules["ftfy"] = stub
+    try:
+        module = _load_by_path("_kinema_open_clip_tokenizer", path)
+    finally:
+        if stub is not None:
+            del sys.modules["ftfy"]
+    return module.SimpleTokenizer()
+
+
+LONG_TEXT = ("a cinematic photograph of an old lighthouse on a rocky coast at dusk, waves crashing, "
+             "dramatic clouds, volumetric light, highly detailed, 35mm film grain, muted colours, "
+             "seagulls flying overhead, a small boat in the distance, reflections on the wet rocks, "
+             "moody atmosphere, award winning, trending on artstation, octane render, 8k uhd") * 2
+
+TOKENIZER_PROMPTS = [
+    "a photo of a cat",
+    "A Photo, of a CAT!!! masterpiece, best-quality; 8k uhd...",
+    "(masterpiece:1.2), ((best quality)), [low quality], {braces} <tag>",
+    "café naïve résumé Ångström Ünïcödé",
+    "東京の夜景 城市 夜晚 한국어",
+    "Привет мир ΑΒΓ αβγ",
+    "emoji 🐱🔥🎉 test",
+    "don't you'll we're it's I'd they've",
+    "numbers 12345 3.14159 1,000 2024-01-01",
+    "  multiple   spaces\nnew\tline  ",
+    "@#$%^&*_+=~`|\\/ ?!.,:;'\"",
+    "",
+    LONG_TEXT,
+]
+
+
+def test_token_ids_equal_open_clip():
+    simple = _open_clip_simple_tokenizer()
+    for text in TOKENIZER_PROMPTS:
+        assert encoders.tokenize(text) == simple.encode(text), text
+
+
+def test_html_entities_are_not_unescaped_like_comfyui():
+    # open_clip / OpenAI CLIP run html.unescape; transformers' CLIPTokenizer (ComfyUI) does not.
+    simple = _open_clip_simple_tokenizer()
+    assert encoders.tokenize("fish &amp; chips") != simple.encode("fish &amp; chips")
+    assert encoders.tokenize("fish &amp; chips")[:1] == simple.encode("fish")
+
+
+# ---------------------------------------------------------------- weight parsing
+
+@pytest.mark.parametrize("text, expected", [
+    ("a cat", [("a cat", 1.0)]),
+    ("a (cat) dog", [("a ", 1.0), ("cat", 1.1), (" dog", 1.0)]),
+    ("((cat))", [("cat", 1.1 * 1.1)]),
+    ("(((cat)))", [("cat", 1.1 * 1.1 * 1.1)]),
+    ("(cat:1.5)", [("cat", 1.5)]),
+    ("(cat:0.5) dog", [("cat", 0.5), (" dog", 1.0)]),
+    ("(a, b:0.8), c", [("a, b", 0.8), (", c", 1.0)]),
+    ("((cat:1.5))", [("cat", 1.5)]),  # an explicit weight replaces the outer 1.1
+    ("((cat):1.5)", [("cat", 1.5 * 1.1)]),  # the inner group multiplies the explicit weight
+    ("(a (b) c:2)", [("a ", 2.0), ("b", 2.2), (" c", 2.0)]),
+    ("(a:b)", [("a:b", 1.1)]),  # not a number: a plain group that keeps its colon
+    ("(12:30 pm)", [("12:30 pm", 1.1)]),
+    ("(:1.5)", [(":1.5", 1.1)]),  # a colon at the start is text
+    ("(a:1.5:2)", [("a:1.5", 2.0)]),  # the last colon counts
+    ("(a: 1.5 )", [("a", 1.5)]),  # float() allows the spaces
+    ("(a:-1)", [("a", -1.0)]),
+    ("\\(not weighted\\)", [("(not weighted)", 1.0)]),
+    ("(a \\(b\\):1.2)", [("a (b)", 1.2)]),
+    ("(unclosed", [("(unclosed", 1.0)]),
+    ("a) b (c)", [("a) b (c)", 1.0)]),  # a stray ')' keeps what follows literal (ComfyUI)
+    ("()", []),
+    ("", []),
+])
+def test_parse_weights(text, expected):
+    got = prompt.parse_weights(text)
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+def test_split_groups():
+    assert prompt.split_groups("a (b (c)) d") == ["a ", "(b (c))", " d"]
+    assert prompt.split_groups("(a)(b)") == ["(a)", "(b)"]
+
+
+def test_embedding_references_are_dropped_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert prompt.split_words("a cat embedding:foo, dog") == ["a cat", "embedding:foo, dog"]
+        assert prompt.drop_embedding_reference("embedding:foo, dog") == ", dog"
+        assert prompt.drop_embedding_reference("embedding:foo bar baz") == "bar baz"
+        assert prompt.drop_embedding_reference("embedding:foo") == ""
+        assert prompt.drop_embedding_reference("embedding:") == ""
+    assert "embedding:foo" in caplog.text
+    tokens = [t for t, _ in encoders.TextEncoder.tokenize(_Bare(), "a cat embedding:foo dog")[0]]
+    assert tokens[:5] == [S] + encoders.tokenize("a cat dog") + [E]
+
+
+# ---------------------------------------------------------------- chunking
+
+class _Bare:
+    chunk_length = 77
+
+
+def _chunks(text):
+    return encoders.TextEncoder.tokenize(_Bare(), text)
+
+
+def test_short_prompt_is_one_padded_chunk():
+    chunks = _chunks("a photo of a cat")
+    assert len(chunks) == 1 and len(chunks[0]) == 77
+    assert [t for t, _ in chunks[0]] == [S, 320, 1125, 539, 320, 2368] + [E] * 71
+    assert all(w == 1.0 for _, w in chunks[0])
+    assert [t for t, _ in _chunks("")[0]] == [S] + [E] * 76
+
+
+def test_weights_follow_tokens():
+    chunks = _chunks("a (red:1.5) cat, ((blue sky))")
+    ids = [t for t, _ in chunks[0]]
+    weights = [w for _, w in chunks[0]]
+    red, blue_sky = encoders.tokenize("red"), encoders.tokenize("blue sky")
+    i = ids.index(red[0])
+    assert weights[i] == 1.5 and weights[i - 1] == 1.0 and weights[i + 1] == 1.0
+    j = ids.index(blue_sky[0])
+    assert weights[j:j + len(blue_sky)] == pytest.approx([1.21] * len(blue_sky))
+    assert weights[0] == 1.0 and weights[j + len(blue_sky)] == 1.0  # start, end tokens
+    assert prompt.has_weights(chunks) and not prompt.has_weights(_chunks("a cat"))
+
+
+def test_long_segment_splits_at_75_tokens():
+    groups = [[(i, 1.0) for i in range(100)]]
+    chunks = prompt.chunk_tokens(groups, S, E, E)
+    assert [len(c) for c in chunks] == [77, 77]
+    assert [t for t, _ in chunks[0]] == [S] + list(range(75)) + [E]
+    assert [t for t, _ in chunks[1]] == [S] + list(range(75, 100)) + [E] * 51
+
+
+def test_short_segment_moves_whole_to_the_next_chunk():
+    groups = [[(i, 1.0) for i in range(70)], [(1000 + i, 1.2) for i in range(7)]]
+    chunks = prompt.chunk_tokens(groups, S, E, E)
+    assert [t for t, _ in chunks[0]] == [S] + list(range(70)) + [E] * 6
+    assert [t for t, _ in chunks[1]][:9] == [S] + [1000 + i for i in range(7)] + [E]
+    assert [w for _, w in chunks[1]][1:8] == [1.2] * 7
+    # a segment of 8 tokens or more fills the chunk instead
+    groups = [[(i, 1.0) for i in range(70)], [(1000 + i, 1.2) for i in range(8)]]
+    chunks = prompt.chunk_tokens(groups, S, E, E)
+    assert [t for t, _ in chunks[0]] == [S] + list(range(70)) + [1000 + i for i in range(5)] + [E]
+    assert [t for t, _ in chunks[1]][:5] == [S, 1005, 1006, 1007, E]
+
+
+def _comfyui_dir():
+    for d in (os.environ.get("COMFYUI_DIR"), "/tmp/ComfyUI"):
+        if d and os.path.isfile(os.path.join(d, "comfy", "sd1_clip.py")):
+            return d
+    return None
+
+
+def _comfyui_sd_tokenizer(comfy_dir):
+    """ComfyUI's own SDTokenizer (read from the checkout, not imported: comfy needs its runtime).
+
+    Its prompt functions and tokenizer class are taken out of comfy/sd1_clip.py and run on
+    this pack's tokenizer files, with an embeddings folder that has no embeddings.
+    """
+    from transformers import CLIPTokenizer
+
+    with open(os.path.join(comfy_dir, "comfy", "sd1_clip.py"), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    wanted = {"parse_parentheses", "token_weights", "escape_important", "unescape_important", "SDTokenizer"}
+    body = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in wanted]
+    namespace = {"os": os, "re": re, "logging": logging, "CLIPTokenizer": CLIPTokenizer,
+                 "load_embed": lambda *args, **kwargs: None}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "comfy/sd1_clip.py", "exec"), namespace)
+    return namespace["SDTokenizer"](tokenizer_path=TOKENIZER_DIR, embedding_directory="/nonexistent")
+
+
+def _random_prompt(rng):
+    words = ["cat", "a", "photo", "of", "red", "sky", "masterpiece", "best quality", "highly detailed",
+             "1.5", "0.8", ",", ", ", " ", "\n", ":", "(", ")", "((", "))", "\\(", "\\)", ":1.3)", ":0.5)",
+             "embedding:foo", " embedding:bar,", "blue-green", "東京", "🐱", "a b c d e f g h i j", "x" * 30,
+             "supercalifragilisticexpialidocious", "!!!", "1,000"]
+    n = rng.choice([3, 10, 40, 120])
+    return "".join(rng.choice(words) + rng.choice(["", " ", " ", ", "]) for _ in range(n))
+
+
+def test_chunks_equal_comfyui_tokenize_with_weights():
+    comfy_dir = _comfyui_dir()
+    if comfy_dir is None:
+        pytest.skip("no ComfyUI checkout (COMFYUI_DIR or /tmp/ComfyUI)")
+    reference = _comfyui_sd_tokenizer(comfy_dir)
+    logging.disable(logging.WARNING)
+    try:
+        rng = random.Random(0)
+        fixed = ["a (red:1.5) cat", LONG_TEXT, "(" + LONG_TEXT + ":0.7)", "((a)) \\(b\\) (c:1.2) embedding:x y"]
+        for text in fixed + [_random_prompt(rng) for _ in range(300)]:
+            assert _chunks(text) == reference.tokenize_with_weights(text), text
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+# ---------------------------------------------------------------- the model
+
+HIDDEN, LAYERS = 128, 2  # hidden // 64 = 2 heads
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """A tiny random transformers CLIPTextModel (49408 tokens, 77 positions, 2 heads)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
+                            num_hidden_layers=LAYERS, num_attention_heads=HIDDEN // 64,
+                            max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=S, eos_token_id=E, pad_token_id=E)
+    torch.manual_seed(0)
+    model = CLIPTextModel(config).eval()
+    with torch.no_grad():  # larger than the default init, so the layers change the embeddings a lot
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _sd15_layout(model, prefix="cond_stage_model.transformer.text_model."):
+    sd = {prefix + k: v.clone() for k, v in model.state_dict().items()}
+    sd[prefix + "embeddings.position_ids"] = torch.arange(77, dtype=torch.float32)[None]  # as some files carry it
+    sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # other parts of the checkpoint
+    return sd
+
+
+@pytest.fixture(scope="module")
+def encoder(reference_model):
+    return encoders.TextEncoder.from_state_dict(_sd15_layout(reference_model))
+
+
+def _ids(text):
+    ids = [S] + encoders.tokenize(text) + [E]
+    return torch.tensor([ids + [E] * (77 - len(ids))])
+
+
+def test_config_inferred_from_shapes(encoder):
+    cfg = encoder.model.config
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size) == (49408, HIDDEN, 4 * HIDDEN)
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.max_position_embeddings) == (LAYERS, 2, 77)
+    assert cfg.hidden_act == "quick_gelu"
+    assert encoder.device == torch.device("cpu") and encoder.dtype == torch.float32
+    assert not any(p.is_meta for p in encoder.model.parameters())
+    assert not any(b.is_meta for b in encoder.model.buffers())
+
+
+def test_unweighted_prompt_equals_transformers(encoder, reference_model):
+    text = "a photo of a cat, highly detailed"
+    cond, pooled = encoder.encode(text)
+    with torch.no_grad():
+        ref = reference_model(input_ids=_ids(text))
+    assert cond.shape == (1, 77, HIDDEN) and pooled.shape == (1, HIDDEN)
+    assert cond.dtype == torch.float32
+    assert torch.equal(cond, ref.last_hidden_state)
+    assert torch.equal(pooled, ref.pooler_output)
+
+
+def test_clip_skip_2_is_the_penultimate_layer_through_final_norm(encoder, reference_model):
+    text = "a photo of a cat"
+    cond, pooled = encoder.encode(text, clip_skip=2)
+    with torch.no_grad():
+        ref = reference_model(input_ids=_ids(text), output_hidden_states=True)
+        expected = reference_model.final_layer_norm(ref.hidden_states[LAYERS - 1])
+    assert torch.equal(cond, expected)
+    assert torch.equal(pooled, ref.pooler_output)  # pooled stays the last layer's
+    assert not torch.equal(cond, ref.last_hidden_state)
+    with pytest.raises(KinemaError, match="clip_skip"):
+        encoder.encode(text, clip_skip=LAYERS + 1)
+
+
+def test_weighted_prompt_follows_comfyui_formula(encoder, reference_model):
+    cond, pooled = encoder.encode("a (red:1.5) cat, (blue:0.5)")
+    ids = _ids("a red cat, blue")
+    weights = torch.ones(77)
+    red, blue = encoders.tokenize("red")[0], encoders.tokenize("blue")[0]
+    weights[ids[0] == red] = 1.5
+    weights[ids[0] == blue] = 0.5
+    with torch.no_grad():
+        z = reference_model(input_ids=ids).last_hidden_state[0]
+        z_empty = reference_model(input_ids=_ids("")).last_hidden_state[0]
+        pooled_ref = reference_model(input_ids=ids).pooler_output
+    expected = z.clone()
+    for j in range(77):
+        if weights[j] != 1.0:
+            expected[j] = (z[j] - z_empty[j]) * weights[j] + z_empty[j]
+    torch.testing.assert_close(cond[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, pooled_ref, rtol=1e-5, atol=1e-6)
+    unweighted, _ = encoder.encode("a red cat, blue")
+    changed = (cond[0] - unweighted[0]).abs().amax(dim=-1) > 1e-4
+    assert changed.tolist() == (weights != 1.0).tolist()
+
+
+def test_long_prompt_concatenates_chunks(encoder, reference_model):
+    cond, pooled = encoder.encode(LONG_TEXT)
+    chunks = _chunks(LONG_TEXT)
+    assert len(chunks) == 2 and cond.shape == (1, 154, HIDDEN)
+    with torch.no_grad():
+        ref = reference_model(input_ids=torch.tensor([[t for t, _ in c] for c in chunks]))
+    torch.testing.assert_close(cond[0, :77], ref.last_hidden_state[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cond[0, 77:], ref.last_hidden_state[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, ref.pooler_output[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_old_layout_without_text_model_and_dtype(reference_model, encoder):
+    sd = _sd15_layout(reference_model, prefix="cond_stage_model.transformer.")
+    old = encoders.TextEncoder.from_state_dict(sd)
+    assert torch.equal(old.encode("a cat")[0], encoder.encode("a cat")[0])
+    half = encoders.TextEncoder.from_state_dict(_sd15_layout(reference_model), dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    cond, pooled = half.encode("a cat")
+    assert cond.dtype == torch.float32 and pooled.dtype == torch.float32
+    torch.testing.assert_close(cond, encoder.encode("a cat")[0], rtol=0.1, atol=0.1)
+
+
+def test_loading_assigns_without_copy(reference_model):
+    sd = _sd15_layout(reference_model)
+    enc = encoders.TextEncoder.from_state_dict(sd)
+    key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert enc.model.encoder.layers[0].self_attn.q_proj.weight.data_ptr() == sd[key].data_ptr()
+
+
+def test_incomplete_state_dict_raises(reference_model):
+    sd = _sd15_layout(reference_model)
+    del sd["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.bias"]
+    with pytest.raises(KinemaError, match=r"missing 1 weights.*layers\.1\.mlp\.fc2\.bias"):
+        encoders.TextEncoder.from_state_dict(sd)
+    sd = _sd15_layout(reference_model)
+    del sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]
+    with pytest.raises(KinemaError, match="token_embedding"):
+        encoders.TextEncoder.from_state_dict(sd)
+    with pytest.raises(KinemaError, match="no CLIP text encoder"):
+        encoders.TextEncoder.from_state_dict({"model.diffusion_model.x": torch.zeros(1)})
