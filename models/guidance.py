@@ -3,7 +3,9 @@
 ``EpsVideoDenoiser`` turns an eps-prediction video model into
 ``x0 = f(x, sigma, contexts)`` for one video latent ``[f, c, h, w]``; a
 guidance is a function of those x0 predictions. Classifier-free guidance
-runs cond and uncond in one batch when ``batch_cond`` is set.
+runs cond and uncond in one batch when ``batch_cond`` is set and memory
+allows: a batch that runs out of memory is retried one context at a time, and
+the denoiser stays unbatched for the rest of the run.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import math
 
 import torch
 
+from .memory import is_out_of_memory, release_cached_memory
 from .sampling import DiscreteSchedule
 
 
@@ -62,7 +65,17 @@ class EpsVideoDenoiser:
             b = len(group)
             xin = (x.repeat(b, 1, 1, 1) * c_in).to(device, dtype)
             ctx = torch.cat(group).to(device, dtype)
-            eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk, temporal=temporal)
+            try:
+                eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk,
+                                 temporal=temporal)
+            except Exception as exc:
+                if b == 1 or not is_out_of_memory(exc):
+                    raise
+                del xin, ctx
+                release_cached_memory()
+                self.batch_cond = False  # the rest of the run: one context at a time
+                outs.extend(self(x, sigma, group, temporal=temporal))
+                continue
             eps = eps.float().to(x.device)
             outs.extend(x - float(sigma) * e for e in eps.chunk(b))
         return outs

@@ -26,3 +26,16 @@ def vae_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     """The SD VAE overflows in fp16 on some images: keep it fp32 unless bf16 is asked for."""
     dtype = pick_dtype(precision, device)
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocator's out-of-memory error (CUDA, MPS, XPU or CPU), whatever its exception class."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def release_cached_memory() -> None:
+    """Hand the accelerator's cached blocks back after an out-of-memory error, so a retry can use them."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

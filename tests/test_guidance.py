@@ -1,0 +1,75 @@
+"""Classifier-free guidance: batched and unbatched agree, and a batch that runs out of memory falls back."""
+import pytest
+import torch
+
+from fixtures import motion_model
+from kinema.models.guidance import CFGDenoiser, EpsVideoDenoiser
+from kinema.models.sampling import DiscreteSchedule
+
+F, HW = 4, 8
+
+
+class OutOfMemoryAboveOneVideo:
+    """A video model that raises the allocator's out-of-memory error on a batch of more than one video."""
+
+    def __init__(self, model, error, above: int = 1):
+        self.model, self.error, self.above, self.calls = model, error, above, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, t, ctx, num_frames, **kw):
+        self.calls.append(x.shape[0] // num_frames)
+        if x.shape[0] > self.above * num_frames:
+            raise self.error
+        return self.model(x, t, ctx, num_frames, **kw)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(F, 4, HW, HW, generator=g)
+    cond, uncond = torch.randn(2, 77, 64, generator=g).chunk(2)
+    return x, torch.tensor(3.0), cond.expand(F, -1, -1), uncond.expand(F, -1, -1)
+
+
+def _cfg(model, batch_cond):
+    x, sigma, cond, uncond = _inputs()
+    den = EpsVideoDenoiser(model, DiscreteSchedule("linear"), batch_cond=batch_cond)
+    with torch.no_grad():
+        return CFGDenoiser(den, cond, uncond, 7.5)(x, sigma), den
+
+
+def _close(a, b):  # fp32 batching noise (~1e-6 per eps), amplified by sigma and cfg
+    return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+
+def test_batched_and_unbatched_cfg_agree():
+    batched, _ = _cfg(motion_model("v2"), True)
+    single, _ = _cfg(motion_model("v2"), False)
+    assert _close(batched, single)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
+                                   RuntimeError("MPS backend out of memory")])
+def test_out_of_memory_in_a_batch_falls_back_to_one_context_at_a_time(error):
+    model = OutOfMemoryAboveOneVideo(motion_model("v2"), error)
+    got, den = _cfg(model, True)
+    want, _ = _cfg(motion_model("v2"), False)
+    assert _close(got, want)
+    assert model.calls == [2, 1, 1] and den.batch_cond is False
+    # the next step goes straight to one context at a time
+    x, sigma, cond, uncond = _inputs()
+    with torch.no_grad():
+        den(x, sigma, [uncond, cond])
+    assert model.calls[3:] == [1, 1]
+
+
+def test_other_errors_and_single_video_out_of_memory_are_not_swallowed():
+    model = OutOfMemoryAboveOneVideo(motion_model("v2"), ValueError("shape"))
+    with pytest.raises(ValueError):
+        _cfg(model, True)
+    x, sigma, cond, _ = _inputs()
+    oom = OutOfMemoryAboveOneVideo(motion_model("v2"), torch.OutOfMemoryError("out of memory"), above=0)
+    den = EpsVideoDenoiser(oom, DiscreteSchedule("linear"))
+    with pytest.raises(torch.OutOfMemoryError):
+        den(x, sigma, [cond])
