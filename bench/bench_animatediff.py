@@ -21,11 +21,9 @@ final latents are (a check that both computed the same video).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -33,42 +31,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _measure import ROOT, cpu_name, mib, ratio, register_pack, reset_peak_rss, rss_kib, thread_env
 SCALE = 0.18215  # the SD1.5 latent scale: both final latents are compared in the sampler's (scaled) space
 
 
 # -- child: one implementation -------------------------------------------------------------------------------------
-
-def _register_pack() -> None:
-    """Load the repository root as the package ``kinema`` (as tests/conftest.py does) and reach tests/fixtures.py."""
-    if "kinema" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "kinema", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
-        )
-        sys.modules["kinema"] = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-
-def _rss_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so VmHWM then measures sampling alone."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
 
 def run_child(args) -> None:
     import resource
@@ -77,7 +44,7 @@ def run_child(args) -> None:
     from einops import rearrange
 
     torch.set_num_threads(args.threads)
-    _register_pack()
+    register_pack()
     import fixtures
 
     from kinema.models.pipelines import SampleOptions, sample_video
@@ -133,8 +100,8 @@ def run_child(args) -> None:
 
     gc.collect()
     build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss_before = _rss_kib("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = rss_kib("VmRSS")
+    reset = reset_peak_rss()
 
     stamps = []
     t0 = time.perf_counter()
@@ -142,7 +109,7 @@ def run_child(args) -> None:
     total = time.perf_counter() - t0
 
     end_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sampling_peak = _rss_kib("VmHWM") if reset else None
+    sampling_peak = rss_kib("VmHWM") if reset else None
     steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
     torch.save(latent.float().contiguous(), args.latent_out)
     with open(args.result, "w") as f:
@@ -162,25 +129,6 @@ def _median_after_warmup(steps: list[float]) -> float:
     return statistics.median(steps[1:] if len(steps) > 1 else steps)
 
 
-def _mib(kib) -> str:
-    return "n/a" if kib is None else f"{kib / 1024:.0f}"
-
-
-def _ratio(a, b) -> str:
-    return "n/a" if a is None or b is None or not b else f"{a / b:.2f}"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_parent(args, argv: list[str]) -> int:
     import torch
 
@@ -192,7 +140,7 @@ def run_parent(args, argv: list[str]) -> int:
                    "--latent-out", latent, "--frames", str(args.frames), "--steps", str(args.steps),
                    "--size", str(args.size), "--threads", str(args.threads), "--cfg", str(args.cfg),
                    "--seed", str(args.seed), "--motion", args.motion]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+            env = thread_env(args.threads)
             print(f"running {impl} ({rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -220,7 +168,7 @@ def run_parent(args, argv: list[str]) -> int:
         f"AnimateDiff {args.motion} on the Kinema demo weights (tiny, random), {args.frames} frames at "
         f"{args.size}x{args.size} (latent {lat}x{lat}), {args.steps} Euler steps, cfg {args.cfg} (cond and uncond "
         f"in one batch: {2 * args.frames} UNet images a step), fp32 on CPU, {k['threads']} threads "
-        f"({_cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}."
+        f"({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}."
         + (f" Each implementation ran {args.repeat} times, alternating; its run with the fastest median step is "
            "shown." if args.repeat > 1 else ""),
         "",
@@ -230,13 +178,13 @@ def run_parent(args, argv: list[str]) -> int:
     ]
     for name, r in (("Kinema", k), ("diffusers", d)):
         lines.append(f"| {name} | {r['median']:.3f} | {r['total']:.2f} | "
-                     f"{_mib(r['peak_rss_kib'])} | {_mib(r['sampling_peak_rss_kib'])} | "
-                     f"{_mib(r['rss_before_sampling_kib'])} |")
+                     f"{mib(r['peak_rss_kib'])} | {mib(r['sampling_peak_rss_kib'])} | "
+                     f"{mib(r['rss_before_sampling_kib'])} |")
     lines.append(
-        f"| Kinema / diffusers | {_ratio(k['median'], d['median'])} | "
-        f"{_ratio(k['total'], d['total'])} | {_ratio(k['peak_rss_kib'], d['peak_rss_kib'])} | "
-        f"{_ratio(k['sampling_peak_rss_kib'], d['sampling_peak_rss_kib'])} | "
-        f"{_ratio(k['rss_before_sampling_kib'], d['rss_before_sampling_kib'])} |"
+        f"| Kinema / diffusers | {ratio(k['median'], d['median'])} | "
+        f"{ratio(k['total'], d['total'])} | {ratio(k['peak_rss_kib'], d['peak_rss_kib'])} | "
+        f"{ratio(k['sampling_peak_rss_kib'], d['sampling_peak_rss_kib'])} | "
+        f"{ratio(k['rss_before_sampling_kib'], d['rss_before_sampling_kib'])} |"
     )
     lines += [
         "",

@@ -106,16 +106,22 @@ def detect_format(sd: dict) -> str:
     """Name the kind of model a state dict holds (key sniffing).
 
     One of: ``sd15``, ``sd2``, ``sdxl``, ``svd``, ``motion_module``, ``motion_module_sdxl``, ``motion_lora``,
-    ``lora``, ``controlnet``, ``vae``, ``clip_vision``, ``unknown``.
+    ``lora`` (an SD LoRA in the kohya / LDM / diffusers-peft layouts; whether it fits SD1.5 is checked against the
+    model's shapes when applied), ``sd15_adapter_lora`` (an SD1.5 UNet LoRA in the diffusers attention-processor
+    layout, like the AnimateDiff v3 adapter), ``sdxl_lora``, ``controlnet``, ``vae``, ``clip_vision``, ``unknown``.
     """
     keys = sd.keys()
     if any(".motion_modules." in k for k in keys):
-        if any("_lora." in k for k in keys):
+        if any("lora" in k for k in keys):
             return "motion_lora"
         if not any(k.startswith("down_blocks.3.") for k in keys):
             return "motion_module_sdxl"
         return "motion_module"
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) or ".lora_down." in k or ".lora_up." in k
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "sdxl_lora"
+    if any(".processor." in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys):
+        return "sd15_adapter_lora"
+    if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_down." in k or ".lora_up." in k
            or "_lora.down." in k or ".lora_A." in k for k in keys):
         return "lora"
     if any(k.startswith("conditioner.embedders.") for k in keys):
@@ -151,6 +157,9 @@ FORMAT_NAMES = {
     "motion_module_sdxl": "an SDXL AnimateDiff motion module",
     "motion_lora": "an AnimateDiff MotionLoRA",
     "lora": "a LoRA",
+    "sd15_adapter_lora": "an SD1.5 UNet LoRA in the diffusers attention-processor layout (like the AnimateDiff v3 "
+                         "adapter v3_sd15_adapter.ckpt)",
+    "sdxl_lora": "an SDXL LoRA",
     "controlnet": "a ControlNet",
     "vae": "a standalone VAE",
     "clip_vision": "a CLIP vision model",
@@ -161,23 +170,28 @@ FORMAT_HOME = {
     "sd15": "models/checkpoints with the Kinema checkpoint loader",
     "svd": "models/checkpoints (Stable Video Diffusion support comes in a later Kinema release)",
     "motion_module": "models/animatediff_models with the Kinema motion-module loader",
-    "motion_lora": "models/animatediff_motion_lora (MotionLoRA support comes in a later Kinema release)",
-    "lora": "models/loras",
+    "motion_lora": "models/animatediff_motion_lora with the Load MotionLoRA (Kinema) node",
+    "lora": "models/loras with the Load LoRA (Kinema) node",
+    "sd15_adapter_lora": "models/loras with the Load LoRA (Kinema) node",
     "controlnet": "models/controlnet",
     "vae": "models/vae",
     "clip_vision": "models/clip_vision",
 }
 
 
-def expect_format(sd: dict, wanted: str, path: str, what: str) -> None:
+def expect_format(sd: dict, wanted: str | tuple[str, ...], path: str, what: str) -> None:
+    """Raise KinemaError naming the file, what it is and where it belongs unless its format is ``wanted``
+    (one format name, or a tuple of accepted ones)."""
     found = detect_format(sd)
-    if found == wanted:
+    if found == wanted or (isinstance(wanted, tuple) and found in wanted):
         return
     name = os.path.basename(path)
     where = FORMAT_HOME.get(found)
     hint = f" It belongs in {where}." if where else ""
     if found == "motion_module_sdxl":
         hint = " SDXL motion modules are not supported yet: use an SD1.5 motion module (v1, v2 or v3)."
+    elif found == "sdxl_lora":
+        hint = " Kinema runs SD1.5 models: use a LoRA made for SD1.5."
     raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not {what}.{hint}")
 
 

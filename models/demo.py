@@ -24,7 +24,11 @@ from .vae import AutoencoderKL, VAEConfig
 
 DEMO_CHECKPOINT = "kinema_demo_sd15.safetensors"
 DEMO_MOTION = {v: f"kinema_demo_mm_{v}.safetensors" for v in ("v1", "v2", "v3")}
-DEMO_VERSION = "2"  # bump when the demo tensors change: cached files of another version are rewritten
+DEMO_MOTION_LORA = "kinema_demo_motion_lora_v2.safetensors"  # a v2 MotionLoRA, as v2_lora_ZoomIn.ckpt
+DEMO_LORA = "kinema_demo_lora_sd15.safetensors"  # a kohya-style SD1.5 LoRA: UNet (with 3x3 LoCon) + text encoder
+DEMO_ADAPTER_LORA = "kinema_demo_v3_adapter.safetensors"  # the layout of the AnimateDiff v3 adapter (processor style)
+DEMO_LORA_RANK = 4
+DEMO_VERSION = "3"  # bump when the demo tensors change: cached files of another version are rewritten
 UNTRAINED_NOTE = (
     "Kinema demo models: tiny, with random (untrained) weights, made by the pack itself. "
     "Put a real SD1.5 checkpoint and motion module in your models folder for real videos."
@@ -124,6 +128,91 @@ def motion_state_dict(version: str, seed: int = 0, dtype: torch.dtype = torch.fl
     return sd
 
 
+def _lora_halves(key: str, out_shape: tuple, in_shape: tuple, seed: int, rank: int, dtype) -> tuple:
+    """Deterministic (down [r, *in_shape], up [o, r, *1s]) for LoRA ``key``: small updates (about a tenth of
+    the weight's scale)."""
+    down = _fill(f"{key}.down", (rank, *in_shape), seed)
+    up = _fill(f"{key}.up", (out_shape, rank) + (1,) * (len(in_shape) - 1), seed) * 0.1
+    return down.to(dtype), up.to(dtype)
+
+
+def motion_lora_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes(),
+                           rank: int = DEMO_LORA_RANK) -> dict:
+    """A tiny AnimateDiff v2 MotionLoRA in the published layout (every attention of every motion module, the
+    mid block's included): ``...attention_blocks.m.processor.{to_q,to_k,to_v,to_out}_lora.{down,up}.weight``."""
+    chans = tuple(sizes.model_channels * m for m in sizes.channel_mult)
+    cfg = MotionConfig(down_channels=chans, modules_per_down=2, modules_per_up=3, has_mid=True, max_len=32)
+    sd = {}
+    for k, shape in _shapes(lambda: MotionModuleSet(cfg)).items():
+        if ".attention_blocks." not in k or not k.endswith(".weight"):
+            continue
+        base, rest = k[: -len(".weight")].split(".attention_blocks.")
+        m, proj = rest.split(".", 1)
+        if proj not in ("to_q", "to_k", "to_v", "to_out.0"):
+            continue
+        name = f"{base}.attention_blocks.{m}.processor.{proj.removesuffix('.0')}_lora"
+        down, up = _lora_halves(f"mlora.{name}", shape[0], shape[1:], seed, rank, dtype)
+        sd[f"{name}.down.weight"], sd[f"{name}.up.weight"] = down, up
+    return sd
+
+
+def _diffusers_layers(sizes: DemoSizes) -> dict[str, tuple[str, tuple]]:
+    """diffusers module path -> (LDM module path, weight shape) for the Linear/Conv2d layers of the demo UNet."""
+    from .lora import diffusers_module_name, ldm_to_diffusers_blocks
+
+    cfg = demo_unet_config(sizes)
+    with torch.device("meta"):
+        unet = UNetModel(cfg)
+    blocks = ldm_to_diffusers_blocks(cfg)
+    out = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            diff = diffusers_module_name(name, blocks)
+            if diff is not None:
+                out[diff] = (name, tuple(module.weight.shape))
+    return out
+
+
+def sd15_lora_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes(),
+                         rank: int = DEMO_LORA_RANK, alpha: float = 2.0) -> dict:
+    """A tiny kohya-style SD1.5 LoRA: ``lora_unet_<diffusers path>`` for every attention projection, proj_in/out,
+    feed-forward and the ResBlocks' 3x3 convs (LoCon), ``lora_te_text_model_encoder_layers_N_...`` for the text
+    encoder's attention and MLP; each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``."""
+    sd = {}
+
+    def add(name: str, shape: tuple):
+        down, up = _lora_halves(f"lora.{name}", shape[0], shape[1:], seed, rank, dtype)
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        sd[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+
+    for diff, (_, shape) in _diffusers_layers(sizes).items():
+        leaf = diff.rsplit(".", 1)[-1]
+        if ".attentions." in diff or (".resnets." in diff and leaf in ("conv1", "conv2")):
+            add("lora_unet_" + diff.replace(".", "_"), shape)
+    for key, shape in _clip_shapes(sizes.clip_hidden, sizes.clip_layers).items():
+        if key.startswith("encoder.layers.") and key.endswith(("_proj.weight", "fc1.weight", "fc2.weight")):
+            add("lora_te_text_model_" + key[: -len(".weight")].replace(".", "_"), shape)
+    return sd
+
+
+def adapter_lora_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes(),
+                            rank: int = DEMO_LORA_RANK) -> dict:
+    """A tiny LoRA in the layout of the AnimateDiff v3 adapter: every spatial attention's projections as
+    ``<diffusers path>.attn{1,2}.processor.{to_q,to_k,to_v,to_out}_lora.{down,up}.weight`` (no alpha)."""
+    sd = {}
+    for diff, (_, shape) in _diffusers_layers(sizes).items():
+        head, _, proj = diff.rpartition(".attn")
+        if not head or not proj[:1] in ("1", "2"):
+            continue
+        attn, _, leaf = proj.partition(".")
+        if leaf not in ("to_q", "to_k", "to_v", "to_out.0"):
+            continue
+        name = f"{head}.attn{attn}.processor.{leaf.removesuffix('.0')}_lora"
+        down, up = _lora_halves(f"adapter.{name}", shape[0], shape[1:], seed, rank, dtype)
+        sd[f"{name}.down.weight"], sd[f"{name}.up.weight"] = down, up
+    return sd
+
+
 def _save(sd: dict, path: str, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -141,8 +230,8 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
                       overwrite: bool = False) -> dict[str, str]:
     """Write the demo checkpoint and motion modules under ``models_dir`` (ComfyUI's folder names).
 
-    Returns {"checkpoint": path, "v1": path, "v2": path, "v3": path}. Existing files are kept
-    unless ``overwrite``.
+    Returns {"checkpoint": path, "v1": path, "v2": path, "v3": path, "motion_lora_v2": path, "lora": path,
+    "adapter_lora": path}. Existing files are kept unless ``overwrite``.
     """
     meta = {"kinema_demo": DEMO_VERSION, "seed": str(seed), "dtype": str(dtype), "note": UNTRAINED_NOTE}
     paths = {"checkpoint": os.path.join(models_dir, "checkpoints", DEMO_CHECKPOINT)}
@@ -153,6 +242,16 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
     for v in DEMO_MOTION:
         if overwrite or not _is_current(paths[v], meta):
             _save(motion_state_dict(v, seed, dtype), paths[v], meta)
+    loras = {
+        "motion_lora_v2": (os.path.join(models_dir, "animatediff_motion_lora", DEMO_MOTION_LORA),
+                           motion_lora_state_dict),
+        "lora": (os.path.join(models_dir, "loras", DEMO_LORA), sd15_lora_state_dict),
+        "adapter_lora": (os.path.join(models_dir, "loras", DEMO_ADAPTER_LORA), adapter_lora_state_dict),
+    }
+    for key, (path, make) in loras.items():
+        paths[key] = path
+        if overwrite or not _is_current(path, meta):
+            _save(make(seed, dtype), path, meta)
     return paths
 
 
@@ -173,7 +272,8 @@ def substitute(kind: str, name: str) -> str | None:
     """The demo file that stands in for model ``name`` of folder ``kind`` (None: no demo of that kind).
 
     Motion modules keep their version where the name tells it (``v3_sd15_mm`` -> v3,
-    ``mm_sd_v15_v2`` -> v2, ``mm_sd_v15`` -> v1).
+    ``mm_sd_v15_v2`` -> v2, ``mm_sd_v15`` -> v1). MotionLoRAs are stood in for by the demo v2 MotionLoRA;
+    LoRAs by the demo v3-adapter-style LoRA when the name says "adapter", else by the kohya-style one.
     """
     if kind == "checkpoints":
         return DEMO_CHECKPOINT
@@ -186,6 +286,11 @@ def substitute(kind: str, name: str) -> str | None:
         if any(tag in lower for tag in ("v14", "v15", "v1.")):
             return DEMO_MOTION["v1"]
         return DEMO_MOTION["v2"]
+    if kind == "animatediff_motion_lora":
+        return DEMO_MOTION_LORA
+    if kind == "loras":
+        lower = os.path.basename(str(name)).lower()
+        return DEMO_ADAPTER_LORA if "adapter" in lower else DEMO_LORA
     return None
 
 

@@ -12,6 +12,7 @@ and a motion scale; it is what the sampler calls.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -114,9 +115,14 @@ class MotionModule(nn.Module):
         super().__init__()
         self.temporal_transformer = TemporalTransformer(channels, heads, max_len, depth, num_attn)
 
-    def forward(self, x: torch.Tensor, num_frames: int, scale: float = 1.0, chunk: int = 0) -> torch.Tensor:
-        """(b f) c h w -> (b f) c h w; scale multiplies the temporal update (1 = as trained)"""
-        return x + scale * self.temporal_transformer(x, num_frames, chunk)
+    def forward(self, x: torch.Tensor, num_frames: int, scale: float | torch.Tensor = 1.0,
+                chunk: int = 0) -> torch.Tensor:
+        """(b f) c h w -> (b f) c h w; scale (a float, or [f] one per frame) multiplies the temporal update"""
+        update = self.temporal_transformer(x, num_frames, chunk)
+        if isinstance(scale, torch.Tensor):
+            b = x.shape[0] // num_frames
+            scale = rearrange(scale.to(x.device, x.dtype).repeat(b), "bf -> bf 1 1 1")
+        return x + scale * update
 
 
 class _Level(nn.Module):
@@ -235,10 +241,37 @@ def infer_motion_config(sd: dict) -> MotionConfig:
     )
 
 
+def parse_scale(text: str) -> tuple[float, ...]:
+    """Per-frame motion scales from text: ``"1.0, 1.0, 0.8"`` (one value per frame, commas or spaces)."""
+    values = []
+    for part in text.replace(",", " ").split():
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise KinemaError(
+                f"motion scale per frame: '{part}' is not a number; write one number per frame, e.g. '1.0, 1.0, 0.8'"
+            ) from None
+    return tuple(values)
+
+
+def scale_for_frames(scale: float | tuple[float, ...], frames: Sequence[int]) -> float | torch.Tensor:
+    """The motion scale of ``frames`` (video frame indices): a float stays a float; per-frame values
+    are looked up, the last value holding for frames past the end of the list."""
+    if not isinstance(scale, tuple):
+        return float(scale)
+    if not scale:
+        return 1.0
+    last = len(scale) - 1
+    values = [scale[min(i, last)] for i in frames]
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32)
+
+
 class _Binding:
     """Routes the UNet's temporal slots to a motion module set, with a scale."""
 
-    def __init__(self, motion: MotionModuleSet, unet_cfg: UNetConfig, scale: float):
+    def __init__(self, motion: MotionModuleSet, unet_cfg: UNetConfig, scale: float | torch.Tensor):
         self.motion, self.unet_cfg, self.scale = motion, unet_cfg, scale
 
     def apply(self, slot: Slot, h: torch.Tensor, opts: RunOptions) -> torch.Tensor:
@@ -258,7 +291,7 @@ class MotionModel:
 
     unet: UNetModel
     motion: MotionModuleSet | None = None
-    scale: float = 1.0
+    scale: float | tuple[float, ...] = 1.0  # a float, or one value per video frame (the last one holds)
     cross_frame_norm: bool | None = None  # None: as the motion module's version was trained (v1 only)
     beta_schedule: str = "linear"  # AnimateDiff samples with linear betas; plain SD1.5 with sqrt_linear
     name: str = ""
@@ -270,14 +303,23 @@ class MotionModel:
     def max_frames(self) -> int | None:
         return None if self.motion is None else self.motion.cfg.max_len
 
-    def check_frames(self, num_frames: int) -> None:
+    def check_frames(self, num_frames: int, context_length: int | None = None) -> None:
+        """Raise KinemaError unless the model can see ``num_frames`` at once (or windows of ``context_length``)."""
         if num_frames < 1:
             raise KinemaError("a video needs at least 1 frame")
-        if self.max_frames is not None and num_frames > self.max_frames:
+        if self.max_frames is None:
+            return
+        name = self.name or self.motion.version
+        if context_length is not None and context_length > self.max_frames:
             raise KinemaError(
-                f"the motion module '{self.name or self.motion.version}' sees at most {self.max_frames} frames at "
-                f"once and {num_frames} were asked for: lower the frame count to {self.max_frames} or less "
-                "(longer videos need context windows, which this version of Kinema does not have yet)"
+                f"the motion module '{name}' sees at most {self.max_frames} frames at once and the context length is "
+                f"{context_length}: set the context length to {self.max_frames} or less (16 is the usual choice)"
+            )
+        if context_length is None and num_frames > self.max_frames:
+            raise KinemaError(
+                f"the motion module '{name}' sees at most {self.max_frames} frames at once and {num_frames} were "
+                f"asked for: connect a Context Options (Kinema) node to the sampler for longer videos, or lower the "
+                f"frame count to {self.max_frames} or less"
             )
 
     def __call__(
@@ -288,12 +330,20 @@ class MotionModel:
         num_frames: int,
         attn_chunk: int = 0,
         temporal: bool = True,
+        window=None,
     ) -> torch.Tensor:
-        """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> eps (b f) c h w"""
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> eps (b f) c h w
+
+        ``window`` (a ``context.ContextWindow``): the frames are those of the window's ``sub_idxs`` in a longer
+        video; per-frame options (the motion scale) are taken for those frames.
+        """
         use_motion = temporal and self.motion is not None
         cross = self.cross_frame_norm
         if cross is None:
             cross = use_motion and self.motion.version == "v1"
         opts = RunOptions(num_frames=num_frames, cross_frame_norm=bool(cross), attn_chunk=attn_chunk)
-        binding = _Binding(self.motion, self.unet.cfg, self.scale) if use_motion else None
+        binding = None
+        if use_motion:
+            frames = window.sub_idxs if window is not None else range(num_frames)
+            binding = _Binding(self.motion, self.unet.cfg, scale_for_frames(self.scale, frames))
         return self.unet(x, timesteps, context, opts, binding)

@@ -6,12 +6,14 @@ removed on the way out, as ComfyUI's KSampler does.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .context import ContextOptions, context_windows, freenoise
 from .errors import KinemaError
-from .guidance import CFGDenoiser, EpsVideoDenoiser
+from .guidance import CFGDenoiser, EpsVideoDenoiser, WindowedDenoiser
 from .sampling import (
     DiscreteSchedule,
     StepCallback,
@@ -35,6 +37,7 @@ class SampleOptions:
     denoise: float = 1.0
     attn_chunk: int = 0
     batch_cond: bool = True
+    context: ContextOptions | None = None  # context windows for videos longer than the motion module sees
 
 
 def empty_video_latent(frames: int, width: int, height: int) -> torch.Tensor:
@@ -58,6 +61,12 @@ def per_frame(context: torch.Tensor, frames: int, what: str) -> torch.Tensor:
     return context
 
 
+def windows_per_step(frames: int, context: ContextOptions, steps: int) -> int:
+    """How many windows a sampling step runs (the first step's count; the uniform schedules vary little)."""
+    context.validate(frames)
+    return max(1, len(context_windows(frames, context, 0, max(1, steps))))
+
+
 def sample_video(
     model,
     positive: torch.Tensor,
@@ -65,16 +74,20 @@ def sample_video(
     latent: torch.Tensor,
     opts: SampleOptions,
     callback: StepCallback | None = None,
+    on_window: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Sample one video with an eps video model (``MotionModel``).
 
     positive/negative: [1|f, n, d]; latent: [f, 4, h, w] unscaled (zeros for text-to-video).
+    With ``opts.context`` the model sees windows of frames (``on_window()`` after each one).
     Returns the sampled latent [f, 4, h, w], unscaled, on the CPU.
     """
     if latent.ndim != 4 or latent.shape[1] != LATENT_CHANNELS:
         raise KinemaError(f"expected a video latent [frames, 4, h, w], got shape {tuple(latent.shape)}")
     frames = latent.shape[0]
-    model.check_frames(frames)
+    if opts.context is not None:
+        opts.context.validate(frames)
+    model.check_frames(frames, None if opts.context is None else opts.context.context_length)
     ctx_dim = model.unet.cfg.context_dim
     for what, c in (("positive", positive), ("negative", negative)):
         if c is not None and c.shape[-1] != ctx_dim:
@@ -89,6 +102,8 @@ def sample_video(
     if len(sigmas) < 2:
         return latent.float().cpu()
     noise = initial_noise(opts.seed, tuple(latent.shape))
+    if opts.context is not None and opts.context.freenoise:
+        noise = freenoise(noise, opts.context, opts.seed)
     x = noise_latent(x, noise, sigmas, schedule)
     device = next(model.unet.parameters()).device
     denoiser = CFGDenoiser(
@@ -97,5 +112,7 @@ def sample_video(
         None if negative is None else per_frame(negative, frames, "negative"),
         opts.cfg,
     )
+    if opts.context is not None:
+        denoiser = WindowedDenoiser(denoiser, opts.context, sigmas, on_window=on_window)
     out = sampler(denoiser, x.to(device), sigmas.to(device), callback=callback, seed=opts.seed)
     return (out / SD15_LATENT_SCALE).float().cpu()

@@ -211,9 +211,22 @@ def encode_frames(
     chunk: int = 8,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
-    """Encode IMAGE frames [f, H, W, 3] in [0, 1] a chunk at a time -> latent [f, z, H/8, W/8]."""
-    if images.ndim != 4 or images.shape[-1] != 3:
+    """Encode IMAGE frames [f, H, W, 3] in [0, 1] a chunk at a time -> latent [f, z, H/8, W/8] (unscaled).
+
+    H and W must be multiples of 8; an alpha channel ([f, H, W, 4]) is dropped.
+    ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
+    """
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise KinemaError(f"expected IMAGE frames [frames, height, width, 3], got shape {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise KinemaError("no frames to encode: the image batch is empty")
+    h, w = images.shape[1:3]
+    if h < 8 or w < 8 or h % 8 or w % 8:
+        raise KinemaError(
+            f"the frames are {w}x{h}; the VAE needs both sides a multiple of 8. Resize or crop them first "
+            f"(Load Video (Kinema) does; e.g. to {max(8, w // 8 * 8)}x{max(8, h // 8 * 8)})"
+        )
+    images = images[..., :3]
     chunk = max(1, int(chunk))
     out = []
     with torch.inference_mode():

@@ -17,6 +17,12 @@ Frames arrive as ComfyUI ``IMAGE`` (``[f, h, w, 3]`` float in [0, 1]);
 Every format is written to a hidden temporary file next to the target and moved
 into place with ``os.replace``: a reader never sees half a file, and on any
 error the temporary file is removed.
+
+``read_video`` reads frames back (imageio's v3 API): animated GIF / WebP / PNG
+(APNG) through Pillow, MP4 / WebM / MOV / MKV through imageio-ffmpeg (or PyAV).
+Without imageio (a bare ComfyUI install) it uses Pillow and PyAV directly.
+Frames are streamed: with a frame cap, decoding stops at the last frame needed.
+See ``read_video`` for the selection and resize rules.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import os
 import secrets
 import subprocess
 import tempfile
+from collections.abc import Callable
 from fractions import Fraction
 
 import numpy as np
@@ -431,3 +438,208 @@ def _parse_ffmetadata(text: str) -> dict[str, str]:
         if seen_eq:
             tags["".join(parts[0])] = "".join(parts[1])
     return tags
+
+
+# --- reading --------------------------------------------------------------------------------
+#: Extensions ``read_video`` reads: animated images through Pillow, videos through ffmpeg / PyAV.
+IMAGE_SEQUENCE_EXTENSIONS: tuple[str, ...] = (".gif", ".webp", ".png", ".apng")
+MOVIE_EXTENSIONS: tuple[str, ...] = (".mp4", ".webm", ".mov", ".mkv", ".m4v")
+READ_EXTENSIONS: tuple[str, ...] = MOVIE_EXTENSIONS + IMAGE_SEQUENCE_EXTENSIONS
+#: The frame rate assumed when a file does not say (browsers show a GIF frame without a delay for 0.1 s).
+DEFAULT_FPS = 10.0
+
+
+def _supported() -> str:
+    return ", ".join(e.lstrip(".") for e in READ_EXTENSIONS)
+
+
+def _have(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _fps_or_default(fps) -> float:
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        return DEFAULT_FPS
+    return fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS
+
+
+def _open_frames(path: str, ext: str):
+    """``(fps, frames, close)``: the file's frame rate, an iterator of uint8 ``[h, w, 3]`` frames and its closer.
+
+    imageio's v3 API when installed (Pillow plugin for animated images, ffmpeg or
+    PyAV for movies); without imageio, Pillow and PyAV directly (what a bare
+    ComfyUI has).
+    """
+    try:
+        import imageio.v3 as iio
+    except ImportError:
+        iio = None
+    if ext in IMAGE_SEQUENCE_EXTENSIONS:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.seek(0)
+            im.load()  # WebP fills in the delay only once a frame is loaded
+            duration = im.info.get("duration")
+        fps = 1000.0 / float(duration) if isinstance(duration, (int, float)) and duration > 0 else None
+        if iio is not None:
+            frames = iio.imiter(path, plugin="pillow", mode="RGB")
+            return _fps_or_default(fps), frames, frames.close
+        from PIL import ImageSequence
+
+        image = Image.open(path)
+        frames = (np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(image))
+        return _fps_or_default(fps), frames, image.close
+    if iio is not None and (_have("imageio_ffmpeg") or _have("av")):
+        plugin = "FFMPEG" if _have("imageio_ffmpeg") else "pyav"
+        fps = iio.immeta(path, plugin=plugin).get("fps")
+        frames = iio.imiter(path, plugin=plugin)
+        return _fps_or_default(fps), frames, frames.close
+    if _have("av"):
+        import av
+
+        container = av.open(path)
+        try:
+            stream = container.streams.video[0]
+        except IndexError:
+            container.close()
+            raise KinemaError(f"'{os.path.basename(path)}' has no video stream") from None
+        fps = stream.average_rate or stream.guessed_rate
+        frames = (frame.to_ndarray(format="rgb24") for frame in container.decode(stream))
+        return _fps_or_default(fps), frames, container.close
+    raise KinemaError("reading mp4/webm/mov/mkv needs ffmpeg: install the Python packages 'imageio' and "
+                      "'imageio-ffmpeg' (pip install imageio imageio-ffmpeg) or 'av', or use a gif/webp/png clip")
+
+
+def _floor8(v: int) -> int:
+    return v // 8 * 8
+
+
+def target_size(src_w: int, src_h: int, width: int = 0, height: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((scaled_w, scaled_h), (out_w, out_h))``: the size frames are scaled to, then centre-cropped to.
+
+    - ``width`` and ``height`` 0: no scaling; crop to multiples of 8.
+    - one of them 0: scale so the given side matches, keeping the aspect ratio.
+    - both given: scale (keeping the aspect ratio) to cover ``width x height``,
+      then crop the overflow (nothing is stretched).
+    The crop is always to multiples of 8 (rounded down), as the VAE needs.
+    """
+    if width and height:
+        s = max(width / src_w, height / src_h)
+        scaled = (max(width, round(src_w * s)), max(height, round(src_h * s)))
+        want = (width, height)
+    elif width:
+        scaled = (width, max(1, round(src_h * width / src_w)))
+        want = scaled
+    elif height:
+        scaled = (max(1, round(src_w * height / src_h)), height)
+        want = scaled
+    else:
+        scaled = want = (src_w, src_h)
+    return scaled, (_floor8(want[0]), _floor8(want[1]))
+
+
+def _int_option(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):
+        raise KinemaError(f"{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if value < minimum:
+        raise KinemaError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def read_video(path: str, frame_load_cap: int = 0, skip_first_frames: int = 0, select_every_nth: int = 1,
+               width: int = 0, height: int = 0,
+               on_frame: Callable[[int], None] | None = None) -> tuple[torch.Tensor, float]:
+    """Read a video file as IMAGE frames ``[f, h, w, 3]`` float32 in [0, 1], and its frame rate.
+
+    Frames: skip ``skip_first_frames``, then keep every ``select_every_nth``
+    frame, stop after ``frame_load_cap`` kept frames (0 = all). The file is
+    decoded only up to the last frame kept.
+
+    Size: see ``target_size`` (``width``/``height`` 0 = keep; the result is
+    always a multiple of 8 on both sides, centre-cropped). Scaling uses Pillow's
+    Lanczos filter. Alpha is dropped.
+
+    Returns ``(frames, fps)``; fps is the rate of the frames returned (the
+    file's rate divided by ``select_every_nth``), so they play at the original
+    speed. ``on_frame(n)`` is called after each kept frame (progress, interrupts).
+    """
+    frame_load_cap = _int_option("frame_load_cap", frame_load_cap, 0)
+    skip_first_frames = _int_option("skip_first_frames", skip_first_frames, 0)
+    select_every_nth = _int_option("select_every_nth", select_every_nth, 1)
+    width = _int_option("width", width, 0)
+    height = _int_option("height", height, 0)
+    for name, v in (("width", width), ("height", height)):
+        if 0 < v < 8:
+            raise KinemaError(f"{name} must be 0 (keep) or at least 8, got {v}")
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise KinemaError("No video file given")
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise KinemaError(f"Video file '{path}' not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in READ_EXTENSIONS:
+        raise KinemaError(f"'{name}' is not a video file Kinema reads: use one of {_supported()}")
+    from PIL import Image
+
+    kept: list[np.ndarray] = []
+    seen = 0
+    size = None
+    stopped: BaseException | None = None
+    try:
+        fps, frames, close = _open_frames(path, ext)
+        try:
+            for index, frame in enumerate(frames):
+                seen = index + 1
+                if index < skip_first_frames or (index - skip_first_frames) % select_every_nth:
+                    continue
+                frame = _as_rgb(to_uint8(np.asarray(frame)))[0]
+                if size is None:
+                    src_h, src_w = frame.shape[:2]
+                    size = target_size(src_w, src_h, width, height)
+                    (sw, sh), (ow, oh) = size
+                    if ow < 8 or oh < 8:
+                        raise KinemaError(
+                            f"'{name}' is {src_w}x{src_h}: scaled to {sw}x{sh} that leaves no 8x8 block "
+                            "(frames are cropped to multiples of 8); choose a bigger custom width/height")
+                (sw, sh), (ow, oh) = size
+                if frame.shape[:2] != (sh, sw):
+                    frame = np.asarray(Image.fromarray(frame).resize((sw, sh), Image.LANCZOS))
+                top, left = (sh - oh) // 2, (sw - ow) // 2
+                kept.append(np.ascontiguousarray(frame[top:top + oh, left:left + ow]))
+                if on_frame is not None:
+                    try:
+                        on_frame(len(kept))
+                    except BaseException as e:  # the caller's (an interrupt): raised as is, below
+                        stopped = e
+                        break
+                if frame_load_cap and len(kept) >= frame_load_cap:
+                    break
+        finally:
+            close()
+    except KinemaError:
+        raise
+    except Exception as e:
+        detail = " ".join(str(e).split("\n")[0].split())[:300] or type(e).__name__
+        raise KinemaError(f"Cannot read '{name}' as a video ({detail}). Kinema reads {_supported()}; "
+                          "is the file complete and really in that format?") from e
+    if stopped is not None:
+        raise stopped
+    if not kept:
+        if seen == 0:
+            raise KinemaError(f"'{name}' holds no frames")
+        raise KinemaError(f"No frames left from '{name}': it has {seen} frame{'s' if seen != 1 else ''}, "
+                          f"skip_first_frames is {skip_first_frames}"
+                          + (f" and select_every_nth {select_every_nth}" if select_every_nth > 1 else ""))
+    images = torch.from_numpy(np.stack(kept)).float().div_(255.0)
+    return images, round(fps / select_every_nth, 4)

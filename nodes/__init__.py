@@ -1,9 +1,9 @@
 """Kinema's node classes (V1 API). Each module adds its own mappings."""
-from . import animatediff, conditioning, latent, loaders, sampler, vae, video_output
+from . import animatediff, conditioning, context, latent, loaders, lora, sampler, vae, video_input, video_output
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (loaders, animatediff, conditioning, latent, sampler, vae, video_output):
+for _module in (loaders, animatediff, lora, context, conditioning, latent, sampler, vae, video_input, video_output):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

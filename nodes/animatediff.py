@@ -1,6 +1,7 @@
 """Apply an AnimateDiff motion module to an SD1.5 model."""
 from __future__ import annotations
 
+from ..models.motion import parse_scale
 from ..models.sampling import BETA_SCHEDULES
 
 
@@ -29,14 +30,20 @@ class KinemaApplyMotionModule:
                     "default": "linear",
                     "tooltip": "Noise schedule of the sampler. AnimateDiff was trained with linear betas; "
                                "sqrt_linear is SD1.5's own."}),
-            }
+            },
+            "optional": {
+                "motion_scale_per_frame": ("STRING", {
+                    "default": "", "multiline": False,
+                    "tooltip": "Optional: one motion scale per frame, e.g. '1.0, 1.0, 0.9, 0.8' (the last value "
+                               "holds for the frames after it). Overrides motion_scale when set."}),
+            },
         }
 
-    def apply(self, model, motion_module, motion_scale=1.0, beta_schedule="linear"):
+    def apply(self, model, motion_module, motion_scale=1.0, beta_schedule="linear", motion_scale_per_frame=""):
         motion_module.check_unet(model.unet.cfg)
         name = getattr(motion_module, "source", "") or motion_module.version
-        return (model.with_options(motion=motion_module, scale=float(motion_scale), beta_schedule=beta_schedule,
-                                   name=name),)
+        scale = parse_scale(motion_scale_per_frame or "") or float(motion_scale)
+        return (model.with_options(motion=motion_module, scale=scale, beta_schedule=beta_schedule, name=name),)
 
 
 NODE_CLASS_MAPPINGS = {"KinemaApplyMotionModule": KinemaApplyMotionModule}

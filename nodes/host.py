@@ -317,6 +317,28 @@ def get_input_directory() -> str:
     return os.path.abspath(_input_dir or os.environ.get("KINEMA_INPUT_DIR") or "input")
 
 
+def resolve_input(name: str) -> str:
+    """Absolute path of ``name`` (``sub/clip.mp4``, ComfyUI's ``clip.mp4 [input]``) in the input folder.
+
+    The file need not exist. KinemaError if the name leaves the folder (``..``, an
+    absolute path, a link resolving outside it unless ``KINEMA_ALLOW_SYMLINKS=1``).
+    """
+    root = get_input_directory()
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise KinemaError(f"No input file selected (got {name!r}): pick a file from the list")
+    flat = re.sub(r"\s*\[input\]$", "", name.strip()).replace("\\", "/")
+    parts = [p for p in flat.split("/") if p not in ("", ".")]
+    if flat.startswith("/") or re.match(r"^[A-Za-z]:", flat) or ".." in parts or not parts:
+        raise KinemaError(f"Input file name '{name}' points outside the input folder {root}: "
+                          "give a name relative to it (put the file in the input folder or upload it)")
+    full = os.path.join(root, *parts)
+    if os.path.exists(full) and not _inside(os.path.realpath(full), os.path.realpath(root)) \
+            and not _allow_external_links():
+        raise KinemaError(f"Input file '{name}' resolves to '{os.path.realpath(full)}', outside the input folder "
+                          f"{root}; set KINEMA_ALLOW_SYMLINKS=1 to follow such links anyway")
+    return full
+
+
 def get_temp_directory() -> str:
     if _folder_paths is not None:
         return _folder_paths.get_temp_directory()

@@ -1,20 +1,24 @@
 """The video sampler node."""
 from __future__ import annotations
 
-from ..models import pipelines
+from ..models import pipelines, prompt_travel
 from ..models.errors import KinemaError
 from ..models.sampling import SAMPLERS, SCHEDULERS
 from . import host
 
 
-def conditioning_tensor(conditioning, what):
-    """The context tensor of a CONDITIONING list ([[tensor, dict]])."""
+def conditioning_tensor(conditioning, what, num_frames):
+    """The context tensor of a CONDITIONING list ([[tensor, dict]]) for a video of ``num_frames``: [1|f, n, d].
+
+    A Prompt Schedule (Kinema) conditioning becomes one context per frame.
+    """
     if not conditioning:
         raise KinemaError(f"the {what} conditioning is empty: connect a Text Encode (Kinema) node")
     if len(conditioning) > 1:
         raise KinemaError(f"the {what} conditioning holds {len(conditioning)} entries; Kinema's sampler takes one "
                           "(combined conditionings are not supported yet)")
-    return conditioning[0][0]
+    entry = conditioning[0]
+    return prompt_travel.resolve_conditioning(entry[0], entry[1] if len(entry) > 1 else {}, num_frames)
 
 
 class KinemaVideoSampler:
@@ -49,22 +53,34 @@ class KinemaVideoSampler:
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                             "tooltip": "Split attention queries into chunks of this size to save "
                                                        "memory (0 = off)."}),
+                "context_options": ("KINEMA_CONTEXT_OPTIONS", {
+                    "tooltip": "Context Options (Kinema): sample long videos in overlapping windows of frames."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise,
-               attention_chunk=0):
+               attention_chunk=0, context_options=None):
         opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
-                                       denoise=denoise, attn_chunk=attention_chunk)
-        bar = host.ProgressBar(steps)
+                                       denoise=denoise, attn_chunk=attention_chunk, context=context_options)
+        # progress moves per window with context windows (a step of a long video is many model calls)
+        per_step = 1 if context_options is None else pipelines.windows_per_step(latent["samples"].shape[0],
+                                                                                context_options, steps)
+        bar = host.ProgressBar(steps * per_step)
+        done = [0]
 
         def on_step(i, total, x0):
-            bar.update_absolute(i + 1, total)
+            done[0] = (i + 1) * per_step
+            bar.update_absolute(done[0], total * per_step)
+
+        def on_window():
+            done[0] = min(done[0] + 1, steps * per_step)
+            bar.update_absolute(done[0], steps * per_step)  # also where Cancel is honoured
 
         host.check_interrupt()
-        samples = pipelines.sample_video(model, conditioning_tensor(positive, "positive"),
-                                         conditioning_tensor(negative, "negative"), latent["samples"], opts,
-                                         callback=on_step)
+        frames = latent["samples"].shape[0]
+        samples = pipelines.sample_video(model, conditioning_tensor(positive, "positive", frames),
+                                         conditioning_tensor(negative, "negative", frames), latent["samples"], opts,
+                                         callback=on_step, on_window=on_window)
         out = {k: v for k, v in latent.items() if k != "noise_mask"}
         out["samples"] = samples
         return (out,)

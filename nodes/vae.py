@@ -1,4 +1,4 @@
-"""VAE frame decoding."""
+"""VAE frame encoding and decoding, a chunk of frames at a time."""
 from __future__ import annotations
 
 from ..models import vae as vae_ops
@@ -31,5 +31,35 @@ class KinemaVAEDecodeFrames:
         return (images,)
 
 
-NODE_CLASS_MAPPINGS = {"KinemaVAEDecodeFrames": KinemaVAEDecodeFrames}
-NODE_DISPLAY_NAME_MAPPINGS = {"KinemaVAEDecodeFrames": "VAE Decode Frames (Kinema)"}
+class KinemaVAEEncodeFrames:
+    DESCRIPTION = ("Encodes frames (an IMAGE batch, e.g. from Load Video) into a latent video for video-to-video, "
+                   "a chunk of frames at a time (smaller chunks use less memory). Width and height must be "
+                   "multiples of 8.")
+    CATEGORY = "Kinema/vae"
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("The latent video [frames, 4, height/8, width/8]; sample it with denoise below 1.",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("KINEMA_VAE", {"tooltip": "The VAE from Load Checkpoint (Kinema)."}),
+                "pixels": ("IMAGE", {"tooltip": "The frames to encode, e.g. from Load Video (Kinema); "
+                                                "sides must be multiples of 8."}),
+                "frame_chunk": ("INT", {"default": 8, "min": 1, "max": 4096,
+                                        "tooltip": "Frames encoded at once; lower it if the GPU runs out of memory."}),
+            }
+        }
+
+    def encode(self, vae, pixels, frame_chunk=8):
+        host.check_interrupt()
+        bar = host.ProgressBar(pixels.shape[0])
+        latent = vae_ops.encode_frames(vae, pixels, frame_chunk,
+                                       on_chunk=lambda done, total: bar.update_absolute(done, total))
+        return ({"samples": latent},)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaVAEDecodeFrames": KinemaVAEDecodeFrames, "KinemaVAEEncodeFrames": KinemaVAEEncodeFrames}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaVAEDecodeFrames": "VAE Decode Frames (Kinema)",
+                              "KinemaVAEEncodeFrames": "VAE Encode Frames (Kinema)"}

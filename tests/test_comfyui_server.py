@@ -218,7 +218,9 @@ def _demo_choice(kind, value, options):
 
 
 # Small sizes so each run takes seconds on the tiny demo models; the graph is the bundled one.
-SMALL = {"KinemaEmptyVideoLatent": {"width": 64, "height": 64, "frames": 8}, "KinemaVideoSampler": {"steps": 2}}
+SMALL = {"KinemaEmptyVideoLatent": {"width": 64, "height": 64, "frames": 8}, "KinemaVideoSampler": {"steps": 2},
+         "KinemaLoadVideo": {"frame_load_cap": 8, "custom_width": 64},
+         "KinemaContextOptions": {"context_length": 4, "context_overlap": 1}}
 
 
 def _set_ui_widget(node, name, value):

@@ -86,8 +86,11 @@ def test_v1_uses_cross_frame_groupnorm(unet, inputs):
 def test_positional_limit_is_enforced_with_a_clear_message(unet, version, limit):
     video = MotionModel(unet, _motion(version), name=f"mm_{version}")
     video.check_frames(limit)
-    with pytest.raises(KinemaError, match=f"at most {limit} frames.*context windows"):
+    with pytest.raises(KinemaError, match=f"at most {limit} frames.*Context Options"):
         video.check_frames(limit + 1)
+    video.check_frames(4 * limit, context_length=limit)  # windows of the module's length: any frame count
+    with pytest.raises(KinemaError, match=f"context length is {limit + 1}.*{limit} or less"):
+        video.check_frames(4 * limit, context_length=limit + 1)
     with pytest.raises(KinemaError, match="at least 1 frame"):
         video.check_frames(0)
 

@@ -25,7 +25,7 @@ def test_every_node_is_a_documented_v1_class(nodes):
             for name, entry in spec.get(section, {}).items():
                 assert len(entry) == 2 and entry[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         for t in cls.RETURN_TYPES:
-            assert t in ("IMAGE", "LATENT", "CONDITIONING") or t.startswith("KINEMA_")
+            assert t in ("IMAGE", "LATENT", "CONDITIONING", "INT", "FLOAT") or t.startswith("KINEMA_")
 
 
 def test_loaders_list_the_models_folders(nodes, host_dirs):

@@ -1,0 +1,65 @@
+"""What the benchmarks share: loading the pack from the checkout, and reading memory and machine facts."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def register_pack() -> None:
+    """Load the repository root as the package ``kinema`` (as tests/conftest.py does) and reach tests/fixtures.py."""
+    if "kinema" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "kinema", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
+        )
+        sys.modules["kinema"] = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def rss_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``) in KiB; None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so VmHWM then measures what follows alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def mib(kib) -> str:
+    return "n/a" if kib is None else f"{kib / 1024:.0f}"
+
+
+def ratio(a, b) -> str:
+    return "n/a" if a is None or b is None or not b else f"{a / b:.2f}"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def thread_env(threads: int) -> dict:
+    """The environment of a child that should use ``threads`` CPU threads."""
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

@@ -1,0 +1,441 @@
+"""LoRAs: AnimateDiff MotionLoRAs and SD1.5 LoRAs, merged into copies of the models.
+
+Formats read
+------------
+- **MotionLoRA** (``v2_lora_ZoomIn.ckpt`` ...): ``{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.
+  temporal_transformer.transformer_blocks.k.attention_blocks.m.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}
+  .weight``, optionally under ``state_dict``. No alpha: the update is ``strength * up @ down``; ``to_out`` is the
+  motion module's ``to_out.0``.
+- **SD1.5 LoRA, kohya style**: ``lora_unet_<module path, dots as underscores>.{lora_down,lora_up}.weight`` and
+  ``.alpha``; the path may be the diffusers UNet's (``down_blocks_0_attentions_0_proj_in``, the kohya default) or
+  the original LDM UNet's (``input_blocks_1_1_proj_in``). Text encoder: ``lora_te_text_model_encoder_layers_N_...``.
+  The update is ``strength * alpha / rank * up @ down`` (no alpha: ``alpha = rank``). Linear layers, 1x1 convs and
+  3x3 convs (LoCon: ``up [o, r, 1, 1] @ down [r, i, kh, kw]``).
+- **diffusers attention-processor style** (the AnimateDiff v3 domain adapter ``v3_sd15_adapter.ckpt``):
+  ``<diffusers UNet path>.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}.weight``, no alpha.
+- diffusers / peft style (``unet.<path>.lora_A.weight`` / ``lora_B``, ``text_encoder.<path>...``) is read too.
+
+Applying
+--------
+Nothing is changed in place (design rule: node outputs are never mutated). ``merge`` returns a *structural copy* of
+the module tree: every module on the way from the root to a patched weight is shallow-copied (its own child and
+parameter tables), every other module and every unpatched parameter is the original object. Memory grows by the
+patched weights only. Updates are summed in fp32 (several LoRAs in one go), added to the weight in fp32, then cast to
+the weight's dtype.
+
+Mismatches
+----------
+- A LoRA for another base model is refused: SDXL keys (``lora_te1_``, ``lora_te2_``, ``text_encoder_2.``), or any
+  weight whose shape does not fit the layer it names.
+- Keys that name no layer: KinemaError when none match; otherwise they are skipped and counted in a warning.
+- MotionLoRA rule: updates for motion modules that the loaded motion module does not have (a v2 MotionLoRA's
+  ``mid_block`` on v1/v3, which have no mid block) are skipped with a warning; every other mismatch (a module it has,
+  with another shape or without that weight) is a KinemaError, and so is a MotionLoRA of which nothing applies.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .errors import KinemaError
+
+logger = logging.getLogger("kinema")
+
+MOTION_LORA_NODE = "Load MotionLoRA (Kinema)"
+LORA_NODE = "Load LoRA (Kinema)"
+
+
+# -- one low-rank update ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoRAPair:
+    """``down [r, i(, kh, kw)]``, ``up [o, r(, 1, 1)]`` and the optional ``alpha``: update = alpha/r * up @ down."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        """True when the update has the shape of a weight ``shape`` (a linear or conv layer)."""
+        if self.up.ndim < 2 or self.down.ndim < 2 or self.up.shape[1] != self.down.shape[0]:
+            return False
+        if math.prod(self.up.shape[2:]) != 1:
+            return False
+        return self.up.shape[0] == shape[0] and math.prod(self.down.shape[1:]) == math.prod(shape[1:]) and (
+            self.down.ndim == 2 or len(shape) == 2 or tuple(self.down.shape[2:]) == tuple(shape[2:]))
+
+    def delta(self, shape: Sequence[int], device=None) -> torch.Tensor:
+        """The fp32 update ``alpha/r * up @ down`` reshaped to the weight's ``shape``, on ``device``."""
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)  # [o, r]
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)  # [r, i*kh*kw]
+        return (up @ down).mul_(self.scale).reshape(tuple(shape))
+
+
+Patch = Mapping[str, LoRAPair]  # parameter name in the target module -> update
+
+
+# -- copy-on-write -------------------------------------------------------------------------------------------------
+
+def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``root`` whose parameters ``new`` (dotted names) are replaced; everything else is shared.
+
+    Only the modules on the paths to the replaced parameters are copied (shallowly, with their own tables of
+    children, parameters and buffers); ``root`` and all its tensors are left untouched.
+    """
+    if not new:
+        return root
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    on_path = {""}
+    for name, tensor in new.items():
+        path, _, leaf = name.rpartition(".")
+        by_module.setdefault(path, {})[leaf] = tensor
+        parts = path.split(".") if path else []
+        on_path.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
+    def copy_node(module: nn.Module, prefix: str) -> nn.Module:
+        clone = copy.copy(module)
+        clone._modules = type(module._modules)(module._modules)
+        clone._parameters = type(module._parameters)(module._parameters)
+        clone._buffers = type(module._buffers)(module._buffers)
+        for leaf, tensor in by_module.get(prefix, {}).items():
+            if module._parameters.get(leaf) is None:
+                raise KinemaError(f"internal error: the model has no parameter '{prefix}.{leaf}' to patch")
+            clone._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        for child_name, child in module._modules.items():
+            child_prefix = f"{prefix}.{child_name}" if prefix else child_name
+            if child is not None and child_prefix in on_path:
+                clone._modules[child_name] = copy_node(child, child_prefix)
+        return clone
+
+    return copy_node(root, "")
+
+
+def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Module:
+    """``module`` with ``W += sum(strength * delta)`` for every (patch, strength), as a copy-on-write copy.
+
+    Updates are summed in fp32 and added to the weight in fp32, then cast to the weight's dtype. With no
+    non-zero strength, ``module`` itself is returned.
+    """
+    params = dict(module.named_parameters())
+    sums: dict[str, torch.Tensor] = {}
+    for patch, strength in patches:
+        strength = float(strength)
+        if strength == 0.0:
+            continue
+        for name, pair in patch.items():
+            weight = params.get(name)
+            if weight is None:
+                raise KinemaError(f"internal error: the model has no weight '{name}' to patch")
+            d = pair.delta(weight.shape, weight.device).mul_(strength)
+            sums[name] = sums[name].add_(d) if name in sums else d
+    new = {name: (params[name].detach().float() + d).to(params[name].dtype) for name, d in sums.items()}
+    return replace_parameters(module, new)
+
+
+# -- reading LoRA keys ---------------------------------------------------------------------------------------------
+
+_ROLE_SUFFIXES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".alpha", "alpha"),
+)
+_PROCESSOR_SUFFIXES = (("_lora.down.weight", "down"), ("_lora.up.weight", "up"))
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """``key`` -> (target module name as written in the file, role) or None when it is not a LoRA tensor.
+
+    Processor style (``X.processor.to_q_lora.down.weight``) becomes ``X.to_q`` (``to_out`` -> ``to_out.0``).
+    """
+    for suffix, role in _PROCESSOR_SUFFIXES:
+        if key.endswith(suffix) and ".processor." in key:
+            base = key[: -len(suffix)].replace(".processor.", ".")
+            if base.endswith(".to_out"):
+                base += ".0"
+            return base, role
+    for suffix, role in _ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def read_pairs(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, LoRAPair], list[str]]:
+    """Group a LoRA file's tensors into {target: LoRAPair}; also returns the keys that are not LoRA tensors."""
+    unsupported = [k for k in sd if ".dora_scale" in k or k.endswith(".lora_mid.weight")]
+    if unsupported:
+        kind = "DoRA" if ".dora_scale" in unsupported[0] else "LoCon with Tucker decomposition ('lora_mid')"
+        raise KinemaError(f"'{name}' is a {kind} LoRA, which Kinema does not merge yet (key '{unsupported[0]}')")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    other = []
+    for key, tensor in sd.items():
+        split = _split_key(key)
+        if split is None:
+            other.append(key)
+            continue
+        parts.setdefault(split[0], {})[split[1]] = tensor
+    pairs = {}
+    for target, p in parts.items():
+        if "down" not in p or "up" not in p:
+            if set(p) == {"alpha"}:
+                other.append(f"{target}.alpha")
+                continue
+            missing = "up" if "down" in p else "down"
+            raise KinemaError(f"'{name}' is incomplete: the LoRA weight '{target}' has no '{missing}' half. "
+                              "Download the file again.")
+        alpha = float(p["alpha"].float().reshape(-1)[0]) if "alpha" in p else None
+        pair = LoRAPair(p["down"], p["up"], alpha)
+        if pair.up.ndim < 2 or pair.down.ndim < 2 or pair.up.shape[1] != pair.down.shape[0]:
+            raise KinemaError(f"'{name}': the LoRA weight '{target}' has inconsistent halves "
+                              f"(down {tuple(pair.down.shape)}, up {tuple(pair.up.shape)})")
+        pairs[target] = pair
+    return pairs, other
+
+
+# -- MotionLoRA ----------------------------------------------------------------------------------------------------
+
+def load_motion_lora(path: str) -> dict[str, torch.Tensor]:
+    """Read a MotionLoRA file safely; KinemaError (naming the file and the node to use) for any other kind."""
+    sd = checkpoint.load_state_dict(path)
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    checkpoint.expect_format(sd, "motion_lora", path, "an AnimateDiff MotionLoRA")
+    if not any(k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in sd):
+        raise KinemaError(f"'{os.path.basename(path)}' is a MotionLoRA in the diffusers layout, which Kinema does not "
+                          "read: use the original AnimateDiff file (e.g. v2_lora_ZoomIn.ckpt)")
+    return sd
+
+
+def motion_lora_patch(motion, sd: Mapping[str, torch.Tensor], name: str = "the MotionLoRA") -> dict[str, LoRAPair]:
+    """The MotionLoRA ``sd`` as {parameter of ``motion`` (a MotionModuleSet): update}; see the module rule."""
+    pairs, other = read_pairs(sd, name)
+    if not pairs:
+        raise KinemaError(f"'{name}' holds no MotionLoRA weights ('...processor.to_q_lora.down.weight')")
+    params = dict(motion.named_parameters())
+    modules = {n for n, m in motion.named_modules() if type(m).__name__ == "MotionModule"}
+    patch, absent = {}, []
+    for target, pair in pairs.items():
+        if ".motion_modules." not in target:
+            raise KinemaError(f"'{name}' has a weight '{target}' outside the motion modules: it is not a MotionLoRA")
+        owner = target.split(".temporal_transformer.")[0]
+        param = f"{target}.weight"
+        if owner not in modules:
+            absent.append(owner)
+            continue
+        weight = params.get(param)
+        if weight is None:
+            raise KinemaError(f"'{name}' changes '{param}', which the motion module does not have: the MotionLoRA was "
+                              "made for another motion module family")
+        if not pair.fits(weight.shape):
+            raise KinemaError(
+                f"'{name}' does not fit this motion module: '{param}' is {tuple(weight.shape)}, the MotionLoRA's "
+                f"update is up {tuple(pair.up.shape)} @ down {tuple(pair.down.shape)}. Use an SD1.5 MotionLoRA with "
+                "an SD1.5 motion module.")
+        patch[param] = pair
+    if not patch:
+        raise KinemaError(f"none of the MotionLoRA '{name}' weights match the motion module "
+                          f"({motion.version}): it was made for another motion module")
+    if absent:
+        where = sorted({o.split(".motion_modules.")[0] for o in absent})
+        logger.warning("MotionLoRA '%s': %d weights for motion modules that this %s motion module does not have (%s) "
+                       "were skipped", name, len(absent), motion.version, ", ".join(where))
+    if other:
+        logger.warning("MotionLoRA '%s': %d keys that are not LoRA weights were ignored", name, len(other))
+    return patch
+
+
+def apply_motion_loras(motion, loras: Sequence[tuple[Mapping[str, torch.Tensor], float, str]]):
+    """A copy of the MotionModuleSet ``motion`` with the MotionLoRAs ``[(state dict, strength, name)]`` merged.
+
+    ``motion`` is never changed; unpatched tensors are shared. The copy records the LoRAs in ``.loras``.
+    """
+    patches = [(motion_lora_patch(motion, sd, name), strength) for sd, strength, name in loras]
+    merged = merge(motion, patches)
+    if merged is not motion:
+        merged.loras = tuple(getattr(motion, "loras", ())) + tuple(
+            (name, float(s)) for (_, s, name) in loras if float(s) != 0.0)
+    return merged
+
+
+# -- SD1.5 LoRA ----------------------------------------------------------------------------------------------------
+
+_RES_RENAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+def ldm_to_diffusers_blocks(cfg) -> dict[str, str]:
+    """Block-level module paths of the LDM UNet (``UNetConfig`` ``cfg``) -> the diffusers UNet2DConditionModel's.
+
+    ResBlock prefixes map to ``...resnets.j`` (their inner names differ: see ``_RES_RENAMES``); spatial transformer
+    prefixes to ``...attentions.j`` (same inner names); samplers to ``...downsamplers.0.conv`` / ``upsamplers.0.conv``.
+    """
+    nrb, levels = cfg.num_res_blocks, cfg.levels
+    out = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
+           "time_embed.2": "time_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out",
+           "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+           "middle_block.2": "mid_block.resnets.1"}
+    for level in range(levels):
+        for j in range(nrb):
+            i = 1 + level * (nrb + 1) + j
+            out[f"input_blocks.{i}.0"] = f"down_blocks.{level}.resnets.{j}"
+            if level in cfg.attention_levels:
+                out[f"input_blocks.{i}.1"] = f"down_blocks.{level}.attentions.{j}"
+        if level != levels - 1:
+            out[f"input_blocks.{(level + 1) * (nrb + 1)}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+    for u in range(levels):  # diffusers' up_blocks.0 is the deepest level
+        level = levels - 1 - u
+        attn = level in cfg.attention_levels
+        for j in range(nrb + 1):
+            o = u * (nrb + 1) + j
+            out[f"output_blocks.{o}.0"] = f"up_blocks.{u}.resnets.{j}"
+            if attn:
+                out[f"output_blocks.{o}.1"] = f"up_blocks.{u}.attentions.{j}"
+            if level and j == nrb:
+                out[f"output_blocks.{o}.{2 if attn else 1}.conv"] = f"up_blocks.{u}.upsamplers.0.conv"
+    return out
+
+
+def diffusers_module_name(ldm_name: str, blocks: Mapping[str, str]) -> str | None:
+    """The diffusers name of LDM UNet module ``ldm_name`` (None where diffusers has no such module)."""
+    parts = ldm_name.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in blocks:
+            rest = ".".join(parts[n:])
+            if ".resnets." in blocks[prefix]:
+                if not rest:
+                    return blocks[prefix]
+                head = next((k for k in _RES_RENAMES if rest == k or rest.startswith(k + ".")), None)
+                if head is None:
+                    return None
+                rest = _RES_RENAMES[head] + rest[len(head):]
+            return f"{blocks[prefix]}.{rest}" if rest else blocks[prefix]
+    return None
+
+
+def _weight_layers(module: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+
+
+def unet_lora_targets(unet) -> dict[str, str]:
+    """Every name a LoRA may use for a layer of our LDM UNet -> its weight parameter name."""
+    blocks = ldm_to_diffusers_blocks(unet.cfg)
+    table = {}
+    for ldm in _weight_layers(unet):
+        param = f"{ldm}.weight"
+        names = [ldm]
+        diff = diffusers_module_name(ldm, blocks)
+        if diff is not None:
+            names.append(diff)
+            table[f"unet.{diff}"] = param
+        for n in names:
+            table[n] = param
+            table["lora_unet_" + n.replace(".", "_")] = param
+    return table
+
+
+def text_encoder_lora_targets(model: nn.Module) -> dict[str, str]:
+    """Every name a LoRA may use for a layer of a transformers CLIPTextModel -> its weight parameter name."""
+    table = {}
+    for real in _weight_layers(model):
+        bare = real.removeprefix("text_model.")
+        param = f"{real}.weight"
+        table["lora_te_text_model_" + bare.replace(".", "_")] = param
+        table["lora_te_" + bare.replace(".", "_")] = param
+        table[f"text_encoder.text_model.{bare}"] = param
+        table[f"text_encoder.{bare}"] = param
+    return table
+
+
+_SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb", "unet.add_embedding.")
+
+
+@dataclass(frozen=True)
+class SD15LoRAPatch:
+    """An SD1.5 LoRA resolved against a model: updates for the UNet and the text encoder, and what was skipped."""
+
+    unet: dict
+    clip: dict
+    unmatched: tuple
+
+
+def sd15_lora_patch(sd: Mapping[str, torch.Tensor], unet, text_model: nn.Module | None,
+                    name: str = "the LoRA") -> SD15LoRAPatch:
+    """Resolve a kohya / LDM / diffusers-style SD1.5 LoRA against ``unet`` (ours) and ``text_model``
+    (a transformers CLIPTextModel, or None). KinemaError for SDXL LoRAs, shapes that do not fit, or no match."""
+    sdxl = next((k for k in sd if k.startswith(_SDXL_PREFIXES)), None)
+    if sdxl is not None:
+        raise KinemaError(f"'{name}' is an SDXL LoRA (key '{sdxl}'): Kinema runs SD1.5 models, use a LoRA made for "
+                          "SD1.5")
+    pairs, other = read_pairs(sd, name)
+    if not pairs:
+        raise KinemaError(f"'{name}' holds no LoRA weights Kinema can read (LoHa, LoKr and other LyCORIS types are "
+                          "not supported)")
+    unet_targets = unet_lora_targets(unet)
+    te_targets = text_encoder_lora_targets(text_model) if text_model is not None else {}
+    unet_params = dict(unet.named_parameters())
+    te_params = dict(text_model.named_parameters()) if text_model is not None else {}
+    patch_unet, patch_te, unmatched = {}, {}, list(other)
+    for target, pair in pairs.items():
+        key = target.removeprefix("model.diffusion_model.")
+        if key in unet_targets:
+            param, weight, out = unet_targets[key], unet_params[unet_targets[key]], patch_unet
+        elif target in te_targets:
+            param, weight, out = te_targets[target], te_params[te_targets[target]], patch_te
+        else:
+            unmatched.append(target)
+            continue
+        if not pair.fits(weight.shape):
+            raise KinemaError(
+                f"'{name}' does not fit this SD1.5 model: it changes '{target}' with up {tuple(pair.up.shape)} @ down "
+                f"{tuple(pair.down.shape)}, the layer's weight is {tuple(weight.shape)}. The LoRA was made for another "
+                "base model (SDXL, SD2, ...): use a LoRA made for SD1.5.")
+        out[param] = pair
+    if not patch_unet and not patch_te:
+        te_note = "" if text_model is not None else " (no text encoder was given)"
+        raise KinemaError(f"none of the {len(pairs)} weights of '{name}' name a layer of the SD1.5 UNet or text "
+                          f"encoder{te_note}: it was made for another model (first key: '{next(iter(pairs))}')")
+    if unmatched:
+        logger.warning("LoRA '%s': %d of its keys name no layer of the SD1.5 model and were skipped (first: '%s')",
+                       name, len(unmatched), unmatched[0])
+    return SD15LoRAPatch(unet=patch_unet, clip=patch_te, unmatched=tuple(unmatched))
+
+
+def load_sd15_lora(path: str) -> dict[str, torch.Tensor]:
+    """Read an SD1.5 LoRA file safely; KinemaError (naming the file and the node to use) for any other kind."""
+    sd = checkpoint.load_state_dict(path)
+    checkpoint.expect_format(sd, ("lora", "sd15_adapter_lora"), path, "an SD1.5 LoRA")
+    return sd
+
+
+def apply_sd15_loras(unet, text_encoder, loras: Sequence[tuple[Mapping[str, torch.Tensor], float, float, str]]):
+    """(unet, text_encoder) with the SD1.5 LoRAs ``[(state dict, strength_model, strength_clip, name)]`` merged.
+
+    ``text_encoder`` is a ``models.encoders.TextEncoder`` (or None). Copy-on-write: the inputs are never changed;
+    where every strength of a part is 0 (or nothing applies to it) that part is returned as it was.
+    """
+    text_model = text_encoder.model if text_encoder is not None else None
+    resolved = [(sd15_lora_patch(sd, unet, text_model, name), sm, sc) for sd, sm, sc, name in loras]
+    new_unet = merge(unet, [(p.unet, sm) for p, sm, _ in resolved])
+    new_te = text_encoder
+    if text_encoder is not None:
+        new_model = merge(text_model, [(p.clip, sc) for p, _, sc in resolved])
+        if new_model is not text_model:
+            new_te = copy.copy(text_encoder)
+            new_te.model = new_model
+    return new_unet, new_te

@@ -1,0 +1,547 @@
+"""LoRAs: merge math, copy-on-write, MotionLoRA (parity with diffusers), SD1.5 LoRAs (kohya, LDM names, the v3
+adapter layout; parity with diffusers), bad files, and the two nodes called without ComfyUI.
+
+Parity tolerance as in test_parity.py: ``1e-5 * max(1, max |reference|)`` on the networks' outputs, fp32.
+"""
+import copy
+import logging
+import os
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import save_file
+from torch import nn
+
+from conftest import load_pack
+from fixtures import motion_model, motion_modules, sd15_state_dict, unet
+
+from kinema.models import checkpoint, demo, lora
+from kinema.models.encoders import TextEncoder
+from kinema.models.errors import KinemaError
+
+NET_TOL = 1e-5
+FRAMES, HW = 8, 16
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def assert_net_close(ours, ref, what):
+    diff = float((ours - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    print(f"{what}: max |diff| {diff:.3g}, max |value| {float(ref.abs().max()):.3g}")  # shown with -s
+    assert diff <= NET_TOL * scale, f"{what}: max |diff| {diff:.3g} > {NET_TOL:g} * {scale:.3g}"
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module, before):
+    after = module.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), f"the original's '{k}' changed"
+
+
+def text_encoder():
+    """A fresh TextEncoder on the demo weights (its tensors are those of the cached state dict: read-only)."""
+    return TextEncoder.from_state_dict(sd15_state_dict())
+
+
+def _video_inputs():
+    g = _gen(2)
+    x = torch.randn(2 * FRAMES, 4, HW, HW, generator=g)
+    ctx = torch.randn(2, 77, 64, generator=g).repeat_interleave(FRAMES, dim=0)
+    return x, torch.tensor(500.0), ctx
+
+
+def _kinema_eps(model, x, t, ctx):
+    with torch.no_grad():
+        return model(x, t.expand(x.shape[0]), ctx, FRAMES)
+
+
+def _diffusers_eps(model, x, t, ctx):
+    with torch.no_grad():
+        out = model(rearrange(x, "(b f) c h w -> b c f h w", f=FRAMES), t, ctx).sample
+    return rearrange(out, "b c f h w -> (b f) c h w")
+
+
+def _image_inputs():
+    g = _gen(3)
+    return torch.randn(2, 4, HW, HW, generator=g), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 64, generator=g)
+
+
+# -- merge math --------------------------------------------------------------------------------------------------
+
+def test_pair_delta_linear_conv_and_locon():
+    g = _gen(0)
+    down, up = torch.randn(3, 5, generator=g), torch.randn(7, 3, generator=g)
+    pair = lora.LoRAPair(down, up, alpha=1.5)
+    assert pair.scale == 0.5
+    torch.testing.assert_close(pair.delta((7, 5)), 0.5 * up @ down)
+    # 1x1 conv
+    pair = lora.LoRAPair(down.reshape(3, 5, 1, 1), up.reshape(7, 3, 1, 1))
+    torch.testing.assert_close(pair.delta((7, 5, 1, 1)), (up @ down).reshape(7, 5, 1, 1))
+    # 3x3 LoCon: conv with the delta == conv with down, then 1x1 conv with up
+    down3 = torch.randn(3, 5, 3, 3, generator=g)
+    pair = lora.LoRAPair(down3, up.reshape(7, 3, 1, 1), alpha=3.0)
+    x = torch.randn(2, 5, 6, 6, generator=g)
+    direct = F.conv2d(F.conv2d(x, down3, padding=1), up.reshape(7, 3, 1, 1))
+    torch.testing.assert_close(F.conv2d(x, pair.delta((7, 5, 3, 3)), padding=1), direct, rtol=1e-5, atol=1e-5)
+    assert pair.fits((7, 5, 3, 3)) and not pair.fits((7, 5, 1, 1)) and not pair.fits((8, 5, 3, 3))
+
+
+def test_merge_is_copy_on_write_and_merges_in_fp32():
+    g = _gen(1)
+    base = nn.Sequential(nn.Linear(5, 7), nn.Sequential(nn.Linear(7, 7), nn.Linear(7, 3))).half()
+    before = snapshot(base)
+    pair = lora.LoRAPair(torch.randn(2, 7, generator=g), torch.randn(7, 2, generator=g) * 1e-3, alpha=4.0)
+    merged = lora.merge(base, [({"1.0.weight": pair}, 0.5)])
+    assert_unchanged(base, before)
+    want = (before["1.0.weight"].float() + 0.5 * 2.0 * (pair.up @ pair.down)).half()
+    assert merged[1][0].weight.dtype == torch.float16 and torch.equal(merged[1][0].weight, want)
+    assert merged is not base and merged[1] is not base[1] and merged[1][0] is not base[1][0]
+    assert merged[0] is base[0] and merged[1][1] is base[1][1]  # untouched branches are the same modules
+    assert merged[1][0].bias is base[1][0].bias
+    assert lora.merge(base, [({"1.0.weight": pair}, 0.0)]) is base  # strength 0: the same object
+
+
+# -- MotionLoRA ----------------------------------------------------------------------------------------------------
+
+def motion_lora_sd(seed=0):
+    return demo.motion_lora_state_dict(seed)
+
+
+def test_motion_lora_copy_on_write_shares_unpatched_tensors():
+    mm = motion_modules("v2")
+    before = snapshot(mm)
+    new = lora.apply_motion_loras(mm, [(motion_lora_sd(), 1.0, "demo")])
+    assert_unchanged(mm, before)
+    old_p, new_p = dict(mm.named_parameters()), dict(new.named_parameters())
+    patched = {k for k in new_p if new_p[k].data_ptr() != old_p[k].data_ptr()}
+    lora_targets = {k for k in old_p if ".attention_blocks." in k and k.endswith(("to_q.weight", "to_k.weight",
+                                                                                  "to_v.weight", "to_out.0.weight"))}
+    assert patched == lora_targets  # new tensors for the patched weights only
+    assert all(new_p[k] is old_p[k] for k in old_p if k not in patched)
+    new_b, old_b = dict(new.named_buffers()), dict(mm.named_buffers())
+    assert all(new_b[k] is old_b[k] for k in old_b)  # positional tables shared
+    assert new.version == "v2" and new.cfg == mm.cfg and new.loras == (("demo", 1.0),)
+    new.check_unet(unet().cfg)
+
+
+def _deltas(new, base):
+    old = dict(base.named_parameters())
+    return {k: v.detach() - old[k].detach() for k, v in new.named_parameters()}
+
+
+def test_motion_lora_strengths_and_stacking():
+    mm = motion_modules("v2")
+    a, b = motion_lora_sd(0), motion_lora_sd(1)
+    assert lora.apply_motion_loras(mm, [(a, 0.0, "a")]) is mm
+    pos = _deltas(lora.apply_motion_loras(mm, [(a, 0.8, "a")]), mm)
+    neg = _deltas(lora.apply_motion_loras(mm, [(a, -0.8, "a")]), mm)
+    for k in pos:
+        torch.testing.assert_close(neg[k], -pos[k], rtol=0, atol=1e-6)
+    # the update is exactly strength * up @ down on the named weight
+    block = "mid_block.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1"
+    key, param = f"{block}.processor.to_out_lora", f"{block}.to_out.0.weight"
+    torch.testing.assert_close(pos[param], 0.8 * a[f"{key}.up.weight"] @ a[f"{key}.down.weight"], rtol=1e-5,
+                               atol=1e-6)
+    # stacking two = the summed deltas, in one go or chained
+    both = _deltas(lora.apply_motion_loras(mm, [(a, 0.5, "a"), (b, -0.7, "b")]), mm)
+    da = _deltas(lora.apply_motion_loras(mm, [(a, 0.5, "a")]), mm)
+    db = _deltas(lora.apply_motion_loras(mm, [(b, -0.7, "b")]), mm)
+    chained_module = lora.apply_motion_loras(lora.apply_motion_loras(mm, [(a, 0.5, "a")]), [(b, -0.7, "b")])
+    chained = _deltas(chained_module, mm)
+    assert chained_module.loras == (("a", 0.5), ("b", -0.7))
+    for k in both:
+        torch.testing.assert_close(both[k], da[k] + db[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(chained[k], da[k] + db[k], rtol=0, atol=1e-6)
+
+
+def test_motion_lora_matches_diffusers():
+    pytest.importorskip("peft")
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+    from fixtures import diffusers_motion_unet
+
+    sd, strength = motion_lora_sd(), 0.8
+    ours = motion_model("v2").with_options(motion=lora.apply_motion_loras(motion_modules("v2"), [(sd, strength, "d")]))
+    ref = diffusers_motion_unet("v2")
+    # diffusers' own converter renames the motion-module paths; its LoRA loader reads the processor-style names
+    ref.load_lora_adapter(convert_animatediff_checkpoint_to_diffusers(dict(sd)), prefix=None, adapter_name="motion")
+    ref.fuse_lora(lora_scale=strength)
+    x, t, ctx = _video_inputs()
+    got, want = _kinema_eps(ours, x, t, ctx), _diffusers_eps(ref, x, t, ctx)
+    assert_net_close(got, want, "v2 + MotionLoRA eps")
+    plain = _kinema_eps(motion_model("v2"), x, t, ctx)
+    assert float((got - plain).abs().max()) > 1e-2  # the LoRA does change the result
+
+
+def test_v2_motion_lora_on_v3_skips_the_mid_block(caplog):
+    mm = motion_modules("v3")
+    sd = motion_lora_sd()
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        new = lora.apply_motion_loras(mm, [(sd, 1.0, "zoom")])
+    mid_pairs = sum(1 for k in sd if k.startswith("mid_block.") and k.endswith("_lora.down.weight"))
+    assert mid_pairs == 8
+    assert f"{mid_pairs} weights for motion modules that this v3 motion module does not have (mid_block)" in caplog.text
+    patched = [k for k, v in new.named_parameters() if v is not dict(mm.named_parameters())[k]]
+    assert len(patched) == sum(1 for k in sd if k.endswith("_lora.down.weight")) - mid_pairs
+
+
+def test_motion_lora_that_does_not_fit_is_refused():
+    mm = motion_modules("v2")
+    sd = motion_lora_sd()
+    wide = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if k.endswith("down.weight") else v) for k, v in sd.items()}
+    with pytest.raises(KinemaError, match="does not fit this motion module"):
+        lora.apply_motion_loras(mm, [(wide, 1.0, "wide")])
+    only_mid = {k: v for k, v in sd.items() if k.startswith("mid_block.")}
+    with pytest.raises(KinemaError, match="none of the MotionLoRA 'mid' weights match"):
+        lora.apply_motion_loras(motion_modules("v3"), [(only_mid, 1.0, "mid")])
+    half = {k: v for k, v in sd.items() if not k.endswith("up.weight")}
+    with pytest.raises(KinemaError, match="incomplete"):
+        lora.apply_motion_loras(mm, [(half, 1.0, "half")])
+
+
+# -- SD1.5 LoRA: key mapping -------------------------------------------------------------------------------------
+
+def _value_key(t):
+    return (tuple(t.shape), zlib.crc32(t.detach().float().contiguous().numpy().tobytes()))
+
+
+def independent_diffusers_to_ldm():
+    """diffusers UNet module path -> our LDM parameter name, found by matching tensor values between the demo UNet
+    and diffusers' own conversion of the same checkpoint (independent of the engine's mapping)."""
+    pytest.importorskip("diffusers")
+    from fixtures import diffusers_unet2d
+
+    ours = {}
+    for k, v in unet().state_dict().items():
+        if k.endswith(".weight") and v.ndim >= 2:
+            ours.setdefault(_value_key(v), []).append(k)
+    out = {}
+    for k, v in diffusers_unet2d().state_dict().items():
+        if k.endswith(".weight") and v.ndim >= 2:
+            match = ours.get(_value_key(v), [])
+            assert len(match) == 1, k
+            out[k[: -len(".weight")]] = match[0]
+    return out
+
+
+def test_diffusers_to_ldm_mapping_matches_diffusers_conversion():
+    ref = independent_diffusers_to_ldm()
+    targets = lora.unet_lora_targets(unet())
+    assert len(ref) == len({v for v in targets.values()})  # every layer with a weight
+    for diff, param in ref.items():
+        assert targets["lora_unet_" + diff.replace(".", "_")] == param
+        assert targets[diff] == param and targets[f"unet.{diff}"] == param
+        ldm = param[: -len(".weight")]
+        assert targets["lora_unet_" + ldm.replace(".", "_")] == param
+
+
+# -- SD1.5 LoRA: merging -------------------------------------------------------------------------------------------
+
+KNOWN = {  # kohya name -> (part, parameter), written by hand from the SD1.5 block structure
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q":
+        ("unet", "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"),
+    "lora_unet_down_blocks_2_attentions_1_transformer_blocks_0_attn2_to_out_0":
+        ("unet", "input_blocks.8.1.transformer_blocks.0.attn2.to_out.0.weight"),
+    "lora_unet_up_blocks_1_attentions_2_proj_out": ("unet", "output_blocks.5.1.proj_out.weight"),
+    "lora_unet_up_blocks_3_attentions_0_transformer_blocks_0_ff_net_0_proj":
+        ("unet", "output_blocks.9.1.transformer_blocks.0.ff.net.0.proj.weight"),
+    "lora_unet_mid_block_resnets_1_conv2": ("unet", "middle_block.2.out_layers.3.weight"),
+    "lora_unet_up_blocks_0_resnets_2_conv1": ("unet", "output_blocks.2.0.in_layers.2.weight"),
+    "lora_te_text_model_encoder_layers_1_mlp_fc2": ("clip", "encoder.layers.1.mlp.fc2.weight"),
+    "lora_te_text_model_encoder_layers_0_self_attn_out_proj": ("clip", "encoder.layers.0.self_attn.out_proj.weight"),
+}
+
+
+def _param(module, name):
+    params = dict(module.named_parameters())
+    return params[name] if name in params else params[f"text_model.{name}"]
+
+
+def test_kohya_lora_against_a_direct_computation():
+    sd = demo.sd15_lora_state_dict()
+    te, base_unet = text_encoder(), unet()
+    before_unet, before_te = snapshot(base_unet), snapshot(te.model)
+    new_unet, new_te = lora.apply_sd15_loras(base_unet, te, [(sd, 0.8, -0.6, "demo")])
+    assert_unchanged(base_unet, before_unet)
+    assert_unchanged(te.model, before_te)
+    for key, (part, param) in KNOWN.items():
+        down, up = sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"]
+        scale = float(sd[f"{key}.alpha"]) / down.shape[0] * (0.8 if part == "unet" else -0.6)
+        base = _param(base_unet if part == "unet" else te.model, param)
+        want = base + scale * (up.flatten(1) @ down.flatten(1)).reshape(base.shape)
+        got = _param(new_unet if part == "unet" else new_te.model, param)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # every other weight is the original tensor; patched ones are new
+    n_lora = sum(1 for k in sd if k.endswith(".lora_down.weight"))
+    changed = [k for k, v in new_unet.named_parameters() if v is not dict(base_unet.named_parameters())[k]]
+    changed += [k for k, v in new_te.model.named_parameters() if v is not dict(te.model.named_parameters())[k]]
+    assert len(changed) == n_lora
+    assert new_te.chunk_length == te.chunk_length and new_te.model is not te.model
+
+
+def test_ldm_named_lora_equals_the_kohya_one():
+    sd = demo.sd15_lora_state_dict()
+    to_ldm = {d.replace(".", "_"): p[: -len(".weight")].replace(".", "_")
+              for d, p in independent_diffusers_to_ldm().items()}
+    ldm_sd = {}
+    for k, v in sd.items():
+        base, _, rest = k.partition(".")
+        if base.startswith("lora_unet_"):
+            base = "lora_unet_" + to_ldm[base[len("lora_unet_"):]]
+        ldm_sd[f"{base}.{rest}"] = v
+    assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in ldm_sd
+    a, _ = lora.apply_sd15_loras(unet(), None, [(sd, 1.0, 1.0, "kohya")])
+    b, _ = lora.apply_sd15_loras(unet(), None, [(ldm_sd, 1.0, 1.0, "ldm")])
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_kohya_lora_matches_diffusers():
+    pytest.importorskip("peft")
+    pytest.importorskip("diffusers")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders.lora_base import fuse_text_encoder_lora
+    from fixtures import diffusers_unet2d
+
+    sd, sm, sc = demo.sd15_lora_state_dict(), 0.8, 0.6
+    te = text_encoder()
+    new_unet, new_te = lora.apply_sd15_loras(unet(), te, [(sd, sm, sc, "demo")])
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(sd))  # diffusers' kohya conversion
+    ref_unet = copy.deepcopy(diffusers_unet2d())  # never fuse into shared tensors
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=ref_unet, adapter_name="demo")
+    ref_unet.fuse_lora(lora_scale=sm)
+    x, t, ctx = _image_inputs()
+    with torch.no_grad():
+        got, want = new_unet(x, t, ctx), ref_unet(x, t, ctx).sample
+    assert_net_close(got, want, "UNet + kohya LoRA eps")
+    assert float((got - unet()(x, t, ctx)).abs().max()) > 1e-2
+
+    ref_te = TextEncoder(copy.deepcopy(te.model))
+    StableDiffusionLoraLoaderMixin.load_lora_into_text_encoder(state, alphas, text_encoder=ref_te.model,
+                                                               adapter_name="demo")
+    fuse_text_encoder_lora(ref_te.model, lora_scale=sc)
+    got, _ = new_te.encode("a (red:1.2) fox in the snow")
+    want, _ = ref_te.encode("a (red:1.2) fox in the snow")
+    assert_net_close(got, want, "text encoder + kohya LoRA")
+    assert float((got - te.encode("a (red:1.2) fox in the snow")[0]).abs().max()) > 1e-2
+
+
+def test_v3_adapter_style_lora_matches_diffusers():
+    pytest.importorskip("peft")
+    pytest.importorskip("diffusers")
+    from fixtures import diffusers_unet2d
+
+    sd = demo.adapter_lora_state_dict()
+    assert checkpoint.detect_format(sd) == "sd15_adapter_lora"
+    te = text_encoder()
+    new_unet, new_te = lora.apply_sd15_loras(unet(), te, [(sd, 0.75, 1.0, "adapter")])
+    assert new_te is te  # no text-encoder weights: the encoder is returned as it was
+    ref = copy.deepcopy(diffusers_unet2d())
+    ref.load_lora_adapter(dict(sd), prefix=None, adapter_name="adapter")  # diffusers reads the old processor names
+    ref.fuse_lora(lora_scale=0.75)
+    x, t, ctx = _image_inputs()
+    with torch.no_grad():
+        got, want = new_unet(x, t, ctx), ref(x, t, ctx).sample
+    assert_net_close(got, want, "UNet + v3-adapter-style LoRA eps")
+    assert float((got - unet()(x, t, ctx)).abs().max()) > 1e-2
+
+
+def test_lora_stacking_and_zero_strength():
+    a, b = demo.sd15_lora_state_dict(0), demo.sd15_lora_state_dict(1)
+    base = unet()
+    same, te = lora.apply_sd15_loras(base, None, [(a, 0.0, 0.0, "a")])
+    assert same is base and te is None
+    both, _ = lora.apply_sd15_loras(base, None, [(a, 0.5, 0.0, "a"), (b, -1.0, 0.0, "b")])
+    da = _deltas(lora.apply_sd15_loras(base, None, [(a, 0.5, 0.0, "a")])[0], base)
+    db = _deltas(lora.apply_sd15_loras(base, None, [(b, -1.0, 0.0, "b")])[0], base)
+    for k, d in _deltas(both, base).items():
+        torch.testing.assert_close(d, da[k] + db[k], rtol=0, atol=1e-6)
+
+
+# -- SD1.5 LoRA: what is refused ----------------------------------------------------------------------------------
+
+def test_sdxl_and_unfit_loras_are_refused():
+    te = text_encoder()
+    sdxl = {"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}
+    assert checkpoint.detect_format(sdxl) == "sdxl_lora"
+    with pytest.raises(KinemaError, match="is an SDXL LoRA"):
+        lora.apply_sd15_loras(unet(), te, [(sdxl, 1.0, 1.0, "xl.safetensors")])
+    # SDXL-sized cross attention (context 2048) on a layer SD1.5 has: shapes do not fit
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    wide = {f"{k}.lora_down.weight": torch.zeros(4, 2048), f"{k}.lora_up.weight": torch.zeros(64, 4)}
+    with pytest.raises(KinemaError, match="does not fit this SD1.5 model.*another base model"):
+        lora.apply_sd15_loras(unet(), te, [(wide, 1.0, 1.0, "wide")])
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q"  # depth 2: SDXL-like, not in SD1.5
+    nothing = {f"{k}.lora_down.weight": torch.zeros(4, 64), f"{k}.lora_up.weight": torch.zeros(64, 4)}
+    with pytest.raises(KinemaError, match="none of the 1 weights of 'other' name a layer"):
+        lora.apply_sd15_loras(unet(), te, [(nothing, 1.0, 1.0, "other")])
+    with pytest.raises(KinemaError, match="no LoRA weights Kinema can read"):
+        lora.apply_sd15_loras(unet(), te, [({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, 1.0, 1.0, "loha")])
+
+
+def test_unmatched_keys_are_counted_in_a_warning(caplog):
+    sd = dict(demo.sd15_lora_state_dict())
+    for i in range(3):
+        sd[f"lora_unet_down_blocks_9_attentions_{i}_proj_in.lora_down.weight"] = torch.zeros(4, 32)
+        sd[f"lora_unet_down_blocks_9_attentions_{i}_proj_in.lora_up.weight"] = torch.zeros(32, 4)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        patch = lora.sd15_lora_patch(sd, unet(), text_encoder().model, "extra.safetensors")
+    assert len(patch.unmatched) == 3
+    assert "LoRA 'extra.safetensors': 3 of its keys name no layer" in caplog.text
+
+
+# -- file formats ----------------------------------------------------------------------------------------------------
+
+def test_detect_formats_of_the_demo_loras():
+    assert checkpoint.detect_format(demo.motion_lora_state_dict()) == "motion_lora"
+    assert checkpoint.detect_format(demo.sd15_lora_state_dict()) == "lora"
+    assert checkpoint.detect_format(demo.adapter_lora_state_dict()) == "sd15_adapter_lora"
+    assert demo.substitute("animatediff_motion_lora", "v2_lora_ZoomIn.ckpt") == demo.DEMO_MOTION_LORA
+    assert demo.substitute("loras", "v3_sd15_adapter.ckpt") == demo.DEMO_ADAPTER_LORA
+    assert demo.substitute("loras", "add_detail.safetensors") == demo.DEMO_LORA
+
+
+def test_motion_lora_wrapped_in_state_dict_ckpt(tmp_path):
+    path = tmp_path / "v2_lora_ZoomIn.ckpt"
+    torch.save({"state_dict": demo.motion_lora_state_dict()}, str(path))
+    sd = lora.load_motion_lora(str(path))
+    assert sd.keys() == demo.motion_lora_state_dict().keys()
+
+
+# -- nodes -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nodes():
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+def test_nodes_are_registered_and_documented(nodes):
+    display = load_pack().NODE_DISPLAY_NAME_MAPPINGS
+    for node_id in ("KinemaMotionLoRALoader", "KinemaLoRALoader"):
+        cls = nodes[node_id]
+        assert display[node_id].endswith("(Kinema)") and cls.CATEGORY.startswith("Kinema/") and cls.DESCRIPTION
+        for name, entry in cls.INPUT_TYPES()["required"].items():
+            assert entry[1].get("tooltip"), name
+        assert set(cls.MODEL_INPUTS) <= set(cls.INPUT_TYPES()["required"])
+
+
+def test_motion_lora_node_chain(nodes, host_dirs):
+    assert demo.DEMO_MOTION_LORA in nodes["KinemaMotionLoRALoader"].INPUT_TYPES()["required"]["lora_name"][0]
+    model, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v2.safetensors", "fp32")
+    before = snapshot(mm)
+    loader = nodes["KinemaMotionLoRALoader"]()
+    assert loader.apply(mm, demo.DEMO_MOTION_LORA, 0.0)[0] is mm
+    (zoom,) = loader.apply(mm, demo.DEMO_MOTION_LORA, 1.0)
+    (stacked,) = loader.apply(zoom, demo.DEMO_MOTION_LORA, -0.5)
+    assert_unchanged(mm, before)
+    assert stacked.loras == ((demo.DEMO_MOTION_LORA, 1.0), (demo.DEMO_MOTION_LORA, -0.5))
+    d_stacked, d_half = _deltas(stacked, mm), _deltas(loader.apply(mm, demo.DEMO_MOTION_LORA, 0.5)[0], mm)
+    for k in d_half:
+        torch.testing.assert_close(d_stacked[k], d_half[k], rtol=0, atol=1e-6)
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, stacked, 1.0, "linear")
+    assert video.motion is stacked and video.name == "kinema_demo_mm_v2.safetensors"
+    x, t, ctx = _video_inputs()
+    assert torch.isfinite(_kinema_eps(video, x, t, ctx)).all()
+
+
+def test_lora_node(nodes, host_dirs):
+    assert {demo.DEMO_LORA, demo.DEMO_ADAPTER_LORA} <= set(
+        nodes["KinemaLoRALoader"].INPUT_TYPES()["required"]["lora_name"][0])
+    model, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v3.safetensors", "fp32")
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")
+    before_unet, before_te = snapshot(model.unet), snapshot(clip.model)
+    loader = nodes["KinemaLoRALoader"]()
+    assert loader.apply(video, clip, demo.DEMO_LORA, 0.0, 0.0) == (video, clip)
+    new_model, new_clip = loader.apply(video, clip, demo.DEMO_LORA, 1.0, 0.0)
+    assert new_clip is clip and new_model.unet is not video.unet and new_model.motion is mm
+    assert new_model.beta_schedule == video.beta_schedule and new_model.name == video.name
+    new_model2, new_clip2 = loader.apply(new_model, clip, demo.DEMO_ADAPTER_LORA, 1.0, 1.0)
+    assert new_clip2 is clip  # the adapter has no text-encoder weights
+    _, te_only = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 1.0)
+    assert te_only is not clip and not torch.equal(te_only.encode("a fox")[0], clip.encode("a fox")[0])
+    assert_unchanged(model.unet, before_unet)
+    assert_unchanged(clip.model, before_te)
+    x, t, ctx = _video_inputs()
+    assert torch.isfinite(_kinema_eps(new_model2, x, t, ctx)).all()
+
+
+class NotATensor:  # a class torch.load(weights_only=True) refuses to unpickle
+    pass
+
+
+def _put(folder, name, write):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    write(path)
+    return path
+
+
+def test_nodes_refuse_the_wrong_files(nodes, host_dirs):
+    import shutil
+
+    models = host_dirs.get_models_dir()
+    mlora_dir, lora_dir = os.path.join(models, "animatediff_motion_lora"), os.path.join(models, "loras")
+    mm = motion_modules("v2")
+    model = motion_model("v2")
+    clip = text_encoder()
+    made = []
+
+    def copy_in(src, folder, name):
+        made.append(_put(folder, name, lambda p: shutil.copy(src, p)))
+
+    copy_in(os.path.join(lora_dir, demo.DEMO_ADAPTER_LORA), mlora_dir, "v3_sd15_adapter.safetensors")
+    copy_in(os.path.join(lora_dir, demo.DEMO_LORA), mlora_dir, "some_sd_lora.safetensors")
+    copy_in(os.path.join(models, "animatediff_models", "kinema_demo_mm_v2.safetensors"), mlora_dir, "mm.safetensors")
+    copy_in(os.path.join(models, "checkpoints", "kinema_demo_sd15.safetensors"), mlora_dir, "ckpt.safetensors")
+    copy_in(os.path.join(mlora_dir, demo.DEMO_MOTION_LORA), lora_dir, "zoom_in_motion_lora.safetensors")
+    copy_in(os.path.join(models, "animatediff_models", "kinema_demo_mm_v2.safetensors"), lora_dir, "mm.safetensors")
+    made.append(_put(lora_dir, "xl.safetensors", lambda p: save_file(
+        {"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280)}, p)))
+    src = os.path.join(lora_dir, demo.DEMO_LORA)
+    made.append(_put(lora_dir, "truncated.safetensors",
+                     lambda p: open(p, "wb").write(open(src, "rb").read()[: os.path.getsize(src) // 2])))
+    made.append(_put(mlora_dir, "pickled.ckpt", lambda p: torch.save(
+        {"state_dict": demo.motion_lora_state_dict(), "extra": NotATensor()}, p)))
+    mload, lload = nodes["KinemaMotionLoRALoader"](), nodes["KinemaLoRALoader"]()
+    try:
+        cases = [
+            (lambda: mload.apply(mm, "v3_sd15_adapter.safetensors", 1.0),
+             r"'v3_sd15_adapter.safetensors' is an SD1.5 UNet LoRA .*v3 adapter.* not an AnimateDiff MotionLoRA\. "
+             r"It belongs in models/loras with the Load LoRA \(Kinema\) node"),
+            (lambda: mload.apply(mm, "some_sd_lora.safetensors", 1.0),
+             r"is a LoRA, not an AnimateDiff MotionLoRA\. It belongs in models/loras with the Load LoRA"),
+            (lambda: mload.apply(mm, "mm.safetensors", 1.0),
+             r"is an AnimateDiff motion module, not an AnimateDiff MotionLoRA\. It belongs in "
+             r"models/animatediff_models"),
+            (lambda: mload.apply(mm, "ckpt.safetensors", 1.0),
+             r"is an SD1.5 checkpoint, not an AnimateDiff MotionLoRA"),
+            (lambda: mload.apply(mm, "pickled.ckpt", 1.0), r"holds Python objects other than tensors"),
+            (lambda: lload.apply(model, clip, "zoom_in_motion_lora.safetensors", 1.0, 1.0),
+             r"is an AnimateDiff MotionLoRA, not an SD1.5 LoRA\. It belongs in models/animatediff_motion_lora with the "
+             r"Load MotionLoRA \(Kinema\) node"),
+            (lambda: lload.apply(model, clip, "mm.safetensors", 1.0, 1.0),
+             r"is an AnimateDiff motion module, not an SD1.5"),
+            (lambda: lload.apply(model, clip, "xl.safetensors", 1.0, 1.0),
+             r"is an SDXL LoRA, not an SD1.5 LoRA\. Kinema"),
+            (lambda: lload.apply(model, clip, "truncated.safetensors", 1.0, 1.0), r"is truncated"),
+            (lambda: lload.apply(model, clip, "missing.safetensors", 1.0, 1.0), r"not found"),
+        ]
+        for call, match in cases:
+            with pytest.raises(KinemaError, match=match):
+                call()
+    finally:
+        for p in made:
+            os.remove(p)

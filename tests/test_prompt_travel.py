@@ -1,0 +1,325 @@
+"""Prompt travel: schedule parsing, per-frame interpolation, the Prompt Schedule node and the sampler's use of it."""
+import math
+
+import pytest
+import torch
+
+import fixtures
+from kinema.models import encoders, pipelines
+from kinema.models import prompt_travel as pt
+from kinema.models.errors import KinemaError
+
+
+# ---------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("text", [
+    "0: a cat walking, photo\n16: a cat running\n32: a cat jumping, (motion blur:1.2)",
+    "0: a cat walking, photo, 16: a cat running, 32: a cat jumping, (motion blur:1.2)",
+    "  32: a cat jumping, (motion blur:1.2)\n\n0:a cat walking, photo,\n 16 : a cat running  ",
+    '"0": "a cat walking, photo", "16": "a cat running", "32": "a cat jumping, (motion blur:1.2)"',
+    '{\n  "0": "a cat walking, photo",\n  "16": "a cat running",\n  "32": "a cat jumping, (motion blur:1.2)",\n}',
+])
+def test_parse_schedule_forms(text):
+    assert pt.parse_schedule(text) == [
+        (0, "a cat walking, photo"), (16, "a cat running"), (32, "a cat jumping, (motion blur:1.2)")]
+
+
+def test_parse_schedule_plain_prompts_and_details():
+    assert pt.parse_schedule("a (red:1.2) fox, running: fast") == [(0, "a (red:1.2) fox, running: fast")]
+    assert pt.parse_schedule("{red|blue} cat {big|small}") == [(0, "{red|blue} cat {big|small}")]
+    assert pt.parse_schedule("8: only one") == [(8, "only one")]
+    assert pt.parse_schedule('{"0": "say \\"hi\\", twice"}') == [(0, 'say "hi", twice')]
+    assert pt.parse_schedule("0: a cat\r\n4: a dog\r\n") == [(0, "a cat"), (4, "a dog")]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "the prompt schedule is empty"),
+    ("   \n ", "the prompt schedule is empty"),
+    ("{}", "the prompt schedule is empty"),
+    ("0: a cat\n16:\n32: a dog", "keyframe '16:' has no prompt"),
+    ('"0": "a cat", "8": ""', "keyframe '\"8\":' has no prompt"),
+    ("0: a cat, 8: a dog, -4: a bird", "keyframe '-4:': frame numbers start at 0"),
+    ("0: a cat\n8: a dog\n8: a bird", r"frame 8 has two keyframes \('8:'"),
+    ("0: a cat\n1.5: a dog", "keyframe '1.5:': frame numbers must be whole numbers, got '1.5'"),
+    ("a lovely cat\n0: a cat\n8: a dog", "text before its first keyframe: 'a lovely cat'"),
+])
+def test_parse_schedule_errors(text, match):
+    with pytest.raises(KinemaError, match=match):
+        pt.parse_schedule(text)
+
+
+def test_join_prompt():
+    assert pt.join_prompt("a cat", "", "") == "a cat"
+    assert pt.join_prompt("a cat", "photo,", " , best quality") == "photo, a cat, best quality"
+    assert pt.join_prompt("a cat", None, "4k") == "a cat, 4k"
+
+
+# ---------------------------------------------------------------- per-frame contexts
+
+def _encodings(k=3, n=5, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(k, n, d, generator=g)
+
+
+def test_frames_at_keyframes_are_the_encodings_exactly():
+    enc = _encodings()
+    for method in pt.INTERPOLATIONS:
+        out = pt.frame_contexts([0, 4, 10], enc, 11, method)
+        assert out.shape == (11, 5, 8)
+        for i, f in enumerate([0, 4, 10]):
+            assert torch.equal(out[f], enc[i]), (method, f)
+
+
+def test_lerp_midpoints_and_fractions():
+    enc = _encodings()
+    out = pt.frame_contexts([0, 4, 10], enc, 11, "lerp")
+    torch.testing.assert_close(out[2], (enc[0] + enc[1]) / 2)
+    torch.testing.assert_close(out[1], 0.75 * enc[0] + 0.25 * enc[1])
+    torch.testing.assert_close(out[7], (enc[1] + enc[2]) / 2)
+    torch.testing.assert_close(out[6], enc[1] + (enc[2] - enc[1]) / 3)
+
+
+def test_none_holds_the_previous_keyframe():
+    enc = _encodings()
+    out = pt.frame_contexts([0, 4, 10], enc, 12, "none")
+    for f in range(12):
+        assert torch.equal(out[f], enc[0 if f < 4 else 1 if f < 10 else 2]), f
+
+
+@pytest.mark.parametrize("method", pt.INTERPOLATIONS)
+def test_frames_before_the_first_and_after_the_last_keyframe(method):
+    enc = _encodings()
+    out = pt.frame_contexts([3, 5, 7], enc, 10, method)
+    for f in range(4):
+        assert torch.equal(out[f], enc[0])
+    for f in range(7, 10):
+        assert torch.equal(out[f], enc[2])
+    single = pt.frame_contexts([5], enc[:1], 8, method)
+    assert all(torch.equal(single[f], enc[0]) for f in range(8))
+
+
+def test_keyframes_beyond_the_video_are_approached():
+    enc = _encodings(k=2)
+    out = pt.frame_contexts([0, 16], enc, 8, "lerp")
+    assert out.shape[0] == 8
+    torch.testing.assert_close(out[7], enc[0] + (enc[1] - enc[0]) * 7 / 16)
+    late = pt.frame_contexts([10, 20], enc, 8, "lerp")  # every frame before the first keyframe
+    assert all(torch.equal(late[f], enc[0]) for f in range(8))
+
+
+def test_slerp_keeps_unit_vectors_on_the_sphere():
+    enc = torch.nn.functional.normalize(_encodings(k=2, n=7, d=16), dim=-1)
+    out = pt.frame_contexts([0, 8], enc, 9, "slerp")
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(9, 7), atol=1e-5, rtol=0)
+    lerped = pt.frame_contexts([0, 8], enc, 9, "lerp")
+    assert (lerped[4].norm(dim=-1) < 0.999).all()  # the straight line cuts inside the sphere
+    # the midpoint of the arc is the normalised midpoint of the chord
+    torch.testing.assert_close(out[4], torch.nn.functional.normalize(enc[0] + enc[1], dim=-1), atol=1e-5, rtol=0)
+
+
+def test_slerp_orthogonal_vectors_and_norms():
+    a = torch.tensor([[3.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0]])
+    t = torch.tensor([0.0, 1 / 3, 0.5, 1.0])
+    out = pt.interpolate(a, b, t, "slerp")
+    assert torch.equal(out[0], a) and torch.equal(out[3], b)  # exactly at t = 0 and 1
+    # the direction turns at a constant rate, the norm moves linearly from 3 to 1
+    torch.testing.assert_close(out[1], (3 - 2 / 3) * torch.tensor([[math.cos(math.pi / 6), math.sin(math.pi / 6)]]))
+    torch.testing.assert_close(out[2], 2.0 * torch.tensor([[math.sqrt(0.5), math.sqrt(0.5)]]))
+
+
+def test_slerp_equals_the_lerp_direction_at_the_ends():
+    enc = _encodings(k=2)
+    t = torch.tensor([0.0, 1.0])
+    assert torch.equal(pt.interpolate(enc[0], enc[1], t, "slerp"), pt.interpolate(enc[0], enc[1], t, "lerp"))
+
+
+def test_slerp_near_parallel_opposite_and_zero_vectors():
+    a = torch.tensor([[1.0, 0.0, 0.0]])
+    t = torch.linspace(0, 1, 5)
+    near = torch.tensor([[2.0, 1e-8, 0.0]])  # same direction to float precision: no great circle
+    out = pt.interpolate(a, near, t, "slerp")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, pt.interpolate(a, near, t, "lerp"))
+    close = torch.tensor([[1.0, 1e-3, 0.0]])  # almost parallel, still curved: stays finite, close to the chord
+    torch.testing.assert_close(pt.interpolate(a, close, t, "slerp"), pt.interpolate(a, close, t, "lerp"),
+                               atol=1e-6, rtol=0)
+    for other in (-a, torch.zeros_like(a)):  # opposite or zero vectors: the straight line
+        out = pt.interpolate(a, other, t, "slerp")
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, pt.interpolate(a, other, t, "lerp"))
+
+
+def test_pooled_outputs_interpolate_too():
+    pooled = _encodings(k=3, n=8, d=1)[:, :, 0]  # [k, d]
+    for method in pt.INTERPOLATIONS:
+        out = pt.frame_pooled([0, 4, 10], pooled, 12, method)
+        assert out.shape == (12, 8) and torch.equal(out[4], pooled[1])
+    torch.testing.assert_close(pt.frame_pooled([0, 4, 10], pooled, 12, "lerp")[2], (pooled[0] + pooled[1]) / 2)
+    unit = torch.nn.functional.normalize(pooled, dim=-1)
+    torch.testing.assert_close(pt.frame_pooled([0, 4, 10], unit, 12, "slerp").norm(dim=-1), torch.ones(12))
+
+
+def test_frame_contexts_keeps_the_dtype():
+    enc = _encodings().to(torch.bfloat16)
+    for method in pt.INTERPOLATIONS:
+        out = pt.frame_contexts([0, 4, 10], enc, 11, method)
+        assert out.dtype == torch.bfloat16 and out.shape == (11, 5, 8) and torch.equal(out[4], enc[1])
+
+
+@pytest.mark.parametrize("keyframes,count,frames,method,match", [
+    ([0, 4], 3, 8, "lerp", "2 keyframes but 3 encodings"),
+    ([4, 0, 8], 3, 8, "lerp", "increasing"),
+    ([0, 4, 4], 3, 8, "lerp", "increasing"),
+    ([0, 4, 8], 3, 8, "cubic", "unknown interpolation 'cubic'"),
+    ([0, 4, 8], 3, 0, "lerp", "at least 1 frame"),
+])
+def test_frame_contexts_errors(keyframes, count, frames, method, match):
+    with pytest.raises(KinemaError, match=match):
+        pt.frame_contexts(keyframes, _encodings(k=count), frames, method)
+
+
+def test_resolve_conditioning():
+    enc = _encodings()
+    plain = enc[:1]
+    assert pt.resolve_conditioning(plain, {"pooled_output": torch.zeros(1, 8)}, 6) is plain
+    assert pt.resolve_conditioning(plain, {}, 6) is plain
+    out = pt.resolve_conditioning(enc, {"kinema_keyframes": [0, 2, 4], "kinema_interpolation": "none"}, 6)
+    assert torch.equal(out, pt.frame_contexts([0, 2, 4], enc, 6, "none"))
+
+
+def test_stack_encodings_matches_token_lengths():
+    short = _encodings(k=1, n=77)
+    long = _encodings(k=1, n=154, seed=1)
+    out = pt.stack_encodings([short, long])
+    assert out.shape == (2, 154, 8)
+    assert torch.equal(out[0], torch.cat([short[0], short[0]])) and torch.equal(out[1], long[0])
+    with pytest.raises(KinemaError, match="cannot be brought to one length"):
+        pt.stack_encodings([_encodings(k=1, n=77 * 6), _encodings(k=1, n=77 * 7)])
+
+
+# ---------------------------------------------------------------- the node, with the demo CLIP
+
+@pytest.fixture(scope="module")
+def clip():
+    return encoders.TextEncoder.from_state_dict(fixtures.sd15_state_dict())
+
+
+@pytest.fixture(scope="module")
+def conditioning_nodes():
+    from kinema.nodes import conditioning
+
+    return conditioning
+
+
+class _CountingClip:
+    def __init__(self, clip):
+        self.clip, self.prompts = clip, []
+
+    def encode(self, prompt, clip_skip=1):
+        self.prompts.append((prompt, clip_skip))
+        return self.clip.encode(prompt, clip_skip=clip_skip)
+
+
+def test_node_is_registered_and_documented(conditioning_nodes):
+    cls = conditioning_nodes.NODE_CLASS_MAPPINGS["KinemaPromptSchedule"]
+    assert conditioning_nodes.NODE_DISPLAY_NAME_MAPPINGS["KinemaPromptSchedule"] == "Prompt Schedule (Kinema)"
+    assert cls.CATEGORY == "Kinema/conditioning" and cls.DESCRIPTION and cls.RETURN_TYPES == ("CONDITIONING",)
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, entry in spec[section].items():
+            assert entry[1].get("tooltip"), name
+    assert spec["required"]["interpolation"][0] == list(pt.INTERPOLATIONS)
+    assert spec["required"]["interpolation"][1]["default"] == "lerp"
+    assert set(spec["optional"]) == {"pre_text", "app_text", "clip_skip"}
+    assert len(pt.parse_schedule(spec["required"]["text"][1]["default"])) == 3
+
+
+def test_node_encodes_each_keyframe_once(conditioning_nodes, clip):
+    counting = _CountingClip(clip)
+    text = "0: a cat walking\n8: a cat running, 16: a cat jumping, (motion blur:1.2)"
+    (cond,) = conditioning_nodes.KinemaPromptSchedule().encode(counting, text, "slerp", "photo", "best quality", 2)
+    expected = ["photo, a cat walking, best quality", "photo, a cat running, best quality",
+                "photo, a cat jumping, (motion blur:1.2), best quality"]
+    assert counting.prompts == [(p, 2) for p in expected]
+    assert len(cond) == 1
+    tensor, options = cond[0]
+    assert tensor.shape == (3, 77, 64) and options["pooled_output"].shape == (3, 64)
+    assert options["kinema_keyframes"] == [0, 8, 16] and options["kinema_interpolation"] == "slerp"
+    for i, p in enumerate(expected):
+        c, pooled = clip.encode(p, clip_skip=2)
+        assert torch.equal(tensor[i], c[0]) and torch.equal(options["pooled_output"][i], pooled[0])
+    # a held prompt is encoded once
+    counting.prompts.clear()
+    conditioning_nodes.KinemaPromptSchedule().encode(counting, "0: a cat, 8: a cat, 16: a dog", "lerp")
+    assert [p for p, _ in counting.prompts] == ["a cat", "a dog"]
+
+
+def test_node_plain_prompt_and_bad_inputs(conditioning_nodes, clip):
+    (cond,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "a (red:1.2) fox", "lerp")
+    tensor, options = cond[0]
+    assert torch.equal(tensor, clip.encode("a (red:1.2) fox")[0]) and options["kinema_keyframes"] == [0]
+    assert torch.equal(pt.resolve_conditioning(tensor, options, 5), tensor.expand(5, -1, -1))
+    with pytest.raises(KinemaError, match="unknown interpolation"):
+        conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a", "cubic")
+    with pytest.raises(KinemaError, match="keyframe '8:' has no prompt"):
+        conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a, 8:", "lerp")
+
+
+def test_node_long_prompts_are_matched_in_length(conditioning_nodes, clip):
+    long_prompt = " ".join(["cat"] * 100)  # 100 tokens: two chunks
+    assert clip.encode(long_prompt)[0].shape[1] == 154
+    (cond,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, f"0: a cat\n8: {long_prompt}", "lerp")
+    tensor, options = cond[0]
+    assert tensor.shape == (2, 154, 64)
+    short = clip.encode("a cat")[0][0]
+    assert torch.equal(tensor[0], torch.cat([short, short])) and torch.equal(tensor[1], clip.encode(long_prompt)[0][0])
+    per_frame = pt.resolve_conditioning(tensor, options, 9)
+    assert per_frame.shape == (9, 154, 64) and torch.equal(per_frame[8], tensor[1])
+
+
+# ---------------------------------------------------------------- the sampler uses it
+
+def test_sampler_gives_each_frame_its_context(conditioning_nodes, clip):
+    from kinema.nodes import sampler
+
+    model = fixtures.motion_model("v2")
+    (positive,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a cat\n2: a dog\n5: a bird", "lerp")
+    (negative,) = conditioning_nodes.KinemaTextEncode().encode(clip, "blurry")
+    latent = {"samples": torch.zeros(6, 4, 8, 8)}
+    (out,) = sampler.KinemaVideoSampler().sample(model, positive, negative, latent, 3, 1, 7.5, "euler", "normal", 1.0)
+
+    enc = [clip.encode(p)[0] for p in ("a cat", "a dog", "a bird")]
+    manual = torch.cat([enc[0], (enc[0] + enc[1]) / 2, enc[1], enc[1] + (enc[2] - enc[1]) / 3,
+                        enc[1] + 2 * (enc[2] - enc[1]) / 3, enc[2]])
+    assert torch.allclose(manual, pt.resolve_conditioning(positive[0][0], positive[0][1], 6), atol=1e-6)
+    opts = pipelines.SampleOptions(seed=3, steps=1, cfg=7.5, sampler="euler", scheduler="normal")
+    reference = pipelines.sample_video(model, pt.resolve_conditioning(positive[0][0], positive[0][1], 6),
+                                       negative[0][0], latent["samples"], opts)
+    assert torch.equal(out["samples"], reference)
+    by_hand = pipelines.sample_video(model, manual, negative[0][0], latent["samples"], opts)
+    scale = float(by_hand.abs().max())  # the unscaled latent is in the hundreds; contexts agree to float rounding
+    torch.testing.assert_close(out["samples"], by_hand, atol=1e-5 * scale, rtol=0)
+    # and the frames really see different prompts: the first keyframe alone gives another video
+    alone = pipelines.sample_video(model, enc[0], negative[0][0], latent["samples"], opts)
+    assert not torch.allclose(out["samples"], alone)
+
+
+def test_sampler_passes_per_frame_contexts_to_the_pipeline(conditioning_nodes, clip, monkeypatch):
+    from kinema.nodes import sampler
+
+    seen = {}
+
+    def spy(model, positive, negative, latent, opts, **kwargs):
+        seen["positive"], seen["negative"] = positive, negative
+        return latent
+
+    monkeypatch.setattr(sampler.pipelines, "sample_video", spy)
+    (positive,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a cat, 3: a dog", "none")
+    (negative,) = conditioning_nodes.KinemaTextEncode().encode(clip, "")
+    latent = {"samples": torch.zeros(5, 4, 8, 8)}
+    sampler.KinemaVideoSampler().sample(None, positive, negative, latent, 0, 1, 7.5, "euler", "normal", 1.0)
+    assert seen["positive"].shape == (5, 77, 64)
+    for f in range(5):
+        assert torch.equal(seen["positive"][f], positive[0][0][0 if f < 3 else 1])
+    assert seen["negative"] is negative[0][0]  # a plain prompt stays one context for the video

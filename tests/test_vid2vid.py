@@ -1,0 +1,375 @@
+"""Video-to-video: reading clips (models/video_io.read_video), Load Video and VAE Encode Frames nodes, sampling."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load_pack
+from kinema.models import demo_media, video_io
+from kinema.models.errors import KinemaError
+
+FORMATS = ["gif", "webp", pytest.param("mp4", marks=pytest.mark.skipif(
+    not (shutil.which("ffmpeg") or __import__("importlib").util.find_spec("imageio_ffmpeg")),
+    reason="no ffmpeg (imageio-ffmpeg) to read mp4"))]
+# how far a decoded frame may be from what was written (mp4 is lossy; gif/webp flat greys are exact)
+TOLERANCE = {"gif": 1 / 255, "webp": 1 / 255, "mp4": 12 / 255}
+
+
+def _grey_clip(frames=10, w=56, h=40):
+    """Frame i is a flat grey of level 20 * i + 10: which frames were read is visible from their means."""
+    levels = (np.arange(frames) * 20 + 10).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (frames, h, w, 3)).copy()
+
+
+def _write(tmp_path, fmt, clip=None, fps=12.0, name="clip"):
+    clip = _grey_clip() if clip is None else clip
+    kwargs = {"lossless": True} if fmt == "webp" else {}
+    return video_io.write_video(str(tmp_path / f"{name}.{fmt}"), clip, fps, fmt, **kwargs)
+
+
+def _levels(images):
+    return (images.mean(dim=(1, 2, 3)) * 255).round().tolist()
+
+
+@pytest.fixture()
+def input_dir(tmp_path):
+    from kinema.nodes import host
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    host.set_input_dir(str(folder))
+    yield folder
+    host.set_input_dir(None)
+
+
+# -- read_video ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_read_video_reads_every_frame_and_the_rate(tmp_path, fmt):
+    path = _write(tmp_path, fmt, fps=12.5)
+    images, fps = video_io.read_video(path)
+    assert images.dtype == torch.float32 and images.shape == (10, 40, 56, 3)
+    assert 0.0 <= images.min() and images.max() <= 1.0
+    want = torch.from_numpy(_grey_clip()).float() / 255
+    assert (images - want).abs().mean() <= TOLERANCE[fmt]
+    assert fps == pytest.approx(12.5, rel=0.04)  # webp stores whole milliseconds per frame
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_skip_nth_and_cap_select_frames(tmp_path, fmt):
+    path = _write(tmp_path, fmt, fps=12.5)
+    images, fps = video_io.read_video(path, frame_load_cap=3, skip_first_frames=1, select_every_nth=2)
+    assert images.shape[0] == 3
+    assert _levels(images) == pytest.approx([30, 70, 110], abs=255 * TOLERANCE[fmt])  # frames 1, 3, 5
+    assert fps == pytest.approx(6.25, rel=0.04)  # the rate of the frames returned: every 2nd of 12.5 fps
+    images, _ = video_io.read_video(path, skip_first_frames=8)
+    assert _levels(images) == pytest.approx([170, 190], abs=255 * TOLERANCE[fmt])
+
+
+def test_a_frame_cap_stops_decoding(tmp_path, monkeypatch):
+    import imageio.v3 as iio
+
+    path = _write(tmp_path, "gif")
+    pulled = []
+    real = iio.imiter
+
+    def counting(*args, **kwargs):
+        for frame in real(*args, **kwargs):
+            pulled.append(1)
+            yield frame
+
+    monkeypatch.setattr(iio, "imiter", counting)
+    images, _ = video_io.read_video(path, frame_load_cap=2, skip_first_frames=1)
+    assert images.shape[0] == 2 and len(pulled) == 3
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp", pytest.param("mp4", marks=pytest.mark.skipif(
+    not __import__("importlib").util.find_spec("av"), reason="PyAV is not installed"))])
+def test_read_video_without_imageio_uses_pillow_and_pyav(tmp_path, fmt, monkeypatch):
+    """A bare ComfyUI has Pillow and PyAV but not imageio: reading still works, with the same results."""
+    import sys
+
+    path = _write(tmp_path, fmt, fps=12.5)
+    want, want_fps = video_io.read_video(path, frame_load_cap=3, skip_first_frames=1, width=64)
+    for name in [m for m in sys.modules if m == "imageio" or m.startswith("imageio.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "imageio", None)  # import imageio -> ImportError
+    monkeypatch.setitem(sys.modules, "imageio.v3", None)
+    got, fps = video_io.read_video(path, frame_load_cap=3, skip_first_frames=1, width=64)
+    assert got.shape == want.shape and (got - want).abs().mean() <= TOLERANCE[fmt]
+    assert fps == pytest.approx(want_fps, rel=0.01)
+    broken = tmp_path / f"broken.{fmt}"
+    broken.write_bytes(b"\x00" * 64)
+    with pytest.raises(KinemaError, match="broken"):
+        video_io.read_video(str(broken))
+
+
+def test_an_interrupt_while_reading_is_not_reported_as_a_bad_file(tmp_path):
+    path = _write(tmp_path, "gif")
+
+    def stop(n):
+        if n == 2:
+            raise InterruptedError("stop")
+
+    with pytest.raises(InterruptedError, match="stop"):
+        video_io.read_video(path, on_frame=stop)
+
+
+@pytest.mark.parametrize("src, req, scaled, out", [
+    ((56, 40), (0, 0), (56, 40), (56, 40)),
+    ((60, 44), (0, 0), (60, 44), (56, 40)),      # no scaling; centre-crop to multiples of 8
+    ((60, 44), (64, 0), (64, 47), (64, 40)),     # width given: keep aspect, crop the height
+    ((60, 44), (0, 32), (44, 32), (40, 32)),     # height given
+    ((60, 44), (64, 64), (87, 64), (64, 64)),    # both: scale to cover, crop the overflow
+    ((128, 128), (100, 60), (100, 100), (96, 56)),  # sizes that are no multiple of 8 round down
+])
+def test_target_size_rules(src, req, scaled, out):
+    assert video_io.target_size(*src, *req) == (scaled, out)
+
+
+def test_read_video_resizes_and_crops_to_multiples_of_8(tmp_path):
+    clip = np.zeros((2, 44, 60, 3), np.uint8)
+    clip[:, :, 30:] = 255  # left half black, right half white: the crop stays centred
+    clip[1, :, 30:] = 250  # (identical frames would be merged into one by the WebP encoder)
+    path = _write(tmp_path, "webp", clip)
+    images, _ = video_io.read_video(path)
+    assert images.shape == (2, 40, 56, 3)
+    assert images[:, :, :28].max() < 0.05 and images[:, :, 28:].min() > 0.95
+    for (w, h), shape in (((64, 0), (2, 40, 64, 3)), ((0, 32), (2, 32, 40, 3)), ((64, 64), (2, 64, 64, 3))):
+        images, _ = video_io.read_video(path, width=w, height=h)
+        assert images.shape == shape
+        assert abs(images[:, :, : shape[2] // 2 - 2].mean()) < 0.05 and images[:, :, shape[2] // 2 + 2:].min() > 0.9
+
+
+def test_read_video_reads_animated_png(tmp_path):
+    from PIL import Image
+
+    frames = [Image.new("RGB", (16, 24), (v, v, v)) for v in (0, 100, 200)]
+    path = str(tmp_path / "clip.png")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=125)
+    images, fps = video_io.read_video(path)
+    assert images.shape == (3, 24, 16, 3) and _levels(images) == [0, 100, 200] and fps == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("ext, data", [
+    (".gif", b"GIF89a\x10\x00 not really a gif"),
+    (".webp", b"RIFF\x00\x00\x00\x00WEBPVP8 broken"),
+    (".mp4", b"\x00\x00\x00\x18ftypisom" + b"\x00" * 64),
+    (".png", b"\x89PNG\r\n\x1a\n truncated"),
+])
+def test_corrupt_files_name_the_file_and_the_formats(tmp_path, ext, data):
+    path = tmp_path / f"broken{ext}"
+    path.write_bytes(data)
+    with pytest.raises(KinemaError, match=rf"broken\{ext}.*gif, webp"):
+        video_io.read_video(str(path))
+
+
+def test_bad_inputs_raise_kinema_errors(tmp_path):
+    with pytest.raises(KinemaError, match="not found"):
+        video_io.read_video(str(tmp_path / "missing.gif"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(KinemaError, match="notes.txt.*mp4"):
+        video_io.read_video(str(tmp_path / "notes.txt"))
+    path = _write(tmp_path, "gif")
+    with pytest.raises(KinemaError, match="No frames left.*10 frames.*skip_first_frames is 10"):
+        video_io.read_video(path, skip_first_frames=10)
+    for kwargs, message in (({"frame_load_cap": -1}, "frame_load_cap"), ({"select_every_nth": 0}, "select_every_nth"),
+                            ({"skip_first_frames": 1.5}, "whole number"), ({"width": 4}, "at least 8"),
+                            ({"height": -8}, "height")):
+        with pytest.raises(KinemaError, match=message):
+            video_io.read_video(path, **kwargs)
+    tiny = _write(tmp_path, "gif", np.zeros((2, 4, 4, 3), np.uint8), name="tiny")
+    with pytest.raises(KinemaError, match="multiples of 8"):
+        video_io.read_video(tiny)
+
+
+# -- the bundled clip ------------------------------------------------------------------------------------------------
+
+def test_bundled_demo_clip_is_what_the_generator_makes():
+    path = os.path.join(ROOT, "workflows", "inputs", demo_media.DEMO_CLIP_NAME)
+    assert os.path.getsize(path) < 300_000
+    images, fps = video_io.read_video(path)
+    want = demo_media.demo_clip_frames()
+    assert want.shape == (demo_media.DEMO_CLIP_FRAMES, demo_media.DEMO_CLIP_SIZE, demo_media.DEMO_CLIP_SIZE, 3)
+    assert np.array_equal(video_io.to_uint8(images), want)  # lossless: regenerate with python -m models.demo_media
+    assert fps == pytest.approx(demo_media.DEMO_CLIP_FPS)
+
+
+def test_demo_clip_is_deterministic_and_moves():
+    a, b = demo_media.demo_clip_frames(8, 64), demo_media.demo_clip_frames(8, 64)
+    assert np.array_equal(a, b)
+    assert all(not np.array_equal(a[i], a[i + 1]) for i in range(7))
+
+
+# -- Load Video node -------------------------------------------------------------------------------------------------
+
+def test_load_video_lists_the_input_folder_and_the_bundled_clip(input_dir, tmp_path):
+    from PIL import Image
+
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    (input_dir / "sub").mkdir()
+    _write(input_dir / "sub", "gif", name="walk")
+    _write(input_dir, "webp", name="b_clip")
+    Image.new("RGB", (8, 8)).save(input_dir / "still.png")  # a plain image, not a video
+    frames = [Image.new("RGB", (8, 8), (v, 0, 0)) for v in (0, 255)]
+    frames[0].save(input_dir / "anim.png", save_all=True, append_images=frames[1:])
+    (input_dir / "notes.txt").write_text("x")
+    (input_dir / ".hidden.gif").write_bytes(b"x")
+    options, opts = KinemaLoadVideo.INPUT_TYPES()["required"]["video"]
+    assert options == ["anim.png", "b_clip.webp", "sub/walk.gif", "kinema_demo_clip.webp"]
+    assert opts.get("video_upload") is True
+    spec = KinemaLoadVideo.INPUT_TYPES()["required"]
+    assert all(o.get("tooltip") for _, o in spec.values())
+    assert KinemaLoadVideo.CATEGORY == "Kinema/video" and KinemaLoadVideo.DESCRIPTION
+    assert load_pack().NODE_DISPLAY_NAME_MAPPINGS["KinemaLoadVideo"] == "Load Video (Kinema)"
+
+
+def test_load_video_node_loads_frames(input_dir):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    (input_dir / "sub").mkdir()
+    _write(input_dir / "sub", "gif", name="walk", fps=12.5)
+    images, count, fps = KinemaLoadVideo().load("sub/walk.gif", frame_load_cap=4, skip_first_frames=2,
+                                                select_every_nth=1, custom_width=64, custom_height=0)
+    assert images.shape == (4, 40, 64, 3) and count == 4 and fps == pytest.approx(12.5)
+    assert KinemaLoadVideo.VALIDATE_INPUTS("sub/walk.gif") is True
+
+
+def test_load_video_reads_the_bundled_clip_unless_the_input_folder_has_one(input_dir):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    images, count, fps = KinemaLoadVideo().load("kinema_demo_clip.webp", 8, 0, 1, 64, 0)
+    assert images.shape == (8, 64, 64, 3) and count == 8 and fps == pytest.approx(8.0)
+    _write(input_dir, "webp", name="kinema_demo_clip")  # the user's own file of that name wins
+    images, count, _ = KinemaLoadVideo().load("kinema_demo_clip.webp", 0, 0, 1, 0, 0)
+    assert images.shape == (10, 40, 56, 3)
+    from kinema.nodes.video_input import list_videos
+
+    assert list_videos().count("kinema_demo_clip.webp") == 1
+
+
+@pytest.mark.parametrize("name", ["../outside.gif", "sub/../../outside.gif", "/etc/passwd", "C:\\x.gif", ""])
+def test_load_video_refuses_names_outside_the_input_folder(input_dir, name):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    _write(input_dir.parent, "gif", name="outside")
+    with pytest.raises(KinemaError):
+        KinemaLoadVideo().load(name, 0, 0, 1, 0, 0)
+    assert isinstance(KinemaLoadVideo.VALIDATE_INPUTS(name), str)
+
+
+def test_load_video_refuses_links_out_of_the_input_folder(input_dir, monkeypatch):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    target = _write(input_dir.parent, "gif", name="outside")
+    try:
+        os.symlink(target, input_dir / "link.gif")
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks here")
+    monkeypatch.delenv("KINEMA_ALLOW_SYMLINKS", raising=False)
+    with pytest.raises(KinemaError, match="outside the input folder"):
+        KinemaLoadVideo().load("link.gif", 0, 0, 1, 0, 0)
+
+
+def test_load_video_missing_file(input_dir):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    with pytest.raises(KinemaError, match="not found in the input folder"):
+        KinemaLoadVideo().load("nope.mp4", 0, 0, 1, 0, 0)
+    assert "not found" in KinemaLoadVideo.VALIDATE_INPUTS("nope.mp4")
+    assert KinemaLoadVideo.VALIDATE_INPUTS(None) is True  # a linked value is checked when it runs
+
+
+def test_load_video_is_changed_follows_the_file(input_dir):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    path = _write(input_dir, "gif", name="clip")
+    first = KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0)
+    assert KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0) == first
+    _write(input_dir, "gif", _grey_clip(frames=4), name="clip")
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0) != first
+
+
+# -- VAE Encode Frames -----------------------------------------------------------------------------------------------
+
+def test_vae_encode_frames_node(host_dirs):
+    from fixtures import vae
+
+    from kinema.models import vae as vae_ops
+    from kinema.nodes.vae import KinemaVAEDecodeFrames, KinemaVAEEncodeFrames
+
+    assert load_pack().NODE_DISPLAY_NAME_MAPPINGS["KinemaVAEEncodeFrames"] == "VAE Encode Frames (Kinema)"
+    assert all(o.get("tooltip") for _, o in KinemaVAEEncodeFrames.INPUT_TYPES()["required"].values())
+    pixels = torch.rand(5, 32, 48, 3)
+    (latent,) = KinemaVAEEncodeFrames().encode(vae(), pixels, frame_chunk=2)
+    assert set(latent) == {"samples"} and latent["samples"].shape == (5, 4, 4, 6)
+    whole = vae_ops.encode_frames(vae(), pixels, chunk=8)
+    assert torch.allclose(latent["samples"], whole, atol=1e-5)  # chunking changes nothing
+    (images,) = KinemaVAEDecodeFrames().decode(vae(), latent, 3)
+    assert images.shape == pixels.shape
+    with pytest.raises(KinemaError, match="multiple of 8"):
+        KinemaVAEEncodeFrames().encode(vae(), torch.rand(2, 30, 48, 3), 8)
+
+
+def test_vae_encode_frames_reports_progress_and_stops_on_interrupt(host_dirs, monkeypatch):
+    from fixtures import vae
+
+    from kinema.nodes import host
+    from kinema.nodes.vae import KinemaVAEEncodeFrames
+
+    seen = []
+    real = host.ProgressBar.update_absolute
+
+    def spy(self, value, total=None, preview=None):
+        seen.append((value, total))
+        if value >= 2:
+            host.request_interrupt()
+        real(self, value, total, preview)
+
+    monkeypatch.setattr(host.ProgressBar, "update_absolute", spy)
+    with pytest.raises(host.KinemaInterrupted):
+        KinemaVAEEncodeFrames().encode(vae(), torch.rand(6, 16, 16, 3), frame_chunk=2)
+    assert seen == [(2, 6)]  # stopped after the first chunk
+
+
+# -- sampling from a video -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def video_latent():
+    from fixtures import vae
+
+    from kinema.models import vae as vae_ops
+
+    clip, _ = video_io.read_video(os.path.join(ROOT, "workflows", "inputs", demo_media.DEMO_CLIP_NAME),
+                                  frame_load_cap=8, width=32)
+    return vae_ops.encode_frames(vae(), clip)
+
+
+def _sample(latent, denoise, seed=3):
+    from fixtures import motion_model
+
+    from kinema.models import pipelines
+
+    model = motion_model("v2")
+    g = torch.Generator().manual_seed(0)
+    positive = torch.randn(1, 4, model.unet.cfg.context_dim, generator=g)
+    opts = pipelines.SampleOptions(seed=seed, steps=3, cfg=1.0, sampler="euler", denoise=denoise)
+    return pipelines.sample_video(model, positive, None, latent, opts)
+
+
+def test_vid2vid_lower_denoise_stays_closer_to_the_input(video_latent):
+    assert video_latent.shape == (8, 4, 4, 4)
+    dist = {d: (_sample(video_latent, d) - video_latent).pow(2).mean().sqrt().item() for d in (0.3, 0.6, 1.0)}
+    assert dist[0.3] < dist[0.6] < dist[1.0]
+    out = _sample(video_latent, 0.6)
+    assert out.shape == video_latent.shape and torch.isfinite(out).all()
+
+
+def test_vid2vid_denoise_zero_returns_the_input(video_latent):
+    out = _sample(video_latent, 0.0)
+    assert torch.equal(out, video_latent.float())
