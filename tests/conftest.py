@@ -10,6 +10,13 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Inputs that shrink a bundled workflow so a run takes seconds on the tiny demo models (the graph stays
+# the bundled one): used by the headless and the real-ComfyUI workflow tests.
+SMALL = {"KinemaEmptyVideoLatent": {"width": 64, "height": 64, "frames": 8}, "KinemaVideoSampler": {"steps": 2},
+         "KinemaLoadVideo": {"frame_load_cap": 8, "custom_width": 64},
+         "KinemaContextOptions": {"context_length": 4, "context_overlap": 1}}
+
 _spec = importlib.util.spec_from_file_location(
     "kinema", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
 )

@@ -23,6 +23,8 @@ import uuid
 
 import pytest
 
+from conftest import SMALL
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "comfyui")
 COMFY_DIR = os.environ.get("COMFYUI_DIR", "/tmp/ComfyUI")
@@ -217,10 +219,6 @@ def _demo_choice(kind, value, options):
     return stand_in if stand_in in options else None
 
 
-# Small sizes so each run takes seconds on the tiny demo models; the graph is the bundled one.
-SMALL = {"KinemaEmptyVideoLatent": {"width": 64, "height": 64, "frames": 8}, "KinemaVideoSampler": {"steps": 2},
-         "KinemaLoadVideo": {"frame_load_cap": 8, "custom_width": 64},
-         "KinemaContextOptions": {"context_length": 4, "context_overlap": 1}}
 
 
 def _set_ui_widget(node, name, value):

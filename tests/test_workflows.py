@@ -7,14 +7,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_pack
+from conftest import ROOT, SMALL, load_pack
 
 UI_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json")))
 API_FILES = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
-# Small sizes so a run takes seconds on the tiny demo models; the graph is the bundled one.
-SMALL = {"KinemaEmptyVideoLatent": {"width": 64, "height": 64, "frames": 8}, "KinemaVideoSampler": {"steps": 2},
-         "KinemaLoadVideo": {"frame_load_cap": 8, "custom_width": 64},
-         "KinemaContextOptions": {"context_length": 4, "context_overlap": 1}}
 
 
 def _small(prompt):
