@@ -14,7 +14,7 @@ import os
 import pickle
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -168,7 +168,7 @@ FORMAT_NAMES = {
 
 FORMAT_HOME = {
     "sd15": "models/checkpoints with the Kinema checkpoint loader",
-    "svd": "models/checkpoints (Stable Video Diffusion support comes in a later Kinema release)",
+    "svd": "models/checkpoints with the Load SVD Checkpoint (Kinema) node",
     "motion_module": "models/animatediff_models with the Kinema motion-module loader",
     "motion_lora": "models/animatediff_motion_lora with the Load MotionLoRA (Kinema) node",
     "lora": "models/loras with the Load LoRA (Kinema) node",
@@ -277,3 +277,82 @@ def load_motion_module(path: str, dtype: torch.dtype | None = None):
     module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name)
     module.source = name
     return module
+
+
+SVD_UNET_PREFIX = "model.diffusion_model."
+SVD_CLIP_VISION_PREFIX = "conditioner.embedders.0.open_clip.model.visual."
+
+
+@dataclass
+class SVDBundle:
+    """The parts of a Stable Video Diffusion checkpoint: the model as the sampler sees it, the CLIP image
+    encoder and the autoencoder (temporal decoder)."""
+
+    model: object
+    image_encoder: object
+    vae: nn.Module
+    name: str
+
+
+def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+             clip_vision_path: str | None = None, device: torch.device | str = "cpu") -> SVDBundle:
+    """Load a Stable Video Diffusion single-file checkpoint (svd, svd_xt and the 1.1 releases) as published.
+
+    The VAE encodes with the conditioning encoder (``conditioner.embedders.3.encoder.*``: encoder + quant_conv)
+    where the file has it, as the original conditions on that one, else with ``first_stage_model.encoder``;
+    it decodes with the temporal decoder ``first_stage_model.decoder``. The CLIP image encoder comes from
+    ``clip_vision_path`` when given (any CLIP vision file, e.g. ComfyUI's clip_vision_h.safetensors), else from
+    the checkpoint.
+    """
+    from .clip_vision import load_image_encoder
+    from .svd import SVDUNet, infer_svd_unet_config
+    from .svd_model import SVDModel, variant_of
+    from .vae import (
+        SVD_COND_ENCODER_PREFIX,
+        SVD_VAE_PREFIX,
+        TemporalAutoencoder,
+        infer_encoder_config,
+        infer_temporal_vae_config,
+    )
+
+    name = os.path.basename(path)
+    sd = load_state_dict(path)
+    found = detect_format(sd)
+    if found != "svd" or not any(k.startswith(SVD_UNET_PREFIX) for k in sd):
+        where = FORMAT_HOME.get(found, "")
+        hint = ""
+        if found == "sd15":
+            hint = " Load it with Load Checkpoint (Kinema)."
+        elif where and found != "svd":
+            hint = f" It belongs in {where}."
+        raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not a Stable Video Diffusion checkpoint.{hint}")
+    unet_sd = sub_state_dict(sd, SVD_UNET_PREFIX)
+    ucfg = infer_svd_unet_config(unet_sd)
+    unet = build_on_meta(lambda: SVDUNet(ucfg), unet_sd, dtype, "UNet", name)
+
+    first = sub_state_dict(sd, SVD_VAE_PREFIX)
+    if not first:
+        raise KinemaError(f"'{name}' has no VAE ('{SVD_VAE_PREFIX}*'): it is not a full SVD checkpoint")
+    vcfg = infer_temporal_vae_config(first)
+    vae_sd = {k: v for k, v in first.items() if k.startswith("decoder.")}
+    cond_sd = sub_state_dict(sd, SVD_COND_ENCODER_PREFIX)
+    if any(k.startswith("encoder.") for k in cond_sd):
+        if infer_encoder_config(cond_sd) != infer_encoder_config(first):
+            raise KinemaError(f"'{name}': the conditioning encoder and the VAE encoder have different shapes")
+        vae_sd.update({k: v for k, v in cond_sd.items() if k.startswith(("encoder.", "quant_conv."))})
+        vcfg = replace(vcfg, quant_conv="quant_conv.weight" in cond_sd)
+    else:
+        vae_sd.update({k: v for k, v in first.items() if k.startswith(("encoder.", "quant_conv."))})
+    vae = build_on_meta(lambda: TemporalAutoencoder(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+
+    if clip_vision_path is not None:
+        clip_name = os.path.basename(clip_vision_path)
+        clip_sd = load_state_dict(clip_vision_path)
+        image_encoder = load_image_encoder(clip_sd, None, dtype, clip_name, device=device)
+    elif any(k.startswith(SVD_CLIP_VISION_PREFIX) for k in sd):
+        image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, dtype, name, device=device)
+    else:
+        raise KinemaError(f"'{name}' has no CLIP image encoder ('{SVD_CLIP_VISION_PREFIX}*'): choose a ViT-H/14 "
+                          "file from models/clip_vision (e.g. clip_vision_h.safetensors) in Load SVD Checkpoint")
+    model = SVDModel(unet=unet, variant=variant_of(name), name=name)
+    return SVDBundle(model=model, image_encoder=image_encoder, vae=vae, name=name)

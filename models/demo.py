@@ -19,16 +19,27 @@ from dataclasses import dataclass
 import torch
 
 from .motion import MotionConfig, MotionModuleSet, sinusoidal_table
+from .svd import SVDUNet, SVDUNetConfig
 from .unet import UNetConfig, UNetModel
-from .vae import AutoencoderKL, VAEConfig
+from .vae import (
+    SVD_COND_ENCODER_PREFIX,
+    SVD_VAE_PREFIX,
+    AutoencoderKL,
+    ImageEncoderKL,
+    TemporalAutoencoder,
+    TemporalVAEConfig,
+    VAEConfig,
+)
 
 DEMO_CHECKPOINT = "kinema_demo_sd15.safetensors"
 DEMO_MOTION = {v: f"kinema_demo_mm_{v}.safetensors" for v in ("v1", "v2", "v3")}
 DEMO_MOTION_LORA = "kinema_demo_motion_lora_v2.safetensors"  # a v2 MotionLoRA, as v2_lora_ZoomIn.ckpt
 DEMO_LORA = "kinema_demo_lora_sd15.safetensors"  # a kohya-style SD1.5 LoRA: UNet (with 3x3 LoCon) + text encoder
 DEMO_ADAPTER_LORA = "kinema_demo_v3_adapter.safetensors"  # the layout of the AnimateDiff v3 adapter (processor style)
+DEMO_SVD = {"svd": "kinema_demo_svd.safetensors", "svd_xt": "kinema_demo_svd_xt.safetensors"}
+DEMO_CLIP_VISION = "kinema_demo_clip_vision.safetensors"  # transformers layout, as ComfyUI's clip_vision files
 DEMO_LORA_RANK = 4
-DEMO_VERSION = "3"  # bump when the demo tensors change: cached files of another version are rewritten
+DEMO_VERSION = "4"  # bump when the demo tensors change: cached files of another version are rewritten
 UNTRAINED_NOTE = (
     "Kinema demo models: tiny, with random (untrained) weights, made by the pack itself. "
     "Put a real SD1.5 checkpoint and motion module in your models folder for real videos."
@@ -43,6 +54,9 @@ class DemoSizes:
     clip_layers: int = 2
     vae_ch: int = 32
     vae_mult: tuple = (1, 2, 2, 2)
+    vision_hidden: int = 64  # the CLIP image tower of the demo SVD (ViT, patch 14)
+    vision_layers: int = 2
+    vision_image: int = 224  # as published (diffusers hard-codes 224 in its SVD pipeline)
 
 
 def _clip_shapes(hidden: int, layers: int) -> dict[str, tuple]:
@@ -213,6 +227,51 @@ def adapter_lora_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, s
     return sd
 
 
+def _vision_shapes(sizes: DemoSizes) -> dict[str, tuple]:
+    """Key names and shapes of a transformers CLIPVisionModelWithProjection (gelu ViT, patch 14, projection to
+    the demo SVD UNet's context width)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=sizes.vision_hidden, intermediate_size=4 * sizes.vision_hidden,
+                           num_hidden_layers=sizes.vision_layers, num_attention_heads=max(1, sizes.vision_hidden // 64),
+                           image_size=sizes.vision_image, patch_size=14, projection_dim=sizes.clip_hidden,
+                           hidden_act="gelu", layer_norm_eps=1e-5)
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+
+def demo_svd_unet_config(sizes: DemoSizes = DemoSizes()) -> SVDUNetConfig:
+    return SVDUNetConfig(model_channels=sizes.model_channels, channel_mult=sizes.channel_mult,
+                         context_dim=sizes.clip_hidden)
+
+
+def clip_vision_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes()) -> dict:
+    """A tiny CLIP vision model in transformers names (``vision_model.*``, ``visual_projection.weight``)."""
+    return {k: _fill(f"clip_vision.{k}", shape, seed).to(dtype) for k, shape in _vision_shapes(sizes).items()}
+
+
+def svd_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes()) -> dict:
+    """A tiny Stable Video Diffusion single-file checkpoint in the published layout: the VideoUNet, the
+    autoencoder with its temporal decoder, the conditioning-frame encoder (a copy of the VAE encoder with its
+    quant_conv) and the CLIP image tower in open_clip names."""
+    from .clip_vision import SVD_PREFIX, transformers_to_open_clip
+
+    sd = _tensors(_shapes(lambda: SVDUNet(demo_svd_unet_config(sizes))), "model.diffusion_model.", seed, dtype)
+    vcfg = TemporalVAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult)
+    first = _tensors(_shapes(lambda: TemporalAutoencoder(vcfg)), SVD_VAE_PREFIX, seed, dtype)
+    sd.update(first)
+    cond = _tensors(_shapes(lambda: ImageEncoderKL(VAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult))),
+                    SVD_COND_ENCODER_PREFIX, seed, dtype)
+    for k in cond:  # the same encoder weights as the first stage, as in the published files
+        twin = SVD_VAE_PREFIX + k[len(SVD_COND_ENCODER_PREFIX):]
+        if twin in first:
+            cond[k] = first[twin].clone()
+    sd.update(cond)
+    sd.update(transformers_to_open_clip(clip_vision_state_dict(seed, dtype, sizes), prefix=SVD_PREFIX))
+    return sd
+
+
 def _save(sd: dict, path: str, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -231,7 +290,8 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
     """Write the demo checkpoint and motion modules under ``models_dir`` (ComfyUI's folder names).
 
     Returns {"checkpoint": path, "v1": path, "v2": path, "v3": path, "motion_lora_v2": path, "lora": path,
-    "adapter_lora": path}. Existing files are kept unless ``overwrite``.
+    "adapter_lora": path, "svd": path, "svd_xt": path, "clip_vision": path}. Existing files are kept unless
+    ``overwrite``.
     """
     meta = {"kinema_demo": DEMO_VERSION, "seed": str(seed), "dtype": str(dtype), "note": UNTRAINED_NOTE}
     paths = {"checkpoint": os.path.join(models_dir, "checkpoints", DEMO_CHECKPOINT)}
@@ -252,6 +312,15 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
         paths[key] = path
         if overwrite or not _is_current(path, meta):
             _save(make(seed, dtype), path, meta)
+    svd = None
+    for variant, name in DEMO_SVD.items():
+        paths[variant] = os.path.join(models_dir, "checkpoints", name)
+        if overwrite or not _is_current(paths[variant], meta):
+            svd = svd if svd is not None else svd_state_dict(seed, dtype)
+            _save(svd, paths[variant], meta)
+    paths["clip_vision"] = os.path.join(models_dir, "clip_vision", DEMO_CLIP_VISION)
+    if overwrite or not _is_current(paths["clip_vision"], meta):
+        _save(clip_vision_state_dict(seed, dtype), paths["clip_vision"], meta)
     return paths
 
 
@@ -276,7 +345,12 @@ def substitute(kind: str, name: str) -> str | None:
     LoRAs by the demo v3-adapter-style LoRA when the name says "adapter", else by the kohya-style one.
     """
     if kind == "checkpoints":
+        lower = os.path.basename(str(name)).lower()
+        if "svd" in lower:
+            return DEMO_SVD["svd_xt" if "xt" in lower else "svd"]
         return DEMO_CHECKPOINT
+    if kind == "clip_vision":
+        return None if str(name).startswith("(") else DEMO_CLIP_VISION
     if kind == "animatediff_models":
         lower = os.path.basename(str(name)).lower()
         if "v3" in lower:

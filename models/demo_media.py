@@ -1,11 +1,12 @@
-"""The pack's demo input clip: a short, seamlessly looping video of moving coloured shapes.
+"""The pack's demo inputs: a short, seamlessly looping video of moving coloured shapes, and a still of it.
 
 ``demo_clip_frames()`` draws it with integer arithmetic only (no trigonometry,
 no resampling), so every machine makes exactly the same pixels.
 ``write_demo_clip(path)`` saves it as a lossless animated WebP: decoding the
 file gives those pixels back exactly. The pack ships the result as
 ``workflows/inputs/kinema_demo_clip.webp`` (the video-to-video workflow's
-input); regenerate it with::
+input), and its first frame as ``workflows/inputs/kinema_demo_image.png`` (the
+image-to-video workflows' init image); regenerate both with::
 
     python -m models.demo_media            # from the pack's root folder
 
@@ -18,6 +19,8 @@ DEMO_CLIP_NAME = "kinema_demo_clip.webp"
 DEMO_CLIP_FRAMES = 24
 DEMO_CLIP_SIZE = 256  # width and height in pixels (a multiple of 8)
 DEMO_CLIP_FPS = 8.0
+DEMO_IMAGE_NAME = "kinema_demo_image.png"
+DEMO_IMAGE_SIZE = (512, 288)  # width, height: 16:9 like Stable Video Diffusion's 1024x576
 
 
 def _triangle(t: int, period: int, amplitude: int) -> int:
@@ -76,10 +79,28 @@ def write_demo_clip(path: str, frames: int = DEMO_CLIP_FRAMES, size: int = DEMO_
     return write_video(path, demo_clip_frames(frames, size), fps, "webp", loop=0, lossless=True, webp_method=6)
 
 
+def demo_image(width: int = DEMO_IMAGE_SIZE[0], height: int = DEMO_IMAGE_SIZE[1]) -> np.ndarray:
+    """The demo init image, uint8 ``[height, width, 3]``: the clip's first frame drawn at ``max(width, height)``
+    and centre-cropped."""
+    side = max(width, height)
+    frame = demo_clip_frames(1, side)[0]
+    top, left = (side - height) // 2, (side - width) // 2
+    return np.ascontiguousarray(frame[top:top + height, left:left + width])
+
+
+def write_demo_image(path: str) -> str:
+    """Write the demo init image to ``path`` as PNG; return the path."""
+    from PIL import Image
+
+    Image.fromarray(demo_image()).save(path, format="PNG", optimize=True)
+    return path
+
+
 if __name__ == "__main__":  # pragma: no cover - regeneration helper: python -m models.demo_media [PATH]
     import os
     import sys
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    target = sys.argv[1] if len(sys.argv) > 1 else os.path.join(here, "workflows", "inputs", DEMO_CLIP_NAME)
-    print(write_demo_clip(target))
+    inputs = os.path.join(here, "workflows", "inputs")
+    print(write_demo_clip(sys.argv[1] if len(sys.argv) > 1 else os.path.join(inputs, DEMO_CLIP_NAME)))
+    print(write_demo_image(sys.argv[2] if len(sys.argv) > 2 else os.path.join(inputs, DEMO_IMAGE_NAME)))

@@ -5,12 +5,14 @@ the frames of ``x`` are then those of ``window.sub_idxs`` in a longer video,
 and per-frame conditioning is sliced to them. ``WindowedDenoiser`` runs a
 denoiser window by window and fuses the predictions per frame.
 
-``EpsVideoDenoiser`` turns an eps-prediction video model into
-``x0 = f(x, sigma, contexts)`` for one video latent ``[f, c, h, w]``; a
-guidance is a function of those x0 predictions. Classifier-free guidance
-runs cond and uncond in one batch when ``batch_cond`` is set and memory
-allows: a batch that runs out of memory is retried one context at a time, and
-the denoiser stays unbatched for the rest of the run.
+``EpsVideoDenoiser`` (AnimateDiff: eps prediction on discrete DDPM levels)
+and ``VEDMVideoDenoiser`` (Stable Video Diffusion: v prediction, EDM
+preconditioning) turn a video model into ``x0 = f(x, sigma, conditionings)``
+for one video latent ``[f, c, h, w]``; a guidance is a function of those x0
+predictions. Classifier-free guidance runs cond and uncond in one batch when
+``batch_cond`` is set and memory allows: a batch that runs out of memory is
+retried one conditioning at a time, and the denoiser stays unbatched for the
+rest of the run.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import math
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 
 from . import context
+from .errors import KinemaError
 from .memory import is_out_of_memory, release_cached_memory
 from .sampling import DiscreteSchedule
 
@@ -40,78 +44,172 @@ def match_token_lengths(contexts: list[torch.Tensor]) -> list[torch.Tensor] | No
     return [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
 
 
-class EpsVideoDenoiser:
-    """x0 predictions of an eps video model for several per-frame contexts at one sigma.
+class _BatchedDenoiser:
+    """x0 predictions of a video model for several conditionings at one sigma, batched while memory allows.
 
-    ``model(x, timesteps, context, num_frames, attn_chunk=, temporal=)`` is a
-    ``MotionModel``; contexts are per-frame ``[f, n, d]``.
+    Subclasses say how conditionings group into batches (``_groups``) and how one batch is predicted
+    (``_predict``). A batch that runs out of memory is retried one conditioning at a time, and the
+    denoiser stays unbatched for the rest of the run.
     """
 
-    def __init__(self, model, schedule: DiscreteSchedule, attn_chunk: int = 0, batch_cond: bool = True):
+    def __init__(self, model, attn_chunk: int = 0, batch_cond: bool = True):
         self.model = model
-        self.schedule = schedule
         self.attn_chunk = attn_chunk
         self.batch_cond = batch_cond
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, contexts: list[torch.Tensor],
-                 temporal: bool = True, window=None) -> list[torch.Tensor]:
-        """x [f, c, h, w], contexts [[f, n, d], ...] -> x0 for each context, each [f, c, h, w]"""
-        frames = x.shape[0]
-        dtype = self.model.unet.dtype
-        device = next(self.model.unet.parameters()).device
-        c_in = 1.0 / math.sqrt(float(sigma) ** 2 + 1.0)
-        t = self.schedule.timestep(sigma.reshape(1)).to(device)
-        groups = [contexts]
-        if not self.batch_cond or len(contexts) == 1:
-            groups = [[c] for c in contexts]
-        else:
-            matched = match_token_lengths(contexts)
-            groups = [matched] if matched is not None else [[c] for c in contexts]
+    def _groups(self, conds: list) -> list[list]:
+        if not self.batch_cond or len(conds) == 1:
+            return [[c] for c in conds]
+        return [conds]
+
+    def _predict(self, x: torch.Tensor, sigma: torch.Tensor, group: list, window, **kw) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds: list, window=None, **kw) -> list[torch.Tensor]:
+        """x [f, c, h, w], conds [per-frame conditioning, ...] -> x0 for each conditioning, each [f, c, h, w]"""
         outs = []
-        for group in groups:
-            b = len(group)
-            xin = (x.repeat(b, 1, 1, 1) * c_in).to(device, dtype)
-            ctx = torch.cat(group).to(device, dtype)
+        for group in self._groups(conds):
             try:
-                eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk,
-                                 temporal=temporal, window=window)
-            except Exception as exc:
-                if b == 1 or not is_out_of_memory(exc):
-                    raise
-                del xin, ctx
-                release_cached_memory()
-                self.batch_cond = False  # the rest of the run: one context at a time
-                outs.extend(self(x, sigma, group, temporal=temporal, window=window))
+                outs.extend(self._predict(x, sigma, group, window, **kw))
                 continue
-            eps = eps.float().to(x.device)
-            outs.extend(x - float(sigma) * e for e in eps.chunk(b))
+            except Exception as exc:
+                if len(group) == 1 or not is_out_of_memory(exc):
+                    raise
+            # out of the except block: the failed batch's tensors are released before the retry
+            release_cached_memory()
+            self.batch_cond = False  # the rest of the run: one conditioning at a time
+            outs.extend(self(x, sigma, group, window=window, **kw))
         return outs
 
+    def _device_dtype(self, net) -> tuple[torch.device, torch.dtype]:
+        return next(net.parameters()).device, net.dtype
 
-def frames_of(per_frame: torch.Tensor, window) -> torch.Tensor:
-    """The entries of a per-frame tensor [F, ...] that belong to ``window`` (all of them without one)."""
+
+class EpsVideoDenoiser(_BatchedDenoiser):
+    """x0 predictions of an eps video model (``MotionModel``) for several per-frame contexts at one sigma.
+
+    ``model(x, timesteps, context, num_frames, attn_chunk=, temporal=, window=)``; contexts are ``[f, n, d]``
+    (prompts of different token lengths are batched by repeating their tokens, see ``match_token_lengths``).
+    ``temporal=False`` runs the model with its motion modules bypassed.
+    """
+
+    def __init__(self, model, schedule: DiscreteSchedule, attn_chunk: int = 0, batch_cond: bool = True):
+        super().__init__(model, attn_chunk, batch_cond)
+        self.schedule = schedule
+
+    def _groups(self, conds: list) -> list[list]:
+        groups = super()._groups(conds)
+        if len(groups) == 1 and len(conds) > 1:
+            matched = match_token_lengths(conds)
+            return [matched] if matched is not None else [[c] for c in conds]
+        return groups
+
+    def _predict(self, x, sigma, group, window, temporal: bool = True):
+        frames, b = x.shape[0], len(group)
+        device, dtype = self._device_dtype(self.model.unet)
+        c_in = 1.0 / math.sqrt(float(sigma) ** 2 + 1.0)
+        t = self.schedule.timestep(sigma.reshape(1)).to(device)
+        xin = (x.repeat(b, 1, 1, 1) * c_in).to(device, dtype)
+        ctx = torch.cat(group).to(device, dtype)
+        eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk, temporal=temporal,
+                         window=window)
+        eps = eps.float().to(x.device)
+        return [x - float(sigma) * e for e in eps.chunk(b)]
+
+
+class VEDMVideoDenoiser(_BatchedDenoiser):
+    """x0 predictions of a v-prediction EDM video model (``SVDModel``), Stable Video Diffusion's preconditioning.
+
+    ``x0 = c_skip x + c_out F(c_in x ++ concat, c_noise)`` with ``c_skip = 1/(s^2+1)``,
+    ``c_out = -s/sqrt(s^2+1)``, ``c_in = 1/sqrt(s^2+1)``, ``c_noise = 0.25 ln s``. Each conditioning is a
+    dict of per-frame tensors: ``context`` [f, n, d] (CLIP image embedding), ``concat`` [f, c, h, w]
+    (unscaled VAE latents, concatenated to the input channels after ``c_in`` is applied, so not scaled by
+    it) and ``y`` [f, adm] (the micro-conditioning vector).
+    """
+
+    def _predict(self, x, sigma, group, window):
+        frames, b = x.shape[0], len(group)
+        device, dtype = self._device_dtype(self.model.unet)
+        s = float(sigma)
+        c_in, c_skip, c_out = 1.0 / math.sqrt(s * s + 1.0), 1.0 / (s * s + 1.0), -s / math.sqrt(s * s + 1.0)
+        c_noise = torch.full((b * frames,), 0.25 * math.log(s), device=device)
+        concat = torch.cat([c["concat"] for c in group])
+        xin = torch.cat([x.repeat(b, 1, 1, 1) * c_in, concat.to(x.device, x.dtype)], dim=1).to(device, dtype)
+        ctx = torch.cat([c["context"] for c in group]).to(device, dtype)
+        y = torch.cat([c["y"] for c in group]).to(device, dtype)
+        v = self.model(xin, c_noise, ctx, y, frames, attn_chunk=self.attn_chunk, window=window)
+        v = v.float().to(x.device)
+        return [c_skip * x + c_out * part for part in v.chunk(b)]
+
+
+def frames_of(per_frame, window):
+    """The entries of per-frame conditioning [F, ...] that belong to ``window`` (all of them without one).
+
+    ``per_frame`` is a tensor, a dict of such tensors (sliced alike) or None.
+    """
+    if per_frame is None:
+        return None
+    if isinstance(per_frame, dict):
+        return {k: frames_of(v, window) for k, v in per_frame.items()}
     if window is None or (len(window.sub_idxs) == per_frame.shape[0]
                           and tuple(window.sub_idxs) == tuple(range(per_frame.shape[0]))):
         return per_frame
     return per_frame[list(window.sub_idxs)]
 
 
+CFG_MODES = ("constant", "linear", "triangle")
+
+
+def per_frame_cfg(mode: str, min_cfg: float, max_cfg: float, frames: int, period: float = 1.0) -> torch.Tensor:
+    """One guidance scale per frame, [frames] (Stable Video Diffusion's guiders).
+
+    ``constant``: ``max_cfg`` everywhere; ``linear``: from ``min_cfg`` at the first frame to ``max_cfg`` at the
+    last (sgm's LinearPredictionGuider); ``triangle``: ``min_cfg`` at both ends rising to ``max_cfg`` in the
+    middle, a triangle wave of ``period`` over the frame positions 0..1 (sgm's TrianglePredictionGuider).
+    """
+    if frames < 1:
+        raise KinemaError(f"a video needs at least 1 frame, got {frames}")
+    if mode == "constant":
+        return torch.full((frames,), float(max_cfg))
+    if mode == "linear":
+        return torch.linspace(float(min_cfg), float(max_cfg), frames)
+    if mode == "triangle":
+        if period <= 0:
+            raise KinemaError(f"the triangle guidance period must be positive, got {period}")
+        pos = torch.linspace(0, 1, frames, dtype=torch.float64) / period
+        wave = 2 * (pos - torch.floor(pos + 0.5)).abs()
+        return (wave * (float(max_cfg) - float(min_cfg)) + float(min_cfg)).float()
+    raise KinemaError(f"unknown per-frame guidance '{mode}': use one of {', '.join(CFG_MODES)}")
+
+
 class CFGDenoiser:
     """Classifier-free guidance on x0: ``x0_u + cfg * (x0_c - x0_u)`` (uncond skipped at cfg 1).
 
-    ``cond``/``uncond`` are per frame of the whole video, ``[F, n, d]``.
+    ``cond``/``uncond`` are per frame of the whole video (``[F, n, d]``, or a dict of per-frame tensors for
+    the denoisers that take several); ``cfg`` is one scale or one per frame ``[F]``.
     """
 
-    def __init__(self, denoiser: EpsVideoDenoiser, cond: torch.Tensor, uncond: torch.Tensor | None, cfg: float):
-        self.denoiser, self.cond, self.uncond, self.cfg = denoiser, cond, uncond, float(cfg)
+    def __init__(self, denoiser, cond, uncond, cfg: float | torch.Tensor):
+        self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
+        self.cfg = cfg.float() if isinstance(cfg, torch.Tensor) else float(cfg)
+
+    def _skip_uncond(self) -> bool:
+        if self.uncond is None:
+            return True
+        if isinstance(self.cfg, torch.Tensor):
+            return bool((self.cfg == 1.0).all())
+        return self.cfg == 1.0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, window=None) -> torch.Tensor:
         """x [f, c, h, w] -> x0 [f, c, h, w]"""
         cond = frames_of(self.cond, window)
-        if self.uncond is None or self.cfg == 1.0:
+        if self._skip_uncond():
             return self.denoiser(x, sigma, [cond], window=window)[0]
         x0_u, x0_c = self.denoiser(x, sigma, [frames_of(self.uncond, window), cond], window=window)
-        return x0_u + self.cfg * (x0_c - x0_u)
+        scale = self.cfg
+        if isinstance(scale, torch.Tensor):
+            scale = rearrange(frames_of(scale, window), "f -> f 1 1 1").to(x0_c.device)
+        return x0_u + scale * (x0_c - x0_u)
 
 
 class WindowedDenoiser:

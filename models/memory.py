@@ -39,3 +39,41 @@ def release_cached_memory() -> None:
     """Hand the accelerator's cached blocks back after an out-of-memory error, so a retry can use them."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory free for new tensors on ``device``: free VRAM on CUDA, ``MemAvailable`` on the CPU (Linux);
+    None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_fits(needed: int, device: torch.device | str, what: str, remedies: str) -> None:
+    """Raise KinemaError before allocating when ``needed`` bytes clearly exceed the free memory of ``device``."""
+    free = available_bytes(device)
+    if free is not None and needed > free:
+        raise KinemaError(f"{what} needs about {_gib(needed)} but {torch.device(device).type} has {_gib(free)} free: "
+                          f"{remedies}")
+
+
+def video_activation_bytes(frames: int, batch: int, latent_h: int, latent_w: int, channels: int,
+                           dtype: torch.dtype) -> int:
+    """A lower estimate of a video UNet's peak activations: a few full-resolution feature maps of the first
+    level for every frame of the batch (real peaks are higher; this catches requests that cannot fit)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 8 * frames * batch * channels * latent_h * latent_w * itemsize

@@ -13,8 +13,10 @@ import torch
 
 from .context import ContextOptions, context_windows, freenoise
 from .errors import KinemaError
-from .guidance import CFGDenoiser, EpsVideoDenoiser, WindowedDenoiser
+from .guidance import CFGDenoiser, EpsVideoDenoiser, VEDMVideoDenoiser, WindowedDenoiser, per_frame_cfg
+from .memory import check_fits, video_activation_bytes
 from .sampling import (
+    ContinuousEDMSchedule,
     DiscreteSchedule,
     StepCallback,
     calculate_sigmas,
@@ -47,6 +49,8 @@ def empty_video_latent(frames: int, width: int, height: int) -> torch.Tensor:
     for name, v in (("width", width), ("height", height)):
         if v < 8 or v % 8:
             raise KinemaError(f"{name} must be a positive multiple of 8, got {v} (try {max(8, v // 8 * 8)})")
+    check_fits(frames * LATENT_CHANNELS * (height // 8) * (width // 8) * 4, "cpu", f"a latent of {frames} frames",
+               "lower the frame count")
     return torch.zeros(frames, LATENT_CHANNELS, height // 8, width // 8)
 
 
@@ -67,6 +71,51 @@ def windows_per_step(frames: int, context: ContextOptions, steps: int) -> int:
     return max(1, len(context_windows(frames, context, 0, max(1, steps))))
 
 
+def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, opts: SampleOptions,
+                 device: torch.device, callback: StepCallback | None, on_window: Callable[[], None] | None
+                 ) -> torch.Tensor:
+    """The shared sampling loop: sigmas, (FreeNoise) starting noise, context windows, the sampler.
+
+    ``denoiser(x, sigma, window=None) -> x0`` on the scaled latent. Returns the unscaled latent on the CPU.
+    """
+    sigmas = calculate_sigmas(schedule, opts.scheduler, opts.steps, opts.denoise)
+    sampler = get_sampler(opts.sampler)
+    if len(sigmas) < 2:
+        return latent.float().cpu()
+    x = latent.float() * latent_scale
+    noise = initial_noise(opts.seed, tuple(latent.shape))
+    if opts.context is not None and opts.context.freenoise:
+        noise = freenoise(noise, opts.context, opts.seed)
+    x = noise_latent(x, noise, sigmas, schedule)
+    if opts.context is not None:
+        denoiser = WindowedDenoiser(denoiser, opts.context, sigmas, on_window=on_window)
+    out = sampler(denoiser, x.to(device), sigmas.to(device), callback=callback, seed=opts.seed)
+    return (out / latent_scale).float().cpu()
+
+
+def _check_latent(latent: torch.Tensor, opts: SampleOptions, model) -> int:
+    if latent.ndim != 4 or latent.shape[1] != LATENT_CHANNELS:
+        raise KinemaError(f"expected a video latent [frames, 4, h, w], got shape {tuple(latent.shape)}")
+    frames = latent.shape[0]
+    if opts.context is not None:
+        opts.context.validate(frames)
+    model.check_frames(frames, None if opts.context is None else opts.context.context_length)
+    return frames
+
+
+def _check_fits(model, latent: torch.Tensor, opts: SampleOptions, guided: bool, device: torch.device) -> None:
+    """KinemaError before anything is allocated when the frames sampled at once clearly cannot fit."""
+    frames = latent.shape[0]
+    window = frames if opts.context is None else min(frames, opts.context.context_length)
+    batch = 2 if (guided and opts.batch_cond) else 1
+    size = f"{latent.shape[-1] * 8}x{latent.shape[-2] * 8}"
+    check_fits(video_activation_bytes(window, batch, latent.shape[-2], latent.shape[-1],
+                                      model.unet.cfg.model_channels, model.unet.dtype), device,
+               f"sampling {window} frames at once at {size}",
+               "lower the frame count or the size, or connect Context Options (Kinema) to the sampler to sample "
+               "in windows of frames")
+
+
 def sample_video(
     model,
     positive: torch.Tensor,
@@ -82,12 +131,7 @@ def sample_video(
     With ``opts.context`` the model sees windows of frames (``on_window()`` after each one).
     Returns the sampled latent [f, 4, h, w], unscaled, on the CPU.
     """
-    if latent.ndim != 4 or latent.shape[1] != LATENT_CHANNELS:
-        raise KinemaError(f"expected a video latent [frames, 4, h, w], got shape {tuple(latent.shape)}")
-    frames = latent.shape[0]
-    if opts.context is not None:
-        opts.context.validate(frames)
-    model.check_frames(frames, None if opts.context is None else opts.context.context_length)
+    frames = _check_latent(latent, opts, model)
     ctx_dim = model.unet.cfg.context_dim
     for what, c in (("positive", positive), ("negative", negative)):
         if c is not None and c.shape[-1] != ctx_dim:
@@ -95,24 +139,63 @@ def sample_video(
                 f"the {what} conditioning has width {c.shape[-1]} but the UNet expects {ctx_dim}: "
                 "encode the prompt with the CLIP of the same checkpoint"
             )
-    schedule = DiscreteSchedule(model.beta_schedule)
-    sigmas = calculate_sigmas(schedule, opts.scheduler, opts.steps, opts.denoise)
-    sampler = get_sampler(opts.sampler)
-    x = latent.float() * SD15_LATENT_SCALE
-    if len(sigmas) < 2:
-        return latent.float().cpu()
-    noise = initial_noise(opts.seed, tuple(latent.shape))
-    if opts.context is not None and opts.context.freenoise:
-        noise = freenoise(noise, opts.context, opts.seed)
-    x = noise_latent(x, noise, sigmas, schedule)
     device = next(model.unet.parameters()).device
+    _check_fits(model, latent, opts, negative is not None and opts.cfg != 1.0, device)
+    schedule = DiscreteSchedule(model.beta_schedule)
     denoiser = CFGDenoiser(
         EpsVideoDenoiser(model, schedule, attn_chunk=opts.attn_chunk, batch_cond=opts.batch_cond),
         per_frame(positive, frames, "positive"),
         None if negative is None else per_frame(negative, frames, "negative"),
         opts.cfg,
     )
-    if opts.context is not None:
-        denoiser = WindowedDenoiser(denoiser, opts.context, sigmas, on_window=on_window)
-    out = sampler(denoiser, x.to(device), sigmas.to(device), callback=callback, seed=opts.seed)
-    return (out / SD15_LATENT_SCALE).float().cpu()
+    return _run_sampler(denoiser, latent, schedule, SD15_LATENT_SCALE, opts, device, callback, on_window)
+
+
+SVD_CONDITIONING_KEYS = ("context", "concat", "y")
+
+
+def _svd_per_frame(cond: dict, frames: int, latent: torch.Tensor, what: str) -> dict:
+    """An image conditioning ``{context, concat, y}`` for one video -> the same per frame (views)."""
+    missing = [k for k in SVD_CONDITIONING_KEYS if k not in cond]
+    if missing:
+        raise KinemaError(f"the {what} conditioning is not an image-to-video conditioning (no '{missing[0]}'): "
+                          "connect SVD Image Conditioning (Kinema)")
+    concat = cond["concat"]
+    if concat.shape[-2:] != latent.shape[-2:]:
+        raise KinemaError(
+            f"the {what} image conditioning is for a {concat.shape[-1] * 8}x{concat.shape[-2] * 8} video but the "
+            f"latent is {latent.shape[-1] * 8}x{latent.shape[-2] * 8}: use the latent of the same conditioning node")
+    return {k: (v.expand(frames, *v.shape[1:]) if v.shape[0] == 1 else v) for k, v in cond.items()
+            if k in SVD_CONDITIONING_KEYS}
+
+
+def sample_img2vid(
+    model,
+    cond: dict,
+    uncond: dict | None,
+    latent: torch.Tensor,
+    opts: SampleOptions,
+    callback: StepCallback | None = None,
+    on_window: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Sample one video with Stable Video Diffusion (``svd_model.SVDModel``): EDM, v prediction.
+
+    cond/uncond: ``{"context": [1, 1, d], "concat": [1, 4, h, w], "y": [1, adm]}`` from
+    ``svd_model.image_conditioning``; latent: [f, 4, h, w] unscaled (zeros). ``opts.cfg`` is the largest
+    guidance scale; the model's ``cfg_mode`` spreads it over the frames from ``model.guidance_min``
+    (Stable Video Diffusion's per-frame guidance). Returns the latent [f, 4, h, w], unscaled, on the CPU.
+    """
+    from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE
+
+    frames = _check_latent(latent, opts, model)
+    device = next(model.unet.parameters()).device
+    _check_fits(model, latent, opts, uncond is not None, device)
+    cfg = per_frame_cfg(model.cfg_mode, model.guidance_min, opts.cfg, frames, model.cfg_period)
+    denoiser = CFGDenoiser(
+        VEDMVideoDenoiser(model, attn_chunk=opts.attn_chunk, batch_cond=opts.batch_cond),
+        _svd_per_frame(cond, frames, latent, "positive"),
+        None if uncond is None else _svd_per_frame(uncond, frames, latent, "negative"),
+        cfg,
+    )
+    schedule = ContinuousEDMSchedule(SIGMA_MIN, SIGMA_MAX)
+    return _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)

@@ -64,9 +64,41 @@ class DiscreteSchedule:
         return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
 
 
+class ContinuousEDMSchedule:
+    """The continuous noise levels of an EDM-trained model (Stable Video Diffusion).
+
+    Sigmas run from ``sigma_min`` to ``sigma_max`` (SVD: 0.002 to 700); the
+    network's time input is ``c_noise = 0.25 ln(sigma)``. ``sigmas`` is a table of
+    1000 log-spaced levels, as ComfyUI builds for its continuous EDM models, so
+    every scheduler (including the table-indexing ``simple``/``ddim_uniform``)
+    works on it as on a discrete schedule.
+    """
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 700.0, table_size: int = 1000):
+        if not 0 < sigma_min < sigma_max:
+            raise KinemaError(f"an EDM schedule needs 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
+        self.sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), table_size).exp().float()
+        self.log_sigmas = self.sigmas.log()
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """c_noise: 0.25 ln(sigma)."""
+        return 0.25 * torch.as_tensor(sigma, dtype=torch.float32).log()
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return (torch.as_tensor(t, dtype=torch.float32) / 0.25).exp()
+
+
 # -- schedulers: (schedule, steps) -> sigmas, ending in 0 -----------------------------------------------------------
 
-def normal_scheduler(s: DiscreteSchedule, steps: int, sgm: bool = False) -> torch.Tensor:
+def normal_scheduler(s: "DiscreteSchedule | ContinuousEDMSchedule", steps: int, sgm: bool = False) -> torch.Tensor:
     start, end = float(s.timestep(s.sigma_max)), float(s.timestep(s.sigma_min))
     if sgm:
         ts = torch.linspace(start, end, steps + 1)[:-1]

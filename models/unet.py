@@ -53,6 +53,45 @@ class UNetConfig:
         return len(self.channel_mult)
 
 
+def ldm_blocks(cfg, res, attn) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleList, int]:
+    """The LDM UNet layout shared by the SD1.5 and the SVD UNets: ``(input_blocks, middle_block,
+    output_blocks, channels out)``, named as in the checkpoints.
+
+    ``cfg`` has ``in_channels``, ``model_channels``, ``channel_mult``, ``num_res_blocks`` and
+    ``attention_levels``; ``res(ch_in, ch_out)`` and ``attn(ch)`` make a level's ResBlock and transformer.
+    """
+    mc = cfg.model_channels
+    levels = len(cfg.channel_mult)
+    input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    skip_channels = [mc]
+    ch = mc
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [res(ch, mc * mult)]
+            ch = mc * mult
+            if level in cfg.attention_levels:
+                layers.append(attn(ch))
+            input_blocks.append(nn.ModuleList(layers))
+            skip_channels.append(ch)
+        if level != levels - 1:
+            input_blocks.append(nn.ModuleList([Downsample(ch)]))
+            skip_channels.append(ch)
+
+    middle_block = nn.ModuleList([res(ch, ch), attn(ch), res(ch, ch)])
+
+    output_blocks = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        for i in range(cfg.num_res_blocks + 1):
+            layers = [res(ch + skip_channels.pop(), mc * mult)]
+            ch = mc * mult
+            if level in cfg.attention_levels:
+                layers.append(attn(ch))
+            if level and i == cfg.num_res_blocks:
+                layers.append(Upsample(ch))
+            output_blocks.append(nn.ModuleList(layers))
+    return input_blocks, middle_block, output_blocks, ch
+
+
 class UNetModel(nn.Module):
     """SD1.5 UNet; keys as in ``model.diffusion_model.*`` of the single-file checkpoint."""
 
@@ -66,33 +105,8 @@ class UNetModel(nn.Module):
         def attn(ch: int) -> SpatialTransformer:
             return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.linear_proj)
 
-        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_channels = [mc]
-        ch = mc
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb, mc * mult)]
-                ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(attn(ch))
-                self.input_blocks.append(nn.ModuleList(layers))
-                skip_channels.append(ch)
-            if level != cfg.levels - 1:
-                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
-                skip_channels.append(ch)
-
-        self.middle_block = nn.ModuleList([ResBlock(ch, emb, ch), attn(ch), ResBlock(ch, emb, ch)])
-
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for i in range(cfg.num_res_blocks + 1):
-                layers = [ResBlock(ch + skip_channels.pop(), emb, mc * mult)]
-                ch = mc * mult
-                if level in cfg.attention_levels:
-                    layers.append(attn(ch))
-                if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
-                self.output_blocks.append(nn.ModuleList(layers))
+        self.input_blocks, self.middle_block, self.output_blocks, ch = ldm_blocks(
+            cfg, lambda ch_in, ch_out: ResBlock(ch_in, emb, ch_out), attn)
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
@@ -154,6 +168,37 @@ def expand_context(context: torch.Tensor, num_frames: int) -> torch.Tensor:
     return repeat(context, "b n d -> (b f) n d", f=num_frames)
 
 
+def scan_input_blocks(get) -> tuple[list[int], list[int], list[tuple[int, str]]]:
+    """Walk the ``input_blocks`` of an LDM UNet state dict through ``get(key) -> tensor | None``.
+
+    Returns (output channels of each level, ResBlocks in each level, ``(level, key prefix)`` of each
+    transformer, e.g. ``(0, "input_blocks.1.1.")``). Shared by the SD1.5 and SVD config inference.
+    """
+    chans, blocks_in_level, attention = [], [], []
+    i, level, count = 1, 0, 0
+    while get(f"input_blocks.{i}.0.op.weight") is not None or get(f"input_blocks.{i}.0.in_layers.2.weight") is not None:
+        if get(f"input_blocks.{i}.0.op.weight") is not None:
+            blocks_in_level.append(count)
+            level, count = level + 1, 0
+        else:
+            if count == 0:
+                chans.append(get(f"input_blocks.{i}.0.out_layers.3.weight").shape[0])
+            count += 1
+            if get(f"input_blocks.{i}.1.proj_in.weight") is not None:
+                attention.append((level, f"input_blocks.{i}.1."))
+        i += 1
+    blocks_in_level.append(count)
+    return chans, blocks_in_level, attention
+
+
+def transformer_depth(get, prefix: str) -> int:
+    """How many ``transformer_blocks`` the transformer at key ``prefix`` has."""
+    d = 0
+    while get(f"{prefix}transformer_blocks.{d}.attn2.to_k.weight") is not None:
+        d += 1
+    return d
+
+
 def infer_unet_config(sd: dict, prefix: str = "") -> UNetConfig:
     """Read a UNetConfig off the tensor shapes of an LDM UNet state dict."""
 
@@ -164,43 +209,21 @@ def infer_unet_config(sd: dict, prefix: str = "") -> UNetConfig:
     if conv_in is None:
         raise KinemaError(f"no UNet found: the key '{prefix}input_blocks.0.0.weight' is missing")
     mc, in_ch = conv_in.shape[0], conv_in.shape[1]
-    chans, attn_levels, blocks_in_level = [], set(), []
-    depth, context_dim, linear = 1, None, False
-    i, level, count = 1, 0, 0
-    while get(f"input_blocks.{i}.0.op.weight") is not None or get(f"input_blocks.{i}.0.in_layers.2.weight") is not None:
-        if get(f"input_blocks.{i}.0.op.weight") is not None:
-            blocks_in_level.append(count)
-            level, count = level + 1, 0
-        else:
-            out_ch = get(f"input_blocks.{i}.0.out_layers.3.weight").shape[0]
-            if count == 0:
-                chans.append(out_ch)
-            count += 1
-            if get(f"input_blocks.{i}.1.proj_in.weight") is not None:
-                attn_levels.add(level)
-                proj = get(f"input_blocks.{i}.1.proj_in.weight")
-                linear = proj.ndim == 2
-                d = 0
-                while get(f"input_blocks.{i}.1.transformer_blocks.{d}.attn2.to_k.weight") is not None:
-                    d += 1
-                depth = d
-                context_dim = get(f"input_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight").shape[1]
-        i += 1
-    blocks_in_level.append(count)
+    chans, blocks_in_level, attention = scan_input_blocks(get)
     if len(set(blocks_in_level)) != 1 or not chans:
         raise KinemaError("the UNet's block layout is not an SD1.5 layout (uneven levels)")
-    if context_dim is None:
+    if not attention:
         raise KinemaError("the UNet has no cross-attention layers: it is not an SD1.5 UNet")
-    mult = tuple(c // mc for c in chans)
+    last = attention[-1][1]
     return UNetConfig(
         in_channels=in_ch,
         out_channels=get("out.2.weight").shape[0],
         model_channels=mc,
-        channel_mult=mult,
+        channel_mult=tuple(c // mc for c in chans),
         num_res_blocks=blocks_in_level[0],
-        attention_levels=tuple(sorted(attn_levels)),
-        transformer_depth=depth,
-        context_dim=context_dim,
+        attention_levels=tuple(sorted({level for level, _ in attention})),
+        transformer_depth=transformer_depth(get, last),
+        context_dim=get(last + "transformer_blocks.0.attn2.to_k.weight").shape[1],
         num_heads=8,
-        linear_proj=linear,
+        linear_proj=get(last + "proj_in.weight").ndim == 2,
     )

@@ -1,8 +1,43 @@
-"""AutoencoderKL in the LDM names (``first_stage_model.*``), with frame-chunked encode/decode.
+"""The VAEs: SD's AutoencoderKL and Stable Video Diffusion's temporal autoencoder, with frame-chunked encode/decode.
 
 Frames are folded into the batch; ``decode_frames`` decodes a video latent
 ``[f, c, h, w]`` a chunk of frames at a time and returns a ComfyUI IMAGE
 ``[f, H, W, 3]`` in [0, 1].
+
+**AutoencoderKL** (SD1.5, LDM names under ``first_stage_model.``): ``encoder``,
+``decoder``, ``quant_conv``, ``post_quant_conv``.
+
+**TemporalAutoencoder** (Stable Video Diffusion, sgm's ``AutoencodingEngine``
+with the ``VideoDecoder`` of ``sgm/modules/autoencoding/temporal_ae.py``). What
+the published ``svd.safetensors`` / ``svd_xt.safetensors`` hold:
+
+- ``first_stage_model.encoder.*``: the plain LDM encoder (same names as SD's).
+- ``first_stage_model.decoder.*``: the LDM decoder in which every ResBlock
+  (``mid.block_1/2``, ``up.N.block.M``) is a VideoResBlock: the spatial block's
+  own tensors plus ``time_stack.in_layers.{0,2}.*`` /
+  ``time_stack.out_layers.{0,3}.*`` (GroupNorm + Conv3d with kernel (3, 1, 1))
+  and ``mix_factor`` (shape [1]); ``conv_out`` keeps its 2D ``weight``/``bias``
+  and adds ``conv_out.time_mix_conv.*`` (Conv3d 3 -> 3, kernel (3, 1, 1)). The
+  mid attention stays spatial (``time_mode`` "conv-only", sgm's default, which
+  the published config leaves unset; ``video_kernel_size: [3, 1, 1]``).
+- NO ``first_stage_model.quant_conv`` / ``post_quant_conv``: the latent is the
+  encoder's mean directly, and the decoder reads it directly.
+- ``conditioner.embedders.3.encoder.*``: the conditioning-frame encoder
+  (sgm ``AutoencoderKLModeOnly`` inside ``VideoPredictionEmbedderWithEncoder``),
+  a plain LDM AutoencoderKL of its own: ``encoder.*`` (so
+  ``conditioner.embedders.3.encoder.encoder.conv_in.weight``), ``quant_conv.*``
+  (it HAS one), and a plain 2D ``decoder.*`` that SVD never runs (sgm's class
+  also builds a ``post_quant_conv``; Kinema never reads it). img2vid encodes the
+  conditioning frame with it: encoder -> quant_conv -> mean, unscaled. Load it
+  with ``ImageEncoderKL`` (``infer_encoder_config(sd, SVD_COND_ENCODER_PREFIX)``).
+
+The temporal decoder mixes the frames of one video: ``decode(latent,
+num_frames)`` takes ``(b f) z h w``. Its time_stack GroupNorm pools statistics
+over all frames of the video (and runs in float32, as sgm's GroupNorm32), and
+its Conv3d kernels see neighbouring frames (zero-padded at the ends). Hence the
+chunk size of ``decode_frames`` changes the output: each chunk is decoded as
+one short video, which is what sgm does (``decoding_t`` frames a call in
+``scripts/sampling/simple_video_sample.py``, default ``SVD_DECODE_CHUNK`` = 14).
 """
 from __future__ import annotations
 
@@ -15,6 +50,14 @@ from einops import rearrange
 from torch import nn
 
 from .errors import KinemaError
+
+#: Frames decoded a call by the plain VAE when no chunk is given (frames are independent there).
+DEFAULT_DECODE_CHUNK = 8
+#: Frames decoded a call by the SVD temporal decoder: ``decoding_t`` of sgm's simple_video_sample.py.
+SVD_DECODE_CHUNK = 14
+#: Where the published SVD files keep the video autoencoder and the conditioning-frame encoder.
+SVD_VAE_PREFIX = "first_stage_model."
+SVD_COND_ENCODER_PREFIX = "conditioner.embedders.3.encoder."
 
 
 class VAEResBlock(nn.Module):
@@ -69,13 +112,14 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, make_block: Callable[[int, int], nn.Module] = VAEResBlock):
         super().__init__()
-        self.block_1 = VAEResBlock(ch, ch)
+        self.block_1 = make_block(ch, ch)
         self.attn_1 = VAEAttention(ch)
-        self.block_2 = VAEResBlock(ch, ch)
+        self.block_2 = make_block(ch, ch)
 
     def forward(self, x):
+        """b c h w -> b c h w"""
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
@@ -123,17 +167,23 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.ch * cfg.ch_mult[-1]
         self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
-        self.mid = _Mid(ch)
+        self.mid = _Mid(ch, lambda cin, cout: self._make_block(cfg, cin, cout))
         ups = []
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
             blocks = []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(VAEResBlock(ch, cfg.ch * mult))
+                blocks.append(self._make_block(cfg, ch, cfg.ch * mult))
                 ch = cfg.ch * mult
             ups.insert(0, _Level(blocks, "upsample", nn.Conv2d(ch, ch, 3, padding=1)) if i else _Level(blocks, None))
         self.up = nn.ModuleList(ups)
         self.norm_out = nn.GroupNorm(32, ch, eps=1e-6)
-        self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
+        self.conv_out = self._make_conv_out(cfg, ch, cfg.in_channels)
+
+    def _make_block(self, cfg: VAEConfig, cin: int, cout: int) -> nn.Module:
+        return VAEResBlock(cin, cout)
+
+    def _make_conv_out(self, cfg: VAEConfig, cin: int, cout: int) -> nn.Module:
+        return nn.Conv2d(cin, cout, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """b z h w -> b 3 H W in [-1, 1] (unclamped)"""
@@ -175,14 +225,173 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(latent))
 
 
+# -- Stable Video Diffusion: the temporal decoder (sgm VideoDecoder, time_mode "conv-only") ------------------------
+
+@dataclass(frozen=True)
+class TemporalVAEConfig(VAEConfig):
+    """An SVD autoencoder: the VAEConfig fields, the Conv3d kernel of the temporal layers (frames, h, w), and
+    whether the file has a ``quant_conv`` (the published ``first_stage_model`` has none)."""
+
+    video_kernel_size: tuple = (3, 1, 1)
+    quant_conv: bool = False
+
+
+def _group_norm_fp32(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """sgm's GroupNorm32: statistics and affine in float32, result in the input dtype."""
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.group_norm(x.float(), norm.num_groups, w, b, norm.eps).to(x.dtype)
+
+
+class TemporalResBlock(nn.Module):
+    """sgm's ``time_stack``: a ResBlock over a video ``b c f h w`` with Conv3d (kernel (3, 1, 1) in SVD), no
+    timestep embedding and an identity skip. Names ``in_layers.{0,2}``, ``out_layers.{0,3}``."""
+
+    def __init__(self, ch: int, kernel: tuple):
+        super().__init__()
+        pad = tuple(k // 2 for k in kernel)
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv3d(ch, ch, kernel, padding=pad))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv3d(ch, ch, kernel, padding=pad)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """b c f h w -> b c f h w (GroupNorm statistics over all frames of each video)"""
+        h = self.in_layers[2](F.silu(_group_norm_fp32(self.in_layers[0], x)))
+        h = self.out_layers[3](F.silu(_group_norm_fp32(self.out_layers[0], h)))
+        return x + h
+
+
+class VideoResBlock(VAEResBlock):
+    """sgm's VideoResBlock: the spatial VAE ResBlock, then ``time_stack`` across frames, blended as
+    ``a * temporal + (1 - a) * spatial`` with ``a = sigmoid(mix_factor)`` (merge strategy "learned")."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple):
+        super().__init__(cin, cout)
+        self.time_stack = TemporalResBlock(cout, kernel)
+        self.mix_factor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(b f) c h w -> (b f) c' h w"""
+        spatial = rearrange(super().forward(x), "(b f) c h w -> b c f h w", f=num_frames)
+        alpha = torch.sigmoid(self.mix_factor)
+        mixed = alpha * self.time_stack(spatial) + (1.0 - alpha) * spatial
+        return rearrange(mixed, "b c f h w -> (b f) c h w")
+
+
+class TimeMixConv(nn.Conv2d):
+    """sgm's AE3DConv: a 2D conv (``weight``, ``bias``) followed by ``time_mix_conv``, a Conv3d across frames."""
+
+    def __init__(self, cin: int, cout: int, kernel: tuple):
+        super().__init__(cin, cout, 3, padding=1)
+        self.time_mix_conv = nn.Conv3d(cout, cout, kernel, padding=tuple(k // 2 for k in kernel))
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(b f) c h w -> (b f) c' h w"""
+        v = rearrange(super().forward(x), "(b f) c h w -> b c f h w", f=num_frames)
+        return rearrange(self.time_mix_conv(v), "b c f h w -> (b f) c h w")
+
+
+class VideoDecoder(Decoder):
+    """SVD's temporal decoder in sgm's names: the LDM Decoder with VideoResBlocks and a TimeMixConv ``conv_out``;
+    the mid attention stays spatial (time_mode "conv-only")."""
+
+    def _make_block(self, cfg: TemporalVAEConfig, cin: int, cout: int) -> nn.Module:
+        return VideoResBlock(cin, cout, tuple(cfg.video_kernel_size))
+
+    def _make_conv_out(self, cfg: TemporalVAEConfig, cin: int, cout: int) -> nn.Module:
+        return TimeMixConv(cin, cout, tuple(cfg.video_kernel_size))
+
+    def forward(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(b f) z h w -> (b f) 3 H W in [-1, 1] (unclamped); the frames of each video are mixed"""
+        if num_frames < 1 or z.shape[0] % num_frames:
+            raise KinemaError(
+                f"the temporal VAE decodes whole videos: {z.shape[0]} latent frames do not split into videos of "
+                f"{num_frames} frames"
+            )
+        h = self.conv_in(z)
+        h = self.mid.block_1(h, num_frames)
+        h = self.mid.attn_1(h)
+        h = self.mid.block_2(h, num_frames)
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h, num_frames)
+            if hasattr(level, "upsample"):
+                h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)), num_frames)
+
+
+class TemporalAutoencoder(nn.Module):
+    """The SVD autoencoder (``first_stage_model.*``): plain LDM ``encoder``, temporal ``decoder``; a
+    ``quant_conv`` only when the file has one (the published SVD files do not)."""
+
+    #: ``decode_frames`` decodes this many frames a call by default (sgm's ``decoding_t``).
+    default_decode_chunk = SVD_DECODE_CHUNK
+
+    def __init__(self, cfg: TemporalVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = VideoDecoder(cfg)
+        if cfg.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.conv_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.conv_out.weight.device
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """b 3 H W in [-1, 1] -> latent mean b z h w (unscaled; frames are encoded independently)"""
+        moments = self.encoder(pixels)
+        if hasattr(self, "quant_conv"):
+            moments = self.quant_conv(moments)
+        return moments[:, : self.cfg.z_channels]
+
+    def decode(self, latent: torch.Tensor, num_frames: int | None = None) -> torch.Tensor:
+        """unscaled latent (b f) z h w -> (b f) 3 H W in [-1, 1] (unclamped); ``num_frames`` None: one video"""
+        return self.decoder(latent, latent.shape[0] if num_frames is None else int(num_frames))
+
+
+class ImageEncoderKL(nn.Module):
+    """The encoder half of an LDM AutoencoderKL with its ``quant_conv``: SVD's conditioning-frame encoder
+    (``conditioner.embedders.3.encoder.``: ``encoder.*`` + ``quant_conv.*``; its unused decoder is not built)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.z_channels, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.conv_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.conv_out.weight.device
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """b 3 H W in [-1, 1] -> latent mean b z h w (unscaled; sgm AutoencoderKLModeOnly)"""
+        return self.quant_conv(self.encoder(pixels))[:, : self.cfg.z_channels]
+
+
 def decode_frames(
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | TemporalAutoencoder,
     latent: torch.Tensor,
-    chunk: int = 8,
+    chunk: int | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Decode a video latent a chunk of frames at a time: [f, c, h, w] -> IMAGE [f, 8h, 8w, 3] in [0, 1].
 
+    ``chunk`` None: the VAE's default (``DEFAULT_DECODE_CHUNK`` frames for AutoencoderKL, ``SVD_DECODE_CHUNK``
+    for the SVD temporal decoder). With AutoencoderKL frames are independent and the chunk only bounds memory.
+    With the temporal decoder each chunk is decoded as ONE short video (its temporal layers mix the frames
+    inside the chunk, never across chunks), so the chunk size changes the output: that is the original's
+    behaviour (sgm decodes ``decoding_t`` frames a call); the last chunk may be shorter.
     ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
     """
     if latent.ndim != 4:
@@ -192,13 +401,15 @@ def decode_frames(
             f"the latent has {latent.shape[1]} channels but this VAE decodes {vae.cfg.z_channels}: "
             "use the VAE of the model that made the latent"
         )
+    if chunk is None:
+        chunk = getattr(vae, "default_decode_chunk", DEFAULT_DECODE_CHUNK)
     chunk = max(1, int(chunk))
     frames = latent.shape[0]
     out = []
     with torch.inference_mode():
         for start in range(0, frames, chunk):
             z = latent[start : start + chunk].to(vae.device, vae.dtype)
-            pixels = vae.decode(z).float()
+            pixels = vae.decode(z).float()  # the temporal VAE: the chunk is one video
             out.append(rearrange((pixels.clamp(-1, 1) + 1) / 2, "f c h w -> f h w c").cpu())
             if on_chunk is not None:
                 on_chunk(min(start + chunk, frames), frames)
@@ -206,14 +417,15 @@ def decode_frames(
 
 
 def encode_frames(
-    vae: AutoencoderKL,
+    vae: AutoencoderKL | TemporalAutoencoder | ImageEncoderKL,
     images: torch.Tensor,
     chunk: int = 8,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Encode IMAGE frames [f, H, W, 3] in [0, 1] a chunk at a time -> latent [f, z, H/8, W/8] (unscaled).
 
-    H and W must be multiples of 8; an alpha channel ([f, H, W, 4]) is dropped.
+    H and W must be multiples of 8; an alpha channel ([f, H, W, 4]) is dropped. Frames are encoded
+    independently (the SVD encoder has no temporal layers), so the chunk only bounds memory.
     ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
     """
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
@@ -255,3 +467,67 @@ def infer_vae_config(sd: dict, prefix: str = "") -> VAEConfig:
     return VAEConfig(
         ch=ch, ch_mult=tuple(mults), num_res_blocks=nrb, z_channels=conv_in.shape[1], in_channels=enc_in.shape[1]
     )
+
+
+def _encoder_fields(sd: dict, prefix: str) -> dict:
+    """ch, ch_mult, num_res_blocks, z_channels, in_channels read off the ``encoder.*`` shapes."""
+    enc_in = sd.get(prefix + "encoder.conv_in.weight")
+    enc_out = sd.get(prefix + "encoder.conv_out.weight")
+    if enc_in is None or enc_out is None:
+        raise KinemaError(f"no VAE encoder found: '{prefix}encoder.conv_in.weight' / "
+                          f"'{prefix}encoder.conv_out.weight' missing")
+    ch = enc_in.shape[0]
+    mults, i = [], 0
+    while sd.get(f"{prefix}encoder.down.{i}.block.0.conv1.weight") is not None:
+        mults.append(sd[f"{prefix}encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch)
+        i += 1
+    nrb = 0
+    while sd.get(f"{prefix}encoder.down.0.block.{nrb}.conv1.weight") is not None:
+        nrb += 1
+    return dict(ch=ch, ch_mult=tuple(mults), num_res_blocks=nrb, z_channels=enc_out.shape[0] // 2,
+                in_channels=enc_in.shape[1])
+
+
+def infer_encoder_config(sd: dict, prefix: str = "") -> VAEConfig:
+    """Read the VAEConfig of an LDM encoder (``encoder.*``, e.g. SVD's ``SVD_COND_ENCODER_PREFIX``) off its shapes."""
+    return VAEConfig(**_encoder_fields(sd, prefix))
+
+
+def is_temporal_vae(sd: dict, prefix: str = "") -> bool:
+    """Whether the VAE under ``prefix`` has SVD's temporal decoder (``time_stack`` / ``time_mix_conv`` keys)."""
+    dec = prefix + "decoder."
+    return any(k.startswith(dec) and (".time_stack." in k or ".time_mix_conv." in k) for k in sd)
+
+
+def infer_temporal_vae_config(sd: dict, prefix: str = "") -> TemporalVAEConfig:
+    """Read a TemporalVAEConfig off the shapes of an SVD autoencoder state dict (``first_stage_model.`` stripped,
+    or given as ``prefix``). Raise KinemaError for a plain image VAE or an unsupported temporal layout."""
+    if not is_temporal_vae(sd, prefix):
+        raise KinemaError(
+            f"the VAE under '{prefix}' has a plain image decoder (no 'decoder.*.time_stack.*' / "
+            "'decoder.conv_out.time_mix_conv.*' keys), not the Stable Video Diffusion temporal decoder: "
+            "load it as an AutoencoderKL (infer_vae_config)"
+        )
+    if any(k.startswith(prefix + "decoder.") and ".time_mix_block." in k for k in sd):
+        raise KinemaError(
+            "this SVD decoder has temporal attention ('time_mix_block', sgm time_mode 'all' or 'attn-only'): "
+            "Kinema supports the published SVD decoder (time_mode 'conv-only')"
+        )
+    stack = sd.get(prefix + "decoder.mid.block_1.time_stack.in_layers.2.weight")
+    mix = sd.get(prefix + "decoder.conv_out.time_mix_conv.weight")
+    if stack is None or mix is None or stack.ndim != 5 or mix.ndim != 5:
+        raise KinemaError(
+            f"incomplete SVD temporal decoder: '{prefix}decoder.mid.block_1.time_stack.in_layers.2.weight' and "
+            f"'{prefix}decoder.conv_out.time_mix_conv.weight' (Conv3d) are both expected"
+        )
+    kernel = tuple(stack.shape[2:])
+    if tuple(mix.shape[2:]) != kernel:
+        raise KinemaError(
+            f"the SVD decoder's temporal kernels differ (time_stack {kernel}, time_mix_conv {tuple(mix.shape[2:])})"
+        )
+    dec_in = sd.get(prefix + "decoder.conv_in.weight")
+    if dec_in is None:
+        raise KinemaError(f"no VAE decoder found: '{prefix}decoder.conv_in.weight' missing")
+    fields = _encoder_fields(sd, prefix)
+    fields["z_channels"] = dec_in.shape[1]
+    return TemporalVAEConfig(**fields, video_kernel_size=kernel, quant_conv=prefix + "quant_conv.weight" in sd)

@@ -643,3 +643,31 @@ def read_video(path: str, frame_load_cap: int = 0, skip_first_frames: int = 0, s
                           + (f" and select_every_nth {select_every_nth}" if select_every_nth > 1 else ""))
     images = torch.from_numpy(np.stack(kept)).float().div_(255.0)
     return images, round(fps / select_every_nth, 4)
+
+
+#: Still-image files ``read_image`` reads (through Pillow).
+STILL_IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Read a still image as an IMAGE ``[1, h, w, 3]`` float32 in [0, 1] (the first frame of an animated file;
+    EXIF orientation applied; alpha dropped, transparent parts taken as they are stored)."""
+    from PIL import Image, ImageOps
+
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise KinemaError("No image file given")
+    path = os.fspath(path)
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise KinemaError(f"Image file '{path}' not found")
+    if not path.lower().endswith(STILL_IMAGE_EXTENSIONS):
+        raise KinemaError(f"'{name}' is not an image file Kinema reads: use one of "
+                          f"{', '.join(e.lstrip('.') for e in STILL_IMAGE_EXTENSIONS)}")
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        detail = " ".join(str(e).split("\n")[0].split())[:300] or type(e).__name__
+        raise KinemaError(f"Cannot read '{name}' as an image ({detail}): is the file complete?") from e
+    return torch.from_numpy(arr.copy()).float().div_(255.0)[None]

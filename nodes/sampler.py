@@ -2,9 +2,33 @@
 from __future__ import annotations
 
 from ..models import pipelines, prompt_travel
+from ..models.svd_model import SVDModel
 from ..models.errors import KinemaError
 from ..models.sampling import SAMPLERS, SCHEDULERS
 from . import host
+
+
+IMAGE_CONDITIONING = "kinema_image_conditioning"
+
+
+def _single_entry(conditioning, what):
+    if not conditioning:
+        raise KinemaError(f"the {what} conditioning is empty: connect a Text Encode (Kinema) node")
+    if len(conditioning) > 1:
+        raise KinemaError(f"the {what} conditioning holds {len(conditioning)} entries; Kinema's sampler takes one "
+                          "(combined conditionings are not supported yet)")
+    entry = conditioning[0]
+    return entry[0], entry[1] if len(entry) > 1 else {}
+
+
+def image_conditioning(conditioning, what):
+    """The image-to-video conditioning dict of a CONDITIONING from SVD Image Conditioning (Kinema)."""
+    _, options = _single_entry(conditioning, what)
+    cond = options.get(IMAGE_CONDITIONING)
+    if cond is None:
+        raise KinemaError(f"the {what} conditioning is a text conditioning, but the model is an image-to-video "
+                          "model: connect the outputs of SVD Image Conditioning (Kinema)")
+    return cond
 
 
 def conditioning_tensor(conditioning, what, num_frames):
@@ -12,18 +36,17 @@ def conditioning_tensor(conditioning, what, num_frames):
 
     A Prompt Schedule (Kinema) conditioning becomes one context per frame.
     """
-    if not conditioning:
-        raise KinemaError(f"the {what} conditioning is empty: connect a Text Encode (Kinema) node")
-    if len(conditioning) > 1:
-        raise KinemaError(f"the {what} conditioning holds {len(conditioning)} entries; Kinema's sampler takes one "
-                          "(combined conditionings are not supported yet)")
-    entry = conditioning[0]
-    return prompt_travel.resolve_conditioning(entry[0], entry[1] if len(entry) > 1 else {}, num_frames)
+    tensor, options = _single_entry(conditioning, what)
+    if IMAGE_CONDITIONING in options:
+        raise KinemaError(f"the {what} conditioning is an image-to-video conditioning, but the model is a "
+                          "text-to-video model: connect Text Encode (Kinema) or Prompt Schedule (Kinema)")
+    return prompt_travel.resolve_conditioning(tensor, options, num_frames)
 
 
 class KinemaVideoSampler:
     DESCRIPTION = (
-        "Samples a video latent with a video model. Same seed, steps, sampler and scheduler give the same "
+        "Samples a video latent with a video model: AnimateDiff (text or video to video) or Stable Video Diffusion "
+        "(image to video, EDM; karras is its scheduler). Same seed, steps, sampler and scheduler give the same "
         "starting noise and noise levels as ComfyUI's KSampler."
     )
     CATEGORY = "Kinema/sampling"
@@ -35,7 +58,8 @@ class KinemaVideoSampler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("KINEMA_MODEL", {"tooltip": "The video model (Apply Motion Module)."}),
+                "model": ("KINEMA_MODEL", {"tooltip": "The video model: Apply Motion Module (text/video-to-video) or "
+                                                      "Load SVD Checkpoint (image-to-video)."}),
                 "positive": ("CONDITIONING", {"tooltip": "What the video should show."}),
                 "negative": ("CONDITIONING", {"tooltip": "What it should not show."}),
                 "latent": ("LATENT", {"tooltip": "Empty Video Latent, or an encoded video for video-to-video."}),
@@ -43,7 +67,8 @@ class KinemaVideoSampler:
                                  "tooltip": "Noise seed (the same noise as ComfyUI's KSampler)."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale (1 = no negative pass)."}),
+                                  "tooltip": "Classifier-free guidance scale (1 = no negative pass). Image-to-video: "
+                                             "the largest per-frame scale (2.5 for SVD, 3.0 for SVD-XT)."}),
                 "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling method."}),
                 "scheduler": (list(SCHEDULERS), {"default": "normal", "tooltip": "How noise levels are spaced."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
@@ -53,15 +78,21 @@ class KinemaVideoSampler:
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                             "tooltip": "Split attention queries into chunks of this size to save "
                                                        "memory (0 = off)."}),
+                "batch_cond": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "On: the positive and negative passes run together (faster). Off: one after the "
+                               "other, which needs less memory (the result is the same). On runs out of memory: "
+                               "the sampler switches to one after the other by itself."}),
                 "context_options": ("KINEMA_CONTEXT_OPTIONS", {
                     "tooltip": "Context Options (Kinema): sample long videos in overlapping windows of frames."}),
             },
         }
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise,
-               attention_chunk=0, context_options=None):
+               attention_chunk=0, context_options=None, batch_cond=True):
         opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
-                                       denoise=denoise, attn_chunk=attention_chunk, context=context_options)
+                                       denoise=denoise, attn_chunk=attention_chunk, context=context_options,
+                                       batch_cond=bool(batch_cond))
         # progress moves per window with context windows (a step of a long video is many model calls)
         per_step = 1 if context_options is None else pipelines.windows_per_step(latent["samples"].shape[0],
                                                                                 context_options, steps)
@@ -78,9 +109,14 @@ class KinemaVideoSampler:
 
         host.check_interrupt()
         frames = latent["samples"].shape[0]
-        samples = pipelines.sample_video(model, conditioning_tensor(positive, "positive", frames),
-                                         conditioning_tensor(negative, "negative", frames), latent["samples"], opts,
-                                         callback=on_step, on_window=on_window)
+        if isinstance(model, SVDModel):
+            samples = pipelines.sample_img2vid(model, image_conditioning(positive, "positive"),
+                                               image_conditioning(negative, "negative"), latent["samples"], opts,
+                                               callback=on_step, on_window=on_window)
+        else:
+            samples = pipelines.sample_video(model, conditioning_tensor(positive, "positive", frames),
+                                             conditioning_tensor(negative, "negative", frames), latent["samples"],
+                                             opts, callback=on_step, on_window=on_window)
         out = {k: v for k, v in latent.items() if k != "noise_mask"}
         out["samples"] = samples
         return (out,)

@@ -6,7 +6,11 @@ from . import host
 
 
 class KinemaVAEDecodeFrames:
-    DESCRIPTION = "Decodes a latent video into frames, a chunk of frames at a time (smaller chunks use less memory)."
+    DESCRIPTION = (
+        "Decodes a latent video into frames, a chunk of frames at a time (smaller chunks use less memory). With "
+        "Stable Video Diffusion's temporal decoder the frames of a chunk are decoded together, so the chunk size "
+        "changes the result (the original decodes 14 frames at a time; fewer can flicker at chunk borders)."
+    )
     CATEGORY = "Kinema/vae"
     RETURN_TYPES = ("IMAGE",)
     OUTPUT_TOOLTIPS = ("The frames as an IMAGE batch [frames, height, width, 3].",)
@@ -16,17 +20,19 @@ class KinemaVAEDecodeFrames:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae": ("KINEMA_VAE", {"tooltip": "The VAE from Load Checkpoint (Kinema)."}),
+                "vae": ("KINEMA_VAE", {"tooltip": "The VAE from Load Checkpoint or Load SVD Checkpoint (Kinema)."}),
                 "samples": ("LATENT", {"tooltip": "The latent video from the Video Sampler."}),
-                "frame_chunk": ("INT", {"default": 8, "min": 1, "max": 4096,
-                                        "tooltip": "Frames decoded at once; lower it if the GPU runs out of memory."}),
+                "frame_chunk": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                        "tooltip": "Frames decoded at once; lower it if the GPU runs out of memory. "
+                                                   "0 = the VAE's default: 8 for SD1.5, 14 for SVD's temporal "
+                                                   "decoder (as the original; the chunk size changes its output)."}),
             }
         }
 
-    def decode(self, vae, samples, frame_chunk=8):
+    def decode(self, vae, samples, frame_chunk=0):
         latent = samples["samples"]
         bar = host.ProgressBar(latent.shape[0])
-        images = vae_ops.decode_frames(vae, latent, frame_chunk,
+        images = vae_ops.decode_frames(vae, latent, frame_chunk or None,
                                        on_chunk=lambda done, total: bar.update_absolute(done, total))
         return (images,)
 

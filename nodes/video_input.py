@@ -1,4 +1,4 @@
-"""Loading a video file from ComfyUI's input folder as frames (IMAGE), for video-to-video."""
+"""Loading videos (frames, for video-to-video) and still images (init images) from ComfyUI's input folder."""
 from __future__ import annotations
 
 import hashlib
@@ -42,19 +42,20 @@ def _listable(path: str) -> bool:
     return not name.lower().endswith(".png") or _is_apng(path)
 
 
-def _bundled() -> dict[str, str]:
-    """Name -> path of the clips shipped with the pack."""
+def _bundled(listable=None) -> dict[str, str]:
+    """Name -> path of the input files shipped with the pack (videos by default)."""
+    listable = listable or _listable
     try:
         names = sorted(os.listdir(BUNDLED_INPUTS_DIR))
     except OSError:
         return {}
     return {n: os.path.join(BUNDLED_INPUTS_DIR, n) for n in names
-            if _listable(os.path.join(BUNDLED_INPUTS_DIR, n)) and os.path.isfile(os.path.join(BUNDLED_INPUTS_DIR, n))}
+            if listable(os.path.join(BUNDLED_INPUTS_DIR, n)) and os.path.isfile(os.path.join(BUNDLED_INPUTS_DIR, n))}
 
 
-def list_videos() -> list[str]:
-    """Video files in the input folder (subfolders as ``sub/name``, hidden ones and still PNGs skipped),
-    then the bundled clips."""
+def _list_inputs(listable) -> list[str]:
+    """Files of the input folder that ``listable(path)`` accepts (subfolders as ``sub/name``, hidden ones
+    skipped), then the bundled ones of that kind."""
     root = host.get_input_directory()
     found = []
     if os.path.isdir(root):
@@ -62,26 +63,59 @@ def list_videos() -> list[str]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel = os.path.relpath(dirpath, root)
             for f in filenames:
-                if _listable(os.path.join(dirpath, f)):
+                if not f.startswith(".") and listable(os.path.join(dirpath, f)):
                     found.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
     found.sort(key=str.lower)
-    bundled = [n for n in _bundled() if n not in found]
+    bundled = [n for n in _bundled(listable) if n not in found]
     return found + bundled
+
+
+def _resolve_input(name: str, listable, what: str, extensions: tuple[str, ...], node: str) -> str:
+    path = host.resolve_input(name)
+    if os.path.isfile(path):
+        return path
+    bundled = _bundled(listable).get(name)
+    if bundled is not None:
+        return bundled
+    if not name.lower().endswith(extensions):
+        raise KinemaError(f"'{name}' is not {what} file: {node} reads "
+                          f"{', '.join(e.lstrip('.') for e in extensions)}")
+    raise KinemaError(f"{what.split()[-1].capitalize()} '{name}' not found in the input folder "
+                      f"{host.get_input_directory()}: upload it, or put it in that folder and refresh the page (R)")
+
+
+def list_videos() -> list[str]:
+    """Video files in the input folder (still PNGs skipped), then the bundled clips."""
+    return _list_inputs(_listable)
 
 
 def resolve_video(name: str) -> str:
     """Path of video ``name``: the input folder first, then the pack's bundled clips. KinemaError if missing."""
-    path = host.resolve_input(name)
-    if os.path.isfile(path):
-        return path
-    bundled = _bundled().get(name)
-    if bundled is not None:
-        return bundled
-    if not name.lower().endswith(VIDEO_EXTENSIONS):
-        raise KinemaError(f"'{name}' is not a video file: Load Video reads "
-                          f"{', '.join(e.lstrip('.') for e in VIDEO_EXTENSIONS)}")
-    raise KinemaError(f"Video '{name}' not found in the input folder {host.get_input_directory()}: "
-                      "upload it, or put it in that folder and refresh the page (R)")
+    return _resolve_input(name, _listable, "a video", VIDEO_EXTENSIONS, "Load Video")
+
+
+def _image_listable(path: str) -> bool:
+    return os.path.basename(path).lower().endswith(video_io.STILL_IMAGE_EXTENSIONS)
+
+
+def list_images() -> list[str]:
+    """Image files in the input folder, then the bundled images."""
+    return _list_inputs(_image_listable)
+
+
+def resolve_image(name: str) -> str:
+    """Path of image ``name``: the input folder first, then the pack's bundled images. KinemaError if missing."""
+    return _resolve_input(name, _image_listable, "an image", video_io.STILL_IMAGE_EXTENSIONS, "Load Image")
+
+
+def _file_fingerprint(path_of, name) -> str:
+    """Changes when the file does (path, size, modification time), so ComfyUI reloads it."""
+    try:
+        path = path_of(name)
+        st = os.stat(path)
+    except (KinemaError, OSError):
+        return f"missing:{name}"
+    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
 
 
 class KinemaLoadVideo:
@@ -138,13 +172,7 @@ class KinemaLoadVideo:
 
     @classmethod
     def IS_CHANGED(cls, video, **_):
-        """Changes when the file does (path, size, modification time), so ComfyUI reloads it."""
-        try:
-            path = resolve_video(video)
-            st = os.stat(path)
-        except (KinemaError, OSError):
-            return f"missing:{video}"
-        return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+        return _file_fingerprint(resolve_video, video)
 
     def load(self, video, frame_load_cap=16, skip_first_frames=0, select_every_nth=1, custom_width=0,
              custom_height=0):
@@ -155,5 +183,42 @@ class KinemaLoadVideo:
         return (images, images.shape[0], fps)
 
 
-NODE_CLASS_MAPPINGS = {"KinemaLoadVideo": KinemaLoadVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"KinemaLoadVideo": "Load Video (Kinema)"}
+class KinemaLoadImage:
+    DESCRIPTION = ("Loads a still image (png, jpg, webp, ...) from the ComfyUI input folder, e.g. the init image of "
+                   "image-to-video. The pack's demo image is always listed.")
+    CATEGORY = "Kinema/video"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The image as an IMAGE batch of one [1, height, width, 3].",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": (list_images(), {"image_upload": True,
+                                          "tooltip": "An image in the ComfyUI input folder (upload one with the "
+                                                     "button); kinema_demo_image.png ships with the pack."}),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        if image is None:
+            return True
+        try:
+            resolve_image(image)
+        except KinemaError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, image, **_):
+        return _file_fingerprint(resolve_image, image)
+
+    def load(self, image):
+        return (video_io.read_image(resolve_image(image)),)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaLoadVideo": KinemaLoadVideo, "KinemaLoadImage": KinemaLoadImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaLoadVideo": "Load Video (Kinema)", "KinemaLoadImage": "Load Image (Kinema)"}

@@ -15,7 +15,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the bundled one): used by the headless and the real-ComfyUI workflow tests.
 SMALL = {"KinemaEmptyVideoLatent": {"width": 64, "height": 64, "frames": 8}, "KinemaVideoSampler": {"steps": 2},
          "KinemaLoadVideo": {"frame_load_cap": 8, "custom_width": 64},
-         "KinemaContextOptions": {"context_length": 4, "context_overlap": 1}}
+         "KinemaContextOptions": {"context_length": 4, "context_overlap": 1},
+         "KinemaSVDConditioning": {"width": 64, "height": 64, "video_frames": 6}}
+
+NET_TOL = 1e-5  # network parity with a reference on identical weights: relative to max(1, max |reference|)
+
+
+def assert_net_close(ours, ref, what: str, tol: float = NET_TOL) -> float:
+    """Assert two network outputs agree within ``tol * max(1, max |ref|)`` (max abs difference); return it."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
+    diff = float((ours - ref).abs().max())
+    scale = max(1.0, float(ref.abs().max()))
+    print(f"{what}: max |diff| {diff:.3g}, max |value| {float(ref.abs().max()):.3g}")  # shown with -s
+    assert diff <= tol * scale, f"{what}: max |diff| {diff:.3g} > {tol:g} * {scale:.3g}"
+    return diff
+
 
 _spec = importlib.util.spec_from_file_location(
     "kinema", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]

@@ -15,14 +15,13 @@ from einops import rearrange
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import load_pack
+from conftest import assert_net_close, load_pack
 from fixtures import motion_model, motion_modules, sd15_state_dict, unet
 
 from kinema.models import checkpoint, demo, lora
 from kinema.models.encoders import TextEncoder
 from kinema.models.errors import KinemaError
 
-NET_TOL = 1e-5
 FRAMES, HW = 8, 16
 
 
@@ -30,11 +29,6 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def assert_net_close(ours, ref, what):
-    diff = float((ours - ref).abs().max())
-    scale = max(1.0, float(ref.abs().max()))
-    print(f"{what}: max |diff| {diff:.3g}, max |value| {float(ref.abs().max()):.3g}")  # shown with -s
-    assert diff <= NET_TOL * scale, f"{what}: max |diff| {diff:.3g} > {NET_TOL:g} * {scale:.3g}"
 
 
 def snapshot(module):

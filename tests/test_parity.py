@@ -17,6 +17,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import assert_net_close
 from einops import rearrange
 
 pytest.importorskip("diffusers")
@@ -42,7 +44,6 @@ from kinema.models.sampling import DiscreteSchedule, initial_noise, normal_sched
 from kinema.models.vae import decode_frames  # noqa: E402
 
 FRAMES, HW = 8, 16
-NET_TOL = 1e-5  # relative to max(1, max |reference|)
 VIDEO_TOL = 1e-4  # relative to max |reference|
 
 
@@ -50,13 +51,6 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def assert_net_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> float:
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs diffusers {tuple(ref.shape)}"
-    diff = float((ours - ref).abs().max())
-    scale = max(1.0, float(ref.abs().max()))
-    print(f"{what}: max |diff| {diff:.3g}, max |value| {float(ref.abs().max()):.3g}")  # shown with -s
-    assert diff <= NET_TOL * scale, f"{what}: max |diff| {diff:.3g} > {NET_TOL:g} * {scale:.3g}"
-    return diff
 
 
 # -- UNet ----------------------------------------------------------------------------------------------------------

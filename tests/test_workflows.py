@@ -45,7 +45,7 @@ def test_api_workflow_runs_headless(api_path, host_dirs):
         for name, kind in getattr(classes[node["class_type"]], "MODEL_INPUTS", {}).items():
             from kinema.models import demo
 
-            node["inputs"][name] = demo.substitute(kind, node["inputs"][name])
+            node["inputs"][name] = demo.substitute(kind, node["inputs"][name]) or node["inputs"][name]
     results = runner.run_prompt(prompt, classes, progress=False)
     files = runner.output_files(results)
     assert files

@@ -1,0 +1,144 @@
+"""Stable Video Diffusion as the sampler sees it: the spatio-temporal UNet with its conditioning and guidance.
+
+``SVDModel`` pairs a (never modified) ``svd.SVDUNet`` with the settings of the
+published variant: ``svd`` (trained on 14 frames; per-frame guidance 1.0 -> 2.5)
+or ``svd_xt`` (25 frames; 1.5 -> 3.0), as in the original sampling configs.
+Both files have the same architecture, so the variant is read off the file name.
+
+``image_conditioning`` turns an init image into the model's three
+conditionings, as the original sampling script does:
+
+- ``context`` [1, 1, d]: the CLIP image embedding of the clean image;
+- ``concat`` [1, 4, h, w]: VAE latents of the image with Gaussian noise of
+  standard deviation ``augmentation_level`` added in pixel space ([-1, 1]),
+  unscaled (the latent scale is not applied), concatenated to the UNet input;
+- ``y`` [1, 3 * 256]: the micro-conditioning of fps_id = fps - 1, the motion
+  bucket id and the augmentation level.
+
+The unconditional side zeroes ``context`` and ``concat`` and keeps ``y``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .errors import KinemaError
+from .layers import RunOptions
+from .svd import micro_conditioning
+
+
+@dataclass(frozen=True)
+class Variant:
+    frames: int
+    min_cfg: float
+    max_cfg: float
+
+
+VARIANTS = {"svd": Variant(frames=14, min_cfg=1.0, max_cfg=2.5), "svd_xt": Variant(frames=25, min_cfg=1.5, max_cfg=3.0)}
+SVD_LATENT_SCALE = 0.18215
+SIGMA_MIN, SIGMA_MAX = 0.002, 700.0
+
+
+def variant_of(filename: str) -> str:
+    """``svd_xt`` for files named like the XT release (``svd_xt.safetensors``, ``svd_xt_1_1``), else ``svd``."""
+    return "svd_xt" if "xt" in os.path.basename(filename).lower() else "svd"
+
+
+@dataclass(frozen=True)
+class SVDModel:
+    """An SVD UNet and how to guide it. ``min_cfg`` None: the variant's; ``cfg_mode`` linear, triangle or constant
+    (the sampler's cfg is the maximum)."""
+
+    unet: torch.nn.Module
+    variant: str = "svd"
+    cfg_mode: str = "linear"
+    min_cfg: float | None = None
+    cfg_period: float = 1.0
+    name: str = ""
+
+    def with_options(self, **changes) -> "SVDModel":
+        return replace(self, **changes)
+
+    @property
+    def defaults(self) -> Variant:
+        return VARIANTS[self.variant]
+
+    @property
+    def guidance_min(self) -> float:
+        return self.defaults.min_cfg if self.min_cfg is None else float(self.min_cfg)
+
+    def check_frames(self, num_frames: int, context_length: int | None = None) -> None:
+        if num_frames < 1:
+            raise KinemaError("a video needs at least 1 frame")
+
+    def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
+                 num_frames: int, attn_chunk: int = 0, window=None) -> torch.Tensor:
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d], y [(b f), adm] -> v (b f) c' h w"""
+        return self.unet(x, timesteps, context, y, num_frames, RunOptions(num_frames=num_frames,
+                                                                          attn_chunk=attn_chunk))
+
+
+@dataclass(frozen=True)
+class ImageConditioningOptions:
+    width: int = 1024
+    height: int = 576
+    frames: int = 14
+    fps: int = 7
+    motion_bucket_id: int = 127
+    augmentation_level: float = 0.02
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name, v in (("width", self.width), ("height", self.height)):
+            if v < 8 or v % 8:
+                raise KinemaError(f"{name} must be a positive multiple of 8, got {v} (try {max(8, v // 8 * 8)})")
+        if self.frames < 1:
+            raise KinemaError(f"frames must be at least 1, got {self.frames}")
+        if self.fps < 1:
+            raise KinemaError(f"fps must be at least 1, got {self.fps}")
+        if not 0 <= self.motion_bucket_id <= 1023:
+            raise KinemaError(f"motion_bucket_id must be between 0 and 1023, got {self.motion_bucket_id}")
+        if not 0.0 <= self.augmentation_level <= 10.0:
+            raise KinemaError(f"augmentation_level must be between 0 and 10, got {self.augmentation_level}")
+
+
+def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Scale an IMAGE to cover ``width x height`` (aspect kept, antialiased bilinear), centre-crop the rest:
+    [1, H, W, 3|4] -> [1, height, width, 3]"""
+    if image.ndim != 4 or image.shape[-1] not in (3, 4) or image.shape[0] < 1:
+        raise KinemaError(f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    src_h, src_w = image.shape[1:3]
+    if src_h < 2 or src_w < 2:
+        raise KinemaError(f"the init image is {src_w}x{src_h}: too small to start a video from")
+    if image.shape[0] > 1:
+        image = image[:1]
+    px = rearrange(image[..., :3].float(), "b h w c -> b c h w")
+    if (src_h, src_w) != (height, width):
+        s = max(width / src_w, height / src_h)
+        sh, sw = max(height, round(src_h * s)), max(width, round(src_w * s))
+        px = F.interpolate(px, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        top, left = (sh - height) // 2, (sw - width) // 2
+        px = px[:, :, top:top + height, left:left + width]
+    return rearrange(px, "b c h w -> b h w c").contiguous()
+
+
+def image_conditioning(image_encoder, vae, image: torch.Tensor,
+                       opts: ImageConditioningOptions) -> tuple[dict, dict]:
+    """Init image -> (cond, uncond), each ``{"context": [1, 1, d], "concat": [1, 4, h, w], "y": [1, adm]}``."""
+    opts.validate()
+    frame = fit_image(image, opts.width, opts.height)
+    with torch.inference_mode():
+        embeds = image_encoder.encode(frame).float()
+        gen = torch.Generator().manual_seed(int(opts.seed))
+        pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
+        noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)
+        concat = vae.encode(noised.to(vae.device, vae.dtype)).float().cpu()
+    y = micro_conditioning(opts.fps - 1, opts.motion_bucket_id, opts.augmentation_level, 1)
+    context = rearrange(embeds, "b d -> b 1 d")
+    cond = {"context": context, "concat": concat, "y": y}
+    uncond = {"context": torch.zeros_like(context), "concat": torch.zeros_like(concat), "y": y}
+    return cond, uncond

@@ -1,0 +1,61 @@
+"""The demo Stable Video Diffusion checkpoint in the engine and in diffusers, shared by the tests and the bench.
+
+``svd_state_dict()`` is the pack's demo SVD (``models/demo.py``: the published key layout at a tiny width,
+random weights). ``diffusers_svd_pipeline(bundle)`` builds diffusers' ``StableVideoDiffusionPipeline`` on the same
+tensors through the tests' own key mappings (``fixtures_svd_unet``, ``fixtures_temporal_vae``), with sgm's
+ResBlock GroupNorm eps (diffusers' differs, see fixtures_svd_unet), the engine's CLIP image tower (its
+conversion is checked against open_clip in test_clip_vision) and the scheduler of the published diffusers
+SVD repositories.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kinema.models import checkpoint, demo
+from kinema.models.vae import SVD_COND_ENCODER_PREFIX, SVD_VAE_PREFIX
+
+
+@functools.lru_cache(maxsize=None)
+def svd_state_dict() -> dict:
+    """The demo SVD checkpoint (fp32, seed 0), published layout. Read-only."""
+    return demo.svd_state_dict(0, torch.float32)
+
+
+def write_svd(path: str) -> str:
+    demo._save(svd_state_dict(), path)
+    return path
+
+
+def diffusers_svd_pipeline(bundle):
+    """diffusers ``StableVideoDiffusionPipeline`` holding the tensors of ``svd_state_dict()``; ``bundle`` is the
+    engine's ``checkpoint.load_svd`` of the same file (its configs and CLIP image tower are reused)."""
+    import diffusers
+    from fixtures_svd_unet import diffusers_svd_config, sgm_resblock_eps, sgm_to_diffusers
+    from fixtures_temporal_vae import to_diffusers_keys
+    from transformers import CLIPImageProcessor
+
+    sd = svd_state_dict()
+    cfg = bundle.model.unet.cfg
+    unet = diffusers.UNetSpatioTemporalConditionModel(**diffusers_svd_config(cfg))
+    unet.load_state_dict(sgm_to_diffusers(checkpoint.sub_state_dict(sd, "model.diffusion_model."), cfg), strict=True)
+    sgm_resblock_eps(unet)
+    vcfg = bundle.vae.cfg
+    widths = tuple(vcfg.ch * m for m in vcfg.ch_mult)
+    vae = diffusers.AutoencoderKLTemporalDecoder(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+        block_out_channels=widths, layers_per_block=vcfg.num_res_blocks, latent_channels=vcfg.z_channels)
+    vae_sd = {k: v for k, v in checkpoint.sub_state_dict(sd, SVD_VAE_PREFIX).items() if k.startswith("decoder.")}
+    vae_sd.update({k: v for k, v in checkpoint.sub_state_dict(sd, SVD_COND_ENCODER_PREFIX).items()
+                   if k.startswith(("encoder.", "quant_conv."))})
+    vae.load_state_dict(to_diffusers_keys(vae_sd, len(widths)), strict=True)
+    scheduler = diffusers.EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="v_prediction", interpolation_type="linear", use_karras_sigmas=True, sigma_min=0.002,
+        sigma_max=700.0, timestep_spacing="leading", timestep_type="continuous", steps_offset=1)
+    pipe = diffusers.StableVideoDiffusionPipeline(
+        vae=vae.eval().requires_grad_(False), image_encoder=bundle.image_encoder.model,
+        unet=unet.eval().requires_grad_(False), scheduler=scheduler, feature_extractor=CLIPImageProcessor())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,274 @@
+"""Stable Video Diffusion end to end: the loader on the published layout, the image conditioning, a whole
+sampled video against the diffusers SVD pipeline on the same weights, the nodes and their bad inputs.
+
+The checkpoint is the pack's demo SVD (``models/demo.py``: the published key layout at a tiny width, random
+weights). diffusers gets the same tensors through the tests' own key mappings (``fixtures_svd_unet``,
+``fixtures_temporal_vae``), with sgm's ResBlock GroupNorm eps (diffusers' differs, see fixtures_svd_unet).
+"""
+import pytest
+import torch
+
+from conftest import load_pack
+from fixtures_svd_pipeline import svd_state_dict, write_svd
+from kinema.models import checkpoint, demo, pipelines, svd_model
+from kinema.models.errors import KinemaError
+from kinema.models.sampling import initial_noise
+from kinema.models.vae import decode_frames
+
+FRAMES, W, H = 6, 64, 48
+VIDEO_TOL = 1e-4  # relative to max |reference|
+
+
+@pytest.fixture(scope="module")
+def svd_path(tmp_path_factory):
+    return write_svd(str(tmp_path_factory.mktemp("svd") / "svd_xt_tiny.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def bundle(svd_path):
+    return checkpoint.load_svd(svd_path)
+
+
+def _image_uint8():
+    """The demo image at the video size, 8-bit (what a PNG holds): [H, W, 3]."""
+    from kinema.models.demo_media import demo_image
+
+    big = torch.from_numpy(demo_image()).float().div(255)[None]
+    return (svd_model.fit_image(big, W, H)[0] * 255).round().to(torch.uint8)
+
+
+def _image():
+    return _image_uint8().float().div(255)[None]
+
+
+def _conditioning(bundle, **kw):
+    opts = svd_model.ImageConditioningOptions(width=W, height=H, frames=FRAMES, **kw)
+    return svd_model.image_conditioning(bundle.image_encoder, bundle.vae, _image(), opts)
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+def test_loader_reads_the_published_layout(bundle):
+    assert bundle.model.variant == "svd_xt" and bundle.model.guidance_min == 1.5
+    assert bundle.model.unet.cfg.in_channels == 8 and bundle.model.unet.cfg.context_dim == 64
+    assert hasattr(bundle.vae, "quant_conv")  # the conditioning encoder's quant_conv is used for encoding
+    assert bundle.image_encoder.embed_dim == 64 and bundle.image_encoder.image_size == 224
+
+
+def test_loader_takes_the_clip_vision_from_models_clip_vision(tmp_path):
+    sd = {k: v for k, v in svd_state_dict().items() if not k.startswith("conditioner.embedders.0.")}
+    path = str(tmp_path / "svd_no_clip.safetensors")
+    demo._save(sd, path)
+    with pytest.raises(KinemaError, match="clip_vision"):
+        checkpoint.load_svd(path)
+    clip_path = str(tmp_path / "clip_vision_h.safetensors")
+    demo._save(demo.clip_vision_state_dict(0, torch.float32), clip_path)
+    b = checkpoint.load_svd(path, clip_vision_path=clip_path)
+    assert b.model.variant == "svd" and b.image_encoder.source == "clip_vision_h.safetensors"
+
+
+def test_sd15_file_in_the_svd_loader_says_where_it_goes(tmp_path):
+    path = str(tmp_path / "v1-5.safetensors")
+    demo._save(demo.sd15_state_dict(0, torch.float32), path)
+    with pytest.raises(KinemaError, match="SD1.5 checkpoint.*Load Checkpoint"):
+        checkpoint.load_svd(path)
+
+
+def test_svd_file_in_the_sd15_loader_says_where_it_goes(svd_path):
+    with pytest.raises(KinemaError, match="Stable Video Diffusion.*Load SVD Checkpoint"):
+        checkpoint.load_sd15(svd_path)
+
+
+def test_truncated_svd_file_is_named(tmp_path, svd_path):
+    data = open(svd_path, "rb").read()
+    bad = tmp_path / "svd_cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KinemaError, match="truncated"):
+        checkpoint.load_svd(str(bad))
+
+
+# -- conditioning --------------------------------------------------------------------------------------------------
+
+def test_image_conditioning_follows_the_original(bundle):
+    cond, uncond = _conditioning(bundle, fps=7, motion_bucket_id=127, augmentation_level=0.0)
+    assert cond["context"].shape == (1, 1, 64) and cond["concat"].shape == (1, 4, H // 8, W // 8)
+    assert cond["y"].shape == (1, 768)
+    assert torch.equal(cond["y"], svd_model.micro_conditioning(6, 127, 0.0, 1))  # fps_id = fps - 1
+    assert torch.equal(uncond["y"], cond["y"])
+    assert not uncond["context"].any() and not uncond["concat"].any()
+    # the concat latents: the VAE encoding (unscaled mean) of the image at the video size
+    frame = svd_model.fit_image(_image(), W, H)
+    px = frame.permute(0, 3, 1, 2) * 2 - 1
+    assert torch.allclose(cond["concat"], bundle.vae.encode(px), atol=1e-6)
+    # the CLIP embedding of the clean image
+    assert torch.allclose(cond["context"][:, 0], bundle.image_encoder.encode(frame), atol=1e-6)
+
+
+def test_augmentation_noises_the_concat_latents_only(bundle):
+    clean, _ = _conditioning(bundle, augmentation_level=0.0)
+    noised, _ = _conditioning(bundle, augmentation_level=0.5, seed=3)
+    again, _ = _conditioning(bundle, augmentation_level=0.5, seed=3)
+    other, _ = _conditioning(bundle, augmentation_level=0.5, seed=4)
+    assert torch.equal(noised["context"], clean["context"])
+    assert not torch.allclose(noised["concat"], clean["concat"])
+    assert torch.equal(noised["concat"], again["concat"]) and not torch.equal(noised["concat"], other["concat"])
+    assert not torch.equal(noised["y"], clean["y"])  # cond_aug is part of the micro-conditioning
+
+
+@pytest.mark.parametrize("kw,match", [({"width": 60}, "multiple of 8"), ({"height": 4}, "multiple of 8"),
+                                      ({"frames": 0}, "frames"), ({"fps": 0}, "fps"),
+                                      ({"motion_bucket_id": -1}, "motion_bucket_id")])
+def test_bad_conditioning_options(bundle, kw, match):
+    opts = dict(width=W, height=H, frames=FRAMES) | kw
+    with pytest.raises(KinemaError, match=match):
+        svd_model.image_conditioning(bundle.image_encoder, bundle.vae, _image(),
+                                     svd_model.ImageConditioningOptions(**opts))
+
+
+# -- a whole video against diffusers ------------------------------------------------------------------------------
+
+def _diffusers_pipeline(bundle):
+    pytest.importorskip("diffusers")
+    from fixtures_svd_pipeline import diffusers_svd_pipeline
+
+    return diffusers_svd_pipeline(bundle)
+
+
+def test_sampled_video_matches_the_diffusers_svd_pipeline(bundle):
+    pipe = _diffusers_pipeline(bundle)
+    steps, seed = 4, 11
+    cond, uncond = _conditioning(bundle, fps=7, motion_bucket_id=127, augmentation_level=0.0)
+    latent = pipelines.empty_video_latent(FRAMES, W, H)
+    ours = pipelines.sample_img2vid(
+        bundle.model.with_options(cfg_mode="linear", min_cfg=1.0), cond, uncond, latent,
+        pipelines.SampleOptions(seed=seed, steps=steps, cfg=2.5, sampler="euler", scheduler="karras"))
+    noise = initial_noise(seed, tuple(latent.shape))
+    from PIL import Image
+
+    frame = Image.fromarray(_image_uint8().numpy())  # diffusers resizes only PIL input for CLIP
+    with torch.no_grad():
+        ref = pipe(frame, height=H, width=W, num_frames=FRAMES, num_inference_steps=steps, min_guidance_scale=1.0,
+                   max_guidance_scale=2.5, fps=7, motion_bucket_id=127, noise_aug_strength=0.0,
+                   decode_chunk_size=FRAMES, latents=noise[None], output_type="latent").frames[0]
+    ours_scaled = ours * svd_model.SVD_LATENT_SCALE
+    diff = float((ours_scaled - ref).abs().max())
+    scale = float(ref.abs().max())
+    print(f"SVD video: max |diff| {diff:.3g}, max |value| {scale:.3g}")
+    assert diff <= VIDEO_TOL * scale
+    # and the temporal decode of it, with the original chunking, matches diffusers' decode_latents
+    with torch.no_grad():
+        ref_px = pipe.decode_latents(ref[None], FRAMES, decode_chunk_size=FRAMES)[0]  # [c, f, H, W] in [-1, 1]
+    ours_px = decode_frames(bundle.vae, ours, chunk=FRAMES)
+    ref_img = ((ref_px.permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1)
+    assert float((ours_px - ref_img).abs().max()) < 1e-4
+
+
+def test_guidance_modes_change_the_video(bundle):
+    cond, uncond = _conditioning(bundle)
+    latent = pipelines.empty_video_latent(3, W, H)
+    opts = pipelines.SampleOptions(seed=1, steps=2, cfg=3.0, scheduler="karras")
+    lin = pipelines.sample_img2vid(bundle.model.with_options(cfg_mode="linear"), cond, uncond, latent, opts)
+    tri = pipelines.sample_img2vid(bundle.model.with_options(cfg_mode="triangle"), cond, uncond, latent, opts)
+    const = pipelines.sample_img2vid(bundle.model.with_options(cfg_mode="constant"), cond, uncond, latent, opts)
+    assert not torch.allclose(lin, tri) and not torch.allclose(lin, const)
+
+
+def test_long_svd_with_context_windows(bundle):
+    from kinema.models.context import ContextOptions
+
+    frames = 9
+    cond, uncond = _conditioning(bundle)
+    latent = pipelines.empty_video_latent(frames, W, H)
+    windows = []
+    ctx = ContextOptions(context_length=4, overlap=1, schedule="uniform_standard", fuse="pyramid", freenoise=True)
+    out = pipelines.sample_img2vid(bundle.model, cond, uncond, latent,
+                                   pipelines.SampleOptions(seed=2, steps=2, cfg=2.0, scheduler="karras", context=ctx),
+                                   on_window=lambda: windows.append(1))
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+    assert len(windows) >= 2 * 3  # at least 3 windows of 4 frames cover 9 frames, for each of the 2 steps
+
+
+def test_a_conditioning_for_another_size_is_refused(bundle):
+    cond, uncond = _conditioning(bundle)
+    with pytest.raises(KinemaError, match="latent of the same conditioning node"):
+        pipelines.sample_img2vid(bundle.model, cond, uncond, pipelines.empty_video_latent(2, 64, 64),
+                                 pipelines.SampleOptions(steps=1))
+
+
+# -- nodes ---------------------------------------------------------------------------------------------------------
+
+def _node(name):
+    return load_pack().NODE_CLASS_MAPPINGS[name]()
+
+
+def test_nodes_image_to_video(bundle):
+    positive, negative, latent = _node("KinemaSVDConditioning").encode(
+        bundle.image_encoder, bundle.vae, _image(), W, H, 3, 7, 127, 0.02, 0)
+    assert latent["samples"].shape == (3, 4, H // 8, W // 8)
+    (model,) = _node("KinemaPerFrameGuidance").apply(bundle.model, "triangle", 1.2, 1.0)
+    assert model.cfg_mode == "triangle" and model.guidance_min == 1.2 and bundle.model.cfg_mode == "linear"
+    (out,) = _node("KinemaVideoSampler").sample(model, positive, negative, latent, 0, 2, 2.5, "euler", "karras", 1.0)
+    assert out["samples"].shape == latent["samples"].shape
+    (images,) = _node("KinemaVAEDecodeFrames").decode(bundle.vae, out, 0)
+    assert images.shape == (3, H, W, 3)
+
+
+def test_text_conditioning_on_the_svd_model_is_refused(bundle):
+    text = [[torch.zeros(1, 77, 64), {}]]
+    latent = {"samples": pipelines.empty_video_latent(2, W, H)}
+    with pytest.raises(KinemaError, match="SVD Image Conditioning"):
+        _node("KinemaVideoSampler").sample(bundle.model, text, text, latent, 0, 1, 2.5, "euler", "karras", 1.0)
+
+
+def test_per_frame_guidance_refuses_an_animatediff_model():
+    from fixtures import motion_model
+
+    with pytest.raises(KinemaError, match="image-to-video"):
+        _node("KinemaPerFrameGuidance").apply(motion_model("v3"), "linear", 1.0, 1.0)
+
+
+def test_too_many_frames_are_refused_before_allocation(bundle):
+    with pytest.raises(KinemaError, match="lower the frame count"):
+        _node("KinemaSVDConditioning").encode(bundle.image_encoder, bundle.vae, _image(), 8192, 8192, 4096, 7, 127,
+                                              0.02, 0)
+
+
+def test_fp16_file_loads_as_published(tmp_path):
+    path = str(tmp_path / "svd_fp16.safetensors")
+    demo._save({k: v.half() for k, v in svd_state_dict().items()}, path)
+    kept = checkpoint.load_svd(path)  # dtype None: the file's
+    assert kept.model.unet.dtype == torch.float16
+    b = checkpoint.load_svd(path, dtype=torch.float32, vae_dtype=torch.float32)
+    assert b.model.unet.dtype == torch.float32 and b.vae.dtype == torch.float32
+    assert b.image_encoder.dtype == torch.float32
+
+
+@pytest.fixture
+def input_dir(tmp_path):
+    from kinema.nodes import host
+
+    folder = tmp_path / "input"
+    folder.mkdir()
+    host.set_input_dir(str(folder))
+    yield folder
+    host.set_input_dir(None)
+
+
+def test_load_image_node_reads_the_input_folder_and_the_bundled_image(input_dir, tmp_path):
+    from PIL import Image
+
+    node = load_pack().NODE_CLASS_MAPPINGS["KinemaLoadImage"]
+    assert "kinema_demo_image.png" in node.INPUT_TYPES()["required"]["image"][0]
+    (img,) = node().load("kinema_demo_image.png")
+    assert img.shape == (1, 288, 512, 3) and 0 <= float(img.min()) and float(img.max()) <= 1
+    Image.new("RGBA", (20, 10), (255, 0, 0, 128)).save(input_dir / "red.png")
+    assert "red.png" in node.INPUT_TYPES()["required"]["image"][0]
+    (red,) = node().load("red.png")
+    assert red.shape == (1, 10, 20, 3) and float(red[..., 0].min()) == 1.0
+    assert node.VALIDATE_INPUTS("missing.png") is not True
+    assert node.VALIDATE_INPUTS("../etc/passwd") is not True
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(KinemaError, match="Cannot read"):
+        from kinema.models.video_io import read_image
+
+        read_image(str(tmp_path / "bad.png"))
