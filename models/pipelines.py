@@ -1,8 +1,8 @@
 """End-to-end recipes as plain functions the nodes call.
 
 Latents cross this surface as ComfyUI holds them: one video ``[f, c, h, w]``,
-unscaled VAE latents. The SD1.5 latent scale is applied on the way in and
-removed on the way out, as ComfyUI's KSampler does.
+unscaled VAE latents. The latent scale (0.18215 for SD1.5 and SVD) is applied on
+the way in and removed on the way out, as ComfyUI's KSampler does.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .context import ContextOptions, context_windows, freenoise
 from .errors import KinemaError
 from .guidance import CFGDenoiser, EpsVideoDenoiser, VEDMVideoDenoiser, WindowedDenoiser, per_frame_cfg
 from .memory import check_fits, video_activation_bytes
+from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE
 from .sampling import (
     ContinuousEDMSchedule,
     DiscreteSchedule,
@@ -185,8 +186,6 @@ def sample_img2vid(
     guidance scale; the model's ``cfg_mode`` spreads it over the frames from ``model.guidance_min``
     (Stable Video Diffusion's per-frame guidance). Returns the latent [f, 4, h, w], unscaled, on the CPU.
     """
-    from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE
-
     frames = _check_latent(latent, opts, model)
     device = next(model.unet.parameters()).device
     _check_fits(model, latent, opts, uncond is not None, device)
