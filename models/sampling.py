@@ -23,7 +23,22 @@ StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, x0)
 BETA_SCHEDULES = ("linear", "sqrt_linear")
 
 
-class DiscreteSchedule:
+class SigmaTable:
+    """A model's noise levels as an increasing table ``sigmas`` (and ``log_sigmas``)."""
+
+    sigmas: torch.Tensor
+    log_sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+
+class DiscreteSchedule(SigmaTable):
     """The 1000 noise levels of a DDPM-trained model, as sigmas.
 
     ``linear`` is AnimateDiff's (betas linear from 0.00085 to 0.012);
@@ -43,14 +58,6 @@ class DiscreteSchedule:
         self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
         self.log_sigmas = self.sigmas.log()
 
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
-
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The nearest discrete timestep of each sigma (what the UNet is given)."""
         dists = sigma.float().log().to(self.log_sigmas.device).reshape(-1)[None] - self.log_sigmas[:, None]
@@ -64,7 +71,7 @@ class DiscreteSchedule:
         return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[hi]).exp()
 
 
-class ContinuousEDMSchedule:
+class ContinuousEDMSchedule(SigmaTable):
     """The continuous noise levels of an EDM-trained model (Stable Video Diffusion).
 
     Sigmas run from ``sigma_min`` to ``sigma_max`` (SVD: 0.002 to 700); the
@@ -80,14 +87,6 @@ class ContinuousEDMSchedule:
         self.sigmas = torch.linspace(math.log(sigma_min), math.log(sigma_max), table_size).exp().float()
         self.log_sigmas = self.sigmas.log()
 
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
-
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """c_noise: 0.25 ln(sigma)."""
         return 0.25 * torch.as_tensor(sigma, dtype=torch.float32).log()
@@ -98,7 +97,7 @@ class ContinuousEDMSchedule:
 
 # -- schedulers: (schedule, steps) -> sigmas, ending in 0 -----------------------------------------------------------
 
-def normal_scheduler(s: "DiscreteSchedule | ContinuousEDMSchedule", steps: int, sgm: bool = False) -> torch.Tensor:
+def normal_scheduler(s: SigmaTable, steps: int, sgm: bool = False) -> torch.Tensor:
     start, end = float(s.timestep(s.sigma_max)), float(s.timestep(s.sigma_min))
     if sgm:
         ts = torch.linspace(start, end, steps + 1)[:-1]
