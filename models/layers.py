@@ -6,12 +6,18 @@ without renaming. Every tensor reshape is an einops pattern.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+
+#: Extra keys/values a cross-attention attends to: ``(k [b, m, c], v [b, m, c], scale)`` each, scale a float or a
+#: tensor broadcasting to ``[b, n, c]``.
+ExtraKV = Sequence[tuple]
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
-        """[b, n, c], context [b, m, c'] -> [b, n, c]"""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, chunk: int = 0,
+                extra: ExtraKV = ()) -> torch.Tensor:
+        """[b, n, c], context [b, m, c'] -> [b, n, c]
+
+        ``extra``: more ``(k, v, scale)`` the same queries attend to, each added as ``scale * attention(q, k, v)``
+        before ``to_out`` (decoupled cross-attention, as IP-Adapter's image tokens); k, v are [b, m', c].
+        """
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, chunk)
+        q = self.to_q(x)
+        out = attention(q, self.to_k(context), self.to_v(context), self.heads, chunk)
+        for k, v, scale in extra:
+            out = out + scale * attention(q, k.to(q.dtype), v.to(q.dtype), self.heads, chunk)
         return self.to_out(out)
 
 
@@ -103,10 +117,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, chunk: int = 0) -> torch.Tensor:
-        """[b, n, c], context [b, m, c'] -> [b, n, c]"""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, chunk: int = 0, extra: ExtraKV = ()) -> torch.Tensor:
+        """[b, n, c], context [b, m, c'] -> [b, n, c] (``extra``: see ``CrossAttention``, for ``attn2``)"""
         x = x + self.attn1(self.norm1(x), chunk=chunk)
-        x = x + self.attn2(self.norm2(x), context, chunk=chunk)
+        x = x + self.attn2(self.norm2(x), context, chunk=chunk, extra=extra)
         return x + self.ff(self.norm3(x))
 
 
@@ -124,8 +138,9 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = make()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, opts: RunOptions) -> torch.Tensor:
-        """(b f) c h w, context [(b f), m, c'] -> (b f) c h w"""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, opts: RunOptions,
+                extra: Callable[[int], ExtraKV] | None = None) -> torch.Tensor:
+        """(b f) c h w, context [(b f), m, c'] -> (b f) c h w (``extra(j)``: block j's extra cross-attention)"""
         h, w = x.shape[-2:]
         y = self.norm(x)
         if not self.linear_proj:
@@ -133,8 +148,8 @@ class SpatialTransformer(nn.Module):
         y = rearrange(y, "b c h w -> b (h w) c")
         if self.linear_proj:
             y = self.proj_in(y)
-        for block in self.transformer_blocks:
-            y = block(y, context, opts.attn_chunk)
+        for j, block in enumerate(self.transformer_blocks):
+            y = block(y, context, opts.attn_chunk, extra(j) if extra is not None else ())
         if self.linear_proj:
             y = self.proj_out(y)
         y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)

@@ -7,10 +7,18 @@ to the UNet: they are passed to ``forward`` as ``temporal``, an object with
 loaded base model. Slots are ``("input", i)``, ``("middle", 0)`` and
 ``("output", i)``: after block ``i``'s ResBlock/attention, before its
 down/upsampler.
+
+Two more per-call inputs, also never stored on the model: ``control``, the
+residuals of ControlNets (one per input block, added to its skip connection,
+then one for the middle block's output, as the original ControlledUnetModel
+adds them), and ``cross_extra(slot, j)``, extra keys/values for the
+cross-attention of transformer block ``j`` in ``slot`` (IP-Adapter's image
+tokens).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -20,6 +28,7 @@ from torch import nn
 from .errors import KinemaError
 from .layers import (
     Downsample,
+    ExtraKV,
     ResBlock,
     RunOptions,
     SpatialTransformer,
@@ -33,6 +42,9 @@ Slot = tuple  # ("input" | "middle" | "output", index)
 
 class Temporal(Protocol):
     def apply(self, slot: Slot, h: torch.Tensor, opts: RunOptions) -> torch.Tensor: ...
+
+
+CrossExtra = Callable[[Slot, int], ExtraKV]
 
 
 @dataclass(frozen=True)
@@ -114,12 +126,13 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
-    def _run_block(self, block, h, emb, context, opts, temporal, slot, up_size=None):
+    def _run_block(self, block, h, emb, context, opts, temporal, slot, up_size=None, cross_extra=None):
+        extra = None if cross_extra is None else (lambda j: cross_extra(slot, j))
         for layer in block:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb, opts)
             elif isinstance(layer, SpatialTransformer):
-                h = layer(h, context, opts)
+                h = layer(h, context, opts, extra)
             elif isinstance(layer, Upsample):
                 if temporal is not None:
                     h = temporal.apply(slot, h, opts)
@@ -140,25 +153,37 @@ class UNetModel(nn.Module):
         context: torch.Tensor,
         opts: RunOptions = RunOptions(),
         temporal: Temporal | None = None,
+        control: Sequence[torch.Tensor] | None = None,
+        cross_extra: CrossExtra | None = None,
     ) -> torch.Tensor:
-        """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> (b f) c h w"""
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> (b f) c h w
+
+        ``control``: one residual per input block then one for the middle block (ControlNet's outputs);
+        ``cross_extra(slot, j)``: extra cross-attention keys/values of transformer block j in ``slot``.
+        """
+        if control is not None and len(control) != len(self.input_blocks) + 1:
+            raise KinemaError(f"the ControlNet gives {len(control)} residuals, the UNet takes "
+                              f"{len(self.input_blocks) + 1}: the ControlNet was made for another UNet layout")
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb)
         hs = []
         h = x
         for i, block in enumerate(self.input_blocks):
-            h = self._run_block(block, h, emb, context, opts, temporal if i else None, ("input", i))
-            hs.append(h)
+            h = self._run_block(block, h, emb, context, opts, temporal if i else None, ("input", i),
+                                cross_extra=cross_extra)
+            hs.append(h if control is None else h + control[i].to(h.dtype))
         mid = self.middle_block
         h = mid[0](h, emb, opts)
-        h = mid[1](h, context, opts)
+        h = mid[1](h, context, opts, None if cross_extra is None else (lambda j: cross_extra(("middle", 0), j)))
         if temporal is not None:
             h = temporal.apply(("middle", 0), h, opts)
         h = mid[2](h, emb, opts)
+        if control is not None:
+            h = h + control[-1].to(h.dtype)
         for i, block in enumerate(self.output_blocks):
             h = torch.cat([h, hs.pop()], dim=1)
             up_size = hs[-1].shape[-2:] if hs else None
-            h = self._run_block(block, h, emb, context, opts, temporal, ("output", i), up_size)
+            h = self._run_block(block, h, emb, context, opts, temporal, ("output", i), up_size, cross_extra)
         h = group_norm(self.out[0], h, opts)
         return self.out[2](self.out[1](h))
 
