@@ -49,7 +49,9 @@ class _BatchedDenoiser:
 
     Subclasses say how conditionings group into batches (``_groups``) and how one batch is predicted
     (``_predict``). A batch that runs out of memory is retried one conditioning at a time, and the
-    denoiser stays unbatched for the rest of the run.
+    denoiser stays unbatched for the rest of the run. ``uncond`` flags the unconditional entries of
+    ``conds`` (the model's add-ons that have a negative of their own, IP-Adapter's zero image, need it);
+    ``temporal=False`` runs the model with its temporal layers off (frames independent).
     """
 
     def __init__(self, model, attn_chunk: int = 0, batch_cond: bool = True):
@@ -62,15 +64,20 @@ class _BatchedDenoiser:
             return [[c] for c in conds]
         return [conds]
 
-    def _predict(self, x: torch.Tensor, sigma: torch.Tensor, group: list, window, **kw) -> list[torch.Tensor]:
+    def _predict(self, x: torch.Tensor, sigma: torch.Tensor, group: list, window, uncond: tuple,
+                 temporal: bool) -> list[torch.Tensor]:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds: list, window=None, **kw) -> list[torch.Tensor]:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds: list, window=None,
+                 uncond: list[bool] | None = None, temporal: bool = True) -> list[torch.Tensor]:
         """x [f, c, h, w], conds [per-frame conditioning, ...] -> x0 for each conditioning, each [f, c, h, w]"""
-        outs = []
+        flags = list(uncond) if uncond is not None else [False] * len(conds)
+        outs, start = [], 0
         for group in self._groups(conds):
+            group_flags = tuple(flags[start:start + len(group)])
+            start += len(group)
             try:
-                outs.extend(self._predict(x, sigma, group, window, **kw))
+                outs.extend(self._predict(x, sigma, group, window, group_flags, temporal))
                 continue
             except Exception as exc:
                 if len(group) == 1 or not is_out_of_memory(exc):
@@ -78,7 +85,7 @@ class _BatchedDenoiser:
             # out of the except block: the failed batch's tensors are released before the retry
             release_cached_memory()
             self.batch_cond = False  # the rest of the run: one conditioning at a time
-            outs.extend(self(x, sigma, group, window=window, **kw))
+            outs.extend(self(x, sigma, group, window=window, uncond=list(group_flags), temporal=temporal))
         return outs
 
     def _device_dtype(self, net) -> tuple[torch.device, torch.dtype]:
@@ -88,9 +95,10 @@ class _BatchedDenoiser:
 class EpsVideoDenoiser(_BatchedDenoiser):
     """x0 predictions of an eps video model (``MotionModel``) for several per-frame contexts at one sigma.
 
-    ``model(x, timesteps, context, num_frames, attn_chunk=, temporal=, window=)``; contexts are ``[f, n, d]``
-    (prompts of different token lengths are batched by repeating their tokens, see ``match_token_lengths``).
-    ``temporal=False`` runs the model with its motion modules bypassed.
+    ``model(x, timesteps, context, num_frames, attn_chunk=, temporal=, window=, sigma=, uncond=)``; contexts
+    are ``[f, n, d]`` (prompts of different token lengths are batched by repeating their tokens, see
+    ``match_token_lengths``). ``sigma`` lets the model's add-ons (ControlNets, IP-Adapters) keep to their
+    start/end range.
     """
 
     def __init__(self, model, schedule: DiscreteSchedule, attn_chunk: int = 0, batch_cond: bool = True):
@@ -104,7 +112,7 @@ class EpsVideoDenoiser(_BatchedDenoiser):
             return [matched] if matched is not None else [[c] for c in conds]
         return groups
 
-    def _predict(self, x, sigma, group, window, temporal: bool = True):
+    def _predict(self, x, sigma, group, window, uncond, temporal):
         frames, b = x.shape[0], len(group)
         device, dtype = self._device_dtype(self.model.unet)
         c_in = 1.0 / math.sqrt(float(sigma) ** 2 + 1.0)
@@ -112,7 +120,7 @@ class EpsVideoDenoiser(_BatchedDenoiser):
         xin = (x.repeat(b, 1, 1, 1) * c_in).to(device, dtype)
         ctx = torch.cat(group).to(device, dtype)
         eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk, temporal=temporal,
-                         window=window)
+                         window=window, sigma=float(sigma), uncond=uncond)
         eps = eps.float().to(x.device)
         return [x - float(sigma) * e for e in eps.chunk(b)]
 
@@ -127,7 +135,7 @@ class VEDMVideoDenoiser(_BatchedDenoiser):
     it) and ``y`` [f, adm] (the micro-conditioning vector).
     """
 
-    def _predict(self, x, sigma, group, window):
+    def _predict(self, x, sigma, group, window, uncond, temporal):
         frames, b = x.shape[0], len(group)
         device, dtype = self._device_dtype(self.model.unet)
         s = float(sigma)
@@ -137,7 +145,7 @@ class VEDMVideoDenoiser(_BatchedDenoiser):
         xin = torch.cat([x.repeat(b, 1, 1, 1) * c_in, concat.to(x.device, x.dtype)], dim=1).to(device, dtype)
         ctx = torch.cat([c["context"] for c in group]).to(device, dtype)
         y = torch.cat([c["y"] for c in group]).to(device, dtype)
-        v = self.model(xin, c_noise, ctx, y, frames, attn_chunk=self.attn_chunk, window=window)
+        v = self.model(xin, c_noise, ctx, y, frames, attn_chunk=self.attn_chunk, window=window, temporal=temporal)
         v = v.float().to(x.device)
         return [c_skip * x + c_out * part for part in v.chunk(b)]
 
@@ -183,15 +191,26 @@ def per_frame_cfg(mode: str, min_cfg: float, max_cfg: float, frames: int, period
 
 
 class CFGDenoiser:
-    """Classifier-free guidance on x0: ``x0_u + cfg * (x0_c - x0_u)`` (uncond skipped at cfg 1).
+    """Classifier-free guidance on x0, optionally composed with Gen-1's temporal guidance.
 
     ``cond``/``uncond`` are per frame of the whole video (``[F, n, d]``, or a dict of per-frame tensors for
-    the denoisers that take several); ``cfg`` is one scale or one per frame ``[F]``.
+    the denoisers that take several); ``cfg`` (w) is one scale or one per frame ``[F]``; ``temporal_scale``
+    (w_t) weighs the video model against the same network with its temporal layers off (the image model,
+    frames independent), as Gen-1 (Esser et al. 2023) composes the two guidances::
+
+        x0 = x0_img(u) + w_t (x0_vid(u) - x0_img(u)) + w (x0_vid(c) - x0_vid(u))
+
+    and without an uncond (cfg 1): ``x0 = x0_img(c) + w_t (x0_vid(c) - x0_img(c))``. ``w_t = 1`` is the
+    plain video model exactly (the image model is not run); 0 makes every frame on its own (the image model
+    alone); above 1 it pushes temporal consistency past the video model's. Model evaluations per step:
+    1 (cfg 1), 2 (cfg), plus 1 image-model evaluation when ``w_t != 1`` (cheaper than a video one: no
+    temporal layers). The uncond is skipped where cfg is 1 for every frame.
     """
 
-    def __init__(self, denoiser, cond, uncond, cfg: float | torch.Tensor):
+    def __init__(self, denoiser, cond, uncond, cfg: float | torch.Tensor, temporal_scale: float = 1.0):
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
         self.cfg = cfg.float() if isinstance(cfg, torch.Tensor) else float(cfg)
+        self.temporal_scale = float(temporal_scale)
 
     def _skip_uncond(self) -> bool:
         if self.uncond is None:
@@ -203,13 +222,22 @@ class CFGDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, window=None) -> torch.Tensor:
         """x [f, c, h, w] -> x0 [f, c, h, w]"""
         cond = frames_of(self.cond, window)
+        w_t = self.temporal_scale
         if self._skip_uncond():
-            return self.denoiser(x, sigma, [cond], window=window)[0]
-        x0_u, x0_c = self.denoiser(x, sigma, [frames_of(self.uncond, window), cond], window=window)
+            x0_c = self.denoiser(x, sigma, [cond], window=window)[0]
+            if w_t == 1.0:
+                return x0_c
+            x0_img = self.denoiser(x, sigma, [cond], window=window, temporal=False)[0]
+            return x0_img + w_t * (x0_c - x0_img)
+        uncond = frames_of(self.uncond, window)
+        x0_u, x0_c = self.denoiser(x, sigma, [uncond, cond], window=window, uncond=[True, False])
         scale = self.cfg
         if isinstance(scale, torch.Tensor):
             scale = rearrange(frames_of(scale, window), "f -> f 1 1 1").to(x0_c.device)
-        return x0_u + scale * (x0_c - x0_u)
+        if w_t == 1.0:
+            return x0_u + scale * (x0_c - x0_u)
+        x0_img = self.denoiser(x, sigma, [uncond], window=window, uncond=[True], temporal=False)[0]
+        return x0_img + w_t * (x0_u - x0_img) + scale * (x0_c - x0_u)
 
 
 class WindowedDenoiser:

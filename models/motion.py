@@ -19,8 +19,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .addons import content_cross_extra, control_residuals, video_frames
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, attention
+from .sampling import DiscreteSchedule
 from .unet import Slot, UNetConfig, UNetModel
 
 
@@ -286,7 +288,8 @@ class MotionModel:
     """An SD1.5 UNet with a motion module applied, by composition (neither is modified).
 
     ``temporal=False`` runs the same network with the motion modules bypassed
-    (frames independent), which temporal guidance needs.
+    (frames independent), which temporal guidance needs. ``controls`` (``addons.ControlHint``) and
+    ``contents`` (``addons.ImageContent``) are ControlNets and IP-Adapters applied on every call.
     """
 
     unet: UNetModel
@@ -295,6 +298,9 @@ class MotionModel:
     cross_frame_norm: bool | None = None  # None: as the motion module's version was trained (v1 only)
     beta_schedule: str = "linear"  # AnimateDiff samples with linear betas; plain SD1.5 with sqrt_linear
     name: str = ""
+    controls: tuple = ()
+    contents: tuple = ()
+    temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
 
     def with_options(self, **changes) -> "MotionModel":
         return replace(self, **changes)
@@ -331,11 +337,15 @@ class MotionModel:
         attn_chunk: int = 0,
         temporal: bool = True,
         window=None,
+        sigma: float | None = None,
+        uncond=None,
     ) -> torch.Tensor:
         """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> eps (b f) c h w
 
         ``window`` (a ``context.ContextWindow``): the frames are those of the window's ``sub_idxs`` in a longer
-        video; per-frame options (the motion scale) are taken for those frames.
+        video; per-frame options (the motion scale, ControlNet hints) are taken for those frames. ``sigma``: the
+        step's noise level (add-ons keep to their start/end range; None: always on); ``uncond``: one flag per
+        video of the batch, True for the unconditional side of guidance.
         """
         use_motion = temporal and self.motion is not None
         cross = self.cross_frame_norm
@@ -343,7 +353,15 @@ class MotionModel:
             cross = use_motion and self.motion.version == "v1"
         opts = RunOptions(num_frames=num_frames, cross_frame_norm=bool(cross), attn_chunk=attn_chunk)
         binding = None
+        frames = video_frames(window, num_frames)
         if use_motion:
-            frames = window.sub_idxs if window is not None else range(num_frames)
             binding = _Binding(self.motion, self.unet.cfg, scale_for_frames(self.scale, frames))
-        return self.unet(x, timesteps, context, opts, binding)
+        control = cross_extra = None
+        if self.controls or self.contents:
+            schedule = DiscreteSchedule(self.beta_schedule)
+            control = control_residuals(self.controls, x, timesteps, context, frames, sigma, schedule,
+                                        replace(opts, cross_frame_norm=False))
+            videos = x.shape[0] // num_frames
+            flags = tuple(uncond) if uncond is not None else (False,) * videos
+            cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
+        return self.unet(x, timesteps, context, opts, binding, control=control, cross_extra=cross_extra)

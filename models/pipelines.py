@@ -94,6 +94,21 @@ def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, 
     return (out / latent_scale).float().cpu()
 
 
+def prepare_addons(model, latent: torch.Tensor):
+    """The model with its ControlNet hints fitted to the video ``latent`` [f, 4, h, w] (spread over the frames,
+    resized to its pixel size) and its add-ons checked against the UNet: errors before sampling starts."""
+    controls = getattr(model, "controls", ())
+    for c in controls:
+        c.controlnet.check_unet(model.unet.cfg)
+    for c in getattr(model, "contents", ()):
+        c.adapter.check_unet(model.unet.cfg)
+        c.steps.validate(f"IP-Adapter '{c.name}'" if c.name else "IP-Adapter")
+    if not controls:
+        return model
+    frames, h, w = latent.shape[0], latent.shape[-2] * 8, latent.shape[-1] * 8
+    return model.with_options(controls=tuple(c.prepared(frames, h, w) for c in controls))
+
+
 def _check_latent(latent: torch.Tensor, opts: SampleOptions, model) -> int:
     if latent.ndim != 4 or latent.shape[1] != LATENT_CHANNELS:
         raise KinemaError(f"expected a video latent [frames, 4, h, w], got shape {tuple(latent.shape)}")
@@ -142,12 +157,14 @@ def sample_video(
             )
     device = next(model.unet.parameters()).device
     _check_fits(model, latent, opts, negative is not None and opts.cfg != 1.0, device)
+    model = prepare_addons(model, latent)
     schedule = DiscreteSchedule(model.beta_schedule)
     denoiser = CFGDenoiser(
         EpsVideoDenoiser(model, schedule, attn_chunk=opts.attn_chunk, batch_cond=opts.batch_cond),
         per_frame(positive, frames, "positive"),
         None if negative is None else per_frame(negative, frames, "negative"),
         opts.cfg,
+        temporal_scale=model.temporal_scale,
     )
     return _run_sampler(denoiser, latent, schedule, SD15_LATENT_SCALE, opts, device, callback, on_window)
 
@@ -195,6 +212,7 @@ def sample_img2vid(
         _svd_per_frame(cond, frames, latent, "positive"),
         None if uncond is None else _svd_per_frame(uncond, frames, latent, "negative"),
         cfg,
+        temporal_scale=model.temporal_scale,
     )
     schedule = ContinuousEDMSchedule(SIGMA_MIN, SIGMA_MAX)
     return _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)

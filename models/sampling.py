@@ -37,6 +37,19 @@ class SigmaTable:
     def sigma_max(self) -> torch.Tensor:
         return self.sigmas[-1]
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """The noise level at ``percent`` of the way through sampling (0: pure noise, 1: clean), as ComfyUI's
+        start/end percents: log-linear in the table, above every level at 0 and 0 at 1."""
+        if percent <= 0.0:
+            return math.inf
+        if percent >= 1.0:
+            return 0.0
+        pos = (1.0 - float(percent)) * (len(self.log_sigmas) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(self.log_sigmas) - 1)
+        w = pos - lo
+        return math.exp((1 - w) * float(self.log_sigmas[lo]) + w * float(self.log_sigmas[hi]))
+
 
 class DiscreteSchedule(SigmaTable):
     """The 1000 noise levels of a DDPM-trained model, as sigmas.

@@ -124,6 +124,11 @@ class AlphaBlender(nn.Module):
             return learned
         return torch.where(ind.bool(), torch.ones_like(learned), learned)
 
+    def spatial_only(self, image_only_indicator: torch.Tensor) -> bool:
+        """True when every frame is a still image and the temporal path is blended out entirely (alpha = 1):
+        computing it can be skipped without changing the result."""
+        return self.merge_strategy == "learned_with_images" and bool(image_only_indicator.bool().all())
+
     def forward(self, x_spatial: torch.Tensor, x_temporal: torch.Tensor,
                 image_only_indicator: torch.Tensor) -> torch.Tensor:
         """(b f) ..., (b f) ... (same shapes), indicator [b, f] -> (b f) ..."""
@@ -169,6 +174,8 @@ class VideoResBlock(ResBlock):
                 image_only_indicator: torch.Tensor) -> torch.Tensor:
         """(b f) c h w, emb [(b f), e], indicator [b, f] -> (b f) c' h w"""
         x = super().forward(x, emb, _PER_FRAME)
+        if self.time_mixer.spatial_only(image_only_indicator):
+            return x
         video = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
         temporal = rearrange(self.time_stack(video, emb, num_frames), "b c f h w -> (b f) c h w")
         return self.time_mixer(x, temporal, image_only_indicator)
@@ -254,8 +261,11 @@ class SpatialVideoTransformer(SpatialTransformer):
         time_context = context[::num_frames] if self.use_spatial_context else None
         pos = repeat(self.frame_positions(num_frames, y.dtype, y.device), "f c -> (b f) 1 c",
                      b=y.shape[0] // num_frames)
+        spatial_only = self.time_mixer.spatial_only(image_only_indicator)
         for block, time_block in zip(self.transformer_blocks, self.time_stack):
             y = block(y, context, opts.attn_chunk)
+            if spatial_only:
+                continue
             mix = y + pos
             mix = time_block(mix, time_context, num_frames, opts.attn_chunk)
             y = self.time_mixer(y, mix, image_only_indicator)

@@ -59,6 +59,7 @@ class SVDModel:
     min_cfg: float | None = None
     cfg_period: float = 1.0
     name: str = ""
+    temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
 
     def with_options(self, **changes) -> "SVDModel":
         return replace(self, **changes)
@@ -76,10 +77,22 @@ class SVDModel:
             raise KinemaError("a video needs at least 1 frame")
 
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
-                 num_frames: int, attn_chunk: int = 0, window=None) -> torch.Tensor:
-        """(b f) c h w, timesteps [(b f)], context [(b f), n, d], y [(b f), adm] -> v (b f) c' h w"""
+                 num_frames: int, attn_chunk: int = 0, window=None, temporal: bool = True) -> torch.Tensor:
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d], y [(b f), adm] -> v (b f) c' h w
+
+        ``temporal=False``: every frame marked a still image (sgm's ``image_only_indicator``), which blends the
+        temporal paths out: the pure spatial network, frames independent (Gen-1's image model).
+        """
+        indicator = None
+        if not temporal:
+            if self.unet.cfg.merge_strategy != "learned_with_images":
+                raise KinemaError(f"this SVD UNet blends its temporal layers with the fixed strategy "
+                                  f"'{self.unet.cfg.merge_strategy}': it has no image model, so temporal guidance "
+                                  "cannot be used with it (set the temporal guidance scale to 1)")
+            indicator = x.new_ones(x.shape[0] // num_frames, num_frames)
         return self.unet(x, timesteps, context, y, num_frames, RunOptions(num_frames=num_frames,
-                                                                          attn_chunk=attn_chunk))
+                                                                          attn_chunk=attn_chunk),
+                         image_only_indicator=indicator)
 
 
 @dataclass(frozen=True)
@@ -126,13 +139,19 @@ def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return rearrange(px, "b c h w -> b h w c").contiguous()
 
 
-def image_conditioning(image_encoder, vae, image: torch.Tensor,
-                       opts: ImageConditioningOptions) -> tuple[dict, dict]:
-    """Init image -> (cond, uncond), each ``{"context": [1, 1, d], "concat": [1, 4, h, w], "y": [1, adm]}``."""
+def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageConditioningOptions,
+                       content_image: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Init image -> (cond, uncond), each ``{"context": [1, 1, d], "concat": [1, 4, h, w], "y": [1, adm]}``.
+
+    ``content_image`` (Gen-1's content): the CLIP embedding comes from it instead of the init image (fitted to
+    the same size first), while the init image still gives the first frame's latents: the video starts from the
+    init image's structure and drifts toward the content image's look.
+    """
     opts.validate()
     frame = fit_image(image, opts.width, opts.height)
+    content = frame if content_image is None else fit_image(content_image, opts.width, opts.height)
     with torch.inference_mode():
-        embeds = image_encoder.encode(frame).float()
+        embeds = image_encoder.encode(content).float()
         gen = torch.Generator().manual_seed(int(opts.seed))
         pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
         noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)

@@ -99,18 +99,24 @@ class KinemaSVDConditioning:
                                                             "less likeness)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                  "tooltip": "Seed of the augmentation noise."}),
-            }
+            },
+            "optional": {
+                "content_image": ("IMAGE", {
+                    "tooltip": "Optional content image (Gen-1's content): its CLIP embedding replaces the init "
+                               "image's, so the video keeps the init image's first frame but takes its look from "
+                               "this image."}),
+            },
         }
 
     def encode(self, clip_vision, vae, init_image, width, height, video_frames, fps, motion_bucket_id,
-               augmentation_level, seed=0):
+               augmentation_level, seed=0, content_image=None):
         opts = svd_model.ImageConditioningOptions(width=width, height=height, frames=video_frames, fps=fps,
                                                   motion_bucket_id=motion_bucket_id,
                                                   augmentation_level=augmentation_level, seed=seed)
         opts.validate()
         latent = pipelines.empty_video_latent(video_frames, width, height)
         host.check_interrupt()
-        cond, uncond = svd_model.image_conditioning(clip_vision, vae, init_image, opts)
+        cond, uncond = svd_model.image_conditioning(clip_vision, vae, init_image, opts, content_image)
         positive = [[cond["context"], {"kinema_image_conditioning": cond}]]
         negative = [[uncond["context"], {"kinema_image_conditioning": uncond}]]
         return (positive, negative, {"samples": latent})

@@ -54,7 +54,7 @@ class _Fixed:
     def __init__(self, x0_u, x0_c):
         self.x0_u, self.x0_c, self.seen = x0_u, x0_c, []
 
-    def __call__(self, x, sigma, conds, window=None):
+    def __call__(self, x, sigma, conds, window=None, **kw):
         self.seen.append(conds)
         if len(conds) == 1:
             return [self.x0_c]
@@ -119,7 +119,7 @@ class _ConstantV:
         self.unet = torch.nn.Linear(1, 1)
         self.unet.dtype = torch.float32
 
-    def __call__(self, x, timesteps, context, y, num_frames, attn_chunk=0, window=None):
+    def __call__(self, x, timesteps, context, y, num_frames, attn_chunk=0, window=None, temporal=True):
         self.calls.append((x, timesteps, context, y, num_frames))
         return self.v.repeat(x.shape[0] // self.v.shape[0], 1, 1, 1)
 

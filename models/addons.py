@@ -1,0 +1,144 @@
+"""What a video model carries besides its weights: ControlNet hints and IP-Adapter content images.
+
+An add-on is data (the network, its per-frame inputs, a strength and a start/end range) attached to a model
+by composition (``MotionModel.with_options(controls=..., contents=...)``); nothing is patched into the UNet.
+On every model call the add-ons that are active at the step's sigma turn into the UNet's per-call inputs:
+ControlNet residuals (summed over stacked ControlNets) and extra cross-attention keys/values (IP-Adapter).
+
+Hints, one per frame. A list of hints shorter than the video is spread evenly over it: with ``n`` hints and
+``F`` frames, frame ``i`` takes hint ``floor(i * n / F)``, so each hint holds for ``F / n`` consecutive frames
+(one hint: every frame). A longer list is cut to the first ``F``. Hints are resized to the video's size
+(bilinear, antialiased) when their aspect ratio matches it; another aspect ratio is an error. Under context
+windows each window takes the hints of its own frames.
+
+Start/end percent follow ComfyUI: the fraction of the way through the model's noise levels (0 = pure noise,
+1 = clean); an add-on works while ``sigma(end) <= sigma <= sigma(start)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from einops import repeat
+
+from .errors import KinemaError
+
+
+@dataclass(frozen=True)
+class StepRange:
+    """The part of sampling an add-on works in: fractions 0..1 of the way from noise to image."""
+
+    start: float = 0.0
+    end: float = 1.0
+
+    def validate(self, what: str) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise KinemaError(f"{what}: start_percent and end_percent must satisfy 0 <= start <= end <= 1, got "
+                              f"{self.start} and {self.end}")
+
+    def active(self, sigma: float | None, schedule) -> bool:
+        if sigma is None or (self.start <= 0.0 and self.end >= 1.0):
+            return True
+        return schedule.percent_to_sigma(self.end) <= sigma <= schedule.percent_to_sigma(self.start)
+
+
+def spread_indices(count: int, frames: int) -> list[int]:
+    """Which of ``count`` per-frame inputs each of ``frames`` frames takes (see the module doc)."""
+    if count < 1:
+        raise KinemaError("no hint images: connect at least one image")
+    if count >= frames:
+        return list(range(frames))
+    return [i * count // frames for i in range(frames)]
+
+
+def fit_hints(hints: torch.Tensor, height: int, width: int, what: str) -> torch.Tensor:
+    """Hint images ``[n, 3, H, W]`` in [0, 1] at the video's pixel size (resized when the aspect ratio matches)."""
+    h, w = hints.shape[-2:]
+    if (h, w) == (height, width):
+        return hints
+    if abs(h * width - w * height) > max(h, w, height, width):
+        raise KinemaError(
+            f"{what}: the hint images are {w}x{h} but the video is {width}x{height}, another aspect ratio: "
+            f"resize or crop the hints to {width}x{height} (for example with an image resize node) first")
+    return F.interpolate(hints, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+@dataclass(frozen=True)
+class ControlHint:
+    """A ControlNet with its hint images. ``hints`` [n, 3, H, W] in [0, 1]; ``frame_hints`` (set by
+    ``prepared``) maps each video frame to its hint."""
+
+    controlnet: torch.nn.Module
+    hints: torch.Tensor
+    strength: float = 1.0
+    steps: StepRange = StepRange()
+    frame_hints: tuple[int, ...] | None = None
+    name: str = ""
+
+    def prepared(self, frames: int, height: int, width: int) -> "ControlHint":
+        """This hint fitted to a video of ``frames`` frames of ``width`` x ``height`` pixels."""
+        what = f"ControlNet '{self.name}'" if self.name else "ControlNet"
+        self.steps.validate(what)
+        return replace(self, hints=fit_hints(self.hints, height, width, what),
+                       frame_hints=tuple(spread_indices(self.hints.shape[0], frames)))
+
+    def hints_for(self, frame_idxs) -> torch.Tensor:
+        """[len(frame_idxs), 3, H, W]"""
+        if self.frame_hints is None:
+            raise KinemaError("internal: a ControlNet hint was used before it was fitted to the video")
+        return self.hints[[self.frame_hints[i] for i in frame_idxs]]
+
+
+@dataclass(frozen=True)
+class ImageContent:
+    """An IP-Adapter with the image tokens of its content image (``tokens``) and of no image
+    (``uncond_tokens``, for the unconditional side of CFG), each [1, t, d]."""
+
+    adapter: torch.nn.Module
+    tokens: torch.Tensor
+    uncond_tokens: torch.Tensor
+    weight: float = 1.0
+    steps: StepRange = StepRange()
+    name: str = ""
+
+
+def control_residuals(controls, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, frame_idxs,
+                      sigma: float | None, schedule, opts) -> list[torch.Tensor] | None:
+    """The summed residuals of the ControlNets active at ``sigma`` for a folded batch ``(b f)`` of the video frames
+    ``frame_idxs`` (None when none is active)."""
+    total = None
+    frames = len(frame_idxs)
+    for c in controls:
+        if c.strength == 0.0 or not c.steps.active(sigma, schedule):
+            continue
+        net = c.controlnet
+        param = next(net.parameters())
+        hint = repeat(c.hints_for(frame_idxs), "f c h w -> (b f) c h w", b=x.shape[0] // frames)
+        res = net(x, hint.to(param.device, param.dtype), timesteps, context, opts)
+        res = [r * c.strength for r in res]
+        total = res if total is None else [a + r for a, r in zip(total, res)]
+    return total
+
+
+def content_cross_extra(contents, unet_cfg, frames: int, uncond, sigma: float | None, schedule):
+    """The UNet's ``cross_extra`` for the IP-Adapters active at ``sigma`` (None when none is), for a batch of
+    ``len(uncond)`` videos of ``frames`` frames; ``uncond[i]`` says video i is the unconditional side."""
+    parts = []
+    for c in contents:
+        if c.weight == 0.0 or not c.steps.active(sigma, schedule):
+            continue
+        tokens = torch.cat([c.uncond_tokens if u else c.tokens for u in uncond])
+        tokens = repeat(tokens, "b t d -> (b f) t d", f=frames)
+        parts.append(c.adapter.cross_extra(unet_cfg, tokens, c.weight))
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return lambda slot, j: [kv for part in parts for kv in part(slot, j)]
+
+
+def video_frames(window, num_frames: int):
+    """The video frame indices a model call sees: the window's, or all of them."""
+    return window.sub_idxs if window is not None else range(num_frames)
+
