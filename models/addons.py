@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
-from einops import repeat
+from einops import rearrange, repeat
 
 from .errors import KinemaError
 
@@ -52,7 +52,7 @@ def spread_indices(count: int, frames: int) -> list[int]:
     return [i * count // frames for i in range(frames)]
 
 
-def fit_hints(hints: torch.Tensor, height: int, width: int, what: str) -> torch.Tensor:
+def fit_hints(hints: torch.Tensor, height: int, width: int, what: str = "ControlNet") -> torch.Tensor:
     """Hint images ``[n, 3, H, W]`` in [0, 1] at the video's pixel size (resized when the aspect ratio matches)."""
     h, w = hints.shape[-2:]
     if (h, w) == (height, width):
@@ -76,7 +76,7 @@ class ControlHint:
     frame_hints: tuple[int, ...] | None = None
     name: str = ""
 
-    def prepared(self, frames: int, height: int, width: int) -> "ControlHint":
+    def prepared(self, frames: int, height: int, width: int) -> ControlHint:
         """This hint fitted to a video of ``frames`` frames of ``width`` x ``height`` pixels."""
         what = f"ControlNet '{self.name}'" if self.name else "ControlNet"
         self.steps.validate(what)
@@ -101,6 +101,46 @@ class ImageContent:
     weight: float = 1.0
     steps: StepRange = StepRange()
     name: str = ""
+
+
+def _image_batch(images: torch.Tensor, what: str) -> torch.Tensor:
+    """IMAGE [n, h, w, 3|4] in [0, 1] -> [n, 3, h, w] float (KinemaError for anything else)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[-1] not in (3, 4):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise KinemaError(f"{what}: expected IMAGE frames [count, height, width, 3], got {shape}")
+    if images.shape[0] < 1:
+        raise KinemaError(f"{what}: the image batch is empty (0 images); connect at least one image")
+    if min(images.shape[1:3]) < 8:
+        raise KinemaError(f"{what}: the images are {images.shape[2]}x{images.shape[1]}, too small")
+    return rearrange(images[..., :3].float(), "n h w c -> n c h w").contiguous()
+
+
+def control_hint(controlnet, images: torch.Tensor, strength: float = 1.0, start: float = 0.0, end: float = 1.0,
+                 name: str = "") -> ControlHint:
+    """A ControlNet and its hint images (IMAGE [n, h, w, 3], one per frame or spread, see the module doc)."""
+    what = f"ControlNet '{name}'" if name else "ControlNet"
+    steps = StepRange(float(start), float(end))
+    steps.validate(what)
+    return ControlHint(controlnet, _image_batch(images, what).cpu(), float(strength), steps, name=name)
+
+
+@torch.no_grad()
+def image_content(adapter, image_encoder, images: torch.Tensor, weight: float = 1.0, start: float = 0.0,
+                  end: float = 1.0, name: str = "", combine: str = "mean") -> ImageContent:
+    """An IP-Adapter with the content of ``images`` (IMAGE [n, h, w, 3]): the CLIP image embedding of the centre
+    square (IP-Adapter's preprocessing) through the adapter's image projection; several images are averaged
+    (``combine="mean"``) or put side by side (``"concat"``). The unconditional tokens are those of a zero
+    embedding, as IP-Adapter was trained with."""
+    from .ip_adapter import clip_image_embeds, content_tokens
+
+    what = f"IP-Adapter '{name}'" if name else "IP-Adapter"
+    steps = StepRange(float(start), float(end))
+    steps.validate(what)
+    _image_batch(images, what)
+    adapter.check_image_encoder(image_encoder.embed_dim)
+    embeds = clip_image_embeds(image_encoder, images[..., :3])
+    tokens, uncond = content_tokens(adapter, embeds.to(adapter.device, adapter.dtype), combine)
+    return ImageContent(adapter, tokens.float().cpu(), uncond.float().cpu(), float(weight), steps, name=name)
 
 
 def control_residuals(controls, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, frame_idxs,
@@ -129,7 +169,8 @@ def content_cross_extra(contents, unet_cfg, frames: int, uncond, sigma: float | 
         if c.weight == 0.0 or not c.steps.active(sigma, schedule):
             continue
         tokens = torch.cat([c.uncond_tokens if u else c.tokens for u in uncond])
-        tokens = repeat(tokens, "b t d -> (b f) t d", f=frames)
+        param = next(c.adapter.parameters())
+        tokens = repeat(tokens, "b t d -> (b f) t d", f=frames).to(param.device, param.dtype)
         parts.append(c.adapter.cross_extra(unet_cfg, tokens, c.weight))
     if not parts:
         return None

@@ -86,7 +86,8 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def unwrap_state_dict(sd, name: str = "the file") -> dict[str, torch.Tensor]:
-    """Unwrap ``state_dict``/``module`` wrappers and keep only tensors."""
+    """Unwrap ``state_dict``/``module`` wrappers and keep only tensors (a dict of dicts of tensors, as IP-Adapter's
+    ``.bin``, is flattened to ``outer.inner`` keys)."""
     for _ in range(3):
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
@@ -95,6 +96,9 @@ def unwrap_state_dict(sd, name: str = "the file") -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict):
         raise KinemaError(f"{name} does not hold a state dict (found {type(sd).__name__})")
     out = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not out:  # nested parts, as IP-Adapter's .bin {"image_proj": {...}, "ip_adapter": {...}}: "part.key"
+        out = {f"{part}.{k}": v for part, sub in sd.items() if isinstance(part, str) and isinstance(sub, dict)
+               for k, v in sub.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not out:
         raise KinemaError(f"{name} holds no tensors")
     return out
@@ -271,7 +275,7 @@ def load_motion_module(path: str, dtype: torch.dtype | None = None):
 
     name = os.path.basename(path)
     sd = load_state_dict(path)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     expect_format(sd, "motion_module", path, "an AnimateDiff motion module")
     cfg = infer_motion_config(sd)
     module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name)
@@ -292,6 +296,14 @@ class SVDBundle:
     image_encoder: object
     vae: nn.Module
     name: str
+
+
+def load_clip_vision(path: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+    """A CLIP vision file (models/clip_vision: transformers or open_clip layout, e.g. clip_vision_h.safetensors)
+    as a ``clip_vision.ImageEncoder``."""
+    from .clip_vision import load_image_encoder
+
+    return load_image_encoder(load_state_dict(path), None, dtype, os.path.basename(path), device=device)
 
 
 def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
@@ -346,9 +358,7 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
     vae = build_on_meta(lambda: TemporalAutoencoder(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
 
     if clip_vision_path is not None:
-        clip_name = os.path.basename(clip_vision_path)
-        clip_sd = load_state_dict(clip_vision_path)
-        image_encoder = load_image_encoder(clip_sd, None, dtype, clip_name, device=device)
+        image_encoder = load_clip_vision(clip_vision_path, dtype, device)
     elif any(k.startswith(SVD_CLIP_VISION_PREFIX) for k in sd):
         image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, dtype, name, device=device)
     else:

@@ -38,6 +38,10 @@ DEMO_LORA = "kinema_demo_lora_sd15.safetensors"  # a kohya-style SD1.5 LoRA: UNe
 DEMO_ADAPTER_LORA = "kinema_demo_v3_adapter.safetensors"  # the layout of the AnimateDiff v3 adapter (processor style)
 DEMO_SVD = {"svd": "kinema_demo_svd.safetensors", "svd_xt": "kinema_demo_svd_xt.safetensors"}
 DEMO_CLIP_VISION = "kinema_demo_clip_vision.safetensors"  # transformers layout, as ComfyUI's clip_vision files
+DEMO_CONTROLNET = "kinema_demo_controlnet_depth.safetensors"  # control_model.* keys, as lllyasviel's .pth files
+DEMO_CONTROLNET_HINT = (8, 16, 16, 32)  # the hint block's widths (16, 32, 96, 256 in the published files)
+DEMO_IP_ADAPTER = "kinema_demo_ip_adapter_sd15.safetensors"  # flat keys, as ip-adapter_sd15.safetensors
+DEMO_DEPTH = "kinema_demo_dpt"  # a transformers DPT folder: config.json, model.safetensors, preprocessor_config.json
 DEMO_LORA_RANK = 4
 DEMO_VERSION = "4"  # bump when the demo tensors change: cached files of another version are rewritten
 UNTRAINED_NOTE = (
@@ -272,6 +276,88 @@ def svd_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: Dem
     return sd
 
 
+def ip_adapter_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes()) -> dict:
+    """A tiny SD1.5 IP-Adapter in the published flat layout (``image_proj.{proj,norm}.*``,
+    ``ip_adapter.{1,3,...}.to_{k,v}_ip.weight``, 4 tokens) for the demo UNet's cross-attention and the demo CLIP
+    vision's image embeddings (its LayerNorm bias is drawn too, so every weight matters)."""
+    from .ip_adapter import IPAdapter, IPAdapterConfig, cross_attention_layers
+
+    ucfg = demo_unet_config(sizes)
+    cfg = IPAdapterConfig(clip_dim=sizes.clip_hidden, cross_dim=ucfg.context_dim, tokens=4,
+                          widths=tuple(width for _, _, width in cross_attention_layers(ucfg)))
+    sd = {k: _fill(f"ip_adapter_demo.{k}", s, seed) for k, s in _shapes(lambda: IPAdapter(cfg)).items()}
+    sd["image_proj.norm.bias"] = _fill("ip_adapter_demo.image_proj_shift", sd["image_proj.norm.bias"].shape, seed)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def controlnet_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes()) -> dict:
+    """A tiny SD1.5 ControlNet for the demo UNet, keys ``control_model.*`` as lllyasviel's published ``.pth``.
+
+    The zero convolutions (``zero_convs``, ``middle_block_out``, and the hint block's last one) start at zero in
+    training and are trained away from it; here they are random (the 1x1 ones at a tenth of the usual scale), so the
+    ControlNet has a visible effect on the demo UNet.
+    """
+    from .controlnet import PREFIX, ControlNet, ControlNetConfig
+
+    cfg = ControlNetConfig.for_unet(demo_unet_config(sizes), DEMO_CONTROLNET_HINT)
+    sd = _tensors(_shapes(lambda: ControlNet(cfg)), PREFIX, seed, torch.float32)
+    for k in sd:
+        if k.startswith((f"{PREFIX}zero_convs.", f"{PREFIX}middle_block_out.")):
+            sd[k] = sd[k] * 0.1
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def demo_depth_config():
+    """A tiny DPT (the DPT-Large structure: ViT with readout projection, 4-stage neck, depth head) at 64x64."""
+    from transformers import DPTConfig
+
+    return DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
+                     patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32],
+                     fusion_hidden_size=16, architectures=["DPTForDepthEstimation"])
+
+
+#: the demo DPT's preprocessor_config.json, in the published DPTImageProcessor layout (at 64 instead of 384)
+DEMO_DEPTH_PREPROCESSOR = {
+    "do_normalize": True, "do_rescale": True, "do_resize": True, "ensure_multiple_of": 1,
+    "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "DPTImageProcessor", "image_std": [0.5, 0.5, 0.5],
+    "keep_aspect_ratio": False, "resample": 3, "rescale_factor": 1 / 255, "size": {"height": 64, "width": 64},
+}
+
+
+def depth_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """The demo DPT's weights in transformers names (``dpt.*``, ``neck.*``, ``head.head.*``)."""
+    from transformers import DPTForDepthEstimation
+
+    cfg = demo_depth_config()
+    shapes = _shapes(lambda: DPTForDepthEstimation(cfg))
+    return {k: _fill(f"depth_demo.{k}", s, seed).to(dtype) for k, s in shapes.items()}
+
+
+def _save_json(data: dict, path: str) -> None:
+    import json
+
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_demo_depth_model(folder: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                           overwrite: bool = False) -> str:
+    """Write the demo DPT as a transformers model folder (as published repositories are); returns ``folder``."""
+    meta = {"format": "pt", "kinema_demo": DEMO_VERSION, "seed": str(seed), "dtype": str(dtype),
+            "note": UNTRAINED_NOTE}
+    weights = os.path.join(folder, "model.safetensors")
+    config, pre = os.path.join(folder, "config.json"), os.path.join(folder, "preprocessor_config.json")
+    if not overwrite and _is_current(weights, meta) and os.path.isfile(config) and os.path.isfile(pre):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    _save_json(demo_depth_config().to_dict(), config)
+    _save_json(DEMO_DEPTH_PREPROCESSOR, pre)
+    _save(depth_state_dict(seed, dtype), weights, meta)
+    return folder
+
+
 def _save(sd: dict, path: str, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
@@ -290,8 +376,8 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
     """Write the demo checkpoint and motion modules under ``models_dir`` (ComfyUI's folder names).
 
     Returns {"checkpoint": path, "v1": path, "v2": path, "v3": path, "motion_lora_v2": path, "lora": path,
-    "adapter_lora": path, "svd": path, "svd_xt": path, "clip_vision": path}. Existing files are kept unless
-    ``overwrite``.
+    "adapter_lora": path, "svd": path, "svd_xt": path, "clip_vision": path, "ip_adapter": path,
+    "controlnet": path, "depth_model": folder}. Existing files are kept unless ``overwrite``.
     """
     meta = {"kinema_demo": DEMO_VERSION, "seed": str(seed), "dtype": str(dtype), "note": UNTRAINED_NOTE}
     paths = {"checkpoint": os.path.join(models_dir, "checkpoints", DEMO_CHECKPOINT)}
@@ -321,6 +407,14 @@ def write_demo_models(models_dir: str, seed: int = 0, dtype: torch.dtype = torch
     paths["clip_vision"] = os.path.join(models_dir, "clip_vision", DEMO_CLIP_VISION)
     if overwrite or not _is_current(paths["clip_vision"], meta):
         _save(clip_vision_state_dict(seed, dtype), paths["clip_vision"], meta)
+    paths["controlnet"] = os.path.join(models_dir, "controlnet", DEMO_CONTROLNET)
+    if overwrite or not _is_current(paths["controlnet"], meta):
+        _save(controlnet_state_dict(seed, dtype), paths["controlnet"], meta)
+    paths["ip_adapter"] = os.path.join(models_dir, "ipadapter", DEMO_IP_ADAPTER)
+    if overwrite or not _is_current(paths["ip_adapter"], meta):
+        _save(ip_adapter_state_dict(seed, dtype), paths["ip_adapter"], meta)
+    paths["depth_model"] = write_demo_depth_model(os.path.join(models_dir, "depth_models", DEMO_DEPTH), seed, dtype,
+                                                  overwrite)
     return paths
 
 
@@ -351,6 +445,12 @@ def substitute(kind: str, name: str) -> str | None:
         return DEMO_CHECKPOINT
     if kind == "clip_vision":
         return None if str(name).startswith("(") else DEMO_CLIP_VISION
+    if kind == "ipadapter":
+        return DEMO_IP_ADAPTER
+    if kind == "controlnet":
+        return DEMO_CONTROLNET
+    if kind == "depth_models":
+        return DEMO_DEPTH
     if kind == "animatediff_models":
         lower = os.path.basename(str(name)).lower()
         if "v3" in lower:

@@ -1,10 +1,25 @@
 """Kinema's node classes (V1 API). Each module adds its own mappings."""
-from . import animatediff, conditioning, context, latent, loaders, lora, sampler, svd, vae, video_input, video_output
+from . import (
+    animatediff,
+    conditioning,
+    content,
+    context,
+    guidance,
+    latent,
+    loaders,
+    lora,
+    sampler,
+    structure,
+    svd,
+    vae,
+    video_input,
+    video_output,
+)
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (loaders, svd, animatediff, lora, context, conditioning, latent, sampler, vae, video_input,
-                video_output):
+for _module in (loaders, svd, animatediff, lora, context, conditioning, structure, content, guidance, latent, sampler,
+                vae, video_input, video_output):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

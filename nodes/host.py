@@ -54,9 +54,9 @@ IN_COMFYUI: bool = _folder_paths is not None
 # --- model folders --------------------------------------------------------------------------
 MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
 
-#: The kinds Kinema adds to ComfyUI; ``checkpoints``, ``loras``, ``vae``,
-#: ``clip_vision`` and ``controlnet`` are ComfyUI's own.
-KINEMA_MODEL_KINDS: tuple[str, ...] = ("animatediff_models", "animatediff_motion_lora", "depth_models")
+#: The kinds Kinema adds to ComfyUI (``ipadapter``: ComfyUI_IPAdapter_plus's folder, models/ipadapter);
+#: ``checkpoints``, ``loras``, ``vae``, ``clip_vision`` and ``controlnet`` are ComfyUI's own.
+KINEMA_MODEL_KINDS: tuple[str, ...] = ("animatediff_models", "animatediff_motion_lora", "depth_models", "ipadapter")
 
 _state_lock = threading.RLock()
 _models_dir: str | None = None

@@ -1,0 +1,75 @@
+"""Add-ons of a video model (addons.py): hints spread over frames, start/end ranges, hint sizes and counts."""
+import math
+
+import pytest
+import torch
+
+from kinema.models import addons
+from kinema.models.errors import KinemaError
+from kinema.models.sampling import ContinuousEDMSchedule, DiscreteSchedule
+
+
+@pytest.mark.parametrize("count,frames,want", [
+    (1, 4, [0, 0, 0, 0]),
+    (2, 4, [0, 0, 1, 1]),
+    (3, 8, [0, 0, 0, 1, 1, 1, 2, 2]),
+    (4, 4, [0, 1, 2, 3]),
+    (6, 4, [0, 1, 2, 3]),
+])
+def test_hints_are_spread_evenly_over_the_frames(count, frames, want):
+    assert addons.spread_indices(count, frames) == want
+
+
+def test_every_hint_is_used_and_in_order_when_there_are_fewer_hints_than_frames():
+    for count in range(1, 17):
+        idx = addons.spread_indices(count, 16)
+        assert sorted(set(idx)) == list(range(count)) and idx == sorted(idx)
+
+
+def test_percent_to_sigma_follows_the_schedule():
+    s = DiscreteSchedule("linear")
+    assert s.percent_to_sigma(0.0) == math.inf and s.percent_to_sigma(1.0) == 0.0
+    assert s.percent_to_sigma(0.5) == pytest.approx(float(s.sigma(torch.tensor(499.5))), rel=1e-5)
+    assert s.percent_to_sigma(0.001) == pytest.approx(float(s.sigma(torch.tensor(998.001))), rel=1e-5)
+    edm = ContinuousEDMSchedule(0.002, 700.0)
+    mid = math.exp((math.log(0.002) + math.log(700.0)) / 2)
+    assert edm.percent_to_sigma(0.5) == pytest.approx(mid, rel=1e-4)
+
+
+def test_step_range_is_active_between_start_and_end():
+    s = DiscreteSchedule("linear")
+    r = addons.StepRange(0.25, 0.75)
+    hi, lo = s.percent_to_sigma(0.25), s.percent_to_sigma(0.75)
+    assert r.active(hi, s) and r.active(lo, s) and r.active((hi + lo) / 2, s)
+    assert not r.active(hi * 1.01, s) and not r.active(lo * 0.99, s)
+    assert addons.StepRange().active(1e9, s) and addons.StepRange().active(None, s)
+    with pytest.raises(KinemaError, match="start_percent"):
+        addons.StepRange(0.8, 0.2).validate("ControlNet")
+
+
+def test_hints_are_resized_only_when_the_aspect_ratio_matches():
+    hints = torch.rand(2, 3, 32, 48)
+    assert addons.fit_hints(hints, 32, 48) is hints
+    assert addons.fit_hints(hints, 64, 96).shape == (2, 3, 64, 96)
+    with pytest.raises(KinemaError, match="aspect ratio"):
+        addons.fit_hints(hints, 64, 64)
+
+
+@pytest.mark.parametrize("images,match", [
+    (torch.zeros(0, 64, 64, 3), "0 images"),
+    (torch.zeros(64, 64, 3), "IMAGE"),
+    (torch.zeros(2, 4, 4, 3), "too small"),
+])
+def test_bad_hint_images_are_refused(images, match):
+    with pytest.raises(KinemaError, match=match):
+        addons.control_hint(torch.nn.Identity(), images)
+
+
+def test_a_hint_is_not_used_before_it_is_fitted():
+    hint = addons.control_hint(torch.nn.Identity(), torch.rand(2, 16, 16, 3))
+    with pytest.raises(KinemaError, match="fitted"):
+        hint.hints_for([0])
+    fitted = hint.prepared(4, 32, 32)
+    assert fitted.hints_for([0, 3]).shape == (2, 3, 32, 32)
+    assert torch.equal(fitted.hints_for([1]), fitted.hints[[0]]) and torch.equal(fitted.hints_for([2]),
+                                                                                 fitted.hints[[1]])

@@ -1,0 +1,281 @@
+"""SD1.5 ControlNet (models/controlnet.py): parity with diffusers, the controlled UNet, files, bad inputs.
+
+The demo ControlNet (``tests/fixtures_controlnet.py``) is loaded into the engine in the original layout and into
+diffusers' ``ControlNetModel`` through a key mapping written in the fixture; both are run on the same inputs
+(fp32, within ``1e-5 * max(1, max |reference|)``).
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import assert_net_close
+from fixtures import diffusers_unet2d, unet
+from fixtures_controlnet import (
+    bare,
+    controlnet,
+    controlnet_state_dict,
+    diffusers_controlnet,
+    diffusers_controlnet_config,
+    original_to_diffusers,
+)
+from kinema.models import addons, demo
+from kinema.models.controlnet import (
+    PREFIX,
+    ControlNet,
+    ControlNetConfig,
+    diffusers_to_original,
+    infer_controlnet_config,
+    load_controlnet,
+)
+from kinema.models.errors import KinemaError
+from kinema.models.layers import RunOptions
+from kinema.models.sampling import DiscreteSchedule
+
+pytest.importorskip("diffusers")
+
+
+def _inputs(frames: int = 3, h: int = 16, w: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(frames, 4, h, w, generator=g)
+    hint = torch.rand(frames, 3, 8 * h, 8 * w, generator=g)
+    t = torch.linspace(999.0, 1.0, frames)
+    ctx = torch.randn(frames, 77, 64, generator=g)
+    return x, hint, t, ctx
+
+
+def _diffusers_residuals(x, hint, t, ctx):
+    with torch.no_grad():
+        down, mid = diffusers_controlnet()(x, t, ctx, hint, return_dict=False)
+    return [*down, mid]
+
+
+def _shapes_of(cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """A ControlNet state dict of ``cfg`` on the meta device (names and shapes only)."""
+    with torch.device("meta"):
+        return ControlNet(cfg).state_dict()
+
+
+def _save(sd: dict, path) -> str:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+def _zeros_file(cfg: ControlNetConfig, path, extra: dict | None = None) -> str:
+    """A ControlNet file of ``cfg`` (zero weights, ``control_model.`` keys) for the tests of other bases."""
+    sd = {PREFIX + k: torch.zeros(v.shape) for k, v in _shapes_of(cfg).items()}
+    return _save({**sd, **(extra or {})}, path)
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+
+def test_config_is_read_off_the_shapes():
+    cfg = infer_controlnet_config(bare(controlnet_state_dict()))
+    assert cfg == ControlNetConfig.for_unet(unet().cfg, demo.DEMO_CONTROLNET_HINT)
+    assert cfg.hint_channels == (8, 16, 16, 32) and cfg.hint_scale == 8 and cfg.context_dim == 64
+    controlnet().check_unet(unet().cfg)
+    assert diffusers_controlnet_config(controlnet_state_dict())["conditioning_embedding_out_channels"] == (8, 16, 16, 32)
+
+
+def test_the_published_sd15_layout_at_full_size():
+    """At the real size (on the meta device): the config comes back from the shapes, and the keys and shapes are
+    those of diffusers' SD1.5 ControlNetModel (340 tensors, as the published files)."""
+    from diffusers import ControlNetModel
+
+    real = ControlNetConfig()
+    sd = _shapes_of(real)
+    assert infer_controlnet_config(sd) == real and real.hint_channels == (16, 32, 96, 256)
+    assert [tuple(sd[f"input_hint_block.{i}.weight"].shape[:2]) for i in range(0, 16, 2)] == [
+        (16, 3), (16, 16), (32, 16), (32, 32), (96, 32), (96, 96), (256, 96), (320, 256)]
+    with torch.device("meta"):
+        ref = ControlNetModel(cross_attention_dim=768).state_dict()
+    ours = {k: tuple(v.shape) for k, v in original_to_diffusers(sd).items()}
+    assert ours == {k: tuple(v.shape) for k, v in ref.items()} and len(ours) == 340
+    back = diffusers_to_original(ref)  # the engine's conversion of diffusers' own names
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_fixture_mapping_agrees_with_diffusers_single_file_converter():
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    sd = controlnet_state_dict()
+    theirs = convert_controlnet_checkpoint(dict(sd), diffusers_controlnet().config)
+    ours = original_to_diffusers(sd)
+    assert set(theirs) == set(ours) and all(theirs[k] is ours[k] for k in ours)
+
+
+# -- parity -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("h,w", [(16, 16), (12, 20)])  # 12x20: odd sizes at the deepest level
+def test_residuals_match_diffusers(h, w):
+    x, hint, t, ctx = _inputs(h=h, w=w)
+    with torch.no_grad():
+        ours = controlnet()(x, hint, t, ctx)
+    ref = _diffusers_residuals(x, hint, t, ctx)
+    assert len(ours) == len(unet().input_blocks) + 1 == len(ref) == 13
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert_net_close(a, b, f"residual {i}")
+    # every residual depends on the hint (the hint enters after the first input block)
+    with torch.no_grad():
+        other = controlnet()(x, torch.rand_like(hint), t, ctx)
+    assert all(float((a - b).abs().max()) > 1e-4 for a, b in zip(ours, other))
+
+
+@pytest.mark.parametrize("h,w", [(16, 16), (12, 20)])
+def test_controlled_unet_matches_diffusers(h, w):
+    x, hint, t, ctx = _inputs(h=h, w=w, seed=2)
+    with torch.no_grad():
+        ours = unet()(x, t, ctx, control=controlnet()(x, hint, t, ctx))
+        plain = unet()(x, t, ctx)
+        *down, mid = _diffusers_residuals(x, hint, t, ctx)
+        ref = diffusers_unet2d()(x, t, ctx, down_block_additional_residuals=down,
+                                 mid_block_additional_residual=mid).sample
+    assert_net_close(ours, ref, "controlled UNet eps")
+    assert float((ours - plain).abs().max()) > 1e-2  # the ControlNet steers the UNet
+
+
+def test_frames_are_independent_so_a_context_window_takes_its_own_hints():
+    x, hint, t, ctx = _inputs(frames=4)
+    net = controlnet()
+    with torch.no_grad():
+        full = net(x, hint, t, ctx, RunOptions(num_frames=4))
+        part = net(x[1:3], hint[1:3], t[1:3], ctx[1:3], RunOptions(num_frames=2, attn_chunk=7))
+    for a, b in zip(full, part):
+        assert_net_close(b, a[1:3], "window residual")
+
+
+def test_strength_and_stacked_controlnets_through_the_addons():
+    x, hint, t, ctx = _inputs(frames=4)
+    images = hint.permute(0, 2, 3, 1)  # IMAGE [f, h, w, 3]
+    first = addons.control_hint(controlnet(), images, strength=0.5).prepared(4, 128, 128)
+    second = addons.control_hint(controlnet(), images.flip(0), strength=2.0).prepared(4, 128, 128)
+    window = [2, 3]
+    with torch.no_grad():
+        got = addons.control_residuals((first, second), x[:2], t[:2], ctx[:2], window, None,
+                                       DiscreteSchedule("linear"), RunOptions(num_frames=2))
+        a = controlnet()(x[:2], hint[2:4], t[:2], ctx[:2])
+        b = controlnet()(x[:2], hint.flip(0)[2:4], t[:2], ctx[:2])
+    for r, ra, rb in zip(got, a, b):
+        assert_net_close(r, 0.5 * ra + 2.0 * rb, "stacked residual")
+
+
+# -- files ------------------------------------------------------------------------------------------------------------
+
+def _as_pth(sd, path) -> str:
+    torch.save(dict(sd), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("layout", ["pth_prefixed", "v10_full_pth", "bare_fp16", "diffusers"])
+def test_published_layouts_load(layout, tmp_path):
+    sd = controlnet_state_dict()
+    if layout == "pth_prefixed":  # lllyasviel/ControlNet-v1-1 .pth
+        path = _as_pth(sd, tmp_path / "control_v11f1p_sd15_depth.pth")
+    elif layout == "v10_full_pth":  # ControlNet 1.0: the whole SD1.5 model and the ControlNet in one file
+        from fixtures import sd15_state_dict
+
+        path = _as_pth({**sd15_state_dict(), **sd}, tmp_path / "control_sd15_depth.pth")
+    elif layout == "bare_fp16":  # the fp16 safetensors repacks
+        path = _save({k: v.half() for k, v in bare(sd).items()}, tmp_path / "control_v11f1p_sd15_depth_fp16.safetensors")
+    else:  # diffusion_pytorch_model.safetensors
+        path = _save(original_to_diffusers(sd), tmp_path / "diffusion_pytorch_model.safetensors")
+    net = load_controlnet(path, dtype=torch.float32)
+    assert net.name == path.rsplit("/", 1)[-1] and net.dtype == torch.float32
+    got = net.state_dict()
+    assert set(got) == set(bare(sd))
+    for k, v in bare(sd).items():
+        want = v.half().float() if layout == "bare_fp16" else v
+        assert torch.equal(got[k], want), k
+    if layout == "bare_fp16":
+        assert load_controlnet(path).dtype == torch.float16  # no dtype: as stored
+
+
+def test_demo_file_is_written_and_substituted(demo_models_dir):
+    path = demo.write_demo_models(demo_models_dir)["controlnet"]
+    assert path.endswith("controlnet/" + demo.DEMO_CONTROLNET)
+    assert demo.substitute("controlnet", "control_v11f1p_sd15_depth.pth") == demo.DEMO_CONTROLNET
+    net = load_controlnet(path)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in bare(controlnet_state_dict()).items())
+    zero_convs = [v for k, v in net.state_dict().items() if k.startswith(("zero_convs.", "middle_block_out."))]
+    assert all(float(v.abs().max()) > 0 for v in zero_convs)  # not the untrained zeros: the demo has an effect
+
+
+# -- bad inputs -----------------------------------------------------------------------------------------------------
+
+def test_an_sd15_checkpoint_is_not_a_controlnet(tmp_path):
+    from fixtures import sd15_state_dict
+
+    path = _save(sd15_state_dict(), tmp_path / "v1-5-pruned-emaonly.safetensors")
+    with pytest.raises(KinemaError, match=r"'v1-5-pruned-emaonly.safetensors' is an SD1.5 checkpoint.*checkpoints"):
+        load_controlnet(path)
+
+
+@pytest.mark.parametrize("what,match", [
+    ("motion_module", "AnimateDiff motion module.*animatediff_models"),
+    ("t2i_adapter", "T2I-Adapter"),
+    ("sparsectrl", "SparseCtrl"),
+    ("label_emb", "SDXL ControlNet"),
+    ("diffusers_sdxl", "SDXL ControlNet"),
+    ("bad_hint_block", "input_hint_block"),
+])
+def test_other_models_are_named(what, match, tmp_path):
+    sd = controlnet_state_dict()
+    if what == "motion_module":
+        from fixtures import motion_state_dict
+
+        bad = motion_state_dict("v2")
+    elif what == "t2i_adapter":
+        bad = {"conv_in.weight": torch.zeros(8, 192, 3, 3), "body.0.block1.weight": torch.zeros(8, 8, 3, 3)}
+    elif what == "sparsectrl":
+        bad = {**original_to_diffusers(sd), "down_blocks.0.motion_modules.0.proj_in.weight": torch.zeros(4, 4)}
+    elif what == "label_emb":
+        bad = {**sd, PREFIX + "label_emb.0.0.weight": torch.zeros(1280, 2816)}
+    elif what == "diffusers_sdxl":
+        bad = {**original_to_diffusers(sd), "add_embedding.linear_1.weight": torch.zeros(1280, 2816)}
+    else:
+        bad = {k: v for k, v in sd.items() if not k.startswith(PREFIX + "input_hint_block.4.")}
+    path = _save(bad, tmp_path / f"{what}.safetensors")
+    with pytest.raises(KinemaError, match=match) as err:
+        load_controlnet(path)
+    assert f"{what}.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("context_dim,linear,base", [(2048, False, "SDXL"), (1024, True, "SD2.x")])
+def test_a_controlnet_for_another_base_is_refused_by_check_unet(context_dim, linear, base, tmp_path):
+    cfg = replace(infer_controlnet_config(bare(controlnet_state_dict())), context_dim=context_dim, linear_proj=linear)
+    net = load_controlnet(_zeros_file(cfg, tmp_path / "control_other.safetensors"))
+    assert net.cfg.context_dim == context_dim and net.cfg.linear_proj == linear
+    with pytest.raises(KinemaError, match=rf"'control_other.safetensors' is an {base} ControlNet.*SD1.5 ControlNet"):
+        net.check_unet(unet().cfg)
+
+
+def test_a_controlnet_for_another_unet_layout_is_refused(tmp_path):
+    cfg = ControlNetConfig.for_unet(replace(unet().cfg, model_channels=64), (8, 8))
+    net = load_controlnet(_zeros_file(cfg, tmp_path / "wide.safetensors"))
+    assert net.cfg.hint_scale == 2
+    with pytest.raises(KinemaError, match=r"another UNet: its model_channels 64 \(the model's: 32\)"):
+        net.check_unet(unet().cfg)
+
+
+def test_a_hint_of_the_wrong_size_names_the_expected_size():
+    x, hint, t, ctx = _inputs(frames=2, h=8, w=12)
+    with pytest.raises(KinemaError, match=r"expected \(2, 3, 64, 96\).*96x64 pixels"):
+        controlnet()(x, hint[..., :80], t, ctx)
+    with pytest.raises(KinemaError, match="expected"):
+        controlnet()(x, hint[:1], t, ctx)  # one hint for two frames
+
+
+@pytest.mark.parametrize("suffix,match", [(".safetensors", "truncated"), (".pth", "truncated|damaged")])
+def test_a_truncated_file_is_named(suffix, match, tmp_path):
+    full = tmp_path / f"full{suffix}"
+    if suffix == ".pth":
+        _as_pth(controlnet_state_dict(), full)
+    else:
+        _save(controlnet_state_dict(), full)
+    cut = tmp_path / f"control_cut{suffix}"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KinemaError, match=match) as err:
+        load_controlnet(str(cut))
+    assert f"control_cut{suffix}" in str(err.value)
