@@ -4,6 +4,7 @@ from . import (
     conditioning,
     content,
     context,
+    depth,
     guidance,
     latent,
     loaders,
@@ -18,7 +19,7 @@ from . import (
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (loaders, svd, animatediff, lora, context, conditioning, structure, content, guidance, latent, sampler,
+for _module in (loaders, svd, animatediff, lora, context, conditioning, depth, structure, content, guidance, latent, sampler,
                 vae, video_input, video_output):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)

@@ -57,6 +57,8 @@ MODEL_EXTENSIONS: tuple[str, ...] = (".safetensors", ".sft", ".ckpt", ".pt", ".p
 #: The kinds Kinema adds to ComfyUI (``ipadapter``: ComfyUI_IPAdapter_plus's folder, models/ipadapter);
 #: ``checkpoints``, ``loras``, ``vae``, ``clip_vision`` and ``controlnet`` are ComfyUI's own.
 KINEMA_MODEL_KINDS: tuple[str, ...] = ("animatediff_models", "animatediff_motion_lora", "depth_models", "ipadapter")
+#: kinds whose models are folders (transformers ``config.json`` + weights), listed by ``list_model_dirs``
+MODEL_DIR_KINDS: tuple[str, ...] = ("depth_models",)
 
 _state_lock = threading.RLock()
 _models_dir: str | None = None
@@ -262,14 +264,26 @@ def resolve_model(kind: str, name: str) -> str:
 
 
 def list_model_dirs(kind: str, marker: str = "config.json") -> list[str]:
-    """Model *folders* of ``kind`` (e.g. transformers depth models): subfolders holding ``marker``."""
+    """Model *folders* of ``kind`` (e.g. transformers depth models): subfolders holding ``marker``.
+
+    Names are relative to the kind's folders, with '/'; inside ComfyUI the kind's folders are
+    ComfyUI's (``extra_model_paths.yaml`` included). Folders that ``resolve_model_dir`` would
+    refuse (links leading outside every folder of the kind) are hidden, as ``list_models`` does.
+    """
+    folders = model_folders(kind)
+    roots = [os.path.realpath(f) for f in folders]
     names = set()
-    for folder in model_folders(kind):
+    for folder in folders:
         if os.path.isdir(folder):
             for rel in _walk_files(folder):
                 head, _, tail = rel.rpartition("/")
-                if tail == marker and head:
+                if tail != marker or not head or head in names:
+                    continue
+                real = os.path.realpath(os.path.join(folder, *head.split("/")))
+                if _allow_external_links() or any(_inside(real, r) for r in roots):
                     names.add(head)
+                else:
+                    logger.debug("hiding %s model folder %s: it links outside the %s folders", kind, head, kind)
     return sorted(names)
 
 
@@ -281,8 +295,12 @@ def resolve_model_dir(kind: str, name: str) -> str:
         candidate = os.path.join(folder, *clean.split("/"))
         if os.path.isdir(candidate):
             return _check_real_location(kind, name, candidate, folders)
+    available = list_model_dirs(kind)
+    listing = (f" Available: {', '.join(available[:10])}{' ...' if len(available) > 10 else ''}."
+               if available else " The folder(s) hold no model folders (a subfolder with a config.json).")
     raise KinemaError(
-        f"{kind} model folder '{name}' not found. Searched: {', '.join(folders)}. {_fix_hint(kind)}"
+        f"{kind} model folder '{name}' not found. Searched: {', '.join(folders)}.{listing} Put the whole model "
+        f"folder (config.json and weights) in one of them. {_fix_hint(kind)}"
     )
 
 

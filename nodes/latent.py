@@ -5,7 +5,8 @@ from ..models import pipelines
 
 
 class KinemaEmptyVideoLatent:
-    DESCRIPTION = "An empty latent video: frames x height x width (multiples of 8), to sample from."
+    DESCRIPTION = ("An empty latent video: frames x height x width (multiples of 8), to sample from; or the size of "
+                   "connected frames.")
     CATEGORY = "Kinema/latent"
     RETURN_TYPES = ("LATENT",)
     OUTPUT_TOOLTIPS = ("Zeros [frames, 4, height/8, width/8], the LATENT layout of ComfyUI's frame batches.",)
@@ -21,10 +22,17 @@ class KinemaEmptyVideoLatent:
                                   "tooltip": "Width in pixels, a multiple of 8."}),
                 "height": ("INT", {"default": 512, "min": 8, "max": 8192, "step": 8,
                                    "tooltip": "Height in pixels, a multiple of 8."}),
-            }
+            },
+            "optional": {
+                "size_of": ("IMAGE", {"tooltip": "Optional frames (e.g. the source video of structure guidance): "
+                                                 "when connected, their count, width and height replace the three "
+                                                 "values above."}),
+            },
         }
 
-    def make(self, frames, width, height):
+    def make(self, frames, width, height, size_of=None):
+        if size_of is not None:
+            frames, height, width = (int(v) for v in size_of.shape[:3])
         return ({"samples": pipelines.empty_video_latent(frames, width, height)},)
 
 

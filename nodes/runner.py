@@ -470,7 +470,8 @@ def use_demo_models(prompt, node_classes, host):
     for nid, node, inputs in loaders:
         for name, kind in inputs.items():
             value = node.get("inputs", {}).get(name)
-            if not isinstance(value, str) or value in host.list_models(kind):
+            folders = kind in getattr(host, "MODEL_DIR_KINDS", ())  # model folders (depth models), not files
+            if not isinstance(value, str) or value in (host.list_model_dirs(kind) if folders else host.list_models(kind)):
                 continue
             stand_in = demo.substitute(kind, value)
             if stand_in is not None:

@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 from kinema.models import addons
 from kinema.models.errors import KinemaError
 from kinema.models.sampling import ContinuousEDMSchedule, DiscreteSchedule

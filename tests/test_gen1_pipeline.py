@@ -2,7 +2,6 @@
 unconditional side of the IP-Adapter, stacking, and the nodes that attach them."""
 import pytest
 import torch
-
 from conftest import load_pack
 from fixtures import motion_model
 from fixtures_controlnet import controlnet

@@ -2,7 +2,6 @@
 independent (AnimateDiff and SVD), and it works under context windows and from its node."""
 import pytest
 import torch
-
 from conftest import load_pack
 from fixtures import motion_model
 from fixtures_svd_pipeline import write_svd

@@ -1,0 +1,482 @@
+"""Depth estimation (DPT, DPT-Hybrid, Depth Anything) against transformers, Gen-1 structure fidelity, the nodes."""
+import itertools
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_net_close, load_pack
+from fixtures_depth import PREPROCESSORS, smooth_frames, write_folder
+from kinema.models import demo
+from kinema.models.depth import (
+    MAX_FIDELITY_STEPS,
+    DepthEstimator,
+    DepthPreprocess,
+    load_depth_model,
+    normalize_depth,
+    structure_fidelity,
+)
+from kinema.models.errors import KinemaError
+
+DEPTH_KINDS = ("dpt", "dpt_hybrid", "depth_anything")
+# the model's input size: frames already this size go through the processor without a resize
+NATIVE = {"dpt": (64, 64), "dpt_hybrid": (64, 64), "depth_anything": (56, 98), "depth_anything_metric": (56, 98)}
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("depth_models")
+    return {kind: write_folder(str(root / kind), kind, seed=i)
+            for i, kind in enumerate(("dpt", "dpt_hybrid", "depth_anything", "depth_anything_metric", "clip"))}
+
+
+@pytest.fixture(scope="session")
+def estimators(folders):
+    return {kind: load_depth_model(folders[kind]) for kind in folders if kind != "clip"}
+
+
+def _reference(folder, frames):
+    """transformers end to end: the folder's processor on 8-bit frames, the model, post_process_depth_estimation."""
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    model = AutoModelForDepthEstimation.from_pretrained(folder).eval()
+    arrays = [(f * 255).round().to(torch.uint8).numpy() for f in frames]
+    inputs = processor(images=arrays, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    post = processor.post_process_depth_estimation(out, target_sizes=[tuple(frames.shape[1:3])] * len(frames))
+    return torch.stack([p["predicted_depth"] for p in post]), inputs["pixel_values"], processor
+
+
+# --- parity with transformers -------------------------------------------------------------------
+@pytest.mark.parametrize("kind", [*DEPTH_KINDS, "depth_anything_metric"])
+def test_predict_matches_transformers_on_frames_of_the_input_size(kind, folders, estimators):
+    h, w = NATIVE[kind]
+    frames = smooth_frames(3, h, w, seed=1)
+    ref, _, _ = _reference(folders[kind], frames)
+    ours = estimators[kind].predict(frames, batch_size=2)
+    assert float(ref.std()) > 1e-3  # the fixture's prediction is not flat
+    assert_net_close(ours, ref, f"{kind} depth at {h}x{w}")
+
+
+@pytest.mark.parametrize("kind", DEPTH_KINDS)
+def test_preprocessing_matches_the_processor_on_non_square_frames(kind, folders, estimators):
+    frames = smooth_frames(2, 48, 80, seed=2)
+    _, ref_pixels, processor = _reference(folders[kind], frames)
+    ours = estimators[kind].preprocess(frames)
+    assert ours.shape == ref_pixels.shape  # size, keep_aspect_ratio, ensure_multiple_of as the processor
+    # the processor resizes 8-bit images with PIL and rounds back to 8 bits: at most about one level apart
+    level = 1 / 255 / min(processor.image_std)
+    diff = (ours - ref_pixels).abs()
+    assert float(diff.max()) <= 1.5 * level and float(diff.mean()) <= 0.5 * level
+
+
+def test_resampling_overshoot_is_clipped_like_the_processor(folders, estimators):
+    frames = torch.zeros(1, 48, 80, 3)
+    frames[:, :, 37:] = 1.0  # a hard edge: bicubic overshoots on both sides of it
+    _, ref_pixels, processor = _reference(folders["depth_anything"], frames)
+    ours = estimators["depth_anything"].preprocess(frames)
+    level = 1 / 255 / min(processor.image_std)
+    assert float((ours - ref_pixels).abs().max()) <= 1.5 * level
+
+
+@pytest.mark.parametrize("kind", DEPTH_KINDS)
+def test_post_processing_matches_transformers(kind, folders, estimators):
+    from transformers import AutoImageProcessor
+    from transformers.modeling_outputs import DepthEstimatorOutput
+
+    frames = smooth_frames(3, 48, 80, seed=3)
+    est = estimators[kind]
+    with torch.no_grad():
+        raw = est.model(pixel_values=est.preprocess(frames)).predicted_depth
+    post = AutoImageProcessor.from_pretrained(folders[kind]).post_process_depth_estimation(
+        DepthEstimatorOutput(predicted_depth=raw), target_sizes=[(48, 80)] * 3)
+    ref = torch.stack([p["predicted_depth"] for p in post])
+    assert_net_close(est.predict(frames, batch_size=2), ref, f"{kind} predicted depth at 48x80")
+
+
+@pytest.mark.parametrize("kind", DEPTH_KINDS)
+def test_estimate_follows_transformers_end_to_end(kind, folders, estimators):
+    frames = smooth_frames(3, 48, 80, seed=4)
+    ref, _, _ = _reference(folders[kind], frames)
+    ours = estimators[kind].estimate(frames)
+    expected = (ref - ref.min()) / (ref.max() - ref.min())
+    assert float((ours - expected).abs().max()) < 0.05  # only the processor's 8-bit rounding differs
+    assert float((ours - expected).abs().mean()) < 0.01
+
+
+@pytest.mark.parametrize("size", [(48, 80), (80, 48), (37, 53), (500, 300), (56, 56), (40, 300)])
+def test_input_sizes_are_the_processors(size, folders, estimators):
+    from transformers import AutoImageProcessor
+
+    for kind in ("dpt", "depth_anything"):
+        processor = AutoImageProcessor.from_pretrained(folders[kind])
+        ref = processor(images=[torch.zeros(*size, 3, dtype=torch.uint8).numpy()], return_tensors="pt")
+        assert estimators[kind].preprocess.padded_size(*size) == tuple(ref["pixel_values"].shape[-2:]), kind
+
+
+def test_preprocessor_defaults_without_a_config_file(folders, tmp_path):
+    folder = shutil.copytree(folders["depth_anything"], tmp_path / "da")
+    os.remove(folder / "preprocessor_config.json")
+    pre = load_depth_model(str(folder)).preprocess
+    assert (pre.height, pre.width, pre.keep_aspect_ratio, pre.multiple) == (518, 518, True, 14)
+    assert pre.mean == (0.485, 0.456, 0.406) and pre.std == (0.229, 0.224, 0.225) and pre.resample == 3
+    dpt = DepthPreprocess.default("dpt")
+    assert (dpt.height, dpt.width, dpt.keep_aspect_ratio, dpt.mean, dpt.std) == (384, 384, False, (0.5,) * 3, (0.5,) * 3)
+    # do_rescale false: the model wants 0..255 values; size as [h, w]; padding to a multiple
+    pre = DepthPreprocess.from_config({"do_rescale": False, "size": [40, 60], "do_pad": True, "size_divisor": 32,
+                                       "do_normalize": False})
+    x = pre(torch.full((1, 10, 10, 3), 0.5))
+    assert x.shape == (1, 3, 64, 64) and float(x[0, 0, 20, 30]) == pytest.approx(127.5)
+    assert float(x[0, 0, 0, 0]) == 0.0 and float(x[0, 0, 63, 63]) == 0.0  # centred zero padding
+
+
+def test_estimate_is_normalised_over_the_whole_video(estimators):
+    est = estimators["dpt"]
+    frames = smooth_frames(5, 48, 80, seed=5)
+    raw = est.predict(frames)
+    depth = est.estimate(frames, batch_size=2)
+    assert depth.shape == (5, 48, 80) and depth.dtype == torch.float32
+    assert torch.allclose(depth, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-6)
+    assert float(depth.min()) == 0.0 and float(depth.max()) == 1.0
+    assert min(float(d.max()) for d in depth) < 1.0  # one scale for all frames, not per frame
+    assert torch.allclose(est.estimate(frames, batch_size=1), depth, atol=1e-5)  # batching does not change it
+    image = est.estimate_image(frames)
+    assert image.shape == (5, 48, 80, 3) and torch.equal(image[..., 0], image[..., 2])
+
+
+def test_near_is_bright(estimators):
+    frames = smooth_frames(2, 56, 98, seed=6)
+    rel = estimators["depth_anything"]
+    assert torch.allclose(rel.estimate(frames), normalize_depth(rel.predict(frames)), atol=1e-6)  # inverse depth
+    metric = estimators["depth_anything_metric"]
+    assert metric.info.metric and not rel.info.metric
+    metres = metric.predict(frames)
+    assert torch.allclose(metric.estimate(frames), normalize_depth(1 / metres), atol=1e-5)  # metres: far is dark
+    far, near = metres.argmax(), metres.argmin()
+    assert float(metric.estimate(frames).flatten()[far]) < float(metric.estimate(frames).flatten()[near])
+
+
+def test_on_batch_reports_progress_and_can_stop(estimators):
+    est = estimators["dpt"]
+    frames = smooth_frames(5, 32, 32)
+    calls = []
+    est.predict(frames, batch_size=2, on_batch=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+
+    def stop(done, total):
+        calls.append(done)
+        raise InterruptedError("stop")
+
+    calls.clear()
+    with pytest.raises(InterruptedError):
+        est.estimate(frames, batch_size=2, on_batch=stop)
+    assert calls == [2]
+
+
+def test_fp16_or_bf16_weights_run_and_return_float32(folders):
+    est = load_depth_model(folders["dpt"], dtype=torch.bfloat16)
+    assert est.dtype == torch.bfloat16
+    depth = est.estimate(smooth_frames(2, 48, 80))
+    assert depth.dtype == torch.float32 and torch.isfinite(depth).all()
+
+
+# --- bad inputs ------------------------------------------------------------------------------------
+def test_folders_that_are_not_depth_models(folders, tmp_path):
+    with pytest.raises(KinemaError, match="'clip_vision_model' model, not a depth model") as e:
+        load_depth_model(folders["clip"])
+    assert folders["clip"] in str(e.value) and "Intel/dpt-hybrid-midas" in str(e.value)  # the folder and the fix
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KinemaError, match="no config.json, found an empty folder"):
+        load_depth_model(str(tmp_path / "empty"))
+    with pytest.raises(KinemaError, match="is a file, not a depth model folder"):
+        load_depth_model(os.path.join(folders["dpt"], "model.safetensors"))
+    with pytest.raises(KinemaError, match="does not exist"):
+        load_depth_model(str(tmp_path / "nowhere"))
+    other = tmp_path / "zoe"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "zoedepth"}))
+    with pytest.raises(KinemaError, match="'zoedepth' depth model, which Kinema does not run"):
+        load_depth_model(str(other))
+    (other / "config.json").write_text("{not json")
+    with pytest.raises(KinemaError, match="config.json is not valid JSON"):
+        load_depth_model(str(other))
+
+
+def _copy(folders, kind, tmp_path, name):
+    return shutil.copytree(folders[kind], tmp_path / name)
+
+
+@pytest.mark.parametrize("keep", [100, 0.5])
+def test_truncated_weights(folders, tmp_path, keep):
+    folder = _copy(folders, "dpt", tmp_path, "cut")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(KinemaError, match="damaged or truncated") as e:
+        load_depth_model(str(folder))
+    assert str(weights) in str(e.value) and "download the file again" in str(e.value)
+
+
+def test_missing_weights_and_pickle_weights(folders, tmp_path):
+    folder = _copy(folders, "dpt", tmp_path, "noweights")
+    os.remove(folder / "model.safetensors")
+    with pytest.raises(KinemaError, match="no weights"):
+        load_depth_model(str(folder))
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(KinemaError, match="only pickle weights"):
+        load_depth_model(str(folder))
+
+
+def test_weights_of_another_model(folders, tmp_path):
+    folder = _copy(folders, "dpt", tmp_path, "mixed")
+    shutil.copy(os.path.join(folders["depth_anything"], "model.safetensors"), folder / "model.safetensors")
+    with pytest.raises(KinemaError, match="does not match its config.json"):
+        load_depth_model(str(folder))
+
+
+def test_a_dpt_that_is_not_a_depth_estimator(folders, tmp_path):
+    folder = _copy(folders, "dpt", tmp_path, "ade")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["DPTForSemanticSegmentation"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KinemaError, match="DPTForSemanticSegmentation, not a depth estimator"):
+        load_depth_model(str(folder))
+
+
+def test_bad_preprocessor_config(folders, tmp_path):
+    folder = _copy(folders, "dpt", tmp_path, "badpre")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 384}}))
+    with pytest.raises(KinemaError, match="size .* is not what a DPT image processor takes"):
+        load_depth_model(str(folder))
+
+
+@pytest.mark.parametrize("frames,match", [
+    (torch.rand(8, 8, 3), r"\[frames, height, width, 3\]"),
+    (torch.rand(1, 8, 8, 4), "convert the frames to RGB"),
+    (torch.randint(0, 255, (1, 8, 8, 3), dtype=torch.uint8), "divide 8-bit frames by 255"),
+    (torch.rand(0, 8, 8, 3), "empty IMAGE"),
+    ("frames", "IMAGE tensor"),
+])
+def test_bad_frames(estimators, frames, match):
+    with pytest.raises(KinemaError, match=match):
+        estimators["dpt"].estimate(frames)
+
+
+def test_frames_the_model_cannot_take(folders, estimators, tmp_path):
+    with pytest.raises(KinemaError, match="aspect ratio is too extreme"):  # 2 px tall: 0 rows of patches
+        estimators["depth_anything"].estimate(torch.rand(1, 2, 400, 3))
+    with pytest.raises(KinemaError, match="batch_size"):
+        estimators["dpt"].estimate(torch.rand(1, 32, 32, 3), batch_size=0)
+    folder = _copy(folders, "dpt_hybrid", tmp_path, "hybrid_aspect")
+    pre = dict(PREPROCESSORS["dpt_hybrid"], keep_aspect_ratio=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    hybrid = load_depth_model(str(folder))
+    hybrid.estimate(torch.rand(1, 64, 64, 3))  # square frames keep 64x64
+    with pytest.raises(KinemaError, match="DPT-Hybrid.*takes exactly 64x64 inputs.*keep_aspect_ratio"):
+        hybrid.estimate(torch.rand(1, 48, 80, 3))
+
+
+# --- structure fidelity ---------------------------------------------------------------------------
+def _high_pass_energy(x):
+    """Mean squared difference from a 3x3 box blur: the energy of the finest detail."""
+    x = x.unsqueeze(1)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return float(((x - blurred) ** 2).mean())
+
+
+def test_structure_fidelity_zero_is_the_input():
+    depth = torch.rand(3, 37, 53)
+    assert structure_fidelity(depth, 0) is depth
+
+
+def test_structure_fidelity_removes_detail_step_by_step():
+    g = torch.Generator().manual_seed(0)
+    depth = torch.rand(2, 96, 128, generator=g)
+    energies = [_high_pass_energy(structure_fidelity(depth, t)) for t in range(MAX_FIDELITY_STEPS + 1)]
+    assert all(b < a for a, b in itertools.pairwise(energies[:6])), energies
+    assert all(b <= a * 1.0001 for a, b in itertools.pairwise(energies)), energies
+    assert energies[3] < 0.01 * energies[0]
+
+
+def test_structure_fidelity_keeps_shapes_sizes_and_range():
+    g = torch.Generator().manual_seed(1)
+    for shape in [(3, 37, 53), (2, 64, 64, 3), (1, 1, 9), (1, 5, 3, 1)]:
+        depth = torch.rand(*shape, generator=g)
+        for t in (1, 3, MAX_FIDELITY_STEPS):
+            out = structure_fidelity(depth, t)
+            assert out.shape == depth.shape and out.dtype == depth.dtype
+            assert float(out.min()) >= float(depth.min()) - 1e-6 and float(out.max()) <= float(depth.max()) + 1e-6
+    flat = torch.full((2, 40, 70), 0.3)
+    assert torch.allclose(structure_fidelity(flat, 4), flat, atol=1e-6)
+    ramp = torch.linspace(0, 1, 96).expand(1, 64, 96).contiguous()  # smooth shapes pass, nothing shifts
+    for t in (1, 2, 3):
+        margin = 4 * 2**t  # the borders, where blur and upsampling meet the replicated edge
+        assert float((structure_fidelity(ramp, t) - ramp)[:, :, margin:-margin].abs().max()) < 1e-5, t
+
+
+def test_structure_fidelity_is_per_frame_and_per_channel():
+    g = torch.Generator().manual_seed(2)
+    depth = torch.rand(3, 40, 60, generator=g)
+    out = structure_fidelity(depth, 2)
+    assert torch.allclose(structure_fidelity(depth[1:2], 2), out[1:2], atol=1e-6)
+    image = structure_fidelity(depth.unsqueeze(-1).expand(3, 40, 60, 3).contiguous(), 2)
+    assert torch.allclose(image[..., 0], out, atol=1e-6) and torch.equal(image[..., 0], image[..., 2])
+    half = structure_fidelity(depth.half(), 2)
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), out, atol=2e-3)
+
+
+@pytest.mark.parametrize("t_s", [-1, MAX_FIDELITY_STEPS + 1, 1.5, True, "2"])
+def test_structure_fidelity_bad_steps(t_s):
+    with pytest.raises(KinemaError, match="t_s must be a whole number from 0"):
+        structure_fidelity(torch.rand(1, 8, 8), t_s)
+
+
+def test_structure_fidelity_bad_maps():
+    for bad in (torch.rand(8, 8), torch.randint(0, 9, (1, 8, 8)), [[0.5]]):
+        with pytest.raises(KinemaError, match="takes depth maps"):
+            structure_fidelity(bad, 1)
+    with pytest.raises(KinemaError, match="empty"):
+        structure_fidelity(torch.rand(0, 8, 8), 1)
+
+
+# --- demo model, host folders, nodes, runner -------------------------------------------------------
+def test_demo_depth_model_is_deterministic_and_fast(tmp_path):
+    import time
+
+    from safetensors.torch import load_file
+
+    a = demo.write_demo_depth_model(str(tmp_path / "a"))
+    b = demo.write_demo_depth_model(str(tmp_path / "b"), seed=1)
+    assert sorted(os.listdir(a)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    sa, sb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    expected = demo.depth_state_dict(0)
+    assert sorted(sa) == sorted(expected) and all(torch.equal(sa[k], expected[k]) for k in expected)
+    assert not any(torch.equal(sa[k], sb[k]) for k in sa if k.endswith("dense.weight"))  # the seed matters
+    est = load_depth_model(a)
+    frames = smooth_frames(8, 64, 64)
+    start = time.perf_counter()
+    depth = est.estimate(frames)
+    assert (time.perf_counter() - start) / 8 < 1.0
+    assert float(depth.std()) > 0.05  # a visible map, not a flat one
+
+
+def test_model_dirs_hide_links_outside_the_folders(tmp_path):
+    from kinema.nodes import host
+
+    outside = tmp_path / "elsewhere" / "dpt"
+    outside.mkdir(parents=True)
+    (outside / "config.json").write_text("{}")
+    root = tmp_path / "models" / "depth_models"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "config.json").write_text("{}")
+    os.symlink(outside, root / "linked")
+    host.set_models_dir(str(tmp_path / "models"))
+    try:
+        assert host.list_model_dirs("depth_models") == ["real"]
+        with pytest.raises(KinemaError, match="outside the depth_models folder"):
+            host.resolve_model_dir("depth_models", "linked")
+        with pytest.raises(KinemaError, match="not found.*Available: real"):
+            host.resolve_model_dir("depth_models", "missing")
+    finally:
+        host.set_models_dir(None)
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    return load_pack().NODE_CLASS_MAPPINGS
+
+
+def test_depth_nodes_end_to_end(nodes, host_dirs):
+    loader = nodes["KinemaDepthModelLoader"]
+    assert demo.DEMO_DEPTH in loader.INPUT_TYPES()["required"]["model_name"][0]
+    (model,) = loader().load(demo.DEMO_DEPTH, "fp32")
+    assert isinstance(model, DepthEstimator) and model.dtype == torch.float32
+    frames = smooth_frames(3, 48, 64)
+    (depth,) = nodes["KinemaDepthEstimate"]().estimate(frames, model, 2)
+    assert depth.shape == (3, 48, 64, 3) and float(depth.min()) == 0.0 and float(depth.max()) == 1.0
+    assert torch.equal(depth[..., 0], depth[..., 1])
+    (coarse,) = nodes["KinemaStructureFidelity"]().apply(depth, 3)
+    assert coarse.shape == depth.shape and _high_pass_energy(coarse[..., 0]) < _high_pass_energy(depth[..., 0])
+    (same,) = nodes["KinemaStructureFidelity"]().apply(depth, 0)
+    assert torch.equal(same, depth)
+    for cls in ("KinemaDepthModelLoader", "KinemaDepthEstimate", "KinemaStructureFidelity"):
+        assert load_pack().NODE_DISPLAY_NAME_MAPPINGS[cls].endswith("(Kinema)")
+        assert nodes[cls].CATEGORY.startswith("Kinema/")
+
+
+def test_depth_loader_refuses_bad_names_and_folders(nodes, host_dirs, folders):
+    loader = nodes["KinemaDepthModelLoader"]()
+    for name in ("../x", "../depth_models/kinema_demo_dpt", "/etc", ""):
+        with pytest.raises(KinemaError):
+            loader.load(name, "fp32")
+    with pytest.raises(KinemaError, match="not found.*kinema_demo_dpt"):
+        loader.load("Intel/dpt-hybrid-midas", "fp32")
+    clip = os.path.join(host_dirs.get_models_dir(), "depth_models", "not_depth_clip")
+    shutil.copytree(folders["clip"], clip)
+    try:
+        with pytest.raises(KinemaError, match="not a depth model"):
+            loader.load("not_depth_clip", "fp32")
+    finally:
+        shutil.rmtree(clip)
+
+
+def test_depth_estimate_node_stops_on_interrupt(nodes, host_dirs, estimators):
+    inner = estimators["dpt"]
+    calls = []
+
+    class Interrupting(torch.nn.Module):  # cancel arrives while the first batch runs
+        def __init__(self):
+            super().__init__()
+            self.inner = inner.model
+
+        def forward(self, **kwargs):
+            calls.append(1)
+            host_dirs.request_interrupt()
+            return self.inner(**kwargs)
+
+    model = DepthEstimator(Interrupting(), inner.preprocess, inner.info)
+    try:
+        with pytest.raises(host_dirs.KinemaInterrupted):
+            nodes["KinemaDepthEstimate"]().estimate(smooth_frames(6, 32, 32), model, 2)
+    finally:
+        host_dirs.request_interrupt(False)
+    assert len(calls) == 1
+    with pytest.raises(KinemaError, match="connect Load Depth Model"):
+        nodes["KinemaDepthEstimate"]().estimate(smooth_frames(1, 32, 32), "not a model", 2)
+
+
+def test_runner_stands_in_the_demo_depth_model(nodes, host_dirs, demo_models_dir, monkeypatch):
+    from kinema.nodes import runner
+
+    monkeypatch.setattr(demo, "default_cache_dir", lambda: demo_models_dir)
+    prompt = {"1": {"class_type": "KinemaDepthModelLoader",
+                    "inputs": {"model_name": "Intel/dpt-hybrid-midas", "precision": "fp32"}},
+              "2": {"class_type": "KinemaDepthModelLoader",
+                    "inputs": {"model_name": demo.DEMO_DEPTH, "precision": "fp32"}}}
+    notes = runner.use_demo_models(prompt, nodes, host_dirs)
+    assert prompt["1"]["inputs"]["model_name"] == demo.DEMO_DEPTH
+    assert any("'Intel/dpt-hybrid-midas' -> demo model 'kinema_demo_dpt'" in n for n in notes)
+    assert not any("node 2" in n for n in notes)  # a listed folder is left alone
+    assert demo.substitute("depth_models", "depth-anything/Depth-Anything-V2-Small-hf") == demo.DEMO_DEPTH
+
+
+def test_depth_graph_runs_headless(nodes, host_dirs):
+    from kinema.nodes.runner import run_prompt
+
+    prompt = {
+        "1": {"class_type": "KinemaLoadImage", "inputs": {"image": "kinema_demo_image.png"}},
+        "2": {"class_type": "KinemaDepthModelLoader", "inputs": {"model_name": demo.DEMO_DEPTH, "precision": "fp32"}},
+        "3": {"class_type": "KinemaDepthEstimate", "inputs": {"images": ["1", 0], "depth_model": ["2", 0],
+                                                               "batch_size": 4}},
+        "4": {"class_type": "KinemaStructureFidelity", "inputs": {"images": ["3", 0], "t_s": 2}},
+        "5": {"class_type": "KinemaSaveVideo", "inputs": {"images": ["4", 0], "fps": 8.0, "format": "gif",
+                                                          "loop_count": 0, "filename_prefix": "test/depth"}},
+    }
+    out = run_prompt(prompt, nodes, outputs_only=False, progress=False)
+    image, depth = out["1"]["result"][0], out["4"]["result"][0]
+    assert depth.shape == image.shape and 0.0 <= float(depth.min()) and float(depth.max()) <= 1.0
+    assert out["5"]["ui"]["images"]
