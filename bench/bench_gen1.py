@@ -142,10 +142,10 @@ def main(argv: list[str]) -> int:
         "python " + " ".join(shlex.quote(a) for a in ["bench/bench_gen1.py"] + argv),
         "```",
         "",
-        f"AnimateDiff v2 on the Kinema demo weights (tiny, random), {args.frames} frames at {args.size}x{args.size}, "
-        f"{args.steps} Euler steps, cfg {args.cfg} (cond and uncond batched), fp32 on CPU, "
-        f"{torch.get_num_threads()} threads ({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, "
-        (f"diffusers {diffusers.__version__}. Median step time after the warm-up step over {args.repeat} "
+        (f"AnimateDiff v2 on the Kinema demo weights (tiny, random), {args.frames} frames at {args.size}x{args.size}, "
+         f"{args.steps} Euler steps, cfg {args.cfg} (cond and uncond batched), fp32 on CPU, "
+         f"{torch.get_num_threads()} threads ({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, "
+         f"diffusers {diffusers.__version__}. Median step time after the warm-up step over {args.repeat} "
          "round-robin runs."),
         "",
         "| implementation | configuration | step (s) | × its plain sampler |",

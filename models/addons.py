@@ -154,8 +154,8 @@ def control_residuals(controls, x: torch.Tensor, timesteps: torch.Tensor, contex
             continue
         net = c.controlnet
         param = next(net.parameters())
-        hint = repeat(c.hints_for(frame_idxs), "f c h w -> (b f) c h w", b=x.shape[0] // frames)
-        res = net(x, hint.to(param.device, param.dtype), timesteps, context, opts)
+        hint = c.hints_for(frame_idxs)  # one per frame, shared by the videos of the batch (cond, uncond)
+        res = net(x, hint.to(param.device, param.dtype), timesteps, context, replace(opts, num_frames=frames))
         res = [r * c.strength for r in res]
         total = res if total is None else [a + r for a, r in zip(total, res)]
     return total

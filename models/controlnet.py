@@ -18,16 +18,17 @@ Hints are images in [0, 1], as the original, ComfyUI and diffusers feed them to 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 
 import torch
+from einops import repeat
 from torch import nn
 
 from .checkpoint import build_on_meta, expect_format, load_state_dict, sub_state_dict
 from .errors import KinemaError
 from .layers import ResBlock, RunOptions, SpatialTransformer, timestep_embedding
-from .unet import UNetConfig, ldm_blocks, scan_input_blocks, transformer_depth
+from .unet import UNetConfig, infer_unet_config, ldm_blocks
 
 PREFIX = "control_model."
 DEFAULT_OPTS = RunOptions()
@@ -35,25 +36,13 @@ USE_INSTEAD = "use an SD1.5 ControlNet (for example control_v11f1p_sd15_depth fr
 
 
 @dataclass(frozen=True)
-class ControlNetConfig:
-    """The UNet-like fields (as ``UNetConfig``) and the hint block's: ``hint_channels`` are the widths of its
-    levels (16, 32, 96, 256 in the published SD1.5 ControlNets), ``hint_in_channels`` the hint image's."""
+class ControlNetConfig(UNetConfig):
+    """A ``UNetConfig`` (the encoder half the ControlNet copies; ``out_channels`` unused) and the hint block's:
+    ``hint_channels`` are the widths of its levels (16, 32, 96, 256 in the published SD1.5 ControlNets),
+    ``hint_in_channels`` the hint image's."""
 
-    in_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple = (1, 2, 4, 4)
-    num_res_blocks: int = 2
-    attention_levels: tuple = (0, 1, 2)
-    transformer_depth: int = 1
-    context_dim: int = 768
-    num_heads: int = 8
-    linear_proj: bool = False
     hint_channels: tuple = (16, 32, 96, 256)
     hint_in_channels: int = 3
-
-    @property
-    def levels(self) -> int:
-        return len(self.channel_mult)
 
     @property
     def hint_scale(self) -> int:
@@ -63,8 +52,7 @@ class ControlNetConfig:
     @classmethod
     def for_unet(cls, unet_cfg: UNetConfig, hint_channels: tuple = (16, 32, 96, 256)) -> ControlNetConfig:
         """The config of a ControlNet made for the UNet ``unet_cfg``."""
-        shared = {f.name: getattr(unet_cfg, f.name) for f in fields(cls) if hasattr(unet_cfg, f.name)}
-        return cls(**shared, hint_channels=tuple(hint_channels))
+        return cls(**asdict(unet_cfg), hint_channels=tuple(hint_channels))
 
 
 def _hint_convs(get) -> list[tuple[int, int]]:
@@ -79,14 +67,14 @@ def _hint_convs(get) -> list[tuple[int, int]]:
 def infer_controlnet_config(sd: dict, name: str = "the ControlNet") -> ControlNetConfig:
     """Read a ControlNetConfig off the tensor shapes of an original-layout ControlNet (prefix stripped)."""
     get = sd.get
-    conv_in = get("input_blocks.0.0.weight")
-    if conv_in is None or get("zero_convs.0.0.weight") is None:
+    if get("input_blocks.0.0.weight") is None or get("zero_convs.0.0.weight") is None:
         raise KinemaError(f"'{name}' is not a ControlNet in the original layout: 'input_blocks.0.0.weight' or "
                           f"'zero_convs.0.0.weight' is missing; {USE_INSTEAD}")
-    mc = conv_in.shape[0]
-    chans, blocks_in_level, attention = scan_input_blocks(get)
-    if len(set(blocks_in_level)) != 1 or not chans or not attention:
-        raise KinemaError(f"'{name}': the ControlNet's block layout is not an SD1.5 layout; {USE_INSTEAD}")
+    try:
+        base = infer_unet_config(sd)
+    except KinemaError as e:
+        raise KinemaError(f"'{name}': the ControlNet's block layout is not an SD1.5 layout ({e}); {USE_INSTEAD}") from None
+    mc = base.model_channels
     convs = _hint_convs(get)
     # conv(in -> c0), then per level: conv(c_i -> c_i), conv(c_i -> c_i+1, stride 2); last conv(c_last -> mc)
     widths = [c for _, c in convs[:-1:2]]
@@ -97,20 +85,7 @@ def infer_controlnet_config(sd: dict, name: str = "the ControlNet") -> ControlNe
     if len(convs) < 2 or convs != layout:
         raise KinemaError(f"'{name}': the input_hint_block is not the ControlNet layout (convolutions {convs}); "
                           f"{USE_INSTEAD}")
-    last = attention[-1][1]
-    return ControlNetConfig(
-        in_channels=conv_in.shape[1],
-        model_channels=mc,
-        channel_mult=tuple(c // mc for c in chans),
-        num_res_blocks=blocks_in_level[0],
-        attention_levels=tuple(sorted({level for level, _ in attention})),
-        transformer_depth=transformer_depth(get, last),
-        context_dim=get(last + "transformer_blocks.0.attn2.to_k.weight").shape[1],
-        num_heads=8,
-        linear_proj=get(last + "proj_in.weight").ndim == 2,
-        hint_channels=tuple(widths),
-        hint_in_channels=convs[0][0],
-    )
+    return ControlNetConfig(**asdict(base), hint_channels=tuple(widths), hint_in_channels=convs[0][0])
 
 
 def hint_block(in_channels: int, widths: tuple, out_channels: int) -> nn.Sequential:
@@ -190,10 +165,11 @@ class ControlNet(nn.Module):
             raise KinemaError(f"'{name}' was made for another UNet: its {', '.join(diff)}; use a ControlNet made for "
                               "the same base model as the checkpoint")
 
-    def _check_inputs(self, x: torch.Tensor, hint: torch.Tensor) -> None:
+    def _check_inputs(self, x: torch.Tensor, hint: torch.Tensor, num_frames: int) -> None:
         name, s = self.name or "the ControlNet", self.cfg.hint_scale
         want = (x.shape[0], self.cfg.hint_in_channels, x.shape[-2] * s, x.shape[-1] * s)
-        if hint.ndim != 4 or tuple(hint.shape) != want:
+        shared = num_frames < x.shape[0] and x.shape[0] % num_frames == 0 and hint.shape[0] == num_frames
+        if hint.ndim != 4 or (tuple(hint.shape[1:]) != want[1:]) or not (hint.shape[0] == want[0] or shared):
             raise KinemaError(
                 f"'{name}': the hint is {tuple(hint.shape)}, expected {want} (one {want[1]}-channel image a frame, "
                 f"{want[3]}x{want[2]} pixels: {s}x the latent's {x.shape[-1]}x{x.shape[-2]}); resize the hint "
@@ -211,10 +187,16 @@ class ControlNet(nn.Module):
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 opts: RunOptions = DEFAULT_OPTS) -> list[torch.Tensor]:
-        """(b f) c h w, hint (b f) 3 8h 8w in [0, 1], timesteps [(b f)], context [(b f), n, d] -> residuals"""
-        self._check_inputs(x, hint)
+        """(b f) c h w, hint (b f)|f 3 8h 8w in [0, 1], timesteps [(b f)], context [(b f), n, d] -> residuals
+
+        A hint batch of ``opts.num_frames`` images is shared by the b videos of the batch (cond and uncond): its
+        embedding is computed once.
+        """
+        self._check_inputs(x, hint, opts.num_frames)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
         guide = self.input_hint_block(hint.to(x.dtype))
+        if guide.shape[0] != x.shape[0]:
+            guide = repeat(guide, "f c h w -> (b f) c h w", b=x.shape[0] // guide.shape[0])
         outs = []
         h = x
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):

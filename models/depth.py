@@ -365,6 +365,16 @@ def _check_safetensors(path: str) -> None:
                           "again") from None
 
 
+def _read_json(path: str, folder: str, fix: str):
+    """The JSON in ``path`` (a file of the depth model ``folder``), or KinemaError saying ``fix``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise KinemaError(f"Depth model folder '{folder}': {os.path.basename(path)} is not valid JSON ({e}); "
+                          f"{fix}") from None
+
+
 def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEstimator:
     """Load a transformers depth model folder (``dpt`` or ``depth_anything``) as a ``DepthEstimator``.
 
@@ -381,12 +391,7 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
     if not os.path.isfile(config_path):
         raise KinemaError(f"'{folder}' is not a transformers model folder: no config.json, found "
                           f"{_found(folder)}. {_HINT}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise KinemaError(f"Depth model folder '{folder}': config.json is not valid JSON ({e}); download it "
-                          "again") from None
+    config = _read_json(config_path, folder, "download it again")
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if model_type not in DEPTH_MODEL_CLASSES:
         if model_type in OTHER_DEPTH_TYPES:
@@ -441,12 +446,8 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
 
     pre_path = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(pre_path):
-        try:
-            with open(pre_path, encoding="utf-8") as f:
-                pre_cfg = json.load(f)
-        except (OSError, ValueError) as e:
-            raise KinemaError(f"Depth model folder '{folder}': preprocessor_config.json is not valid JSON ({e}); "
-                              "download it again or delete it (the model type's defaults are used then)") from None
+        pre_cfg = _read_json(pre_path, folder, "download it again or delete it (the model type's defaults are used "
+                             "then)")
         preprocess = DepthPreprocess.from_config(pre_cfg, where=pre_path)
     else:
         preprocess = DepthPreprocess.default(model_type)

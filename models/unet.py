@@ -240,9 +240,10 @@ def infer_unet_config(sd: dict, prefix: str = "") -> UNetConfig:
     if not attention:
         raise KinemaError("the UNet has no cross-attention layers: it is not an SD1.5 UNet")
     last = attention[-1][1]
+    out = get("out.2.weight")  # a ControlNet (the encoder half) has none
     return UNetConfig(
         in_channels=in_ch,
-        out_channels=get("out.2.weight").shape[0],
+        out_channels=in_ch if out is None else out.shape[0],
         model_channels=mc,
         channel_mult=tuple(c // mc for c in chans),
         num_res_blocks=blocks_in_level[0],

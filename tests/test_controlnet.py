@@ -263,7 +263,17 @@ def test_a_hint_of_the_wrong_size_names_the_expected_size():
     with pytest.raises(KinemaError, match=r"expected \(2, 3, 64, 96\).*96x64 pixels"):
         controlnet()(x, hint[..., :80], t, ctx)
     with pytest.raises(KinemaError, match="expected"):
-        controlnet()(x, hint[:1], t, ctx)  # one hint for two frames
+        controlnet()(x, hint[:1], t, ctx, RunOptions(num_frames=2))  # one hint for two frames
+
+
+def test_a_hint_per_frame_is_shared_by_the_videos_of_the_batch():
+    x, hint, t, ctx = _inputs(frames=2)
+    two = torch.cat([x, x.flip(0)])
+    with torch.no_grad():
+        shared = controlnet()(two, hint, t.repeat(2), ctx.repeat(2, 1, 1), RunOptions(num_frames=2))
+        full = controlnet()(two, hint.repeat(2, 1, 1, 1), t.repeat(2), ctx.repeat(2, 1, 1), RunOptions(num_frames=2))
+    for a, b in zip(shared, full):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("suffix,match", [(".safetensors", "truncated"), (".pth", "truncated|damaged")])
