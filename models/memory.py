@@ -5,9 +5,17 @@ attention chunking grow here.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from .errors import KinemaError
+
+logger = logging.getLogger("kinema")
+S = TypeVar("S")
+R = TypeVar("R")
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -77,3 +85,30 @@ def video_activation_bytes(frames: int, batch: int, latent_h: int, latent_w: int
     level for every frame of the batch (real peaks are higher; this catches requests that cannot fit)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 8 * frames * batch * channels * latent_h * latent_w * itemsize
+
+
+def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S], S | None], what: str,
+                       remedy: str) -> tuple[R, S]:
+    """``run(setting)``; on an out-of-memory error, once more with ``smaller(setting)`` (said in the log).
+
+    Returns the result and the setting that worked (callers keep it for the rest of the job). A second
+    out-of-memory error, or none smaller to try, is a KinemaError naming ``remedy`` (the setting to change).
+    Other errors pass unchanged.
+    """
+    try:
+        return run(setting), setting
+    except Exception as exc:  # only the allocator's errors are handled, the rest re-raised
+        if not is_out_of_memory(exc):
+            raise
+    release_cached_memory()  # outside the except block: the failed attempt's tensors are gone
+    retry = smaller(setting)
+    if retry is None:
+        raise KinemaError(f"{what} ran out of memory and there is nothing smaller to retry with: {remedy}")
+    logger.warning("%s ran out of memory with %s; retrying once with %s", what, setting, retry)
+    try:
+        return run(retry), retry
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    release_cached_memory()
+    raise KinemaError(f"{what} ran out of memory, also with {retry}: {remedy}")

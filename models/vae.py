@@ -50,6 +50,10 @@ from einops import rearrange
 from torch import nn
 
 from .errors import KinemaError
+from .memory import run_with_oom_retry
+from .tiling import TileOptions, run_tiled
+
+NO_TILES = TileOptions()
 
 #: Frames decoded a call by the plain VAE when no chunk is given (frames are independent there).
 DEFAULT_DECODE_CHUNK = 8
@@ -327,6 +331,7 @@ class TemporalAutoencoder(nn.Module):
 
     #: ``decode_frames`` decodes this many frames a call by default (sgm's ``decoding_t``).
     default_decode_chunk = SVD_DECODE_CHUNK
+    mixes_frames = True  # the frames decoded together change each other: the chunk size changes the output
 
     def __init__(self, cfg: TemporalVAEConfig):
         super().__init__()
@@ -379,11 +384,55 @@ class ImageEncoderKL(nn.Module):
         return self.quant_conv(self.encoder(pixels))[:, : self.cfg.z_channels]
 
 
+@dataclass(frozen=True)
+class CodecSetting:
+    """How much a VAE call takes at once: ``chunk`` frames, spatial ``tiles`` (in the call's input units)."""
+
+    chunk: int
+    tiles: TileOptions = NO_TILES
+
+    def __str__(self) -> str:
+        tiles = f", tiles of {self.tiles.tile} overlapping {self.tiles.overlap}" if self.tiles.tile else ""
+        return f"{self.chunk} frame(s) a chunk{tiles}"
+
+
+def _smaller(setting: CodecSetting, size: int, min_tile: int, chunk_changes_output: bool) -> CodecSetting | None:
+    """The next smaller setting after an out-of-memory error: fewer frames a chunk where that leaves the output
+    unchanged, else smaller tiles (tiling starts at half the larger side)."""
+    if setting.chunk > 1 and not chunk_changes_output:
+        return CodecSetting(max(1, setting.chunk // 2), setting.tiles)
+    tiles = setting.tiles.smaller(min_tile) if setting.tiles.tile else TileOptions(size // 2, max(1, size // 16))
+    if tiles is None or tiles.tile < min_tile:
+        return None
+    return CodecSetting(setting.chunk, tiles)
+
+
+def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, what: str, remedy: str,
+                chunk_changes_output: bool, min_tile: int, on_chunk) -> list[torch.Tensor]:
+    """``call`` on chunks of ``items`` [f, c, h, w] (tiled as ``setting`` says), retrying a chunk that runs out of
+    memory once with a smaller setting, which then holds for the rest."""
+    frames, out, start = items.shape[0], [], 0
+    size = max(items.shape[-2:])
+    while start < frames:
+        def run(s: CodecSetting, start=start):
+            part = items[start:start + s.chunk]
+            return run_tiled(call, part, s.tiles, scale), part.shape[0]
+
+        (result, done), setting = run_with_oom_retry(
+            run, setting, lambda s: _smaller(s, size, min_tile, chunk_changes_output), what, remedy)
+        out.append(result)
+        start += done
+        if on_chunk is not None:
+            on_chunk(min(start, frames), frames)
+    return out
+
+
 def decode_frames(
     vae: AutoencoderKL | TemporalAutoencoder,
     latent: torch.Tensor,
     chunk: int | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
+    tiles: TileOptions = NO_TILES,
 ) -> torch.Tensor:
     """Decode a video latent a chunk of frames at a time: [f, c, h, w] -> IMAGE [f, 8h, 8w, 3] in [0, 1].
 
@@ -392,6 +441,9 @@ def decode_frames(
     With the temporal decoder each chunk is decoded as ONE short video (its temporal layers mix the frames
     inside the chunk, never across chunks), so the chunk size changes the output: that is the original's
     behaviour (sgm decodes ``decoding_t`` frames a call); the last chunk may be shorter.
+    ``tiles`` (in latent pixels): decode spatial tiles with feathered overlaps (``tiling.run_tiled``); each tile
+    holds every frame of the chunk. Out of memory: the chunk is retried once smaller (AutoencoderKL: half the
+    frames; the temporal decoder: smaller tiles, since fewer frames would change it), then a KinemaError.
     ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
     """
     if latent.ndim != 4:
@@ -401,19 +453,19 @@ def decode_frames(
             f"the latent has {latent.shape[1]} channels but this VAE decodes {vae.cfg.z_channels}: "
             "use the VAE of the model that made the latent"
         )
+    tiles.validate("VAE decode tiling")
     if chunk is None:
         chunk = getattr(vae, "default_decode_chunk", DEFAULT_DECODE_CHUNK)
-    chunk = max(1, int(chunk))
-    frames = latent.shape[0]
-    out = []
+    temporal = bool(getattr(vae, "mixes_frames", False))
+
+    def call(z: torch.Tensor) -> torch.Tensor:
+        pixels = vae.decode(z.to(vae.device, vae.dtype)).float()  # the temporal VAE: the chunk is one video
+        return ((pixels.clamp(-1, 1) + 1) / 2).cpu()
+
     with torch.inference_mode():
-        for start in range(0, frames, chunk):
-            z = latent[start : start + chunk].to(vae.device, vae.dtype)
-            pixels = vae.decode(z).float()  # the temporal VAE: the chunk is one video
-            out.append(rearrange((pixels.clamp(-1, 1) + 1) / 2, "f c h w -> f h w c").cpu())
-            if on_chunk is not None:
-                on_chunk(min(start + chunk, frames), frames)
-    return torch.cat(out)
+        out = _run_chunks(call, latent, CodecSetting(max(1, int(chunk)), tiles), 8, "VAE decoding",
+                          "lower frame_chunk or set a tile size on VAE Decode Frames (Kinema)", temporal, 8, on_chunk)
+    return rearrange(torch.cat(out), "f c h w -> f h w c")
 
 
 def encode_frames(
@@ -421,12 +473,14 @@ def encode_frames(
     images: torch.Tensor,
     chunk: int = 8,
     on_chunk: Callable[[int, int], None] | None = None,
+    tiles: TileOptions = NO_TILES,
 ) -> torch.Tensor:
     """Encode IMAGE frames [f, H, W, 3] in [0, 1] a chunk at a time -> latent [f, z, H/8, W/8] (unscaled).
 
     H and W must be multiples of 8; an alpha channel ([f, H, W, 4]) is dropped. Frames are encoded
-    independently (the SVD encoder has no temporal layers), so the chunk only bounds memory.
-    ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
+    independently (the SVD encoder has no temporal layers), so the chunk only bounds memory. ``tiles`` (in image
+    pixels, multiples of 8): encode spatial tiles with feathered overlaps. Out of memory: the chunk is retried once
+    with half the frames, then a KinemaError. ``on_chunk(done, total)`` is called after each chunk.
     """
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise KinemaError(f"expected IMAGE frames [frames, height, width, 3], got shape {tuple(images.shape)}")
@@ -438,15 +492,18 @@ def encode_frames(
             f"the frames are {w}x{h}; the VAE needs both sides a multiple of 8. Resize or crop them first "
             f"(Load Video (Kinema) does; e.g. to {max(8, w // 8 * 8)}x{max(8, h // 8 * 8)})"
         )
-    images = images[..., :3]
-    chunk = max(1, int(chunk))
-    out = []
+    tiles.validate("VAE encode tiling")
+    if tiles.tile % 8 or tiles.overlap % 8:
+        raise KinemaError(f"VAE encode tiling: tile size and overlap must be multiples of 8 pixels, got "
+                          f"{tiles.tile} and {tiles.overlap}")
+    pixels = rearrange(images[..., :3], "f h w c -> f c h w")
+
+    def call(px: torch.Tensor) -> torch.Tensor:
+        return vae.encode(px.to(vae.device, vae.dtype) * 2 - 1).float().cpu()
+
     with torch.inference_mode():
-        for start in range(0, images.shape[0], chunk):
-            px = rearrange(images[start : start + chunk], "f h w c -> f c h w").to(vae.device, vae.dtype) * 2 - 1
-            out.append(vae.encode(px).float().cpu())
-            if on_chunk is not None:
-                on_chunk(min(start + chunk, images.shape[0]), images.shape[0])
+        out = _run_chunks(call, pixels, CodecSetting(max(1, int(chunk)), tiles), 1 / 8, "VAE encoding",
+                          "lower frame_chunk or set a tile size on VAE Encode Frames (Kinema)", False, 64, on_chunk)
     return torch.cat(out)
 
 

@@ -2,7 +2,21 @@
 from __future__ import annotations
 
 from ..models import vae as vae_ops
+from ..models.tiling import TileOptions
 from . import host
+
+
+def _tile_inputs(what: str) -> dict:
+    return {
+        "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+                              "tooltip": f"0 = off. Otherwise {what} square tiles of this many pixels that overlap "
+                                         "and cross-fade: much less memory for large frames, close to the untiled "
+                                         "result (the VAE's normalisation sees one tile at a time). 512 is a good "
+                                         "start on small GPUs. An out-of-memory error starts tiling by itself."}),
+        "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 8,
+                                 "tooltip": "Pixels neighbouring tiles share and blend over (less than half the tile "
+                                            "size)."}),
+    }
 
 
 class KinemaVAEDecodeFrames:
@@ -26,14 +40,20 @@ class KinemaVAEDecodeFrames:
                                         "tooltip": "Frames decoded at once; lower it if the GPU runs out of memory. "
                                                    "0 = the VAE's default: 8 for SD1.5, 14 for SVD's temporal "
                                                    "decoder (as the original; the chunk size changes its output)."}),
-            }
+            },
+            "optional": _tile_inputs("decode"),
         }
 
-    def decode(self, vae, samples, frame_chunk=0):
+    def decode(self, vae, samples, frame_chunk=0, tile_size=0, tile_overlap=64):
         latent = samples["samples"]
         bar = host.ProgressBar(latent.shape[0])
-        images = vae_ops.decode_frames(vae, latent, frame_chunk or None,
-                                       on_chunk=lambda done, total: bar.update_absolute(done, total))
+
+        def on_chunk(done, total):
+            bar.update_absolute(done, total)
+            host.check_interrupt()
+
+        tiles = TileOptions(tile_size // 8, tile_overlap // 8) if tile_size else TileOptions()
+        images = vae_ops.decode_frames(vae, latent, frame_chunk or None, on_chunk=on_chunk, tiles=tiles)
         return (images,)
 
 
@@ -55,14 +75,20 @@ class KinemaVAEEncodeFrames:
                                                 "sides must be multiples of 8."}),
                 "frame_chunk": ("INT", {"default": 8, "min": 1, "max": 4096,
                                         "tooltip": "Frames encoded at once; lower it if the GPU runs out of memory."}),
-            }
+            },
+            "optional": _tile_inputs("encode"),
         }
 
-    def encode(self, vae, pixels, frame_chunk=8):
+    def encode(self, vae, pixels, frame_chunk=8, tile_size=0, tile_overlap=64):
         host.check_interrupt()
         bar = host.ProgressBar(pixels.shape[0])
-        latent = vae_ops.encode_frames(vae, pixels, frame_chunk,
-                                       on_chunk=lambda done, total: bar.update_absolute(done, total))
+
+        def on_chunk(done, total):
+            bar.update_absolute(done, total)
+            host.check_interrupt()
+
+        tiles = TileOptions(tile_size, tile_overlap) if tile_size else TileOptions()
+        latent = vae_ops.encode_frames(vae, pixels, frame_chunk, on_chunk=on_chunk, tiles=tiles)
         return ({"samples": latent},)
 
 

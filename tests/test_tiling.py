@@ -1,0 +1,172 @@
+"""VAE tiling (feathered overlaps) and the out-of-memory retry of VAE encode/decode."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fixtures import vae as sd_vae
+from fixtures_svd_pipeline import svd_state_dict
+from kinema.models import checkpoint, tiling
+from kinema.models.errors import KinemaError
+from kinema.models.tiling import TileOptions, run_tiled, tile_starts
+from kinema.models.vae import (
+    SVD_VAE_PREFIX,
+    TemporalAutoencoder,
+    decode_frames,
+    encode_frames,
+    infer_temporal_vae_config,
+)
+
+
+@pytest.mark.parametrize("size,tile,overlap,align", [(40, 16, 4, 1), (40, 16, 6, 1), (24, 24, 4, 1), (37, 10, 3, 1),
+                                                     (320, 128, 32, 8), (64, 100, 8, 1)])
+def test_tiles_cover_the_side_with_the_overlap(size, tile, overlap, align):
+    starts = tile_starts(size, tile, overlap, align)
+    assert starts[0] == 0 and min(starts[-1] + tile, size) == size
+    assert all(s % align == 0 for s in starts)
+    for a, b in zip(starts, starts[1:]):
+        assert a + tile - b >= overlap - align  # neighbours share (about) the overlap, never leave a gap
+
+
+def test_blending_is_exact_for_a_local_function():
+    x = torch.randn(3, 4, 24, 40, generator=torch.Generator().manual_seed(0))
+
+    def up(t):  # pointwise, then 8x nearest: each output pixel depends on one input pixel only
+        return F.interpolate(torch.tanh(t[:, :3]), scale_factor=8, mode="nearest")
+
+    for tiles in (TileOptions(16, 4), TileOptions(12, 5), TileOptions(8, 2)):
+        assert torch.allclose(run_tiled(up, x, tiles, 8), up(x), atol=1e-6)
+
+
+def test_a_tile_as_large_as_the_image_is_the_untiled_result_exactly():
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(decode_frames(sd_vae(), latent, tiles=TileOptions(8, 2)), decode_frames(sd_vae(), latent))
+
+
+def _column_gradients(images):
+    """Mean |horizontal difference| per column boundary of IMAGE frames [f, h, w, 3]."""
+    return (images[:, :, 1:] - images[:, :, :-1]).abs().mean(dim=(0, 1, 3))
+
+
+def _seam_ratio(tiled, plain):
+    return float((_column_gradients(tiled) / _column_gradients(plain)).max())
+
+
+def test_tiled_decode_is_close_to_untiled_and_has_no_seams(monkeypatch):
+    latent = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(0))
+    plain = decode_frames(sd_vae(), latent)
+    tiled = decode_frames(sd_vae(), latent, tiles=TileOptions(16, 4))
+    # random-weight VAE: its GroupNorm statistics and mid attention are global, so tiles see other statistics
+    assert float((tiled - plain).abs().mean()) < 0.06
+    assert _seam_ratio(tiled, plain) < 1.2  # no column boundary stands out: the overlaps cross-fade
+    # the metric sees a seam: the same tiles cut hard (no feathering) make the tile borders stand out
+    monkeypatch.setattr(tiling, "_ramp", lambda length, *a: torch.ones(length, dtype=torch.float64))
+    hard = decode_frames(sd_vae(), latent, tiles=TileOptions(16, 4))
+    assert _seam_ratio(hard, plain) > _seam_ratio(tiled, plain) + 0.2
+
+
+def test_tiled_encode_is_close_to_untiled():
+    images = torch.rand(2, 192, 320, 3, generator=torch.Generator().manual_seed(2))
+    plain = encode_frames(sd_vae(), images)
+    tiled = encode_frames(sd_vae(), images, tiles=TileOptions(128, 32))
+    assert tiled.shape == plain.shape
+    # random weights, global GroupNorm statistics: close, not equal (a misplaced tile differs by ~100%)
+    assert float((tiled - plain).abs().mean()) < 0.2 * float(plain.abs().mean())
+
+
+@pytest.fixture(scope="module")
+def temporal_vae():
+    sd = {k[len(SVD_VAE_PREFIX):]: v for k, v in svd_state_dict().items() if k.startswith(SVD_VAE_PREFIX)}
+    cfg = infer_temporal_vae_config(sd)
+    return checkpoint.build_on_meta(lambda: TemporalAutoencoder(cfg), sd, torch.float32, "VAE", "demo svd")
+
+
+def test_tiled_temporal_decode_keeps_the_chunk_a_video(temporal_vae):
+    latent = torch.randn(4, 4, 16, 24, generator=torch.Generator().manual_seed(3))
+    plain = decode_frames(temporal_vae, latent, chunk=4)
+    tiled = decode_frames(temporal_vae, latent, chunk=4, tiles=TileOptions(12, 4))
+    assert float((tiled - plain).abs().mean()) < 0.06 and _seam_ratio(tiled, plain) < 1.2
+    # the tiles still hold all 4 frames of the chunk: 2-frame chunks give another video
+    assert float((decode_frames(temporal_vae, latent, chunk=2) - plain).abs().mean()) > 0
+
+
+@pytest.mark.parametrize("tiles,match", [(TileOptions(16, 8), "less than half"), (TileOptions(-8, 0), "0 or more")])
+def test_bad_tiling_is_refused(tiles, match):
+    with pytest.raises(KinemaError, match=match):
+        decode_frames(sd_vae(), torch.zeros(1, 4, 32, 32), tiles=tiles)
+
+
+def test_encode_tiles_must_be_whole_latent_pixels():
+    with pytest.raises(KinemaError, match="multiples of 8"):
+        encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), tiles=TileOptions(60, 8))
+
+
+# -- out of memory ---------------------------------------------------------------------------------------------
+
+class OutOfMemoryAbove:
+    """A VAE that raises the allocator's error when a call holds more than ``frames`` frames or ``pixels`` latent
+    pixels, and records the calls."""
+
+    def __init__(self, vae, frames=99, pixels=10**9):
+        self.vae, self.frames, self.pixels, self.calls = vae, frames, pixels, []
+
+    def __getattr__(self, name):
+        return getattr(self.vae, name)
+
+    def decode(self, z):
+        self.calls.append(tuple(z.shape))
+        if z.shape[0] > self.frames or z.shape[-2] * z.shape[-1] > self.pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return self.vae.decode(z)
+
+
+def test_decode_out_of_memory_retries_with_half_the_frames(caplog):
+    latent = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    vae = OutOfMemoryAbove(sd_vae(), frames=2)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae, latent, chunk=4)
+    assert torch.allclose(out, decode_frames(sd_vae(), latent), atol=1e-6)
+    assert [c[0] for c in vae.calls] == [4, 2, 2, 2, 2]  # the smaller chunk holds for the rest
+    assert "out of memory" in caplog.text and "retrying once" in caplog.text
+
+
+def test_temporal_decode_out_of_memory_retries_with_tiles_not_fewer_frames(temporal_vae, caplog):
+    latent = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    vae = OutOfMemoryAbove(temporal_vae, pixels=100)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae, latent, chunk=3)
+    assert out.shape == (3, 128, 128, 3)
+    assert all(c[0] == 3 for c in vae.calls) and vae.calls[0][-2:] == (16, 16) and vae.calls[1][-2:] == (8, 8)
+    assert "tiles of 8" in caplog.text
+
+
+def test_a_second_out_of_memory_names_the_settings_to_change():
+    vae = OutOfMemoryAbove(sd_vae(), frames=0)
+    with pytest.raises(KinemaError, match="frame_chunk or set a tile size"):
+        decode_frames(vae, torch.zeros(4, 4, 8, 8), chunk=4)
+    assert len(vae.calls) == 2  # the first try and one retry, no more
+
+
+def test_other_errors_are_not_retried():
+    class Broken(OutOfMemoryAbove):
+        def decode(self, z):
+            self.calls.append(tuple(z.shape))
+            raise ValueError("boom")
+
+    vae = Broken(sd_vae())
+    with pytest.raises(ValueError, match="boom"):
+        decode_frames(vae, torch.zeros(2, 4, 8, 8))
+    assert len(vae.calls) == 1
+
+
+def test_vae_nodes_take_tile_sizes_in_pixels():
+    from conftest import load_pack
+
+    nodes = load_pack().nodes.vae
+    latent = torch.randn(2, 4, 16, 24, generator=torch.Generator().manual_seed(6))
+    (plain,) = nodes.KinemaVAEDecodeFrames().decode(sd_vae(), {"samples": latent})
+    (tiled,) = nodes.KinemaVAEDecodeFrames().decode(sd_vae(), {"samples": latent}, 0, 96, 32)
+    assert torch.equal(plain, decode_frames(sd_vae(), latent))
+    assert torch.equal(tiled, decode_frames(sd_vae(), latent, tiles=TileOptions(12, 4)))
+    (enc,) = nodes.KinemaVAEEncodeFrames().encode(sd_vae(), plain, 8, 96, 32)
+    assert torch.equal(enc["samples"], encode_frames(sd_vae(), plain, tiles=TileOptions(96, 32)))
