@@ -200,26 +200,37 @@ class VideoTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def _attend_context(self, x: torch.Tensor, context: torch.Tensor | None, chunk: int) -> torch.Tensor:
-        """[(b n), f, c], context [b, m, d] (one per video) or None (self) -> [(b n), f, c]"""
+    def _attend_context(self, x: torch.Tensor, context: torch.Tensor | None, first_row: int, n: int) -> torch.Tensor:
+        """[r, f, c] (rows ``first_row`` .. of the (b n) rows), context [b, m, d] (one per video) or None (self)
+        -> [r, f, c]"""
         attn = self.attn2
         if context is None:
-            return attn(x, chunk=chunk)
-        # the keys of one video's context serve every pixel of that video: project once, then repeat
-        n = x.shape[0] // context.shape[0]
-        k = repeat(attn.to_k(context), "b m c -> (b n) m c", n=n)
-        v = repeat(attn.to_v(context), "b m c -> (b n) m c", n=n)
-        return attn.to_out(attention(attn.to_q(x), k, v, attn.heads, chunk))
+            return attn(x)
+        # the keys of one video's context serve every pixel of that video: project once, then pick per row
+        video = torch.arange(first_row, first_row + x.shape[0], device=x.device) // n
+        return attn.to_out(attention(attn.to_q(x), attn.to_k(context)[video], attn.to_v(context)[video],
+                                     attn.heads))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None, num_frames: int, chunk: int = 0) -> torch.Tensor:
-        """[(b f), n, c], context [b, m, d] or None -> [(b f), n, c]"""
-        n = x.shape[1]
-        x = rearrange(x, "(b f) n c -> (b n) f c", f=num_frames)
+    def _rows(self, x: torch.Tensor, context: torch.Tensor | None, first_row: int, n: int) -> torch.Tensor:
+        """The block on rows [r, f, c] of pixels (each row one pixel's frames; rows are independent)."""
         if self.ff_in is not None:
             x = self.ff_in(self.norm_in(x)) + x
-        x = self.attn1(self.norm1(x), chunk=chunk) + x
-        x = self._attend_context(self.norm2(x), context, chunk) + x
-        x = self.ff(self.norm3(x)) + x
+        x = self.attn1(self.norm1(x)) + x
+        x = self._attend_context(self.norm2(x), context, first_row, n) + x
+        return self.ff(self.norm3(x)) + x
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None, num_frames: int, chunk: int = 0) -> torch.Tensor:
+        """[(b f), n, c], context [b, m, d] or None -> [(b f), n, c]
+
+        ``chunk``: run the block on this many pixel positions at a time (every operation of the block is per
+        pixel, so the result is the same; the peak memory is that of one chunk).
+        """
+        n = x.shape[1]
+        x = rearrange(x, "(b f) n c -> (b n) f c", f=num_frames)
+        if chunk and x.shape[0] > chunk:
+            x = torch.cat([self._rows(x[i:i + chunk], context, i, n) for i in range(0, x.shape[0], chunk)])
+        else:
+            x = self._rows(x, context, 0, n)
         return rearrange(x, "(b n) f c -> (b f) n c", n=n)
 
 
