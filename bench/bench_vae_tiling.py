@@ -19,7 +19,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import ROOT, cpu_name, mib, register_pack, reset_peak_rss, rss_kib, thread_env  # noqa: E402
+from _measure import (
+    ROOT,
+    cpu_name,
+    mib,
+    register_pack,
+    reset_peak_rss,
+    rss_kib,
+    thread_env,
+)
 
 
 def child(args) -> None:
