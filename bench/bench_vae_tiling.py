@@ -48,7 +48,8 @@ def child(args) -> None:
 
     if args.vae == "sd15":
         sd = checkpoint.sub_state_dict(demo.sd15_state_dict(0, torch.float32), "first_stage_model.")
-        vae = checkpoint.build_on_meta(lambda: AutoencoderKL(infer_vae_config(sd)), sd, torch.float32, "VAE", "demo")
+        cfg = infer_vae_config(sd)
+        vae = checkpoint.build_on_meta(lambda: AutoencoderKL(cfg), sd, torch.float32, "VAE", "demo")
     else:
         sd = checkpoint.sub_state_dict(demo.svd_state_dict(0, torch.float32), SVD_VAE_PREFIX)
         cfg = infer_temporal_vae_config(sd)
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
                        str(args.frames), "--size", str(args.size), "--tile", str(tile), "--overlap",
                        str(args.overlap), "--threads", str(args.threads)]
                 print(f"decoding with the {vae} VAE, tile {tile or 'off'} ...", file=sys.stderr, flush=True)
-                proc = subprocess.run(cmd, env=thread_env(args.threads), cwd=ROOT, capture_output=True, text=True)
+                proc = subprocess.run(cmd, check=False, env=thread_env(args.threads), cwd=ROOT, capture_output=True, text=True)
                 if proc.returncode:
                     print(proc.stdout + proc.stderr, file=sys.stderr)
                     return 1
@@ -107,8 +108,8 @@ def main(argv: list[str]) -> int:
              (f"{args.frames} frames at {args.size}x{args.size} decoded at once, tiles of {args.tile} px overlapping "
               f"{args.overlap}, demo VAE weights (tiny, random), fp32, {args.threads} threads ({cpu_name()}); "
               f"torch {torch.__version__}. Peak RSS while decoding (VmHWM, weights included)."), "",
-             "| VAE | untiled s | tiled s | untiled peak MiB | tiled peak MiB | time tiled/untiled "
-             "| peak tiled/untiled | mean abs diff | max abs diff |",
+             ("| VAE | untiled s | tiled s | untiled peak MiB | tiled peak MiB | time tiled/untiled "
+              "| peak tiled/untiled | mean abs diff | max abs diff |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for vae, plain, tiled, mean, mx in rows:
         lines.append(f"| {vae} | {plain['seconds']:.2f} | {tiled['seconds']:.2f} | {mib(plain['peak_kib'])} | "

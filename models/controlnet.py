@@ -1,7 +1,7 @@
 """SD1.5 ControlNet in the original (lllyasviel) layout, with one hint image per frame.
 
 A ControlNet is a copy of the UNet's encoder half: ``time_embed``, ``input_blocks`` and ``middle_block`` (the
-UNet's own blocks, built by ``unet.ldm_blocks``), plus ``input_hint_block`` (convolutions and SiLU that bring the
+UNet's own blocks, built by ``unet.sd15_blocks``), plus ``input_hint_block`` (convolutions and SiLU that bring the
 hint image down to the latent size; its last convolution was initialised at zero), ``zero_convs.N.0`` (a 1x1
 convolution after every input block) and ``middle_block_out.0`` (one after the middle block). The hint's
 embedding is added to the output of the first input block; the outputs of the 1x1 convolutions are the
@@ -28,7 +28,7 @@ from torch import nn
 from .checkpoint import build_on_meta, expect_format, load_state_dict, sub_state_dict
 from .errors import KinemaError
 from .layers import ResBlock, RunOptions, SpatialTransformer, timestep_embedding
-from .unet import UNetConfig, infer_unet_config, ldm_blocks
+from .unet import UNetConfig, infer_unet_config, sd15_blocks
 
 PREFIX = "control_model."
 DEFAULT_OPTS = RunOptions()
@@ -129,15 +129,8 @@ class ControlNet(nn.Module):
         self.cfg = cfg
         self.name = name
         mc = cfg.model_channels
-        emb = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-
-        def attn(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.linear_proj)
-
         # the UNet's layout; a ControlNet has no decoder half, so the output blocks are dropped
-        self.input_blocks, self.middle_block, _, _ = ldm_blocks(
-            cfg, lambda ch_in, ch_out: ResBlock(ch_in, emb, ch_out), attn)
+        self.time_embed, self.input_blocks, self.middle_block, _, _ = sd15_blocks(cfg)
         self.zero_convs = nn.ModuleList(
             [nn.Sequential(nn.Conv2d(c, c, 1)) for c in map(_out_channels, self.input_blocks)])
         self.input_hint_block = hint_block(cfg.hint_in_channels, cfg.hint_channels, mc)

@@ -17,8 +17,8 @@ tokens).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -104,21 +104,25 @@ def ldm_blocks(cfg, res, attn) -> tuple[nn.ModuleList, nn.ModuleList, nn.ModuleL
     return input_blocks, middle_block, output_blocks, ch
 
 
+def sd15_blocks(cfg: UNetConfig) -> tuple[nn.Sequential, nn.ModuleList, nn.ModuleList, nn.ModuleList, int]:
+    """``time_embed`` and the ``ldm_blocks`` of an SD1.5 UNet (shared by the UNet and the ControlNet)."""
+    mc = cfg.model_channels
+    emb = mc * 4
+    time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
+
+    def attn(ch: int) -> SpatialTransformer:
+        return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.linear_proj)
+
+    return (time_embed, *ldm_blocks(cfg, lambda ch_in, ch_out: ResBlock(ch_in, emb, ch_out), attn))
+
+
 class UNetModel(nn.Module):
     """SD1.5 UNet; keys as in ``model.diffusion_model.*`` of the single-file checkpoint."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
-        mc = cfg.model_channels
-        emb = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb), nn.SiLU(), nn.Linear(emb, emb))
-
-        def attn(ch: int) -> SpatialTransformer:
-            return SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.linear_proj)
-
-        self.input_blocks, self.middle_block, self.output_blocks, ch = ldm_blocks(
-            cfg, lambda ch_in, ch_out: ResBlock(ch_in, emb, ch_out), attn)
+        self.time_embed, self.input_blocks, self.middle_block, self.output_blocks, ch = sd15_blocks(cfg)
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
