@@ -89,7 +89,8 @@ class _BatchedDenoiser:
         return outs
 
     def _device_dtype(self, net) -> tuple[torch.device, torch.dtype]:
-        return next(net.parameters()).device, net.dtype
+        device = getattr(self.model, "compute_device", None)  # block offload: not where the weights rest
+        return (device if isinstance(device, torch.device) else next(net.parameters()).device), net.dtype
 
 
 class EpsVideoDenoiser(_BatchedDenoiser):

@@ -22,6 +22,7 @@ from torch import nn
 from .addons import content_cross_extra, control_residuals, video_frames
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, attention
+from .offload import BlockStreamer, OffloadOptions
 from .sampling import DiscreteSchedule
 from .unet import Slot, UNetConfig, UNetModel
 
@@ -271,10 +272,15 @@ def scale_for_frames(scale: float | tuple[float, ...], frames: Sequence[int]) ->
 
 
 class _Binding:
-    """Routes the UNet's temporal slots to a motion module set, with a scale."""
+    """Routes the UNet's temporal slots to a motion module set, with a scale (and block offload's streamer)."""
 
     def __init__(self, motion: MotionModuleSet, unet_cfg: UNetConfig, scale: float | torch.Tensor):
         self.motion, self.unet_cfg, self.scale = motion, unet_cfg, scale
+
+    def modules(self, slot: Slot) -> list[nn.Module]:
+        """The modules ``apply`` runs at ``slot`` (block offload streams them with the UNet block)."""
+        module = self.motion.module_for(slot, self.unet_cfg)
+        return [] if module is None else [module]
 
     def apply(self, slot: Slot, h: torch.Tensor, opts: RunOptions) -> torch.Tensor:
         module = self.motion.module_for(slot, self.unet_cfg)
@@ -301,8 +307,16 @@ class MotionModel:
     controls: tuple = ()
     contents: tuple = ()
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
+    offload: OffloadOptions = OffloadOptions()  # block offload: the UNet and motion modules streamed per call
 
-    def with_options(self, **changes) -> "MotionModel":
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the model computes: the offload device when its blocks are streamed, else where its weights are."""
+        if self.offload.mode == "block":
+            return torch.device(self.offload.device)
+        return next(self.unet.parameters()).device
+
+    def with_options(self, **changes) -> MotionModel:
         return replace(self, **changes)
 
     @property
@@ -354,6 +368,7 @@ class MotionModel:
         opts = RunOptions(num_frames=num_frames, cross_frame_norm=bool(cross), attn_chunk=attn_chunk)
         binding = None
         frames = video_frames(window, num_frames)
+        stream = BlockStreamer(self.offload) if self.offload.mode == "block" else None
         if use_motion:
             binding = _Binding(self.motion, self.unet.cfg, scale_for_frames(self.scale, frames))
         control = cross_extra = None
@@ -364,4 +379,9 @@ class MotionModel:
             videos = x.shape[0] // num_frames
             flags = tuple(uncond) if uncond is not None else (False,) * videos
             cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
-        return self.unet(x, timesteps, context, opts, binding, control=control, cross_extra=cross_extra)
+        try:
+            return self.unet(x, timesteps, context, opts, binding, control=control, cross_extra=cross_extra,
+                             stream=stream)
+        finally:
+            if stream is not None:
+                stream.close()

@@ -155,7 +155,7 @@ def sample_video(
                 f"the {what} conditioning has width {c.shape[-1]} but the UNet expects {ctx_dim}: "
                 "encode the prompt with the CLIP of the same checkpoint"
             )
-    device = next(model.unet.parameters()).device
+    device = model.compute_device
     _check_fits(model, latent, opts, negative is not None and opts.cfg != 1.0, device)
     model = prepare_addons(model, latent)
     schedule = DiscreteSchedule(model.beta_schedule)

@@ -36,6 +36,7 @@ from .layers import (
     group_norm,
     timestep_embedding,
 )
+from .offload import BlockStreamer, stream_blocks
 
 Slot = tuple  # ("input" | "middle" | "output", index)
 
@@ -159,24 +160,30 @@ class UNetModel(nn.Module):
         temporal: Temporal | None = None,
         control: Sequence[torch.Tensor] | None = None,
         cross_extra: CrossExtra | None = None,
+        stream: BlockStreamer | None = None,
     ) -> torch.Tensor:
         """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> (b f) c h w
 
         ``control``: one residual per input block then one for the middle block (ControlNet's outputs);
-        ``cross_extra(slot, j)``: extra cross-attention keys/values of transformer block j in ``slot``.
+        ``cross_extra(slot, j)``: extra cross-attention keys/values of transformer block j in ``slot``;
+        ``stream``: block offload, each block made resident on the compute device just before it runs.
         """
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise KinemaError(f"the ControlNet gives {len(control)} residuals, the UNet takes "
                               f"{len(self.input_blocks) + 1}: the ControlNet was made for another UNet layout")
+        if stream is not None:
+            stream.use(self.time_embed)
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb)
         hs = []
         h = x
-        for i, block in enumerate(self.input_blocks):
+        for i, block in enumerate(stream_blocks(stream, self.input_blocks, "input", temporal)):
             h = self._run_block(block, h, emb, context, opts, temporal if i else None, ("input", i),
                                 cross_extra=cross_extra)
             hs.append(h if control is None else h + control[i].to(h.dtype))
         mid = self.middle_block
+        for _ in stream_blocks(stream, [mid], "middle", temporal):
+            pass
         h = mid[0](h, emb, opts)
         h = mid[1](h, context, opts, None if cross_extra is None else (lambda j: cross_extra(("middle", 0), j)))
         if temporal is not None:
@@ -184,10 +191,12 @@ class UNetModel(nn.Module):
         h = mid[2](h, emb, opts)
         if control is not None:
             h = h + control[-1].to(h.dtype)
-        for i, block in enumerate(self.output_blocks):
+        for i, block in enumerate(stream_blocks(stream, self.output_blocks, "output", temporal)):
             h = torch.cat([h, hs.pop()], dim=1)
             up_size = hs[-1].shape[-2:] if hs else None
             h = self._run_block(block, h, emb, context, opts, temporal, ("output", i), up_size, cross_extra)
+        if stream is not None:
+            stream.use(self.out)
         h = group_norm(self.out[0], h, opts)
         return self.out[2](self.out[1](h))
 

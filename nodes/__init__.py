@@ -9,6 +9,7 @@ from . import (
     latent,
     loaders,
     lora,
+    memory,
     sampler,
     structure,
     svd,
@@ -19,8 +20,8 @@ from . import (
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (loaders, svd, animatediff, lora, context, conditioning, depth, structure, content, guidance, latent, sampler,
-                vae, video_input, video_output):
+for _module in (loaders, svd, animatediff, lora, context, conditioning, depth, structure, content, guidance, memory,
+                latent, sampler, vae, video_input, video_output):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

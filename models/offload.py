@@ -1,0 +1,115 @@
+"""Block offload: a network's blocks kept in storage memory and streamed to the compute device as they run.
+
+A ``BlockStreamer`` is made for one model call. ``use(module)`` brings a block to the compute device (if it is
+not there yet) and evicts the least recently used blocks beyond ``resident``; ``prefetch(module)`` starts the
+next block's copy early (on CUDA, a side stream overlaps the copy with the running block, pinned memory
+permitting; elsewhere it is the same as ``use``, done ahead of time). ``close()`` moves every block back to
+storage, so between calls the model holds no compute memory. Every move is reported to ``on_move(module,
+device)`` when given (the tests count residency this way; it works with a CPU "compute device" too).
+
+Moving parameters changes the module in place, as ComfyUI's own model management does with its offloaded
+models; the streamer always moves them back, also when the call fails.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import KinemaError
+
+OFFLOAD_MODES = ("none", "block")
+
+
+@dataclass(frozen=True)
+class OffloadOptions:
+    """``mode``: none (the model stays on its device) or block (blocks streamed to ``device`` one at a time);
+    ``resident``: blocks kept on the compute device at once (more is faster when memory allows)."""
+
+    mode: str = "none"
+    device: str = "cpu"
+    storage: str = "cpu"
+    resident: int = 2
+    on_move: Callable[[nn.Module, torch.device], None] | None = None  # instrumentation: called after every move
+
+    def validate(self) -> None:
+        if self.mode not in OFFLOAD_MODES:
+            raise KinemaError(f"unknown offload mode '{self.mode}': use one of {', '.join(OFFLOAD_MODES)}")
+        if self.resident < 1:
+            raise KinemaError(f"block offload keeps at least 1 block on the device, got {self.resident}")
+
+
+class BlockStreamer:
+    """Streams blocks to ``device`` for one call (see the module doc)."""
+
+    def __init__(self, opts: OffloadOptions):
+        opts.validate()
+        self.device, self.storage = torch.device(opts.device), torch.device(opts.storage)
+        self.resident, self.on_move = opts.resident, opts.on_move
+        self._on_device: OrderedDict[int, nn.Module] = OrderedDict()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _move(self, module: nn.Module, device: torch.device, non_blocking: bool = False) -> None:
+        module.to(device, non_blocking=non_blocking)
+        if self.on_move is not None:
+            self.on_move(module, device)
+
+    def _evict(self, keep: int) -> None:
+        while len(self._on_device) > keep:
+            _, old = self._on_device.popitem(last=False)
+            self._move(old, self.storage)
+
+    def use(self, module: nn.Module | None) -> None:
+        """Make ``module`` resident on the compute device (most recently used)."""
+        if module is None:
+            return
+        key = id(module)
+        if key in self._on_device:
+            self._on_device.move_to_end(key)
+            if self._stream is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            return
+        self._evict(self.resident - 1)
+        self._move(module, self.device)
+        self._on_device[key] = module
+
+    def prefetch(self, module: nn.Module | None) -> None:
+        """Start bringing ``module`` to the device ahead of its use (only when a slot is free beyond the block
+        in use, so it never evicts the running one)."""
+        if module is None or id(module) in self._on_device or self.resident < 2:
+            return
+        self._evict(self.resident - 1)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                self._move(module, self.device, non_blocking=True)
+        else:
+            self._move(module, self.device)
+        self._on_device[id(module)] = module
+
+    def close(self) -> None:
+        """Every streamed block back to storage."""
+        self._evict(0)
+
+    @property
+    def on_device(self) -> list[nn.Module]:
+        return list(self._on_device.values())
+
+
+def stream_blocks(streamer: BlockStreamer | None, blocks, kind: str, temporal=None):
+    """Yield the UNet ``blocks`` of ``kind`` ("input", "middle", "output") in order, each made resident (with the
+    temporal modules of its slot, ``temporal.modules(slot)``, as one unit) just before it runs, and the next unit
+    prefetched. Without a streamer the blocks are yielded as they are."""
+    blocks = list(blocks)
+    if streamer is None:
+        yield from blocks
+        return
+    extra = getattr(temporal, "modules", None)
+    units = [nn.ModuleList([b, *(extra((kind, i)) if extra is not None else [])]) for i, b in enumerate(blocks)]
+    for i, block in enumerate(blocks):
+        streamer.use(units[i])
+        if i + 1 < len(units):
+            streamer.prefetch(units[i + 1])
+        yield block

@@ -1,0 +1,48 @@
+"""The memory policy node: how a video model uses the compute device's memory."""
+from __future__ import annotations
+
+from ..models.errors import KinemaError
+from ..models.motion import MotionModel
+from ..models.offload import OFFLOAD_MODES, OffloadOptions
+from . import host
+
+
+class KinemaMemoryPolicy:
+    DESCRIPTION = (
+        "How an AnimateDiff model uses GPU memory. offload none: the UNet and motion module stay on the GPU "
+        "(fastest). block: they rest in system memory and each UNet block (and motion module) is moved to the GPU "
+        "just before it runs, the next one copied while the current one computes; at most resident_blocks are on "
+        "the GPU at once, so VRAM holds a few blocks plus activations instead of the whole UNet. Slower by the "
+        "copies (PCIe bandwidth); the video is the same."
+    )
+    CATEGORY = "Kinema/sampling"
+    RETURN_TYPES = ("KINEMA_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this policy; connect it to the Video Sampler (Kinema).",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module)."}),
+                "offload": (list(OFFLOAD_MODES), {"default": "none",
+                                                  "tooltip": "none: all on the GPU; block: blocks streamed in."}),
+                "resident_blocks": ("INT", {"default": 2, "min": 1, "max": 64,
+                                            "tooltip": "block offload: blocks kept on the GPU at once (2 lets the "
+                                                       "next one load while one runs)."}),
+            }
+        }
+
+    def apply(self, model, offload="none", resident_blocks=2):
+        if not isinstance(model, MotionModel):
+            raise KinemaError("Memory Policy (Kinema) works on AnimateDiff / SD1.5 models so far; for SVD use the "
+                              "sampler's attention_chunk and batch_cond, context windows and VAE tiles")
+        opts = OffloadOptions(mode=offload, device=str(host.compute_device()), storage="cpu",
+                              resident=int(resident_blocks))
+        opts.validate()
+        return (model.with_options(offload=opts),)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaMemoryPolicy": KinemaMemoryPolicy}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaMemoryPolicy": "Memory Policy (Kinema)"}

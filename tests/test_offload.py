@@ -1,0 +1,87 @@
+"""Block offload: the same video, at most the configured number of blocks on the compute device, everything back
+in storage after each call (moves instrumented; works with the CPU as the compute device)."""
+import pytest
+import torch
+from conftest import load_pack
+from fixtures import motion_model
+from kinema.models import pipelines
+from kinema.models.errors import KinemaError
+from kinema.models.offload import BlockStreamer, OffloadOptions
+
+HW = 8
+
+
+class Residency:
+    """Follows the moves: which modules are on the compute device, and the most at once."""
+
+    def __init__(self):
+        self.on, self.most, self.moves = set(), 0, 0
+
+    def __call__(self, module, device):
+        self.moves += 1
+        if device.type == "cpu" and device.index == 1:  # the compute side of this test (see _opts)
+            self.on.add(id(module))
+        else:
+            self.on.discard(id(module))
+        self.most = max(self.most, len(self.on))
+
+
+def _opts(resident, watch):
+    # CPU plays both sides; "cpu:1" marks the compute device (torch keeps CPU tensors on one device anyway)
+    return OffloadOptions(mode="block", device="cpu:1", storage="cpu", resident=resident, on_move=watch)
+
+
+def _sample(model, cfg=5.0):
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        return pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW),
+                                      pipelines.SampleOptions(seed=7, steps=2, cfg=cfg))
+
+
+@pytest.mark.parametrize("resident", [1, 2, 3])
+def test_block_offload_gives_the_same_video_with_at_most_n_blocks_resident(resident):
+    watch = Residency()
+    plain = _sample(motion_model("v2"))
+    streamed = _sample(motion_model("v2").with_options(offload=_opts(resident, watch)))
+    assert torch.equal(streamed, plain)
+    unet_blocks = len(motion_model("v2").unet.input_blocks) + 1 + len(motion_model("v2").unet.output_blocks)
+    assert watch.most == resident and watch.moves >= 2 * unet_blocks * 2  # in and out, every block, each step
+    assert not watch.on  # all back in storage after the call
+
+
+def test_blocks_go_back_to_storage_when_a_call_fails():
+    watch = Residency()
+    model = motion_model("v2").with_options(offload=_opts(2, watch))
+    with pytest.raises(RuntimeError):
+        model(torch.zeros(4, 3, HW, HW), torch.zeros(4), torch.zeros(4, 77, 64), 4)  # 3 channels: the conv fails
+    assert watch.moves > 0 and not watch.on
+
+
+def test_prefetch_never_evicts_the_block_in_use():
+    watch = Residency()
+    streamer = BlockStreamer(_opts(2, watch))
+    a, b, c = (torch.nn.Linear(2, 2) for _ in range(3))
+    streamer.use(a)
+    streamer.prefetch(b)
+    assert streamer.on_device == [a, b]
+    streamer.use(b)
+    streamer.prefetch(c)
+    assert streamer.on_device == [b, c]
+    streamer.close()
+    assert streamer.on_device == [] and not watch.on
+
+
+def test_offload_options_are_checked():
+    with pytest.raises(KinemaError, match="offload mode"):
+        OffloadOptions(mode="disk").validate()
+    with pytest.raises(KinemaError, match="at least 1"):
+        OffloadOptions(mode="block", resident=0).validate()
+
+
+def test_memory_policy_node():
+    node = load_pack().nodes.memory.KinemaMemoryPolicy()
+    (model,) = node.apply(motion_model("v2"), "block", 3)
+    assert model.offload.mode == "block" and model.offload.resident == 3 and motion_model("v2").offload.mode == "none"
+    with pytest.raises(KinemaError, match="AnimateDiff"):
+        node.apply(object(), "block", 2)
