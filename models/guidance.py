@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 
 from . import context
 from .errors import KinemaError
-from .memory import is_out_of_memory, release_cached_memory
+from .memory import is_out_of_memory, release_cached_memory, run_with_oom_retry
 from .sampling import DiscreteSchedule
 
 
@@ -42,6 +43,25 @@ def match_token_lengths(contexts: list[torch.Tensor]) -> list[torch.Tensor] | No
     if lcm > 4 * max(lengths):
         return None
     return [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
+
+
+SAMPLING_REMEDY = ("lower the frame count or the size, connect Context Options (Kinema) to sample in windows, set "
+                   "attention_chunk on the Video Sampler, or use Memory Policy (Kinema) with block offload")
+
+
+@dataclass(frozen=True)
+class AttentionChunk:
+    """Attention queries at once (0: all), as the out-of-memory retry describes and shrinks it."""
+
+    queries: int = 0
+
+    def smaller(self) -> AttentionChunk | None:
+        if self.queries == 0:
+            return AttentionChunk(1024)
+        return AttentionChunk(self.queries // 2) if self.queries // 2 >= 64 else None
+
+    def __str__(self) -> str:
+        return f"attention in chunks of {self.queries} queries" if self.queries else "attention unchunked"
 
 
 class _BatchedDenoiser:
@@ -76,17 +96,32 @@ class _BatchedDenoiser:
         for group in self._groups(conds):
             group_flags = tuple(flags[start:start + len(group)])
             start += len(group)
+            if len(group) == 1:
+                outs.extend(self._predict_one(x, sigma, group, window, group_flags, temporal))
+                continue
             try:
                 outs.extend(self._predict(x, sigma, group, window, group_flags, temporal))
                 continue
             except Exception as exc:
-                if len(group) == 1 or not is_out_of_memory(exc):
+                if not is_out_of_memory(exc):
                     raise
             # out of the except block: the failed batch's tensors are released before the retry
             release_cached_memory()
             self.batch_cond = False  # the rest of the run: one conditioning at a time
             outs.extend(self(x, sigma, group, window=window, uncond=list(group_flags), temporal=temporal))
         return outs
+
+    def _predict_one(self, x, sigma, group, window, flags, temporal) -> list[torch.Tensor]:
+        """One conditioning; out of memory: once more with attention in (smaller) chunks, which gives the same
+        prediction and holds for the rest of the run; a second time: a KinemaError naming the settings."""
+        def run(chunking: AttentionChunk):
+            self.attn_chunk = chunking.queries
+            return self._predict(x, sigma, group, window, flags, temporal)
+
+        out, used = run_with_oom_retry(run, AttentionChunk(self.attn_chunk), AttentionChunk.smaller, "sampling",
+                                       SAMPLING_REMEDY)
+        self.attn_chunk = used.queries
+        return out
 
     def _device_dtype(self, net) -> tuple[torch.device, torch.dtype]:
         device = getattr(self.model, "compute_device", None)  # block offload: not where the weights rest

@@ -22,7 +22,7 @@ from torch import nn
 from .addons import content_cross_extra, control_residuals, video_frames
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, attention
-from .offload import BlockStreamer, OffloadOptions
+from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
 from .sampling import DiscreteSchedule
 from .unet import Slot, UNetConfig, UNetModel
 
@@ -307,14 +307,12 @@ class MotionModel:
     controls: tuple = ()
     contents: tuple = ()
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
-    offload: OffloadOptions = OffloadOptions()  # block offload: the UNet and motion modules streamed per call
+    offload: OffloadOptions = NO_OFFLOAD  # block offload: the UNet and motion modules streamed per call
 
     @property
     def compute_device(self) -> torch.device:
         """Where the model computes: the offload device when its blocks are streamed, else where its weights are."""
-        if self.offload.mode == "block":
-            return torch.device(self.offload.device)
-        return next(self.unet.parameters()).device
+        return compute_device(self.unet, self.offload)
 
     def with_options(self, **changes) -> MotionModel:
         return replace(self, **changes)

@@ -42,6 +42,16 @@ class OffloadOptions:
             raise KinemaError(f"block offload keeps at least 1 block on the device, got {self.resident}")
 
 
+NO_OFFLOAD = OffloadOptions()
+
+
+def compute_device(net: nn.Module, opts: OffloadOptions) -> torch.device:
+    """Where a model computes: the offload device when its blocks are streamed, else where its weights are."""
+    if opts.mode == "block":
+        return torch.device(opts.device)
+    return next(net.parameters()).device
+
+
 class BlockStreamer:
     """Streams blocks to ``device`` for one call (see the module doc)."""
 

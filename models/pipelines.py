@@ -204,7 +204,7 @@ def sample_img2vid(
     (Stable Video Diffusion's per-frame guidance). Returns the latent [f, 4, h, w], unscaled, on the CPU.
     """
     frames = _check_latent(latent, opts, model)
-    device = next(model.unet.parameters()).device
+    device = model.compute_device
     _check_fits(model, latent, opts, uncond is not None, device)
     cfg = per_frame_cfg(model.cfg_mode, model.guidance_min, opts.cfg, frames, model.cfg_period)
     denoiser = CFGDenoiser(

@@ -45,6 +45,7 @@ from .layers import (
     attention,
     timestep_embedding,
 )
+from .offload import BlockStreamer, stream_blocks
 from .unet import ldm_blocks, scan_input_blocks, transformer_depth
 
 MERGE_STRATEGIES = ("learned_with_images", "learned", "fixed")
@@ -346,8 +347,12 @@ class SVDUNet(nn.Module):
         num_frames: int,
         opts: RunOptions = RunOptions(),
         image_only_indicator: torch.Tensor | None = None,
+        stream: BlockStreamer | None = None,
     ) -> torch.Tensor:
-        """(b f) c h w, timesteps [(b f)], context [(b f), n, d], y [(b f), adm] -> (b f) c_out h w"""
+        """(b f) c h w, timesteps [(b f)], context [(b f), n, d], y [(b f), adm] -> (b f) c_out h w
+
+        ``stream``: block offload, each block made resident on the compute device just before it runs.
+        """
         if num_frames < 1 or x.shape[0] % num_frames:
             raise KinemaError(f"the SVD UNet got {x.shape[0]} frames in its batch, not a multiple of "
                               f"num_frames={num_frames}")
@@ -357,19 +362,24 @@ class SVDUNet(nn.Module):
                                   f"{x.shape[0]} frames")
         if image_only_indicator is None:
             image_only_indicator = x.new_zeros(x.shape[0] // num_frames, num_frames)
+        if stream is not None:
+            stream.use(nn.ModuleList([self.time_embed, self.label_emb]))
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb) + self.label_emb(y.to(x.dtype))
         context = context.to(x.dtype)
         hs = []
         h = x
-        for block in self.input_blocks:
+        for block in stream_blocks(stream, self.input_blocks, "input"):
             h = self._run_block(block, h, emb, context, num_frames, image_only_indicator, opts)
             hs.append(h)
-        h = self._run_block(self.middle_block, h, emb, context, num_frames, image_only_indicator, opts)
-        for block in self.output_blocks:
+        for block in stream_blocks(stream, [self.middle_block], "middle"):
+            h = self._run_block(block, h, emb, context, num_frames, image_only_indicator, opts)
+        for block in stream_blocks(stream, self.output_blocks, "output"):
             h = torch.cat([h, hs.pop()], dim=1)
             up_size = hs[-1].shape[-2:] if hs else None
             h = self._run_block(block, h, emb, context, num_frames, image_only_indicator, opts, up_size)
+        if stream is not None:
+            stream.use(self.out)
         return self.out(h)
 
 

@@ -28,6 +28,7 @@ from einops import rearrange
 
 from .errors import KinemaError
 from .layers import RunOptions
+from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
 from .svd import micro_conditioning
 
 
@@ -60,8 +61,14 @@ class SVDModel:
     cfg_period: float = 1.0
     name: str = ""
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
+    offload: OffloadOptions = NO_OFFLOAD  # block offload: the UNet's blocks streamed per call
 
-    def with_options(self, **changes) -> "SVDModel":
+    @property
+    def compute_device(self) -> torch.device:
+        """Where the model computes: the offload device when its blocks are streamed, else where its weights are."""
+        return compute_device(self.unet, self.offload)
+
+    def with_options(self, **changes) -> SVDModel:
         return replace(self, **changes)
 
     @property
@@ -90,9 +97,14 @@ class SVDModel:
                                   f"'{self.unet.cfg.merge_strategy}': it has no image model, so temporal guidance "
                                   "cannot be used with it (set the temporal guidance scale to 1)")
             indicator = x.new_ones(x.shape[0] // num_frames, num_frames)
-        return self.unet(x, timesteps, context, y, num_frames, RunOptions(num_frames=num_frames,
-                                                                          attn_chunk=attn_chunk),
-                         image_only_indicator=indicator)
+        stream = BlockStreamer(self.offload) if self.offload.mode == "block" else None
+        try:
+            return self.unet(x, timesteps, context, y, num_frames, RunOptions(num_frames=num_frames,
+                                                                              attn_chunk=attn_chunk),
+                             image_only_indicator=indicator, stream=stream)
+        finally:
+            if stream is not None:
+                stream.close()
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,15 @@ from __future__ import annotations
 from ..models.errors import KinemaError
 from ..models.motion import MotionModel
 from ..models.offload import OFFLOAD_MODES, OffloadOptions
+from ..models.svd_model import SVDModel
 from . import host
 
 
 class KinemaMemoryPolicy:
     DESCRIPTION = (
-        "How an AnimateDiff model uses GPU memory. offload none: the UNet and motion module stay on the GPU "
-        "(fastest). block: they rest in system memory and each UNet block (and motion module) is moved to the GPU "
+        "How a video model (AnimateDiff or SVD) uses GPU memory. offload none: the UNet (and motion module) stay on "
+        "the GPU (fastest). block: they rest in system memory and each UNet block (with its motion module) is moved "
+        "to the GPU "
         "just before it runs, the next one copied while the current one computes; at most resident_blocks are on "
         "the GPU at once, so VRAM holds a few blocks plus activations instead of the whole UNet. Slower by the "
         "copies (PCIe bandwidth); the video is the same."
@@ -25,7 +27,7 @@ class KinemaMemoryPolicy:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module)."}),
+                "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module) or an SVD model."}),
                 "offload": (list(OFFLOAD_MODES), {"default": "none",
                                                   "tooltip": "none: all on the GPU; block: blocks streamed in."}),
                 "resident_blocks": ("INT", {"default": 2, "min": 1, "max": 64,
@@ -35,9 +37,9 @@ class KinemaMemoryPolicy:
         }
 
     def apply(self, model, offload="none", resident_blocks=2):
-        if not isinstance(model, MotionModel):
-            raise KinemaError("Memory Policy (Kinema) works on AnimateDiff / SD1.5 models so far; for SVD use the "
-                              "sampler's attention_chunk and batch_cond, context windows and VAE tiles")
+        if not isinstance(model, (MotionModel, SVDModel)):
+            raise KinemaError("Memory Policy (Kinema) takes a video model: connect Apply Motion Module (Kinema) or "
+                              "Load SVD Checkpoint (Kinema)")
         opts = OffloadOptions(mode=offload, device=str(host.compute_device()), storage="cpu",
                               resident=int(resident_blocks))
         opts.validate()

@@ -1,8 +1,8 @@
 """Classifier-free guidance: batched and unbatched agree, and a batch that runs out of memory falls back."""
 import pytest
 import torch
-
 from fixtures import motion_model
+from kinema.models.errors import KinemaError
 from kinema.models.guidance import CFGDenoiser, EpsVideoDenoiser
 from kinema.models.sampling import DiscreteSchedule
 
@@ -71,5 +71,37 @@ def test_other_errors_and_single_video_out_of_memory_are_not_swallowed():
     x, sigma, cond, _ = _inputs()
     oom = OutOfMemoryAboveOneVideo(motion_model("v2"), torch.OutOfMemoryError("out of memory"), above=0)
     den = EpsVideoDenoiser(oom, DiscreteSchedule("linear"))
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(KinemaError, match="attention_chunk"):  # one retry with chunked attention, then the settings
         den(x, sigma, [cond])
+    assert len(oom.calls) == 2
+
+
+class OutOfMemoryUnchunked:
+    """A video model that runs out of memory unless its attention is chunked."""
+
+    def __init__(self, model):
+        self.model, self.chunks = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, t, ctx, num_frames, attn_chunk=0, **kw):
+        self.chunks.append(attn_chunk)
+        if not attn_chunk:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return self.model(x, t, ctx, num_frames, attn_chunk=attn_chunk, **kw)
+
+
+def test_out_of_memory_of_one_video_retries_with_chunked_attention(caplog):
+    import logging
+
+    x, sigma, cond, _ = _inputs()
+    model = OutOfMemoryUnchunked(motion_model("v2"))
+    den = EpsVideoDenoiser(model, DiscreteSchedule("linear"))
+    with caplog.at_level(logging.WARNING, logger="kinema"), torch.no_grad():
+        got = den(x, sigma, [cond])[0]
+        again = den(x, sigma, [cond])[0]
+        want = EpsVideoDenoiser(motion_model("v2"), DiscreteSchedule("linear"))(x, sigma, [cond])[0]
+    assert model.chunks == [0, 1024, 1024]  # the chunking holds for the rest of the run
+    assert torch.allclose(got, want, atol=1e-5) and torch.equal(got, again)
+    assert "retrying once with attention in chunks of 1024 queries" in caplog.text

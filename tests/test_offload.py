@@ -19,7 +19,7 @@ class Residency:
 
     def __call__(self, module, device):
         self.moves += 1
-        if device.type == "cpu" and device.index == 1:  # the compute side of this test (see _opts)
+        if device.index is None:  # the compute side of this test: "cpu" (storage is "cpu:1", see _opts)
             self.on.add(id(module))
         else:
             self.on.discard(id(module))
@@ -27,8 +27,8 @@ class Residency:
 
 
 def _opts(resident, watch):
-    # CPU plays both sides; "cpu:1" marks the compute device (torch keeps CPU tensors on one device anyway)
-    return OffloadOptions(mode="block", device="cpu:1", storage="cpu", resident=resident, on_move=watch)
+    # CPU plays both sides; "cpu:1" marks the storage side (torch keeps CPU tensors in one memory anyway)
+    return OffloadOptions(mode="block", device="cpu", storage="cpu:1", resident=resident, on_move=watch)
 
 
 def _sample(model, cfg=5.0):
@@ -44,7 +44,7 @@ def test_block_offload_gives_the_same_video_with_at_most_n_blocks_resident(resid
     watch = Residency()
     plain = _sample(motion_model("v2"))
     streamed = _sample(motion_model("v2").with_options(offload=_opts(resident, watch)))
-    assert torch.equal(streamed, plain)
+    assert float((streamed - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
     unet_blocks = len(motion_model("v2").unet.input_blocks) + 1 + len(motion_model("v2").unet.output_blocks)
     assert watch.most == resident and watch.moves >= 2 * unet_blocks * 2  # in and out, every block, each step
     assert not watch.on  # all back in storage after the call
@@ -83,5 +83,27 @@ def test_memory_policy_node():
     node = load_pack().nodes.memory.KinemaMemoryPolicy()
     (model,) = node.apply(motion_model("v2"), "block", 3)
     assert model.offload.mode == "block" and model.offload.resident == 3 and motion_model("v2").offload.mode == "none"
-    with pytest.raises(KinemaError, match="AnimateDiff"):
+    with pytest.raises(KinemaError, match="video model"):
         node.apply(object(), "block", 2)
+
+
+def test_svd_block_offload_gives_the_same_video():
+    import os
+    import tempfile
+
+    from fixtures_svd_pipeline import write_svd
+    from kinema.models import checkpoint, svd_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = checkpoint.load_svd(write_svd(os.path.join(tmp, "svd_tiny.safetensors")))
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    cond, uncond = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image,
+                                                svd_model.ImageConditioningOptions(width=64, height=64, frames=3))
+    latent = pipelines.empty_video_latent(3, 64, 64)
+    opts = pipelines.SampleOptions(seed=1, steps=2, cfg=2.5, scheduler="karras")
+    plain = pipelines.sample_img2vid(bundle.model, cond, uncond, latent, opts)
+    watch = Residency()
+    streamed = pipelines.sample_img2vid(bundle.model.with_options(offload=_opts(2, watch)), cond, uncond, latent, opts)
+    # moved weights are fresh copies: the CPU kernels may round differently, and EDM sampling amplifies it
+    assert float((streamed - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
+    assert watch.most == 2 and watch.moves > 0 and not watch.on
