@@ -47,12 +47,16 @@ def run_child(args) -> None:
     register_pack()
     import fixtures
 
+    if args.width == "medium":
+        fixtures.use_sizes(fixtures.MEDIUM)
+
     from kinema.models.pipelines import SampleOptions, sample_video
     from kinema.models.sampling import initial_noise
 
     frames, lat = args.frames, args.size // 8
     g = torch.Generator().manual_seed(1234)
-    positive, negative = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    dim = fixtures.SIZES.clip_hidden
+    positive, negative = torch.randn(1, 77, dim, generator=g), torch.randn(1, 77, dim, generator=g)
 
     if args.child == "kinema":
         model = fixtures.motion_model(args.motion, beta_schedule="linear")
@@ -139,7 +143,7 @@ def run_parent(args, argv: list[str]) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--result", result,
                    "--latent-out", latent, "--frames", str(args.frames), "--steps", str(args.steps),
                    "--size", str(args.size), "--threads", str(args.threads), "--cfg", str(args.cfg),
-                   "--seed", str(args.seed), "--motion", args.motion]
+                   "--seed", str(args.seed), "--motion", args.motion, "--width", args.width]
             env = thread_env(args.threads)
             print(f"running {impl} ({rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -165,7 +169,7 @@ def run_parent(args, argv: list[str]) -> int:
         "python " + " ".join(shlex.quote(a) for a in ["bench/bench_animatediff.py"] + argv),
         "```",
         "",
-        f"AnimateDiff {args.motion} on the Kinema demo weights (tiny, random), {args.frames} frames at "
+        f"AnimateDiff {args.motion} on the Kinema demo weights ({args.width}, random), {args.frames} frames at "
         f"{args.size}x{args.size} (latent {lat}x{lat}), {args.steps} Euler steps, cfg {args.cfg} (cond and uncond "
         f"in one batch: {2 * args.frames} UNet images a step), fp32 on CPU, {k['threads']} threads "
         f"({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}."
@@ -211,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed (ComfyUI convention)")
     p.add_argument("--motion", choices=("v1", "v2", "v3"), default="v3", help="demo motion module version")
+    p.add_argument("--width", choices=("tiny", "medium"), default="tiny",
+                   help="demo network width: tiny (32 channels) or medium (the real block structure at 160 channels, "
+                        "half SD1.5's 320, context 384)")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each implementation this many times (alternating) and report its fastest run")
     p.add_argument("--child", choices=("kinema", "diffusers"), help=argparse.SUPPRESS)

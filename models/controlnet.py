@@ -27,7 +27,7 @@ from torch import nn
 
 from .checkpoint import build_on_meta, expect_format, load_state_dict, sub_state_dict
 from .errors import KinemaError
-from .layers import ResBlock, RunOptions, SpatialTransformer, timestep_embedding
+from .layers import ResBlock, RunOptions, SharedContext, SpatialTransformer, timestep_embedding
 from .unet import UNetConfig, infer_unet_config, sd15_blocks
 
 PREFIX = "control_model."
@@ -187,6 +187,7 @@ class ControlNet(nn.Module):
         """
         self._check_inputs(x, hint, opts.num_frames)
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        context = SharedContext.of(context)
         guide = self.input_hint_block(hint.to(x.dtype))
         if guide.shape[0] != x.shape[0]:
             guide = repeat(guide, "f c h w -> (b f) c h w", b=x.shape[0] // guide.shape[0])

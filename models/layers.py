@@ -57,6 +57,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, chu
     return rearrange(out, "b h n d -> b n (h d)")
 
 
+@dataclass(frozen=True)
+class SharedContext:
+    """A cross-attention context ``[(b f), m, d]`` whose consecutive frames repeat (one prompt for many frames):
+    kept once per run of equal entries (``values`` [u, m, d]) with each frame's entry in ``index`` [(b f)], so the
+    keys and values are projected once per distinct prompt instead of once per frame."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+
+    @staticmethod
+    def of(context: torch.Tensor) -> torch.Tensor | SharedContext:
+        """``context`` [(b f), m, d] as a SharedContext when neighbouring entries repeat, else unchanged."""
+        if context.shape[0] < 2:
+            return context
+        same = (context[1:] == context[:-1]).flatten(1).all(dim=1)
+        if not bool(same.any()):
+            return context
+        starts = torch.cat([same.new_ones(1), ~same])
+        return SharedContext(context[starts], starts.long().cumsum(0) - 1)
+
+    def project(self, linear: nn.Module) -> torch.Tensor:
+        """``linear`` of every frame's context: [(b f), m, c], computed once per distinct entry."""
+        return linear(self.values)[self.index]
+
+
 class CrossAttention(nn.Module):
     """Self or cross attention with the LDM names ``to_q/to_k/to_v/to_out.0``."""
 
@@ -76,9 +101,13 @@ class CrossAttention(nn.Module):
         ``extra``: more ``(k, v, scale)`` the same queries attend to, each added as ``scale * attention(q, k, v)``
         before ``to_out`` (decoupled cross-attention, as IP-Adapter's image tokens); k, v are [b, m', c].
         """
-        context = x if context is None else context
         q = self.to_q(x)
-        out = attention(q, self.to_k(context), self.to_v(context), self.heads, chunk)
+        if isinstance(context, SharedContext):
+            k, v = context.project(self.to_k), context.project(self.to_v)
+        else:
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
+        out = attention(q, k, v, self.heads, chunk)
         for k, v, scale in extra:
             out = out + scale * attention(q, k.to(q.dtype), v.to(q.dtype), self.heads, chunk)
         return self.to_out(out)

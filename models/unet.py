@@ -31,6 +31,7 @@ from .layers import (
     ExtraKV,
     ResBlock,
     RunOptions,
+    SharedContext,
     SpatialTransformer,
     Upsample,
     group_norm,
@@ -175,6 +176,7 @@ class UNetModel(nn.Module):
             stream.use(self.time_embed)
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb)
+        context = SharedContext.of(context)  # one prompt for many frames: its keys/values projected once
         hs = []
         h = x
         for i, block in enumerate(stream_blocks(stream, self.input_blocks, "input", temporal)):

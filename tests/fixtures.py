@@ -38,6 +38,19 @@ from kinema.models.vae import AutoencoderKL, infer_vae_config
 
 SEED = 0
 VERSIONS = ("v1", "v2", "v3")
+#: the demo sizes every fixture is built at: the tiny demo width; the bench may switch to ``MEDIUM`` (``use_sizes``)
+SIZES = demo.DemoSizes()
+#: the real SD1.5 / AnimateDiff block structure at half the width (the bench's medium size)
+MEDIUM = demo.DemoSizes(model_channels=160, channel_mult=(1, 2, 4, 4), clip_hidden=384, vae_ch=64,
+                        vae_mult=(1, 2, 4, 4))
+
+
+def use_sizes(sizes: demo.DemoSizes) -> None:
+    """Build every fixture at ``sizes`` from now on (the caches are dropped). For the benches."""
+    global SIZES
+    SIZES = sizes
+    for cached in (sd15_state_dict, motion_state_dict, unet, vae, motion_modules, diffusers_unet2d, diffusers_vae):
+        cached.cache_clear()
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
@@ -47,13 +60,13 @@ VAE_PREFIX = "first_stage_model."
 @functools.lru_cache(maxsize=None)
 def sd15_state_dict() -> dict[str, torch.Tensor]:
     """The demo SD1.5 single-file checkpoint (fp32, seed ``SEED``), original LDM layout. Read-only."""
-    return demo.sd15_state_dict(SEED, torch.float32)
+    return demo.sd15_state_dict(SEED, torch.float32, SIZES)
 
 
 @functools.lru_cache(maxsize=None)
 def motion_state_dict(version: str) -> dict[str, torch.Tensor]:
     """The demo AnimateDiff motion module ``version`` in the published layout. Read-only."""
-    return demo.motion_state_dict(version, SEED, torch.float32)
+    return demo.motion_state_dict(version, SEED, torch.float32, SIZES)
 
 
 # -- engine models -------------------------------------------------------------------------------------------------
