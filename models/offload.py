@@ -26,13 +26,17 @@ OFFLOAD_MODES = ("none", "block")
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    """``mode``: none (the model stays on its device) or block (blocks streamed to ``device`` one at a time);
-    ``resident``: blocks kept on the compute device at once (more is faster when memory allows)."""
+    """A model's memory policy. ``mode``: none (the model stays on its device) or block (blocks streamed to
+    ``device`` one at a time); ``resident``: blocks kept on the compute device at once (more is faster when memory
+    allows); ``attn_chunk``: attention queries (spatial) / pixel positions (temporal) at once, 0 = all;
+    ``batch_cond``: cond and uncond in one batch (False: one after the other)."""
 
     mode: str = "none"
     device: str = "cpu"
     storage: str = "cpu"
     resident: int = 2
+    attn_chunk: int = 0
+    batch_cond: bool = True
     on_move: Callable[[nn.Module, torch.device], None] | None = None  # instrumentation: called after every move
 
     def validate(self) -> None:
@@ -40,6 +44,8 @@ class OffloadOptions:
             raise KinemaError(f"unknown offload mode '{self.mode}': use one of {', '.join(OFFLOAD_MODES)}")
         if self.resident < 1:
             raise KinemaError(f"block offload keeps at least 1 block on the device, got {self.resident}")
+        if self.attn_chunk < 0:
+            raise KinemaError(f"the attention chunk must be 0 (off) or more, got {self.attn_chunk}")
 
 
 NO_OFFLOAD = OffloadOptions()

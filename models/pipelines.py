@@ -7,7 +7,7 @@ the way in and removed on the way out, as ComfyUI's KSampler does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -94,6 +94,16 @@ def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, 
     return (out / latent_scale).float().cpu()
 
 
+def with_memory_policy(model, opts: SampleOptions) -> SampleOptions:
+    """The sampling options with the model's memory policy (Memory Policy (Kinema)) where the sampler leaves them
+    at their defaults: the sampler's nonzero attention chunk wins; cond/uncond are batched only if both allow."""
+    policy = getattr(model, "offload", None)
+    if policy is None:
+        return opts
+    return replace(opts, attn_chunk=opts.attn_chunk or policy.attn_chunk,
+                   batch_cond=opts.batch_cond and policy.batch_cond)
+
+
 def prepare_addons(model, latent: torch.Tensor):
     """The model with its ControlNet hints fitted to the video ``latent`` [f, 4, h, w] (spread over the frames,
     resized to its pixel size) and its add-ons checked against the UNet: errors before sampling starts."""
@@ -148,6 +158,7 @@ def sample_video(
     Returns the sampled latent [f, 4, h, w], unscaled, on the CPU.
     """
     frames = _check_latent(latent, opts, model)
+    opts = with_memory_policy(model, opts)
     ctx_dim = model.unet.cfg.context_dim
     for what, c in (("positive", positive), ("negative", negative)):
         if c is not None and c.shape[-1] != ctx_dim:
@@ -204,6 +215,7 @@ def sample_img2vid(
     (Stable Video Diffusion's per-frame guidance). Returns the latent [f, 4, h, w], unscaled, on the CPU.
     """
     frames = _check_latent(latent, opts, model)
+    opts = with_memory_policy(model, opts)
     device = model.compute_device
     _check_fits(model, latent, opts, uncond is not None, device)
     cfg = per_frame_cfg(model.cfg_mode, model.guidance_min, opts.cfg, frames, model.cfg_period)

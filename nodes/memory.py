@@ -15,7 +15,8 @@ class KinemaMemoryPolicy:
         "to the GPU "
         "just before it runs, the next one copied while the current one computes; at most resident_blocks are on "
         "the GPU at once, so VRAM holds a few blocks plus activations instead of the whole UNet. Slower by the "
-        "copies (PCIe bandwidth); the video is the same."
+        "copies (PCIe bandwidth); the video is the same. Also the attention chunking and cond/uncond batching the "
+        "sampler uses when its own are left at their defaults."
     )
     CATEGORY = "Kinema/sampling"
     RETURN_TYPES = ("KINEMA_MODEL",)
@@ -33,15 +34,24 @@ class KinemaMemoryPolicy:
                 "resident_blocks": ("INT", {"default": 2, "min": 1, "max": 64,
                                             "tooltip": "block offload: blocks kept on the GPU at once (2 lets the "
                                                        "next one load while one runs)."}),
+                "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
+                                            "tooltip": "Attention in chunks: this many queries (spatial) or pixel "
+                                                       "positions (temporal) at once; 0 = all. The same video, "
+                                                       "less memory. A nonzero value on the Video Sampler wins."}),
+                "batch_cond": ("BOOLEAN", {"default": True,
+                                           "tooltip": "Run cond and uncond in one batch (faster) or one after the "
+                                                      "other (about half the activation memory). Off here or on "
+                                                      "the sampler: one after the other."}),
             }
         }
 
-    def apply(self, model, offload="none", resident_blocks=2):
+    def apply(self, model, offload="none", resident_blocks=2, attention_chunk=0, batch_cond=True):
         if not isinstance(model, (MotionModel, SVDModel)):
             raise KinemaError("Memory Policy (Kinema) takes a video model: connect Apply Motion Module (Kinema) or "
                               "Load SVD Checkpoint (Kinema)")
         opts = OffloadOptions(mode=offload, device=str(host.compute_device()), storage="cpu",
-                              resident=int(resident_blocks))
+                              resident=int(resident_blocks), attn_chunk=int(attention_chunk),
+                              batch_cond=bool(batch_cond))
         opts.validate()
         return (model.with_options(offload=opts),)
 

@@ -107,3 +107,28 @@ def test_svd_block_offload_gives_the_same_video():
     # moved weights are fresh copies: the CPU kernels may round differently, and EDM sampling amplifies it
     assert float((streamed - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
     assert watch.most == 2 and watch.moves > 0 and not watch.on
+
+
+def test_the_memory_policy_reaches_the_sampler():
+    from kinema.models.guidance import EpsVideoDenoiser
+
+    seen = []
+    real_init = EpsVideoDenoiser.__init__
+
+    def spy(self, model, schedule, attn_chunk=0, batch_cond=True):
+        seen.append((attn_chunk, batch_cond))
+        real_init(self, model, schedule, attn_chunk, batch_cond)
+
+    node = load_pack().nodes.memory.KinemaMemoryPolicy()
+    (model,) = node.apply(motion_model("v2"), "none", 2, 256, False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(EpsVideoDenoiser, "__init__", spy)
+        policy = _sample(model)
+        g = torch.Generator().manual_seed(3)
+        pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+        with torch.no_grad():
+            pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW),
+                                   pipelines.SampleOptions(seed=7, steps=2, cfg=5.0, attn_chunk=64))
+    assert seen == [(256, False), (64, False)]  # the sampler's nonzero chunk wins; batching needs both
+    # the same video up to fp32 rounding (another batch split and attention order, amplified over the steps)
+    assert float((policy - _sample(motion_model("v2"))).abs().max()) <= 1e-4 * float(policy.abs().max())
