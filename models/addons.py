@@ -169,8 +169,7 @@ def content_cross_extra(contents, unet_cfg, frames: int, uncond, sigma: float | 
         if c.weight == 0.0 or not c.steps.active(sigma, schedule):
             continue
         tokens = torch.cat([c.uncond_tokens if u else c.tokens for u in uncond])
-        param = next(c.adapter.parameters())
-        tokens = repeat(tokens, "b t d -> (b f) t d", f=frames).to(param.device, param.dtype)
+        tokens = repeat(tokens, "b t d -> (b f) t d", f=frames)  # the adapter moves them to its device/dtype
         parts.append(c.adapter.cross_extra(unet_cfg, tokens, c.weight))
     if not parts:
         return None

@@ -170,18 +170,24 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, opts: RunOptions,
                 extra: Callable[[int], ExtraKV] | None = None) -> torch.Tensor:
         """(b f) c h w, context [(b f), m, c'] -> (b f) c h w (``extra(j)``: block j's extra cross-attention)"""
-        h, w = x.shape[-2:]
+        y = self.tokens_in(x)
+        for j, block in enumerate(self.transformer_blocks):
+            y = block(y, context, opts.attn_chunk, extra(j) if extra is not None else ())
+        return self.tokens_out(x, y)
+
+    def tokens_in(self, x: torch.Tensor) -> torch.Tensor:
+        """(b f) c h w -> [(b f), (h w), c]: norm and ``proj_in`` (a 1x1 conv before, or a linear after, the fold)"""
         y = self.norm(x)
         if not self.linear_proj:
             y = self.proj_in(y)
         y = rearrange(y, "b c h w -> b (h w) c")
-        if self.linear_proj:
-            y = self.proj_in(y)
-        for j, block in enumerate(self.transformer_blocks):
-            y = block(y, context, opts.attn_chunk, extra(j) if extra is not None else ())
+        return self.proj_in(y) if self.linear_proj else y
+
+    def tokens_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """input x (b f) c h w, tokens [(b f), (h w), c] -> x + ``proj_out`` of the tokens, (b f) c h w"""
         if self.linear_proj:
             y = self.proj_out(y)
-        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+        y = rearrange(y, "b (h w) c -> b c h w", h=x.shape[-2], w=x.shape[-1])
         if not self.linear_proj:
             y = self.proj_out(y)
         return x + y

@@ -262,13 +262,7 @@ class SpatialVideoTransformer(SpatialTransformer):
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int,
                 image_only_indicator: torch.Tensor, opts: RunOptions = RunOptions()) -> torch.Tensor:
         """(b f) c h w, context [(b f), m, d], indicator [b, f] -> (b f) c h w"""
-        h, w = x.shape[-2:]
-        y = self.norm(x)
-        if not self.linear_proj:
-            y = self.proj_in(y)
-        y = rearrange(y, "b c h w -> b (h w) c")
-        if self.linear_proj:
-            y = self.proj_in(y)
+        y = self.tokens_in(x)
         # the temporal cross-attention sees the first frame's context of each video
         time_context = context[::num_frames] if self.use_spatial_context else None
         pos = repeat(self.frame_positions(num_frames, y.dtype, y.device), "f c -> (b f) 1 c",
@@ -281,12 +275,7 @@ class SpatialVideoTransformer(SpatialTransformer):
             mix = y + pos
             mix = time_block(mix, time_context, num_frames, opts.attn_chunk)
             y = self.time_mixer(y, mix, image_only_indicator)
-        if self.linear_proj:
-            y = self.proj_out(y)
-        y = rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
-        if not self.linear_proj:
-            y = self.proj_out(y)
-        return x + y
+        return self.tokens_out(x, y)
 
     @property
     def in_channels(self) -> int:
