@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import KinemaError
+from .placement import on_device
 
 #: where the published SVD checkpoints keep the image tower (open_clip names)
 SVD_PREFIX = "conditioner.embedders.0.open_clip.model.visual."
@@ -412,6 +413,7 @@ class ImageEncoder:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """IMAGE [b, h, w, 3] in [0, 1] -> image_embeds [b, proj_dim], float32 on the CPU (not L2-normalised)."""
-        pixels = self.preprocess(images).to(self.dtype)
-        out = self.model(pixel_values=pixels)
-        return out.image_embeds.float().cpu()
+        with on_device(self):
+            pixels = self.preprocess(images).to(self.dtype)
+            out = self.model(pixel_values=pixels)
+            return out.image_embeds.float().cpu()

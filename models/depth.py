@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from .errors import KinemaError
+from .placement import on_device
 
 logger = logging.getLogger("kinema")
 
@@ -257,17 +258,18 @@ class DepthEstimator:
             raise KinemaError(f"batch_size must be a whole number of frames >= 1, got {batch_size!r}")
         frames, height, width, _ = images.shape
         self.input_size(height, width)
-        device, dtype = self.device, self.dtype
         out = []
-        for start in range(0, frames, batch_size):
-            batch = images[start:start + batch_size].to(device)
-            pixels = self.preprocess(batch).to(dtype)
-            raw = self.model(pixel_values=pixels).predicted_depth.float()
-            raw = F.interpolate(rearrange(raw, "f h w -> f 1 h w"), size=(height, width), mode="bicubic",
-                                align_corners=False)
-            out.append(rearrange(raw, "f 1 h w -> f h w").to(images.device))
-            if on_batch is not None:
-                on_batch(min(start + batch_size, frames), frames)
+        with on_device(self):
+            device, dtype = self.device, self.dtype
+            for start in range(0, frames, batch_size):
+                batch = images[start:start + batch_size].to(device)
+                pixels = self.preprocess(batch).to(dtype)
+                raw = self.model(pixel_values=pixels).predicted_depth.float()
+                raw = F.interpolate(rearrange(raw, "f h w -> f 1 h w"), size=(height, width), mode="bicubic",
+                                    align_corners=False)
+                out.append(rearrange(raw, "f 1 h w -> f h w").to(images.device))
+                if on_batch is not None:
+                    on_batch(min(start + batch_size, frames), frames)
         return torch.cat(out)
 
     def estimate(self, images: torch.Tensor, batch_size: int = 4,

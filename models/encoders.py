@@ -31,6 +31,7 @@ import torch
 from einops import rearrange
 
 from .errors import KinemaError
+from .placement import on_device
 from .prompt import has_weights, tokenize_weighted
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "clip_tokenizer")
@@ -169,13 +170,14 @@ class TextEncoder:
         ids = [[t for t, _ in chunk] for chunk in chunks]
         if weighted:  # the empty prompt, the reference weights pull away from
             ids.append([START_TOKEN, END_TOKEN] + [END_TOKEN] * (self.chunk_length - 2))
-        out = self.model(input_ids=torch.tensor(ids, device=self.device), output_hidden_states=clip_skip > 1)
-        if clip_skip == 1:
-            z = out.last_hidden_state
-        else:
-            z = self.model.final_layer_norm(out.hidden_states[-clip_skip])
-        z = z.float().cpu()
-        pooled = out.pooler_output[:1].float().cpu()
+        with on_device(self):
+            out = self.model(input_ids=torch.tensor(ids, device=self.device), output_hidden_states=clip_skip > 1)
+            if clip_skip == 1:
+                z = out.last_hidden_state
+            else:
+                z = self.model.final_layer_norm(out.hidden_states[-clip_skip])
+            z = z.float().cpu()
+            pooled = out.pooler_output[:1].float().cpu()
         if weighted:
             z, empty = z[:-1], z[-1:]
             w = torch.tensor([[w for _, w in chunk] for chunk in chunks], dtype=torch.float32)

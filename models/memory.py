@@ -1,7 +1,9 @@
-"""The low-VRAM policy: precision and placement of the sub-models.
+"""The low-VRAM policy: precision, the default placement of every model, out-of-memory handling.
 
-This first version chooses weight precision per device; offload, tiling and
-attention chunking grow here.
+``default_policy(vram, device)`` gives the defaults by how much accelerator memory there is (the host's VRAM
+state: ComfyUI's --highvram / --lowvram / --novram): the video model's ``OffloadOptions`` and the ``Placement``
+of the other models (VAE, text and image encoders, depth models, ControlNets, IP-Adapters). The Memory Policy
+node overrides the video model's.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import TypeVar
 import torch
 
 from .errors import KinemaError
+from .offload import OffloadOptions
+from .placement import Placement
 
 logger = logging.getLogger("kinema")
 S = TypeVar("S")
@@ -30,10 +34,48 @@ def pick_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return _DTYPES[precision]
 
 
+def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` with its floating-point weights in ``dtype``, as a copy (the input, which a node cache or
+    another branch of the graph may hold, is never changed); ``module`` itself where nothing changes."""
+    from .lora import replace_parameters  # the copy-on-write of LoRA patches, here patching every weight
+
+    new = {n: p.detach().to(dtype) for n, p in module.named_parameters()
+           if p.is_floating_point() and p.dtype != dtype}
+    return replace_parameters(module, new)
+
+
 def vae_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     """The SD VAE overflows in fp16 on some images: keep it fp32 unless bf16 is asked for."""
     dtype = pick_dtype(precision, device)
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+VRAM_STATES = ("cpu", "high", "normal", "low", "none")
+
+
+def default_policy(vram: str, device: torch.device | str, storage: torch.device | str = "cpu"
+                   ) -> tuple[OffloadOptions, Placement]:
+    """(the video model's offload options, the other models' placement) by VRAM state.
+
+    cpu: everything stays on ``device`` (the CPU), nothing moves. high: every model lives on the device.
+    normal: every model is brought to the device only while it runs (model offload): a sampling run moves the
+    UNet in once (well under a second over PCIe next to minutes of sampling) and the VAE decode after it finds
+    the memory free, as do other nodes of the graph. low: the UNet's blocks are streamed (two resident, the next
+    prefetched); none: one block resident and cond/uncond one after the other.
+    """
+    if vram not in VRAM_STATES:
+        raise KinemaError(f"unknown VRAM state '{vram}': use one of {', '.join(VRAM_STATES)}")
+    device, storage = str(torch.device(device)), str(torch.device(storage))
+    if vram == "cpu" or torch.device(device).type == "cpu":
+        return OffloadOptions(mode="none", device=device, storage=device), Placement(device=device, storage=device)
+    if vram == "high":
+        return OffloadOptions(mode="none", device=device, storage=storage), Placement(device=device, storage=storage)
+    sub = Placement(device=device, offload=True, storage=storage)
+    if vram == "normal":
+        return OffloadOptions(mode="model", device=device, storage=storage), sub
+    if vram == "low":
+        return OffloadOptions(mode="block", device=device, storage=storage, resident=2), sub
+    return OffloadOptions(mode="block", device=device, storage=storage, resident=1, batch_cond=False), sub
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

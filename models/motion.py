@@ -307,11 +307,11 @@ class MotionModel:
     controls: tuple = ()
     contents: tuple = ()
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
-    offload: OffloadOptions = NO_OFFLOAD  # block offload: the UNet and motion modules streamed per call
+    offload: OffloadOptions = NO_OFFLOAD  # the memory policy: model or block offload (offload.OffloadOptions)
 
     @property
     def compute_device(self) -> torch.device:
-        """Where the model computes: the offload device when its blocks are streamed, else where its weights are."""
+        """Where the model computes: the offload device under model or block offload, else where its weights are."""
         return compute_device(self.unet, self.offload)
 
     def with_options(self, **changes) -> MotionModel:

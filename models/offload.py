@@ -21,18 +21,19 @@ from torch import nn
 
 from .errors import KinemaError
 
-OFFLOAD_MODES = ("none", "block")
+OFFLOAD_MODES = ("none", "model", "block")
 
 
 @dataclass(frozen=True)
 class OffloadOptions:
-    """A model's memory policy. ``mode``: none (the model stays on its device) or block (blocks streamed to
-    ``device`` one at a time); ``resident``: blocks kept on the compute device at once (more is faster when memory
+    """A video model's memory policy. ``mode``: none (the model stays where its weights are), model (the UNet,
+    motion modules and add-ons brought to ``device`` for each sampling call and back to ``storage`` after, see
+    ``placement``) or block (blocks streamed to ``device`` one at a time); ``resident``: blocks kept on the compute device at once (more is faster when memory
     allows); ``attn_chunk``: attention queries (spatial) / pixel positions (temporal) at once, 0 = all;
     ``batch_cond``: cond and uncond in one batch (False: one after the other)."""
 
     mode: str = "none"
-    device: str = "cpu"
+    device: str | None = None  # None: where the weights are (mode none only)
     storage: str = "cpu"
     resident: int = 2
     attn_chunk: int = 0
@@ -42,6 +43,8 @@ class OffloadOptions:
     def validate(self) -> None:
         if self.mode not in OFFLOAD_MODES:
             raise KinemaError(f"unknown offload mode '{self.mode}': use one of {', '.join(OFFLOAD_MODES)}")
+        if self.mode != "none" and self.device is None:
+            raise KinemaError(f"{self.mode} offload needs the compute device to move the model to")
         if self.resident < 1:
             raise KinemaError(f"block offload keeps at least 1 block on the device, got {self.resident}")
         if self.attn_chunk < 0:
@@ -52,8 +55,8 @@ NO_OFFLOAD = OffloadOptions()
 
 
 def compute_device(net: nn.Module, opts: OffloadOptions) -> torch.device:
-    """Where a model computes: the offload device when its blocks are streamed, else where its weights are."""
-    if opts.mode == "block":
+    """Where a model computes: the offload device under model or block offload, else where its weights are."""
+    if opts.device is not None:
         return torch.device(opts.device)
     return next(net.parameters()).device
 

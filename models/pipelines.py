@@ -15,7 +15,7 @@ from .context import ContextOptions, context_windows, freenoise
 from .errors import KinemaError
 from .guidance import CFGDenoiser, EpsVideoDenoiser, VEDMVideoDenoiser, WindowedDenoiser, per_frame_cfg
 from .memory import check_fits, video_activation_bytes
-from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE
+from .placement import video_model_on_device
 from .sampling import (
     ContinuousEDMSchedule,
     DiscreteSchedule,
@@ -25,6 +25,7 @@ from .sampling import (
     initial_noise,
     noise_latent,
 )
+from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE
 
 SD15_LATENT_SCALE = 0.18215
 LATENT_CHANNELS = 4
@@ -177,7 +178,8 @@ def sample_video(
         opts.cfg,
         temporal_scale=model.temporal_scale,
     )
-    return _run_sampler(denoiser, latent, schedule, SD15_LATENT_SCALE, opts, device, callback, on_window)
+    with video_model_on_device(model):
+        return _run_sampler(denoiser, latent, schedule, SD15_LATENT_SCALE, opts, device, callback, on_window)
 
 
 SVD_CONDITIONING_KEYS = ("context", "concat", "y")
@@ -227,4 +229,5 @@ def sample_img2vid(
         temporal_scale=model.temporal_scale,
     )
     schedule = ContinuousEDMSchedule(SIGMA_MIN, SIGMA_MAX)
-    return _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)
+    with video_model_on_device(model):
+        return _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)

@@ -29,6 +29,7 @@ from einops import rearrange
 from .errors import KinemaError
 from .layers import RunOptions
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
+from .placement import on_device
 from .svd import micro_conditioning
 
 
@@ -61,11 +62,11 @@ class SVDModel:
     cfg_period: float = 1.0
     name: str = ""
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
-    offload: OffloadOptions = NO_OFFLOAD  # block offload: the UNet's blocks streamed per call
+    offload: OffloadOptions = NO_OFFLOAD  # the memory policy: model or block offload (offload.OffloadOptions)
 
     @property
     def compute_device(self) -> torch.device:
-        """Where the model computes: the offload device when its blocks are streamed, else where its weights are."""
+        """Where the model computes: the offload device under model or block offload, else where its weights are."""
         return compute_device(self.unet, self.offload)
 
     def with_options(self, **changes) -> SVDModel:
@@ -167,7 +168,8 @@ def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageCondi
         gen = torch.Generator().manual_seed(int(opts.seed))
         pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
         noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)
-        concat = vae.encode(noised.to(vae.device, vae.dtype)).float().cpu()
+        with on_device(vae):
+            concat = vae.encode(noised.to(vae.device, vae.dtype)).float().cpu()
     y = micro_conditioning(opts.fps - 1, opts.motion_bucket_id, opts.augmentation_level, 1)
     context = rearrange(embeds, "b d -> b 1 d")
     cond = {"context": context, "concat": concat, "y": y}

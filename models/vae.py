@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import KinemaError
 from .memory import run_with_oom_retry
+from .placement import on_device
 from .tiling import TileOptions, run_tiled
 
 NO_TILES = TileOptions()
@@ -462,7 +463,7 @@ def decode_frames(
         pixels = vae.decode(z.to(vae.device, vae.dtype)).float()  # the temporal VAE: the chunk is one video
         return ((pixels.clamp(-1, 1) + 1) / 2).cpu()
 
-    with torch.inference_mode():
+    with torch.inference_mode(), on_device(vae):
         out = _run_chunks(call, latent, CodecSetting(max(1, int(chunk)), tiles), 8, "VAE decoding",
                           "lower frame_chunk or set a tile size on VAE Decode Frames (Kinema)", temporal, 8, on_chunk)
     return rearrange(torch.cat(out), "f c h w -> f h w c")
@@ -501,7 +502,7 @@ def encode_frames(
     def call(px: torch.Tensor) -> torch.Tensor:
         return vae.encode(px.to(vae.device, vae.dtype) * 2 - 1).float().cpu()
 
-    with torch.inference_mode():
+    with torch.inference_mode(), on_device(vae):
         out = _run_chunks(call, pixels, CodecSetting(max(1, int(chunk)), tiles), 1 / 8, "VAE encoding",
                           "lower frame_chunk or set a tile size on VAE Encode Frames (Kinema)", False, 64, on_chunk)
     return torch.cat(out)

@@ -37,7 +37,7 @@ class KinemaCLIPVisionLoader:
     def load(self, clip_name, precision="auto"):
         path = host.resolve_model("clip_vision", clip_name)
         device = host.compute_device()
-        return (checkpoint.load_clip_vision(path, memory.pick_dtype(precision, device), device),)
+        return (host.placed(checkpoint.load_clip_vision(path, memory.pick_dtype(precision, device))),)
 
 
 class KinemaIPAdapterLoader:
@@ -68,7 +68,7 @@ class KinemaIPAdapterLoader:
 
         path = host.resolve_model("ipadapter", ipadapter_name)
         device = host.compute_device()
-        return (load_ip_adapter(path, dtype=memory.pick_dtype(precision, device)).to(device),)
+        return (host.placed(load_ip_adapter(path, dtype=memory.pick_dtype(precision, device))),)
 
 
 class KinemaApplyIPAdapter:

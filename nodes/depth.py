@@ -46,7 +46,7 @@ class KinemaDepthModelLoader:
     def load(self, model_name, precision="auto"):
         folder = host.resolve_model_dir("depth_models", model_name)
         device = host.compute_device()
-        return (load_depth_model(folder, dtype=memory.pick_dtype(precision, device)).to(device),)
+        return (host.placed(load_depth_model(folder, dtype=memory.pick_dtype(precision, device))),)
 
 
 class KinemaDepthEstimate:

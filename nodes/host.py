@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from ..models import memory, placement
 from ..models.errors import KinemaError
 
 logger = logging.getLogger("kinema")
@@ -548,6 +549,38 @@ def offload_device() -> torch.device:
     return torch.device("cpu")
 
 
+def vram_state() -> str:
+    """How much accelerator memory to count on (``memory.VRAM_STATES``): ComfyUI's VRAM state when hosted
+    (--highvram, --lowvram, --novram), else ``KINEMA_VRAM``, else normal on an accelerator and cpu without one."""
+    device = compute_device()
+    if device.type == "cpu":
+        return "cpu"
+    if _comfy_mm is not None:
+        state = getattr(getattr(_comfy_mm, "vram_state", None), "name", "NORMAL_VRAM")
+        return {"HIGH_VRAM": "high", "LOW_VRAM": "low", "NO_VRAM": "none", "DISABLED": "cpu"}.get(state, "normal")
+    return os.environ.get("KINEMA_VRAM", "normal")
+
+
+def memory_defaults():
+    """(the video model's default ``OffloadOptions``, the other models' default ``Placement``) for this host."""
+    return memory.default_policy(vram_state(), compute_device(), offload_device())
+
+
+def placed(obj):
+    """``obj`` (a model a loader just made) placed after the host's defaults: see ``models.placement``."""
+    return placement.place(obj, memory_defaults()[1])
+
+
+def _make_room(size: int, device: torch.device) -> None:
+    """Before Kinema brings a model to the GPU, ask ComfyUI to unload its own idle models to make room."""
+    if _comfy_mm is None or not hasattr(_comfy_mm, "free_memory"):
+        return
+    try:
+        _comfy_mm.free_memory(size + (256 << 20), device)
+    except Exception as exc:  # ComfyUI's API moves: never fail a run over a courtesy
+        logger.debug("ComfyUI free_memory failed: %s", exc)
+
+
 def soft_empty_cache() -> None:
     """Give cached accelerator memory back (ComfyUI's policy when hosted)."""
     if _comfy_mm is not None:
@@ -557,3 +590,4 @@ def soft_empty_cache() -> None:
 
 
 register_model_folders()
+placement.set_make_room(_make_room)

@@ -1,7 +1,7 @@
 """Loader nodes: SD1.5 checkpoint, AnimateDiff motion module."""
 from __future__ import annotations
 
-from ..models import checkpoint, memory
+from ..models import checkpoint, memory, placement
 from ..models.motion import MotionModel
 from . import host
 
@@ -42,10 +42,11 @@ class KinemaCheckpointLoader:
         bundle = checkpoint.load_sd15(
             path, dtype=memory.pick_dtype(precision, device), vae_dtype=memory.vae_dtype(precision, device)
         )
-        unet = bundle.unet.to(device)
-        vae = bundle.vae.to(device)
-        model = MotionModel(unet=unet, motion=None, beta_schedule="sqrt_linear", name=bundle.name)
-        return (model, bundle.clip, vae)
+        video_policy, _ = host.memory_defaults()
+        model = MotionModel(unet=bundle.unet, motion=None, beta_schedule="sqrt_linear", name=bundle.name,
+                            offload=video_policy)
+        placement.rest(model, video_policy)
+        return (model, host.placed(bundle.clip), host.placed(bundle.vae))
 
 
 class KinemaMotionModuleLoader:
@@ -76,7 +77,7 @@ class KinemaMotionModuleLoader:
         path = host.resolve_model("animatediff_models", model_name)
         device = host.compute_device()
         module = checkpoint.load_motion_module(path, dtype=memory.pick_dtype(precision, device))
-        return (module.to(device),)
+        return (module.to(placement.resting_device(host.memory_defaults()[0])),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,22 +1,27 @@
 """The memory policy node: how a video model uses the compute device's memory."""
 from __future__ import annotations
 
+from ..models import memory, placement
 from ..models.errors import KinemaError
 from ..models.motion import MotionModel
 from ..models.offload import OFFLOAD_MODES, OffloadOptions
 from ..models.svd_model import SVDModel
 from . import host
 
+KEEP = "keep"
+
 
 class KinemaMemoryPolicy:
     DESCRIPTION = (
-        "How a video model (AnimateDiff or SVD) uses GPU memory. offload none: the UNet (and motion module) stay on "
-        "the GPU (fastest). block: they rest in system memory and each UNet block (with its motion module) is moved "
-        "to the GPU "
-        "just before it runs, the next one copied while the current one computes; at most resident_blocks are on "
-        "the GPU at once, so VRAM holds a few blocks plus activations instead of the whole UNet. Slower by the "
-        "copies (PCIe bandwidth); the video is the same. Also the attention chunking and cond/uncond batching the "
-        "sampler uses when its own are left at their defaults."
+        "How a video model (AnimateDiff or SVD) uses GPU memory. offload auto: from ComfyUI's VRAM mode (normal: "
+        "model, --lowvram: block, --novram: block with one block resident, --highvram: none). none: the UNet "
+        "and motion module stay on the GPU (fastest between runs). model: they rest in system memory and are "
+        "moved to the GPU for each sampling run (under a second over PCIe), leaving the memory free for the VAE "
+        "and other nodes. block: each UNet block (with its motion module) is moved to the GPU just before it "
+        "runs, the next one copied while the current one computes; at most resident_blocks are on the GPU at "
+        "once, so VRAM holds a few blocks plus activations instead of the whole UNet; slower by the copies. "
+        "Also the precision, attention chunking and cond/uncond batching. The video is the same with every "
+        "setting (precision aside)."
     )
     CATEGORY = "Kinema/sampling"
     RETURN_TYPES = ("KINEMA_MODEL",)
@@ -29,8 +34,10 @@ class KinemaMemoryPolicy:
         return {
             "required": {
                 "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module) or an SVD model."}),
-                "offload": (list(OFFLOAD_MODES), {"default": "none",
-                                                  "tooltip": "none: all on the GPU; block: blocks streamed in."}),
+                "offload": (["auto", *OFFLOAD_MODES], {
+                    "default": "auto",
+                    "tooltip": "auto: from ComfyUI's VRAM mode; none: all on the GPU; model: on the GPU only "
+                               "while sampling; block: blocks streamed in."}),
                 "resident_blocks": ("INT", {"default": 2, "min": 1, "max": 64,
                                             "tooltip": "block offload: blocks kept on the GPU at once (2 lets the "
                                                        "next one load while one runs)."}),
@@ -42,18 +49,37 @@ class KinemaMemoryPolicy:
                                            "tooltip": "Run cond and uncond in one batch (faster) or one after the "
                                                       "other (about half the activation memory). Off here or on "
                                                       "the sampler: one after the other."}),
-            }
+            },
+            "optional": {
+                "precision": ([KEEP, "fp32", "fp16", "bf16"], {
+                    "default": KEEP,
+                    "tooltip": "Weight and compute precision of the UNet and motion module. keep: as loaded (the "
+                               "loader's precision: fp16 on a GPU). Another value makes a converted copy, which "
+                               "costs its size in system memory: prefer the loader's precision where it has one. "
+                               "fp16 halves memory; bf16 where fp16 overflows; fp32 on the CPU."}),
+            },
         }
 
-    def apply(self, model, offload="none", resident_blocks=2, attention_chunk=0, batch_cond=True):
+    def apply(self, model, offload="auto", resident_blocks=2, attention_chunk=0, batch_cond=True, precision=KEEP):
         if not isinstance(model, (MotionModel, SVDModel)):
             raise KinemaError("Memory Policy (Kinema) takes a video model: connect Apply Motion Module (Kinema) or "
                               "Load SVD Checkpoint (Kinema)")
-        opts = OffloadOptions(mode=offload, device=str(host.compute_device()), storage="cpu",
-                              resident=int(resident_blocks), attn_chunk=int(attention_chunk),
-                              batch_cond=bool(batch_cond))
+        default, _ = host.memory_defaults()
+        mode = default.mode if offload == "auto" else offload
+        resident = int(resident_blocks) if offload != "auto" else min(int(resident_blocks), default.resident)
+        opts = OffloadOptions(mode=mode, device=str(host.compute_device()), storage=str(host.offload_device()),
+                              resident=resident, attn_chunk=int(attention_chunk),
+                              batch_cond=bool(batch_cond) and (offload != "auto" or default.batch_cond))
         opts.validate()
-        return (model.with_options(offload=opts),)
+        changes = {"offload": opts}
+        if precision != KEEP:
+            dtype = memory.pick_dtype(precision, opts.device)
+            changes["unet"] = memory.cast_weights(model.unet, dtype)
+            if getattr(model, "motion", None) is not None:
+                changes["motion"] = memory.cast_weights(model.motion, dtype)
+        new = model.with_options(**changes)
+        placement.rest(new, opts)
+        return (new,)
 
 
 NODE_CLASS_MAPPINGS = {"KinemaMemoryPolicy": KinemaMemoryPolicy}

@@ -39,7 +39,7 @@ class KinemaControlNetLoader:
 
         path = host.resolve_model("controlnet", controlnet_name)
         device = host.compute_device()
-        return (load_controlnet(path, dtype=memory.pick_dtype(precision, device)).to(device),)
+        return (host.placed(load_controlnet(path, dtype=memory.pick_dtype(precision, device))),)
 
 
 class KinemaApplyControlNet:

@@ -1,7 +1,7 @@
 """Stable Video Diffusion nodes: the checkpoint loader, the image conditioning, per-frame guidance."""
 from __future__ import annotations
 
-from ..models import checkpoint, memory, pipelines, svd_model
+from ..models import checkpoint, memory, pipelines, placement, svd_model
 from ..models.errors import KinemaError
 from ..models.guidance import CFG_MODES
 from . import host
@@ -53,10 +53,11 @@ class KinemaSVDLoader:
             clip_path = host.resolve_model("clip_vision", clip_vision_name)
         device = host.compute_device()
         bundle = checkpoint.load_svd(path, dtype=memory.pick_dtype(precision, device),
-                                     vae_dtype=memory.vae_dtype(precision, device), clip_vision_path=clip_path,
-                                     device=device)
-        model = bundle.model.with_options(unet=bundle.model.unet.to(device))
-        return (model, bundle.image_encoder, bundle.vae.to(device))
+                                     vae_dtype=memory.vae_dtype(precision, device), clip_vision_path=clip_path)
+        video_policy, _ = host.memory_defaults()
+        model = bundle.model.with_options(offload=video_policy)
+        placement.rest(model, video_policy)
+        return (model, host.placed(bundle.image_encoder), host.placed(bundle.vae))
 
 
 class KinemaSVDConditioning:

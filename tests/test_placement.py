@@ -1,0 +1,194 @@
+"""Model offload: sub-models on the compute device only while they run, the video model for a sampling run, the
+defaults by VRAM state, and the Memory Policy node. Moves are instrumented; the CPU plays both sides ("cpu" computes,
+"cpu:1" marks storage: torch keeps CPU tensors in one memory anyway)."""
+import pytest
+import torch
+from conftest import load_pack
+from fixtures import motion_model, vae
+from kinema.models import memory, pipelines, placement
+from kinema.models.errors import KinemaError
+from kinema.models.offload import OffloadOptions
+from kinema.models.placement import Placement
+from kinema.models.vae import decode_frames
+
+HW = 16
+
+
+class Moves:
+    """Where each watched module is after every move: ``cpu`` is the compute side, ``cpu:1`` storage."""
+
+    def __init__(self):
+        self.log: list[tuple[int, str]] = []
+
+    def __call__(self, module, device):
+        self.log.append((id(module), str(device)))
+
+    def where(self, module) -> str | None:
+        return next((d for m, d in reversed(self.log) if m == id(module)), None)
+
+    def count(self, module) -> int:
+        return sum(1 for m, _ in self.log if m == id(module))
+
+
+def _sub(watch) -> Placement:
+    return Placement(device="cpu", offload=True, storage="cpu:1", on_move=watch)
+
+
+def _video_opts(mode, watch, **kw) -> OffloadOptions:
+    return OffloadOptions(mode=mode, device="cpu", storage="cpu:1", on_move=watch, **kw)
+
+
+def _sample(model, frames=4):
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        return pipelines.sample_video(model, pos, neg, torch.zeros(frames, 4, HW, HW),
+                                      pipelines.SampleOptions(seed=7, steps=2, cfg=5.0))
+
+
+def test_an_offloaded_model_is_on_the_device_only_inside_the_call_and_nested_uses_move_it_once():
+    watch = Moves()
+    net = placement.place(torch.nn.Linear(3, 3), _sub(watch))
+    assert watch.where(net) == "cpu:1"  # placed at rest in storage
+    with placement.on_device(net, None):
+        assert watch.where(net) == "cpu"
+        with placement.on_device(net):
+            pass
+        assert watch.where(net) == "cpu" and watch.count(net) == 2  # the inner use moved nothing
+    assert watch.where(net) == "cpu:1" and watch.count(net) == 3
+    with pytest.raises(ValueError), placement.on_device(net):
+        raise ValueError("a failing call")
+    assert watch.where(net) == "cpu:1"  # back in storage also after a failure
+
+
+def test_a_resident_placement_lives_on_the_device_and_is_never_moved_by_a_call():
+    watch = Moves()
+    net = placement.place(torch.nn.Linear(3, 3), Placement(device="cpu", storage="cpu:1", on_move=watch))
+    assert watch.log == [(id(net), "cpu")]
+    with placement.on_device(net):
+        pass
+    assert len(watch.log) == 1 and placement.compute_device_of(net) == torch.device("cpu")
+
+
+def test_an_encoder_wrapper_moves_its_model():
+    class Wrapper:
+        def __init__(self):
+            self.model = torch.nn.Linear(2, 2)
+
+    watch = Moves()
+    wrapper = placement.place(Wrapper(), _sub(watch))
+    with placement.on_device(wrapper):
+        assert watch.where(wrapper.model) == "cpu"
+    assert watch.where(wrapper.model) == "cpu:1"
+
+
+def test_vae_decode_with_model_offload_is_the_same_and_leaves_the_vae_in_storage():
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    plain = decode_frames(vae(), z)
+    watch = Moves()
+    offloaded = placement.place(vae(), _sub(watch))
+    try:
+        out = decode_frames(offloaded, z)
+    finally:
+        delattr(offloaded, placement.ATTR)  # the fixture VAE is shared by other tests
+    assert torch.equal(out, plain)
+    assert [d for _, d in watch.log] == ["cpu:1", "cpu", "cpu:1"]
+
+
+def test_model_offload_brings_the_unet_and_motion_module_for_the_sampling_run_only():
+    plain = _sample(motion_model("v2"))
+    watch = Moves()
+    model = motion_model("v2").with_options(offload=_video_opts("model", watch))
+    out = _sample(model)
+    assert float((out - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
+    for m in (model.unet, model.motion):  # in once for the whole run (not per step), back to storage after
+        assert [d for i, d in watch.log if i == id(m)] == ["cpu", "cpu:1"]
+    assert model.compute_device == torch.device("cpu")
+
+
+def test_block_offload_brings_the_addons_for_the_run():
+    from kinema.models.addons import ControlHint
+
+    net = torch.nn.Linear(1, 1)  # not run: only placed
+    hint = ControlHint(controlnet=net, hints=torch.zeros(1, 3, 8, 8))
+    watch = Moves()
+    model = motion_model("v2").with_options(controls=(hint,), offload=_video_opts("block", watch))
+    with placement.video_model_on_device(model):
+        assert watch.where(net) == "cpu" and watch.where(model.unet) is None  # the UNet is streamed per block
+    assert watch.where(net) == "cpu:1"
+
+
+def test_defaults_by_vram_state():
+    video, sub = memory.default_policy("cpu", "cpu")
+    assert video.mode == "none" and not sub.offload and video.device == "cpu"
+    video, sub = memory.default_policy("high", "cuda")
+    assert video.mode == "none" and video.device == "cuda" and not sub.offload and sub.device == "cuda"
+    video, sub = memory.default_policy("normal", "cuda")
+    assert video.mode == "model" and sub.offload and (sub.device, sub.storage) == ("cuda", "cpu")
+    video, _ = memory.default_policy("low", "cuda")
+    assert (video.mode, video.resident, video.batch_cond) == ("block", 2, True)
+    video, _ = memory.default_policy("none", "cuda")
+    assert (video.mode, video.resident, video.batch_cond) == ("block", 1, False)
+    video, _ = memory.default_policy("normal", "cpu")  # no accelerator: nothing to offload to
+    assert video.mode == "none"
+    with pytest.raises(KinemaError, match="VRAM state"):
+        memory.default_policy("huge", "cuda")
+
+
+def test_the_host_asks_comfyui_to_make_room_before_a_model_comes_in(monkeypatch):
+    host = load_pack().nodes.host
+    asked = []
+
+    class FakeComfy:
+        @staticmethod
+        def free_memory(size, device):
+            asked.append((size, device))
+
+    monkeypatch.setattr(host, "_comfy_mm", FakeComfy)
+    moved = []
+    monkeypatch.setattr(placement, "_move", lambda m, d, on_move: moved.append(str(d)))
+    net = torch.nn.Linear(4, 4)  # 20 floats
+    net.kinema_placement = Placement(device="cuda", offload=True)
+    with placement.on_device(net):
+        pass
+    assert moved == ["cuda", "cpu"]
+    assert asked == [(80 + (256 << 20), torch.device("cuda"))]
+
+
+def test_the_host_reads_comfyuis_vram_state(monkeypatch):
+    host = load_pack().nodes.host
+
+    class State:
+        name = "LOW_VRAM"
+
+    class FakeComfy:
+        vram_state = State
+
+        @staticmethod
+        def get_torch_device():
+            return torch.device("cuda")
+
+    monkeypatch.setattr(host, "_comfy_mm", FakeComfy)
+    assert host.vram_state() == "low"
+    assert host.memory_defaults()[0].mode == "block"
+    State.name = "HIGH_VRAM"
+    assert host.vram_state() == "high"
+    monkeypatch.setattr(host, "_comfy_mm", None)
+    monkeypatch.setenv("KINEMA_DEVICE", "cpu")
+    assert host.vram_state() == "cpu"
+
+
+def test_memory_policy_node_modes_and_precision():
+    node = load_pack().nodes.memory.KinemaMemoryPolicy()
+    (auto,) = node.apply(motion_model("v2"))
+    assert auto.offload.mode == "none"  # no accelerator here
+    (model,) = node.apply(motion_model("v2"), "model")
+    assert model.offload.mode == "model" and model.offload.device is not None
+    source = motion_model("v2")
+    (half,) = node.apply(source, "none", precision="bf16")
+    assert half.unet.dtype == torch.bfloat16 and next(half.motion.parameters()).dtype == torch.bfloat16
+    assert source.unet.dtype == torch.float32 and next(source.motion.parameters()).dtype == torch.float32
+    plain, out = _sample(source), _sample(half)
+    assert float((out - plain).abs().max()) <= 0.1 * float(plain.abs().max())  # bf16: close, not equal
+    (same,) = node.apply(source, "none", precision="fp32")
+    assert same.unet is source.unet  # nothing to convert: no copy
