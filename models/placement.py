@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .offload import OffloadOptions, compute_device
+from .offload import OffloadOptions, Stash, bring, compute_device, send_back
 
 ATTR = "kinema_placement"
 OnMove = Callable[[nn.Module, torch.device], None]
@@ -70,10 +70,24 @@ def _move(module: nn.Module, device: torch.device, on_move: OnMove | None) -> No
         on_move(module, device)
 
 
-def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> None:
+def _room_for(module: nn.Module, device: torch.device) -> None:
     if _make_room is not None and device.type != "cpu":
         _make_room(module_bytes(module), device)
-    _move(module, device, on_move)
+
+
+def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> Stash:
+    """``module`` to ``device`` for a while (room made first); its storage copies are kept (``offload.bring``)."""
+    _room_for(module, device)
+    stash = bring(module, device)
+    if on_move is not None:
+        on_move(module, device)
+    return stash
+
+
+def _send_back(module: nn.Module, stash: Stash, storage: torch.device, on_move: OnMove | None) -> None:
+    """``module`` back to ``storage``: the kept copies put back (no copy from the device), the rest moved."""
+    send_back(stash)
+    _move(module, storage, on_move)
 
 
 def place(obj, placement: Placement):
@@ -99,22 +113,21 @@ def _using(modules: list[nn.Module], device: torch.device, storage: torch.device
            ) -> Iterator[None]:
     """``modules`` on ``device`` inside the block (moved once however deeply nested), back to ``storage`` after,
     also when the block fails."""
-    entered: list[nn.Module] = []
+    entered: list[tuple[nn.Module, Stash | None]] = []
     try:
         for m in modules:
             key = id(m)
-            if _users.get(key, 0) == 0:
-                _bring(m, device, on_move)
+            stash = _bring(m, device, on_move) if _users.get(key, 0) == 0 else None
             _users[key] = _users.get(key, 0) + 1
-            entered.append(m)
+            entered.append((m, stash))
         yield
     finally:
-        for m in reversed(entered):
+        for m, stash in reversed(entered):
             key = id(m)
             _users[key] -= 1
             if _users[key] == 0:
                 del _users[key]
-                _move(m, storage, on_move)
+                _send_back(m, stash or [], storage, on_move)
 
 
 @contextmanager
@@ -152,7 +165,8 @@ def video_model_on_device(model) -> Iterator[None]:
             target = compute_device(model.unet, opts)
             for m in (model.unet, motion):
                 if m is not None and next(m.parameters()).device != target and _users.get(id(m), 0) == 0:
-                    _bring(m, target, opts.on_move)
+                    _room_for(m, target)
+                    _move(m, target, opts.on_move)
         for net in addon_modules(model):
             if opts.mode != "none":
                 stack.enter_context(_using([net], torch.device(opts.device), torch.device(opts.storage),

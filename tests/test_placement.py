@@ -146,6 +146,7 @@ def test_the_host_asks_comfyui_to_make_room_before_a_model_comes_in(monkeypatch)
 
     monkeypatch.setattr(host, "_comfy_mm", FakeComfy)
     moved = []
+    monkeypatch.setattr(placement, "bring", lambda m, d: moved.append(str(d)) or [])
     monkeypatch.setattr(placement, "_move", lambda m, d, on_move: moved.append(str(d)))
     net = torch.nn.Linear(4, 4)  # 20 floats
     net.kinema_placement = Placement(device="cuda", offload=True)
@@ -192,3 +193,21 @@ def test_memory_policy_node_modes_and_precision():
     assert float((out - plain).abs().max()) <= 0.1 * float(plain.abs().max())  # bf16: close, not equal
     (same,) = node.apply(source, "none", precision="fp32")
     assert same.unet is source.unet  # nothing to convert: no copy
+
+
+def test_weights_are_not_copied_back_from_the_device(monkeypatch):
+    from kinema.models.offload import bring, send_back
+
+    net = torch.nn.Linear(3, 3)
+    net.register_buffer("table", torch.arange(3.0))
+    before = [(t.data, t.data.clone()) for t in (*net.parameters(), *net.buffers())]
+    # a CPU-only stand-in for a device copy: "cpu:1" tensors are clones (torch keeps them on the CPU)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self.clone())
+    stash = bring(net, torch.device("cpu", 1))
+    on_device = [t.data for t in (*net.parameters(), *net.buffers())]
+    assert all(d.data_ptr() != s.data_ptr() for d, (s, _) in zip(on_device, before))
+    for d in on_device:
+        d.fill_(7.0)  # what happens on the device never comes back
+    send_back(stash)
+    after = [t.data for t in (*net.parameters(), *net.buffers())]
+    assert all(a.data_ptr() == s.data_ptr() and torch.equal(a, v) for a, (s, v) in zip(after, before))
