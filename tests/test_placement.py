@@ -211,3 +211,30 @@ def test_weights_are_not_copied_back_from_the_device(monkeypatch):
     send_back(stash)
     after = [t.data for t in (*net.parameters(), *net.buffers())]
     assert all(a.data_ptr() == s.data_ptr() and torch.equal(a, v) for a, (s, v) in zip(after, before))
+
+
+def _txt2vid_by_nodes(nodes):
+    model, clip, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v3.safetensors", "fp32")
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "a fox")
+    (neg,) = nodes["KinemaTextEncode"]().encode(clip, "")
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(4, 64, 64)
+    (out,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, latent, 7, 2, 7.5, "euler", "normal", 1.0)
+    (images,) = nodes["KinemaVAEDecodeFrames"]().decode(vae, out, 4)
+    return images, (video.unet, video.motion, clip.model, vae)
+
+
+def test_the_default_model_offload_gives_the_same_video_and_every_model_rests_in_storage(host_dirs, monkeypatch):
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    plain, _ = _txt2vid_by_nodes(nodes)
+    watch = Moves()
+    video_policy, sub = memory.default_policy("normal", "cuda")  # as on a GPU, with the CPU playing the GPU
+    monkeypatch.setattr(host_dirs, "memory_defaults", lambda: (
+        OffloadOptions(mode=video_policy.mode, device="cpu", storage="cpu:1", on_move=watch),
+        Placement(device="cpu", offload=sub.offload, storage="cpu:1", on_move=watch)))
+    offloaded, models = _txt2vid_by_nodes(nodes)
+    assert torch.allclose(offloaded, plain, atol=1e-5)
+    for k, m in enumerate(models):  # each one came in for its work (the UNet once for the run) and went back
+        trail = [d for i, d in watch.log if i == id(placement.weights_of(m))]
+        assert trail[-2:] == ["cpu", "cpu:1"] and (k > 1 or trail.count("cpu") == 1)
