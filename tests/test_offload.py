@@ -89,7 +89,7 @@ def test_memory_policy_node():
         node.apply(object(), "block", 2)
 
 
-def test_svd_block_offload_gives_the_same_video():
+def test_svd_block_and_model_offload_give_the_same_video():
     import os
     import tempfile
 
@@ -109,6 +109,12 @@ def test_svd_block_offload_gives_the_same_video():
     # moved weights are fresh copies: the CPU kernels may round differently, and EDM sampling amplifies it
     assert float((streamed - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
     assert watch.most == 2 and watch.moves > 0 and not watch.on
+    watch = Residency()  # model offload: the whole UNet in for the run, back after
+    whole = pipelines.sample_img2vid(
+        bundle.model.with_options(offload=OffloadOptions(mode="model", device="cpu", storage="cpu:1", on_move=watch)),
+        cond, uncond, latent, opts)
+    assert float((whole - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
+    assert watch.moves == 2 and not watch.on
 
 
 def test_the_memory_policy_reaches_the_sampler():
