@@ -100,14 +100,6 @@ def place(obj, placement: Placement):
     return obj
 
 
-def compute_device_of(obj) -> torch.device:
-    """Where ``obj`` computes: its placement's device, else where its weights are."""
-    p = placement_of(obj)
-    if p is not None:
-        return torch.device(p.device)
-    return next(weights_of(obj).parameters()).device
-
-
 @contextmanager
 def _using(modules: list[nn.Module], device: torch.device, storage: torch.device, on_move: OnMove | None
            ) -> Iterator[None]:
