@@ -4,6 +4,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import shlex
+import statistics
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,3 +66,27 @@ def cpu_name() -> str:
 def thread_env(threads: int) -> dict:
     """The environment of a child that should use ``threads`` CPU threads."""
     return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+
+class BenchError(RuntimeError):
+    """A benchmark's child process failed; the message holds its output."""
+
+
+def run_child(cmd: list[str], threads: int, what: str) -> None:
+    """Run one measuring child (``threads`` CPU threads) in the repository root; raise BenchError if it fails."""
+    print(f"running {what} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, check=False, env=thread_env(threads), cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+
+
+def median_after_warmup(steps: list[float]) -> float | None:
+    """The median of the step times after the first (warm-up) one; None without steps."""
+    if not steps:
+        return None
+    return statistics.median(steps[1:] if len(steps) > 1 else steps)
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    """How the benchmark was run, as a shell command from the repository root."""
+    return "python " + " ".join(shlex.quote(a) for a in [script, *argv])

@@ -1,9 +1,11 @@
 """AnimateDiff text-to-video sampling: Kinema vs diffusers on the same weights, CPU, fp32.
 
     python bench/bench_animatediff.py [--frames 16] [--steps 10] [--size 256] [--threads N] [--motion v3]
+                                      [--scale tiny|medium]
 
-Both implementations sample one video from the pack's tiny demo weights
-(``kinema.models.demo``: real SD1.5 / AnimateDiff layouts, random weights) with
+Both implementations sample one video from the pack's demo weights
+(``kinema.models.demo``: real SD1.5 / AnimateDiff layouts, random weights; tiny, or
+with ``--scale medium`` the real block structure at half SD1.5's width) with
 the same initial noise, prompt embeddings, cfg and schedule (Euler; ComfyUI's
 ``normal`` schedule vs diffusers' ``EulerDiscreteScheduler`` with linear betas
 and ``linspace`` spacing). Kinema runs ``sample_video``; diffusers runs
@@ -17,6 +19,8 @@ process (``ru_maxrss`` at its end: imports, weights and sampling) and the peak
 RSS while sampling (``VmHWM`` after resetting it before sampling, where the
 kernel allows), plus the ratios Kinema / diffusers and how far apart the two
 final latents are (a check that both computed the same video).
+
+``collect(args)`` and ``report(args, argv, results)`` are what ``bench_all.py`` calls.
 """
 from __future__ import annotations
 
@@ -24,20 +28,30 @@ import argparse
 import json
 import math
 import os
-import shlex
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from _measure import ROOT, cpu_name, mib, ratio, register_pack, reset_peak_rss, rss_kib, thread_env
-SCALE = 0.18215  # the SD1.5 latent scale: both final latents are compared in the sampler's (scaled) space
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _measure import (
+    BenchError,
+    command_line,
+    cpu_name,
+    median_after_warmup,
+    mib,
+    ratio,
+    register_pack,
+    reset_peak_rss,
+    rss_kib,
+    run_child,
+)
+
+LATENT_SCALE = 0.18215  # the SD1.5 latent scale: both final latents are compared in the sampler's (scaled) space
 
 
 # -- child: one implementation -------------------------------------------------------------------------------------
 
-def run_child(args) -> None:
+def run_child_process(args) -> None:
     import resource
 
     import torch
@@ -47,7 +61,7 @@ def run_child(args) -> None:
     register_pack()
     import fixtures
 
-    if args.width == "medium":
+    if args.scale == "medium":
         fixtures.use_sizes(fixtures.MEDIUM)
 
     from kinema.models.pipelines import SampleOptions, sample_video
@@ -65,7 +79,7 @@ def run_child(args) -> None:
             opts = SampleOptions(seed=args.seed, steps=args.steps, cfg=args.cfg, sampler="euler", scheduler="normal")
             out = sample_video(model, positive, negative, torch.zeros(frames, 4, lat, lat), opts,
                                callback=lambda i, n, x0: on_step())
-            return out * SCALE
+            return out * LATENT_SCALE
     else:
         from diffusers import AnimateDiffPipeline, EulerDiscreteScheduler
         from diffusers.utils import logging as diffusers_logging
@@ -129,11 +143,10 @@ def run_child(args) -> None:
 
 # -- parent: run both, report ----------------------------------------------------------------------------------------
 
-def _median_after_warmup(steps: list[float]) -> float:
-    return statistics.median(steps[1:] if len(steps) > 1 else steps)
-
-
-def run_parent(args, argv: list[str]) -> int:
+def collect(args) -> dict:
+    """Run the children (``--repeat`` times each, alternating) and return ``{"kinema": run, "diffusers": run,
+    "rel": relative latent difference, "threads": n}``: each implementation's fastest run (its step times, the
+    median step, the total and the peaks). Raises ``BenchError`` when a child fails."""
     import torch
 
     runs = {"kinema": [], "diffusers": []}
@@ -143,41 +156,45 @@ def run_parent(args, argv: list[str]) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--result", result,
                    "--latent-out", latent, "--frames", str(args.frames), "--steps", str(args.steps),
                    "--size", str(args.size), "--threads", str(args.threads), "--cfg", str(args.cfg),
-                   "--seed", str(args.seed), "--motion", args.motion, "--width", args.width]
-            env = thread_env(args.threads)
-            print(f"running {impl} ({rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout + proc.stderr, file=sys.stderr)
-                print(f"{impl} failed (exit {proc.returncode})", file=sys.stderr)
-                return 1
+                   "--seed", str(args.seed), "--motion", args.motion, "--scale", args.scale]
+            run_child(cmd, args.threads, f"AnimateDiff {args.scale} {impl} ({rep + 1}/{args.repeat})")
             with open(result) as f:
                 run = json.load(f)
             run["latent"] = torch.load(latent)
-            run["median"] = _median_after_warmup(run["steps"])
+            run["median"] = median_after_warmup(run["steps"])
             runs[impl].append(run)
     # with --repeat, each implementation's fastest run (least disturbed by other load) is reported
     k, d = (min(runs[impl], key=lambda r: r["median"]) for impl in ("kinema", "diffusers"))
     rel = float((k["latent"] - d["latent"]).abs().max() / d["latent"].abs().max())
+    return {"kinema": k, "diffusers": d, "rel": rel, "threads": k["threads"]}
 
+
+def integer_schedule(steps: int) -> bool:
+    """Both schedulers give the same timesteps (``steps - 1`` divides 999)."""
+    return steps == 1 or 999 % (steps - 1) == 0
+
+
+def report(args, argv: list[str], res: dict) -> list[str]:
+    """The markdown report of ``collect``'s results."""
     import diffusers
+    import torch
 
+    k, d, rel = res["kinema"], res["diffusers"], res["rel"]
     lat = args.size // 8
-    integer_steps = args.steps == 1 or 999 % (args.steps - 1) == 0
     lines = [
         "```",
-        "python " + " ".join(shlex.quote(a) for a in ["bench/bench_animatediff.py"] + argv),
+        command_line("bench/bench_animatediff.py", argv),
         "```",
         "",
-        f"AnimateDiff {args.motion} on the Kinema demo weights ({args.width}, random), {args.frames} frames at "
-        f"{args.size}x{args.size} (latent {lat}x{lat}), {args.steps} Euler steps, cfg {args.cfg} (cond and uncond "
-        f"in one batch: {2 * args.frames} UNet images a step), fp32 on CPU, {k['threads']} threads "
-        f"({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}."
-        + (f" Each implementation ran {args.repeat} times, alternating; its run with the fastest median step is "
-           "shown." if args.repeat > 1 else ""),
+        (f"AnimateDiff {args.motion} on the Kinema demo weights ({args.scale}, random), {args.frames} frames at "
+         f"{args.size}x{args.size} (latent {lat}x{lat}), {args.steps} Euler steps, cfg {args.cfg} (cond and uncond "
+         f"in one batch: {2 * args.frames} UNet images a step), fp32 on CPU, {k['threads']} threads "
+         f"({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}."
+         + (f" Each implementation ran {args.repeat} times, alternating; its run with the fastest median step is "
+            "shown." if args.repeat > 1 else "")),
         "",
-        "| | step, median after warm-up (s) | total sampling (s) | peak RSS (MiB) | peak RSS while sampling (MiB) "
-        "| RSS before sampling (MiB) |",
+        ("| | step, median after warm-up (s) | total sampling (s) | peak RSS (MiB) | peak RSS while sampling (MiB) "
+         "| RSS before sampling (MiB) |"),
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in (("Kinema", k), ("diffusers", d)):
@@ -192,20 +209,19 @@ def run_parent(args, argv: list[str]) -> int:
     )
     lines += [
         "",
-        "Step times (s): Kinema " + ", ".join(f"{s:.3f}" for s in k["steps"])
-        + "; diffusers " + ", ".join(f"{s:.3f}" for s in d["steps"]) + ".",
-        f"Final latents: max |Kinema - diffusers| / max |diffusers| = {rel:.2e}"
-        + ("." if integer_steps else
-           " (with this step count the schedules differ slightly: ComfyUI's normal schedule rounds the timestep "
-           "given to the UNet and interpolates log sigma, diffusers' linspace spacing gives fractional timesteps "
-           "and interpolates sigma; steps with (steps - 1) dividing 999, e.g. 4 or 10, give identical schedules)."),
+        ("Step times (s): Kinema " + ", ".join(f"{s:.3f}" for s in k["steps"])
+         + "; diffusers " + ", ".join(f"{s:.3f}" for s in d["steps"]) + "."),
+        (f"Final latents: max |Kinema - diffusers| / max |diffusers| = {rel:.2e}"
+         + ("." if integer_schedule(args.steps) else
+            " (with this step count the schedules differ slightly: ComfyUI's normal schedule rounds the timestep "
+            "given to the UNet and interpolates log sigma, diffusers' linspace spacing gives fractional timesteps "
+            "and interpolates sigma; steps with (steps - 1) dividing 999, e.g. 4 or 10, give identical "
+            "schedules).")),
     ]
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--frames", type=int, default=16, help="frames of the video")
@@ -215,23 +231,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed (ComfyUI convention)")
     p.add_argument("--motion", choices=("v1", "v2", "v3"), default="v3", help="demo motion module version")
-    p.add_argument("--width", choices=("tiny", "medium"), default="tiny",
-                   help="demo network width: tiny (32 channels) or medium (the real block structure at 160 channels, "
-                        "half SD1.5's 320, context 384)")
+    p.add_argument("--scale", "--width", dest="scale", choices=("tiny", "medium"), default="tiny",
+                   help="demo network width: tiny (32 channels) or medium (the real block structure at 160 "
+                        "channels, half SD1.5's 320, context 384); --width is the older name")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each implementation this many times (alternating) and report its fastest run")
     p.add_argument("--child", choices=("kinema", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--latent-out", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.size % 8 or args.size < 64:
         p.error("--size must be a multiple of 8, at least 64")
     if min(args.steps, args.frames, args.threads, args.repeat) < 1:
         p.error("--steps, --frames, --threads and --repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     if args.child:
-        run_child(args)
+        run_child_process(args)
         return 0
-    return run_parent(args, argv)
+    try:
+        res = collect(args)
+    except BenchError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print("\n".join(report(args, argv, res)))
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ tensors through the tests' own key mappings (``fixtures_svd_unet``, ``fixtures_t
 ResBlock GroupNorm eps (diffusers' differs, see fixtures_svd_unet), the engine's CLIP image tower (its
 conversion is checked against open_clip in test_clip_vision) and the scheduler of the published diffusers
 SVD repositories.
+
+The sizes are the demo's (``TINY``) unless the bench switches to ``MEDIUM`` with ``use_sizes``: the real SVD
+block structure at a reduced width, as ``fixtures.MEDIUM`` is for AnimateDiff.
 """
 from __future__ import annotations
 
@@ -17,10 +20,29 @@ from kinema.models import checkpoint, demo
 from kinema.models.vae import SVD_COND_ENCODER_PREFIX, SVD_VAE_PREFIX
 
 
+#: the demo SVD's sizes (32 model channels, context 64, VAE 32)
+TINY = demo.DemoSizes()
+#: the real SVD block structure (channel_mult (1, 2, 4, 4), attention at levels 0-2, VAE ch_mult (1, 2, 4, 4)) at
+#: reduced width: 128 model channels (SVD: 320; the heads are 64 channels wide, so the width must be a multiple
+#: of 64: 2/4/8/8 heads), context 512 (SVD's CLIP ViT-H/14 projection: 1024), VAE 64 (128). The CLIP image tower
+#: stays the demo's (it runs once a video).
+MEDIUM = demo.DemoSizes(model_channels=128, channel_mult=(1, 2, 4, 4), clip_hidden=512, vae_ch=64,
+                        vae_mult=(1, 2, 4, 4))
+#: the sizes ``svd_state_dict`` builds at (``use_sizes`` changes them)
+SIZES = TINY
+
+
+def use_sizes(sizes: demo.DemoSizes) -> None:
+    """Build the demo SVD at ``sizes`` from now on (the cache is dropped). For the benches."""
+    global SIZES
+    SIZES = sizes
+    svd_state_dict.cache_clear()
+
+
 @functools.lru_cache(maxsize=None)
 def svd_state_dict() -> dict:
-    """The demo SVD checkpoint (fp32, seed 0), published layout. Read-only."""
-    return demo.svd_state_dict(0, torch.float32)
+    """The demo SVD checkpoint (fp32, seed 0) at ``SIZES``, published layout. Read-only."""
+    return demo.svd_state_dict(0, torch.float32, SIZES)
 
 
 def write_svd(path: str) -> str:
@@ -28,24 +50,28 @@ def write_svd(path: str) -> str:
     return path
 
 
-def diffusers_svd_pipeline(bundle):
-    """diffusers ``StableVideoDiffusionPipeline`` holding the tensors of ``svd_state_dict()``; ``bundle`` is the
-    engine's ``checkpoint.load_svd`` of the same file (its configs and CLIP image tower are reused)."""
+def diffusers_svd_pipeline(bundle, sd: dict | None = None, build_device: str | None = None):
+    """diffusers ``StableVideoDiffusionPipeline`` holding the tensors of ``sd`` (default ``svd_state_dict()``, the
+    published layout); ``bundle`` is the engine's ``checkpoint.load_svd`` of the same file (its configs and CLIP
+    image tower are reused). ``build_device``: where the UNet and VAE are made (their random initialisation is
+    slow on the CPU at the real size; the GPU bench makes them on the GPU), else the CPU."""
     import diffusers
     from fixtures_svd_unet import diffusers_svd_config, sgm_resblock_eps, sgm_to_diffusers
     from fixtures_temporal_vae import to_diffusers_keys
     from transformers import CLIPImageProcessor
 
-    sd = svd_state_dict()
+    sd = svd_state_dict() if sd is None else sd
     cfg = bundle.model.unet.cfg
-    unet = diffusers.UNetSpatioTemporalConditionModel(**diffusers_svd_config(cfg))
+    with torch.device(build_device or "cpu"):
+        unet = diffusers.UNetSpatioTemporalConditionModel(**diffusers_svd_config(cfg))
     unet.load_state_dict(sgm_to_diffusers(checkpoint.sub_state_dict(sd, "model.diffusion_model."), cfg), strict=True)
     sgm_resblock_eps(unet)
     vcfg = bundle.vae.cfg
     widths = tuple(vcfg.ch * m for m in vcfg.ch_mult)
-    vae = diffusers.AutoencoderKLTemporalDecoder(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
-        block_out_channels=widths, layers_per_block=vcfg.num_res_blocks, latent_channels=vcfg.z_channels)
+    with torch.device(build_device or "cpu"):
+        vae = diffusers.AutoencoderKLTemporalDecoder(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(widths),
+            block_out_channels=widths, layers_per_block=vcfg.num_res_blocks, latent_channels=vcfg.z_channels)
     vae_sd = {k: v for k, v in checkpoint.sub_state_dict(sd, SVD_VAE_PREFIX).items() if k.startswith("decoder.")}
     vae_sd.update({k: v for k, v in checkpoint.sub_state_dict(sd, SVD_COND_ENCODER_PREFIX).items()
                    if k.startswith(("encoder.", "quant_conv."))})

@@ -234,7 +234,8 @@ def test_the_default_model_offload_gives_the_same_video_and_every_model_rests_in
         OffloadOptions(mode=video_policy.mode, device="cpu", storage="cpu:1", on_move=watch),
         Placement(device="cpu", offload=sub.offload, storage="cpu:1", on_move=watch)))
     offloaded, models = _txt2vid_by_nodes(nodes)
-    assert torch.allclose(offloaded, plain, atol=1e-5)
+    # pixels in [0, 1]: fp32 rounding (fresh tensors may take other kernel paths), far below one 8-bit level
+    assert torch.allclose(offloaded, plain, atol=1e-4)
     for k, m in enumerate(models):  # each one came in for its work (the UNet once for the run) and went back
         trail = [d for i, d in watch.log if i == id(placement.weights_of(m))]
         assert trail[-2:] == ["cpu", "cpu:1"] and (k > 1 or trail.count("cpu") == 1)
