@@ -32,7 +32,8 @@ OFFLOAD_MODES = ("none", "model", "block")
 class OffloadOptions:
     """A video model's memory policy. ``mode``: none (the model stays where its weights are), model (the UNet,
     motion modules and add-ons brought to ``device`` for each sampling call and back to ``storage`` after, see
-    ``placement``) or block (blocks streamed to ``device`` one at a time); ``resident``: blocks kept on the compute device at once (more is faster when memory
+    ``placement``) or block (blocks streamed to ``device`` one at a time); ``resident``: blocks kept on the
+    compute device at once (more is faster when memory
     allows); ``attn_chunk``: attention queries (spatial) / pixel positions (temporal) at once, 0 = all;
     ``batch_cond``: cond and uncond in one batch (False: one after the other)."""
 
@@ -89,6 +90,13 @@ def send_back(stash: Stash) -> None:
         t.data = src
 
 
+def return_to(module: nn.Module, stash: Stash, storage: torch.device) -> None:
+    """``module`` back to ``storage``: the kept copies put back, and what was on the device before ``bring`` (which
+    has no storage copy) moved."""
+    send_back(stash)
+    module.to(storage)
+
+
 class BlockStreamer:
     """Streams blocks to ``device`` for one call (see the module doc)."""
 
@@ -104,8 +112,7 @@ class BlockStreamer:
         if device == self.device:
             self._stashes[id(module)] = bring(module, device, non_blocking, pin=True)
         else:
-            send_back(self._stashes.pop(id(module), []))
-            module.to(device)  # what was on the compute device before the call (nothing copies back otherwise)
+            return_to(module, self._stashes.pop(id(module), []), device)
         if self.on_move is not None:
             self.on_move(module, device)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .offload import OffloadOptions, Stash, bring, compute_device, send_back
+from .offload import OffloadOptions, Stash, bring, compute_device, return_to
 
 ATTR = "kinema_placement"
 OnMove = Callable[[nn.Module, torch.device], None]
@@ -86,8 +86,9 @@ def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> S
 
 def _send_back(module: nn.Module, stash: Stash, storage: torch.device, on_move: OnMove | None) -> None:
     """``module`` back to ``storage``: the kept copies put back (no copy from the device), the rest moved."""
-    send_back(stash)
-    _move(module, storage, on_move)
+    return_to(module, stash, storage)
+    if on_move is not None:
+        on_move(module, storage)
 
 
 def place(obj, placement: Placement):

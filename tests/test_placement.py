@@ -147,7 +147,7 @@ def test_the_host_asks_comfyui_to_make_room_before_a_model_comes_in(monkeypatch)
     monkeypatch.setattr(host, "_comfy_mm", FakeComfy)
     moved = []
     monkeypatch.setattr(placement, "bring", lambda m, d: moved.append(str(d)) or [])
-    monkeypatch.setattr(placement, "_move", lambda m, d, on_move: moved.append(str(d)))
+    monkeypatch.setattr(placement, "return_to", lambda m, stash, d: moved.append(str(d)))
     net = torch.nn.Linear(4, 4)  # 20 floats
     net.kinema_placement = Placement(device="cuda", offload=True)
     with placement.on_device(net):
