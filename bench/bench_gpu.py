@@ -859,8 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
                    help="UNet, motion module and image encoder precision (default: fp16 on CUDA, fp32 on the CPU)")
     p.add_argument("--vae-dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
-                   help="VAE precision, the same for both implementations (auto: the pack's choice, "
-                        "memory.vae_dtype: fp32 with fp16, else the UNet's)")
+                   help="VAE precision, the same for both implementations (auto: the UNet's, as the pack's "
+                        "loaders; Kinema reruns a VAE call that overflows in fp16 in fp32)")
     p.add_argument("--resident", type=int, default=2, help="block offload: blocks resident on the device")
     p.add_argument("--attn-chunk", type=int, help="block-chunk: attention queries at once (default: the scale's, "
                                                    "real 1024)")
@@ -904,8 +904,7 @@ def main(argv: list[str] | None = None) -> int:
 
     precision = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = memory.pick_dtype(precision, device)
-    vae_dtype = memory.vae_dtype(precision, device) if args.vae_dtype == "auto" else memory.pick_dtype(
-        args.vae_dtype, device)
+    vae_dtype = dtype if args.vae_dtype == "auto" else memory.pick_dtype(args.vae_dtype, device)
     meter = Meter(device)
     gen_device = device  # random weights drawn where they compute (fast on a GPU), kept on the CPU
     results = []

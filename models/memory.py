@@ -44,12 +44,6 @@ def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
     return replace_parameters(module, new)
 
 
-def vae_dtype(precision: str, device: torch.device | str) -> torch.dtype:
-    """The SD VAE overflows in fp16 on some images: keep it fp32 unless bf16 is asked for."""
-    dtype = pick_dtype(precision, device)
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
 VRAM_STATES = ("cpu", "high", "normal", "low", "none")
 
 

@@ -31,6 +31,7 @@ from .layers import RunOptions
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
 from .placement import on_device
 from .svd import micro_conditioning
+from .vae import Fp32Fallback
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,8 @@ def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageCondi
         pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
         noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)
         with on_device(vae):
-            concat = vae.encode(noised.to(vae.device, vae.dtype)).float().cpu()
+            concat = Fp32Fallback(vae, "encoding the init image")(
+                lambda m, px: m.encode(px.to(m.device, m.dtype)).float(), noised).cpu()
     y = micro_conditioning(opts.fps - 1, opts.motion_bucket_id, opts.augmentation_level, 1)
     context = rearrange(embeds, "b d -> b 1 d")
     cond = {"context": context, "concat": concat, "y": y}

@@ -42,6 +42,7 @@ one short video, which is what sgm does (``decoding_t`` frames a call in
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 from typing import Callable
 
 import torch
@@ -50,11 +51,12 @@ from einops import rearrange
 from torch import nn
 
 from .errors import KinemaError
-from .memory import run_with_oom_retry
+from .memory import cast_weights, run_with_oom_retry
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
 
 NO_TILES = TileOptions()
+logger = logging.getLogger("kinema")
 
 #: Frames decoded a call by the plain VAE when no chunk is given (frames are independent there).
 DEFAULT_DECODE_CHUNK = 8
@@ -408,6 +410,25 @@ def _smaller(setting: CodecSetting, size: int, min_tile: int, chunk_changes_outp
     return CodecSetting(setting.chunk, tiles)
 
 
+class Fp32Fallback:
+    """Runs codec calls on ``vae``; a call whose fp16 output is not finite (fp16 overflowed inside the VAE) is
+    run again on an fp32 copy of the VAE, which then serves the rest of the job (said once in the log). The
+    input VAE is never changed (``memory.cast_weights`` copies)."""
+
+    def __init__(self, vae: nn.Module, what: str):
+        self.vae, self.what = vae, what
+
+    def __call__(self, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        out = fn(self.vae, x)
+        if self.vae.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+            logger.warning("%s overflowed in fp16 (inf/NaN in the output); running it in fp32 from here on",
+                           self.what)
+            del out
+            self.vae = cast_weights(self.vae, torch.float32)
+            out = fn(self.vae, x)
+        return out
+
+
 def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, what: str, remedy: str,
                 chunk_changes_output: bool, min_tile: int, on_chunk) -> list[torch.Tensor]:
     """``call`` on chunks of ``items`` [f, c, h, w] (tiled as ``setting`` says), retrying a chunk that runs out of
@@ -445,6 +466,7 @@ def decode_frames(
     ``tiles`` (in latent pixels): decode spatial tiles with feathered overlaps (``tiling.run_tiled``); each tile
     holds every frame of the chunk. Out of memory: the chunk is retried once smaller (AutoencoderKL: half the
     frames; the temporal decoder: smaller tiles, since fewer frames would change it), then a KinemaError.
+    An fp16 VAE whose output is not finite (overflow) decodes that call again in fp32 (``Fp32Fallback``).
     ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
     """
     if latent.ndim != 4:
@@ -459,9 +481,13 @@ def decode_frames(
         chunk = getattr(vae, "default_decode_chunk", DEFAULT_DECODE_CHUNK)
     temporal = bool(getattr(vae, "mixes_frames", False))
 
+    def decode(model, z: torch.Tensor) -> torch.Tensor:  # the temporal VAE: the chunk is one video
+        return model.decode(z.to(model.device, model.dtype)).float()
+
     def call(z: torch.Tensor) -> torch.Tensor:
-        pixels = vae.decode(z.to(vae.device, vae.dtype)).float()  # the temporal VAE: the chunk is one video
-        return ((pixels.clamp(-1, 1) + 1) / 2).cpu()
+        return ((precision(decode, z).clamp(-1, 1) + 1) / 2).cpu()
+
+    precision = Fp32Fallback(vae, "VAE decoding")
 
     with torch.inference_mode(), on_device(vae):
         out = _run_chunks(call, latent, CodecSetting(max(1, int(chunk)), tiles), 8, "VAE decoding",
@@ -481,7 +507,8 @@ def encode_frames(
     H and W must be multiples of 8; an alpha channel ([f, H, W, 4]) is dropped. Frames are encoded
     independently (the SVD encoder has no temporal layers), so the chunk only bounds memory. ``tiles`` (in image
     pixels, multiples of 8): encode spatial tiles with feathered overlaps. Out of memory: the chunk is retried once
-    with half the frames, then a KinemaError. ``on_chunk(done, total)`` is called after each chunk.
+    with half the frames, then a KinemaError. fp16 overflow: that call again in fp32 (``Fp32Fallback``).
+    ``on_chunk(done, total)`` is called after each chunk.
     """
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise KinemaError(f"expected IMAGE frames [frames, height, width, 3], got shape {tuple(images.shape)}")
@@ -499,8 +526,13 @@ def encode_frames(
                           f"{tiles.tile} and {tiles.overlap}")
     pixels = rearrange(images[..., :3], "f h w c -> f c h w")
 
+    def encode(model, px: torch.Tensor) -> torch.Tensor:
+        return model.encode(px.to(model.device, model.dtype) * 2 - 1).float()
+
     def call(px: torch.Tensor) -> torch.Tensor:
-        return vae.encode(px.to(vae.device, vae.dtype) * 2 - 1).float().cpu()
+        return precision(encode, px).cpu()
+
+    precision = Fp32Fallback(vae, "VAE encoding")
 
     with torch.inference_mode(), on_device(vae):
         out = _run_chunks(call, pixels, CodecSetting(max(1, int(chunk)), tiles), 1 / 8, "VAE encoding",

@@ -32,16 +32,15 @@ class KinemaCheckpointLoader:
                     "tooltip": "An SD1.5 checkpoint in models/checkpoints (SDXL, SD2 and SVD files are refused)."}),
                 "precision": (list(memory.PRECISIONS), {
                     "default": "auto",
-                    "tooltip": "Weight precision. auto: fp16 on a GPU (VAE kept in fp32), fp32 on the CPU."}),
+                    "tooltip": "Weight precision. auto: fp16 on a GPU, fp32 on the CPU. A VAE call that "
+                               "overflows in fp16 is run again in fp32 (said in the log)."}),
             }
         }
 
     def load(self, ckpt_name, precision="auto"):
         path = host.resolve_model("checkpoints", ckpt_name)
         device = host.compute_device()
-        bundle = checkpoint.load_sd15(
-            path, dtype=memory.pick_dtype(precision, device), vae_dtype=memory.vae_dtype(precision, device)
-        )
+        bundle = checkpoint.load_sd15(path, dtype=memory.pick_dtype(precision, device))
         video_policy, _ = host.memory_defaults()
         model = MotionModel(unet=bundle.unet, motion=None, beta_schedule="sqrt_linear", name=bundle.name,
                             offload=video_policy)

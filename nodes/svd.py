@@ -36,7 +36,8 @@ class KinemaSVDLoader:
                                "to Load Checkpoint (Kinema))."}),
                 "precision": (list(memory.PRECISIONS), {
                     "default": "auto",
-                    "tooltip": "Weight precision. auto: fp16 on a GPU (VAE kept in fp32), fp32 on the CPU."}),
+                    "tooltip": "Weight precision. auto: fp16 on a GPU, fp32 on the CPU. A VAE call that "
+                               "overflows in fp16 is run again in fp32 (said in the log)."}),
             },
             "optional": {
                 "clip_vision_name": ([FROM_CHECKPOINT] + host.list_models("clip_vision"), {
@@ -53,7 +54,7 @@ class KinemaSVDLoader:
             clip_path = host.resolve_model("clip_vision", clip_vision_name)
         device = host.compute_device()
         bundle = checkpoint.load_svd(path, dtype=memory.pick_dtype(precision, device),
-                                     vae_dtype=memory.vae_dtype(precision, device), clip_vision_path=clip_path)
+                                     clip_vision_path=clip_path)
         video_policy, _ = host.memory_defaults()
         model = bundle.model.with_options(offload=video_policy)
         placement.rest(model, video_policy)

@@ -1,0 +1,80 @@
+"""An fp16 VAE: decode and encode run in fp16; a call that overflows is run again in fp32, which then holds."""
+import logging
+
+import torch
+from fixtures import vae as sd_vae
+from kinema.models.lora import replace_parameters
+from kinema.models.memory import cast_weights
+from kinema.models.vae import decode_frames, encode_frames
+
+LATENT = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+IMAGES = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(12))
+
+
+def _scaled(vae, factor, *names):
+    """``vae`` with the weights ``names`` times ``factor`` (a copy: the shared fixture is left as it is)."""
+    params = dict(vae.named_parameters())
+    return replace_parameters(vae, {name: params[name].detach() * factor for name in names})
+
+
+def _dtypes_seen(module):
+    """Record the dtype of every input ``module`` receives (the hook table is shared with copy-on-write
+    copies of it, so the fp32 fallback copy records too)."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    return seen, handle
+
+
+def test_fp16_decode_runs_in_fp16_and_is_close_to_fp32(caplog):
+    vae16 = cast_weights(sd_vae(), torch.float16)
+    seen, handle = _dtypes_seen(vae16.post_quant_conv)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kinema"):
+            out = decode_frames(vae16, LATENT, chunk=2)
+    finally:
+        handle.remove()
+    assert seen == [torch.float16, torch.float16]
+    assert "overflowed" not in caplog.text
+    ref = decode_frames(cast_weights(vae16, torch.float32), LATENT)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 2e-2
+
+
+def test_fp16_decode_that_overflows_is_run_again_in_fp32_for_the_rest_of_the_job(caplog):
+    # activations of ~1e5 after post_quant_conv: inf in fp16 (max 65504), fine in fp32 (GroupNorm rescales)
+    vae16 = _scaled(cast_weights(sd_vae(), torch.float16), 1e3, "post_quant_conv.weight")
+    latent = LATENT * 100
+    assert torch.isfinite(vae16.post_quant_conv.weight).all()
+    assert not torch.isfinite(vae16.decode(latent[:1].half())).all()
+    seen, handle = _dtypes_seen(vae16.post_quant_conv)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kinema"):
+            out = decode_frames(vae16, latent, chunk=1)
+    finally:
+        handle.remove()
+    assert seen == [torch.float16, torch.float32, torch.float32, torch.float32]  # once in fp16, then fp32 only
+    assert "VAE decoding overflowed in fp16" in caplog.text
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, decode_frames(cast_weights(vae16, torch.float32), latent, chunk=1))
+    assert vae16.dtype == torch.float16 and vae16.post_quant_conv.weight.dtype == torch.float16  # input unchanged
+
+
+def test_fp16_encode_that_overflows_is_run_again_in_fp32(caplog):
+    vae16 = _scaled(cast_weights(sd_vae(), torch.float16), 1e3, "encoder.conv_out.weight", "quant_conv.weight")
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = encode_frames(vae16, IMAGES)
+    assert "VAE encoding overflowed in fp16" in caplog.text
+    assert torch.isfinite(out).all() and out.abs().max() > 65504  # values fp16 cannot hold
+    assert torch.equal(out, encode_frames(cast_weights(vae16, torch.float32), IMAGES))
+
+
+def test_fp32_and_bf16_vaes_are_never_rerun(caplog):
+    for dtype in (torch.float32, torch.bfloat16):
+        vae = _scaled(cast_weights(sd_vae(), dtype), 1e3, "post_quant_conv.weight")
+        seen, handle = _dtypes_seen(vae.post_quant_conv)
+        try:
+            with caplog.at_level(logging.WARNING, logger="kinema"):
+                decode_frames(vae, LATENT[:1] * 100)
+        finally:
+            handle.remove()
+        assert seen == [dtype]
+    assert "overflowed" not in caplog.text
