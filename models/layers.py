@@ -100,7 +100,10 @@ class CrossAttention(nn.Module):
 
         ``extra``: more ``(k, v, scale)`` the same queries attend to, each added as ``scale * attention(q, k, v)``
         before ``to_out`` (decoupled cross-attention, as IP-Adapter's image tokens); k, v are [b, m', c].
+        A context of one token without ``extra`` takes ``one_key`` (a broadcast view [b, n, c]).
         """
+        if not extra and context is not None and _keys(context) == 1:
+            return self.one_key(context).expand(-1, x.shape[1], -1)
         q = self.to_q(x)
         if isinstance(context, SharedContext):
             k, v = context.project(self.to_k), context.project(self.to_v)
@@ -111,6 +114,19 @@ class CrossAttention(nn.Module):
         for k, v, scale in extra:
             out = out + scale * attention(q, k.to(q.dtype), v.to(q.dtype), self.heads, chunk)
         return self.to_out(out)
+
+
+    def one_key(self, context: torch.Tensor | SharedContext) -> torch.Tensor:
+        """The attention output for a context of ONE token (SVD's image embedding): the softmax over one key is
+        exactly 1, so every query gets that token's value: ``to_out(to_v(context))`` [b, 1, c], without the
+        query projection and the attention over every query."""
+        if isinstance(context, SharedContext):
+            return context.project(lambda c: self.to_out(self.to_v(c)))
+        return self.to_out(self.to_v(context))
+
+
+def _keys(context: torch.Tensor | SharedContext) -> int:
+    return (context.values if isinstance(context, SharedContext) else context).shape[1]
 
 
 class GEGLU(nn.Module):

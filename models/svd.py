@@ -209,6 +209,8 @@ class VideoTransformerBlock(nn.Module):
             return attn(x)
         # the keys of one video's context serve every pixel of that video: project once, then pick per row
         video = torch.arange(first_row, first_row + x.shape[0], device=x.device) // n
+        if context.shape[1] == 1:  # one token (SVD's image embedding): every frame gets its value
+            return attn.one_key(context)[video].expand(-1, x.shape[1], -1)
         return attn.to_out(attention(attn.to_q(x), attn.to_k(context)[video], attn.to_v(context)[video],
                                      attn.heads))
 
