@@ -915,12 +915,11 @@ def main(argv: list[str] | None = None) -> int:
         results.append(bench_workload(w, args, device, meter, dtype, vae_dtype))
         w.state_dicts.clear()
         meter.clear()
-    lines = report(args, argv, results, device, meter, dtype, vae_dtype)
-    text = "\n".join(lines).rstrip() + "\n"
+        text = "\n".join(report(args, argv, results, device, meter, dtype, vae_dtype)).rstrip() + "\n"
+        if args.output:  # after each workload: a run cut off later keeps what it measured
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
     print(text, end="")
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
     failed = [r for res in results for r in res["runs"] if r.note.startswith("failed")]
     return 1 if failed else 0
 

@@ -1,4 +1,5 @@
 """An fp16 VAE: decode and encode run in fp16; a call that overflows is run again in fp32, which then holds."""
+import contextlib
 import logging
 
 import torch
@@ -17,22 +18,22 @@ def _scaled(vae, factor, *names):
     return replace_parameters(vae, {name: params[name].detach() * factor for name in names})
 
 
+@contextlib.contextmanager
 def _dtypes_seen(module):
-    """Record the dtype of every input ``module`` receives (the hook table is shared with copy-on-write
-    copies of it, so the fp32 fallback copy records too)."""
+    """The dtype of every input ``module`` receives inside the block (the hook table is shared with
+    copy-on-write copies of it, so the fp32 fallback copy records too)."""
     seen = []
     handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
-    return seen, handle
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def test_fp16_decode_runs_in_fp16_and_is_close_to_fp32(caplog):
     vae16 = cast_weights(sd_vae(), torch.float16)
-    seen, handle = _dtypes_seen(vae16.post_quant_conv)
-    try:
-        with caplog.at_level(logging.WARNING, logger="kinema"):
-            out = decode_frames(vae16, LATENT, chunk=2)
-    finally:
-        handle.remove()
+    with _dtypes_seen(vae16.post_quant_conv) as seen, caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae16, LATENT, chunk=2)
     assert seen == [torch.float16, torch.float16]
     assert "overflowed" not in caplog.text
     ref = decode_frames(cast_weights(vae16, torch.float32), LATENT)
@@ -45,12 +46,8 @@ def test_fp16_decode_that_overflows_is_run_again_in_fp32_for_the_rest_of_the_job
     latent = LATENT * 100
     assert torch.isfinite(vae16.post_quant_conv.weight).all()
     assert not torch.isfinite(vae16.decode(latent[:1].half())).all()
-    seen, handle = _dtypes_seen(vae16.post_quant_conv)
-    try:
-        with caplog.at_level(logging.WARNING, logger="kinema"):
-            out = decode_frames(vae16, latent, chunk=1)
-    finally:
-        handle.remove()
+    with _dtypes_seen(vae16.post_quant_conv) as seen, caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae16, latent, chunk=1)
     assert seen == [torch.float16, torch.float32, torch.float32, torch.float32]  # once in fp16, then fp32 only
     assert "VAE decoding overflowed in fp16" in caplog.text
     assert torch.isfinite(out).all()
@@ -70,11 +67,7 @@ def test_fp16_encode_that_overflows_is_run_again_in_fp32(caplog):
 def test_fp32_and_bf16_vaes_are_never_rerun(caplog):
     for dtype in (torch.float32, torch.bfloat16):
         vae = _scaled(cast_weights(sd_vae(), dtype), 1e3, "post_quant_conv.weight")
-        seen, handle = _dtypes_seen(vae.post_quant_conv)
-        try:
-            with caplog.at_level(logging.WARNING, logger="kinema"):
-                decode_frames(vae, LATENT[:1] * 100)
-        finally:
-            handle.remove()
+        with _dtypes_seen(vae.post_quant_conv) as seen, caplog.at_level(logging.WARNING, logger="kinema"):
+            decode_frames(vae, LATENT[:1] * 100)
         assert seen == [dtype]
     assert "overflowed" not in caplog.text
