@@ -161,9 +161,10 @@ def test_decode_frames_chunk_changes_the_output_as_in_sgm():
     by_two = decode_frames(vae, z, chunk=2, on_chunk=lambda done, total: calls.append((done, total)))
     default = decode_frames(vae, z)  # SVD_DECODE_CHUNK >= FRAMES: one call
     assert all_frames.shape == (FRAMES, 64, 64, 3) and 0 <= float(all_frames.min()) <= float(all_frames.max()) <= 1
-    torch.testing.assert_close(all_frames, one_call, atol=1e-6, rtol=0)
+    # decode_frames runs in channels_last on the CPU: the same sums in another order (fp32 rounding)
+    torch.testing.assert_close(all_frames, one_call, atol=2e-5, rtol=0)
     torch.testing.assert_close(default, all_frames, atol=0, rtol=0)
-    torch.testing.assert_close(by_two[:2], head, atol=1e-6, rtol=0)  # each chunk is its own short video
+    torch.testing.assert_close(by_two[:2], head, atol=2e-5, rtol=0)  # each chunk is its own short video
     assert float((by_two - all_frames).abs().max()) > 1e-3
     assert calls == [(2, FRAMES), (4, FRAMES), (5, FRAMES)]
     assert SVD_DECODE_CHUNK == 14 and TemporalAutoencoder.default_decode_chunk == SVD_DECODE_CHUNK

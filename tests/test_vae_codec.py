@@ -1,4 +1,5 @@
-"""An fp16 VAE: decode and encode run in fp16; a call that overflows is run again in fp32, which then holds."""
+"""How the VAE calls run: an fp16 VAE in fp16, a call that overflows again in fp32 (which then holds); on the CPU
+in channels_last."""
 import contextlib
 import logging
 
@@ -71,3 +72,18 @@ def test_fp32_and_bf16_vaes_are_never_rerun(caplog):
             decode_frames(vae, LATENT[:1] * 100)
         assert seen == [dtype]
     assert "overflowed" not in caplog.text
+
+
+def test_cpu_decode_and_encode_run_in_channels_last():
+    layouts = []
+    vae = sd_vae()
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        for m in (vae.post_quant_conv, vae.encoder.conv_in)]
+    try:
+        decode_frames(vae, LATENT)
+        encode_frames(vae, IMAGES)
+    finally:
+        for h in handles:
+            h.remove()
+    assert layouts == [True, True]
