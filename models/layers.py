@@ -115,7 +115,6 @@ class CrossAttention(nn.Module):
             out = out + scale * attention(q, k.to(q.dtype), v.to(q.dtype), self.heads, chunk)
         return self.to_out(out)
 
-
     def one_key(self, context: torch.Tensor | SharedContext) -> torch.Tensor:
         """The attention output for a context of ONE token (SVD's image embedding): the softmax over one key is
         exactly 1, so every query gets that token's value: ``to_out(to_v(context))`` [b, 1, c], without the

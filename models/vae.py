@@ -41,8 +41,8 @@ one short video, which is what sgm does (``decoding_t`` frames a call in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
