@@ -33,8 +33,8 @@ class OffloadOptions:
     """A video model's memory policy. ``mode``: none (the model stays where its weights are), model (the UNet,
     motion modules and add-ons brought to ``device`` for each sampling call and back to ``storage`` after, see
     ``placement``) or block (blocks streamed to ``device`` one at a time); ``resident``: blocks kept on the
-    compute device at once (more is faster when memory
-    allows); ``attn_chunk``: attention queries (spatial) / pixel positions (temporal) at once, 0 = all;
+    compute device at once (more is faster when memory allows); ``attn_chunk``: attention queries (spatial) /
+    pixel positions (temporal) at once, 0 = all;
     ``batch_cond``: cond and uncond in one batch (False: one after the other)."""
 
     mode: str = "none"

@@ -64,10 +64,15 @@ def placement_of(obj) -> Placement | None:
     return getattr(obj, ATTR, None)
 
 
-def _move(module: nn.Module, device: torch.device, on_move: OnMove | None) -> None:
-    module.to(device)
+def _moved(module: nn.Module, device: torch.device, on_move: OnMove | None) -> None:
+    """Report a move to the instrumentation, if any."""
     if on_move is not None:
         on_move(module, device)
+
+
+def _move(module: nn.Module, device: torch.device, on_move: OnMove | None) -> None:
+    module.to(device)
+    _moved(module, device, on_move)
 
 
 def _room_for(module: nn.Module, device: torch.device) -> None:
@@ -79,16 +84,14 @@ def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> S
     """``module`` to ``device`` for a while (room made first); its storage copies are kept (``offload.bring``)."""
     _room_for(module, device)
     stash = bring(module, device)
-    if on_move is not None:
-        on_move(module, device)
+    _moved(module, device, on_move)
     return stash
 
 
 def _send_back(module: nn.Module, stash: Stash, storage: torch.device, on_move: OnMove | None) -> None:
     """``module`` back to ``storage``: the kept copies put back (no copy from the device), the rest moved."""
     return_to(module, stash, storage)
-    if on_move is not None:
-        on_move(module, storage)
+    _moved(module, storage, on_move)
 
 
 def place(obj, placement: Placement):
