@@ -20,7 +20,7 @@ StepCallback = Callable[[int, int, torch.Tensor], None]  # (step, total, x0)
 
 # -- the discrete DDPM noise levels of an eps-prediction model ---------------------------------------------------
 
-BETA_SCHEDULES = ("linear", "sqrt_linear")
+BETA_SCHEDULES = ("linear", "scaled_linear")
 
 
 class SigmaTable:
@@ -54,22 +54,29 @@ class SigmaTable:
 class DiscreteSchedule(SigmaTable):
     """The 1000 noise levels of a DDPM-trained model, as sigmas.
 
-    ``linear`` is AnimateDiff's (betas linear from 0.00085 to 0.012);
-    ``sqrt_linear`` is SD1.5's (square roots linear, called scaled_linear in diffusers).
+    ``linear`` is AnimateDiff's (betas linear from 0.00085 to 0.012, diffusers' name);
+    ``scaled_linear`` is SD1.5's (square roots linear, diffusers' name). The original LDM code and ComfyUI name
+    them the other way round: their ``linear`` is SD1.5's and their ``sqrt_linear`` is AnimateDiff's, so
+    ``sqrt_linear`` is refused here with that mapping rather than guessed.
     """
 
     def __init__(self, beta_schedule: str = "linear", linear_start: float = 0.00085, linear_end: float = 0.012,
                  timesteps: int = 1000):
         if beta_schedule == "linear":
             betas = torch.linspace(linear_start, linear_end, timesteps, dtype=torch.float64)
-        elif beta_schedule in ("sqrt_linear", "scaled_linear"):
+        elif beta_schedule == "scaled_linear":
             betas = torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+        elif beta_schedule == "sqrt_linear":
+            raise KinemaError("beta schedule 'sqrt_linear' is ComfyUI's (LDM's) name for AnimateDiff's linear betas, "
+                              "which Kinema calls 'linear'; SD1.5's own schedule is 'scaled_linear' here")
         else:
             raise KinemaError(f"unknown beta schedule '{beta_schedule}': use one of {', '.join(BETA_SCHEDULES)}")
         self.beta_schedule = beta_schedule
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
-        self.log_sigmas = self.sigmas.log()
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        # both from float64 (as ComfyUI's table): a float32 log moves a sigma halfway between two levels to the
+        # other neighbour, and the UNet gets another timestep than ComfyUI gives it
+        self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The nearest discrete timestep of each sigma (what the UNet is given)."""
@@ -204,13 +211,19 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return down, up
 
 
-def cpu_noise_sampler(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Fresh noise for ancestral steps from a CPU generator seeded with the sampling seed."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(seed)
+def ancestral_noise_sampler(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fresh noise for ancestral steps, as ComfyUI's KSampler draws it (k-diffusion's ``default_noise_sampler``):
+    a generator on the latent's device seeded with the sampling seed, so the same seed gives ComfyUI's video on
+    the same device (a CUDA generator's numbers differ from a CPU one's; the initial noise is always drawn on
+    the CPU, by both)."""
+    gen: torch.Generator | None = None
 
     def sample(like: torch.Tensor) -> torch.Tensor:
-        return torch.randn(like.shape, generator=gen, dtype=torch.float32).to(like.device, like.dtype)
+        nonlocal gen
+        if gen is None:
+            gen = torch.Generator(device=like.device)
+            gen.manual_seed(seed)
+        return torch.randn(like.shape, generator=gen, dtype=like.dtype, device=like.device)
 
     return sample
 
@@ -219,7 +232,7 @@ def cpu_noise_sampler(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                            callback: StepCallback | None = None, eta: float = 1.0, seed: int = 0, **_) -> torch.Tensor:
     """Euler ancestral: an Euler step down to sigma_down, then fresh noise up to sigma_to."""
-    noise = cpu_noise_sampler(seed)
+    noise = ancestral_noise_sampler(seed)
     n = len(sigmas) - 1
     for i in range(n):
         x0 = denoiser(x, sigmas[i])

@@ -42,7 +42,7 @@ class KinemaCheckpointLoader:
         device = host.compute_device()
         bundle = checkpoint.load_sd15(path, dtype=memory.pick_dtype(precision, device))
         video_policy, _ = host.memory_defaults()
-        model = MotionModel(unet=bundle.unet, motion=None, beta_schedule="sqrt_linear", name=bundle.name,
+        model = MotionModel(unet=bundle.unet, motion=None, beta_schedule="scaled_linear", name=bundle.name,
                             offload=video_policy)
         placement.rest(model, video_policy)
         return (model, host.placed(bundle.clip), host.placed(bundle.vae))

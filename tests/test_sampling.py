@@ -13,10 +13,29 @@ def test_linear_beta_schedule_is_animatediffs():
     betas = torch.linspace(0.00085, 0.012, 1000, dtype=torch.float64)
     ac = torch.cumprod(1 - betas, 0)
     assert torch.allclose(s.sigmas.double(), ((1 - ac) / ac).sqrt(), rtol=1e-6)
-    sd = sampling.DiscreteSchedule("sqrt_linear")
+    sd = sampling.DiscreteSchedule("scaled_linear")
     # AnimateDiff's linear betas end far noisier than SD's scaled-linear ones
     assert math.isclose(float(sd.sigma_max), 14.6146, rel_tol=1e-4)
     assert math.isclose(float(s.sigma_max), 25.1461, rel_tol=1e-4)
+
+
+def test_sqrt_linear_is_refused_with_the_mapping_of_names():
+    # LDM / ComfyUI's "sqrt_linear" is AnimateDiff's linear betas: a guess either way would be wrong for someone
+    with pytest.raises(KinemaError, match="'linear'.*'scaled_linear'"):
+        sampling.DiscreteSchedule("sqrt_linear")
+
+
+@pytest.mark.parametrize("schedule, steps, step, expected", [
+    ("scaled_linear", 25, 4, 833),  # sigma 5.948899, halfway between two levels in float32
+    ("linear", 19, 5, 722),  # sigma 5.766581
+])
+def test_timestep_between_two_levels_is_comfyuis(schedule, steps, step, expected):
+    """The UNet timestep of a sigma that falls halfway between two table levels is ComfyUI's (its log sigma table
+    is the float64 log cast to float32; a float32 log picks the other neighbour). Expected values from
+    ComfyUI's ModelSamplingDiscrete (0.3.64) with the same betas."""
+    s = sampling.DiscreteSchedule(schedule)
+    sigma = sampling.normal_scheduler(s, steps)[step]
+    assert int(s.timestep(sigma)) == expected
 
 
 def test_timestep_and_sigma_are_inverse_on_the_grid():
@@ -122,3 +141,13 @@ def test_noise_latent_scaling():
     part = sampling.calculate_sigmas(s, "normal", 5, denoise=0.5)
     lat = torch.full((2,), 3.0)
     assert torch.allclose(sampling.noise_latent(lat, noise, part, s), 3.0 + part[0])
+
+
+def test_ancestral_noise_is_comfyuis_default_noise_sampler():
+    """k-diffusion's default_noise_sampler (ComfyUI's KSampler): one generator on the latent's device, seeded
+    with the sampling seed, drawn in the latent's dtype step after step."""
+    x = torch.zeros(2, 4, 8, 8)
+    draw = sampling.ancestral_noise_sampler(1234)
+    gen = torch.Generator(device=x.device).manual_seed(1234)
+    for _ in range(3):
+        assert torch.equal(draw(x), torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device))
