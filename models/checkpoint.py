@@ -14,6 +14,7 @@ import os
 import pickle
 import struct
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -38,12 +39,49 @@ def _check_safetensors_header(path: str) -> None:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise KinemaError(f"'{os.path.basename(path)}' has a corrupt safetensors header") from e
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    end = 0
+    for key, entry in header.items() if isinstance(header, dict) else [(None, header)]:
+        if key == "__metadata__":  # free-form (a dict of strings)
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            what = f"its entry '{key}' is not a tensor description" if key is not None else "not a JSON object"
+            raise KinemaError(f"'{os.path.basename(path)}' has a corrupt safetensors header ({what}): the file is "
+                              "damaged, download it again")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise KinemaError(
             f"'{os.path.basename(path)}' is truncated: {size} bytes on disk, {8 + n + end} expected. "
             "Download the file again."
         )
+
+
+def _last_line(e: Exception) -> str:
+    """The telling line of a long torch.load message (its last non-empty line that is not a documentation link)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "documentation" not in ln]
+    return (lines[-1] if lines else type(e).__name__)[:200]
+
+
+def _check_pickle_container(path: str) -> None:
+    """Refuse a .ckpt/.pt/.pth/.bin that cannot be a PyTorch checkpoint, saying what it is instead: empty, a Git LFS
+    pointer, a web page, or neither a zip archive (torch.save) nor a pickle (the legacy format)."""
+    name = os.path.basename(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        raise KinemaError(f"'{name}' is empty (0 bytes): the download did not finish; download it again")
+    if head.startswith(b"PK"):  # a zip archive: torch.save's format (checked entry by entry afterwards)
+        return
+    if head.startswith(b"version https://git-lfs"):
+        raise KinemaError(f"'{name}' is a Git LFS pointer (a small text file standing for the model), not the model: "
+                          "download the real file (its download link, or 'git lfs pull' in the cloned repository)")
+    if head.lstrip().startswith(b"<"):
+        raise KinemaError(f"'{name}' is a web page (HTML), not a model: the download saved an error or login page; "
+                          "download the file again from its direct download link")
+    if not head.startswith(b"\x80"):  # every pickle protocol >= 2 (torch.save's legacy format) starts so
+        raise KinemaError(f"'{name}' is not a PyTorch checkpoint (neither a zip archive nor a pickle): the file is "
+                          "damaged or another kind of file saved under this name; download it again")
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -61,6 +99,7 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types
             raise KinemaError(f"could not read '{name}' as safetensors: {e}") from e
     elif lower.endswith(PICKLE_EXTENSIONS):
+        _check_pickle_container(path)
         if zipfile.is_zipfile(path):
             try:
                 with zipfile.ZipFile(path) as z:
@@ -72,12 +111,19 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:
+            if "GLOBAL" not in str(e):  # not a class or function the safe unpickler refuses: broken pickle data
+                raise KinemaError(
+                    f"'{name}' is not a PyTorch checkpoint Kinema can read: its pickle data is damaged or in a form "
+                    f"the safe loader does not read ({_last_line(e)}). Download it again, or use a .safetensors "
+                    "version of this model."
+                ) from e
             raise KinemaError(
                 f"'{name}' holds Python objects other than tensors, which Kinema will not unpickle (they could run "
                 "code). Use a .safetensors version of this model, or convert it on a machine you trust."
             ) from e
         except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise KinemaError(f"could not read '{name}': {e}. The file may be truncated: download it again.") from e
+            raise KinemaError(f"could not read '{name}': {str(e) or type(e).__name__}. The file may be truncated: "
+                              "download it again.") from e
     else:
         raise KinemaError(
             f"'{name}' is not a model file Kinema reads: use .safetensors (or .ckpt/.pt/.pth holding only tensors)"
@@ -112,7 +158,8 @@ def detect_format(sd: dict) -> str:
     One of: ``sd15``, ``sd2``, ``sdxl``, ``svd``, ``motion_module``, ``motion_module_sdxl``, ``motion_lora``,
     ``lora`` (an SD LoRA in the kohya / LDM / diffusers-peft layouts; whether it fits SD1.5 is checked against the
     model's shapes when applied), ``sd15_adapter_lora`` (an SD1.5 UNet LoRA in the diffusers attention-processor
-    layout, like the AnimateDiff v3 adapter), ``sdxl_lora``, ``controlnet``, ``vae``, ``clip_vision``, ``unknown``.
+    layout, like the AnimateDiff v3 adapter), ``sdxl_lora``, ``controlnet``, ``ip_adapter``, ``vae``, ``clip_vision``,
+    ``unknown``.
     """
     keys = sd.keys()
     if any(".motion_modules." in k for k in keys):
@@ -145,6 +192,8 @@ def detect_format(sd: dict) -> str:
         return "sd15"
     if any(k.startswith(("control_model.", "input_hint_block.")) for k in keys):
         return "controlnet"
+    if any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
+        return "ip_adapter"
     if "encoder.conv_in.weight" in sd and "decoder.conv_in.weight" in sd:
         return "vae"
     if any(k.startswith(("vision_model.", "visual.")) for k in keys):
@@ -165,6 +214,7 @@ FORMAT_NAMES = {
                          "adapter v3_sd15_adapter.ckpt)",
     "sdxl_lora": "an SDXL LoRA",
     "controlnet": "a ControlNet",
+    "ip_adapter": "an IP-Adapter",
     "vae": "a standalone VAE",
     "clip_vision": "a CLIP vision model",
     "unknown": "an unrecognised model",
@@ -178,6 +228,7 @@ FORMAT_HOME = {
     "lora": "models/loras with the Load LoRA (Kinema) node",
     "sd15_adapter_lora": "models/loras with the Load LoRA (Kinema) node",
     "controlnet": "models/controlnet",
+    "ip_adapter": "models/ipadapter with the Load IP-Adapter (Kinema) node",
     "vae": "models/vae",
     "clip_vision": "models/clip_vision",
 }
@@ -201,13 +252,38 @@ def expect_format(sd: dict, wanted: str | tuple[str, ...], path: str, what: str)
 
 # -- building -----------------------------------------------------------------------------------------------------
 
+#: what reading a structure off malformed tensors raises (a key missing, a tensor of the wrong rank or dtype)
+MALFORMED_ERRORS = (KeyError, IndexError, AttributeError, ValueError, TypeError, RuntimeError)
+
+
+@contextmanager
+def damaged_file(name: str, what: str):
+    """Turn the raw errors that config inference and building raise on malformed tensors into a KinemaError:
+    ``'<name>' is damaged or not <what>: download it again (<detail>)``, the original as ``__cause__``.
+    A KinemaError passes unchanged; so does running out of memory."""
+    try:
+        yield
+    except MALFORMED_ERRORS as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        detail = " ".join(str(e).split())[:200]
+        detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__
+        raise KinemaError(f"'{name}' is damaged or not {what}: download it again ({detail})") from e
+
+
 def sub_state_dict(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
     n = len(prefix)
     return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name: str) -> nn.Module:
-    """Make ``factory()`` on the meta device and assign the state dict's tensors (cast to dtype)."""
+def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name: str,
+                  strict: bool = False) -> nn.Module:
+    """Make ``factory()`` on the meta device and assign the state dict's tensors (cast to dtype).
+
+    ``strict``: also refuse a state dict holding weights the built module does not use (for files that hold one
+    module and nothing else, as a motion module: an unused weight means the structure was read wrong off a damaged
+    file). Off by default: loaders pass sub-dicts of files with parts they deliberately leave out.
+    """
     with torch.device("meta"):
         module = factory()
     expected = module.state_dict()
@@ -215,7 +291,13 @@ def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name:
     if missing:
         raise KinemaError(
             f"'{name}' is missing {len(missing)} {what} weights (first: '{missing[0]}'): the file is incomplete "
-            "or not the format its loader expects"
+            "(download it again) or not the format its loader expects"
+        )
+    unused = [k for k in sd if k not in expected] if strict else []
+    if unused:
+        raise KinemaError(
+            f"'{name}' has {len(unused)} weights the {what} does not use (first: '{unused[0]}'): the file is "
+            "damaged or not the format its loader expects: download it again"
         )
     loaded = {}
     for k, ref in expected.items():
@@ -259,13 +341,14 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
                           "SD1.5 checkpoint")
     if not vae_sd:
         raise KinemaError(f"'{name}' has no VAE ('first_stage_model.*'): it is not a full SD1.5 checkpoint")
-    ucfg = infer_unet_config(unet_sd)
-    unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
-    vcfg = infer_vae_config(vae_sd)
-    vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
     from .encoders import TextEncoder
 
-    clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=dtype)
+    with damaged_file(name, "an SD1.5 checkpoint"):
+        ucfg = infer_unet_config(unet_sd)
+        unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
+        vcfg = infer_vae_config(vae_sd)
+        vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+        clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=dtype)
     return SD15Bundle(unet=unet, vae=vae, clip=clip, name=name)
 
 
@@ -277,8 +360,9 @@ def load_motion_module(path: str, dtype: torch.dtype | None = None):
     sd = load_state_dict(path)
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     expect_format(sd, "motion_module", path, "an AnimateDiff motion module")
-    cfg = infer_motion_config(sd)
-    module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name)
+    with damaged_file(name, "an AnimateDiff motion module"):
+        cfg = infer_motion_config(sd)
+        module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name, strict=True)
     module.source = name
     return module
 
@@ -303,7 +387,9 @@ def load_clip_vision(path: str, dtype: torch.dtype | None = None, device: torch.
     as a ``clip_vision.ImageEncoder``."""
     from .clip_vision import load_image_encoder
 
-    return load_image_encoder(load_state_dict(path), None, dtype, os.path.basename(path), device=device)
+    sd, name = load_state_dict(path), os.path.basename(path)
+    with damaged_file(name, "a CLIP vision model"):
+        return load_image_encoder(sd, None, dtype, name, device=device)
 
 
 def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
@@ -338,31 +424,32 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
         elif where and found != "svd":
             hint = f" It belongs in {where}."
         raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not a Stable Video Diffusion checkpoint.{hint}")
-    unet_sd = sub_state_dict(sd, SVD_UNET_PREFIX)
-    ucfg = infer_svd_unet_config(unet_sd)
-    unet = build_on_meta(lambda: SVDUNet(ucfg), unet_sd, dtype, "UNet", name)
+    with damaged_file(name, "a Stable Video Diffusion checkpoint"):
+        unet_sd = sub_state_dict(sd, SVD_UNET_PREFIX)
+        ucfg = infer_svd_unet_config(unet_sd)
+        unet = build_on_meta(lambda: SVDUNet(ucfg), unet_sd, dtype, "UNet", name)
 
-    first = sub_state_dict(sd, SVD_VAE_PREFIX)
-    if not first:
-        raise KinemaError(f"'{name}' has no VAE ('{SVD_VAE_PREFIX}*'): it is not a full SVD checkpoint")
-    vcfg = infer_temporal_vae_config(first)
-    vae_sd = {k: v for k, v in first.items() if k.startswith("decoder.")}
-    cond_sd = sub_state_dict(sd, SVD_COND_ENCODER_PREFIX)
-    if any(k.startswith("encoder.") for k in cond_sd):
-        if infer_encoder_config(cond_sd) != infer_encoder_config(first):
-            raise KinemaError(f"'{name}': the conditioning encoder and the VAE encoder have different shapes")
-        vae_sd.update({k: v for k, v in cond_sd.items() if k.startswith(("encoder.", "quant_conv."))})
-        vcfg = replace(vcfg, quant_conv="quant_conv.weight" in cond_sd)
-    else:
-        vae_sd.update({k: v for k, v in first.items() if k.startswith(("encoder.", "quant_conv."))})
-    vae = build_on_meta(lambda: TemporalAutoencoder(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+        first = sub_state_dict(sd, SVD_VAE_PREFIX)
+        if not first:
+            raise KinemaError(f"'{name}' has no VAE ('{SVD_VAE_PREFIX}*'): it is not a full SVD checkpoint")
+        vcfg = infer_temporal_vae_config(first)
+        vae_sd = {k: v for k, v in first.items() if k.startswith("decoder.")}
+        cond_sd = sub_state_dict(sd, SVD_COND_ENCODER_PREFIX)
+        if any(k.startswith("encoder.") for k in cond_sd):
+            if infer_encoder_config(cond_sd) != infer_encoder_config(first):
+                raise KinemaError(f"'{name}': the conditioning encoder and the VAE encoder have different shapes")
+            vae_sd.update({k: v for k, v in cond_sd.items() if k.startswith(("encoder.", "quant_conv."))})
+            vcfg = replace(vcfg, quant_conv="quant_conv.weight" in cond_sd)
+        else:
+            vae_sd.update({k: v for k, v in first.items() if k.startswith(("encoder.", "quant_conv."))})
+        vae = build_on_meta(lambda: TemporalAutoencoder(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
 
-    if clip_vision_path is not None:
-        image_encoder = load_clip_vision(clip_vision_path, dtype, device)
-    elif any(k.startswith(SVD_CLIP_VISION_PREFIX) for k in sd):
-        image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, dtype, name, device=device)
-    else:
-        raise KinemaError(f"'{name}' has no CLIP image encoder ('{SVD_CLIP_VISION_PREFIX}*'): choose a ViT-H/14 "
-                          "file from models/clip_vision (e.g. clip_vision_h.safetensors) in Load SVD Checkpoint")
+        if clip_vision_path is not None:
+            image_encoder = load_clip_vision(clip_vision_path, dtype, device)
+        elif any(k.startswith(SVD_CLIP_VISION_PREFIX) for k in sd):
+            image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, dtype, name, device=device)
+        else:
+            raise KinemaError(f"'{name}' has no CLIP image encoder ('{SVD_CLIP_VISION_PREFIX}*'): choose a ViT-H/14 "
+                              "file from models/clip_vision (e.g. clip_vision_h.safetensors) in Load SVD Checkpoint")
     model = SVDModel(unet=unet, variant=variant_of(name), name=name)
     return SVDBundle(model=model, image_encoder=image_encoder, vae=vae, name=name)

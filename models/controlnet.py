@@ -25,7 +25,7 @@ import torch
 from einops import repeat
 from torch import nn
 
-from .checkpoint import build_on_meta, expect_format, load_state_dict, sub_state_dict
+from .checkpoint import build_on_meta, damaged_file, expect_format, load_state_dict, sub_state_dict
 from .errors import KinemaError
 from .layers import ResBlock, RunOptions, SharedContext, SpatialTransformer, timestep_embedding
 from .unet import UNetConfig, infer_unet_config, sd15_blocks
@@ -282,8 +282,9 @@ def controlnet_from_state_dict(sd: dict, name: str = "the ControlNet", dtype: to
                                path: str | None = None) -> ControlNet:
     """A ControlNet from the tensors of a ControlNet file (any of the layouts in the module doc)."""
     sd = _original_layout(sd, name, path or name)
-    cfg = infer_controlnet_config(sd, name)
-    return build_on_meta(lambda: ControlNet(cfg, name), sd, dtype, "ControlNet", name)
+    with damaged_file(name, "an SD1.5 ControlNet"):
+        cfg = infer_controlnet_config(sd, name)
+        return build_on_meta(lambda: ControlNet(cfg, name), sd, dtype, "ControlNet", name)
 
 
 def load_controlnet(path: str, dtype: torch.dtype | None = None) -> ControlNet:

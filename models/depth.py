@@ -286,19 +286,20 @@ class DepthEstimator:
         return depth_to_image(self.estimate(images, batch_size, on_batch))
 
 
-def check_frames(images) -> None:
-    """KinemaError unless ``images`` is a ComfyUI IMAGE: [frames, height, width, 3] floats."""
+def check_frames(images, what: str = "Depth estimation", channels: tuple[int, ...] = (3,)) -> None:
+    """KinemaError unless ``images`` is a ComfyUI IMAGE: [frames, height, width, 3] floats (``channels``: the
+    channel counts accepted, e.g. (3, 4) where alpha is dropped). ``what`` (the node or step) starts the messages."""
     if not isinstance(images, torch.Tensor):
-        raise KinemaError(f"Depth estimation takes an IMAGE tensor [frames, height, width, 3], got "
+        raise KinemaError(f"{what} takes an IMAGE tensor [frames, height, width, 3], got "
                           f"{type(images).__name__}")
-    if images.dim() != 4 or images.shape[-1] != 3:
-        raise KinemaError(f"Depth estimation takes IMAGE frames [frames, height, width, 3] (RGB), got shape "
+    if images.dim() != 4 or images.shape[-1] not in channels:
+        raise KinemaError(f"{what} takes IMAGE frames [frames, height, width, 3] (RGB), got shape "
                           f"{list(images.shape)}: convert the frames to RGB (drop alpha, expand grayscale)")
     if not images.is_floating_point():
-        raise KinemaError(f"Depth estimation takes IMAGE floats in [0, 1], got {images.dtype}: divide 8-bit "
+        raise KinemaError(f"{what} takes IMAGE floats in [0, 1], got {images.dtype}: divide 8-bit "
                           "frames by 255")
     if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise KinemaError(f"Depth estimation got an empty IMAGE batch of shape {list(images.shape)}")
+        raise KinemaError(f"{what} got an empty IMAGE batch of shape {list(images.shape)}")
 
 
 def normalize_depth(depth: torch.Tensor, name: str = "depth", dtype: torch.dtype | None = None) -> torch.Tensor:

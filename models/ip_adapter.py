@@ -306,10 +306,11 @@ def infer_ip_adapter_config(sd: dict, name: str = "") -> IPAdapterConfig:
 
 def build_ip_adapter(sd: dict, dtype: torch.dtype | None = None, name: str = "") -> IPAdapter:
     """An ``IPAdapter`` from a flat state dict (the published ``.safetensors`` keys); ``dtype`` None keeps the file's."""
-    from .checkpoint import build_on_meta
+    from .checkpoint import build_on_meta, damaged_file
 
-    cfg = infer_ip_adapter_config(sd, name)
-    return build_on_meta(lambda: IPAdapter(cfg, name), sd, dtype, "IP-Adapter", name or "the file")
+    with damaged_file(name or "the file", "an SD1.5 IP-Adapter"):
+        cfg = infer_ip_adapter_config(sd, name)
+        return build_on_meta(lambda: IPAdapter(cfg, name), sd, dtype, "IP-Adapter", name or "the file")
 
 
 def load_ip_adapter(path: str, dtype: torch.dtype | None = None) -> IPAdapter:

@@ -29,7 +29,10 @@ import logging
 import re
 from typing import Callable
 
+from .errors import KinemaError
+
 WEIGHT_STEP = 1.1
+MAX_WEIGHT = 100.0  # |weight| above this is a typo (1e40), not an emphasis: refused, as non-finite ones are
 EMBEDDING_PREFIX = "embedding:"
 KEEP_TOGETHER = 8  # a segment with fewer tokens is never split across chunks
 
@@ -81,6 +84,10 @@ def split_groups(text: str) -> list[str]:
     return parts
 
 
+class _BadWeight(ValueError):
+    """A group's weight is not finite or beyond ``MAX_WEIGHT``: (group text, weight)."""
+
+
 def _weighted(text: str, weight: float) -> list[tuple[str, float]]:
     out: list[tuple[str, float]] = []
     for part in split_groups(text):
@@ -96,6 +103,8 @@ def _weighted(text: str, weight: float) -> list[tuple[str, float]]:
                 inner = inner[:colon]
             except ValueError:
                 pass  # "(a:b)" is a 1.1 group whose text keeps the colon
+        if not -MAX_WEIGHT <= inner_weight <= MAX_WEIGHT:  # also false for nan
+            raise _BadWeight(part, inner_weight)
         out.extend(_weighted(inner, inner_weight))
     return out
 
@@ -105,7 +114,16 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
 
     ``a (b:1.5) \(c\)`` -> ``[("a ", 1.0), ("b", 1.5), (" (c)", 1.0)]``.
     """
-    return [(_restore_escapes(t), w) for t, w in _weighted(_hide_escapes(text), 1.0)]
+    try:
+        return [(_restore_escapes(t), w) for t, w in _weighted(_hide_escapes(text), 1.0)]
+    except _BadWeight as e:
+        group, weight = _restore_escapes(e.args[0]), e.args[1]
+        shown = text if len(text) <= 120 else text[:117] + "..."
+        raise KinemaError(
+            f"prompt weight {weight:g} in '{group}' (prompt '{shown}') is not a usable weight: write a number from "
+            f"{-MAX_WEIGHT:g} to {MAX_WEIGHT:g}, e.g. '(red fox:1.2)' (1 = as written, above 1 = more, below 1 = less)"
+        ) from None
+
 
 
 def split_words(segment: str) -> list[str]:

@@ -666,8 +666,24 @@ def read_image(path: str) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            if im.mode.startswith(("I", "F")):  # 16/32-bit grayscale: convert("RGB") would clip it to 255
+                return _high_depth_gray(np.asarray(im), im.mode)
             arr = np.asarray(im.convert("RGB"))
     except Exception as e:
         detail = " ".join(str(e).split("\n")[0].split())[:300] or type(e).__name__
         raise KinemaError(f"Cannot read '{name}' as an image ({detail}): is the file complete?") from e
     return torch.from_numpy(arr.copy()).float().div_(255.0)[None]
+
+
+def _high_depth_gray(arr: np.ndarray, mode: str) -> torch.Tensor:
+    """A grayscale image of PIL mode ``I;16*`` / ``I`` / ``F`` as an IMAGE ``[1, h, w, 3]`` in [0, 1], scaled by its
+    bit depth: 16-bit integers (16-bit PNG/TIFF, PIL mode I or I;16) by 65535, wider integers by 2^32 - 1; floats
+    as stored when they lie in [0, 1], else by the 8- or 16-bit range their maximum fits."""
+    values = arr.astype(np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if mode == "F":
+        scale = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+    else:
+        scale = 65535.0 if top <= 65535.0 else 4294967295.0
+    gray = torch.from_numpy(np.nan_to_num(values / scale, nan=0.0).clip(0.0, 1.0).astype(np.float32))
+    return gray[None, :, :, None].expand(-1, -1, -1, 3).contiguous()

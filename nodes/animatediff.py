@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..models.motion import parse_scale
 from ..models.sampling import BETA_SCHEDULES
+from .checks import require_sd15_model
 
 
 class KinemaApplyMotionModule:
@@ -28,8 +29,9 @@ class KinemaApplyMotionModule:
                                "0 = frames drawn independently)."}),
                 "beta_schedule": (list(BETA_SCHEDULES), {
                     "default": "linear",
-                    "tooltip": "Noise schedule of the sampler. AnimateDiff was trained with linear betas; "
-                               "sqrt_linear is SD1.5's own."}),
+                    "tooltip": "Noise schedule of the sampler. linear: AnimateDiff's, as trained (betas linear from "
+                               "0.00085 to 0.012; ComfyUI and AnimateDiff-Evolved call it sqrt_linear). "
+                               "scaled_linear: SD1.5's own (ComfyUI's linear)."}),
             },
             "optional": {
                 "motion_scale_per_frame": ("STRING", {
@@ -40,6 +42,9 @@ class KinemaApplyMotionModule:
         }
 
     def apply(self, model, motion_module, motion_scale=1.0, beta_schedule="linear", motion_scale_per_frame=""):
+        require_sd15_model(model, "Apply Motion Module (Kinema)",
+                           "motion modules are for SD1.5 models from Load Checkpoint (Kinema). An SVD model makes "
+                           "video on its own: connect Load SVD Checkpoint (Kinema) straight to the Video Sampler")
         motion_module.check_unet(model.unet.cfg)
         name = getattr(motion_module, "source", "") or motion_module.version
         scale = parse_scale(motion_scale_per_frame or "") or float(motion_scale)

@@ -5,6 +5,14 @@ from ..models import prompt_travel
 from ..models.errors import KinemaError
 
 
+def _check_text(value, name: str, node: str) -> None:
+    """KinemaError unless the STRING input ``name`` is a string (None or a number reaches here from broken
+    workflows and API calls)."""
+    if not isinstance(value, str):
+        raise KinemaError(f"{node}: '{name}' must be text, got {type(value).__name__}: type a prompt (an empty "
+                          "one is fine) or connect a STRING")
+
+
 class KinemaTextEncode:
     DESCRIPTION = (
         "Encodes a prompt with the checkpoint's CLIP. Weights work as in ComfyUI: (word:1.2), ((word)); "
@@ -30,6 +38,7 @@ class KinemaTextEncode:
         }
 
     def encode(self, clip, text, clip_skip=1):
+        _check_text(text, "text", "Text Encode (Kinema)")
         cond, pooled = clip.encode(text, clip_skip=clip_skip)
         return ([[cond, {"pooled_output": pooled}]],)
 
@@ -78,6 +87,8 @@ class KinemaPromptSchedule:
         }
 
     def encode(self, clip, text, interpolation="lerp", pre_text="", app_text="", clip_skip=1):
+        for name, value in (("text", text), ("pre_text", pre_text), ("app_text", app_text)):
+            _check_text(value, name, "Prompt Schedule (Kinema)")
         if interpolation not in prompt_travel.INTERPOLATIONS:
             raise KinemaError(f"unknown interpolation '{interpolation}': choose one of "
                               f"{', '.join(prompt_travel.INTERPOLATIONS)}")

@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 
 from ..models import addons, checkpoint, memory
-from ..models.errors import KinemaError
-from ..models.motion import MotionModel
 from . import host
+from .checks import require_sd15_model
 
 PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
 
@@ -103,9 +102,8 @@ class KinemaApplyIPAdapter:
         }
 
     def apply(self, model, ip_adapter, clip_vision, image, weight=0.8, start_percent=0.0, end_percent=1.0):
-        if not isinstance(model, MotionModel):
-            raise KinemaError("Apply IP-Adapter (Kinema) works on SD1.5 / AnimateDiff models; for SVD connect a "
-                              "content image to SVD Image Conditioning (Kinema)")
+        require_sd15_model(model, "Apply IP-Adapter (Kinema)",
+                           "for SVD connect a content image to SVD Image Conditioning (Kinema)")
         ip_adapter.check_unet(model.unet.cfg)
         host.check_interrupt()
         name = os.path.basename(getattr(ip_adapter, "name", "") or "")

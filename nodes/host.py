@@ -174,6 +174,12 @@ def _inside(path: str, root: str) -> bool:
         return False
 
 
+def stays_inside(path: str, roots: list[str]) -> bool:
+    """True when ``path``, links resolved, lies inside one of ``roots`` (real paths), or KINEMA_ALLOW_SYMLINKS=1
+    allows links out: what the model and input lists show (the resolvers refuse the rest)."""
+    return _allow_external_links() or any(_inside(os.path.realpath(path), r) for r in roots)
+
+
 def _check_real_location(kind: str, name: str, full: str, folders: list[str]) -> str:
     """Refuse a file that, links resolved, lies outside every folder of its kind."""
     real = os.path.realpath(full)
@@ -233,7 +239,7 @@ def list_models(kind: str) -> list[str]:
         for folder in folders:
             full = os.path.join(folder, n)
             if os.path.isfile(full):
-                if any(_inside(os.path.realpath(full), r) for r in roots):
+                if stays_inside(full, roots):
                     kept.append(n)
                 else:
                     logger.debug("hiding %s model %s: it links outside the %s folders", kind, n, kind)

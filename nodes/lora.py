@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..models import lora
 from . import host
+from .checks import require_sd15_model
 
 
 class KinemaMotionLoRALoader:
@@ -81,6 +82,9 @@ class KinemaLoRALoader:
         }
 
     def apply(self, model, clip, lora_name, strength_model=1.0, strength_clip=1.0):
+        require_sd15_model(model, "Load LoRA (Kinema)",
+                           "it merges SD1.5 LoRAs into models from Load Checkpoint (Kinema) or Apply Motion Module "
+                           "(Kinema); an SD1.5 LoRA does not fit an SVD model")
         if float(strength_model) == 0.0 and float(strength_clip) == 0.0:
             return (model, clip)
         path = host.resolve_model("loras", lora_name)

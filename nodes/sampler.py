@@ -6,6 +6,7 @@ from ..models.svd_model import SVDModel
 from ..models.errors import KinemaError
 from ..models.sampling import SAMPLERS, SCHEDULERS
 from . import host
+from .checks import latent_samples
 
 
 IMAGE_CONDITIONING = "kinema_image_conditioning"
@@ -90,11 +91,12 @@ class KinemaVideoSampler:
 
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise,
                attention_chunk=0, context_options=None, batch_cond=True):
+        latent_in = latent_samples(latent, "Video Sampler (Kinema)")
         opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                        denoise=denoise, attn_chunk=attention_chunk, context=context_options,
                                        batch_cond=bool(batch_cond))
         # progress moves per window with context windows (a step of a long video is many model calls)
-        per_step = 1 if context_options is None else pipelines.windows_per_step(latent["samples"].shape[0],
+        per_step = 1 if context_options is None else pipelines.windows_per_step(latent_in.shape[0],
                                                                                 context_options, steps)
         bar = host.ProgressBar(steps * per_step)
         done = [0]
@@ -108,14 +110,14 @@ class KinemaVideoSampler:
             bar.update_absolute(done[0], steps * per_step)  # also where Cancel is honoured
 
         host.check_interrupt()
-        frames = latent["samples"].shape[0]
+        frames = latent_in.shape[0]
         if isinstance(model, SVDModel):
             samples = pipelines.sample_img2vid(model, image_conditioning(positive, "positive"),
-                                               image_conditioning(negative, "negative"), latent["samples"], opts,
+                                               image_conditioning(negative, "negative"), latent_in, opts,
                                                callback=on_step, on_window=on_window)
         else:
             samples = pipelines.sample_video(model, conditioning_tensor(positive, "positive", frames),
-                                             conditioning_tensor(negative, "negative", frames), latent["samples"],
+                                             conditioning_tensor(negative, "negative", frames), latent_in,
                                              opts, callback=on_step, on_window=on_window)
         out = {k: v for k, v in latent.items() if k != "noise_mask"}
         out["samples"] = samples

@@ -4,9 +4,8 @@ from __future__ import annotations
 import os
 
 from ..models import addons, memory
-from ..models.errors import KinemaError
-from ..models.motion import MotionModel
 from . import host
+from .checks import require_sd15_model
 
 PERCENT = {"min": 0.0, "max": 1.0, "step": 0.01}
 
@@ -76,9 +75,8 @@ class KinemaApplyControlNet:
         }
 
     def apply(self, model, controlnet, hints, strength=1.0, start_percent=0.0, end_percent=1.0):
-        if not isinstance(model, MotionModel):
-            raise KinemaError("Apply ControlNet (Kinema) works on SD1.5 / AnimateDiff models: connect Load "
-                              "Checkpoint (Kinema) or Apply Motion Module (Kinema)")
+        require_sd15_model(model, "Apply ControlNet (Kinema)",
+                           "connect Load Checkpoint (Kinema) or Apply Motion Module (Kinema)")
         controlnet.check_unet(model.unet.cfg)
         name = os.path.basename(getattr(controlnet, "name", "") or "")
         hint = addons.control_hint(controlnet, hints, strength, start_percent, end_percent, name)

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 from ..models import vae as vae_ops
+from ..models.depth import check_frames
+from ..models.errors import KinemaError
 from ..models.tiling import TileOptions
 from . import host
+from .checks import latent_samples
 
 
 def _tile_inputs(what: str) -> dict:
@@ -17,6 +20,23 @@ def _tile_inputs(what: str) -> dict:
                                  "tooltip": "Pixels neighbouring tiles share and blend over (less than half the tile "
                                             "size)."}),
     }
+
+
+def _pixel_tiles(tile_size, tile_overlap, node: str) -> tuple[int, int]:
+    """Check the tile inputs in the pixels the user entered (multiples of 8, overlap under half the tile):
+    (tile_size, tile_overlap) as ints, or KinemaError naming ``node``."""
+    tile, overlap = int(tile_size), int(tile_overlap)
+    if tile < 0 or overlap < 0:
+        raise KinemaError(f"{node}: tile_size and tile_overlap must be 0 or more pixels, got {tile} and {overlap}")
+    if not tile:
+        return 0, overlap
+    if tile % 8 or overlap % 8:
+        raise KinemaError(f"{node}: tile_size and tile_overlap must be multiples of 8 pixels (a latent pixel is 8 "
+                          f"image pixels), got {tile} and {overlap}")
+    if overlap * 2 >= tile:
+        raise KinemaError(f"{node}: tile_overlap ({overlap} pixels) must be less than half of tile_size ({tile} "
+                          "pixels): lower tile_overlap or raise tile_size")
+    return tile, overlap
 
 
 class KinemaVAEDecodeFrames:
@@ -45,7 +65,8 @@ class KinemaVAEDecodeFrames:
         }
 
     def decode(self, vae, samples, frame_chunk=0, tile_size=0, tile_overlap=64):
-        latent = samples["samples"]
+        latent = latent_samples(samples, "VAE Decode Frames (Kinema)")
+        tile_size, tile_overlap = _pixel_tiles(tile_size, tile_overlap, "VAE Decode Frames (Kinema)")
         bar = host.ProgressBar(latent.shape[0])
 
         def on_chunk(done, total):
@@ -80,6 +101,8 @@ class KinemaVAEEncodeFrames:
         }
 
     def encode(self, vae, pixels, frame_chunk=8, tile_size=0, tile_overlap=64):
+        check_frames(pixels, "VAE Encode Frames (Kinema)", channels=(3, 4))
+        tile_size, tile_overlap = _pixel_tiles(tile_size, tile_overlap, "VAE Encode Frames (Kinema)")
         host.check_interrupt()
         bar = host.ProgressBar(pixels.shape[0])
 

@@ -55,15 +55,18 @@ def _bundled(listable=None) -> dict[str, str]:
 
 def _list_inputs(listable) -> list[str]:
     """Files of the input folder that ``listable(path)`` accepts (subfolders as ``sub/name``, hidden ones
-    skipped), then the bundled ones of that kind."""
+    skipped, links that resolve outside the folder hidden as in the model lists), then the bundled ones of that
+    kind."""
     root = host.get_input_directory()
     found = []
     if os.path.isdir(root):
+        roots = [os.path.realpath(root)]
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel = os.path.relpath(dirpath, root)
             for f in filenames:
-                if not f.startswith(".") and listable(os.path.join(dirpath, f)):
+                full = os.path.join(dirpath, f)
+                if not f.startswith(".") and host.stays_inside(full, roots) and listable(full):
                     found.append(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
     found.sort(key=str.lower)
     bundled = [n for n in _bundled(listable) if n not in found]

@@ -186,3 +186,108 @@ def test_demo_checkpoint_uses_the_published_key_names():
         assert key in mm, key
     per_module = [k for k in mm if k.startswith("down_blocks.0.motion_modules.0.")]
     assert len(per_module) == 28  # as in the published files
+
+
+@pytest.mark.parametrize("dropped", [
+    "down_blocks.0.motion_modules.0.temporal_transformer.norm.weight",
+    "down_blocks.0.motion_modules.1.temporal_transformer.norm.weight",
+    "mid_block.motion_modules.0.temporal_transformer.norm.weight",
+])
+def test_motion_module_missing_a_norm_is_refused_not_loaded_smaller(tmp_path, motion_sd, dropped):
+    """The structure is read off every key of a module, so one missing weight is named, never a smaller network."""
+    sd = {k: v for k, v in motion_sd.items() if k != dropped}
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match=f"missing 1 motion module weights.*'{dropped}'.*download it again"):
+        checkpoint.load_motion_module(str(path))
+
+
+def test_motion_module_missing_a_whole_module_or_with_extra_weights_is_refused(tmp_path, motion_sd):
+    gone = "down_blocks.1.motion_modules.0."
+    path = tmp_path / "gap.safetensors"
+    save_file({k: v for k, v in motion_sd.items() if not k.startswith(gone)}, str(path))
+    with pytest.raises(KinemaError, match="no weights for 'down_blocks.1.motion_modules.0'.*download it again"):
+        checkpoint.load_motion_module(str(path))
+    for extra in ("down_blocks.0.motion_modules.0.temporal_transformer.extra.weight", "stray.weight"):
+        path = tmp_path / "extra.safetensors"
+        save_file({**motion_sd, extra: torch.zeros(3)}, str(path))
+        with pytest.raises(KinemaError, match=f"1 weights the motion module does not use.*'{extra}'.*download it"):
+            checkpoint.load_motion_module(str(path))
+
+
+@pytest.mark.parametrize("dropped,cause", [
+    ("model.diffusion_model.input_blocks.8.1.transformer_blocks.0.attn2.to_k.weight", AttributeError),
+    ("first_stage_model.encoder.down.0.block.0.conv1.weight", IndexError),
+])
+def test_malformed_checkpoint_is_named_damaged_not_a_raw_error(tmp_path, dropped, cause):
+    """Config inference on a damaged file fails inside unet.py / vae.py: the loader names the file and the fix."""
+    sd = {k: v for k, v in demo.sd15_state_dict().items() if k != dropped}
+    path = tmp_path / "broken.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match=r"'broken.safetensors' is damaged or not an SD1.5 checkpoint: download it "
+                                          r"again \(" + cause.__name__) as info:
+        checkpoint.load_sd15(str(path))
+    assert isinstance(info.value.__cause__, cause)
+
+
+def test_damaged_file_passes_kinema_errors_and_wraps_raw_ones():
+    with pytest.raises(KinemaError, match="^own$"), checkpoint.damaged_file("x.ckpt", "a VAE"):
+        raise KinemaError("own")
+    with pytest.raises(KinemaError, match=r"'x.ckpt' is damaged or not a VAE: download it again \(TypeError: t\)"), \
+            checkpoint.damaged_file("x.ckpt", "a VAE"):
+        raise TypeError("t")
+
+
+def _raw_safetensors(path, header: bytes, data: bytes = b"\0" * 16):
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return str(path)
+
+
+@pytest.mark.parametrize("header,match", [
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "b": "x"}', "entry 'b' is not a tensor"),
+    (b'[1, 2]', "not a JSON object"),
+    (b'"text"', "not a JSON object"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}}', "entry 'a' is not a tensor"),
+    (b'{"a": {"dtype": "F32", "shape": [1]}}', "entry 'a' is not a tensor"),
+])
+def test_safetensors_header_with_bad_entries_is_damaged(tmp_path, header, match):
+    path = _raw_safetensors(tmp_path / "odd.safetensors", header)
+    with pytest.raises(KinemaError, match=f"'odd.safetensors' has a corrupt safetensors header.*{match}.*download"):
+        checkpoint.load_state_dict(path)
+
+
+def test_safetensors_string_metadata_is_fine(tmp_path):
+    path = tmp_path / "meta.safetensors"
+    save_file({"x": torch.ones(2)}, str(path), metadata={"format": "pt", "note": "hello"})
+    assert torch.equal(checkpoint.load_state_dict(str(path))["x"], torch.ones(2))
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "is empty \\(0 bytes\\).*download it again"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 1716\n", "is a Git LFS pointer.*not the model"),
+    (b"\n<!DOCTYPE html><html><body>Sign in</body></html>", "is a web page \\(HTML\\).*download the file again"),
+    (bytes(range(7, 207)), "is not a PyTorch checkpoint \\(neither a zip archive nor a pickle\\).*download it again"),
+    (b"\x80\x02" + bytes(range(30, 230)), "is not a PyTorch checkpoint Kinema can read.*damaged.*Download it again"),
+])
+def test_ckpt_that_is_not_a_checkpoint_says_what_it_is(tmp_path, content, match):
+    """Only a real pickle with disallowed globals gets the could-run-code message; the rest say download again."""
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(KinemaError, match=f"'model.ckpt' {match}") as info:
+        checkpoint.load_state_dict(str(path))
+    assert "could run code" not in str(info.value)
+
+
+def test_ip_adapter_given_to_other_loaders_is_named_with_its_node(tmp_path):
+    from kinema.models import controlnet, lora
+
+    sd = demo.ip_adapter_state_dict()
+    assert checkpoint.detect_format(sd) == "ip_adapter"
+    path = tmp_path / "ip-adapter_sd15.safetensors"
+    save_file(sd, str(path))
+    hint = r"is an IP-Adapter, not .* It belongs in models/ipadapter with the Load IP-Adapter \(Kinema\) node"
+    for load in (checkpoint.load_sd15, lora.load_sd15_lora, controlnet.load_controlnet, checkpoint.load_motion_module):
+        with pytest.raises(KinemaError, match=f"'ip-adapter_sd15.safetensors' {hint}"):
+            load(str(path))

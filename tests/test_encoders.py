@@ -145,6 +145,17 @@ def test_parse_weights(text, expected):
     assert [w for _, w in got] == pytest.approx([w for _, w in expected])
 
 
+@pytest.mark.parametrize("text,shown", [
+    ("a fox (running:nan)", "nan"), ("(a:inf)", "inf"), ("(a:-inf)", "-inf"), ("x, (a:1e40)", "1e\\+40"),
+    ("(a:-250)", "-250"),
+])
+def test_non_finite_or_absurd_prompt_weights_are_refused(text, shown):
+    """(a:nan) / (a:inf) / (a:1e40) would make the conditioning non-finite: refused, naming the group and prompt."""
+    with pytest.raises(KinemaError, match=rf"prompt weight {shown} in '\(.*\)' \(prompt '.*'\).*from -100 to 100"):
+        prompt.parse_weights(text)
+    assert prompt.parse_weights("(a:100) (b:-100)") == [("a", 100.0), (" ", 1.0), ("b", -100.0)]
+
+
 def test_split_groups():
     assert prompt.split_groups("a (b (c)) d") == ["a ", "(b (c))", " d"]
     assert prompt.split_groups("(a)(b)") == ["(a)", "(b)"]

@@ -117,6 +117,29 @@ def test_symlink_out_of_the_folder_is_refused_and_hidden(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_input_links_out_of_the_input_folder_are_hidden(tmp_path, monkeypatch):
+    """The Load Video / Load Image lists hide links resolving outside the input folder, as the model lists do
+    (resolve_input refuses them)."""
+    from kinema.nodes import video_input
+
+    monkeypatch.setattr(video_input, "BUNDLED_INPUTS_DIR", str(tmp_path / "no_bundled"))
+    secret = _touch(tmp_path / "private" / "holiday.mp4")
+    secret_image = _touch(tmp_path / "private" / "photo.jpg")
+    folder = tmp_path / "input"
+    inside = _touch(folder / "clip.mp4")
+    os.symlink(secret, folder / "link.mp4")
+    os.symlink(secret_image, folder / "link.jpg")
+    os.symlink(inside, folder / "alias.mp4")  # a link that stays inside is fine
+    host.set_input_dir(str(folder))
+    assert video_input.list_videos() == ["alias.mp4", "clip.mp4"]
+    assert "link.jpg" not in video_input.list_images()
+    with pytest.raises(KinemaError, match="outside the input folder"):
+        video_input.resolve_video("link.mp4")
+    monkeypatch.setenv("KINEMA_ALLOW_SYMLINKS", "1")
+    assert "link.mp4" in video_input.list_videos()
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
 def test_symlinked_folder_itself_is_fine(tmp_path):
     real = tmp_path / "big_disk" / "checkpoints"
     f = _touch(real / "sd15.safetensors")

@@ -125,3 +125,46 @@ def test_interrupt_stops_the_sampler_within_a_step(nodes, host_dirs):
         type(model).__call__ = real_call
         host_dirs.request_interrupt(False)
     assert len(calls) == 2  # stopped right after the step during which Cancel came
+
+
+def test_sd15_only_nodes_refuse_an_svd_model(nodes, host_dirs):
+    """Apply Motion Module and Load LoRA name what they take instead of a raw TypeError / a silent SD1.5 merge."""
+    svd_model, _, _ = nodes["KinemaSVDLoader"]().load("kinema_demo_svd.safetensors", "fp32")
+    _, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v2.safetensors", "fp32")
+    with pytest.raises(KinemaError, match=r"Apply Motion Module \(Kinema\).*Stable Video Diffusion model.*motion "
+                                          r"modules are for SD1.5 models from Load Checkpoint \(Kinema\)"):
+        nodes["KinemaApplyMotionModule"]().apply(svd_model, mm, 1.0, "linear")
+    with pytest.raises(KinemaError, match=r"Load LoRA \(Kinema\) works on SD1.5 models.*Stable Video Diffusion"):
+        nodes["KinemaLoRALoader"]().apply(svd_model, clip, "kinema_demo_lora_sd15.safetensors", 1.0, 1.0)
+
+
+def test_vae_tiling_is_checked_in_the_pixels_entered(nodes, host_dirs):
+    _, _, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(KinemaError, match=r"VAE Decode Frames \(Kinema\): tile_overlap \(64 pixels\) must be less "
+                                          r"than half of tile_size \(96 pixels\)"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 96, 64)
+    with pytest.raises(KinemaError, match=r"multiples of 8 pixels.*got 100 and 16"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 100, 16)
+    with pytest.raises(KinemaError, match=r"VAE Encode Frames \(Kinema\): tile_overlap \(32 pixels\)"):
+        nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.rand(1, 64, 64, 3), 1, 64, 32)
+
+
+def test_latent_and_image_and_text_inputs_are_checked(nodes, host_dirs):
+    model, clip, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "x")
+    sampler = nodes["KinemaVideoSampler"]()
+    with pytest.raises(KinemaError, match=r"Video Sampler \(Kinema\): the latent input is a dict without 'samples'"):
+        sampler.sample(model, pos, pos, {}, 0, 1, 7.5, "euler", "normal", 1.0)
+    with pytest.raises(KinemaError, match=r"the latent's 'samples' is a list, not a tensor"):
+        sampler.sample(model, pos, pos, {"samples": [[0.0]]}, 0, 1, 7.5, "euler", "normal", 1.0)
+    with pytest.raises(KinemaError, match=r"VAE Decode Frames \(Kinema\): the latent holds 0 frames"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, {"samples": torch.zeros(0, 4, 8, 8)}, 0)
+    with pytest.raises(KinemaError, match=r"VAE Encode Frames \(Kinema\) takes IMAGE floats in \[0, 1\], got "
+                                          r"torch.uint8: divide 8-bit frames by 255"):
+        nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.full((1, 64, 64, 3), 200, dtype=torch.uint8), 1)
+    with pytest.raises(KinemaError, match=r"Text Encode \(Kinema\): 'text' must be text, got NoneType"):
+        nodes["KinemaTextEncode"]().encode(clip, None)
+    with pytest.raises(KinemaError, match=r"prompt weight nan in '\(fox:nan\)'"):
+        nodes["KinemaTextEncode"]().encode(clip, "a (fox:nan)")

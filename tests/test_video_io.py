@@ -313,3 +313,17 @@ def test_node_refuses_bad_input(output_dir):
     with pytest.raises(KinemaError):
         node.save(_frames(2), 8.0, "gif", 0, "../outside")
     assert not output_dir.exists() or list(output_dir.rglob("*.*")) == []
+
+
+def test_read_image_scales_16_bit_and_float_grayscale_by_their_depth(tmp_path):
+    """A 16-bit grayscale PNG (PIL mode I;16) is not clipped to white by convert('RGB'); float TIFFs are kept."""
+    levels = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16).repeat(3, axis=0)
+    Image.fromarray(levels).save(tmp_path / "depth16.png")
+    assert Image.open(tmp_path / "depth16.png").mode.startswith("I")
+    img = video_io.read_image(str(tmp_path / "depth16.png"))
+    assert img.shape == (1, 3, 4, 3) and img.dtype == torch.float32
+    assert torch.allclose(img[0, 0, :, 0], torch.tensor(levels[0] / 65535.0, dtype=torch.float32), atol=1e-6)
+    assert torch.equal(img[..., 0], img[..., 2])  # gray in all three channels
+    Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32)).save(tmp_path / "depth.tiff")
+    img = video_io.read_image(str(tmp_path / "depth.tiff"))
+    assert torch.allclose(img[0, 0, :, 1], torch.tensor([0.0, 0.25, 1.0]))
