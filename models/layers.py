@@ -15,6 +15,37 @@ from einops import rearrange
 from torch import nn
 
 
+#: The feed-forward's widest intermediate (its GEGLU projection) is made for at most this many bytes at once: longer
+#: inputs run in slices of tokens (each token's feed-forward is its own, so the result is the same). At the
+#: published sizes this bounds what would be the largest activation of a video UNet call (AnimateDiff 16x512²:
+#: 640 MiB; SVD-XT 25x1024x576: 2.2 GiB); the small inputs of the tests and CPU benchmarks run in one piece.
+FF_SLICE_BYTES = 128 << 20
+#: A temporal block (attention over the frames of each pixel: AnimateDiff's motion modules, SVD's time_stack) runs
+#: on slices of pixel positions whose [rows, f, c] activations stay within this many bytes: rows are independent,
+#: so the result is the same, and the block's dozen intermediates are those of one slice.
+ROW_SLICE_BYTES = 16 << 20
+
+
+def row_step(x: torch.Tensor, chunk: int = 0) -> int:
+    """Rows of ``x`` [r, ...] per slice: as many as fit ``ROW_SLICE_BYTES`` (at least 1), at most ``chunk`` if
+    set."""
+    step = max(1, ROW_SLICE_BYTES // max(1, x[0].numel() * x.element_size()))
+    return min(step, chunk) if chunk else step
+
+
+def by_rows(fn: Callable[[torch.Tensor, int], torch.Tensor], x: torch.Tensor, step: int) -> torch.Tensor:
+    """``fn(rows, first_row)`` on slices of ``step`` rows of ``x`` [r, ...], gathered into one output [r, ...]
+    (``fn`` maps each row on its own)."""
+    if x.shape[0] <= step:
+        return fn(x, 0)
+    out = None
+    for i in range(0, x.shape[0], step):
+        part = fn(x[i:i + step], i)
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))
+        out[i:i + step] = part
+    return out
+
 #: Extra keys/values a cross-attention attends to: ``(k [b, m, c], v [b, m, c], scale)`` each, scale a float or a
 #: tensor broadcasting to ``[b, n, c]``.
 ExtraKV = Sequence[tuple]
@@ -67,9 +98,10 @@ class SharedContext:
     index: torch.Tensor
 
     @staticmethod
-    def of(context: torch.Tensor) -> torch.Tensor | SharedContext:
-        """``context`` [(b f), m, d] as a SharedContext when neighbouring entries repeat, else unchanged."""
-        if context.shape[0] < 2:
+    def of(context: torch.Tensor | SharedContext) -> torch.Tensor | SharedContext:
+        """``context`` [(b f), m, d] as a SharedContext when neighbouring entries repeat, else unchanged (a
+        SharedContext is returned as it is: a caller that knows the runs can build one without comparing)."""
+        if isinstance(context, SharedContext) or context.shape[0] < 2:
             return context
         same = (context[1:] == context[:-1]).flatten(1).all(dim=1)
         if not bool(same.any()):
@@ -136,7 +168,7 @@ class GEGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[b, n, c] -> [b, n, dim_out]"""
         x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return F.gelu(gate).mul_(x)  # in place on the fresh gelu output: one intermediate fewer
 
 
 class FeedForward(nn.Module):
@@ -147,8 +179,13 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, n, c] -> [b, n, c]"""
-        return self.net(x)
+        """[..., c] -> [..., c], in slices of tokens when the projection would exceed ``FF_SLICE_BYTES``"""
+        rows = x.shape[:-1].numel()
+        step = max(1, FF_SLICE_BYTES // (self.net[0].proj.out_features * x.element_size()))
+        if rows <= step:
+            return self.net(x)
+        out = by_rows(lambda part, _: self.net(part), x.reshape(rows, x.shape[-1]), step)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class BasicTransformerBlock(nn.Module):
@@ -163,9 +200,14 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, chunk: int = 0, extra: ExtraKV = ()) -> torch.Tensor:
         """[b, n, c], context [b, m, c'] -> [b, n, c] (``extra``: see ``CrossAttention``, for ``attn2``)"""
-        x = x + self.attn1(self.norm1(x), chunk=chunk)
-        x = x + self.attn2(self.norm2(x), context, chunk=chunk, extra=extra)
-        return x + self.ff(self.norm3(x))
+        # the self-attention and feed-forward outputs are made here: the residual adds go in place into them (the
+        # same sums); the cross-attention's may be a broadcast view (one-token context), so that add makes a tensor
+        y = self.attn1(self.norm1(x), chunk=chunk)
+        y += x
+        x = y + self.attn2(self.norm2(y), context, chunk=chunk, extra=extra)
+        y = self.ff(self.norm3(x))
+        y += x
+        return y
 
 
 class SpatialTransformer(nn.Module):
@@ -229,12 +271,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, opts: RunOptions) -> torch.Tensor:
         """(b f) c h w, emb [(b f), e] -> (b f) c' h w"""
-        h = F.silu(group_norm(self.in_layers[0], x, opts))
+        # the activations and adds work in place on tensors made here (one full-size intermediate fewer each)
+        h = F.silu(group_norm(self.in_layers[0], x, opts), inplace=True)
         h = self.in_layers[2](h)
-        h = h + rearrange(self.emb_layers(emb), "b c -> b c 1 1").to(h.dtype)
-        h = F.silu(group_norm(self.out_layers[0], h, opts))
+        h += rearrange(self.emb_layers(emb), "b c -> b c 1 1").to(h.dtype)
+        h = F.silu(group_norm(self.out_layers[0], h, opts), inplace=True)
         h = self.out_layers[3](h)
-        return self.skip_connection(x) + h
+        h += self.skip_connection(x)
+        return h
 
 
 class Downsample(nn.Module):

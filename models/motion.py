@@ -21,7 +21,7 @@ from torch import nn
 
 from .addons import content_cross_extra, control_residuals, video_frames
 from .errors import KinemaError
-from .layers import FeedForward, RunOptions, attention
+from .layers import FeedForward, RunOptions, attention, by_rows, row_step
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
 from .sampling import DiscreteSchedule
 from .unet import Slot, UNetConfig, UNetModel
@@ -39,20 +39,10 @@ class TemporalAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
         self.pos_encoder = PositionalEncoding(dim, max_len)
 
-    def forward(self, x: torch.Tensor, num_frames: int, chunk: int = 0) -> torch.Tensor:
-        """[(b f), n, c] -> [(b f), n, c], attending across f for each of the n positions"""
-        n = x.shape[1]
-        x = rearrange(x, "(b f) n c -> (b n) f c", f=num_frames)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[r, f, c] -> [r, f, c]: attention across the f frames of each row (one pixel position of a video)"""
         x = self.pos_encoder(x)
-        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        if chunk and q.shape[0] > chunk:
-            out = torch.cat(
-                [attention(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk], self.heads)
-                 for i in range(0, q.shape[0], chunk)]
-            )
-        else:
-            out = attention(q, k, v, self.heads)
-        return rearrange(self.to_out(out), "(b n) f c -> (b f) n c", n=n)
+        return self.to_out(attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
 
 
 class PositionalEncoding(nn.Module):
@@ -83,10 +73,10 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, num_frames: int, chunk: int = 0) -> torch.Tensor:
-        """[(b f), n, c] -> [(b f), n, c]"""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[r, f, c] -> [r, f, c] (rows: pixel positions, each the frames of one video)"""
         for attn, norm in zip(self.attention_blocks, self.norms):
-            x = x + attn(norm(x), num_frames, chunk)
+            x = x + attn(norm(x))
         return x + self.ff(self.ff_norm(x))
 
 
@@ -103,14 +93,23 @@ class TemporalTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, num_frames: int, chunk: int = 0) -> torch.Tensor:
-        """(b f) c h w -> (b f) c h w: the update the module adds to its input"""
+        """(b f) c h w -> (b f) c h w: the update the module adds to its input
+
+        After the per-frame GroupNorm every operation is per pixel position (attention across its frames,
+        projections and feed-forward per token), so the positions run in slices (``chunk`` of them at most, and
+        within ``ROW_SLICE_BYTES``): the same result, with the intermediates of one slice.
+        """
         h, w = x.shape[-2:]
-        y = rearrange(self.norm(x), "b c h w -> b (h w) c")
+        rows = rearrange(self.norm(x), "(b f) c h w -> (b h w) f c", f=num_frames)
+        y = by_rows(lambda part, _: self._rows(part), rows, row_step(rows, chunk))
+        return rearrange(y, "(b h w) f c -> (b f) c h w", h=h, w=w)
+
+    def _rows(self, y: torch.Tensor) -> torch.Tensor:
+        """[r, f, c] -> [r, f, c]: proj_in, the blocks, proj_out"""
         y = self.proj_in(y)
         for block in self.transformer_blocks:
-            y = block(y, num_frames, chunk)
-        y = self.proj_out(y)
-        return rearrange(y, "b (h w) c -> b c h w", h=h, w=w)
+            y = block(y)
+        return self.proj_out(y)
 
 
 class MotionModule(nn.Module):
@@ -125,7 +124,9 @@ class MotionModule(nn.Module):
         if isinstance(scale, torch.Tensor):
             b = x.shape[0] // num_frames
             scale = rearrange(scale.to(x.device, x.dtype).repeat(b), "bf -> bf 1 1 1")
-        return x + scale * update
+        if not isinstance(scale, torch.Tensor) and scale == 1.0:
+            return x + update
+        return x + update.mul_(scale)  # the update is this call's own tensor
 
 
 class _Level(nn.Module):
@@ -205,55 +206,113 @@ class MotionModuleSet(nn.Module):
             )
 
 
+_CHANNEL_KEYS = ("norm.weight", "norm.bias", "proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias")
+
+
+def _motion_key_place(key: str) -> tuple[str, int, int, str] | None:
+    """``('down'|'up', level, j, rest)`` / ``('mid', 0, j, rest)`` for a key under ``...motion_modules.j.``;
+    None for any other key."""
+    parts = key.split(".")
+    if len(parts) >= 5 and parts[0] in ("down_blocks", "up_blocks") and parts[2] == "motion_modules" \
+            and parts[1].isdigit() and parts[3].isdigit():
+        return parts[0].removesuffix("_blocks"), int(parts[1]), int(parts[3]), ".".join(parts[4:])
+    if len(parts) >= 4 and parts[0] == "mid_block" and parts[1] == "motion_modules" and parts[2].isdigit():
+        return "mid", 0, int(parts[2]), ".".join(parts[3:])
+    return None
+
+
 def infer_motion_config(sd: dict) -> MotionConfig:
-    """Read a MotionConfig off the key layout and shapes of a motion-module state dict."""
-    suffix = ".temporal_transformer.norm.weight"
-    down: dict[int, dict[int, int]] = {}
-    up: dict[int, set] = {}
-    has_mid = False
+    """Read a MotionConfig off the key layout and shapes of a motion-module state dict.
+
+    The structure comes from every key under ``...motion_modules.j.`` (not one key per module), so a file with a
+    weight missing is built at its full structure and refused by the loader as incomplete, never loaded as a
+    smaller network.
+    """
+    name = "the motion module"
+    modules: dict[str, dict[int, set]] = {"down": {}, "up": {}, "mid": {}}
+    channels: dict[int, dict[int, int]] = {}  # down level -> {module j: channels}
     max_len, depth, num_attn = None, 0, 0
+    transformer_layout = False
     for key, value in sd.items():
-        if key.endswith(suffix):
-            parts = key.split(".")
-            if parts[0] == "down_blocks":
-                down.setdefault(int(parts[1]), {})[int(parts[3])] = value.shape[0]
-            elif parts[0] == "up_blocks":
-                up.setdefault(int(parts[1]), set()).add(int(parts[3]))
-            elif parts[0] == "mid_block":
-                has_mid = True
-        elif key.endswith("pos_encoder.pe"):
+        place = _motion_key_place(key)
+        if place is None:
+            continue
+        kind, level, j, rest = place
+        modules[kind].setdefault(level, set()).add(j)
+        if rest.startswith("temporal_transformer."):
+            transformer_layout = True
+            rest = rest.removeprefix("temporal_transformer.")
+        if kind == "down" and rest in _CHANNEL_KEYS and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            channels.setdefault(level, {}).setdefault(j, int(value.shape[0]))
+        if key.endswith("pos_encoder.pe") and isinstance(value, torch.Tensor) and value.dim() == 3:
             max_len = value.shape[1]
         if ".transformer_blocks." in key:
             after = key.split(".transformer_blocks.")[1].split(".")
-            depth = max(depth, int(after[0]) + 1)
-            if after[1] == "attention_blocks":
+            if after[0].isdigit():
+                depth = max(depth, int(after[0]) + 1)
+            if len(after) > 2 and after[1] == "attention_blocks" and after[2].isdigit():
                 num_attn = max(num_attn, int(after[2]) + 1)
+    down = modules["down"]
     if not down:
         raise KinemaError("no AnimateDiff motion modules found (no 'down_blocks.N.motion_modules' keys)")
+    if not transformer_layout:
+        raise KinemaError(
+            f"{name} is not in the published AnimateDiff layout (no '...motion_modules.N.temporal_transformer.*' "
+            "keys; a diffusers MotionAdapter folder is not supported): use the original .ckpt/.safetensors file"
+        )
     if max_len is None:
         raise KinemaError("the motion module has no positional table ('pos_encoder.pe'): unsupported format")
+    damaged = "the file is incomplete or damaged: download it again"
     levels = sorted(down)
+    if levels != list(range(len(levels))):
+        raise KinemaError(f"{name} has down_blocks {levels} (a level is missing): {damaged}")
+    for kind in ("down", "up", "mid"):
+        for level, js in modules[kind].items():
+            if sorted(js) != list(range(len(js))):
+                where = "mid_block" if kind == "mid" else f"{kind}_blocks.{level}"
+                missing = min(set(range(max(js) + 1)) - js)
+                raise KinemaError(f"{name} has no weights for '{where}.motion_modules.{missing}': {damaged}")
+    down_channels = []
+    for level in levels:
+        if level not in channels:
+            raise KinemaError(
+                f"{name} has no norm/proj_in/proj_out weights for 'down_blocks.{level}.motion_modules': {damaged}")
+        down_channels.append(channels[level][min(channels[level])])
+    per_down = max(len(js) for js in down.values())
+    per_up = max((len(js) for js in modules["up"].values()), default=0) or per_down + 1
     return MotionConfig(
-        down_channels=tuple(down[i][0] for i in levels),
-        modules_per_down=len(down[levels[0]]),
-        modules_per_up=len(up.get(0, ())) or len(down[levels[0]]) + 1,
-        has_mid=has_mid,
+        down_channels=tuple(down_channels),
+        modules_per_down=per_down,
+        modules_per_up=per_up,
+        has_mid=bool(modules["mid"]),
         max_len=max_len,
         depth=depth or 1,
         num_attn=num_attn or 2,
     )
 
 
+MOTION_SCALE_RANGE = (0.0, 2.0)  # what the motion_scale input of Apply Motion Module allows
+
+
 def parse_scale(text: str) -> tuple[float, ...]:
-    """Per-frame motion scales from text: ``"1.0, 1.0, 0.8"`` (one value per frame, commas or spaces)."""
+    """Per-frame motion scales from text: ``"1.0, 1.0, 0.8"`` (one value per frame, commas or spaces), each a
+    finite number in ``MOTION_SCALE_RANGE``."""
     values = []
+    low, high = MOTION_SCALE_RANGE
     for part in text.replace(",", " ").split():
         try:
-            values.append(float(part))
+            value = float(part)
         except ValueError:
             raise KinemaError(
-                f"motion scale per frame: '{part}' is not a number; write one number per frame, e.g. '1.0, 1.0, 0.8'"
+                f"motion_scale_per_frame: '{part}' is not a number; write one number per frame, e.g. '1.0, 1.0, 0.8'"
             ) from None
+        if not low <= value <= high:  # also false for nan
+            raise KinemaError(
+                f"motion_scale_per_frame: '{part}' is outside {low:g}..{high:g}, the range motion_scale allows "
+                "(1 = as trained, 0 = frames drawn independently); write one such number per frame, e.g. "
+                "'1.0, 1.0, 0.8'"
+            )
+        values.append(value)
     return tuple(values)
 
 
@@ -302,7 +361,7 @@ class MotionModel:
     motion: MotionModuleSet | None = None
     scale: float | tuple[float, ...] = 1.0  # a float, or one value per video frame (the last one holds)
     cross_frame_norm: bool | None = None  # None: as the motion module's version was trained (v1 only)
-    beta_schedule: str = "linear"  # AnimateDiff samples with linear betas; plain SD1.5 with sqrt_linear
+    beta_schedule: str = "linear"  # AnimateDiff samples with linear betas; plain SD1.5 with scaled_linear
     name: str = ""
     controls: tuple = ()
     contents: tuple = ()

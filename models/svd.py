@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
@@ -43,6 +44,8 @@ from .layers import (
     SpatialTransformer,
     Upsample,
     attention,
+    by_rows,
+    row_step,
     timestep_embedding,
 )
 from .offload import BlockStreamer, stream_blocks
@@ -114,28 +117,35 @@ class AlphaBlender(nn.Module):
         else:
             self.mix_factor = nn.Parameter(factor)
 
-    def alpha(self, image_only_indicator: torch.Tensor) -> torch.Tensor:
-        """image_only_indicator [b, f] -> alpha [(b f)] (in the dtype of ``mix_factor``, as sgm)"""
-        ind = rearrange(image_only_indicator, "b f -> (b f)")
+    def alpha(self, image_only_indicator: torch.Tensor | None, n: int) -> torch.Tensor:
+        """image_only_indicator [b, f] (None: no still image) -> alpha [n = (b f)] (in the dtype of
+        ``mix_factor``, as sgm)"""
         factor = self.mix_factor
         if self.merge_strategy == "fixed":
-            return factor.expand(ind.shape[0])
-        learned = torch.sigmoid(factor).expand(ind.shape[0])
-        if self.merge_strategy == "learned":
+            return factor.expand(n)
+        learned = torch.sigmoid(factor).expand(n)
+        if self.merge_strategy == "learned" or image_only_indicator is None:
             return learned
+        ind = rearrange(image_only_indicator, "b f -> (b f)")
         return torch.where(ind.bool(), torch.ones_like(learned), learned)
 
-    def spatial_only(self, image_only_indicator: torch.Tensor) -> bool:
+    def spatial_only(self, image_only_indicator: torch.Tensor | None) -> bool:
         """True when every frame is a still image and the temporal path is blended out entirely (alpha = 1):
-        computing it can be skipped without changing the result."""
-        return self.merge_strategy == "learned_with_images" and bool(image_only_indicator.bool().all())
+        computing it can be skipped without changing the result. No indicator (a video) is known without
+        looking at the device (no synchronisation)."""
+        return (image_only_indicator is not None and self.merge_strategy == "learned_with_images"
+                and bool(image_only_indicator.bool().all()))
 
     def forward(self, x_spatial: torch.Tensor, x_temporal: torch.Tensor,
-                image_only_indicator: torch.Tensor) -> torch.Tensor:
-        """(b f) ..., (b f) ... (same shapes), indicator [b, f] -> (b f) ..."""
-        a = self.alpha(image_only_indicator)
+                image_only_indicator: torch.Tensor | None) -> torch.Tensor:
+        """(b f) ..., (b f) ... (same shapes), indicator [b, f] or None -> (b f) ...
+
+        In place: both inputs are overwritten (the callers pass intermediates of their own; at SVD-XT's size
+        each is 280 MiB, and the blend runs after every ResBlock and transformer block). The same values as
+        ``a * x_spatial + (1 - a) * x_temporal``."""
+        a = self.alpha(image_only_indicator, x_spatial.shape[0])
         a = rearrange(a, "n -> n" + " 1" * (x_spatial.ndim - 1))
-        return a.to(x_spatial.dtype) * x_spatial + (1.0 - a).to(x_spatial.dtype) * x_temporal
+        return x_spatial.mul_(a.to(x_spatial.dtype)).add_(x_temporal.mul_((1.0 - a).to(x_spatial.dtype)))
 
 
 # -- ResBlocks -----------------------------------------------------------------------------------------------------
@@ -157,10 +167,11 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int) -> torch.Tensor:
         """b c f h w, emb [(b f), e] -> b c f h w"""
-        h = self.in_layers(x)
-        e = rearrange(self.emb_layers(emb), "(b f) c -> b c f 1 1", f=num_frames)
-        h = self.out_layers(h + e.to(h.dtype))
-        return self.skip_connection(x) + h
+        h = self.in_layers[2](F.silu(self.in_layers[0](x), inplace=True))
+        h += rearrange(self.emb_layers(emb), "(b f) c -> b c f 1 1", f=num_frames).to(h.dtype)
+        h = self.out_layers[3](F.silu(self.out_layers[0](h), inplace=True))
+        h += self.skip_connection(x)  # in place on this block's own tensors: the same sums, fewer intermediates
+        return h
 
 
 class VideoResBlock(ResBlock):
@@ -172,8 +183,8 @@ class VideoResBlock(ResBlock):
         self.time_mixer = AlphaBlender(cfg.merge_strategy)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int,
-                image_only_indicator: torch.Tensor) -> torch.Tensor:
-        """(b f) c h w, emb [(b f), e], indicator [b, f] -> (b f) c' h w"""
+                image_only_indicator: torch.Tensor | None) -> torch.Tensor:
+        """(b f) c h w, emb [(b f), e], indicator [b, f] or None -> (b f) c' h w"""
         x = super().forward(x, emb, _PER_FRAME)
         if self.time_mixer.spatial_only(image_only_indicator):
             return x
@@ -225,15 +236,12 @@ class VideoTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, num_frames: int, chunk: int = 0) -> torch.Tensor:
         """[(b f), n, c], context [b, m, d] or None -> [(b f), n, c]
 
-        ``chunk``: run the block on this many pixel positions at a time (every operation of the block is per
-        pixel, so the result is the same; the peak memory is that of one chunk).
+        The pixel positions run in slices (``chunk`` of them at most, and within ``ROW_SLICE_BYTES``): every
+        operation of the block is per pixel, so the result is the same, with the intermediates of one slice.
         """
         n = x.shape[1]
         x = rearrange(x, "(b f) n c -> (b n) f c", f=num_frames)
-        if chunk and x.shape[0] > chunk:
-            x = torch.cat([self._rows(x[i:i + chunk], context, i, n) for i in range(0, x.shape[0], chunk)])
-        else:
-            x = self._rows(x, context, 0, n)
+        x = by_rows(lambda part, first: self._rows(part, context, first, n), x, row_step(x, chunk))
         return rearrange(x, "(b n) f c -> (b f) n c", n=n)
 
 
@@ -262,8 +270,8 @@ class SpatialVideoTransformer(SpatialTransformer):
         return self.time_pos_embed(t)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, num_frames: int,
-                image_only_indicator: torch.Tensor, opts: RunOptions = RunOptions()) -> torch.Tensor:
-        """(b f) c h w, context [(b f), m, d], indicator [b, f] -> (b f) c h w"""
+                image_only_indicator: torch.Tensor | None, opts: RunOptions = RunOptions()) -> torch.Tensor:
+        """(b f) c h w, context [(b f), m, d], indicator [b, f] or None -> (b f) c h w"""
         y = self.tokens_in(x)
         # the temporal cross-attention sees the first frame's context of each video
         time_context = context[::num_frames] if self.use_spatial_context else None
@@ -292,7 +300,8 @@ class SVDUNet(nn.Module):
     ``forward`` takes everything per frame (frames folded into the batch, ``num_frames`` explicit; of
     ``opts`` only ``attn_chunk`` applies: the spatial GroupNorms are per frame and the temporal
     ResBlocks' across the frames of a video, as in sgm). ``image_only_indicator`` [b, f] (1 = a still
-    image: its temporal paths are blended out) defaults to zeros, a video.
+    image: its temporal paths are blended out); None (the default) is all zeros, a video, decided without a
+    look at the device.
     """
 
     def __init__(self, cfg: SVDUNetConfig):
@@ -317,7 +326,10 @@ class SVDUNet(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
-    def _run_block(self, block, h, emb, context, num_frames, indicator, opts, up_size=None):
+    def _run_block(self, block, held, emb, context, num_frames, indicator, opts, up_size=None):
+        """The layers of ``block`` on the input in ``held``, a list the caller hands the input over in (emptied
+        here, so the input is freed once the first layer is done with it; see ``UNetModel._run_block``)."""
+        h = held.pop()
         for layer in block:
             if isinstance(layer, VideoResBlock):
                 h = layer(h, emb, num_frames, indicator)
@@ -351,8 +363,6 @@ class SVDUNet(nn.Module):
             if t.shape[0] != x.shape[0]:
                 raise KinemaError(f"the SVD UNet needs one {name} entry per frame: got {t.shape[0]} for "
                                   f"{x.shape[0]} frames")
-        if image_only_indicator is None:
-            image_only_indicator = x.new_zeros(x.shape[0] // num_frames, num_frames)
         if stream is not None:
             stream.use(nn.ModuleList([self.time_embed, self.label_emb]))
         t_emb = timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype)
@@ -361,14 +371,15 @@ class SVDUNet(nn.Module):
         hs = []
         h = x
         for block in stream_blocks(stream, self.input_blocks, "input"):
-            h = self._run_block(block, h, emb, context, num_frames, image_only_indicator, opts)
+            h = self._run_block(block, [h], emb, context, num_frames, image_only_indicator, opts)
             hs.append(h)
         for block in stream_blocks(stream, [self.middle_block], "middle"):
-            h = self._run_block(block, h, emb, context, num_frames, image_only_indicator, opts)
+            h = self._run_block(block, [h], emb, context, num_frames, image_only_indicator, opts)
         for block in stream_blocks(stream, self.output_blocks, "output"):
-            h = torch.cat([h, hs.pop()], dim=1)
+            held = [torch.cat([h, hs.pop()], dim=1)]
+            del h  # the block's input lives in ``held`` only (see _run_block)
             up_size = hs[-1].shape[-2:] if hs else None
-            h = self._run_block(block, h, emb, context, num_frames, image_only_indicator, opts, up_size)
+            h = self._run_block(block, held, emb, context, num_frames, image_only_indicator, opts, up_size)
         if stream is not None:
             stream.use(self.out)
         return self.out(h)

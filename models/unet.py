@@ -132,8 +132,12 @@ class UNetModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.out[2].weight.dtype
 
-    def _run_block(self, block, h, emb, context, opts, temporal, slot, up_size=None, cross_extra=None):
+    def _run_block(self, block, held, emb, context, opts, temporal, slot, up_size=None, cross_extra=None):
+        """The layers of ``block`` (and the temporal module of its ``slot``) on the input in ``held``, a list the
+        caller hands the input over in: it is emptied here, so the input is freed as soon as the first layer is
+        done with it (at the output blocks that is the concatenated skip, the largest tensor of the level)."""
         extra = None if cross_extra is None else (lambda j: cross_extra(slot, j))
+        h = held.pop()
         for layer in block:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb, opts)
@@ -180,7 +184,7 @@ class UNetModel(nn.Module):
         hs = []
         h = x
         for i, block in enumerate(stream_blocks(stream, self.input_blocks, "input", temporal)):
-            h = self._run_block(block, h, emb, context, opts, temporal if i else None, ("input", i),
+            h = self._run_block(block, [h], emb, context, opts, temporal if i else None, ("input", i),
                                 cross_extra=cross_extra)
             hs.append(h if control is None else h + control[i].to(h.dtype))
         mid = self.middle_block
@@ -194,9 +198,10 @@ class UNetModel(nn.Module):
         if control is not None:
             h = h + control[-1].to(h.dtype)
         for i, block in enumerate(stream_blocks(stream, self.output_blocks, "output", temporal)):
-            h = torch.cat([h, hs.pop()], dim=1)
+            held = [torch.cat([h, hs.pop()], dim=1)]
+            del h  # the block's input lives in ``held`` only (see _run_block)
             up_size = hs[-1].shape[-2:] if hs else None
-            h = self._run_block(block, h, emb, context, opts, temporal, ("output", i), up_size, cross_extra)
+            h = self._run_block(block, held, emb, context, opts, temporal, ("output", i), up_size, cross_extra)
         if stream is not None:
             stream.use(self.out)
         h = group_norm(self.out[0], h, opts)

@@ -79,10 +79,11 @@ class VAEResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """b c h w -> b c' h w"""
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
-        return skip + h
+        # activations and the residual add in place on tensors made here: one full-size intermediate fewer each
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        h += self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
+        return h
 
 
 class VAEAttention(nn.Module):
@@ -200,7 +201,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if hasattr(level, "upsample"):
                 h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
 
 
 class AutoencoderKL(nn.Module):
@@ -243,11 +244,29 @@ class TemporalVAEConfig(VAEConfig):
     quant_conv: bool = False
 
 
+#: ``_group_norm_fp32`` makes its float32 copies for groups of channels of at most this many bytes at a time.
+GN_FP32_SLICE_BYTES = 256 << 20
+
+
 def _group_norm_fp32(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """sgm's GroupNorm32: statistics and affine in float32, result in the input dtype."""
+    """sgm's GroupNorm32: statistics and affine in float32, result in the input dtype (contiguous).
+
+    Each group is normalised on its own, so a half-precision input is normalised a slice of groups at a time:
+    float32 copies of the whole input (two of them, twice its size each: 8 GiB for SVD-XT's last decoder level
+    at 14 frames 1024x576) would be the decoder's largest allocations.
+    """
     w = None if norm.weight is None else norm.weight.float()
     b = None if norm.bias is None else norm.bias.float()
-    return F.group_norm(x.float(), norm.num_groups, w, b, norm.eps).to(x.dtype)
+    groups, per = norm.num_groups, x.shape[1] // norm.num_groups
+    step = groups if x.dtype == torch.float32 else max(1, GN_FP32_SLICE_BYTES // (x[:, :per].numel() * 4))
+    if step >= groups:
+        return F.group_norm(x.float(), groups, w, b, norm.eps).to(x.dtype).contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    for g in range(0, groups, step):
+        c = slice(g * per, min(groups, g + step) * per)
+        out[:, c] = F.group_norm(x[:, c].float(), min(groups, g + step) - g, None if w is None else w[c],
+                                 None if b is None else b[c], norm.eps)
+    return out
 
 
 class TemporalResBlock(nn.Module):
@@ -264,9 +283,10 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """b c f h w -> b c f h w (GroupNorm statistics over all frames of each video)"""
-        h = self.in_layers[2](F.silu(_group_norm_fp32(self.in_layers[0], x)))
-        h = self.out_layers[3](F.silu(_group_norm_fp32(self.out_layers[0], h)))
-        return x + h
+        h = self.in_layers[2](F.silu(_group_norm_fp32(self.in_layers[0], x), inplace=True))
+        h = self.out_layers[3](F.silu(_group_norm_fp32(self.out_layers[0], h), inplace=True))
+        h += x
+        return h
 
 
 class VideoResBlock(VAEResBlock):
@@ -282,7 +302,8 @@ class VideoResBlock(VAEResBlock):
         """(b f) c h w -> (b f) c' h w"""
         spatial = rearrange(super().forward(x), "(b f) c h w -> b c f h w", f=num_frames)
         alpha = torch.sigmoid(self.mix_factor)
-        mixed = alpha * self.time_stack(spatial) + (1.0 - alpha) * spatial
+        # alpha * temporal + (1 - alpha) * spatial, in place on the two tensors made here (the same values)
+        mixed = self.time_stack(spatial).mul_(alpha).add_(spatial.mul_(1.0 - alpha))
         return rearrange(mixed, "b c f h w -> (b f) c h w")
 
 

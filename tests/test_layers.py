@@ -36,6 +36,7 @@ def test_shared_context_matches_the_per_frame_context():
         context = prompts.repeat_interleave(3, dim=0)  # 2 prompts, 3 frames each
         shared = SharedContext.of(context)
         assert isinstance(shared, SharedContext) and shared.values.shape[0] == 2
+        assert SharedContext.of(shared) is shared  # already shared: kept as it is (no comparison)
         x = torch.randn(6, 10, 16)
         with torch.no_grad():
             assert torch.allclose(attn(x, shared), _full(attn, x, context), atol=1e-6)

@@ -104,3 +104,12 @@ def test_motion_module_for_another_unet_is_refused(unet):
 
 def test_versions_are_told_apart():
     assert [_motion(v).version for v in ("v1", "v2", "v3")] == ["v1", "v2", "v3"]
+
+
+@pytest.mark.parametrize("text", ["1, nan", "inf", "1.0 -inf", "1e30", "-50", "1, 2.5"])
+def test_per_frame_motion_scale_outside_the_motion_scale_range_is_refused(text):
+    from kinema.models.motion import parse_scale
+
+    with pytest.raises(KinemaError, match=r"motion_scale_per_frame: .* is outside 0\.\.2"):
+        parse_scale(text)
+    assert parse_scale("0, 2, 1.5") == (0.0, 2.0, 1.5)
