@@ -92,6 +92,9 @@ class KinemaVideoSampler:
     def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler_name, scheduler, denoise,
                attention_chunk=0, context_options=None, batch_cond=True):
         latent_in = latent_samples(latent, "Video Sampler (Kinema)")
+        if latent.get("noise_mask") is not None:
+            host.logger.warning("Video Sampler (Kinema) does not inpaint: the latent's noise_mask is ignored and every "
+                                "pixel of every frame is sampled")
         opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                        denoise=denoise, attn_chunk=attention_chunk, context=context_options,
                                        batch_cond=bool(batch_cond))

@@ -1,4 +1,5 @@
 """Node classes called directly, without ComfyUI: the text-to-video graph by hand, and bad inputs."""
+import logging
 import os
 
 import pytest
@@ -35,7 +36,7 @@ def test_loaders_list_the_models_folders(nodes, host_dirs):
     assert {"kinema_demo_mm_v1.safetensors", "kinema_demo_mm_v2.safetensors", "kinema_demo_mm_v3.safetensors"} <= set(mms)
 
 
-def test_txt2vid_graph_by_hand(nodes, host_dirs):
+def test_txt2vid_graph_by_hand(nodes, host_dirs, caplog):
     model, clip, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
     (mm,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v3.safetensors", "fp32")
     (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")
@@ -49,6 +50,10 @@ def test_txt2vid_graph_by_hand(nodes, host_dirs):
     assert not torch.equal(out["samples"], latent["samples"])
     (again,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, latent, 7, 3, 7.5, "euler_ancestral", "normal", 1.0)
     assert torch.equal(again["samples"], out["samples"])  # same seed, same video
+    masked = {**latent, "noise_mask": torch.ones(6, 1, 48, 64)}  # e.g. from core's SetLatentNoiseMask
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        nodes["KinemaVideoSampler"]().sample(video, pos, neg, masked, 7, 1, 7.5, "euler", "normal", 1.0)
+    assert "noise_mask is ignored" in caplog.text
     (images,) = nodes["KinemaVAEDecodeFrames"]().decode(vae, out, 4)
     assert images.shape == (6, 48, 64, 3) and images.min() >= 0 and images.max() <= 1
     ui = nodes["KinemaSaveVideo"]().save(images, 8.0, "gif", 0, "test/txt2vid")
