@@ -49,6 +49,7 @@ from einops import rearrange, repeat
 
 from .errors import KinemaError
 from .placement import on_device
+from .video_io import check_images
 
 logger = logging.getLogger("kinema")
 
@@ -253,7 +254,7 @@ class DepthEstimator:
         depth, or metres for metric models), on the frames' device. ``on_batch(done, total)`` is
         called after each batch of ``batch_size`` frames (progress; it may raise to stop).
         """
-        check_frames(images)
+        check_images(images, "Depth estimation")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise KinemaError(f"batch_size must be a whole number of frames >= 1, got {batch_size!r}")
         frames, height, width, _ = images.shape
@@ -284,22 +285,6 @@ class DepthEstimator:
                        on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """[f, h, w, 3] frames -> [f, h, w, 3] gray depth maps (an ``IMAGE``), near = bright."""
         return depth_to_image(self.estimate(images, batch_size, on_batch))
-
-
-def check_frames(images, what: str = "Depth estimation", channels: tuple[int, ...] = (3,)) -> None:
-    """KinemaError unless ``images`` is a ComfyUI IMAGE: [frames, height, width, 3] floats (``channels``: the
-    channel counts accepted, e.g. (3, 4) where alpha is dropped). ``what`` (the node or step) starts the messages."""
-    if not isinstance(images, torch.Tensor):
-        raise KinemaError(f"{what} takes an IMAGE tensor [frames, height, width, 3], got "
-                          f"{type(images).__name__}")
-    if images.dim() != 4 or images.shape[-1] not in channels:
-        raise KinemaError(f"{what} takes IMAGE frames [frames, height, width, 3] (RGB), got shape "
-                          f"{list(images.shape)}: convert the frames to RGB (drop alpha, expand grayscale)")
-    if not images.is_floating_point():
-        raise KinemaError(f"{what} takes IMAGE floats in [0, 1], got {images.dtype}: divide 8-bit "
-                          "frames by 255")
-    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
-        raise KinemaError(f"{what} got an empty IMAGE batch of shape {list(images.shape)}")
 
 
 def normalize_depth(depth: torch.Tensor, name: str = "depth", dtype: torch.dtype | None = None) -> torch.Tensor:

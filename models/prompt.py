@@ -125,7 +125,6 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         ) from None
 
 
-
 def split_words(segment: str) -> list[str]:
     """Split a segment before each ``embedding:`` that follows a space or a newline.
 

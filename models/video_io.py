@@ -46,6 +46,21 @@ _WEBP_PROMPT_TAG = 0x0110  # EXIF "Model": ComfyUI puts the prompt here
 _WEBP_FIRST_EXTRA_TAG = 0x010F  # EXIF "Make", then downwards: workflow and other extra_pnginfo keys
 
 
+def check_images(images, what: str, channels: tuple[int, ...] = (3,)) -> None:
+    """KinemaError unless ``images`` is a ComfyUI IMAGE: [frames, height, width, c] floats with c in ``channels``
+    (e.g. (3, 4) where an alpha channel is dropped). ``what`` (the node or step) starts the messages."""
+    shape = f"[frames, height, width, {' or '.join(map(str, channels))}]"
+    if not isinstance(images, torch.Tensor):
+        raise KinemaError(f"{what} takes an IMAGE tensor {shape}, got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[-1] not in channels:
+        raise KinemaError(f"{what} takes IMAGE frames {shape}, got shape {list(images.shape)}: convert the frames "
+                          "to RGB (drop alpha, expand grayscale)")
+    if not images.is_floating_point():
+        raise KinemaError(f"{what} takes IMAGE floats in [0, 1], got {images.dtype}: divide 8-bit frames by 255")
+    if images.shape[0] == 0 or images.shape[1] == 0 or images.shape[2] == 0:
+        raise KinemaError(f"{what} got an empty IMAGE batch of shape {list(images.shape)}")
+
+
 def _tensor_to_uint8(t: torch.Tensor) -> np.ndarray:
     t = torch.nan_to_num(t.to(device="cpu", dtype=torch.float32), nan=0.0)
     return t.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()

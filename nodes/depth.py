@@ -7,11 +7,11 @@ from ..models import memory
 from ..models.depth import (
     MAX_FIDELITY_STEPS,
     DepthEstimator,
-    check_frames,
     load_depth_model,
     structure_fidelity,
 )
 from ..models.errors import KinemaError
+from ..models.video_io import check_images
 from . import host
 
 CATEGORY = "Kinema/structure"
@@ -77,7 +77,7 @@ class KinemaDepthEstimate:
     def estimate(self, images, depth_model, batch_size=4):
         if not isinstance(depth_model, DepthEstimator):
             raise KinemaError("Depth Estimate (Kinema) needs a depth model: connect Load Depth Model (Kinema)")
-        check_frames(images)
+        check_images(images, "Depth estimation")
         host.check_interrupt()
         bar = host.ProgressBar(images.shape[0], "Kinema depth")
         depth = depth_model.estimate_image(images, batch_size,

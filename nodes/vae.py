@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from ..models import vae as vae_ops
-from ..models.depth import check_frames
 from ..models.errors import KinemaError
 from ..models.tiling import TileOptions
+from ..models.video_io import check_images
 from . import host
 from .checks import latent_samples
 
@@ -101,7 +101,7 @@ class KinemaVAEEncodeFrames:
         }
 
     def encode(self, vae, pixels, frame_chunk=8, tile_size=0, tile_overlap=64):
-        check_frames(pixels, "VAE Encode Frames (Kinema)", channels=(3, 4))
+        check_images(pixels, "VAE Encode Frames (Kinema)", channels=(3, 4))
         tile_size, tile_overlap = _pixel_tiles(tile_size, tile_overlap, "VAE Encode Frames (Kinema)")
         host.check_interrupt()
         bar = host.ProgressBar(pixels.shape[0])
