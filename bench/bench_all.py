@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run: small sizes, few steps, fewer SVD configurations")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads in each child")
     p.add_argument("--repeat", type=int, default=1,
-                   help="AnimateDiff: run each implementation this many times and report its fastest run")
+                   help="AnimateDiff and SVD: run each implementation / configuration this many times, alternating, "
+                   "and report its fastest run")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                    help=f"what to run (of: {', '.join(SECTIONS)})")
     p.add_argument("--output", help="also write the report to this file")
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = {}
     for section in args.sections:
         extra = ["--threads", str(args.threads)]
-        if _module(section) == "animatediff" and args.repeat > 1:
+        if _module(section) in ("animatediff", "svd") and args.repeat > 1:
             extra += ["--repeat", str(args.repeat)]
         plan[section] = PLANS["quick" if args.quick else "full"][section] + extra
     t0 = time.perf_counter()

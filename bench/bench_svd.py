@@ -1,7 +1,7 @@
 """Stable Video Diffusion image-to-video: Kinema vs the diffusers SVD pipeline on the same weights, CPU, fp32,
 with and without the low-memory settings.
 
-    python bench/bench_svd.py [--frames 14] [--steps 10] [--width 256] [--height 256] [--threads N]
+    python bench/bench_svd.py [--frames 14] [--steps 10] [--width 256] [--height 256] [--threads N] [--repeat N]
                               [--scale tiny|medium] [--configs kinema diffusers ...]
 
 The demo SVD checkpoint (``kinema.models.demo``: the published SVD layout, random weights; ``--scale tiny``, or
@@ -165,32 +165,45 @@ def _child_options(args) -> list[str]:
 
 
 def collect(args) -> dict:
-    """Write the checkpoint once, run each configuration of ``--configs`` in its own child; returns
-    ``{"results": {config: run}, "latent_diff": {config: relative difference to diffusers' latents, or None},
-    "threads": n}``. Raises ``BenchError`` when a child fails."""
+    """Write the checkpoint once, run each configuration of ``--configs`` in its own child (``--repeat`` rounds,
+    the configurations alternating within each); returns ``{"results": {config: run}, "latent_diff": {config:
+    relative difference to diffusers' latents, or None}, "threads": n}``, each configuration's run with the fastest
+    median step. Raises ``BenchError`` when a child fails."""
     import torch
 
-    results, latents = {}, {}
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     script = os.path.abspath(__file__)
     with tempfile.TemporaryDirectory(prefix="kinema_bench_") as tmp:
         ckpt = os.path.join(tmp, "kinema_demo_svd.safetensors")
         run_child([sys.executable, script, "--prepare", ckpt, "--threads", str(args.threads), "--scale", args.scale],
                   args.threads, f"SVD {args.scale}: writing the demo checkpoint")
-        for name in args.configs:
-            slug = name.replace(" ", "_")
+        for rep, name in [(r, n) for r in range(args.repeat) for n in args.configs]:
+            slug = f"{name.replace(' ', '_')}{rep}"
             result, latent = os.path.join(tmp, f"{slug}.json"), os.path.join(tmp, f"{slug}.pt")
             cmd = [sys.executable, script, "--child", name, "--checkpoint", ckpt, "--result", result,
                    "--latent-out", latent, *_child_options(args)]
-            run_child(cmd, args.threads, f"SVD {args.scale} {name}")
+            run_child(cmd, args.threads, f"SVD {args.scale} {name} ({rep + 1}/{args.repeat})")
             with open(result) as f:
-                results[name] = json.load(f)
-            latents[name] = torch.load(latent)
+                run = json.load(f)
+            run["latent"] = torch.load(latent)
+            runs[name].append(run)
+    # with --repeat, each configuration's fastest run (the least disturbed by other load on the machine)
+    results = {name: min(rs, key=lambda r: r["median"] if r["median"] is not None else r["total"])
+               for name, rs in runs.items()}
+    latents = {name: r.pop("latent") for name, r in results.items()}
     ref = latents.get("diffusers")
     diffs = {}
     for name in args.configs:
         diffs[name] = None if ref is None else float((latents[name] - ref).abs().max()) / float(ref.abs().max())
     threads = next(iter(results.values()))["threads"]
     return {"results": results, "latent_diff": diffs, "threads": threads}
+
+
+def _repeat_text(args) -> str:
+    if args.repeat < 2:
+        return ""
+    return (f", {args.repeat} rounds with the configurations alternating, each configuration's run with the fastest "
+            "median step shown")
 
 
 def _f(value, fmt: str = ".2f") -> str:
@@ -211,7 +224,7 @@ def report(args, argv: list[str], res: dict) -> list[str]:
          f"{args.height // 8}), {args.steps} Euler steps (karras, EDM), per-frame guidance {MIN_CFG} -> {MAX_CFG}, "
          f"image conditioning and temporal decode included; fp32 on CPU, {res['threads']} threads ({cpu_name()}, "
          f"{os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}. One process per "
-         f"configuration. low-mem: Kinema cond/uncond one at a time + attention chunks of {args.attn_chunk} "
+         f"configuration{_repeat_text(args)}. low-mem: Kinema cond/uncond one at a time + attention chunks of {args.attn_chunk} "
          f"queries; diffusers unet.enable_forward_chunking(); both decode {args.low_decode_chunk} frames at a "
          "time."),
         "",
@@ -245,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), metavar="CONFIG",
                    help=f"configurations to run, in this order (of: {', '.join(repr(c) for c in CONFIGS)})")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every configuration, alternating (each configuration's fastest run is reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads in each child")
     p.add_argument("--decode-chunk", type=int, default=0, help="frames decoded at once (0: all)")
     p.add_argument("--low-decode-chunk", type=int, default=2, help="low-mem: frames decoded at once")
@@ -262,8 +277,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.width % 8 or args.height % 8 or min(args.width, args.height) < 64:
         p.error("--width and --height must be multiples of 8, at least 64")
-    if min(args.steps, args.frames, args.threads, args.low_decode_chunk, args.attn_chunk) < 1:
-        p.error("--steps, --frames, --threads, --low-decode-chunk and --attn-chunk must be at least 1")
+    if min(args.steps, args.frames, args.threads, args.low_decode_chunk, args.attn_chunk, args.repeat) < 1:
+        p.error("--steps, --frames, --threads, --low-decode-chunk, --attn-chunk and --repeat must be at least 1")
     args.configs = list(dict.fromkeys(args.configs))  # each once, in the order given
     return args
 
