@@ -281,6 +281,27 @@ class ResBlock(nn.Module):
         return h
 
 
+class FrameConv(nn.Conv3d):
+    """A Conv3d over ``b c f h w`` (SVD's temporal convolutions; the parameters and names of ``nn.Conv3d``).
+
+    On the CPU a kernel ``(k, 1, 1)`` (SVD's: across frames only) runs as a 2D convolution with kernel ``(k, 1)``
+    over ``b c f (h w)``: the same sums. PyTorch sends such a Conv3d to its slow reference kernel at small sizes
+    (e.g. the temporal decoder's 2-frame chunks: 0.65-0.78x the time of the whole decode in the 2D form) and its
+    oneDNN 3D kernel is no faster than the 2D one elsewhere (``bench/bench_frame_conv.py``). Other kernels, and
+    other devices (cuDNN has its own 3D kernels, not measured here against the 2D form), run as Conv3d.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """b c f h w -> b c' f h w"""
+        if x.device.type != "cpu" or self.weight.shape[-2:] != (1, 1) or self.stride != (1, 1, 1) \
+                or self.dilation != (1, 1, 1) or self.groups != 1 or self.padding_mode != "zeros" \
+                or self.padding[1:] != (0, 0):
+            return super().forward(x)
+        b, _, f, h, w = x.shape
+        y = F.conv2d(x.flatten(3), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
+        return y.view(b, y.shape[1], f, h, w)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()

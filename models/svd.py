@@ -39,6 +39,7 @@ from .errors import KinemaError
 from .layers import (
     CrossAttention,
     FeedForward,
+    FrameConv,
     ResBlock,
     RunOptions,
     SpatialTransformer,
@@ -157,11 +158,11 @@ class TemporalResBlock(nn.Module):
         super().__init__()
         pad = tuple(k // 2 for k in kernel)
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv3d(channels, channels, kernel, padding=pad)
+            nn.GroupNorm(32, channels), nn.SiLU(), FrameConv(channels, channels, kernel, padding=pad)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv3d(channels, channels, kernel, padding=pad)
+            nn.GroupNorm(32, channels), nn.SiLU(), nn.Dropout(0.0), FrameConv(channels, channels, kernel, padding=pad)
         )
         self.skip_connection = nn.Identity()
 

@@ -51,6 +51,7 @@ from einops import rearrange
 from torch import nn
 
 from .errors import KinemaError
+from .layers import FrameConv
 from .memory import cast_weights, run_with_oom_retry
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
@@ -276,9 +277,9 @@ class TemporalResBlock(nn.Module):
     def __init__(self, ch: int, kernel: tuple):
         super().__init__()
         pad = tuple(k // 2 for k in kernel)
-        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv3d(ch, ch, kernel, padding=pad))
+        self.in_layers = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), FrameConv(ch, ch, kernel, padding=pad))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv3d(ch, ch, kernel, padding=pad)
+            nn.GroupNorm(32, ch), nn.SiLU(), nn.Dropout(0.0), FrameConv(ch, ch, kernel, padding=pad)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +313,7 @@ class TimeMixConv(nn.Conv2d):
 
     def __init__(self, cin: int, cout: int, kernel: tuple):
         super().__init__(cin, cout, 3, padding=1)
-        self.time_mix_conv = nn.Conv3d(cout, cout, kernel, padding=tuple(k // 2 for k in kernel))
+        self.time_mix_conv = FrameConv(cout, cout, kernel, padding=tuple(k // 2 for k in kernel))
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """(b f) c h w -> (b f) c' h w"""

@@ -1,7 +1,9 @@
-"""The attention shortcuts of the shared layers give what full attention gives."""
+"""The shortcuts of the shared layers give what the plain computation gives: the attention shortcuts what full
+attention gives, the frame convolution what a Conv3d gives."""
 import pytest
 import torch
-from kinema.models.layers import CrossAttention, SharedContext, attention
+from einops import rearrange
+from kinema.models.layers import CrossAttention, FrameConv, SharedContext, attention
 from kinema.models.svd import VideoTransformerBlock
 
 torch.manual_seed(0)
@@ -65,3 +67,47 @@ def test_svd_temporal_cross_attention_to_one_token_matches_full_attention():
         # rows from the middle (attention chunks): the video of each row is kept
         part = block._attend_context(x[3:8], context, 3, pixels)
         assert torch.allclose(part, out[3:8], atol=1e-6)
+
+
+def _conv3d_twin(conv: FrameConv) -> torch.nn.Conv3d:
+    twin = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    twin.load_state_dict(conv.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "frames of a channels_last batch"])
+def test_frame_conv_is_the_conv3d_across_frames(layout):
+    torch.manual_seed(0)
+    conv = FrameConv(32, 48, (3, 1, 1), padding=(1, 0, 0))
+    frames = torch.randn(2 * 5, 32, 6, 7)
+    if layout != "contiguous":
+        frames = frames.contiguous(memory_format=torch.channels_last)  # the CPU VAE's layout
+    x = rearrange(frames, "(b f) c h w -> b c f h w", f=5)
+    with torch.no_grad():
+        out = conv(x)
+        torch.testing.assert_close(out, _conv3d_twin(conv)(x), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 48, 5, 6, 7)
+    assert list(conv.state_dict()) == ["weight", "bias"]  # the checkpoint names of a Conv3d
+    assert conv.weight.shape == (48, 32, 3, 1, 1)
+
+
+def test_frame_conv_avoids_the_slow_reference_kernel():
+    """PyTorch runs this Conv3d (a 2-frame chunk of the tiny temporal decoder) with its slow reference kernel on
+    the CPU; the frame conv runs a oneDNN 2D convolution."""
+    conv = FrameConv(32, 32, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(1, 32, 2, 64, 64)
+    with torch.no_grad():
+        def kernels(module):
+            with torch.profiler.profile() as prof:
+                module(x)
+            return {e.key for e in prof.key_averages()}
+        assert "aten::slow_conv3d_forward" in kernels(_conv3d_twin(conv))  # the case exists in this torch
+        assert "aten::slow_conv3d_forward" not in kernels(conv)
+
+
+def test_frame_conv_with_another_kernel_is_a_conv3d():
+    torch.manual_seed(0)
+    conv = FrameConv(8, 8, (3, 3, 3), padding=(1, 1, 1))
+    x = torch.randn(1, 8, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), _conv3d_twin(conv)(x))
