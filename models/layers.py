@@ -281,6 +281,17 @@ class ResBlock(nn.Module):
         return h
 
 
+def flatten_hw(video: torch.Tensor) -> torch.Tensor:
+    """b c f h w -> b c f (h w), a view where the strides allow. A channels_last_3d video (the CPU VAE's frames,
+    channels_last, seen as a video) gives a channels_last tensor, which PyTorch's GroupNorm and convolutions keep;
+    with one video the size-1 batch dimension is given the stride those kernels expect of that layout (a view's
+    own is arbitrary there, and they would fall back to the default layout)."""
+    flat = video.flatten(3)
+    if flat.shape[0] == 1 and not flat.is_contiguous() and flat.is_contiguous(memory_format=torch.channels_last):
+        flat = flat.as_strided(flat.shape, (flat.numel(), *flat.stride()[1:]))
+    return flat
+
+
 class FrameConv(nn.Conv3d):
     """A Conv3d over ``b c f h w`` (SVD's temporal convolutions; the parameters and names of ``nn.Conv3d``).
 
@@ -298,7 +309,7 @@ class FrameConv(nn.Conv3d):
                 or self.padding[1:] != (0, 0):
             return super().forward(x)
         b, _, f, h, w = x.shape
-        y = F.conv2d(x.flatten(3), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
+        y = F.conv2d(flatten_hw(x), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
         return y.view(b, y.shape[1], f, h, w)
 
 

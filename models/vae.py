@@ -51,7 +51,7 @@ from einops import rearrange
 from torch import nn
 
 from .errors import KinemaError
-from .layers import FrameConv
+from .layers import FrameConv, flatten_hw
 from .memory import cast_weights, run_with_oom_retry
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
@@ -250,19 +250,23 @@ GN_FP32_SLICE_BYTES = 256 << 20
 
 
 def _group_norm_fp32(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-    """sgm's GroupNorm32: statistics and affine in float32, result in the input dtype (contiguous).
+    """sgm's GroupNorm32: statistics and affine in float32, result in the input dtype and memory layout (on the CPU
+    the decoder's videos are channels_last_3d views of its channels_last frames: the convolutions after the norm
+    run fastest in it, ``_layout``).
 
     Each group is normalised on its own, so a half-precision input is normalised a slice of groups at a time:
     float32 copies of the whole input (two of them, twice its size each: 8 GiB for SVD-XT's last decoder level
     at 14 frames 1024x576) would be the decoder's largest allocations.
     """
+    if x.ndim == 5:  # b c f h w as b c f (h w): the same groups; PyTorch's 5D GroupNorm drops channels_last_3d
+        return _group_norm_fp32(norm, flatten_hw(x)).view(x.shape)
     w = None if norm.weight is None else norm.weight.float()
     b = None if norm.bias is None else norm.bias.float()
     groups, per = norm.num_groups, x.shape[1] // norm.num_groups
     step = groups if x.dtype == torch.float32 else max(1, GN_FP32_SLICE_BYTES // (x[:, :per].numel() * 4))
     if step >= groups:
-        return F.group_norm(x.float(), groups, w, b, norm.eps).to(x.dtype).contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return F.group_norm(x.float(), groups, w, b, norm.eps).to(x.dtype)
+    out = torch.empty_like(x)
     for g in range(0, groups, step):
         c = slice(g * per, min(groups, g + step) * per)
         out[:, c] = F.group_norm(x[:, c].float(), min(groups, g + step) - g, None if w is None else w[c],

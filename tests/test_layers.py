@@ -3,7 +3,7 @@ attention gives, the frame convolution what a Conv3d gives."""
 import pytest
 import torch
 from einops import rearrange
-from kinema.models.layers import CrossAttention, FrameConv, SharedContext, attention
+from kinema.models.layers import CrossAttention, FrameConv, SharedContext, attention, flatten_hw
 from kinema.models.svd import VideoTransformerBlock
 
 torch.manual_seed(0)
@@ -111,3 +111,15 @@ def test_frame_conv_with_another_kernel_is_a_conv3d():
     x = torch.randn(1, 8, 4, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), _conv3d_twin(conv)(x))
+
+
+def test_flatten_hw_keeps_a_channels_last_video_channels_last():
+    frames = torch.randn(6, 8, 3, 5).contiguous(memory_format=torch.channels_last)
+    for videos in (1, 2):
+        video = rearrange(frames, "(b f) c h w -> b c f h w", f=6 // videos)
+        flat = flatten_hw(video)
+        assert flat.is_contiguous(memory_format=torch.channels_last)
+        assert flat.data_ptr() == frames.data_ptr()  # a view
+        torch.testing.assert_close(flat, video.reshape(videos, 8, 6 // videos, 15), rtol=0, atol=0)
+        normed = torch.nn.functional.group_norm(flat, 4)
+        assert normed.is_contiguous(memory_format=torch.channels_last)  # PyTorch keeps the layout

@@ -193,3 +193,26 @@ def test_bf16_load_decodes_close_to_fp32():
         ref = temporal_vae().decode(z)
     assert out.dtype == torch.bfloat16
     assert float((out.float() - ref).abs().max()) < 0.1 * max(1.0, float(ref.abs().max()))
+
+
+def test_cpu_decode_keeps_channels_last_through_the_temporal_layers():
+    """On the CPU the decoder's frames are channels_last (``vae._layout``); its temporal layers (GroupNorm over the
+    video, the frame convolutions) keep that layout, also for one video, so no convolution after them falls back
+    to the slower default layout."""
+    model = temporal_vae()
+    layouts = []
+
+    def record(module, args):
+        x = args[0]
+        fmt = torch.channels_last if x.ndim == 4 else torch.channels_last_3d
+        layouts.append((type(module).__name__, tuple(x.shape), x.is_contiguous(memory_format=fmt)))
+
+    handles = [m.register_forward_pre_hook(record) for m in model.decoder.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    try:
+        decode_frames(model, torch.randn(FRAMES, 4, 8, 8), chunk=FRAMES)
+    finally:
+        for h in handles:
+            h.remove()
+    assert any(name == "FrameConv" for name, _, _ in layouts)
+    assert all(kept for _, _, kept in layouts), [entry for entry in layouts if not entry[2]]
