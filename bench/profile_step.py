@@ -1,13 +1,17 @@
-"""Where one AnimateDiff UNet call spends its CPU time, Kinema beside diffusers on the same weights: the time of a
-call, its FLOPs (``torch.utils.flop_counter``), the FLOP rate reached, and the operators' self CPU time under
+"""Where one UNet call spends its CPU time, Kinema beside diffusers on the same weights: the time of a call, its
+FLOPs (``torch.utils.flop_counter``), the FLOP rate reached, and the operators' self CPU time under
 ``torch.profiler``; then Kinema's call with the weights and input in channels_last.
 
-    python bench/profile_step.py [--scale medium] [--frames 16] [--size 128] [--threads 2] [--repeat 4]
+    python bench/profile_step.py [--model animatediff|svd] [--scale medium] [--frames 16] [--size 128]
+                                 [--threads 2] [--repeat 4]
     python bench/profile_step.py --no-diffusers        # Kinema alone
 
-One call on cond + uncond (2 x frames) of the demo v3 model at ``--scale`` (tiny or medium, as bench_animatediff),
-the prompt's embedding repeated per frame (as AnimateDiffPipeline gives it to diffusers' UNetMotionModel). The two
-calls are timed alternately, ``--repeat`` times each after a warm-up; the fastest of each is reported.
+AnimateDiff: one call on cond + uncond (2 x frames) of the demo v3 model at ``--scale`` (tiny or medium, as
+bench_animatediff), the prompt's embedding repeated per frame (as AnimateDiffPipeline gives it to diffusers'
+UNetMotionModel). SVD: one call of the demo SVD UNet (tiny or medium, as bench_svd) on two videos (cond + uncond)
+of ``--frames`` frames, with a one-token image context and micro-conditioning per video, as
+StableVideoDiffusionPipeline gives them to diffusers' UNetSpatioTemporalConditionModel. The calls are timed
+alternately, ``--repeat`` times each after a warm-up; the fastest of each is reported.
 """
 from __future__ import annotations
 
@@ -62,23 +66,11 @@ def fastest(calls: dict, repeat: int) -> dict[str, float]:
     return {name: min(t) for name, t in times.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", choices=("tiny", "medium"), default="medium")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--size", type=int, default=128, help="pixels (latent is size/8)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=4, help="timed rounds (fastest reported)")
-    p.add_argument("--no-diffusers", action="store_true", help="profile Kinema alone")
-    p.add_argument("--top", type=int, default=10, help="operators listed")
-    args = p.parse_args()
-
+def animatediff_calls(args):
+    """(title, {name: call}, Kinema's call in a memory format) for one AnimateDiff v3 UNet call on cond + uncond."""
+    import fixtures
     import torch
     from einops import rearrange
-
-    torch.set_num_threads(args.threads)
-    register_pack()
-    import fixtures
 
     if args.scale == "medium":
         fixtures.use_sizes(fixtures.MEDIUM)
@@ -89,28 +81,99 @@ def main() -> None:
     t = torch.full((2 * f,), 500.0)
     calls = {"Kinema": lambda: model(x, t, context, f)}
     if not args.no_diffusers:
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()
         unet = fixtures.diffusers_motion_unet("v3")
         x_d = rearrange(x, "(b f) c h w -> b c f h w", f=f)
         calls["diffusers"] = lambda: unet(x_d, t[0], encoder_hidden_states=context).sample
+
+    def in_layout(fmt):
+        last = copy.deepcopy(model)
+        last.unet.to(memory_format=fmt)
+        last.motion.to(memory_format=fmt)
+        x_last = x.contiguous(memory_format=fmt)
+        return lambda: last(x_last, t, context, f)
+
+    return f"AnimateDiff v3 UNet, {args.scale}, {f} frames x 2 (cond, uncond)", calls, in_layout
+
+
+def svd_calls(args):
+    """(title, {name: call}, Kinema's call in a memory format) for one SVD UNet call on cond + uncond."""
+    import tempfile
+
+    import fixtures_svd_pipeline
+    import torch
+    from einops import rearrange, repeat
+    from kinema.models import checkpoint
+    from kinema.models.svd import micro_conditioning
+
+    if args.scale == "medium":
+        fixtures_svd_pipeline.use_sizes(fixtures_svd_pipeline.MEDIUM)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fixtures_svd_pipeline.write_svd(os.path.join(tmp, "svd.safetensors"))
+        bundle = checkpoint.load_svd(path)
+        sd = None if args.no_diffusers else checkpoint.load_state_dict(path)
+    unet = bundle.model.unet
+    cfg, f, lat = unet.cfg, args.frames, args.size // 8
+    ids = torch.tensor([[6.0, 127.0, 0.0]] * 2)  # fps id, motion bucket, augmentation: per video
+    y = torch.cat([micro_conditioning(*row.tolist(), frames=1, dim_each=cfg.adm_in_channels // 3) for row in ids])
+    x = torch.randn(2, f, cfg.in_channels, lat, lat)
+    context = torch.randn(2, 1, cfg.context_dim)
+    t = torch.full((2,), 0.25)  # c_noise of sigma e
+
+    def per_frame(x_flat, model=unet):
+        return model(x_flat, repeat(t, "b -> (b f)", f=f), repeat(context, "b n d -> (b f) n d", f=f),
+                     repeat(y, "b e -> (b f) e", f=f), f)
+
+    x_flat = rearrange(x, "b f c h w -> (b f) c h w")
+    calls = {"Kinema": lambda: per_frame(x_flat)}
+    if not args.no_diffusers:
+        from fixtures_svd_pipeline import diffusers_svd_pipeline
+
+        d_unet = diffusers_svd_pipeline(bundle, sd).unet.eval()
+        calls["diffusers"] = lambda: d_unet(x, t, context, added_time_ids=ids).sample
+
+    def in_layout(fmt):
+        last = copy.deepcopy(unet)
+        for module in last.modules():  # the 2D convolutions (the temporal ones' 5D weights have no such format)
+            if isinstance(module, torch.nn.Conv2d):
+                module.to(memory_format=fmt)
+        x_last = x_flat.contiguous(memory_format=fmt)
+        return lambda: per_frame(x_last, last)
+
+    return f"SVD UNet, {args.scale}, 2 videos (cond, uncond) of {f} frames", calls, in_layout
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=("animatediff", "svd"), default="animatediff")
+    p.add_argument("--scale", choices=("tiny", "medium"), default="medium")
+    p.add_argument("--frames", type=int, default=None, help="frames a video (default: 16, SVD 14)")
+    p.add_argument("--size", type=int, default=128, help="pixels (latent is size/8)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=4, help="timed rounds (fastest reported)")
+    p.add_argument("--no-diffusers", action="store_true", help="profile Kinema alone")
+    p.add_argument("--top", type=int, default=10, help="operators listed")
+    args = p.parse_args(argv)
+    args.frames = args.frames or (14 if args.model == "svd" else 16)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    register_pack()
+    if not args.no_diffusers:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    title, calls, in_layout = (svd_calls if args.model == "svd" else animatediff_calls)(args)
 
     with torch.no_grad():
         seconds = fastest(calls, args.repeat)
         counts = {name: flops(fn) for name, fn in calls.items()}
         ops = profile(calls, args.repeat)
-        last_model = copy.deepcopy(model)
-        last_model.unet.to(memory_format=torch.channels_last)
-        last_model.motion.to(memory_format=torch.channels_last)
-        x_last = x.contiguous(memory_format=torch.channels_last)
-        layouts = fastest({"default": calls["Kinema"], "last": lambda: last_model(x_last, t, context, f)},
-                          args.repeat)
+        layouts = fastest({"default": calls["Kinema"], "last": in_layout(torch.channels_last)}, args.repeat)
 
     names = list(calls)
-    print(f"AnimateDiff v3 UNet, {args.scale}, {f} frames x 2 (cond, uncond) at {args.size}x{args.size}, fp32, "
-          f"{args.threads} threads ({cpu_name()}); torch {torch.__version__}; fastest of {args.repeat} "
-          "alternating calls\n")
+    print(f"{title} at {args.size}x{args.size}, fp32, {args.threads} threads ({cpu_name()}); torch "
+          f"{torch.__version__}; fastest of {args.repeat} alternating calls\n")
     print("| | " + " | ".join(names) + (" | Kinema / diffusers |" if len(names) > 1 else " |"))
     print("|---|" + "---:|" * (len(names) + (len(names) > 1)))
 

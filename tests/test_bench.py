@@ -121,3 +121,20 @@ def test_real_size_svd_xt_fits_16_gb_by_default_and_6_gb_with_block_offload_and_
     w = _estimate(lambda ev, sc, args: ev.svd(sc, 25, 1024, 576, args), ("model", "block-tiles"))
     assert max(w.phases["model"].values()) < 16e9, w.phases["model"]
     assert max(w.phases["block-tiles"].values()) < 6e9, w.phases["block-tiles"]
+
+
+@pytest.mark.parametrize("model", ["animatediff", "svd"])
+def test_profile_step_runs_kinema_beside_diffusers(model, capsys):
+    pytest.importorskip("diffusers")
+    import profile_step
+
+    threads = torch.get_num_threads()
+    try:
+        profile_step.main(["--model", model, "--scale", "tiny", "--frames", "2", "--size", "32", "--repeat", "1",
+                           "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| one call (s) |" in out and "Kinema / diffusers" in out
+    assert "Kinema, self CPU time by operator" in out and "diffusers, self CPU time by operator" in out
+    assert "Kinema in channels_last" in out

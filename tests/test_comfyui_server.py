@@ -349,12 +349,22 @@ def test_workflow_templates_are_listed(server):
         assert served == json.load(f)
 
 
+def _demo_api_prompt(path, info):
+    """The API workflow at ``path`` with the demo models and the small sizes of ``SMALL``."""
+    with open(path, encoding="utf-8") as f:
+        prompt = json.load(f)
+    prompt = prompt.get("prompt", prompt)
+    for cid, cname, _, new in _demo_changes(prompt, info):
+        prompt[cid]["inputs"][cname] = new
+    for node in prompt.values():
+        node["inputs"].update(SMALL.get(node.get("class_type"), {}))
+    return prompt
+
+
 def _long_prompt(info):
     """An API workflow with a `steps` input turned up, or None."""
     for path in API_WORKFLOWS:
-        with open(path, encoding="utf-8") as f:
-            prompt = json.load(f)
-        prompt = prompt.get("prompt", prompt)
+        prompt = _demo_api_prompt(path, info)
         for nid, node in prompt.items():
             steps = node.get("inputs", {}).get("steps")
             if isinstance(steps, int) and not isinstance(steps, bool):
@@ -365,11 +375,6 @@ def _long_prompt(info):
                 for key in ("seed", "noise_seed"):
                     if isinstance(node["inputs"].get(key), int):
                         node["inputs"][key] += 7919
-                for cid, cname, _, new in _demo_changes(prompt, info):
-                    prompt[cid]["inputs"][cname] = new
-                for other in prompt.values():
-                    if other.get("class_type") == "KinemaEmptyVideoLatent":
-                        other["inputs"].update(SMALL["KinemaEmptyVideoLatent"])
                 return os.path.basename(path), nid, prompt
     return None
 
@@ -416,3 +421,60 @@ def test_interrupt_stops_a_long_run(server, object_info):
         assert last_progress["value"] < last_progress["max"], "the run finished all its steps"
     finally:
         ws.close()
+
+
+def _bad_checkpoint(kind, models_dir):
+    """Write a broken file of ``kind`` into the checkpoints folder; return its name."""
+    import pickle
+
+    from kinema.models.demo import DEMO_CHECKPOINT, DEMO_MOTION
+
+    folder = os.path.join(models_dir, "checkpoints")
+    if kind == "truncated":
+        name = "kinema_test_truncated.safetensors"
+        with open(os.path.join(folder, DEMO_CHECKPOINT), "rb") as f:
+            data = f.read()
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data[: len(data) // 2])
+    elif kind == "pickle":  # a pickle that names a Python object, as a malicious one would
+        name = "kinema_test_pickle.ckpt"
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"state_dict": {}, "hook": os.getcwd}, f, protocol=2)
+    else:  # a motion module where a checkpoint belongs
+        name = "kinema_test_motion_module.safetensors"
+        with open(os.path.join(models_dir, "animatediff_models", DEMO_MOTION["v2"]), "rb") as src, \
+                open(os.path.join(folder, name), "wb") as dst:
+            dst.write(src.read())
+    return name
+
+
+@pytest.mark.parametrize("kind, words", [("truncated", "truncated"), ("pickle", "will not unpickle"),
+                                         ("wrong_type", "motion module")])
+def test_a_broken_checkpoint_fails_with_the_packs_error(server, object_info, models_dir, kind, words):
+    """ComfyUI shows the pack's own error, naming the file and what is wrong; no output file is written."""
+    name = _bad_checkpoint(kind, models_dir)
+    prompt = _demo_api_prompt(os.path.join(ROOT, "workflows", "api", "animatediff_txt2vid.json"), object_info)
+    loader = next(nid for nid, node in prompt.items() if node["class_type"] == "KinemaCheckpointLoader")
+    prompt[loader]["inputs"]["ckpt_name"] = name
+    output = os.path.join(server.run_dir, "output")
+    before = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    client_id = str(uuid.uuid4())
+    ws = WebSocket("127.0.0.1", server.port, f"/ws?clientId={client_id}")
+    try:
+        res = http(server.url + "/prompt", {"prompt": prompt, "client_id": client_id})
+        prompt_id = res["prompt_id"]
+        deadline, ended = time.time() + WORKFLOW_TIMEOUT, None
+        while ended is None and time.time() < deadline:
+            msg = ws.recv_json(timeout=max(1.0, deadline - time.time()))
+            data = msg.get("data") or {}
+            if msg["type"] in ("execution_error", "execution_success", "execution_interrupted") \
+                    and data.get("prompt_id") == prompt_id:
+                ended = msg
+    finally:
+        ws.close()
+    assert ended is not None and ended["type"] == "execution_error", f"{kind}: {ended}\n{server.log()}"
+    data = ended["data"]
+    assert data["node_id"] == loader and data["exception_type"].endswith("KinemaError"), data
+    assert name in data["exception_message"] and words in data["exception_message"], data["exception_message"]
+    after = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    assert after == before, f"files written by a failed run: {sorted(set(after) - set(before))}"
