@@ -2,8 +2,9 @@
 
 A ``BlockStreamer`` is made for one model call. ``use(module)`` brings a block to the compute device (if it is
 not there yet) and evicts the least recently used blocks beyond ``resident``; ``prefetch(module)`` starts the
-next block's copy early (on CUDA, a side stream overlaps the copy with the running block, pinned memory
-permitting; elsewhere it is the same as ``use``, done ahead of time). ``close()`` moves every block back to
+next block's copy early (on CUDA, a side stream, ``CopyStream``, overlaps the copy with the running block, pinned
+memory permitting, and hands the copied tensors over to the compute stream when the block is used; elsewhere it is
+the same as ``use``, done ahead of time). ``close()`` moves every block back to
 storage, so between calls the model holds no compute memory. Every move is reported to ``on_move(module,
 device)`` when given (the tests count residency this way; it works with a CPU "compute device" too).
 
@@ -97,6 +98,29 @@ def return_to(module: nn.Module, stash: Stash, storage: torch.device) -> None:
     module.to(storage)
 
 
+class CopyStream:
+    """The side stream that prefetch copies run on (CUDA), and the hand-over of what it copied to the compute
+    stream."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def copying(self):
+        """Context: the copies made inside it run on the side stream."""
+        return torch.cuda.stream(self.stream)
+
+    def hand_over(self, stash: Stash) -> None:
+        """Before the compute stream uses tensors copied on the side stream: it waits for the copies, and the
+        tensors are recorded on it. Without the record, the caching allocator would give a tensor's memory, once
+        the block is evicted, to the next block's copy on the side stream at once, while the compute stream may
+        still be reading the evicted weights (the CPU runs ahead of the GPU)."""
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)
+        for t, _ in stash:
+            t.data.record_stream(compute)
+
+
 class BlockStreamer:
     """Streams blocks to ``device`` for one call (see the module doc)."""
 
@@ -106,12 +130,14 @@ class BlockStreamer:
         self.resident, self.on_move = opts.resident, opts.on_move
         self._on_device: OrderedDict[int, nn.Module] = OrderedDict()
         self._stashes: dict[int, Stash] = {}
-        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copies = CopyStream(self.device) if self.device.type == "cuda" else None
+        self._prefetched: set[int] = set()  # copied on the side stream, not yet handed over to the compute stream
 
     def _move(self, module: nn.Module, device: torch.device, non_blocking: bool = False) -> None:
         if device == self.device:
             self._stashes[id(module)] = bring(module, device, non_blocking, pin=True)
         else:
+            self._prefetched.discard(id(module))
             return_to(module, self._stashes.pop(id(module), []), device)
         if self.on_move is not None:
             self.on_move(module, device)
@@ -128,8 +154,9 @@ class BlockStreamer:
         key = id(module)
         if key in self._on_device:
             self._on_device.move_to_end(key)
-            if self._stream is not None:
-                torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            if key in self._prefetched:
+                self._prefetched.discard(key)
+                self._copies.hand_over(self._stashes.get(key, []))
             return
         self._evict(self.resident - 1)
         self._move(module, self.device)
@@ -141,9 +168,10 @@ class BlockStreamer:
         if module is None or id(module) in self._on_device or self.resident < 2:
             return
         self._evict(self.resident - 1)
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
+        if self._copies is not None:
+            with self._copies.copying():
                 self._move(module, self.device, non_blocking=True)
+            self._prefetched.add(id(module))
         else:
             self._move(module, self.device)
         self._on_device[id(module)] = module

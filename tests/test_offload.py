@@ -1,12 +1,14 @@
 """Block offload: the same video, at most the configured number of blocks on the compute device, everything back
 in storage after each call (moves instrumented; works with the CPU as the compute device)."""
+import contextlib
+
 import pytest
 import torch
 from conftest import load_pack
 from fixtures import motion_model
 from kinema.models import pipelines
 from kinema.models.errors import KinemaError
-from kinema.models.offload import BlockStreamer, OffloadOptions
+from kinema.models.offload import BlockStreamer, OffloadOptions, stream_blocks
 
 HW = 16  # at 8 the deepest level is 1x1 and its GroupNorm (2 values a group) amplifies fp32 rounding chaotically
 
@@ -70,6 +72,48 @@ def test_prefetch_never_evicts_the_block_in_use():
     assert streamer.on_device == [b, c]
     streamer.close()
     assert streamer.on_device == [] and not watch.on
+
+
+class FakeCopyStream:
+    """Stands in for ``offload.CopyStream`` (CUDA only): logs the copies made on it and the hand-overs."""
+
+    def __init__(self):
+        self.inside, self.log = False, []
+
+    @contextlib.contextmanager
+    def copying(self):
+        self.inside = True
+        try:
+            yield
+        finally:
+            self.inside = False
+
+    def hand_over(self, stash):
+        self.log.append(("hand over", stash))
+
+
+def test_prefetched_blocks_are_handed_over_to_the_compute_stream_before_they_run():
+    """On CUDA a prefetched block's weights are copied on a side stream: the compute stream must wait for them and
+    own them (``record_stream``) before the block runs, or a later copy could overwrite them while it reads."""
+    copies = FakeCopyStream()
+    brought = {}  # block -> (the stash of its tensors' storage copies, copied on the side stream?)
+
+    def watch(unit, device):
+        if device.index is None:  # to the compute side (see _opts)
+            brought[unit[0]] = (streamer._stashes[id(unit)], copies.inside)
+
+    streamer = BlockStreamer(_opts(2, watch))
+    streamer._copies = copies
+    blocks = [torch.nn.Linear(2, 2) for _ in range(4)]
+    for block in stream_blocks(streamer, blocks, "input"):
+        copies.log.append(("run", block))
+    streamer.close()
+    assert [brought[b][1] for b in blocks] == [False, True, True, True]  # the first is brought for use at once
+    for i, block in enumerate(blocks[1:], start=1):
+        run = copies.log.index(("run", block))
+        assert copies.log[run - 1][0] == "hand over" and copies.log[run - 1][1] is brought[block][0], copies.log
+        assert copies.log[run - 2] == ("run", blocks[i - 1])
+    assert sum(entry[0] == "hand over" for entry in copies.log) == 3
 
 
 def test_offload_options_are_checked():
