@@ -2,7 +2,9 @@
 
 - ``.safetensors`` is read with safetensors (header checked first, so a truncated
   file is named as such); ``.ckpt/.pt/.pth/.bin`` only through
-  ``torch.load(weights_only=True)``, so a pickle that would run code is refused.
+  ``torch.load(weights_only=True)``, so a pickle that would run code is refused. The training state that
+  legacy checkpoints carry beside their weights (a PyTorch Lightning ``ModelCheckpoint`` callback, numpy step
+  counters and metrics) is let through that loader as inert values (``training_state_globals``).
 - ``state_dict`` wrappers are unwrapped, non-tensor entries dropped.
 - Models are built on the meta device from a config inferred from the shapes,
   then the file's tensors are assigned (no second copy of the weights in RAM).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from contextlib import contextmanager
@@ -84,6 +87,33 @@ def _check_pickle_container(path: str) -> None:
                           "damaged or another kind of file saved under this name; download it again")
 
 
+class _DroppedTrainingState:
+    """Stands in for a training-state object pickled beside the weights (a PyTorch Lightning callback): built
+    without its class's code, its state dropped."""
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+def training_state_globals() -> list:
+    """The globals legacy checkpoints pickle beside their tensors that ``torch.load(weights_only=True)`` may rebuild
+    without running any code: Lightning's ``ModelCheckpoint`` callback (as ``_DroppedTrainingState``, so Lightning
+    need not be installed), numpy scalars (saved metrics and step counters, under numpy 1's and numpy 2's module
+    names), numpy dtypes and their classes, and ``_codecs.encode`` (pickle protocol 2's bytes)."""
+    import _codecs
+
+    import numpy as np
+
+    scalar = np.array(0.0)[()].__reduce__()[0]  # numpy's multiarray.scalar, wherever this numpy keeps it
+    allowed = [(_DroppedTrainingState, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+               (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+               np.dtype, _codecs.encode]
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: every dtype instance is of a class of its own
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+    return allowed
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read the tensors of a checkpoint file safely; raise KinemaError naming the file and the fix."""
     name = os.path.basename(path)
@@ -109,7 +139,8 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
             if bad is not None:
                 raise KinemaError(f"'{name}' is damaged (bad entry {bad}): download it again")
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            with torch.serialization.safe_globals(training_state_globals()):
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:
             if "GLOBAL" not in str(e):  # not a class or function the safe unpickler refuses: broken pickle data
                 raise KinemaError(
@@ -117,9 +148,11 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
                     f"the safe loader does not read ({_last_line(e)}). Download it again, or use a .safetensors "
                     "version of this model."
                 ) from e
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
             raise KinemaError(
-                f"'{name}' holds Python objects other than tensors, which Kinema will not unpickle (they could run "
-                "code). Use a .safetensors version of this model, or convert it on a machine you trust."
+                f"'{name}' holds Python objects other than tensors{f' ({found.group(1)})' if found else ''}, which "
+                "Kinema will not unpickle (they could run code). Use a .safetensors version of this model, or "
+                "convert it on a machine you trust."
             ) from e
         except (RuntimeError, EOFError, OSError, ValueError) as e:
             raise KinemaError(f"could not read '{name}': {str(e) or type(e).__name__}. The file may be truncated: "

@@ -1,7 +1,10 @@
 """Safe loading and format detection: every bad file gives a clear KinemaError."""
 import os
 import pickle
+import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -58,11 +61,42 @@ class _RunsCode:
         return (os.system, ("touch PWNED_BY_PICKLE",))
 
 
+def _save_lightning_checkpoint(path, sd, zip_format, monkeypatch):
+    """A checkpoint as 2022's training scripts saved them: the weights beside PyTorch Lightning's training state
+    (a ModelCheckpoint callback, numpy step counter and metric), saved while a stand-in Lightning is importable."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+
+    class ModelCheckpoint:
+        def __init__(self):
+            self.monitor, self.best_model_score = "val/loss", torch.tensor(0.25)
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = name, "ModelCheckpoint"
+    with monkeypatch.context() as m:
+        for part in ("pytorch_lightning", "pytorch_lightning.callbacks", name):
+            m.setitem(sys.modules, part, types.ModuleType(part))
+        sys.modules[name].ModelCheckpoint = ModelCheckpoint
+        torch.save({"state_dict": sd, "epoch": 6, "global_step": np.int64(470000), "dtype": np.dtype("float32"),
+                    "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.25)}},
+                    "checkpoint_callback": ModelCheckpoint()}, str(path), _use_new_zipfile_serialization=zip_format)
+    assert "pytorch_lightning" not in sys.modules
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_lightning_checkpoint_loads_without_lightning(tmp_path, motion_sd, monkeypatch, zip_format):
+    """Legacy SD checkpoints (e.g. sd-v1-4-full-ema.ckpt) hold Lightning's training state beside the weights: it is
+    dropped, without Lightning and without running code."""
+    path = tmp_path / "lightning.ckpt"
+    _save_lightning_checkpoint(path, motion_sd, zip_format, monkeypatch)
+    loaded = checkpoint.load_state_dict(str(path))
+    assert loaded.keys() == motion_sd.keys() and all(torch.equal(loaded[k], motion_sd[k]) for k in loaded)
+    assert "pytorch_lightning" not in sys.modules
+
+
 def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode()}, str(path))
-    with pytest.raises(KinemaError, match="will not unpickle"):
+    with pytest.raises(KinemaError, match=r"other than tensors \((posix|os|nt)\.system\), which Kinema will not unpickle"):
         checkpoint.load_state_dict(str(path))
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
     # an old-style (non-zip) pickle is refused the same way
