@@ -427,11 +427,14 @@ def load_clip_vision(path: str, dtype: torch.dtype | None = None, device: torch.
 
 def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
              clip_vision_path: str | None = None, device: torch.device | str = "cpu") -> SVDBundle:
-    """Load a Stable Video Diffusion single-file checkpoint (svd, svd_xt and the 1.1 releases) as published.
+    """Load a Stable Video Diffusion single-file checkpoint (svd, svd_xt, the 1.1 releases and the image-decoder
+    variants, svd_image_decoder / svd_xt_image_decoder) as published.
 
     The VAE encodes with the conditioning encoder (``conditioner.embedders.3.encoder.*``: encoder + quant_conv)
     where the file has it, as the original conditions on that one, else with ``first_stage_model.encoder``;
-    it decodes with the temporal decoder ``first_stage_model.decoder``. The CLIP image encoder comes from
+    it decodes with ``first_stage_model.decoder``: the temporal decoder (a ``TemporalAutoencoder``), or in the
+    image-decoder variants the SD VAE's (an ``AutoencoderKL`` with its ``post_quant_conv``, frames decoded
+    independently). The CLIP image encoder comes from
     ``clip_vision_path`` when given (any CLIP vision file, e.g. ComfyUI's clip_vision_h.safetensors), else from
     the checkpoint.
     """
@@ -441,9 +444,12 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
     from .vae import (
         SVD_COND_ENCODER_PREFIX,
         SVD_VAE_PREFIX,
+        AutoencoderKL,
         TemporalAutoencoder,
         infer_encoder_config,
         infer_temporal_vae_config,
+        infer_vae_config,
+        is_temporal_vae,
     )
 
     name = os.path.basename(path)
@@ -465,17 +471,21 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
         first = sub_state_dict(sd, SVD_VAE_PREFIX)
         if not first:
             raise KinemaError(f"'{name}' has no VAE ('{SVD_VAE_PREFIX}*'): it is not a full SVD checkpoint")
-        vcfg = infer_temporal_vae_config(first)
-        vae_sd = {k: v for k, v in first.items() if k.startswith("decoder.")}
+        decoder = ("decoder.", "post_quant_conv.")
+        vae_sd = {k: v for k, v in first.items() if k.startswith(decoder)}
         cond_sd = sub_state_dict(sd, SVD_COND_ENCODER_PREFIX)
+        encoder_from = first
         if any(k.startswith("encoder.") for k in cond_sd):
             if infer_encoder_config(cond_sd) != infer_encoder_config(first):
                 raise KinemaError(f"'{name}': the conditioning encoder and the VAE encoder have different shapes")
-            vae_sd.update({k: v for k, v in cond_sd.items() if k.startswith(("encoder.", "quant_conv."))})
-            vcfg = replace(vcfg, quant_conv="quant_conv.weight" in cond_sd)
-        else:
-            vae_sd.update({k: v for k, v in first.items() if k.startswith(("encoder.", "quant_conv."))})
-        vae = build_on_meta(lambda: TemporalAutoencoder(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+            encoder_from = cond_sd
+        vae_sd.update({k: v for k, v in encoder_from.items() if k.startswith(("encoder.", "quant_conv."))})
+        if is_temporal_vae(first):
+            vcfg = replace(infer_temporal_vae_config(first), quant_conv="quant_conv.weight" in vae_sd)
+            vae = build_on_meta(lambda: TemporalAutoencoder(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
+        else:  # svd_image_decoder / svd_xt_image_decoder: sgm's AutoencoderKL, every frame decoded on its own
+            vcfg = infer_vae_config(first)
+            vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
 
         if clip_vision_path is not None:
             image_encoder = load_clip_vision(clip_vision_path, dtype, device)

@@ -255,15 +255,22 @@ def clip_vision_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, si
     return {k: _fill(f"clip_vision.{k}", shape, seed).to(dtype) for k, shape in _vision_shapes(sizes).items()}
 
 
-def svd_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes()) -> dict:
+def svd_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, sizes: DemoSizes = DemoSizes(),
+                   image_decoder: bool = False) -> dict:
     """A tiny Stable Video Diffusion single-file checkpoint in the published layout: the VideoUNet, the
     autoencoder with its temporal decoder, the conditioning-frame encoder (a copy of the VAE encoder with its
-    quant_conv) and the CLIP image tower in open_clip names."""
+    quant_conv) and the CLIP image tower in open_clip names. ``image_decoder``: the layout of the image-decoder
+    releases (svd_image_decoder.safetensors): the autoencoder is sgm's AutoencoderKL, the SD VAE's layout with
+    ``quant_conv`` and ``post_quant_conv`` (the other tensors are the same as without it)."""
     from .clip_vision import SVD_PREFIX, transformers_to_open_clip
 
     sd = _tensors(_shapes(lambda: SVDUNet(demo_svd_unet_config(sizes))), "model.diffusion_model.", seed, dtype)
-    vcfg = TemporalVAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult)
-    first = _tensors(_shapes(lambda: TemporalAutoencoder(vcfg)), SVD_VAE_PREFIX, seed, dtype)
+    if image_decoder:
+        first = _tensors(_shapes(lambda: AutoencoderKL(VAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult))),
+                         SVD_VAE_PREFIX, seed, dtype)
+    else:
+        vcfg = TemporalVAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult)
+        first = _tensors(_shapes(lambda: TemporalAutoencoder(vcfg)), SVD_VAE_PREFIX, seed, dtype)
     sd.update(first)
     cond = _tensors(_shapes(lambda: ImageEncoderKL(VAEConfig(ch=sizes.vae_ch, ch_mult=sizes.vae_mult))),
                     SVD_COND_ENCODER_PREFIX, seed, dtype)

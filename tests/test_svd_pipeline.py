@@ -243,6 +243,41 @@ def test_fp16_file_loads_as_published(tmp_path):
     assert b.image_encoder.dtype == torch.float32
 
 
+def test_the_image_decoder_release_decodes_every_frame_with_the_sd_vae(tmp_path, bundle):
+    """svd_image_decoder / svd_xt_image_decoder: the same UNet and conditioning, and sgm's AutoencoderKL as the first
+    stage: the frames are decoded one by one as diffusers' AutoencoderKL decodes them, on the file's weights."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from fixtures import diffusers_vae_config
+    from kinema.models.vae import SVD_VAE_PREFIX, AutoencoderKL
+
+    full = demo.svd_state_dict(image_decoder=True)
+    path = str(tmp_path / "svd_xt_image_decoder.safetensors")
+    demo._save(full, path)
+    image_release = checkpoint.load_svd(path)
+    assert isinstance(image_release.vae, AutoencoderKL) and image_release.model.variant == "svd_xt"
+    ref_vae = DiffusersVAE(**diffusers_vae_config(checkpoint.sub_state_dict(full, SVD_VAE_PREFIX)))
+    ref_vae.load_state_dict(convert_ldm_vae_checkpoint(full, ref_vae.config), strict=True)
+    ref_vae.eval()
+    # the conditioning: the CLIP embedding and micro-conditioning of the temporal release (the same tensors), the
+    # init image's latents from the conditioning encoder (in the demo file a copy of the first stage's, as published)
+    (cond, _), (cond_t, _) = (_conditioning(b, augmentation_level=0.0) for b in (image_release, bundle))
+    assert torch.equal(cond["context"], cond_t["context"]) and torch.equal(cond["y"], cond_t["y"])
+    with torch.no_grad():
+        pixels = _image().permute(0, 3, 1, 2) * 2 - 1
+        assert float((cond["concat"] - ref_vae.encode(pixels).latent_dist.mean).abs().max()) <= 1e-4
+    latent = torch.randn(3, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        frames = decode_frames(image_release.vae, latent, chunk=3)
+        one_by_one = torch.cat([decode_frames(image_release.vae, latent[i : i + 1], chunk=1) for i in range(3)])
+        ref = ref_vae.decode(latent).sample.clamp(-1, 1).add(1).div(2).permute(0, 2, 3, 1)
+    assert float((frames - one_by_one).abs().max()) <= 1e-5
+    assert float((frames - ref).abs().max()) <= 1e-4
+    out = _node("KinemaVAEDecodeFrames").decode(image_release.vae, {"samples": latent}, 0)[0]
+    assert out.shape == (3, H, W, 3)
+
+
 @pytest.fixture
 def input_dir(tmp_path):
     from kinema.nodes import host
