@@ -674,8 +674,14 @@ def _attempt(make, impl: str, config: str) -> Run:
         return Run(impl, config, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
 
 
-def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype) -> dict:
-    """Warm up and count FLOPs (policy none / diffusers plain), then every Kinema policy and diffusers config."""
+def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype, on_run=None,
+                   deadline: float | None = None) -> dict:
+    """Warm up and count FLOPs (Kinema policy none, diffusers plain), then every Kinema policy and diffusers
+    config: the first of each first (the speed comparison), then the other policies, then diffusers' others.
+
+    ``on_run(out)`` is called after each run (the caller rewrites the report: a run cut off later keeps what it
+    measured). ``deadline`` (``time.monotonic()``): a run that would likely end after it, judged by the longest
+    run so far, is skipped with a note instead of being started."""
     out = {"workload": w, "runs": [], "flops": {}}
     recorders = []
 
@@ -696,17 +702,40 @@ def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype) ->
         recorders.clear()
         _park(w, device)
         meter.clear()
-    for policy in args.policies:
-        print(f"{w.title}: Kinema {policy} ...", file=sys.stderr, flush=True)
-        out["runs"].append(_attempt(lambda p=policy: kinema_video(w, p, args, device, meter), "Kinema", policy))
-    if not args.diffusers:
-        return out
+    pipe = _diffusers_pipeline(w, args, device, meter, dtype, vae_dtype, out, record, recorders) \
+        if args.diffusers else None
+    kinema = [("Kinema", policy) for policy in args.policies]
+    theirs = [("diffusers", config) for config in args.diffusers] if pipe is not None else []
+    longest = 0.0
+    for impl, config in kinema[:1] + theirs[:1] + kinema[1:] + theirs[1:]:
+        if deadline is not None and time.monotonic() + longest > deadline:
+            out["runs"].append(Run(impl, config, note="skipped: the time budget (--time-budget) would run out"))
+        elif impl == "diffusers" and config.endswith("offload") and device.type != "cuda":
+            out["runs"].append(Run(impl, config, note="skipped: needs a CUDA device"))
+        else:
+            print(f"{w.title}: {impl} {config} ...", file=sys.stderr, flush=True)
+            start = time.monotonic()
+            if impl == "Kinema":
+                out["runs"].append(_attempt(lambda p=config: kinema_video(w, p, args, device, meter), impl, config))
+            else:
+                out["runs"].append(_attempt(lambda c=config: diffusers_video(w, pipe, c, args, device, meter),
+                                            impl, config))
+            longest = max(longest, time.monotonic() - start)
+        if on_run is not None:
+            on_run(out)
+    meter.clear()
+    return out
+
+
+def _diffusers_pipeline(w: Workload, args, device, meter: Meter, dtype, vae_dtype, out: dict, record, recorders):
+    """diffusers' pipeline on the workload's weights, warmed up, its FLOPs counted into ``out``; None (with a note
+    in ``out``) when diffusers is not installed."""
     try:
         import diffusers  # noqa: F401
     except ImportError:
         out["runs"].append(Run("diffusers", "-", note="skipped: diffusers is not installed (pip install diffusers "
                                                       "accelerate)"))
-        return out
+        return None
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
@@ -724,15 +753,7 @@ def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype) ->
         recorders.clear()
         pipe.to("cpu")
         meter.clear()
-    for config in args.diffusers:
-        if config.endswith("offload") and device.type != "cuda":
-            out["runs"].append(Run("diffusers", config, note="skipped: needs a CUDA device"))
-            continue
-        print(f"{w.title}: diffusers {config} ...", file=sys.stderr, flush=True)
-        out["runs"].append(_attempt(lambda c=config: diffusers_video(w, pipe, c, args, device, meter),
-                                    "diffusers", config))
-    meter.clear()
-    return out
+    return pipe
 
 
 # -- report --------------------------------------------------------------------------------------------------------
@@ -768,7 +789,9 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
          f"| {meter.what} at start (GiB) | TFLOP/s | of peak | latents vs diffusers plain |"),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in runs:
+    order = {("Kinema", c): i for i, c in enumerate(POLICIES)}
+    order.update({("diffusers", c): len(POLICIES) + i for i, c in enumerate(DIFFUSERS_CONFIGS)})
+    for r in sorted(runs, key=lambda r: order.get((r.impl, r.config), len(order))):  # in the order they ran otherwise
         if r.note:
             lines.append(f"| {r.impl} | {r.config} | {r.note} | | | | | | | | | | |")
             continue
@@ -835,6 +858,8 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
     ]
     for res in results:
         lines += workload_report(res, args, meter) + [""]
+    lines += [f"Not run: {kind} (the time budget, --time-budget, ran out before it).\n"
+              for kind in getattr(args, "not_run", [])]
     return lines
 
 
@@ -871,11 +896,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "H100 SXM fp16/bf16: 989.4; A100: 312; L40S: 362)")
     p.add_argument("--seed", type=int, default=0, help="weights and noise seed")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--output", help="also write the report to this file")
+    p.add_argument("--output", help="also write the report to this file (rewritten after every run)")
+    p.add_argument("--time-budget", type=float, help="seconds from the start: a run that would likely end later "
+                                                      "(judged by the longest run of its workload so far) is skipped "
+                                                      "with a note, so the report is complete when a limit is near")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
@@ -908,17 +937,28 @@ def main(argv: list[str] | None = None) -> int:
     meter = Meter(device)
     gen_device = device  # random weights drawn where they compute (fast on a GPU), kept on the CPU
     results = []
+    deadline = started + args.time_budget if args.time_budget else None
+
+    def write(partial: list[dict]) -> str:
+        text = "\n".join(report(args, argv, partial, device, meter, dtype, vae_dtype)).rstrip() + "\n"
+        if args.output:  # after each run: a run cut off later keeps what it measured
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        return text
+
+    args.not_run = []
     for kind in args.models:
+        if deadline is not None and time.monotonic() > deadline:
+            args.not_run.append(kind)
+            continue
         print(f"building the {kind} weights ({args.scale}) ...", file=sys.stderr, flush=True)
         build = build_animatediff if kind == "animatediff" else build_svd
         w = build(sc, args, dtype, vae_dtype, gen_device)
-        results.append(bench_workload(w, args, device, meter, dtype, vae_dtype))
+        results.append(bench_workload(w, args, device, meter, dtype, vae_dtype, deadline=deadline,
+                                      on_run=lambda out: write([*results, out])))
         w.state_dicts.clear()
         meter.clear()
-        text = "\n".join(report(args, argv, results, device, meter, dtype, vae_dtype)).rstrip() + "\n"
-        if args.output:  # after each workload: a run cut off later keeps what it measured
-            with open(args.output, "w", encoding="utf-8") as f:
-                f.write(text)
+    text = write(results)
     print(text, end="")
     failed = [r for res in results for r in res["runs"] if r.note.startswith("failed")]
     return 1 if failed else 0

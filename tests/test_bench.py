@@ -44,13 +44,46 @@ def test_bench_gpu_skips_a_policy_the_engine_does_not_know(monkeypatch):
     assert run.note.startswith("skipped: unknown offload mode 'model'")
 
 
-def test_bench_gpu_cpu_smoke_svd(capsys):
+def test_bench_gpu_cpu_smoke_svd(capsys, tmp_path):
+    report = tmp_path / "gpu_report.md"
     argv = ["--device", "cpu", "--scale", "tiny", "--models", "svd", "--policies", "none", "block-chunk",
-            "--diffusers", "plain", "--frames", "2", "--steps", "2"]  # no --threads: it would change the session's
-    assert bench_gpu.main(argv) == 0
+            "--diffusers", "plain", "--frames", "2", "--steps", "2", "--output", str(report), "--time-budget", "3600"]
+    assert bench_gpu.main(argv) == 0  # no --threads above: it would change the session's
     out = capsys.readouterr().out
+    assert report.read_text(encoding="utf-8") == out
     assert "| Kinema | none |" in out and "| Kinema | block-chunk |" in out and "| diffusers | plain |" in out
     assert "failed" not in out
+
+
+def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cannot_hold(monkeypatch):
+    """On the device the whole run has one time limit: the pair that gives the speed ratio runs first, the report is
+    rewritten after every run, and a run that would end after ``--time-budget`` is skipped with a note."""
+    from types import SimpleNamespace
+
+    clock = [0.0]
+
+    def video(impl):
+        def run(w, config, *args, steps=None, **kwargs):
+            clock[0] += 10.0
+            return bench_gpu.Run(impl, config if steps is None else "warm-up")
+        return run
+
+    monkeypatch.setattr(bench_gpu.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench_gpu, "kinema_video", video("Kinema"))
+    monkeypatch.setattr(bench_gpu, "diffusers_video", lambda w, pipe, config, *a, **k: video("diffusers")(w, config,
+                                                                                                          **k))
+    monkeypatch.setattr(bench_gpu, "_diffusers_pipeline", lambda *a: object())
+    args = bench_gpu.build_parser().parse_args(["--device", "cpu"])
+    written = []
+    out = bench_gpu.bench_workload(SimpleNamespace(title="t"), args, torch.device("cpu"),
+                                   SimpleNamespace(clear=lambda: None), None, None, deadline=45.0,
+                                   on_run=lambda res: written.append(len(res["runs"])))
+    ran = [(r.impl, r.config) for r in out["runs"] if not r.note]
+    assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "model")]  # 10 s each, from 10 s to 40 s
+    skipped = [(r.impl, r.config) for r in out["runs"] if "time budget" in r.note]
+    assert skipped == [("Kinema", "block"), ("Kinema", "block-chunk"), ("diffusers", "chunked"),
+                       ("diffusers", "model-offload"), ("diffusers", "sequential-offload")]
+    assert written == list(range(1, 9))
 
 
 @pytest.mark.slow
