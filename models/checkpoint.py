@@ -439,7 +439,7 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
     the checkpoint.
     """
     from .clip_vision import load_image_encoder
-    from .svd import SVDUNet, infer_svd_unet_config
+    from .svd import SVD_ADM_CHANNELS, SVDUNet, infer_svd_unet_config
     from .svd_model import SVDModel, variant_of
     from .vae import (
         SVD_COND_ENCODER_PREFIX,
@@ -466,6 +466,12 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
     with damaged_file(name, "a Stable Video Diffusion checkpoint"):
         unet_sd = sub_state_dict(sd, SVD_UNET_PREFIX)
         ucfg = infer_svd_unet_config(unet_sd)
+        if ucfg.adm_in_channels != SVD_ADM_CHANNELS:
+            raise KinemaError(
+                f"'{name}' is not a Stable Video Diffusion image-to-video checkpoint: its UNet takes a "
+                f"{ucfg.adm_in_channels}-wide conditioning vector where SVD's takes {SVD_ADM_CHANNELS} (fps, motion "
+                "bucket, augmentation). SV3D files (orbital views of an object: 256 or 1280) are of this kind; "
+                "Kinema does not run them. Use svd, svd_xt or their 1.1 / image-decoder releases.")
         unet = build_on_meta(lambda: SVDUNet(ucfg), unet_sd, dtype, "UNet", name)
 
         first = sub_state_dict(sd, SVD_VAE_PREFIX)

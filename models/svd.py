@@ -56,6 +56,11 @@ MERGE_STRATEGIES = ("learned_with_images", "learned", "fixed")
 _PER_FRAME = RunOptions()  # the spatial ResBlocks of SVD always normalize each frame on its own
 
 
+#: the width of each of SVD's three micro-conditioning embeddings, and of the vector ``y`` they make
+SVD_ADM_EACH = 256
+SVD_ADM_CHANNELS = 3 * SVD_ADM_EACH
+
+
 @dataclass(frozen=True)
 class SVDUNetConfig:
     """The VideoUNet hyper-parameters (defaults: the published SVD / SVD-XT config).
@@ -80,7 +85,7 @@ class SVDUNetConfig:
     num_head_channels: int = 64
     transformer_depth: int = 1
     context_dim: int = 1024
-    adm_in_channels: int = 768
+    adm_in_channels: int = SVD_ADM_CHANNELS
     video_kernel_size: tuple = (3, 1, 1)
     extra_ff_mix_layer: bool = True
     use_spatial_context: bool = True
@@ -389,7 +394,7 @@ class SVDUNet(nn.Module):
 # -- conditioning --------------------------------------------------------------------------------------------------
 
 def micro_conditioning(fps_id: float, motion_bucket_id: float, cond_aug: float, frames: int,
-                       dim_each: int = 256) -> torch.Tensor:
+                       dim_each: int = SVD_ADM_EACH) -> torch.Tensor:
     """SVD's ``y`` vector, as sgm's ConcatTimestepEmbedderND builds it: -> [frames, 3 * dim_each].
 
     Each scalar goes through the sinusoidal embedding (cos half first) on its own; the three are

@@ -79,6 +79,17 @@ def test_svd_file_in_the_sd15_loader_says_where_it_goes(svd_path):
         checkpoint.load_sd15(svd_path)
 
 
+def test_an_sv3d_file_is_refused_by_name(tmp_path):
+    """SV3D (orbital views) has SVD's UNet with another conditioning vector: 256 (sv3d_u) or 1280 (sv3d_p) wide."""
+    sd = dict(svd_state_dict())
+    key = "model.diffusion_model.label_emb.0.0.weight"
+    sd[key] = sd[key][:, :256].contiguous()
+    path = str(tmp_path / "sv3d_u.safetensors")
+    demo._save(sd, path)
+    with pytest.raises(KinemaError, match="'sv3d_u.safetensors' is not a Stable Video Diffusion image-to-video.*SV3D"):
+        checkpoint.load_svd(path)
+
+
 def test_truncated_svd_file_is_named(tmp_path, svd_path):
     data = open(svd_path, "rb").read()
     bad = tmp_path / "svd_cut.safetensors"
