@@ -189,13 +189,16 @@ def detect_format(sd: dict) -> str:
     """Name the kind of model a state dict holds (key sniffing).
 
     One of: ``sd15``, ``sd2``, ``sdxl``, ``svd``, ``motion_module``, ``motion_module_sdxl``, ``motion_lora``,
-    ``lora`` (an SD LoRA in the kohya / LDM / diffusers-peft layouts; whether it fits SD1.5 is checked against the
+    ``sparsectrl`` (AnimateDiff's SparseCtrl: a ControlNet with motion modules), ``lora`` (an SD LoRA in the kohya /
+    LDM / diffusers-peft layouts; whether it fits SD1.5 is checked against the
     model's shapes when applied), ``sd15_adapter_lora`` (an SD1.5 UNet LoRA in the diffusers attention-processor
     layout, like the AnimateDiff v3 adapter), ``sdxl_lora``, ``controlnet``, ``ip_adapter``, ``vae``, ``clip_vision``,
     ``unknown``.
     """
     keys = sd.keys()
     if any(".motion_modules." in k for k in keys):
+        if "controlnet_cond_embedding.conv_in.weight" in sd:
+            return "sparsectrl"
         if any("lora" in k for k in keys):
             return "motion_lora"
         if not any(k.startswith("down_blocks.3.") for k in keys):
@@ -242,6 +245,7 @@ FORMAT_NAMES = {
     "motion_module": "an AnimateDiff motion module",
     "motion_module_sdxl": "an SDXL AnimateDiff motion module",
     "motion_lora": "an AnimateDiff MotionLoRA",
+    "sparsectrl": "an AnimateDiff SparseCtrl model (a ControlNet with motion modules, for sparse keyframe hints)",
     "lora": "a LoRA",
     "sd15_adapter_lora": "an SD1.5 UNet LoRA in the diffusers attention-processor layout (like the AnimateDiff v3 "
                          "adapter v3_sd15_adapter.ckpt)",
@@ -280,6 +284,9 @@ def expect_format(sd: dict, wanted: str | tuple[str, ...], path: str, what: str)
         hint = " SDXL motion modules are not supported yet: use an SD1.5 motion module (v1, v2 or v3)."
     elif found == "sdxl_lora":
         hint = " Kinema runs SD1.5 models: use a LoRA made for SD1.5."
+    elif found == "sparsectrl":
+        hint = (" Kinema does not run SparseCtrl yet: for hints on every frame use an SD1.5 ControlNet (models/controlnet) "
+                "with Apply ControlNet (Kinema).")
     raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not {what}.{hint}")
 
 

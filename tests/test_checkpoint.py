@@ -138,10 +138,15 @@ def test_detect_formats(motion_sd):
     ("sdxl_mm", "SDXL motion modules are not supported"),
     ("lora", "is a LoRA, not an AnimateDiff motion module"),
     ("sd15", "is an SD1.5 checkpoint, not an AnimateDiff motion module"),
+    ("sparsectrl", "is an AnimateDiff SparseCtrl model .*not an AnimateDiff motion module.*ControlNet"),
 ])
 def test_motion_loader_refuses_other_files(tmp_path, motion_sd, kind, match):
     if kind == "sdxl_mm":
         sd = {k: v for k, v in motion_sd.items() if not k.startswith(("down_blocks.3.", "up_blocks.3."))}
+    elif kind == "sparsectrl":  # v3_sd15_sparsectrl_*.ckpt: a diffusers-named ControlNet holding motion modules
+        sd = {**{k: v for k, v in motion_sd.items() if k.startswith("down_blocks.")},
+              "controlnet_cond_embedding.conv_in.weight": torch.zeros(16, 3, 3, 3),
+              "controlnet_down_blocks.0.weight": torch.zeros(32, 32, 1, 1)}
     elif kind == "lora":
         sd = {"lora_unet_x.lora_down.weight": torch.zeros(2, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 2)}
     else:
