@@ -1,0 +1,168 @@
+"""On a CUDA device: the paths the CPU cannot exercise (skipped without one; CI has none).
+
+- block offload with the prefetch copies on a side stream (``offload.CopyStream``): the same video as the plain
+  path, at most ``resident`` blocks on the GPU, pinned storage copies, and nothing left on the GPU after a call;
+- model offload: the same video, and the GPU memory back where it was;
+- half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (GroupNorm in fp32);
+- a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames.
+
+``KINEMA_TEST_DEVICE`` runs the device-independent parts on another device (``cpu``: a check of the tests
+themselves on a machine without a GPU).
+"""
+import copy
+import os
+
+import pytest
+import torch
+from fixtures import motion_model
+from kinema.models import pipelines
+from kinema.models.memory import cast_weights
+from kinema.models.offload import OffloadOptions
+
+DEVICE = torch.device(os.environ.get("KINEMA_TEST_DEVICE", "cuda"))
+CUDA = DEVICE.type == "cuda"
+
+pytestmark = pytest.mark.skipif(CUDA and not torch.cuda.is_available(), reason="needs a CUDA device")
+
+HW = 32
+FRAMES = 8
+
+
+def _model(dtype=torch.float32):
+    """A private copy of the demo v2 model on the CPU (the tests move its weights; the shared fixture stays put)."""
+    model = copy.deepcopy(motion_model("v2"))
+    if dtype != torch.float32:
+        model = model.with_options(unet=cast_weights(model.unet, dtype), motion=cast_weights(model.motion, dtype))
+    return model
+
+
+def _sample(model, steps=3):
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        return pipelines.sample_video(model, pos, neg, torch.zeros(FRAMES, 4, HW, HW),
+                                      pipelines.SampleOptions(seed=7, steps=steps, cfg=5.0))
+
+
+def _allocated() -> int:
+    if CUDA:
+        torch.cuda.synchronize(DEVICE)
+        return torch.cuda.memory_allocated(DEVICE)
+    return 0
+
+
+class Residency:
+    """Counts the blocks on the compute device, and the most at once."""
+
+    def __init__(self):
+        self.on, self.most, self.moves = set(), 0, 0
+
+    def __call__(self, module, device):
+        self.moves += 1
+        if device == DEVICE or (device.type == DEVICE.type and device.type != "cpu"):
+            self.on.add(id(module))
+        else:
+            self.on.discard(id(module))
+        self.most = max(self.most, len(self.on))
+
+
+def _close(a, b, rel):
+    return float((a - b).abs().max()) <= rel * float(b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The video with everything on the device (offload none)."""
+    model = _model()
+    return _sample(model.with_options(offload=OffloadOptions(mode="none", device=str(DEVICE), storage=str(DEVICE))))
+
+
+@pytest.mark.parametrize("resident", [1, 2, 3])
+def test_block_offload_gives_the_plain_video_and_leaves_nothing_on_the_gpu(plain, resident):
+    if DEVICE.type == "cpu":
+        pytest.skip("on the CPU the storage and the compute device are one memory (tests/test_offload.py)")
+    model = _model()
+    before = _allocated()
+    watch = Residency()
+    streamed = _sample(model.with_options(offload=OffloadOptions(mode="block", device=str(DEVICE), storage="cpu",
+                                                                 resident=resident, on_move=watch)))
+    assert _close(streamed, plain, 1e-3), float((streamed - plain).abs().max())
+    assert watch.most == resident and not watch.on
+    assert all(p.device.type == "cpu" for p in model.unet.parameters())
+    assert all(p.device.type == "cpu" for p in model.motion.parameters())
+    assert all(p.is_pinned() for p in model.unet.parameters())  # the storage copies, pinned on the first stream
+    assert _allocated() - before < 4 << 20  # no weights left behind
+
+
+def test_model_offload_gives_the_plain_video_and_gives_the_memory_back(plain):
+    if DEVICE.type == "cpu":
+        pytest.skip("on the CPU the storage and the compute device are one memory (tests/test_offload.py)")
+    model = _model()
+    before = _allocated()
+    watch = Residency()
+    whole = _sample(model.with_options(offload=OffloadOptions(mode="model", device=str(DEVICE), storage="cpu",
+                                                              on_move=watch)))
+    assert _close(whole, plain, 1e-3)
+    assert watch.moves == 4 and not watch.on  # UNet and motion module in, then out
+    assert all(p.device.type == "cpu" for p in model.unet.parameters())
+    assert _allocated() - before < 4 << 20
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gives_a_finite_video_close_to_fp32(plain, dtype):
+    if DEVICE.type == "cpu" and dtype == torch.float16:
+        pytest.skip("fp16 on the CPU is not a path the pack takes (pick_dtype: auto is fp32 there)")
+    model = _model(dtype)
+    half = _sample(model.with_options(offload=OffloadOptions(mode="none", device=str(DEVICE), storage=str(DEVICE))))
+    assert torch.isfinite(half).all()
+    assert _close(half, plain, 0.1), float((half - plain).abs().max())  # random weights, 3 steps: rounding only
+
+
+def test_svd_temporal_decode_in_fp16_is_finite_and_close_to_fp32():
+    from fixtures_svd_pipeline import svd_state_dict
+    from kinema.models import checkpoint
+    from kinema.models.vae import (
+        SVD_VAE_PREFIX,
+        TemporalAutoencoder,
+        decode_frames,
+        infer_temporal_vae_config,
+    )
+
+    sd = {k[len(SVD_VAE_PREFIX):]: v for k, v in svd_state_dict().items() if k.startswith(SVD_VAE_PREFIX)}
+    cfg = infer_temporal_vae_config(sd)
+    latent = torch.randn(6, 4, 16, 24, generator=torch.Generator().manual_seed(5))
+    half = torch.float16 if CUDA else torch.bfloat16  # the CPU only checks the test itself
+    frames = {}
+    for dtype in (torch.float32, half):
+        vae = checkpoint.build_on_meta(lambda: TemporalAutoencoder(cfg), sd, dtype, "VAE", "demo svd").to(DEVICE)
+        frames[dtype] = decode_frames(vae, latent)
+    assert torch.isfinite(frames[half]).all()
+    tolerance = 0.02 if half == torch.float16 else 0.1  # images in [0, 1]; bf16 keeps 3 fewer mantissa bits
+    assert float((frames[half] - frames[torch.float32]).abs().max()) < tolerance
+
+
+def test_a_real_out_of_memory_during_decode_is_retried_with_fewer_frames(caplog):
+    if not CUDA:
+        pytest.skip("caps the CUDA caching allocator")
+    from fixtures import vae as sd_vae
+    from kinema.models.vae import decode_frames
+
+    vae = copy.deepcopy(sd_vae()).to(DEVICE)
+    latent = torch.randn(8, 4, 128, 128, generator=torch.Generator().manual_seed(1))
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    base = _allocated()
+    decode_frames(vae, latent[:2], chunk=2)
+    two = torch.cuda.max_memory_allocated(DEVICE) - base  # the peak of a 2-frame call
+    total = torch.cuda.get_device_properties(DEVICE).total_memory
+    torch.cuda.empty_cache()
+    try:
+        # a cap of 2.5 x a 2-frame call's peak: 8 frames a call (about 4 x) cannot fit, the 4-frame retry (2 x) does
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (base + 2.5 * two + (64 << 20)) / total), DEVICE)
+        with caplog.at_level("WARNING", logger="kinema"):
+            images = decode_frames(vae, latent, chunk=8)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, DEVICE)
+        torch.cuda.empty_cache()
+    assert images.shape == (8, 1024, 1024, 3) and torch.isfinite(images).all()
+    assert "out of memory" in caplog.text and "retrying once" in caplog.text
