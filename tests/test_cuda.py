@@ -77,35 +77,33 @@ def plain():
     return _sample(model.with_options(offload=OffloadOptions(mode="none", device=str(DEVICE), storage=str(DEVICE))))
 
 
-@pytest.mark.parametrize("resident", [1, 2, 3])
-def test_block_offload_gives_the_plain_video_and_leaves_nothing_on_the_gpu(plain, resident):
+def _offloaded(mode: str, **options):
+    """(the video under offload ``mode``, the model, its Residency, GPU memory in use before, after)."""
     if DEVICE.type == "cpu":
         pytest.skip("on the CPU the storage and the compute device are one memory (tests/test_offload.py)")
-    model = _model()
+    model, watch = _model(), Residency()
     before = _allocated()
-    watch = Residency()
-    streamed = _sample(model.with_options(offload=OffloadOptions(mode="block", device=str(DEVICE), storage="cpu",
-                                                                 resident=resident, on_move=watch)))
+    video = _sample(model.with_options(offload=OffloadOptions(mode=mode, device=str(DEVICE), storage="cpu",
+                                                              on_move=watch, **options)))
+    return video, model, watch, before, _allocated()
+
+
+@pytest.mark.parametrize("resident", [1, 2, 3])
+def test_block_offload_gives_the_plain_video_and_leaves_nothing_on_the_gpu(plain, resident):
+    streamed, model, watch, before, after = _offloaded("block", resident=resident)
     assert _close(streamed, plain, 1e-3), float((streamed - plain).abs().max())
     assert watch.most == resident and not watch.on
-    assert all(p.device.type == "cpu" for p in model.unet.parameters())
-    assert all(p.device.type == "cpu" for p in model.motion.parameters())
+    assert all(p.device.type == "cpu" for p in (*model.unet.parameters(), *model.motion.parameters()))
     assert all(p.is_pinned() for p in model.unet.parameters())  # the storage copies, pinned on the first stream
-    assert _allocated() - before < 4 << 20  # no weights left behind
+    assert after - before < 4 << 20  # no weights left behind
 
 
 def test_model_offload_gives_the_plain_video_and_gives_the_memory_back(plain):
-    if DEVICE.type == "cpu":
-        pytest.skip("on the CPU the storage and the compute device are one memory (tests/test_offload.py)")
-    model = _model()
-    before = _allocated()
-    watch = Residency()
-    whole = _sample(model.with_options(offload=OffloadOptions(mode="model", device=str(DEVICE), storage="cpu",
-                                                              on_move=watch)))
+    whole, model, watch, before, after = _offloaded("model")
     assert _close(whole, plain, 1e-3)
     assert watch.moves == 4 and not watch.on  # UNet and motion module in, then out
-    assert all(p.device.type == "cpu" for p in model.unet.parameters())
-    assert _allocated() - before < 4 << 20
+    assert all(p.device.type == "cpu" for p in (*model.unet.parameters(), *model.motion.parameters()))
+    assert after - before < 4 << 20
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
