@@ -110,7 +110,8 @@ def training_state_globals() -> list:
                np.dtype, _codecs.encode]
     dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25: every dtype instance is of a class of its own
     if dtypes is not None:
-        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType") and isinstance(getattr(dtypes, n), type)]
+        classes = (getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType"))
+        allowed += [c for c in classes if isinstance(c, type)]
     return allowed
 
 
@@ -285,8 +286,8 @@ def expect_format(sd: dict, wanted: str | tuple[str, ...], path: str, what: str)
     elif found == "sdxl_lora":
         hint = " Kinema runs SD1.5 models: use a LoRA made for SD1.5."
     elif found == "sparsectrl":
-        hint = (" Kinema does not run SparseCtrl yet: for hints on every frame use an SD1.5 ControlNet (models/controlnet) "
-                "with Apply ControlNet (Kinema).")
+        hint = (" Kinema does not run SparseCtrl yet: for hints on every frame use an SD1.5 ControlNet "
+                "(models/controlnet) with Apply ControlNet (Kinema).")
     raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not {what}.{hint}")
 
 

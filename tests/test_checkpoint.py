@@ -96,7 +96,8 @@ def test_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode()}, str(path))
-    with pytest.raises(KinemaError, match=r"other than tensors \((posix|os|nt)\.system\), which Kinema will not unpickle"):
+    refused = r"other than tensors \((posix|os|nt)\.system\), which Kinema will not unpickle"
+    with pytest.raises(KinemaError, match=refused):
         checkpoint.load_state_dict(str(path))
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
     # an old-style (non-zip) pickle is refused the same way
