@@ -503,6 +503,11 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
 
         if clip_vision_path is not None:
             image_encoder = load_clip_vision(clip_vision_path, dtype, device)
+            if image_encoder.embed_dim != ucfg.context_dim:
+                raise KinemaError(
+                    f"'{os.path.basename(clip_vision_path)}' gives {image_encoder.embed_dim}-wide image embeddings "
+                    f"and the UNet of '{name}' takes {ucfg.context_dim}-wide ones: choose the ViT-H/14 image encoder "
+                    "SVD was trained with (clip_vision_h.safetensors), or the checkpoint's own")
         elif any(k.startswith(SVD_CLIP_VISION_PREFIX) for k in sd):
             image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, dtype, name, device=device)
         else:

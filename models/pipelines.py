@@ -185,12 +185,18 @@ def sample_video(
 SVD_CONDITIONING_KEYS = ("context", "concat", "y")
 
 
-def _svd_per_frame(cond: dict, frames: int, latent: torch.Tensor, what: str) -> dict:
+def _svd_per_frame(cond: dict, frames: int, latent: torch.Tensor, what: str, context_dim: int) -> dict:
     """An image conditioning ``{context, concat, y}`` for one video -> the same per frame (views)."""
     missing = [k for k in SVD_CONDITIONING_KEYS if k not in cond]
     if missing:
         raise KinemaError(f"the {what} conditioning is not an image-to-video conditioning (no '{missing[0]}'): "
                           "connect SVD Image Conditioning (Kinema)")
+    width = cond["context"].shape[-1]
+    if width != context_dim:
+        raise KinemaError(
+            f"the {what} image conditioning holds {width}-wide CLIP image embeddings but this SVD model takes "
+            f"{context_dim}-wide ones: connect the clip_vision output of Load SVD Checkpoint (Kinema) to SVD Image "
+            "Conditioning (Kinema), or load the ViT-H/14 image encoder SVD was trained with (clip_vision_h)")
     concat = cond["concat"]
     if concat.shape[-2:] != latent.shape[-2:]:
         raise KinemaError(
@@ -223,8 +229,8 @@ def sample_img2vid(
     cfg = per_frame_cfg(model.cfg_mode, model.guidance_min, opts.cfg, frames, model.cfg_period)
     denoiser = CFGDenoiser(
         VEDMVideoDenoiser(model, attn_chunk=opts.attn_chunk, batch_cond=opts.batch_cond),
-        _svd_per_frame(cond, frames, latent, "positive"),
-        None if uncond is None else _svd_per_frame(uncond, frames, latent, "negative"),
+        _svd_per_frame(cond, frames, latent, "positive", model.unet.cfg.context_dim),
+        None if uncond is None else _svd_per_frame(uncond, frames, latent, "negative", model.unet.cfg.context_dim),
         cfg,
         temporal_scale=model.temporal_scale,
     )

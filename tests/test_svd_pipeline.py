@@ -67,6 +67,26 @@ def test_loader_takes_the_clip_vision_from_models_clip_vision(tmp_path):
     assert b.model.variant == "svd" and b.image_encoder.source == "clip_vision_h.safetensors"
 
 
+def test_a_clip_vision_of_another_width_is_refused_by_name(tmp_path, bundle):
+    """An image encoder whose embeddings the UNet cannot take (e.g. SD1.5's ViT-L, 768, where SVD takes 1024) is
+    refused when loaded with the checkpoint, and a conditioning made with one is refused before sampling."""
+    from dataclasses import replace
+
+    narrow = replace(demo.DemoSizes(), clip_hidden=32)
+    clip_path = str(tmp_path / "clip_vision_vit_l.safetensors")
+    demo._save(demo.clip_vision_state_dict(0, torch.float32, narrow), clip_path)
+    svd_path = str(tmp_path / "svd_tiny.safetensors")
+    demo._save(svd_state_dict(), svd_path)
+    with pytest.raises(KinemaError, match="'clip_vision_vit_l.safetensors' gives 32-wide image embeddings and the "
+                                          "UNet of 'svd_tiny.safetensors' takes 64-wide"):
+        checkpoint.load_svd(svd_path, clip_vision_path=clip_path)
+    cond, uncond = _conditioning(bundle)
+    cond = {**cond, "context": cond["context"][..., :32]}  # what the narrower encoder would have given
+    with pytest.raises(KinemaError, match="positive image conditioning holds 32-wide .* takes 64-wide"):
+        pipelines.sample_img2vid(bundle.model, cond, uncond, pipelines.empty_video_latent(FRAMES, W, H),
+                                 pipelines.SampleOptions(steps=1))
+
+
 def test_sd15_file_in_the_svd_loader_says_where_it_goes(tmp_path):
     path = str(tmp_path / "v1-5.safetensors")
     demo._save(demo.sd15_state_dict(0, torch.float32), path)
