@@ -161,6 +161,33 @@ def control_residuals(controls, x: torch.Tensor, timesteps: torch.Tensor, contex
     return total
 
 
+class ControlReuse:
+    """The ControlNet residuals of one side of guidance (``side``: True for the unconditional one), kept from one
+    model evaluation for another at the same ``x``, sigma and frames: temporal guidance's image evaluation (the
+    network with its temporal layers off) after the video evaluation. The ControlNet has no temporal layers and
+    gets the same inputs, so its residuals are the same; reusing them saves its evaluation. Made for one
+    guidance call (``guidance.CFGDenoiser``)."""
+
+    def __init__(self, side: bool):
+        self.side = side
+        self.kept = False
+        self.residuals: list[torch.Tensor] | None = None
+
+    def residuals_for(self, compute, flags: tuple, frames: int) -> list[torch.Tensor] | None:
+        """``compute()`` (the summed residuals of a batch of ``len(flags)`` videos of ``frames`` frames), or what
+        was kept for a batch of this side alone; the residuals of this side are kept from the first batch that has
+        it."""
+        if self.kept and flags == (self.side,):
+            return self.residuals
+        res = compute()
+        if not self.kept and self.side in flags:
+            v = flags.index(self.side)
+            self.residuals = None if res is None else [
+                r if len(flags) == 1 else r[v * frames:(v + 1) * frames].clone() for r in res]
+            self.kept = True
+        return res
+
+
 def content_cross_extra(contents, unet_cfg, frames: int, uncond, sigma: float | None, schedule):
     """The UNet's ``cross_extra`` for the IP-Adapters active at ``sigma`` (None when none is), for a batch of
     ``len(uncond)`` videos of ``frames`` frames; ``uncond[i]`` says video i is the unconditional side."""

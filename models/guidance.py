@@ -24,6 +24,7 @@ import torch
 from einops import rearrange
 
 from . import context
+from .addons import ControlReuse
 from .errors import KinemaError
 from .memory import is_out_of_memory, release_cached_memory, run_with_oom_retry
 from .sampling import DiscreteSchedule
@@ -85,22 +86,26 @@ class _BatchedDenoiser:
         return [conds]
 
     def _predict(self, x: torch.Tensor, sigma: torch.Tensor, group: list, window, uncond: tuple,
-                 temporal: bool) -> list[torch.Tensor]:
+                 temporal: bool, reuse) -> list[torch.Tensor]:
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, conds: list, window=None,
-                 uncond: list[bool] | None = None, temporal: bool = True) -> list[torch.Tensor]:
-        """x [f, c, h, w], conds [per-frame conditioning, ...] -> x0 for each conditioning, each [f, c, h, w]"""
+                 uncond: list[bool] | None = None, temporal: bool = True,
+                 reuse: ControlReuse | None = None) -> list[torch.Tensor]:
+        """x [f, c, h, w], conds [per-frame conditioning, ...] -> x0 for each conditioning, each [f, c, h, w]
+
+        ``reuse``: ControlNet residuals shared by the evaluations of one guidance call (``addons.ControlReuse``).
+        """
         flags = list(uncond) if uncond is not None else [False] * len(conds)
         outs, start = [], 0
         for group in self._groups(conds):
             group_flags = tuple(flags[start:start + len(group)])
             start += len(group)
             if len(group) == 1:
-                outs.extend(self._predict_one(x, sigma, group, window, group_flags, temporal))
+                outs.extend(self._predict_one(x, sigma, group, window, group_flags, temporal, reuse))
                 continue
             try:
-                outs.extend(self._predict(x, sigma, group, window, group_flags, temporal))
+                outs.extend(self._predict(x, sigma, group, window, group_flags, temporal, reuse))
                 continue
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -108,15 +113,16 @@ class _BatchedDenoiser:
             # out of the except block: the failed batch's tensors are released before the retry
             release_cached_memory()
             self.batch_cond = False  # the rest of the run: one conditioning at a time
-            outs.extend(self(x, sigma, group, window=window, uncond=list(group_flags), temporal=temporal))
+            outs.extend(self(x, sigma, group, window=window, uncond=list(group_flags), temporal=temporal,
+                             reuse=reuse))
         return outs
 
-    def _predict_one(self, x, sigma, group, window, flags, temporal) -> list[torch.Tensor]:
+    def _predict_one(self, x, sigma, group, window, flags, temporal, reuse) -> list[torch.Tensor]:
         """One conditioning; out of memory: once more with attention in (smaller) chunks, which gives the same
         prediction and holds for the rest of the run; a second time: a KinemaError naming the settings."""
         def run(chunking: AttentionChunk):
             self.attn_chunk = chunking.queries
-            return self._predict(x, sigma, group, window, flags, temporal)
+            return self._predict(x, sigma, group, window, flags, temporal, reuse)
 
         out, used = run_with_oom_retry(run, AttentionChunk(self.attn_chunk), AttentionChunk.smaller, "sampling",
                                        SAMPLING_REMEDY)
@@ -148,7 +154,7 @@ class EpsVideoDenoiser(_BatchedDenoiser):
             return [matched] if matched is not None else [[c] for c in conds]
         return groups
 
-    def _predict(self, x, sigma, group, window, uncond, temporal):
+    def _predict(self, x, sigma, group, window, uncond, temporal, reuse):
         frames, b = x.shape[0], len(group)
         device, dtype = self._device_dtype(self.model.unet)
         c_in = 1.0 / math.sqrt(float(sigma) ** 2 + 1.0)
@@ -156,7 +162,7 @@ class EpsVideoDenoiser(_BatchedDenoiser):
         xin = (x.repeat(b, 1, 1, 1) * c_in).to(device, dtype)
         ctx = torch.cat(group).to(device, dtype)
         eps = self.model(xin, t.expand(b * frames), ctx, frames, attn_chunk=self.attn_chunk, temporal=temporal,
-                         window=window, sigma=float(sigma), uncond=uncond)
+                         window=window, sigma=float(sigma), uncond=uncond, control_reuse=reuse)
         eps = eps.float().to(x.device)
         return [x - float(sigma) * e for e in eps.chunk(b)]
 
@@ -171,7 +177,7 @@ class VEDMVideoDenoiser(_BatchedDenoiser):
     it) and ``y`` [f, adm] (the micro-conditioning vector).
     """
 
-    def _predict(self, x, sigma, group, window, uncond, temporal):
+    def _predict(self, x, sigma, group, window, uncond, temporal, reuse):  # SVD runs no ControlNet: nothing to reuse
         frames, b = x.shape[0], len(group)
         device, dtype = self._device_dtype(self.model.unet)
         s = float(sigma)
@@ -260,19 +266,22 @@ class CFGDenoiser:
         cond = frames_of(self.cond, window)
         w_t = self.temporal_scale
         if self._skip_uncond():
-            x0_c = self.denoiser(x, sigma, [cond], window=window)[0]
+            reuse = None if w_t == 1.0 else ControlReuse(side=False)
+            x0_c = self.denoiser(x, sigma, [cond], window=window, reuse=reuse)[0]
             if w_t == 1.0:
                 return x0_c
-            x0_img = self.denoiser(x, sigma, [cond], window=window, temporal=False)[0]
+            x0_img = self.denoiser(x, sigma, [cond], window=window, temporal=False, reuse=reuse)[0]
             return x0_img + w_t * (x0_c - x0_img)
         uncond = frames_of(self.uncond, window)
-        x0_u, x0_c = self.denoiser(x, sigma, [uncond, cond], window=window, uncond=[True, False])
+        # the image model's evaluation gets the uncond video evaluation's ControlNet residuals (the same inputs)
+        reuse = None if w_t == 1.0 else ControlReuse(side=True)
+        x0_u, x0_c = self.denoiser(x, sigma, [uncond, cond], window=window, uncond=[True, False], reuse=reuse)
         scale = self.cfg
         if isinstance(scale, torch.Tensor):
             scale = rearrange(frames_of(scale, window), "f -> f 1 1 1").to(x0_c.device)
         if w_t == 1.0:
             return x0_u + scale * (x0_c - x0_u)
-        x0_img = self.denoiser(x, sigma, [uncond], window=window, uncond=[True], temporal=False)[0]
+        x0_img = self.denoiser(x, sigma, [uncond], window=window, uncond=[True], temporal=False, reuse=reuse)[0]
         return x0_img + w_t * (x0_u - x0_img) + scale * (x0_c - x0_u)
 
 

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .addons import content_cross_extra, control_residuals, video_frames
+from .addons import ControlReuse, content_cross_extra, control_residuals, video_frames
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, attention, by_rows, row_step
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
@@ -410,13 +410,15 @@ class MotionModel:
         window=None,
         sigma: float | None = None,
         uncond=None,
+        control_reuse: ControlReuse | None = None,
     ) -> torch.Tensor:
         """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> eps (b f) c h w
 
         ``window`` (a ``context.ContextWindow``): the frames are those of the window's ``sub_idxs`` in a longer
         video; per-frame options (the motion scale, ControlNet hints) are taken for those frames. ``sigma``: the
         step's noise level (add-ons keep to their start/end range; None: always on); ``uncond``: one flag per
-        video of the batch, True for the unconditional side of guidance.
+        video of the batch, True for the unconditional side of guidance. ``control_reuse``: ControlNet residuals
+        shared with another evaluation at the same inputs (``addons.ControlReuse``).
         """
         use_motion = temporal and self.motion is not None
         cross = self.cross_frame_norm
@@ -431,10 +433,15 @@ class MotionModel:
         control = cross_extra = None
         if self.controls or self.contents:
             schedule = DiscreteSchedule(self.beta_schedule)
-            control = control_residuals(self.controls, x, timesteps, context, frames, sigma, schedule,
-                                        replace(opts, cross_frame_norm=False))
             videos = x.shape[0] // num_frames
             flags = tuple(uncond) if uncond is not None else (False,) * videos
+
+            def residuals():
+                return control_residuals(self.controls, x, timesteps, context, frames, sigma, schedule,
+                                         replace(opts, cross_frame_norm=False))
+
+            control = residuals() if control_reuse is None else control_reuse.residuals_for(residuals, flags,
+                                                                                             num_frames)
             cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
         try:
             return self.unet(x, timesteps, context, opts, binding, control=control, cross_extra=cross_extra,

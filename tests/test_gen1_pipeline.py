@@ -90,6 +90,23 @@ def test_start_and_end_percent_limit_the_steps_a_controlnet_works_in():
     assert len(spy.hints) + len(late.hints) == 4  # the two halves of the schedule together are every step
 
 
+@pytest.mark.parametrize("cfg, batch_cond, calls", [(5.0, True, 1), (5.0, False, 2), (1.0, True, 1)])
+def test_temporal_guidance_reuses_the_controlnet_residuals_of_the_video_evaluation(monkeypatch, cfg, batch_cond,
+                                                                                   calls):
+    """The image evaluation of temporal guidance gets the ControlNet the same inputs as the video evaluation of its
+    side: its residuals are reused (ControlNet evaluations a step: batched 1, unbatched 2, without uncond 1; they
+    were 2, 3 and 2), and the video is the one computed without the reuse."""
+    spy = SpyControlNet(controlnet())
+    model = motion_model("v2").with_options(controls=(addons.control_hint(spy, _hints(4)),), temporal_scale=1.5)
+    reused = _sample(model, steps=2, cfg=cfg, batch_cond=batch_cond)
+    assert len(spy.hints) == 2 * calls
+    monkeypatch.setattr(addons.ControlReuse, "residuals_for", lambda self, compute, flags, frames: compute())
+    spy.hints.clear()
+    fresh = _sample(model, steps=2, cfg=cfg, batch_cond=batch_cond)
+    assert len(spy.hints) == 2 * (calls + 1)
+    assert float((reused - fresh).abs().max()) <= 1e-5 * float(fresh.abs().max())
+
+
 def test_stacked_controlnets_add_up():
     a = addons.control_hint(controlnet(), _hints(4), strength=0.5)
     b = addons.control_hint(controlnet(), _hints(2), strength=0.7)
@@ -158,7 +175,7 @@ def test_cfg_denoiser_marks_the_uncond_entries():
     seen = []
 
     class Den:
-        def __call__(self, x, sigma, conds, window=None, uncond=None, temporal=True):
+        def __call__(self, x, sigma, conds, window=None, uncond=None, temporal=True, reuse=None):
             seen.append(uncond)
             return [x for _ in conds]
 

@@ -22,7 +22,7 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, sigma, conds, window=None, uncond=None, temporal=True):
+    def __call__(self, x, sigma, conds, window=None, uncond=None, temporal=True, reuse=None):
         flags = uncond or [False] * len(conds)
         self.calls.append((tuple(flags), temporal))
         return [torch.full_like(x, self.VALUES[(u, temporal)]) for u in flags]
