@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from .errors import KinemaError
+
+logger = logging.getLogger("kinema")
 
 TENSOR_EXTENSIONS = (".safetensors", ".sft")
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin")
@@ -394,15 +397,20 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
 
 
 def load_motion_module(path: str, dtype: torch.dtype | None = None):
-    """Load an AnimateDiff SD1.5 motion module (v1, v2 or v3) from its published layout."""
-    from .motion import MotionModuleSet, infer_motion_config
+    """Load an AnimateDiff SD1.5 motion module (v1, v2 or v3) from its published layout or diffusers' (a
+    ``MotionAdapter``'s weights, or a whole ``UNetMotionModel``'s, of which the motion modules are taken)."""
+    from .motion import MotionModuleSet, infer_motion_config, published_layout
 
     name = os.path.basename(path)
     sd = load_state_dict(path)
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = published_layout({k.removeprefix("module."): v for k, v in sd.items()})
+    if "conv_in.weight" in sd and "time_embedding.linear_1.weight" in sd:
+        sd = {k: v for k, v in sd.items() if ".motion_modules." in k}
+        logger.info("'%s' is a whole diffusers UNetMotionModel: its motion modules are loaded, its UNet is not "
+                    "(the UNet comes from the checkpoint loader)", name)
     expect_format(sd, "motion_module", path, "an AnimateDiff motion module")
     with damaged_file(name, "an AnimateDiff motion module"):
-        cfg = infer_motion_config(sd)
+        cfg = infer_motion_config(sd, f"'{name}'")
         module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name, strict=True)
     module.source = name
     return module

@@ -5,7 +5,8 @@ Formats read
 - **MotionLoRA** (``v2_lora_ZoomIn.ckpt`` ...): ``{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.
   temporal_transformer.transformer_blocks.k.attention_blocks.m.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}
   .weight``, optionally under ``state_dict``. No alpha: the update is ``strength * up @ down``; ``to_out`` is the
-  motion module's ``to_out.0``.
+  motion module's ``to_out.0``. One converted for diffusers (``unet.``-prefixed, diffusers' motion-module names,
+  processor or peft ``lora_A/lora_B`` halves) is renamed into this layout (``motion.published_layout``).
 - **SD1.5 LoRA, kohya style**: ``lora_unet_<module path, dots as underscores>.{lora_down,lora_up}.weight`` and
   ``.alpha``; the path may be the diffusers UNet's (``down_blocks_0_attentions_0_proj_in``, the kohya default) or
   the original LDM UNet's (``input_blocks_1_1_proj_in``). Text encoder: ``lora_te_text_model_encoder_layers_N_...``.
@@ -37,7 +38,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -46,6 +46,7 @@ from torch import nn
 
 from . import checkpoint
 from .errors import KinemaError
+from .motion import published_layout
 
 logger = logging.getLogger("kinema")
 
@@ -213,12 +214,9 @@ def read_pairs(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, LoR
 def load_motion_lora(path: str) -> dict[str, torch.Tensor]:
     """Read a MotionLoRA file safely; KinemaError (naming the file and the node to use) for any other kind."""
     sd = checkpoint.load_state_dict(path)
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     checkpoint.expect_format(sd, "motion_lora", path, "an AnimateDiff MotionLoRA")
-    if not any(k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in sd):
-        raise KinemaError(f"'{os.path.basename(path)}' is a MotionLoRA in the diffusers layout, which Kinema does not "
-                          "read: use the original AnimateDiff file (e.g. v2_lora_ZoomIn.ckpt)")
-    return sd
+    return published_layout(sd)
 
 
 def motion_lora_patch(motion, sd: Mapping[str, torch.Tensor], name: str = "the MotionLoRA") -> dict[str, LoRAPair]:

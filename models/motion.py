@@ -1,6 +1,8 @@
 """AnimateDiff motion modules (v1, v2, v3) for SD1.5, in the published key layout.
 
-A file holds ``{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.temporal_transformer.*``.
+A file holds ``{down_blocks.i|up_blocks.i|mid_block}.motion_modules.j.temporal_transformer.*``. Files in
+diffusers' layout (a ``MotionAdapter``'s weights, a MotionLoRA converted for diffusers) are renamed into it
+(``published_layout``).
 Each module is a temporal transformer: per-frame GroupNorm, a linear projection,
 blocks of two temporal self-attentions (with a sinusoidal positional table
 ``pos_encoder.pe`` stored in the file) and a GEGLU feed-forward, a linear
@@ -221,27 +223,60 @@ def _motion_key_place(key: str) -> tuple[str, int, int, str] | None:
     return None
 
 
-def infer_motion_config(sd: dict) -> MotionConfig:
-    """Read a MotionConfig off the key layout and shapes of a motion-module state dict.
+#: diffusers' names of a temporal transformer block's parts -> the published ones
+_DIFFUSERS_BLOCK_PARTS = {"attn1": "attention_blocks.0", "attn2": "attention_blocks.1", "norm1": "norms.0",
+                          "norm2": "norms.1", "norm3": "ff_norm"}
+
+
+def published_layout(sd: dict) -> dict:
+    """A motion module or MotionLoRA state dict in the published AnimateDiff key layout.
+
+    diffusers' layout is renamed: a ``MotionAdapter``'s ``diffusion_pytorch_model.safetensors`` (the guoyww
+    ``animatediff-motion-adapter-*`` repositories, AnimateLCM, AnimateDiff-Lightning's ``_diffusers`` files) and a
+    MotionLoRA converted for diffusers (``unet.``-prefixed, processor or peft ``lora_A/lora_B`` names). There a
+    module's keys lack ``temporal_transformer.``, a block's parts are ``attn1/attn2/norm1/norm2/norm3`` and its one
+    positional table ``pos_embed.pe`` serves both attentions (the published file stores it in each). Keys in the
+    published layout, and keys outside the motion modules, are kept as they are.
+    """
+    out = {}
+    for key, value in sd.items():
+        bare = key.removeprefix("unet.")
+        place = _motion_key_place(bare)
+        if place is None or place[3].startswith("temporal_transformer."):
+            out[key if place is None else bare] = value
+            continue
+        rest = place[3]
+        head = bare[: len(bare) - len(rest)] + "temporal_transformer."
+        parts = rest.split(".")
+        if parts[0] == "transformer_blocks" and len(parts) > 3 and parts[1].isdigit():
+            block = ".".join(parts[:2])
+            if parts[2] == "pos_embed":
+                for attn in ("attention_blocks.0", "attention_blocks.1"):
+                    out[f"{head}{block}.{attn}.pos_encoder.{'.'.join(parts[3:])}"] = value
+                continue
+            rest = ".".join([block, _DIFFUSERS_BLOCK_PARTS.get(parts[2], parts[2]), *parts[3:]])
+        out[head + rest] = value
+    return out
+
+
+def infer_motion_config(sd: dict, name: str = "the motion module") -> MotionConfig:
+    """Read a MotionConfig off the key layout and shapes of a motion-module state dict in the published layout
+    (``published_layout``).
 
     The structure comes from every key under ``...motion_modules.j.`` (not one key per module), so a file with a
     weight missing is built at its full structure and refused by the loader as incomplete, never loaded as a
-    smaller network.
+    smaller network. ``name``: how errors call the file.
     """
-    name = "the motion module"
     modules: dict[str, dict[int, set]] = {"down": {}, "up": {}, "mid": {}}
     channels: dict[int, dict[int, int]] = {}  # down level -> {module j: channels}
     max_len, depth, num_attn = None, 0, 0
-    transformer_layout = False
     for key, value in sd.items():
         place = _motion_key_place(key)
         if place is None:
             continue
         kind, level, j, rest = place
         modules[kind].setdefault(level, set()).add(j)
-        if rest.startswith("temporal_transformer."):
-            transformer_layout = True
-            rest = rest.removeprefix("temporal_transformer.")
+        rest = rest.removeprefix("temporal_transformer.")
         if kind == "down" and rest in _CHANNEL_KEYS and isinstance(value, torch.Tensor) and value.dim() >= 1:
             channels.setdefault(level, {}).setdefault(j, int(value.shape[0]))
         if key.endswith("pos_encoder.pe") and isinstance(value, torch.Tensor) and value.dim() == 3:
@@ -254,14 +289,10 @@ def infer_motion_config(sd: dict) -> MotionConfig:
                 num_attn = max(num_attn, int(after[2]) + 1)
     down = modules["down"]
     if not down:
-        raise KinemaError("no AnimateDiff motion modules found (no 'down_blocks.N.motion_modules' keys)")
-    if not transformer_layout:
-        raise KinemaError(
-            f"{name} is not in the published AnimateDiff layout (no '...motion_modules.N.temporal_transformer.*' "
-            "keys; a diffusers MotionAdapter folder is not supported): use the original .ckpt/.safetensors file"
-        )
+        raise KinemaError(f"{name} has no AnimateDiff motion modules (no 'down_blocks.N.motion_modules' keys)")
     if max_len is None:
-        raise KinemaError("the motion module has no positional table ('pos_encoder.pe'): unsupported format")
+        raise KinemaError(f"{name} has no positional table ('pos_encoder.pe', in diffusers' layout 'pos_embed.pe'): "
+                          "the file is incomplete, or not an AnimateDiff motion module")
     damaged = "the file is incomplete or damaged: download it again"
     levels = sorted(down)
     if levels != list(range(len(levels))):

@@ -50,8 +50,8 @@ class KinemaCheckpointLoader:
 
 class KinemaMotionModuleLoader:
     DESCRIPTION = (
-        "Loads an AnimateDiff SD1.5 motion module (v1, v2 or v3, as published: .ckpt or .safetensors) "
-        "from models/animatediff_models."
+        "Loads an AnimateDiff SD1.5 motion module (v1, v2 or v3, as published: .ckpt or .safetensors; or a "
+        "diffusers MotionAdapter's diffusion_pytorch_model.safetensors, renamed) from models/animatediff_models."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("KINEMA_MOTION_MODULE",)

@@ -177,6 +177,35 @@ def test_motion_lora_matches_diffusers():
     assert float((got - plain).abs().max()) > 1e-2  # the LoRA does change the result
 
 
+@pytest.mark.parametrize("layout", ["processor", "peft"])
+def test_a_motion_lora_in_diffusers_layout_equals_the_published_one(tmp_path, layout):
+    """A MotionLoRA converted for diffusers: diffusers' renames with ``unet.`` before every key (what its conversion
+    script writes: processor halves), or the peft halves diffusers holds after loading it (``lora_A/lora_B``)."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    sd, strength = motion_lora_sd(), 0.8
+    renamed = convert_animatediff_checkpoint_to_diffusers(dict(sd))
+    if layout == "peft":
+        pytest.importorskip("peft")
+        from fixtures import diffusers_motion_unet
+        from peft import get_peft_model_state_dict
+
+        ref = diffusers_motion_unet("v2")
+        ref.load_lora_adapter(renamed, prefix=None, adapter_name="motion")
+        renamed = get_peft_model_state_dict(ref, adapter_name="motion")
+        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in renamed)
+    save_file({f"unet.{k}": v.contiguous() for k, v in renamed.items()}, str(tmp_path / "zoom.safetensors"))
+    loaded = lora.load_motion_lora(str(tmp_path / "zoom.safetensors"))
+    mm = motion_modules("v2")
+    got = lora.apply_motion_loras(mm, [(loaded, strength, "diffusers")]).state_dict()
+    want = lora.apply_motion_loras(mm, [(sd, strength, "published")]).state_dict()
+    changed = [k for k in want if not torch.equal(want[k], mm.state_dict()[k])]
+    assert len(changed) == sum(1 for k in sd if k.endswith("_lora.down.weight"))
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-7, msg=key)
+
+
 def test_v2_motion_lora_on_v3_skips_the_mid_block(caplog):
     mm = motion_modules("v3")
     sd = motion_lora_sd()

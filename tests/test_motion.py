@@ -113,3 +113,79 @@ def test_per_frame_motion_scale_outside_the_motion_scale_range_is_refused(text):
     with pytest.raises(KinemaError, match=r"motion_scale_per_frame: .* is outside 0\.\.2"):
         parse_scale(text)
     assert parse_scale("0, 2, 1.5") == (0.0, 2.0, 1.5)
+
+
+# -- diffusers' layout ---------------------------------------------------------------------------------------------
+
+def _state(module):
+    return module.state_dict()
+
+
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
+def test_a_diffusers_motion_adapter_file_loads_as_the_published_file(tmp_path, version):
+    """A MotionAdapter's ``diffusion_pytorch_model.safetensors`` as diffusers writes it (``save_pretrained`` of the
+    demo weights, converted by diffusers' own converter) gives the module the published file gives."""
+    pytest.importorskip("diffusers")
+    from fixtures import motion_adapter, motion_state_dict
+    from safetensors.torch import save_file
+
+    motion_adapter(version).save_pretrained(str(tmp_path / "adapter"))
+    ours = checkpoint.load_motion_module(str(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors"))
+    save_file(dict(motion_state_dict(version)), str(tmp_path / "mm.safetensors"))
+    ref = checkpoint.load_motion_module(str(tmp_path / "mm.safetensors"))
+    assert ours.version == version and ours.cfg == ref.cfg
+    got, want = _state(ours), _state(ref)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        # diffusers recomputes the positional tables (same formula, its own float rounding); the rest is copied
+        tol = 1e-6 if key.endswith("pos_encoder.pe") else 0.0
+        torch.testing.assert_close(got[key], value, rtol=0, atol=tol, msg=key)
+
+
+def test_a_diffusers_motion_adapter_without_its_positional_table_is_refused(tmp_path):
+    pytest.importorskip("diffusers")
+    from fixtures import motion_adapter
+    from safetensors.torch import save_file
+
+    sd = {k: v.contiguous() for k, v in motion_adapter("v2").state_dict().items() if not k.endswith("pos_embed.pe")}
+    save_file(sd, str(tmp_path / "no_pe.safetensors"))
+    with pytest.raises(KinemaError, match=r"'no_pe.safetensors' has no positional table.*'pos_embed.pe'"):
+        checkpoint.load_motion_module(str(tmp_path / "no_pe.safetensors"))
+
+
+def test_published_layout_renames_diffusers_keys_and_keeps_the_published_ones():
+    from kinema.models.motion import published_layout
+
+    sd = demo.motion_state_dict("v2")
+    assert published_layout(sd) == sd
+    head = "unet.up_blocks.1.motion_modules.2."
+    diffusers = {f"{head}proj_in.weight": 1, f"{head}transformer_blocks.0.pos_embed.pe": 2,
+                 f"{head}transformer_blocks.0.attn2.processor.to_out_lora.up.weight": 3,
+                 f"{head}transformer_blocks.0.norm3.bias": 4, f"{head}transformer_blocks.0.ff.net.2.weight": 5,
+                 "other.weight": 6}
+    tt = "up_blocks.1.motion_modules.2.temporal_transformer."
+    assert published_layout(diffusers) == {
+        f"{tt}proj_in.weight": 1, f"{tt}transformer_blocks.0.attention_blocks.0.pos_encoder.pe": 2,
+        f"{tt}transformer_blocks.0.attention_blocks.1.pos_encoder.pe": 2,
+        f"{tt}transformer_blocks.0.attention_blocks.1.processor.to_out_lora.up.weight": 3,
+        f"{tt}transformer_blocks.0.ff_norm.bias": 4, f"{tt}transformer_blocks.0.ff.net.2.weight": 5,
+        "other.weight": 6}
+
+
+def test_the_motion_modules_of_a_whole_diffusers_unet_motion_model_file_are_loaded(tmp_path, caplog):
+    pytest.importorskip("diffusers")
+    import logging
+
+    from fixtures import diffusers_motion_unet, motion_modules
+    from safetensors.torch import save_file
+
+    unet3d = diffusers_motion_unet("v3", per_frame_motion_norm=False)
+    save_file({k: v.contiguous() for k, v in unet3d.state_dict().items()}, str(tmp_path / "unet.safetensors"))
+    with caplog.at_level(logging.INFO, logger="kinema"):
+        ours = checkpoint.load_motion_module(str(tmp_path / "unet.safetensors"))
+    assert "'unet.safetensors' is a whole diffusers UNetMotionModel: its motion modules are loaded" in caplog.text
+    want = _state(motion_modules("v3"))
+    got = _state(ours)
+    assert got.keys() == want.keys() and ours.version == "v3"
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6 if key.endswith(".pe") else 0.0, msg=key)
