@@ -284,11 +284,27 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callb
     return x
 
 
+@torch.no_grad()
+def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: StepCallback | None = None,
+               seed: int = 0, **_) -> torch.Tensor:
+    """Latent Consistency Model sampling (Luo et al. 2023), as ComfyUI's ``lcm``: each step's prediction, noised
+    afresh to the next sigma (the noise drawn as an ancestral step's). For consistency-distilled models
+    (AnimateLCM, an LCM-LoRA): a handful of steps, cfg about 1 to 2, scheduler ``sgm_uniform``."""
+    noise = ancestral_noise_sampler(seed)
+    n = len(sigmas) - 1
+    for i in range(n):
+        x0 = denoiser(x, sigmas[i])
+        x = x0 + noise(x0) * sigmas[i + 1] if sigmas[i + 1] > 0 else x0
+        _notify(callback, i, n, x0)
+    return x
+
+
 SAMPLERS = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
     "ddim": sample_ddim,
+    "lcm": sample_lcm,
 }
 
 

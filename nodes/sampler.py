@@ -70,7 +70,8 @@ class KinemaVideoSampler:
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale (1 = no negative pass). Image-to-video: "
                                              "the largest per-frame scale (2.5 for SVD, 3.0 for SVD-XT)."}),
-                "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling method."}),
+                "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling method. lcm is for consistency-distilled models "
+                                  "(AnimateLCM, an LCM-LoRA): 4 to 8 steps, scheduler sgm_uniform, cfg 1 to 2."}),
                 "scheduler": (list(SCHEDULERS), {"default": "normal", "tooltip": "How noise levels are spaced."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 = from pure noise; lower keeps more of the input latent."}),

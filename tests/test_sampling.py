@@ -104,16 +104,27 @@ def _gaussian_denoiser(mu: float, var: float):
     return denoise
 
 
+def _gaussian_consistency(mu, var):
+    """The consistency function of N(mu, var) data: the end of the probability-flow ODE from x at sigma, which
+    maps N(mu, var + sigma^2) onto N(mu, var)."""
+    def denoise(x, sigma):
+        return mu + (x - mu) * (var / (var + float(sigma) ** 2)) ** 0.5
+
+    return denoise
+
+
 @pytest.mark.parametrize("name", list(sampling.SAMPLERS))
 def test_samplers_solve_a_gaussian(name):
     s = sampling.DiscreteSchedule("linear")
     sig = sampling.calculate_sigmas(s, "karras", 30)
     noise = sampling.initial_noise(0, (20000,))
     x = noise * float(sig[0])
-    out = sampling.get_sampler(name)(_gaussian_denoiser(2.0, 0.25), x, sig, seed=3)
-    # deterministic samplers map N(0, sigma^2 + var) onto N(mu, var); ancestral ones sample it
+    # lcm is for consistency models: they predict where the probability-flow ODE ends, not the posterior mean
+    denoiser = _gaussian_consistency(2.0, 0.25) if name == "lcm" else _gaussian_denoiser(2.0, 0.25)
+    out = sampling.get_sampler(name)(denoiser, x, sig, seed=3)
+    # deterministic samplers map N(0, sigma^2 + var) onto N(mu, var); ancestral ones (and lcm) sample it
     assert abs(float(out.mean()) - 2.0) < 0.05
-    assert abs(float(out.std()) - 0.5) < 0.05 + (0.03 if name == "euler_ancestral" else 0.0) + 0.5 / float(sig[0])
+    assert abs(float(out.std()) - 0.5) < 0.05 + (0.03 if name in ("euler_ancestral", "lcm") else 0.0) + 0.5 / float(sig[0])
 
 
 def test_ddim_equals_euler_in_sigma_space():
@@ -151,3 +162,24 @@ def test_ancestral_noise_is_comfyuis_default_noise_sampler():
     gen = torch.Generator(device=x.device).manual_seed(1234)
     for _ in range(3):
         assert torch.equal(draw(x), torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device))
+
+
+def test_lcm_noises_each_prediction_to_the_next_sigma_with_comfyuis_ancestral_noise():
+    """k-diffusion's ``sample_lcm`` (ComfyUI's ``lcm``): the model sees its last prediction plus fresh noise at the
+    next sigma, the noise drawn as ancestral steps draw it; the last step returns the prediction itself."""
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.calculate_sigmas(s, "sgm_uniform", 4)
+    seen, preds = [], []
+
+    def denoiser(x, sigma):
+        seen.append(x.clone())
+        preds.append(torch.tanh(x) * 0.5 + float(sigma) * 1e-3)
+        return preds[-1]
+
+    x = sampling.initial_noise(7, (2, 4, 3, 3)) * float(sig[0])
+    out = sampling.sample_lcm(denoiser, x, sig, seed=11)
+    gen = torch.Generator().manual_seed(11)
+    assert len(seen) == 4 and torch.equal(seen[0], x)
+    for i in range(1, 4):
+        torch.testing.assert_close(seen[i], preds[i - 1] + torch.randn(x.shape, generator=gen) * sig[i])
+    assert torch.equal(out, preds[-1])
