@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -305,9 +306,12 @@ def _prepared_workflow(path, info, tmp_path):
 
 
 def _queue_file(server, path, tmp_path, info):
+    return _queue_prepared(server, _prepared_workflow(path, info, tmp_path), os.path.relpath(path, ROOT), tmp_path)
+
+
+def _queue_prepared(server, path, name, tmp_path):
+    """Queue the workflow file ``path`` with the pack's client; assert it succeeds with output files."""
     out = tmp_path / "download"
-    name = os.path.relpath(path, ROOT)
-    path = _prepared_workflow(path, info, tmp_path)
     r = subprocess.run([sys.executable, QUEUE, path, "--server", server.url, "--download", str(out),
                         "--timeout", str(WORKFLOW_TIMEOUT)],
                        capture_output=True, text=True, timeout=WORKFLOW_TIMEOUT + 60)
@@ -421,6 +425,29 @@ def test_interrupt_stops_a_long_run(server, object_info):
         assert last_progress["value"] < last_progress["max"], "the run finished all its steps"
     finally:
         ws.close()
+
+
+def test_a_diffusers_motion_adapter_with_the_lcm_sampler(server, object_info, models_dir, tmp_path):
+    """A MotionAdapter file as diffusers writes it, dropped into models/animatediff_models, is listed and loaded
+    by ComfyUI; the text-to-video workflow samples with it and the lcm sampler."""
+    pytest.importorskip("diffusers")
+    from fixtures import motion_adapter
+
+    motion_adapter("v3").save_pretrained(str(tmp_path / "adapter"))
+    name = "kinema_test_diffusers_adapter.safetensors"
+    shutil.copyfile(tmp_path / "adapter" / "diffusion_pytorch_model.safetensors",
+                    os.path.join(models_dir, "animatediff_models", name))
+    info = http(server.url + "/object_info/KinemaMotionModuleLoader")["KinemaMotionModuleLoader"]
+    assert name in _combo_options(info["input"]["required"]["model_name"])
+    prompt = _demo_api_prompt(os.path.join(ROOT, "workflows", "api", "animatediff_txt2vid.json"), object_info)
+    for node in prompt.values():
+        if node["class_type"] == "KinemaMotionModuleLoader":
+            node["inputs"]["model_name"] = name
+        if node["class_type"] == "KinemaVideoSampler":
+            node["inputs"].update(sampler_name="lcm", scheduler="sgm_uniform", cfg=1.5)
+    path = tmp_path / "diffusers_adapter_lcm.json"
+    path.write_text(json.dumps(prompt), encoding="utf-8")
+    _queue_prepared(server, str(path), "txt2vid with a diffusers MotionAdapter and lcm", tmp_path)
 
 
 def _bad_checkpoint(kind, models_dir):
