@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -535,6 +536,41 @@ class ProgressBar:
         elif done or elapsed - self._last_log >= 5.0:  # keep logs quiet: every 5 s and at the end
             self._last_log = elapsed
             logger.info("%s: %d/%d (%.0f%%) %.2f it/s", self.desc, self.current, self.total, pct, rate)
+
+
+def latent_previewer() -> Callable | None:
+    """ComfyUI's step previewer for SD-family latents (SD1.5, SVD), as the user set previews up
+    (``--preview-method``: latent2rgb, or TAESD with ``models/vae_approx/taesd_decoder``): a function from a
+    scaled latent ``[1, 4, h, w]`` to the preview that ``ProgressBar.update_absolute`` takes. None outside ComfyUI
+    or with previews off. A preview that fails is logged once and previews stop; sampling goes on."""
+    if _comfy_utils is None:
+        return None
+    try:  # pragma: no cover - only inside ComfyUI
+        import comfy.latent_formats
+        import latent_preview
+    except ImportError:
+        return None
+    previewer = latent_preview.get_previewer(compute_device(), comfy.latent_formats.SD15())
+    if previewer is None:
+        return None
+    return _guarded_preview(lambda latent: previewer.decode_latent_to_preview_image("JPEG", latent))
+
+
+def _guarded_preview(make: Callable) -> Callable:
+    """``make`` that returns None from its first failure on (logged once): a preview never stops sampling."""
+    broken = []
+
+    def preview(latent):
+        if broken:
+            return None
+        try:
+            return make(latent)
+        except Exception as e:  # noqa: BLE001 - any previewer failure: previews off, sampling goes on
+            broken.append(e)
+            logger.warning("Kinema: step previews are off for this run (the previewer failed: %s)", e)
+            return None
+
+    return preview
 
 
 # --- devices --------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from ..models import pipelines, prompt_travel
-from ..models.svd_model import SVDModel
 from ..models.errors import KinemaError
+from ..models.preview import contact_sheet
 from ..models.sampling import SAMPLERS, SCHEDULERS
+from ..models.svd_model import SVDModel
 from . import host
 from .checks import latent_samples
-
 
 IMAGE_CONDITIONING = "kinema_image_conditioning"
 
@@ -104,10 +104,12 @@ class KinemaVideoSampler:
                                                                                 context_options, steps)
         bar = host.ProgressBar(steps * per_step)
         done = [0]
+        previewer = host.latent_previewer()
 
         def on_step(i, total, x0):
             done[0] = (i + 1) * per_step
-            bar.update_absolute(done[0], total * per_step)
+            preview = previewer(contact_sheet(x0)) if previewer is not None else None
+            bar.update_absolute(done[0], total * per_step, preview)
 
         def on_window():
             done[0] = min(done[0] + 1, steps * per_step)

@@ -69,3 +69,31 @@ def host_dirs(demo_models_dir, tmp_path):
     yield host
     host.set_models_dir(None)
     host.set_output_dir(None)
+
+
+class Recorder:
+    """Stands in for ComfyUI's previewer: records the latents it is given and returns a token per call."""
+
+    def __init__(self):
+        self.latents = []
+
+    def __call__(self, latent):
+        self.latents.append(latent.clone())
+        return ("JPEG", len(self.latents), 512)
+
+
+@pytest.fixture()
+def previews(monkeypatch):
+    """The sampler node's previewer and the previews its progress bar gets."""
+    from kinema.nodes import host
+
+    recorder, shown = Recorder(), []
+    monkeypatch.setattr(host, "latent_previewer", lambda: recorder)
+    update = host.ProgressBar.update_absolute
+
+    def record(self, value, total=None, preview=None):
+        shown.append(preview)
+        update(self, value, total, preview)
+
+    monkeypatch.setattr(host.ProgressBar, "update_absolute", record)
+    return recorder, shown

@@ -70,6 +70,7 @@ class WebSocket:
                            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
                            "Sec-WebSocket-Version: 13\r\n\r\n").encode())
         self.buf = b""
+        self.binary = []  # the binary messages skipped by recv_json (ComfyUI's step previews)
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(4096)
             if not chunk:
@@ -122,6 +123,7 @@ class WebSocket:
             if b0 & 0x80:
                 if kind == 0x1:
                     return json.loads(message.decode("utf-8"))
+                self.binary.append(message)
                 message, kind = b"", None
 
     def close(self):
@@ -169,7 +171,7 @@ def server(models_dir, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("comfy_run"))
     env = dict(os.environ, PORT=str(port), RUN_DIR=run_dir, MODELS_DIR=models_dir, COMFY_DIR=COMFY_DIR,
                VENV=os.path.dirname(os.path.dirname(COMFY_PYTHON)), STARTUP_TIMEOUT="150", FRESH="1",
-               COMFY_EXTRA_ARGS="--cache-none --disable-api-nodes")
+               COMFY_EXTRA_ARGS="--cache-none --disable-api-nodes --preview-method latent2rgb")
     srv = Server(port, run_dir, env)
     try:
         r = subprocess.run(["bash", START, ROOT], env=env, capture_output=True, text=True, timeout=200)
@@ -450,6 +452,37 @@ def test_a_diffusers_motion_adapter_with_the_lcm_sampler(server, object_info, mo
     _queue_prepared(server, str(path), "txt2vid with a diffusers MotionAdapter and lcm", tmp_path)
 
 
+def _queue_and_wait(server, prompt):
+    """Queue the API ``prompt`` and follow it on the websocket: (the message that ended it, or None at the
+    timeout; the binary messages it sent meanwhile)."""
+    client_id = str(uuid.uuid4())
+    ws = WebSocket("127.0.0.1", server.port, f"/ws?clientId={client_id}")
+    try:
+        prompt_id = http(server.url + "/prompt", {"prompt": prompt, "client_id": client_id})["prompt_id"]
+        deadline, ended = time.time() + WORKFLOW_TIMEOUT, None
+        while ended is None and time.time() < deadline:
+            msg = ws.recv_json(timeout=max(1.0, deadline - time.time()))
+            data = msg.get("data") or {}
+            if msg["type"] in ("execution_error", "execution_success", "execution_interrupted") \
+                    and data.get("prompt_id") == prompt_id:
+                ended = msg
+    finally:
+        ws.close()
+    return ended, ws.binary
+
+
+def test_the_sampler_sends_a_step_preview_to_the_ui(server, object_info):
+    """With ComfyUI's previews on (``--preview-method latent2rgb``), the Video Sampler's node shows a JPEG
+    preview each step, as KSampler does (ComfyUI's binary PREVIEW_IMAGE messages, event 1, or 4 with
+    metadata)."""
+    prompt = _demo_api_prompt(os.path.join(ROOT, "workflows", "api", "animatediff_txt2vid.json"), object_info)
+    steps = next(n["inputs"]["steps"] for n in prompt.values() if n["class_type"] == "KinemaVideoSampler")
+    ended, binary = _queue_and_wait(server, prompt)
+    assert ended is not None and ended["type"] == "execution_success", f"{ended}\n{server.log()}"
+    previews = [m for m in binary if struct.unpack(">I", m[:4])[0] in (1, 4) and b"\xff\xd8\xff" in m[:4096]]
+    assert len(previews) >= steps, f"{len(previews)} previews for {steps} steps ({len(binary)} binary messages)"
+
+
 def _bad_checkpoint(kind, models_dir):
     """Write a broken file of ``kind`` into the checkpoints folder; return its name."""
     import pickle
@@ -485,20 +518,7 @@ def test_a_broken_checkpoint_fails_with_the_packs_error(server, object_info, mod
     prompt[loader]["inputs"]["ckpt_name"] = name
     output = os.path.join(server.run_dir, "output")
     before = sorted(os.listdir(output)) if os.path.isdir(output) else []
-    client_id = str(uuid.uuid4())
-    ws = WebSocket("127.0.0.1", server.port, f"/ws?clientId={client_id}")
-    try:
-        res = http(server.url + "/prompt", {"prompt": prompt, "client_id": client_id})
-        prompt_id = res["prompt_id"]
-        deadline, ended = time.time() + WORKFLOW_TIMEOUT, None
-        while ended is None and time.time() < deadline:
-            msg = ws.recv_json(timeout=max(1.0, deadline - time.time()))
-            data = msg.get("data") or {}
-            if msg["type"] in ("execution_error", "execution_success", "execution_interrupted") \
-                    and data.get("prompt_id") == prompt_id:
-                ended = msg
-    finally:
-        ws.close()
+    ended, _ = _queue_and_wait(server, prompt)
     assert ended is not None and ended["type"] == "execution_error", f"{kind}: {ended}\n{server.log()}"
     data = ended["data"]
     assert data["node_id"] == loader and data["exception_type"].endswith("KinemaError"), data

@@ -232,7 +232,7 @@ def _node(name):
     return load_pack().NODE_CLASS_MAPPINGS[name]()
 
 
-def test_nodes_image_to_video(bundle):
+def test_nodes_image_to_video(bundle, previews):
     positive, negative, latent = _node("KinemaSVDConditioning").encode(
         bundle.image_encoder, bundle.vae, _image(), W, H, 3, 7, 127, 0.02, 0)
     assert latent["samples"].shape == (3, 4, H // 8, W // 8)
@@ -240,6 +240,9 @@ def test_nodes_image_to_video(bundle):
     assert model.cfg_mode == "triangle" and model.guidance_min == 1.2 and bundle.model.cfg_mode == "linear"
     (out,) = _node("KinemaVideoSampler").sample(model, positive, negative, latent, 0, 2, 2.5, "euler", "karras", 1.0)
     assert out["samples"].shape == latent["samples"].shape
+    recorder, shown = previews  # one step preview each: the 3 frames, 2 x 2 (test_preview.py)
+    assert shown == [("JPEG", 1, 512), ("JPEG", 2, 512)]
+    assert [tuple(x.shape) for x in recorder.latents] == [(1, 4, 2 * H // 8, 2 * W // 8)] * 2
     (images,) = _node("KinemaVAEDecodeFrames").decode(bundle.vae, out, 0)
     assert images.shape == (3, H, W, 3)
 
