@@ -60,7 +60,14 @@ DIFFUSERS_CONFIGS = ("plain", "chunked", "model-offload", "sequential-offload")
 MODELS = ("animatediff", "svd")
 SD_LATENT_SCALE = 0.18215
 AD_CFG, SVD_MIN_CFG, SVD_MAX_CFG, SVD_FPS, SVD_MOTION_BUCKET = 7.5, 1.5, 3.0, 6, 127
-AD_DECODE_CHUNK, SVD_DECODE_CHUNK, LOW_DECODE_CHUNK = 8, 14, 2
+SVD_DECODE_CHUNK, LOW_DECODE_CHUNK = 14, 2
+
+
+def ad_decode_chunk(height: int, width: int) -> int:
+    """Frames a decode call of the SD VAE: Kinema's default at that size (4 at 512x512), given to diffusers too."""
+    from kinema.models.vae import AutoencoderKL, default_decode_chunk
+
+    return default_decode_chunk(AutoencoderKL, height, width)
 
 
 @dataclass(frozen=True)
@@ -339,7 +346,7 @@ def build_animatediff(sc: Scale, args, dtype, vae_dtype, gen_device) -> Workload
         weights_note=(f"UNet {params(unet)} parameters, motion module {params(motion)} ({_dtype_name(dtype)}), VAE "
                       f"{params(vae)} ({_dtype_name(vae_dtype)}); Euler, cfg {AD_CFG} with cond and uncond in one "
                       f"batch ({2 * frames} UNet images a call), random prompt embeddings [1, 77, "
-                      f"{sc.text_context}], the VAE decode {AD_DECODE_CHUNK} frames a call"),
+                      f"{sc.text_context}], the VAE decode {ad_decode_chunk(height, width)} frames a call"),
         positive=positive, negative=negative, noise=initial_noise(args.seed, lat),
         state_dicts={"unet": unet_sd, "vae": vae_sd, "motion": mm_sd})
 
@@ -593,7 +600,8 @@ def diffusers_video(w: Workload, pipe, config: str, args, device, meter: Meter, 
         pipe.enable_sequential_cpu_offload(device=device)
     _set_feed_forward_chunking(pipe.unet, chunked)
     _set_vae_tiling(pipe.vae, chunked, args)
-    chunk = LOW_DECODE_CHUNK if chunked else (AD_DECODE_CHUNK if w.kind == "animatediff" else SVD_DECODE_CHUNK)
+    chunk = LOW_DECODE_CHUNK if chunked else (
+        ad_decode_chunk(w.height, w.width) if w.kind == "animatediff" else SVD_DECODE_CHUNK)
     n_steps = steps or w.steps
     clock = StepClock(meter)
     recorder = recorder_for(pipe.unet) if recorder_for else None

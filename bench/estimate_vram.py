@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
 import torch.nn.functional as F
 from _measure import command_line, register_pack
-from bench_gpu import AD_DECODE_CHUNK, SCALES, SVD_DECODE_CHUNK
+from bench_gpu import SCALES, SVD_DECODE_CHUNK, ad_decode_chunk
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -248,7 +248,7 @@ def animatediff(sc, frames: int, width: int, height: int, args) -> Workload:
             "encode": text_peak + (w.weights["VAE"] + rest if p.mode == "none" else 0),
             "sample": _sample_peak(p, make_model, call, w.weights["UNet"] + w.weights["motion module"], everything,
                                    args),
-            "decode": _decode(vae, (min(frames, AD_DECODE_CHUNK), 4, lat_h, lat_w), p, args)
+            "decode": _decode(vae, (min(frames, ad_decode_chunk(lat_h * 8, lat_w * 8)), 4, lat_h, lat_w), p, args)
                       + (everything - w.weights["VAE"] if p.mode == "none" else 0),
         }
     if args.diffusers:

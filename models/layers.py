@@ -292,6 +292,30 @@ def flatten_hw(video: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+#: Where a layer treats frames, or pixels, each on its own and would otherwise hold whole-video intermediates (SVD's
+#: temporal decoder at full size: 14 frames of 1024x576), it runs on slices of at most this many positions (frames x
+#: height x width) written into one output: the same result, one slice's intermediates (PyTorch's and cuDNN's).
+SLICE_POSITIONS = 1 << 20
+
+
+def per_frame_slices(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grow: int = 1) -> torch.Tensor:
+    """``fn(x)`` for a ``fn`` that treats each frame of ``x`` [(b f), c, h, w] on its own, on slices of frames of at
+    most ``SLICE_POSITIONS`` positions (at least one frame), into one output in the first slice's memory layout.
+    ``grow``: how many times more positions a frame has inside ``fn`` than in ``x`` (an upsampling: 4)."""
+    n = max(1, SLICE_POSITIONS // max(1, x.shape[-2] * x.shape[-1] * grow))
+    if n >= x.shape[0]:
+        return fn(x)
+    first = fn(x[:n])
+    layout = torch.channels_last if first.ndim == 4 and not first.is_contiguous() \
+        and first.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty((x.shape[0], *first.shape[1:]), dtype=first.dtype, device=first.device, memory_format=layout)
+    out[:n] = first
+    del first
+    for i in range(n, x.shape[0], n):
+        out[i:i + n] = fn(x[i:i + n])
+    return out
+
+
 class FrameConv(nn.Conv3d):
     """A Conv3d over ``b c f h w`` (SVD's temporal convolutions; the parameters and names of ``nn.Conv3d``).
 
@@ -300,13 +324,31 @@ class FrameConv(nn.Conv3d):
     (e.g. the temporal decoder's 2-frame chunks: 0.65-0.78x the time of the whole decode in the 2D form) and its
     oneDNN 3D kernel is no faster than the 2D one elsewhere (``bench/bench_frame_conv.py``). Other kernels, and
     other devices (cuDNN has its own 3D kernels, not measured here against the 2D form), run as Conv3d.
+
+    Such a kernel treats each pixel on its own: a video of more than ``SLICE_POSITIONS`` positions is convolved a
+    band of rows at a time into one output in the input's memory layout (the same sums; cuDNN's layout copies and
+    the output's are a band's, and the temporal decoder's ``b c f h w -> (b f) c h w`` after it stays a view).
     """
+
+    def _across_frames_only(self) -> bool:
+        return self.weight.shape[-2:] == (1, 1) and self.stride == (1, 1, 1) and self.dilation == (1, 1, 1) \
+            and self.groups == 1 and self.padding_mode == "zeros" and self.padding[1:] == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """b c f h w -> b c' f h w"""
-        if x.device.type != "cpu" or self.weight.shape[-2:] != (1, 1) or self.stride != (1, 1, 1) \
-                or self.dilation != (1, 1, 1) or self.groups != 1 or self.padding_mode != "zeros" \
-                or self.padding[1:] != (0, 0):
+        if not self._across_frames_only():
+            return super().forward(x)
+        b, _, f, h, w = x.shape
+        if b * f * h * w <= SLICE_POSITIONS or h < 2:
+            return self._conv(x)
+        rows = max(1, SLICE_POSITIONS // (b * f * w))
+        out = torch.empty_like(x) if self.out_channels == x.shape[1] else x.new_empty((b, self.out_channels, f, h, w))
+        for r in range(0, h, rows):
+            out[:, :, :, r:r + rows] = self._conv(x[:, :, :, r:r + rows])
+        return out
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
             return super().forward(x)
         b, _, f, h, w = x.shape
         y = F.conv2d(flatten_hw(x), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))

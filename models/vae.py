@@ -51,7 +51,7 @@ from einops import rearrange
 from torch import nn
 
 from .errors import KinemaError
-from .layers import FrameConv, flatten_hw
+from .layers import FrameConv, flatten_hw, per_frame_slices
 from .memory import cast_weights, run_with_oom_retry
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
@@ -59,8 +59,13 @@ from .tiling import TileOptions, run_tiled
 NO_TILES = TileOptions()
 logger = logging.getLogger("kinema")
 
-#: Frames decoded a call by the plain VAE when no chunk is given (frames are independent there).
+#: Frames decoded a call by the plain VAE when no chunk is given (frames are independent there): at most this
+#: many, and no more than fit in ``DECODE_CHUNK_PIXELS`` output pixels (``default_decode_chunk``).
 DEFAULT_DECODE_CHUNK = 8
+#: Output pixels a default plain-VAE decode call holds: 4 frames at 512x512. An SD VAE decode in fp16 peaks at about
+#: 0.53 GiB a 512x512 frame on CUDA (8 frames: 4.4 GiB measured on an H200, ``bench/bench_gpu.py``), so 4 frames
+#: keep AnimateDiff's default policy under its sampling peak (3.5 GiB at 16 frames 512x512).
+DECODE_CHUNK_PIXELS = 4 * 512 * 512
 #: Frames decoded a call by the SVD temporal decoder: ``decoding_t`` of sgm's simple_video_sample.py.
 SVD_DECODE_CHUNK = 14
 #: Where the published SVD files keep the video autoencoder and the conditioning-frame encoder.
@@ -247,6 +252,8 @@ class TemporalVAEConfig(VAEConfig):
 
 #: ``_group_norm_fp32`` makes its float32 copies for groups of channels of at most this many bytes at a time.
 GN_FP32_SLICE_BYTES = 256 << 20
+#: Devices whose own GroupNorm kernel normalises a half-precision input with float32 statistics and affine.
+NATIVE_HALF_GROUP_NORM = frozenset({"cuda"})
 
 
 def _group_norm_fp32(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -257,7 +264,16 @@ def _group_norm_fp32(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     Each group is normalised on its own, so a half-precision input is normalised a slice of groups at a time:
     float32 copies of the whole input (two of them, twice its size each: 8 GiB for SVD-XT's last decoder level
     at 14 frames 1024x576) would be the decoder's largest allocations.
+
+    On CUDA the input dtype goes to PyTorch's own kernel, which already accumulates the statistics and computes the
+    affine in float32 (it keeps the mean and 1/std in the input dtype between its two passes: a rounding at the
+    result's own precision; diffusers and ComfyUI run it so). Its moments kernel gives each (video, group) row one
+    thread block: a float32 path a slice of groups at a time leaves it a handful of rows of tens of millions of
+    values, and made SVD-XT's temporal decode 4.4x slower (14 frames at 1024x576 on an H200: 4.03 s against 0.92 s;
+    diffusers 1.18 s).
     """
+    if x.device.type in NATIVE_HALF_GROUP_NORM:
+        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     if x.ndim == 5:  # b c f h w as b c f (h w): the same groups; PyTorch's 5D GroupNorm drops channels_last_3d
         return _group_norm_fp32(norm, flatten_hw(x)).view(x.shape)
     w = None if norm.weight is None else norm.weight.float()
@@ -288,8 +304,11 @@ class TemporalResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """b c f h w -> b c f h w (GroupNorm statistics over all frames of each video)"""
-        h = self.in_layers[2](F.silu(_group_norm_fp32(self.in_layers[0], x), inplace=True))
-        h = self.out_layers[3](F.silu(_group_norm_fp32(self.out_layers[0], h), inplace=True))
+        # one statement per step: each whole-video intermediate is freed before the next is made
+        h = F.silu(_group_norm_fp32(self.in_layers[0], x), inplace=True)
+        h = self.in_layers[2](h)
+        h = F.silu(_group_norm_fp32(self.out_layers[0], h), inplace=True)
+        h = self.out_layers[3](h)
         h += x
         return h
 
@@ -305,7 +324,15 @@ class VideoResBlock(VAEResBlock):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """(b f) c h w -> (b f) c' h w"""
-        spatial = rearrange(super().forward(x), "(b f) c h w -> b c f h w", f=num_frames)
+        return self.temporal(self.spatial(x), num_frames)
+
+    def spatial(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial ResBlock, each frame on its own: (b f) c h w -> (b f) c' h w, a slice of frames at a time."""
+        return per_frame_slices(super().forward, x)
+
+    def temporal(self, spatial: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``time_stack`` on the spatial half's output and the blend: (b f) c h w -> (b f) c h w."""
+        spatial = rearrange(spatial, "(b f) c h w -> b c f h w", f=num_frames)
         alpha = torch.sigmoid(self.mix_factor)
         # alpha * temporal + (1 - alpha) * spatial, in place on the two tensors made here (the same values)
         mixed = self.time_stack(spatial).mul_(alpha).add_(spatial.mul_(1.0 - alpha))
@@ -321,7 +348,11 @@ class TimeMixConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         """(b f) c h w -> (b f) c' h w"""
-        v = rearrange(super().forward(x), "(b f) c h w -> b c f h w", f=num_frames)
+        return self.temporal(super().forward(x), num_frames)
+
+    def temporal(self, v: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``time_mix_conv`` on the 2D conv's output: (b f) c h w -> (b f) c h w."""
+        v = rearrange(v, "(b f) c h w -> b c f h w", f=num_frames)
         return rearrange(self.time_mix_conv(v), "b c f h w -> (b f) c h w")
 
 
@@ -342,16 +373,24 @@ class VideoDecoder(Decoder):
                 f"the temporal VAE decodes whole videos: {z.shape[0]} latent frames do not split into videos of "
                 f"{num_frames} frames"
             )
+        # Every layer but the temporal halves treats each frame on its own and runs on slices of frames
+        # (``per_frame_slices``); a block's input is freed before its temporal half runs. The same sums as whole
+        # calls, with the intermediates of a slice: at full size the frames of a chunk hold gigabytes each.
         h = self.conv_in(z)
-        h = self.mid.block_1(h, num_frames)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h, num_frames)
+        h = self.mid.block_1.spatial(h)
+        h = self.mid.block_1.temporal(h, num_frames)
+        h = per_frame_slices(self.mid.attn_1, h)
+        h = self.mid.block_2.spatial(h)
+        h = self.mid.block_2.temporal(h, num_frames)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h, num_frames)
+                h = block.spatial(h)
+                h = block.temporal(h, num_frames)
             if hasattr(level, "upsample"):
-                h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-        return self.conv_out(F.silu(self.norm_out(h)), num_frames)
+                h = per_frame_slices(lambda t, conv=level.upsample.conv: conv(F.interpolate(t, scale_factor=2.0,
+                                                                                             mode="nearest")), h, 4)
+        h = per_frame_slices(lambda t: nn.Conv2d.forward(self.conv_out, F.silu(self.norm_out(t), inplace=True)), h)
+        return self.conv_out.temporal(h, num_frames)
 
 
 class TemporalAutoencoder(nn.Module):
@@ -483,6 +522,16 @@ def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, 
     return out
 
 
+def default_decode_chunk(vae: nn.Module, height: int, width: int) -> int:
+    """Frames a decode call takes when none is asked for, for frames of ``height`` x ``width`` pixels: the VAE's own
+    ``default_decode_chunk`` where it has one (SVD's temporal decoder: the chunk is part of its output), else as many
+    as ``DECODE_CHUNK_PIXELS`` holds, at least 1 and at most ``DEFAULT_DECODE_CHUNK``."""
+    own = getattr(vae, "default_decode_chunk", None)
+    if own is not None:
+        return int(own)
+    return max(1, min(DEFAULT_DECODE_CHUNK, DECODE_CHUNK_PIXELS // max(1, height * width)))
+
+
 def decode_frames(
     vae: AutoencoderKL | TemporalAutoencoder,
     latent: torch.Tensor,
@@ -492,8 +541,9 @@ def decode_frames(
 ) -> torch.Tensor:
     """Decode a video latent a chunk of frames at a time: [f, c, h, w] -> IMAGE [f, 8h, 8w, 3] in [0, 1].
 
-    ``chunk`` None: the VAE's default (``DEFAULT_DECODE_CHUNK`` frames for AutoencoderKL, ``SVD_DECODE_CHUNK``
-    for the SVD temporal decoder). With AutoencoderKL frames are independent and the chunk only bounds memory.
+    ``chunk`` None: the VAE's default (``default_decode_chunk``: AutoencoderKL up to ``DEFAULT_DECODE_CHUNK`` frames
+    within ``DECODE_CHUNK_PIXELS``, 4 at 512x512; ``SVD_DECODE_CHUNK`` for the SVD temporal decoder). With
+    AutoencoderKL frames are independent and the chunk only bounds memory.
     With the temporal decoder each chunk is decoded as ONE short video (its temporal layers mix the frames
     inside the chunk, never across chunks), so the chunk size changes the output: that is the original's
     behaviour (sgm decodes ``decoding_t`` frames a call); the last chunk may be shorter.
@@ -512,7 +562,7 @@ def decode_frames(
         )
     tiles.validate("VAE decode tiling")
     if chunk is None:
-        chunk = getattr(vae, "default_decode_chunk", DEFAULT_DECODE_CHUNK)
+        chunk = default_decode_chunk(vae, latent.shape[-2] * 8, latent.shape[-1] * 8)
     temporal = bool(getattr(vae, "mixes_frames", False))
 
     def decode(model, z: torch.Tensor) -> torch.Tensor:  # the temporal VAE: the chunk is one video

@@ -58,8 +58,9 @@ class KinemaVAEDecodeFrames:
                 "samples": ("LATENT", {"tooltip": "The latent video from the Video Sampler."}),
                 "frame_chunk": ("INT", {"default": 0, "min": 0, "max": 4096,
                                         "tooltip": "Frames decoded at once; lower it if the GPU runs out of memory. "
-                                                   "0 = the VAE's default: 8 for SD1.5, 14 for SVD's temporal "
-                                                   "decoder (as the original; the chunk size changes its output)."}),
+                                                   "0 = the VAE's default: SD1.5 as many as fit in 4 frames of "
+                                                   "512x512 (at most 8), SVD's temporal decoder 14 (as the "
+                                                   "original; the chunk size changes its output)."}),
             },
             "optional": _tile_inputs("decode"),
         }

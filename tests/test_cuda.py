@@ -3,7 +3,8 @@
 - block offload with the prefetch copies on a side stream (``offload.CopyStream``): the same video as the plain
   path, at most ``resident`` blocks on the GPU, pinned storage copies, and nothing left on the GPU after a call;
 - model offload: the same video, and the GPU memory back where it was;
-- half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (GroupNorm in fp32);
+- half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (CUDA's own GroupNorm kernel:
+  float32 statistics);
 - a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames.
 
 ``KINEMA_TEST_DEVICE`` runs the device-independent parts on another device (``cpu``: a check of the tests
@@ -21,6 +22,8 @@ from kinema.models.offload import OffloadOptions
 
 DEVICE = torch.device(os.environ.get("KINEMA_TEST_DEVICE", "cuda"))
 CUDA = DEVICE.type == "cuda"
+if CUDA and DEVICE.index is None and torch.cuda.is_available():
+    DEVICE = torch.device("cuda", torch.cuda.current_device())  # an index: torch.cuda.set_per_process_memory_fraction
 
 pytestmark = pytest.mark.skipif(CUDA and not torch.cuda.is_available(), reason="needs a CUDA device")
 

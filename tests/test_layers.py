@@ -3,7 +3,15 @@ attention gives, the frame convolution what a Conv3d gives."""
 import pytest
 import torch
 from einops import rearrange
-from kinema.models.layers import CrossAttention, FrameConv, SharedContext, attention, flatten_hw
+from kinema.models import layers
+from kinema.models.layers import (
+    CrossAttention,
+    FrameConv,
+    SharedContext,
+    attention,
+    flatten_hw,
+    per_frame_slices,
+)
 from kinema.models.svd import VideoTransformerBlock
 
 torch.manual_seed(0)
@@ -123,3 +131,55 @@ def test_flatten_hw_keeps_a_channels_last_video_channels_last():
         torch.testing.assert_close(flat, video.reshape(videos, 8, 6 // videos, 15), rtol=0, atol=0)
         normed = torch.nn.functional.group_norm(flat, 4)
         assert normed.is_contiguous(memory_format=torch.channels_last)  # PyTorch keeps the layout
+
+
+# -- slices: whole-video intermediates bounded, the same result ---------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_frame_slices_is_the_whole_call(monkeypatch, layout):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(7, 4, 5, 6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    seen = []
+
+    def fn(t):
+        seen.append(t.shape[0])
+        return conv(torch.nn.functional.interpolate(t, scale_factor=2.0))
+
+    with torch.no_grad():
+        whole = fn(x)
+        monkeypatch.setattr(layers, "SLICE_POSITIONS", 3 * 5 * 6 * 4)  # 3 frames a slice, after a 4x upsampling
+        seen.clear()
+        sliced = per_frame_slices(fn, x, grow=4)
+    assert seen == [3, 3, 1]
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6)
+    assert sliced.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    monkeypatch.setattr(layers, "SLICE_POSITIONS", 1)  # at least one frame a slice
+    seen.clear()
+    with torch.no_grad():
+        per_frame_slices(fn, x)
+    assert seen == [1] * 7
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "frames of a channels_last batch"])
+def test_frame_conv_of_a_large_video_runs_a_band_of_rows_at_a_time(monkeypatch, layout):
+    torch.manual_seed(0)
+    conv = FrameConv(8, 8, (3, 1, 1), padding=(1, 0, 0))
+    frames = torch.randn(5, 8, 7, 6)
+    if layout != "contiguous":
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    x = rearrange(frames, "(b f) c h w -> b c f h w", f=5)
+    bands = []
+    with torch.no_grad():
+        whole = conv(x)
+        monkeypatch.setattr(layers, "SLICE_POSITIONS", 5 * 2 * 6)  # two rows of every frame a band
+        original = FrameConv._conv  # each band is one _conv call
+        monkeypatch.setattr(FrameConv, "_conv", lambda self, t: bands.append(t.shape[3]) or original(self, t))
+        banded = conv(x)
+    assert bands == [2, 2, 2, 1]
+    torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)  # the same sums (oneDNN may block them apart)
+    torch.testing.assert_close(banded, _conv3d_twin(conv)(x), rtol=1e-5, atol=1e-5)
+    # the output keeps the input's layout: the temporal decoder's (b c f h w -> (b f) c h w) stays a view
+    assert banded.stride() == x.stride()

@@ -10,7 +10,6 @@ parity tests also check the engine's key layout independently. diffusers'
 """
 import pytest
 import torch
-
 from conftest import assert_net_close
 from einops import rearrange
 from fixtures_temporal_vae import (
@@ -22,8 +21,7 @@ from fixtures_temporal_vae import (
     svd_state_dict,
     temporal_vae,
 )
-
-from kinema.models import checkpoint
+from kinema.models import checkpoint, layers
 from kinema.models.errors import KinemaError
 from kinema.models.vae import (
     SVD_COND_ENCODER_PREFIX,
@@ -168,6 +166,51 @@ def test_decode_frames_chunk_changes_the_output_as_in_sgm():
     assert float((by_two - all_frames).abs().max()) > 1e-3
     assert calls == [(2, FRAMES), (4, FRAMES), (5, FRAMES)]
     assert SVD_DECODE_CHUNK == 14 and TemporalAutoencoder.default_decode_chunk == SVD_DECODE_CHUNK
+
+
+def test_the_decoder_runs_its_per_frame_layers_on_slices_of_frames_with_the_same_output(monkeypatch):
+    """``layers.SLICE_POSITIONS`` bounds the frames a per-frame layer (spatial ResBlock halves, mid attention,
+    upsamplings, conv_out's 2D part) takes at once, and the rows a temporal conv takes at once: the same video."""
+    vae = temporal_vae()
+    z = torch.randn(FRAMES, 4, 8, 8, generator=_gen(6))
+    batches = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: batches.append(args[0].shape[0]))
+             for m in (vae.decoder.mid.attn_1, vae.decoder.up[0].block[0].conv1, vae.decoder.up[1].upsample.conv)]
+    try:
+        with torch.no_grad():
+            whole = vae.decode(z)
+            assert set(batches) == {FRAMES}
+            batches.clear()
+            monkeypatch.setattr(layers, "SLICE_POSITIONS", 2 * 8 * 8)  # 2 latent-size frames, 1 full-size frame
+            sliced = vae.decode(z)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert batches == [2, 2, 1] + [1] * FRAMES * 2  # mid attention; the full-size ResBlock; the last upsampling
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_temporal_group_norm_of_a_half_video_is_float32_groupnorm(monkeypatch, native):
+    """sgm's GroupNorm32 on an fp16 video: float32 slices of groups where the device's kernel would not accumulate
+    in float32; PyTorch's own kernel where it does (CUDA: ``NATIVE_HALF_GROUP_NORM``; the CPU stands in here)."""
+    from kinema.models import vae as vae_module
+
+    norm = torch.nn.GroupNorm(8, 16).half()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1), norm.bias.normal_(0, 0.1)
+    frames = (torch.randn(2 * 3, 16, 5, 7, generator=_gen(9)) * 3 + 1).half()
+    x = rearrange(frames, "(b f) c h w -> b c f h w", f=3)
+    calls = []
+    real = torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda t, *a, **k: calls.append(t.dtype) or real(t, *a, **k))
+    monkeypatch.setattr(vae_module, "GN_FP32_SLICE_BYTES", 2 * 3 * 2 * 35 * 4)  # one group's float32 copy a slice
+    monkeypatch.setattr(vae_module, "NATIVE_HALF_GROUP_NORM", frozenset({"cpu"} if native else ()))
+    out = vae_module._group_norm_fp32(norm, x)
+    reference = real(x.float(), 8, norm.weight.float(), norm.bias.float(), norm.eps)
+    assert out.dtype == torch.float16 and out.shape == x.shape
+    assert calls == ([torch.float16] if native else [torch.float32] * 8)
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-3)  # fp16 steps are 2e-3 at 2..4
 
 
 def test_encode_frames_with_temporal_vae():
