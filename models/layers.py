@@ -296,6 +296,10 @@ def flatten_hw(video: torch.Tensor) -> torch.Tensor:
 #: temporal decoder at full size: 14 frames of 1024x576), it runs on slices of at most this many positions (frames x
 #: height x width) written into one output: the same result, one slice's intermediates (PyTorch's and cuDNN's).
 SLICE_POSITIONS = 1 << 20
+#: Devices where ``FrameConv`` convolves a large video whole: the CPU's 2D form makes no whole-size copies to bound,
+#: and a band of rows of its channels_last video is not dense for oneDNN (bands made the SVD demo decoder's
+#: 4-frame 1024x1024 decode 1.5x slower).
+UNBANDED_DEVICES = frozenset({"cpu"})
 
 
 def per_frame_slices(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grow: int = 1) -> torch.Tensor:
@@ -325,9 +329,10 @@ class FrameConv(nn.Conv3d):
     oneDNN 3D kernel is no faster than the 2D one elsewhere (``bench/bench_frame_conv.py``). Other kernels, and
     other devices (cuDNN has its own 3D kernels, not measured here against the 2D form), run as Conv3d.
 
-    Such a kernel treats each pixel on its own: a video of more than ``SLICE_POSITIONS`` positions is convolved a
-    band of rows at a time into one output in the input's memory layout (the same sums; cuDNN's layout copies and
-    the output's are a band's, and the temporal decoder's ``b c f h w -> (b f) c h w`` after it stays a view).
+    Such a kernel treats each pixel on its own: off the CPU (``UNBANDED_DEVICES``) a video of more than
+    ``SLICE_POSITIONS`` positions is convolved a band of rows at a time into one output in the input's memory layout
+    (the same sums; cuDNN's layout copies and the output's are a band's, and the temporal decoder's
+    ``b c f h w -> (b f) c h w`` after it stays a view).
     """
 
     def _across_frames_only(self) -> bool:
@@ -339,7 +344,7 @@ class FrameConv(nn.Conv3d):
         if not self._across_frames_only():
             return super().forward(x)
         b, _, f, h, w = x.shape
-        if b * f * h * w <= SLICE_POSITIONS or h < 2:
+        if b * f * h * w <= SLICE_POSITIONS or h < 2 or x.device.type in UNBANDED_DEVICES:
             return self._conv(x)
         rows = max(1, SLICE_POSITIONS // (b * f * w))
         out = torch.empty_like(x) if self.out_channels == x.shape[1] else x.new_empty((b, self.out_channels, f, h, w))

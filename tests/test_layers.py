@@ -177,6 +177,10 @@ def test_frame_conv_of_a_large_video_runs_a_band_of_rows_at_a_time(monkeypatch, 
         monkeypatch.setattr(layers, "SLICE_POSITIONS", 5 * 2 * 6)  # two rows of every frame a band
         original = FrameConv._conv  # each band is one _conv call
         monkeypatch.setattr(FrameConv, "_conv", lambda self, t: bands.append(t.shape[3]) or original(self, t))
+        conv(x)
+        assert bands == [7]  # the CPU convolves it whole (UNBANDED_DEVICES)
+        bands.clear()
+        monkeypatch.setattr(layers, "UNBANDED_DEVICES", frozenset())  # as on a GPU
         banded = conv(x)
     assert bands == [2, 2, 2, 1]
     torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)  # the same sums (oneDNN may block them apart)
