@@ -59,13 +59,13 @@ from .tiling import TileOptions, run_tiled
 NO_TILES = TileOptions()
 logger = logging.getLogger("kinema")
 
-#: Frames decoded a call by the plain VAE when no chunk is given (frames are independent there): at most this
-#: many, and no more than fit in ``DECODE_CHUNK_PIXELS`` output pixels (``default_decode_chunk``).
+#: Frames a VAE call takes when no chunk is given and the frames are independent (the SD VAE; every encoder): at
+#: most this many, and no more than fit in ``CHUNK_PIXELS`` pixels (``frames_per_call``).
 DEFAULT_DECODE_CHUNK = 8
-#: Output pixels a default plain-VAE decode call holds: 4 frames at 512x512. An SD VAE decode in fp16 peaks at about
-#: 0.53 GiB a 512x512 frame on CUDA (8 frames: 4.4 GiB measured on an H200, ``bench/bench_gpu.py``), so 4 frames
-#: keep AnimateDiff's default policy under its sampling peak (3.5 GiB at 16 frames 512x512).
-DECODE_CHUNK_PIXELS = 4 * 512 * 512
+#: Pixels a default VAE call holds where frames are independent: 4 frames at 512x512. An SD VAE decode in fp16 peaks
+#: at about 0.53 GiB a 512x512 frame on CUDA (8 frames: 4.4 GiB measured on an H200, ``bench/bench_gpu.py``), so 4
+#: frames keep AnimateDiff's default policy under its sampling peak (3.5 GiB at 16 frames 512x512).
+CHUNK_PIXELS = 4 * 512 * 512
 #: Frames decoded a call by the SVD temporal decoder: ``decoding_t`` of sgm's simple_video_sample.py.
 SVD_DECODE_CHUNK = 14
 #: Where the published SVD files keep the video autoencoder and the conditioning-frame encoder.
@@ -522,14 +522,17 @@ def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, 
     return out
 
 
+def frames_per_call(height: int, width: int) -> int:
+    """Frames of ``height`` x ``width`` pixels a VAE call takes by default where frames are independent: as many as
+    ``CHUNK_PIXELS`` holds, at least 1 and at most ``DEFAULT_DECODE_CHUNK``."""
+    return max(1, min(DEFAULT_DECODE_CHUNK, CHUNK_PIXELS // max(1, height * width)))
+
+
 def default_decode_chunk(vae: nn.Module, height: int, width: int) -> int:
-    """Frames a decode call takes when none is asked for, for frames of ``height`` x ``width`` pixels: the VAE's own
-    ``default_decode_chunk`` where it has one (SVD's temporal decoder: the chunk is part of its output), else as many
-    as ``DECODE_CHUNK_PIXELS`` holds, at least 1 and at most ``DEFAULT_DECODE_CHUNK``."""
+    """Frames a decode call takes when none is asked for: the VAE's own ``default_decode_chunk`` where it has one (SVD's
+    temporal decoder: the chunk is part of its output), else ``frames_per_call``."""
     own = getattr(vae, "default_decode_chunk", None)
-    if own is not None:
-        return int(own)
-    return max(1, min(DEFAULT_DECODE_CHUNK, DECODE_CHUNK_PIXELS // max(1, height * width)))
+    return int(own) if own is not None else frames_per_call(height, width)
 
 
 def decode_frames(
@@ -542,7 +545,7 @@ def decode_frames(
     """Decode a video latent a chunk of frames at a time: [f, c, h, w] -> IMAGE [f, 8h, 8w, 3] in [0, 1].
 
     ``chunk`` None: the VAE's default (``default_decode_chunk``: AutoencoderKL up to ``DEFAULT_DECODE_CHUNK`` frames
-    within ``DECODE_CHUNK_PIXELS``, 4 at 512x512; ``SVD_DECODE_CHUNK`` for the SVD temporal decoder). With
+    within ``CHUNK_PIXELS``, 4 at 512x512; ``SVD_DECODE_CHUNK`` for the SVD temporal decoder). With
     AutoencoderKL frames are independent and the chunk only bounds memory.
     With the temporal decoder each chunk is decoded as ONE short video (its temporal layers mix the frames
     inside the chunk, never across chunks), so the chunk size changes the output: that is the original's
@@ -582,14 +585,15 @@ def decode_frames(
 def encode_frames(
     vae: AutoencoderKL | TemporalAutoencoder | ImageEncoderKL,
     images: torch.Tensor,
-    chunk: int = 8,
+    chunk: int | None = None,
     on_chunk: Callable[[int, int], None] | None = None,
     tiles: TileOptions = NO_TILES,
 ) -> torch.Tensor:
     """Encode IMAGE frames [f, H, W, 3] in [0, 1] a chunk at a time -> latent [f, z, H/8, W/8] (unscaled).
 
     H and W must be multiples of 8; an alpha channel ([f, H, W, 4]) is dropped. Frames are encoded
-    independently (the SVD encoder has no temporal layers), so the chunk only bounds memory. ``tiles`` (in image
+    independently (the SVD encoder has no temporal layers), so the chunk only bounds memory (None:
+    ``frames_per_call``, 4 at 512x512). ``tiles`` (in image
     pixels, multiples of 8): encode spatial tiles with feathered overlaps. Out of memory: the chunk is retried once
     with half the frames, then a KinemaError. fp16 overflow: that call again in fp32 (``Fp32Fallback``).
     ``on_chunk(done, total)`` is called after each chunk.
@@ -609,6 +613,8 @@ def encode_frames(
         raise KinemaError(f"VAE encode tiling: tile size and overlap must be multiples of 8 pixels, got "
                           f"{tiles.tile} and {tiles.overlap}")
     pixels = rearrange(images[..., :3], "f h w c -> f c h w")
+    if chunk is None:
+        chunk = frames_per_call(h, w)
 
     def encode(model, px: torch.Tensor) -> torch.Tensor:
         return model.encode(_layout(px.to(model.device, model.dtype) * 2 - 1)).float()

@@ -95,13 +95,14 @@ class KinemaVAEEncodeFrames:
                 "vae": ("KINEMA_VAE", {"tooltip": "The VAE from Load Checkpoint (Kinema)."}),
                 "pixels": ("IMAGE", {"tooltip": "The frames to encode, e.g. from Load Video (Kinema); "
                                                 "sides must be multiples of 8."}),
-                "frame_chunk": ("INT", {"default": 8, "min": 1, "max": 4096,
-                                        "tooltip": "Frames encoded at once; lower it if the GPU runs out of memory."}),
+                "frame_chunk": ("INT", {"default": 0, "min": 0, "max": 4096,
+                                        "tooltip": "Frames encoded at once; lower it if the GPU runs out of memory. "
+                                                   "0 = as many as fit in 4 frames of 512x512 (at most 8)."}),
             },
             "optional": _tile_inputs("encode"),
         }
 
-    def encode(self, vae, pixels, frame_chunk=8, tile_size=0, tile_overlap=64):
+    def encode(self, vae, pixels, frame_chunk=0, tile_size=0, tile_overlap=64):
         check_images(pixels, "VAE Encode Frames (Kinema)", channels=(3, 4))
         tile_size, tile_overlap = _pixel_tiles(tile_size, tile_overlap, "VAE Encode Frames (Kinema)")
         host.check_interrupt()
@@ -112,7 +113,7 @@ class KinemaVAEEncodeFrames:
             host.check_interrupt()
 
         tiles = TileOptions(tile_size, tile_overlap) if tile_size else TileOptions()
-        latent = vae_ops.encode_frames(vae, pixels, frame_chunk, on_chunk=on_chunk, tiles=tiles)
+        latent = vae_ops.encode_frames(vae, pixels, frame_chunk or None, on_chunk=on_chunk, tiles=tiles)
         return ({"samples": latent},)
 
 

@@ -96,7 +96,7 @@ def test_cpu_decode_and_encode_run_in_channels_last():
     assert layouts == [True, True]
 
 
-def test_the_default_decode_chunk_holds_four_frames_of_512x512():
+def test_the_default_chunk_holds_four_frames_of_512x512():
     """SD VAE: 4 frames a call at 512x512 (8 measured 4.45 GiB on a GPU, over AnimateDiff's 4 GB default), more for
     smaller frames up to 8, at least 1; SVD's temporal decoder keeps its 14 (the chunk is part of its output)."""
     assert [default_decode_chunk(AutoencoderKL, h, w) for h, w in ((512, 512), (256, 256), (384, 384), (768, 768),
@@ -104,9 +104,14 @@ def test_the_default_decode_chunk_holds_four_frames_of_512x512():
     assert default_decode_chunk(TemporalAutoencoder, 576, 1024) == 14
 
 
-def test_decode_frames_without_a_chunk_takes_the_default_for_the_frame_size(monkeypatch):
-    monkeypatch.setattr(vae_ops, "DECODE_CHUNK_PIXELS", 2 * 64 * 64)  # 2 frames of the 8x8 latent's 64x64
+def test_decode_and_encode_frames_without_a_chunk_take_the_default_for_the_frame_size(monkeypatch):
+    monkeypatch.setattr(vae_ops, "CHUNK_PIXELS", 2 * 64 * 64)  # 2 frames of the 8x8 latent's 64x64
     done = []
     images = decode_frames(sd_vae(), LATENT, on_chunk=lambda n, total: done.append((n, total)))
     assert done == [(2, 3), (3, 3)]
     torch.testing.assert_close(images, decode_frames(sd_vae(), LATENT, chunk=3), rtol=0, atol=1e-5)
+    done.clear()
+    frames = torch.cat([IMAGES, IMAGES[:1]])  # 3 frames of 64x64
+    latent = encode_frames(sd_vae(), frames, on_chunk=lambda n, total: done.append((n, total)))
+    assert done == [(2, 3), (3, 3)]
+    torch.testing.assert_close(latent, encode_frames(sd_vae(), frames, chunk=3), rtol=0, atol=1e-5)
