@@ -65,9 +65,9 @@ SVD_DECODE_CHUNK, LOW_DECODE_CHUNK = 14, 2
 
 def ad_decode_chunk(height: int, width: int) -> int:
     """Frames a decode call of the SD VAE: Kinema's default at that size (4 at 512x512), given to diffusers too."""
-    from kinema.models.vae import AutoencoderKL, default_decode_chunk
+    from kinema.models.vae import frames_per_call
 
-    return default_decode_chunk(AutoencoderKL, height, width)
+    return frames_per_call(height, width)
 
 
 @dataclass(frozen=True)
