@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 
+from . import placement
 from .errors import KinemaError
 from .offload import OffloadOptions
 from .placement import Placement
@@ -80,8 +81,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def release_cached_memory() -> None:
-    """Hand the accelerator's cached blocks back after an out-of-memory error, so a retry can use them."""
+    """After an out-of-memory error, so that a retry can use the memory: ask the host to unload its idle models
+    (``placement.make_room_all``: ComfyUI keeps its own loaded between prompts) and hand the accelerator's cached
+    blocks back."""
     if torch.cuda.is_available():
+        placement.make_room_all(torch.device("cuda", torch.cuda.current_device()))
         torch.cuda.empty_cache()
 
 

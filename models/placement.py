@@ -13,7 +13,7 @@ add-ons; ``none`` moves nothing.
 
 Moves are reference-counted, so nested uses of one model move it once. A host (ComfyUI) may register
 ``set_make_room(fn)``: ``fn(bytes, device)`` is asked to free that much before a model is brought in (ComfyUI
-unloads its own idle models then). Every move is reported to ``on_move(module, device)`` when given (the tests
+unloads its own idle models then), and everything it can after an out-of-memory error (``make_room_all``). Every move is reported to ``on_move(module, device)`` when given (the tests
 count moves this way; it works with a CPU "compute device" too).
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ class Placement:
 
 
 _make_room: Callable[[int, torch.device], None] | None = None
+#: What ``make_room_all`` asks the host to free: more than any device has (ComfyUI then unloads every idle model).
+ALL_BYTES = 1 << 62
 _users: dict[int, int] = {}  # id(weights) -> calls using them now
 
 
@@ -78,6 +80,13 @@ def _move(module: nn.Module, device: torch.device, on_move: OnMove | None) -> No
 def _room_for(module: nn.Module, device: torch.device) -> None:
     if _make_room is not None and device.type != "cpu":
         _make_room(module_bytes(module), device)
+
+
+def make_room_all(device: torch.device) -> None:
+    """Ask the host to free everything it holds idle on ``device`` (after an out-of-memory error: ComfyUI unloads
+    its own loaded models, Kinema's are not among them)."""
+    if _make_room is not None and device.type != "cpu":
+        _make_room(ALL_BYTES, device)
 
 
 def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> Stash:

@@ -156,6 +156,46 @@ def test_the_host_asks_comfyui_to_make_room_before_a_model_comes_in(monkeypatch)
     assert asked == [(80 + (256 << 20), torch.device("cuda"))]
 
 
+def test_after_an_out_of_memory_error_the_host_is_asked_to_unload_its_idle_models(monkeypatch):
+    """ComfyUI keeps its own models loaded between prompts: before an out-of-memory retry it is asked to free all it
+    can (``placement.make_room_all``), then the cached blocks go back; a failing host does not stop the retry."""
+    host = load_pack().nodes.host
+    asked, emptied = [], []
+
+    class FakeComfy:
+        @staticmethod
+        def free_memory(size, device):
+            asked.append((size, device))
+
+    monkeypatch.setattr(host, "_comfy_mm", FakeComfy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    memory.release_cached_memory()
+    assert asked == [(placement.ALL_BYTES + (256 << 20), torch.device("cuda", 0))] and emptied == [True]
+
+    class BrokenComfy:
+        @staticmethod
+        def free_memory(size, device):
+            raise RuntimeError("ComfyUI's API moved")
+
+    monkeypatch.setattr(host, "_comfy_mm", BrokenComfy)  # the host's hook swallows it: the retry goes on
+    memory.release_cached_memory()
+    assert emptied == [True, True]
+
+    calls = []
+    monkeypatch.setattr(memory, "release_cached_memory", lambda: calls.append("released"))
+
+    def run(setting):
+        calls.append(setting)
+        if setting == "big":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return "done"
+
+    assert memory.run_with_oom_retry(run, "big", lambda s: "small", "decoding", "lower it") == ("done", "small")
+    assert calls == ["big", "released", "small"]
+
+
 def test_the_host_reads_comfyuis_vram_state(monkeypatch):
     host = load_pack().nodes.host
 
