@@ -137,34 +137,25 @@ def _estimate(make, policies):
         ev.POLICIES = keep
 
 
-#: What an H200 measured (bench_gpu.py, torch 2.11, fp16) over what the meta device estimated for the same decode
-#: chunk: the estimate leaves out cuDNN's layout copies and workspaces. SD VAE, 8 frames 512x512: 4.45 / 2.66 GiB;
-#: SVD's temporal decoder, 14 frames 1024x576: 16.96 / 11.99 GiB. The sampling phases measured 1.08x and 1.16x.
-GPU_OVER_ESTIMATE_DECODE = {"animatediff": 1.7, "svd": 1.45}
-
-
 def test_real_size_animatediff_fits_4_gb_by_default():
     """SD1.5 + v2 motion module, 16 frames 512x512, fp16, the default policy (model offload): the weights plus
-    the activations of one cond + uncond UNet call, and the VAE decode, under 4 GB (3.28 GiB estimated, 3.54
-    measured). Before the feed-forward and temporal slices and the in-place adds, the UNet call alone took 4.40
-    GiB. The decode, scaled by what a GPU measured over the estimate, too: 8 frames a call measured 4.45 GiB,
-    hence the default chunk of 4 frames at 512x512 (``vae.default_decode_chunk``; 1.41 GiB estimated)."""
+    the activations of one cond + uncond UNet call, and the VAE decode, under 4 GB (3.46 GiB). Before the
+    feed-forward and temporal slices and the in-place adds, the UNet call alone took 4.40 GiB (without cuDNN's
+    layout copies); before the default decode chunk of 4 frames at 512x512, the 8-frame decode took 4.41 GiB
+    (an H200 measured 4.45, and 3.54 for the sampling this estimates at 3.46)."""
     w = _estimate(lambda ev, sc, args: ev.animatediff(sc, 16, 512, 512, args), ("model",))
     phases = w.phases["model"]
     activations = phases["sample"] - w.weights["UNet"] - w.weights["motion module"]
-    assert max(phases.values()) < 4e9 and activations < 1.0 * 2**30, phases
-    assert phases["decode"] * GPU_OVER_ESTIMATE_DECODE["animatediff"] < 4e9, phases
+    assert max(phases.values()) < 4e9 and activations < 1.25 * 2**30, phases
 
 
 def test_real_size_svd_xt_fits_16_gb_by_default_and_6_gb_with_block_offload_and_tiles():
     """SVD-XT, 25 frames 1024x576, fp16: default (model offload, the 14-frame temporal decode) under 16 GB,
-    block offload with VAE tiles under 6 GB. Before the float32 GroupNorm in slices of groups the decode took
-    17.9 GiB, and the UNet call with block offload 6.9 GiB; before the decoder's per-frame layers ran on slices
-    of frames (``layers.per_frame_slices``) 11.99 GiB estimated, 16.96 measured on an H200: 6.83 estimated now,
-    under 16 GB with the margin the GPU showed."""
+    block offload with VAE tiles under 6 GB. The decode took 17.9 GiB before the float32 GroupNorm in slices of
+    groups (estimated then without cuDNN's layout copies); 16.92 with them before the decoder's per-frame layers ran
+    on slices of frames (an H200 measured 16.96); 6.93 now. The UNet call with block offload 3.62 (measured 3.69)."""
     w = _estimate(lambda ev, sc, args: ev.svd(sc, 25, 1024, 576, args), ("model", "block-tiles"))
-    assert max(w.phases["model"].values()) < 16e9, w.phases["model"]
-    assert w.phases["model"]["decode"] * GPU_OVER_ESTIMATE_DECODE["svd"] < 16e9, w.phases["model"]
+    assert max(w.phases["model"].values()) < 16e9 and w.phases["model"]["decode"] < 8 * 2**30, w.phases["model"]
     assert max(w.phases["block-tiles"].values()) < 6e9, w.phases["block-tiles"]
 
 
