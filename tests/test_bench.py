@@ -123,6 +123,20 @@ def test_flash_attention_stand_in_allocates_output_and_logsumexp_only():
     assert peak == q.numel() * 2 + 2 * 8 * 4096 * 4  # the math path would hold 2 x 8 x 4096² scores
 
 
+def test_half_precision_convolution_stand_in_counts_cudnns_nhwc_copies():
+    import estimate_vram as ev
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1, device="meta", dtype=torch.float16)
+    x = torch.empty(2, 8, 32, 32, dtype=torch.float16, device="meta")  # made before the count, like a weight
+    size_in, size_out = x.numel() * 2, 2 * 16 * 32 * 32 * 2
+    assert ev.measure(lambda live: conv(x)) == size_in + 2 * size_out  # the input's and the output's NHWC copies
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert ev.measure(lambda live: conv(nhwc)) == size_out  # already NHWC: no copies
+    strided = torch.empty(2, 3, 8, 32, 32, dtype=torch.float16, device="meta").transpose(1, 2)  # frames as a video
+    peak = ev.measure(lambda live: torch.nn.functional.group_norm(strided, 4))
+    assert 2 * strided.numel() * 2 <= peak < 2 * strided.numel() * 2 + 1024  # the contiguous copy and the output
+
+
 def _estimate(make, policies):
     import argparse
 
