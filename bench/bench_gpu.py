@@ -16,7 +16,9 @@ same tensors with diffusers' single-file converters (AnimateDiff) or the tests' 
   image conditioning and the temporal VAE decode.
 
 Kinema runs each video under each memory policy (``model.with_options(offload=OffloadOptions(...))``):
-``none`` (everything resident on the GPU), ``model`` (UNet and motion module brought to the GPU for each
+``none`` (everything resident on the GPU), ``compiled`` (``none`` with the UNet's forward through
+``torch.compile``, ``--compile-backend`` / ``--compile-mode``, compiled by a one-step video first whose time is
+reported apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each
 sampling call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident``
 resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded
 in tiles of ``--tile`` pixels). A policy the engine does not know (``OffloadOptions.validate`` raises) is
@@ -40,6 +42,7 @@ Without a CUDA device and without ``--device cpu`` the script says so and exits 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import itertools
 import math
@@ -55,7 +58,7 @@ from _measure import command_line, cpu_name, register_pack, reset_peak_rss, rss_
 
 #: NVIDIA H200 SXM: 1,979 TFLOP/s fp16/bf16 tensor core with 2:4 sparsity, so 989.4 dense (the H100 SXM's too)
 H200_DENSE_FP16_TFLOPS = 989.4
-POLICIES = ("none", "model", "block", "block-chunk")
+POLICIES = ("none", "compiled", "model", "block", "block-chunk")
 DIFFUSERS_CONFIGS = ("plain", "chunked", "model-offload", "sequential-offload")
 MODELS = ("animatediff", "svd")
 SD_LATENT_SCALE = 0.18215
@@ -165,6 +168,7 @@ class Run:
     peak_decode: int | None = None
     start_memory: int | None = None
     latent: object = None
+    compile: float | None = None  # Kinema compiled: the one-step video that compiled the UNet, seconds
     note: str = ""  # skipped / failed: why
 
     @property
@@ -414,10 +418,15 @@ def _dtype_name(dtype) -> str:
 
 # -- Kinema --------------------------------------------------------------------------------------------------------
 
+def default_policies(device) -> list[str]:
+    """Every policy; on the CPU all but ``compiled`` (inductor's C++ compile takes minutes there)."""
+    return [p for p in POLICIES if p != "compiled" or device.type == "cuda"]
+
+
 def policy_options(policy: str, args, device):
     from kinema.models.offload import OffloadOptions
 
-    mode = {"none": "none", "model": "model", "block": "block", "block-chunk": "block"}[policy]
+    mode = {"none": "none", "compiled": "none", "model": "model", "block": "block", "block-chunk": "block"}[policy]
     opts = OffloadOptions(mode=mode, device=str(device), storage="cpu", resident=args.resident,
                           attn_chunk=args.attn_chunk if policy == "block-chunk" else 0)
     opts.validate()  # a mode the engine does not have raises KinemaError: the policy is skipped
@@ -438,12 +447,44 @@ def _park(w: Workload, device) -> None:
         placement.place(m, placement.Placement(device=str(device), offload=True, storage="cpu"))
 
 
+@contextlib.contextmanager
+def compiled_unet(unet, args):
+    """``unet``'s forward through ``torch.compile`` (``--compile-backend``, ``--compile-mode``) while in the block:
+    an instance attribute over the class's forward, deleted after, so the model is plain again. Dynamo keeps the
+    compiled code with the forward's code object: a later block with the same shapes reuses it."""
+    import torch
+
+    unet.forward = torch.compile(type(unet).forward.__get__(unet), backend=args.compile_backend,
+                                 mode=args.compile_mode)
+    try:
+        yield
+    finally:
+        del unet.forward
+
+
+def _sample(w: Workload, model, sample_opts, callback):
+    """The workload's sampling run (SVD: with the image conditioning) -> the final latent."""
+    import torch
+    from kinema.models import pipelines, svd_model
+
+    if w.kind == "animatediff":
+        return pipelines.sample_video(model, w.positive, w.negative, torch.zeros(w.noise.shape), sample_opts,
+                                      callback=callback)
+    cond, uncond = svd_model.image_conditioning(
+        w.image_encoder, w.vae, w.image,
+        svd_model.ImageConditioningOptions(width=w.width, height=w.height, frames=w.frames, fps=SVD_FPS,
+                                           motion_bucket_id=SVD_MOTION_BUCKET, augmentation_level=0.0))
+    return pipelines.sample_img2vid(model, cond, uncond, pipelines.empty_video_latent(w.frames, w.width, w.height),
+                                    sample_opts, callback=callback)
+
+
 def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: int | None = None,
                  decode: bool = True, recorder_for=None) -> Run:
     """One Kinema video under ``policy``; ``steps``/``decode`` shorten it (the warm-up), ``recorder_for(unet)``
-    attaches a ``CallRecorder`` for the FLOP count."""
+    attaches a ``CallRecorder`` for the FLOP count. ``compiled``: policy none with the UNet through torch.compile,
+    compiled by a one-step video first (its time is ``Run.compile``, not in the row's times)."""
     import torch
-    from kinema.models import pipelines, placement, svd_model
+    from kinema.models import pipelines, placement
     from kinema.models.tiling import TileOptions
     from kinema.models.vae import decode_frames
 
@@ -451,7 +492,7 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
     opts = policy_options(policy, args, device)
     model = w.model.with_options(offload=opts)
     placement.rest(model, opts)
-    aux = placement.Placement(device=str(device)) if policy == "none" else placement.Placement(
+    aux = placement.Placement(device=str(device)) if policy in ("none", "compiled") else placement.Placement(
         device=str(device), offload=True, storage="cpu")
     for m in _aux_models(w):
         placement.place(m, aux)
@@ -461,24 +502,21 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
                                           cfg=AD_CFG if w.kind == "animatediff" else SVD_MAX_CFG)
     clock = StepClock(meter)
     recorder = recorder_for(model.unet) if recorder_for else None
-    meter.clear()
-    run.start_memory = meter.now()
-    meter.reset()
+    compiling = compiled_unet(model.unet, args) if policy == "compiled" else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), compiling:
+            if policy == "compiled":
+                meter.sync()
+                t0 = time.perf_counter()
+                _sample(w, model, replace(sample_opts, steps=1), None)
+                meter.sync()
+                run.compile = time.perf_counter() - t0
+            meter.clear()
+            run.start_memory = meter.now()
+            meter.reset()
             clock.start()
             t0 = clock.stamps[0]
-            if w.kind == "animatediff":
-                latent = pipelines.sample_video(model, w.positive, w.negative, torch.zeros(w.noise.shape),
-                                                sample_opts, callback=clock.tick)
-            else:
-                cond, uncond = svd_model.image_conditioning(
-                    w.image_encoder, w.vae, w.image,
-                    svd_model.ImageConditioningOptions(width=w.width, height=w.height, frames=w.frames, fps=SVD_FPS,
-                                                       motion_bucket_id=SVD_MOTION_BUCKET, augmentation_level=0.0))
-                latent = pipelines.sample_img2vid(model, cond, uncond,
-                                                  pipelines.empty_video_latent(w.frames, w.width, w.height),
-                                                  sample_opts, callback=clock.tick)
+            latent = _sample(w, model, sample_opts, clock.tick)
             meter.sync()
             t1 = time.perf_counter()
             run.steps, run.sampling = clock.steps(), t1 - t0
@@ -811,11 +849,17 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
             f"| {r.impl} | {r.config} | {_s(r.median, '.3f')} | {_s(r.sampling)} | {_s(r.decode)} | {_s(r.total)} "
             f"| {_gib(r.peak_sampling)} | {_gib(r.peak_decode)} | {_gib(r.peak)} | {_gib(r.start_memory)} "
             f"| {_s(rate, '.3g')} | {_s(rate and rate / args.peak_tflops, '.3g')} | {_s(diff, '.1e')} |")
+    compiled = [r for r in runs if r.compile is not None]
+    if compiled:
+        lines += ["", "Compiling (the one-step video that compiled the UNet): " + "; ".join(
+            f"{r.impl} {r.config} {r.compile:.1f} s" for r in compiled) + "."]
     return lines
 
 
 POLICY_NOTES = {
     "none": "UNet, motion module, VAE and image encoder resident on the device",
+    "compiled": "none + the UNet's forward (with the motion modules) through torch.compile (backend "
+                "{compile_backend}, mode {compile_mode}), compiled by a one-step video first (not in the row)",
     "model": "UNet and motion module brought to the device for each sampling call; VAE and image encoder only "
              "while they run",
     "block": "UNet blocks (with their motion modules) streamed, {resident} resident; VAE and image encoder only "
@@ -884,7 +928,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=tuple(SCALES), default="real",
                    help="network sizes: " + "; ".join(f"{k}: {v.description}" for k, v in SCALES.items()))
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which workloads")
-    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES), help="Kinema memory policies")
+    p.add_argument("--policies", nargs="+", choices=POLICIES,
+                   help="Kinema memory policies (default: all; on the CPU all but compiled, whose C++ compile by "
+                        "inductor takes minutes there)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="the compiled policy's torch.compile backend (eager / aot_eager: dynamo's capture alone)")
+    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"), default="default",
+                   help="the compiled policy's torch.compile mode")
     p.add_argument("--diffusers", nargs="*", choices=DIFFUSERS_CONFIGS, default=list(DIFFUSERS_CONFIGS),
                    help="diffusers configurations (none given: diffusers is not run; the offloads need CUDA)")
     p.add_argument("--frames", type=int, help="frames (default: the scale's: real 16 AnimateDiff, 25 SVD-XT)")
@@ -928,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.policies = args.policies or default_policies(device)
     sc = SCALES[args.scale]
     args.attn_chunk = args.attn_chunk or sc.attn_chunk
     args.tile = args.tile or sc.tile

@@ -73,17 +73,52 @@ def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cann
     monkeypatch.setattr(bench_gpu, "diffusers_video", lambda w, pipe, config, *a, **k: video("diffusers")(w, config,
                                                                                                           **k))
     monkeypatch.setattr(bench_gpu, "_diffusers_pipeline", lambda *a: object())
-    args = bench_gpu.build_parser().parse_args(["--device", "cpu"])
+    args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--policies", *bench_gpu.POLICIES])
     written = []
     out = bench_gpu.bench_workload(SimpleNamespace(title="t"), args, torch.device("cpu"),
                                    SimpleNamespace(clear=lambda: None), None, None, deadline=45.0,
                                    on_run=lambda res: written.append(len(res["runs"])))
     ran = [(r.impl, r.config) for r in out["runs"] if not r.note]
-    assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "model")]  # 10 s each, from 10 s to 40 s
+    assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "compiled")]  # 10 s each, 10 s to 40 s
     skipped = [(r.impl, r.config) for r in out["runs"] if "time budget" in r.note]
-    assert skipped == [("Kinema", "block"), ("Kinema", "block-chunk"), ("diffusers", "chunked"),
+    assert skipped == [("Kinema", "model"), ("Kinema", "block"), ("Kinema", "block-chunk"), ("diffusers", "chunked"),
                        ("diffusers", "model-offload"), ("diffusers", "sequential-offload")]
-    assert written == list(range(1, 9))
+    assert written == list(range(1, 10))
+
+
+def test_bench_gpu_default_policies_leave_compiling_to_cuda():
+    assert bench_gpu.default_policies(torch.device("cpu")) == ["none", "model", "block", "block-chunk"]
+    assert bench_gpu.default_policies(torch.device("cuda", 0)) == list(bench_gpu.POLICIES)
+
+
+def test_bench_gpu_compiled_policy_runs_the_unet_through_torch_compile(capsys, monkeypatch):
+    """The compiled row: the UNet's forward goes through torch.compile (dynamo's capture, backend eager: inductor's
+    C++ compile would take minutes here) for a one-step video first, then the timed one; the same latents as the
+    plain policy, and the model is plain again after."""
+    from kinema.models.unet import UNetModel
+
+    compiled = []
+    real_compile = torch.compile
+
+    def spy(fn, **kwargs):
+        compiled.append((fn.__self__, kwargs))
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch._dynamo.reset()
+    argv = ["--device", "cpu", "--scale", "tiny", "--models", "animatediff", "--policies", "none", "compiled",
+            "--compile-backend", "eager", "--diffusers", "plain", "--frames", "2", "--steps", "2"]
+    assert bench_gpu.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out
+    rows = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in out.splitlines()
+            if line.startswith("| Kinema |")}
+    assert rows["compiled"] == rows["none"]  # latents vs diffusers plain: the same difference
+    assert "Compiling (the one-step video that compiled the UNet): Kinema compiled" in out
+    (unet, kwargs), = compiled
+    assert isinstance(unet, UNetModel) and "forward" not in vars(unet)
+    assert kwargs == {"backend": "eager", "mode": "default"}
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo captured the UNet's graphs
 
 
 @pytest.mark.slow
