@@ -34,8 +34,10 @@ achieved TFLOP/s and its fraction of the device's peak: FLOPs of one sampling st
 cond + uncond batch, counted once per implementation with ``torch.utils.flop_counter.FlopCounterMode`` on the
 inputs the UNet got in the warm-up video; Kinema's count for every row, the work the video needs: diffusers'
 own count, also printed, is higher where it repeats work, e.g. the text keys and values for every frame) / the
-median step time / ``--peak-tflops`` (default: the H200's dense fp16/bf16 tensor-core peak, 989.4 TFLOP/s). Also how far each final latent is from diffusers' plain one (fp16
-random weights: a rough check that both computed the same video).
+median step time / ``--peak-tflops`` (default: the H200's dense fp16/bf16 tensor-core peak, 989.4 TFLOP/s).
+With ``--profile N``, the N first kernels (CPU: operators) of one UNet call of each implementation by time. Also
+how far each final latent is from diffusers' plain one (fp16 random weights: a rough check that both computed the
+same video).
 
 Without a CUDA device and without ``--device cpu`` the script says so and exits 0.
 """
@@ -219,6 +221,32 @@ def count_flops(module, args: tuple, kwargs: dict) -> int:
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
         module(*args, **kwargs)
     return counter.get_total_flops()
+
+
+def profile_call(module, args: tuple, kwargs: dict, device, top: int) -> list[tuple[str, float, float]]:
+    """The operators and kernels of one ``module(*args, **kwargs)`` by self time, most first: (name, seconds,
+    share of the call). Under ``torch.profiler`` after one call to warm up; on CUDA the kernels' device time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    cuda = torch.device(device).type == "cuda"
+    with torch.no_grad():
+        module(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            module(*args, **kwargs)
+            if cuda:
+                torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    if cuda:  # the kernels (not the operators launching them, nor the profiler's own events): device time
+        times = [(e.key, e.self_device_time_total / 1e6) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+    else:
+        times = [(e.key, e.self_cpu_time_total / 1e6) for e in events]
+    total = sum(t for _, t in times) or 1.0
+    return [(k, t, t / total) for k, t in sorted(times, key=lambda kt: -kt[1])[:top]]
 
 
 class CallRecorder:
@@ -728,7 +756,7 @@ def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype, on
     ``on_run(out)`` is called after each run (the caller rewrites the report: a run cut off later keeps what it
     measured). ``deadline`` (``time.monotonic()``): a run that would likely end after it, judged by the longest
     run so far, is skipped with a note instead of being started."""
-    out = {"workload": w, "runs": [], "flops": {}}
+    out = {"workload": w, "runs": [], "flops": {}, "profile": {}}
     recorders = []
 
     def record(unet):
@@ -745,6 +773,8 @@ def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype, on
         placement.rest(model, model.offload)
         a, k = recorders[-1].calls[0]
         out["flops"]["Kinema"] = count_flops(model.unet, a, k) * len(recorders[-1].calls)
+        if args.profile:
+            out["profile"]["Kinema"] = profile_call(model.unet, a, k, device, args.profile)
         recorders.clear()
         _park(w, device)
         meter.clear()
@@ -796,6 +826,8 @@ def _diffusers_pipeline(w: Workload, args, device, meter: Meter, dtype, vae_dtyp
         pipe.to(device)
         a, k = recorders[-1].calls[0]
         out["flops"]["diffusers"] = count_flops(pipe.unet, a, k) * len(recorders[-1].calls)
+        if args.profile:
+            out["profile"]["diffusers"] = profile_call(pipe.unet, a, k, device, args.profile)
         recorders.clear()
         pipe.to("cpu")
         meter.clear()
@@ -849,6 +881,13 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
             f"| {r.impl} | {r.config} | {_s(r.median, '.3f')} | {_s(r.sampling)} | {_s(r.decode)} | {_s(r.total)} "
             f"| {_gib(r.peak_sampling)} | {_gib(r.peak_decode)} | {_gib(r.peak)} | {_gib(r.start_memory)} "
             f"| {_s(rate, '.3g')} | {_s(rate and rate / args.peak_tflops, '.3g')} | {_s(diff, '.1e')} |")
+    for impl, rows in res.get("profile", {}).items():
+        where = "kernels by device time" if meter.cuda else "operators by self CPU time"
+        title = (f"{impl}, one UNet call of the warm-up step under torch.profiler: the {len(rows)} first {where} "
+                 f"(--profile)")
+        lines += ["", title, "", "| name | ms | share |", "|---|---:|---:|"]
+        lines += [f"| {name[:120].replace('|', '/')} | {t * 1e3:.2f} | {100 * share:.1f} % |"
+                  for name, t, share in rows]
     compiled = [r for r in runs if r.compile is not None]
     if compiled:
         lines += ["", "Compiling (the one-step video that compiled the UNet): " + "; ".join(
@@ -931,6 +970,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", nargs="+", choices=POLICIES,
                    help="Kinema memory policies (default: all; on the CPU all but compiled, whose C++ compile by "
                         "inductor takes minutes there)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one UNet call of each implementation (torch.profiler) and list its N first "
+                        "kernels (CUDA) or operators (CPU) by time")
     p.add_argument("--compile-backend", default="inductor",
                    help="the compiled policy's torch.compile backend (eager / aot_eager: dynamo's capture alone)")
     p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",

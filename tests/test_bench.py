@@ -47,12 +47,17 @@ def test_bench_gpu_skips_a_policy_the_engine_does_not_know(monkeypatch):
 def test_bench_gpu_cpu_smoke_svd(capsys, tmp_path):
     report = tmp_path / "gpu_report.md"
     argv = ["--device", "cpu", "--scale", "tiny", "--models", "svd", "--policies", "none", "block-chunk",
-            "--diffusers", "plain", "--frames", "2", "--steps", "2", "--output", str(report), "--time-budget", "3600"]
+            "--diffusers", "plain", "--frames", "2", "--steps", "2", "--output", str(report), "--time-budget", "3600",
+            "--profile", "4"]
     assert bench_gpu.main(argv) == 0  # no --threads above: it would change the session's
     out = capsys.readouterr().out
     assert report.read_text(encoding="utf-8") == out
     assert "| Kinema | none |" in out and "| Kinema | block-chunk |" in out and "| diffusers | plain |" in out
     assert "failed" not in out
+    for impl in ("Kinema", "diffusers"):  # --profile: the first 4 operators of one UNet call, by time
+        section = out.split(f"{impl}, one UNet call of the warm-up step under torch.profiler")[1]
+        rows = [line for line in section.split("\n\n")[1].splitlines() if line.startswith("| aten::")]
+        assert len(rows) == 4 and "aten::mkldnn_convolution" in section.split("\n\n")[1]
 
 
 def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cannot_hold(monkeypatch):
