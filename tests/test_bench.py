@@ -111,6 +111,7 @@ def test_bench_gpu_compiled_policy_runs_the_unet_through_torch_compile(capsys, m
 
     monkeypatch.setattr(torch, "compile", spy)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     argv = ["--device", "cpu", "--scale", "tiny", "--models", "animatediff", "--policies", "none", "compiled",
             "--compile-backend", "eager", "--diffusers", "plain", "--frames", "2", "--steps", "2"]
     assert bench_gpu.main(argv) == 0
