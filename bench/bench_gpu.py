@@ -16,9 +16,9 @@ same tensors with diffusers' single-file converters (AnimateDiff) or the tests' 
   image conditioning and the temporal VAE decode.
 
 Kinema runs each video under each memory policy (``model.with_options(offload=OffloadOptions(...))``):
-``none`` (everything resident on the GPU), ``compiled`` (``none`` with the UNet's forward through
-``torch.compile``, ``--compile-backend`` / ``--compile-mode``, compiled by a one-step video first whose time is
-reported apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each
+``none`` (everything resident on the GPU), ``compiled`` (``none`` with the UNet through ``torch.compile``, the
+pack's ``CompileOptions``: ``--compile-backend`` / ``--compile-mode``, compiled by a one-step video first whose
+time is reported apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each
 sampling call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident``
 resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded
 in tiles of ``--tile`` pixels). A policy the engine does not know (``OffloadOptions.validate`` raises) is
@@ -44,7 +44,6 @@ Without a CUDA device and without ``--device cpu`` the script says so and exits 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import itertools
 import math
@@ -475,21 +474,6 @@ def _park(w: Workload, device) -> None:
         placement.place(m, placement.Placement(device=str(device), offload=True, storage="cpu"))
 
 
-@contextlib.contextmanager
-def compiled_unet(unet, args):
-    """``unet``'s forward through ``torch.compile`` (``--compile-backend``, ``--compile-mode``) while in the block:
-    an instance attribute over the class's forward, deleted after, so the model is plain again. Dynamo keeps the
-    compiled code with the forward's code object: a later block with the same shapes reuses it."""
-    import torch
-
-    unet.forward = torch.compile(type(unet).forward.__get__(unet), backend=args.compile_backend,
-                                 mode=args.compile_mode)
-    try:
-        yield
-    finally:
-        del unet.forward
-
-
 def _sample(w: Workload, model, sample_opts, callback):
     """The workload's sampling run (SVD: with the image conditioning) -> the final latent."""
     import torch
@@ -513,12 +497,14 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
     compiled by a one-step video first (its time is ``Run.compile``, not in the row's times)."""
     import torch
     from kinema.models import pipelines, placement
+    from kinema.models.compiling import CompileOptions
     from kinema.models.tiling import TileOptions
     from kinema.models.vae import decode_frames
 
     run = Run("Kinema", policy)
     opts = policy_options(policy, args, device)
-    model = w.model.with_options(offload=opts)
+    compile = CompileOptions(args.compile_backend, args.compile_mode) if policy == "compiled" else None
+    model = w.model.with_options(offload=opts, compile=compile)
     placement.rest(model, opts)
     aux = placement.Placement(device=str(device)) if policy in ("none", "compiled") else placement.Placement(
         device=str(device), offload=True, storage="cpu")
@@ -530,9 +516,8 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
                                           cfg=AD_CFG if w.kind == "animatediff" else SVD_MAX_CFG)
     clock = StepClock(meter)
     recorder = recorder_for(model.unet) if recorder_for else None
-    compiling = compiled_unet(model.unet, args) if policy == "compiled" else contextlib.nullcontext()
     try:
-        with torch.no_grad(), compiling:
+        with torch.no_grad():
             if policy == "compiled":
                 meter.sync()
                 t0 = time.perf_counter()
@@ -897,7 +882,7 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
 
 POLICY_NOTES = {
     "none": "UNet, motion module, VAE and image encoder resident on the device",
-    "compiled": "none + the UNet's forward (with the motion modules) through torch.compile (backend "
+    "compiled": "none + the UNet (with the motion modules) through torch.compile (backend "
                 "{compile_backend}, mode {compile_mode}), compiled by a one-step video first (not in the row)",
     "model": "UNet and motion module brought to the device for each sampling call; VAE and image encoder only "
              "while they run",
@@ -961,6 +946,9 @@ NO_CUDA = ("bench_gpu.py measures the real-size models on a CUDA GPU and there i
 
 
 def build_parser() -> argparse.ArgumentParser:
+    register_pack()
+    from kinema.models.compiling import COMPILE_BACKENDS, COMPILE_MODES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when there is one, else say so and exit)")
@@ -973,11 +961,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one UNet call of each implementation (torch.profiler) and list its N first "
                         "kernels (CUDA) or operators (CPU) by time")
-    p.add_argument("--compile-backend", default="inductor",
-                   help="the compiled policy's torch.compile backend (eager / aot_eager: dynamo's capture alone)")
-    p.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
-                                              "max-autotune-no-cudagraphs"), default="default",
-                   help="the compiled policy's torch.compile mode")
+    p.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
+                   help="the compiled policy's torch.compile backend (the pack's CompileOptions; eager: dynamo's "
+                        "capture alone)")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                   help="the compiled policy's torch.compile mode (inductor)")
     p.add_argument("--diffusers", nargs="*", choices=DIFFUSERS_CONFIGS, default=list(DIFFUSERS_CONFIGS),
                    help="diffusers configurations (none given: diffusers is not run; the offloads need CUDA)")
     p.add_argument("--frames", type=int, help="frames (default: the scale's: real 16 AnimateDiff, 25 SVD-XT)")

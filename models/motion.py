@@ -21,9 +21,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from . import compiling
 from .addons import ControlReuse, content_cross_extra, control_residuals, video_frames
+from .compiling import CompileOptions, check_offload
 from .errors import KinemaError
-from .layers import FeedForward, RunOptions, attention, by_rows, row_step
+from .layers import FeedForward, RunOptions, SharedContext, attention, by_rows, row_step
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
 from .sampling import DiscreteSchedule
 from .unet import Slot, UNetConfig, UNetModel
@@ -398,6 +400,10 @@ class MotionModel:
     contents: tuple = ()
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
     offload: OffloadOptions = NO_OFFLOAD  # the memory policy: model or block offload (offload.OffloadOptions)
+    compile: CompileOptions | None = None  # the UNet through torch.compile (compiling.CompileOptions)
+
+    def __post_init__(self):
+        check_offload(self.compile, self.offload)
 
     @property
     def compute_device(self) -> torch.device:
@@ -474,9 +480,10 @@ class MotionModel:
             control = residuals() if control_reuse is None else control_reuse.residuals_for(residuals, flags,
                                                                                              num_frames)
             cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
+        context = SharedContext.of(context)  # here, not in the UNet: a compiled UNet gets it without a graph break
         try:
-            return self.unet(x, timesteps, context, opts, binding, control=control, cross_extra=cross_extra,
-                             stream=stream)
+            return compiling.run(self.unet, self.compile, x, timesteps, context, opts, binding, control=control,
+                                 cross_extra=cross_extra, stream=stream)
         finally:
             if stream is not None:
                 stream.close()

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from . import compiling
+from .compiling import CompileOptions, check_offload
 from .errors import KinemaError
 from .layers import RunOptions
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
@@ -64,6 +66,10 @@ class SVDModel:
     name: str = ""
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
     offload: OffloadOptions = NO_OFFLOAD  # the memory policy: model or block offload (offload.OffloadOptions)
+    compile: CompileOptions | None = None  # the UNet through torch.compile (compiling.CompileOptions)
+
+    def __post_init__(self):
+        check_offload(self.compile, self.offload)
 
     @property
     def compute_device(self) -> torch.device:
@@ -101,9 +107,9 @@ class SVDModel:
             indicator = x.new_ones(x.shape[0] // num_frames, num_frames)
         stream = BlockStreamer(self.offload) if self.offload.mode == "block" else None
         try:
-            return self.unet(x, timesteps, context, y, num_frames, RunOptions(num_frames=num_frames,
-                                                                              attn_chunk=attn_chunk),
-                             image_only_indicator=indicator, stream=stream)
+            return compiling.run(self.unet, self.compile, x, timesteps, context, y, num_frames,
+                                 RunOptions(num_frames=num_frames, attn_chunk=attn_chunk),
+                                 image_only_indicator=indicator, stream=stream)
         finally:
             if stream is not None:
                 stream.close()

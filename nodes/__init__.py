@@ -1,6 +1,7 @@
 """Kinema's node classes (V1 API). Each module adds its own mappings."""
 from . import (
     animatediff,
+    compiling,
     conditioning,
     content,
     context,
@@ -21,7 +22,7 @@ from . import (
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 for _module in (loaders, svd, animatediff, lora, context, conditioning, depth, structure, content, guidance, memory,
-                latent, sampler, vae, video_input, video_output):
+                compiling, latent, sampler, vae, video_input, video_output):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

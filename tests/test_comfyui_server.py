@@ -452,6 +452,20 @@ def test_a_diffusers_motion_adapter_with_the_lcm_sampler(server, object_info, mo
     _queue_prepared(server, str(path), "txt2vid with a diffusers MotionAdapter and lcm", tmp_path)
 
 
+def test_the_compile_node_runs_in_comfyui(server, object_info, tmp_path):
+    """Compile Model (Kinema) between the model and the Video Sampler of the text-to-video workflow, backend eager
+    (dynamo's capture in ComfyUI's prompt worker thread; inductor's code generation takes minutes on a CPU)."""
+    prompt = _demo_api_prompt(os.path.join(ROOT, "workflows", "api", "animatediff_txt2vid.json"), object_info)
+    (sampler,) = [node for node in prompt.values() if node["class_type"] == "KinemaVideoSampler"]
+    prompt["kinema_compile"] = {"class_type": "KinemaCompileModel",
+                                "inputs": {"model": sampler["inputs"]["model"], "backend": "eager", "mode": "default"}}
+    sampler["inputs"]["model"] = ["kinema_compile", 0]
+    path = tmp_path / "txt2vid_compiled.json"
+    path.write_text(json.dumps(prompt), encoding="utf-8")
+    _queue_prepared(server, str(path), "txt2vid with Compile Model", tmp_path)
+    assert "Kinema: compiling the UNetModel with torch.compile (eager)" in server.log()  # why the first step waits
+
+
 def _queue_and_wait(server, prompt):
     """Queue the API ``prompt`` and follow it on the websocket: (the message that ended it, or None at the
     timeout; the binary messages it sent meanwhile)."""

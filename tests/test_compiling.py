@@ -1,0 +1,111 @@
+"""torch.compile of the video UNets (models/compiling.py, the Compile Model node): dynamo captures each UNet whole,
+in one graph without breaks, reuses it over the steps, and the video is the one the plain model makes. Backend
+eager (dynamo's capture, PyTorch's kernels): inductor's code generation takes minutes on a CPU and is torch's to
+test; bench_gpu.py's compiled row measures it on a GPU."""
+import os
+
+import pytest
+import torch
+from conftest import load_pack
+from fixtures import motion_model
+from kinema.models import compiling, pipelines
+from kinema.models.compiling import CompileOptions
+from kinema.models.errors import KinemaError
+from kinema.models.offload import OffloadOptions
+
+HW = 16
+EAGER = CompileOptions(backend="eager")
+
+
+@pytest.fixture
+def dynamo():
+    """Dynamo's caches and counters cleared before and after: the counts are this test's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+def _captured_once(counters) -> None:
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the whole UNet, one graph
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["frames"]["total"] == 1  # compiled at the first of the 3 steps, reused by the next ones
+    assert counters["stats"]["calls_captured"] > 100
+
+
+def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo):
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    opts = pipelines.SampleOptions(seed=7, steps=3, cfg=5.0)
+    with torch.no_grad():
+        plain = pipelines.sample_video(motion_model("v2"), pos, neg, torch.zeros(4, 4, HW, HW), opts)
+        model = motion_model("v2").with_options(compile=EAGER)
+        compiled = pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW), opts)
+    assert float((compiled - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
+    _captured_once(dynamo)
+    assert "forward" not in vars(model.unet)  # nothing patched into the model
+
+
+def test_a_compiled_svd_model_makes_the_same_video_from_one_graph(dynamo, tmp_path):
+    from fixtures_svd_pipeline import write_svd
+    from kinema.models import checkpoint, svd_model
+
+    bundle = checkpoint.load_svd(write_svd(os.path.join(tmp_path, "svd_tiny.safetensors")))
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    cond, uncond = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image,
+                                                svd_model.ImageConditioningOptions(width=64, height=64, frames=3))
+    latent = pipelines.empty_video_latent(3, 64, 64)
+    opts = pipelines.SampleOptions(seed=1, steps=3, cfg=2.5, scheduler="karras")
+    with torch.no_grad():
+        plain = pipelines.sample_img2vid(bundle.model, cond, uncond, latent, opts)
+        dynamo.clear()
+        compiled = pipelines.sample_img2vid(bundle.model.with_options(compile=EAGER), cond, uncond, latent, opts)
+    assert float((compiled - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
+    _captured_once(dynamo)
+
+
+def test_block_offload_and_compile_are_refused_together():
+    block = OffloadOptions(mode="block", device="cpu")
+    with pytest.raises(KinemaError, match="block offload.*Memory Policy's offload to none or model"):
+        motion_model("v2").with_options(offload=block, compile=EAGER)
+    pack = load_pack()
+    (compiled,) = pack.nodes.compiling.KinemaCompileModel().apply(motion_model("v2"), "eager", "default")
+    assert compiled.compile == EAGER
+    with pytest.raises(KinemaError, match="cannot use block offload"):  # the policy after the compile node
+        pack.nodes.memory.KinemaMemoryPolicy().apply(compiled, "block")
+    (streamed,) = pack.nodes.memory.KinemaMemoryPolicy().apply(motion_model("v2"), "block")
+    with pytest.raises(KinemaError, match="cannot use block offload"):  # and before it
+        pack.nodes.compiling.KinemaCompileModel().apply(streamed, "inductor", "default")
+    (kept,) = pack.nodes.memory.KinemaMemoryPolicy().apply(compiled, "model")
+    assert kept.compile == EAGER and kept.offload.mode == "model"
+
+
+@pytest.mark.parametrize("opts, match", [(CompileOptions(backend="cudagraphs"), "unknown compile backend"),
+                                         (CompileOptions(mode="reduce-overhead"), "unknown compile mode")])
+def test_compile_options_are_checked(opts, match):
+    with pytest.raises(KinemaError, match=match):
+        opts.validate()
+
+
+def test_the_compile_node_takes_video_models_only():
+    with pytest.raises(KinemaError, match="takes a video model"):
+        load_pack().nodes.compiling.KinemaCompileModel().apply("not a model")
+
+
+def test_a_backend_that_fails_is_a_kinema_error_naming_the_fix(monkeypatch, dynamo):
+    def broken(gm, example_inputs):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setattr(compiling, "compiled_call", lambda opts: torch.compile(compiling._call, backend=broken))
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(KinemaError, match="could not compile the Linear: .*triton.*remove Compile Model"):
+        compiling.run(net, EAGER, torch.ones(1, 3))
+
+
+def test_without_options_the_net_runs_as_it_is(monkeypatch):
+    monkeypatch.setattr(compiling, "compiled_call", lambda opts: pytest.fail("compiled without options"))
+    net = torch.nn.Linear(3, 2)
+    x = torch.ones(1, 3)
+    assert torch.equal(compiling.run(net, None, x), net(x))
