@@ -13,7 +13,6 @@ from kinema.models.compiling import CompileOptions
 from kinema.models.errors import KinemaError
 from kinema.models.offload import OffloadOptions
 
-HW = 16
 EAGER = CompileOptions(backend="eager")
 
 
@@ -31,20 +30,32 @@ def dynamo():
 def _captured_once(counters) -> None:
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # the whole UNet, one graph
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["frames"]["total"] == 1  # compiled at the first of the 3 steps, reused by the next ones
+    assert counters["frames"]["total"] == 1  # compiled at the first call, reused by the next ones
     assert counters["stats"]["calls_captured"] > 100
 
 
 def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo):
+    """With a ControlNet, an IP-Adapter and context windows, which all pass through the compiled call."""
+    from fixtures_controlnet import controlnet
+    from fixtures_ip_adapter import ip_adapter
+    from kinema.models import addons, demo
+    from kinema.models.clip_vision import load_image_encoder
+    from kinema.models.context import ContextOptions
+
     g = torch.Generator().manual_seed(3)
     pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
-    opts = pipelines.SampleOptions(seed=7, steps=3, cfg=5.0)
+    encoder = load_image_encoder(demo.clip_vision_state_dict(0, torch.float32), None, torch.float32, "clip vision")
+    content = addons.image_content(ip_adapter(), encoder, torch.rand(1, 64, 64, 3, generator=g), weight=1.0)
+    hint = addons.control_hint(controlnet(), torch.rand(4, 64, 64, 3, generator=g))
+    opts = pipelines.SampleOptions(seed=7, steps=3, cfg=5.0, context=ContextOptions(context_length=8, overlap=4))
+    latent = torch.zeros(12, 4, 8, 8)  # 64x64 pixels, the hints' size; 12 frames: windows of 8
     with torch.no_grad():
-        plain = pipelines.sample_video(motion_model("v2"), pos, neg, torch.zeros(4, 4, HW, HW), opts)
-        model = motion_model("v2").with_options(compile=EAGER)
-        compiled = pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW), opts)
+        plain = pipelines.sample_video(motion_model("v2").with_options(controls=(hint,), contents=(content,)),
+                                       pos, neg, latent, opts)
+        model = motion_model("v2").with_options(controls=(hint,), contents=(content,), compile=EAGER)
+        compiled = pipelines.sample_video(model, pos, neg, latent, opts)
     assert float((compiled - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
-    _captured_once(dynamo)
+    _captured_once(dynamo)  # every window and step of the 3 reuses the graph
     assert "forward" not in vars(model.unet)  # nothing patched into the model
 
 
