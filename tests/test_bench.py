@@ -10,6 +10,7 @@ sys.path.insert(0, BENCH)
 
 import bench_all
 import bench_gpu
+import probe_vae_memory
 
 
 @pytest.mark.parametrize("plan", sorted(bench_all.PLANS))
@@ -223,3 +224,25 @@ def test_profile_step_runs_kinema_beside_diffusers(model, capsys):
     assert "| one call (s) |" in out and "Kinema / diffusers" in out
     assert "Kinema, self CPU time by operator" in out and "diffusers, self CPU time by operator" in out
     assert "Kinema in channels_last" in out
+
+
+def test_probe_vae_memory_replays_the_trace_to_its_peak():
+    root = probe_vae_memory.ROOT
+    ours = [{"filename": os.path.join(root, "models", "vae.py"), "line": 7, "name": "decode"},
+            {"filename": "/torch/nn/functional.py", "line": 1, "name": "conv2d"}]
+    ours = [ours[1], ours[0]]  # innermost first, as torch records them
+    other = [{"filename": "/torch/x.py", "line": 3, "name": "f"}]
+    events = [{"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+              {"action": "alloc", "addr": 2, "size": 50, "frames": other},
+              {"action": "free_completed", "addr": 2, "size": 50},
+              {"action": "alloc", "addr": 3, "size": 80, "frames": ours},   # the peak: 1 and 3 alive, 180
+              {"action": "free_completed", "addr": 1, "size": 100},
+              {"action": "alloc", "addr": 4, "size": 60, "frames": other}]  # 140, not a peak
+    peak, alive = probe_vae_memory.peak_allocations(events)
+    assert peak == 180 and sorted(alive) == [1, 3]
+    assert probe_vae_memory.by_source(alive) == [(os.path.join("models", "vae.py") + ":7 (decode)", 180, 2)]
+
+
+def test_probe_vae_memory_cpu_check(capsys):
+    assert probe_vae_memory.main(["--device", "cpu"]) == 0
+    assert "the decode ran" in capsys.readouterr().out
