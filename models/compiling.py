@@ -68,6 +68,9 @@ def compiled_call(opts: CompileOptions) -> Callable:
     return torch.compile(_call, backend=opts.backend, mode=mode)
 
 
+_seen: set = set()  # (options, network, input shapes) already said in the log
+
+
 def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
     """``net(*args, **kwargs)``, compiled with ``opts`` when given. The first call with new sizes compiles (said
     in the log: the first sampling step takes minutes then)."""
@@ -87,5 +90,3 @@ def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
                           "package that comes with PyTorch's CUDA builds; Windows: triton-windows) and a C++ compiler "
                           "for the CPU; or remove Compile Model (Kinema) from the workflow") from e
 
-
-_seen: set = set()

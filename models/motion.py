@@ -480,7 +480,8 @@ class MotionModel:
             control = residuals() if control_reuse is None else control_reuse.residuals_for(residuals, flags,
                                                                                              num_frames)
             cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
-        context = SharedContext.of(context)  # here, not in the UNet: a compiled UNet gets it without a graph break
+        if self.compile is not None:  # found here: inside the UNet it is a data-dependent branch, a graph break
+            context = SharedContext.of(context)
         try:
             return compiling.run(self.unet, self.compile, x, timesteps, context, opts, binding, control=control,
                                  cross_extra=cross_extra, stream=stream)

@@ -13,10 +13,11 @@ block structure at a reduced width, as ``fixtures.MEDIUM`` is for AnimateDiff.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
-from kinema.models import checkpoint, demo
+from kinema.models import checkpoint, demo, pipelines, svd_model
 from kinema.models.vae import SVD_COND_ENCODER_PREFIX, SVD_VAE_PREFIX
 
 
@@ -48,6 +49,17 @@ def svd_state_dict() -> dict:
 def write_svd(path: str) -> str:
     demo._save(svd_state_dict(), path)
     return path
+
+
+def tiny_img2vid(directory: str, frames: int = 3, size: int = 64):
+    """The demo-size SVD file written to ``directory`` and loaded, and an image's conditioning for a ``frames``
+    video of ``size`` pixels: (bundle, cond, uncond, the empty latent)."""
+    bundle = checkpoint.load_svd(write_svd(os.path.join(directory, "svd_tiny.safetensors")))
+    image = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(1))
+    cond, uncond = svd_model.image_conditioning(
+        bundle.image_encoder, bundle.vae, image,
+        svd_model.ImageConditioningOptions(width=size, height=size, frames=frames))
+    return bundle, cond, uncond, pipelines.empty_video_latent(frames, size, size)
 
 
 def diffusers_svd_pipeline(bundle, sd: dict | None = None, build_device: str | None = None):

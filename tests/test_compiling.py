@@ -2,8 +2,6 @@
 in one graph without breaks, reuses it over the steps, and the video is the one the plain model makes. Backend
 eager (dynamo's capture, PyTorch's kernels): inductor's code generation takes minutes on a CPU and is torch's to
 test; bench_gpu.py's compiled row measures it on a GPU."""
-import os
-
 import pytest
 import torch
 from conftest import load_pack
@@ -60,14 +58,9 @@ def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo
 
 
 def test_a_compiled_svd_model_makes_the_same_video_from_one_graph(dynamo, tmp_path):
-    from fixtures_svd_pipeline import write_svd
-    from kinema.models import checkpoint, svd_model
+    from fixtures_svd_pipeline import tiny_img2vid
 
-    bundle = checkpoint.load_svd(write_svd(os.path.join(tmp_path, "svd_tiny.safetensors")))
-    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
-    cond, uncond = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image,
-                                                svd_model.ImageConditioningOptions(width=64, height=64, frames=3))
-    latent = pipelines.empty_video_latent(3, 64, 64)
+    bundle, cond, uncond, latent = tiny_img2vid(str(tmp_path))
     opts = pipelines.SampleOptions(seed=1, steps=3, cfg=2.5, scheduler="karras")
     with torch.no_grad():
         plain = pipelines.sample_img2vid(bundle.model, cond, uncond, latent, opts)

@@ -134,18 +134,12 @@ def test_memory_policy_node():
 
 
 def test_svd_block_and_model_offload_give_the_same_video():
-    import os
     import tempfile
 
-    from fixtures_svd_pipeline import write_svd
-    from kinema.models import checkpoint, svd_model
+    from fixtures_svd_pipeline import tiny_img2vid
 
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = checkpoint.load_svd(write_svd(os.path.join(tmp, "svd_tiny.safetensors")))
-    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
-    cond, uncond = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image,
-                                                svd_model.ImageConditioningOptions(width=64, height=64, frames=3))
-    latent = pipelines.empty_video_latent(3, 64, 64)
+        bundle, cond, uncond, latent = tiny_img2vid(tmp)
     opts = pipelines.SampleOptions(seed=1, steps=2, cfg=2.5, scheduler="karras")
     plain = pipelines.sample_img2vid(bundle.model, cond, uncond, latent, opts)
     watch = Residency()
