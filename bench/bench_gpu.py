@@ -21,7 +21,8 @@ pack's ``CompileOptions``: ``--compile-backend`` / ``--compile-mode``, compiled 
 time is reported apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each
 sampling call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident``
 resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded
-in tiles of ``--tile`` pixels). A policy the engine does not know (``OffloadOptions.validate`` raises) is
+in tiles of ``--tile`` pixels), ``block-compiled`` (``block`` with the UNet compiled block by block, compiled by a
+one-step video first as ``compiled``; on the CPU only when asked for). A policy the engine does not know (``OffloadOptions.validate`` raises) is
 skipped with its message. diffusers runs ``AnimateDiffPipeline`` / ``StableVideoDiffusionPipeline`` on the same
 weights: ``plain`` (``pipe.to(device)``), ``chunked`` (``unet.enable_forward_chunking()``, 2 frames decoded a
 call, AnimateDiff's VAE tiled as Kinema's), ``model-offload`` (``enable_model_cpu_offload``) and
@@ -59,7 +60,8 @@ from _measure import command_line, cpu_name, register_pack, reset_peak_rss, rss_
 
 #: NVIDIA H200 SXM: 1,979 TFLOP/s fp16/bf16 tensor core with 2:4 sparsity, so 989.4 dense (the H100 SXM's too)
 H200_DENSE_FP16_TFLOPS = 989.4
-POLICIES = ("none", "compiled", "model", "block", "block-chunk")
+POLICIES = ("none", "compiled", "model", "block", "block-chunk", "block-compiled")
+COMPILED = ("compiled", "block-compiled")  # the policies with the UNet through torch.compile
 DIFFUSERS_CONFIGS = ("plain", "chunked", "model-offload", "sequential-offload")
 MODELS = ("animatediff", "svd")
 SD_LATENT_SCALE = 0.18215
@@ -446,14 +448,15 @@ def _dtype_name(dtype) -> str:
 # -- Kinema --------------------------------------------------------------------------------------------------------
 
 def default_policies(device) -> list[str]:
-    """Every policy; on the CPU all but ``compiled`` (inductor's C++ compile takes minutes there)."""
-    return [p for p in POLICIES if p != "compiled" or device.type == "cuda"]
+    """Every policy; on the CPU all but the compiled ones (inductor's C++ compile takes minutes there)."""
+    return [p for p in POLICIES if p not in COMPILED or device.type == "cuda"]
 
 
 def policy_options(policy: str, args, device):
     from kinema.models.offload import OffloadOptions
 
-    mode = {"none": "none", "compiled": "none", "model": "model", "block": "block", "block-chunk": "block"}[policy]
+    mode = {"none": "none", "compiled": "none", "model": "model", "block": "block", "block-chunk": "block",
+            "block-compiled": "block"}[policy]
     opts = OffloadOptions(mode=mode, device=str(device), storage="cpu", resident=args.resident,
                           attn_chunk=args.attn_chunk if policy == "block-chunk" else 0)
     opts.validate()  # a mode the engine does not have raises KinemaError: the policy is skipped
@@ -493,8 +496,9 @@ def _sample(w: Workload, model, sample_opts, callback):
 def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: int | None = None,
                  decode: bool = True, recorder_for=None) -> Run:
     """One Kinema video under ``policy``; ``steps``/``decode`` shorten it (the warm-up), ``recorder_for(unet)``
-    attaches a ``CallRecorder`` for the FLOP count. ``compiled``: policy none with the UNet through torch.compile,
-    compiled by a one-step video first (its time is ``Run.compile``, not in the row's times)."""
+    attaches a ``CallRecorder`` for the FLOP count. ``compiled`` / ``block-compiled``: policy none / block with the
+    UNet through torch.compile, compiled by a one-step video first (its time is ``Run.compile``, not in the row's
+    times)."""
     import torch
     from kinema.models import pipelines, placement
     from kinema.models.compiling import CompileOptions
@@ -503,10 +507,10 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
 
     run = Run("Kinema", policy)
     opts = policy_options(policy, args, device)
-    compile = CompileOptions(args.compile_backend, args.compile_mode) if policy == "compiled" else None
+    compile = CompileOptions(args.compile_backend, args.compile_mode) if policy in COMPILED else None
     model = w.model.with_options(offload=opts, compile=compile)
     placement.rest(model, opts)
-    aux = placement.Placement(device=str(device)) if policy in ("none", "compiled") else placement.Placement(
+    aux = placement.Placement(device=str(device)) if opts.mode == "none" else placement.Placement(
         device=str(device), offload=True, storage="cpu")
     for m in _aux_models(w):
         placement.place(m, aux)
@@ -518,7 +522,7 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
     recorder = recorder_for(model.unet) if recorder_for else None
     try:
         with torch.no_grad():
-            if policy == "compiled":
+            if compile is not None:
                 meter.sync()
                 t0 = time.perf_counter()
                 _sample(w, model, replace(sample_opts, steps=1), None)
@@ -890,6 +894,8 @@ POLICY_NOTES = {
              "while they run",
     "block-chunk": "block offload + attention in chunks of {attn_chunk} queries + VAE decoded in tiles of {tile} px "
                    "overlapping {tile_overlap}",
+    "block-compiled": "block + the UNet compiled block by block (torch.compile, backend {compile_backend}, mode "
+                      "{compile_mode}), compiled by a one-step video first (not in the row)",
 }
 DIFFUSERS_NOTES = {
     "plain": "pipe.to(device)",
@@ -956,16 +962,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network sizes: " + "; ".join(f"{k}: {v.description}" for k, v in SCALES.items()))
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="which workloads")
     p.add_argument("--policies", nargs="+", choices=POLICIES,
-                   help="Kinema memory policies (default: all; on the CPU all but compiled, whose C++ compile by "
-                        "inductor takes minutes there)")
+                   help="Kinema memory policies (default: all; on the CPU all but the compiled ones, whose C++ "
+                        "compile by inductor takes minutes there)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="also profile one UNet call of each implementation (torch.profiler) and list its N first "
                         "kernels (CUDA) or operators (CPU) by time")
     p.add_argument("--compile-backend", choices=COMPILE_BACKENDS, default="inductor",
-                   help="the compiled policy's torch.compile backend (the pack's CompileOptions; eager: dynamo's "
+                   help="the compiled policies' torch.compile backend (the pack's CompileOptions; eager: dynamo's "
                         "capture alone)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
-                   help="the compiled policy's torch.compile mode (inductor)")
+                   help="the compiled policies' torch.compile mode (inductor)")
     p.add_argument("--diffusers", nargs="*", choices=DIFFUSERS_CONFIGS, default=list(DIFFUSERS_CONFIGS),
                    help="diffusers configurations (none given: diffusers is not run; the offloads need CUDA)")
     p.add_argument("--frames", type=int, help="frames (default: the scale's: real 16 AnimateDiff, 25 SVD-XT)")

@@ -7,10 +7,16 @@ about two minutes. On a CPU the step is oneDNN's convolutions and BLAS and compi
 
 A model with ``compile`` set (``CompileOptions``; ``MotionModel`` and ``SVDModel``) makes every UNet call through
 ``run``: one compiled function per options (``compiled_call``) that dynamo compiles at the first call with new
-sizes and reuses after, for any UNet of the same layout. Block offload moves weights during the call, which a
-compiled graph cannot follow: ``check_offload`` refuses the pair. CUDA graphs (modes ``reduce-overhead`` and
-``max-autotune``) are not offered: model offload moves the weights between calls and a captured graph keeps the
-addresses it saw.
+sizes and reuses after, for any UNet of the same layout.
+
+Block offload moves blocks to the device while the UNet runs, which one graph of the whole UNet cannot hold: under
+it the UNet's own loop runs as it is, moving the blocks, and each block is called through a compiled function
+(``compiled_block_call``, the UNet's ``call_block``): one graph per block, with static sizes, run between the moves.
+A moved weight is the same parameter with its data on the device, which the graph's guards accept; a UNet of 25
+blocks keeps 25 graphs per video size, so dynamo's recompile limits are raised while it runs (``BLOCK_GRAPHS``).
+
+CUDA graphs (modes ``reduce-overhead`` and ``max-autotune``) are not offered: model and block offload move the
+weights between calls and a captured graph keeps the addresses it saw.
 """
 from __future__ import annotations
 
@@ -23,7 +29,6 @@ import torch
 from torch import nn
 
 from .errors import KinemaError
-from .offload import OffloadOptions
 
 logger = logging.getLogger("kinema")
 
@@ -47,14 +52,6 @@ class CompileOptions:
             raise KinemaError(f"unknown compile mode '{self.mode}': use one of {', '.join(COMPILE_MODES)}")
 
 
-def check_offload(compile: CompileOptions | None, offload: OffloadOptions) -> None:
-    """Raise KinemaError for a compiled model under block offload (the blocks move while the UNet runs)."""
-    if compile is not None and offload.mode == "block":
-        raise KinemaError("a compiled UNet cannot use block offload, which moves the UNet's blocks while it runs: "
-                          "set the Memory Policy's offload to none or model (auto picks block under ComfyUI's "
-                          "--lowvram and --novram), or remove Compile Model (Kinema)")
-
-
 def _call(net: nn.Module, *args, **kwargs):
     return net(*args, **kwargs)
 
@@ -68,25 +65,48 @@ def compiled_call(opts: CompileOptions) -> Callable:
     return torch.compile(_call, backend=opts.backend, mode=mode)
 
 
+def _call_block(fn: Callable, *args, **kwargs):
+    return fn(*args, **kwargs)
+
+
+#: dynamo's limits on the graphs of one function while a block-compiled UNet runs: one graph per block and video
+#: size (an SD1.5 UNet has 25 blocks), beyond the defaults (8 per function, 256 in all)
+BLOCK_GRAPHS = 4096
+
+
+@functools.cache
+def compiled_block_call(opts: CompileOptions) -> Callable:
+    """``f(fn, *args, **kwargs) -> fn(*args, **kwargs)`` through ``torch.compile`` with ``opts`` and static sizes:
+    the UNet's ``call_block`` under block offload, a graph per block."""
+    opts.validate()
+    mode = opts.mode if opts.backend == "inductor" and opts.mode != "default" else None
+    return torch.compile(_call_block, backend=opts.backend, mode=mode, dynamic=False)
+
+
 _seen: set = set()  # (options, network, input shapes) already said in the log
 
 
 def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
-    """``net(*args, **kwargs)``, compiled with ``opts`` when given. The first call with new sizes compiles (said
-    in the log: the first sampling step takes minutes then)."""
+    """``net(*args, **kwargs)``, compiled with ``opts`` when given: whole, or block by block when a ``stream``
+    (block offload) is among the arguments. The first call with new sizes compiles (said in the log: the first
+    sampling step takes minutes then)."""
     if opts is None:
         return net(*args, **kwargs)
-    key = (opts, type(net).__name__, tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
+    by_block = kwargs.get("stream") is not None
+    key = (opts, by_block, type(net).__name__, tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
     if key not in _seen:
         _seen.add(key)
-        logger.info("Kinema: compiling the %s with torch.compile (%s) for inputs %s: the first call with these "
+        logger.info("Kinema: compiling the %s%s with torch.compile (%s) for inputs %s: the first call with these "
                     "sizes takes a while (about two minutes for SD1.5 on a fast GPU), the next ones reuse it",
-                    type(net).__name__, opts.backend, [tuple(s) for s in key[2]])
+                    type(net).__name__, " block by block (block offload)" if by_block else "", opts.backend,
+                    [tuple(s) for s in key[3]])
     try:
-        return compiled_call(opts)(net, *args, **kwargs)
+        if not by_block:
+            return compiled_call(opts)(net, *args, **kwargs)
+        with torch._dynamo.config.patch(recompile_limit=BLOCK_GRAPHS, accumulated_recompile_limit=BLOCK_GRAPHS):
+            return net(*args, call_block=compiled_block_call(opts), **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         raise KinemaError(f"torch.compile ({opts.backend}) could not compile the {type(net).__name__}: "
                           f"{str(e).splitlines()[0][:300]}. Inductor needs Triton for a GPU (Linux: the triton "
                           "package that comes with PyTorch's CUDA builds; Windows: triton-windows) and a C++ compiler "
                           "for the CPU; or remove Compile Model (Kinema) from the workflow") from e
-

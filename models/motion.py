@@ -23,7 +23,7 @@ from torch import nn
 
 from . import compiling
 from .addons import ControlReuse, content_cross_extra, control_residuals, video_frames
-from .compiling import CompileOptions, check_offload
+from .compiling import CompileOptions
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, SharedContext, attention, by_rows, row_step
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
@@ -401,9 +401,6 @@ class MotionModel:
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
     offload: OffloadOptions = NO_OFFLOAD  # the memory policy: model or block offload (offload.OffloadOptions)
     compile: CompileOptions | None = None  # the UNet through torch.compile (compiling.CompileOptions)
-
-    def __post_init__(self):
-        check_offload(self.compile, self.offload)
 
     @property
     def compute_device(self) -> torch.device:

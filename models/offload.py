@@ -200,3 +200,9 @@ def stream_blocks(streamer: BlockStreamer | None, blocks, kind: str, temporal=No
         if i + 1 < len(units):
             streamer.prefetch(units[i + 1])
         yield block
+
+
+def call_directly(fn: Callable, *args, **kwargs):
+    """A UNet's default ``call_block(fn, *args)``, how it calls the function that runs one block: as it is (under
+    block offload a compiled model passes ``compiling.compiled_block_call``, a graph per block)."""
+    return fn(*args, **kwargs)

@@ -28,6 +28,7 @@ config; the head width is 64 wherever channels allow it), and the merge strategy
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ from .layers import (
     row_step,
     timestep_embedding,
 )
-from .offload import BlockStreamer, stream_blocks
+from .offload import BlockStreamer, call_directly, stream_blocks
 from .unet import ldm_blocks, scan_input_blocks, transformer_depth
 
 MERGE_STRATEGIES = ("learned_with_images", "learned", "fixed")
@@ -357,10 +358,12 @@ class SVDUNet(nn.Module):
         opts: RunOptions = RunOptions(),
         image_only_indicator: torch.Tensor | None = None,
         stream: BlockStreamer | None = None,
+        call_block: Callable = call_directly,
     ) -> torch.Tensor:
         """(b f) c h w, timesteps [(b f)], context [(b f), n, d], y [(b f), adm] -> (b f) c_out h w
 
-        ``stream``: block offload, each block made resident on the compute device just before it runs.
+        ``stream``: block offload, each block made resident on the compute device just before it runs;
+        ``call_block(fn, *args)``: how each block's function is called (a compiled call, one graph per block).
         """
         if num_frames < 1 or x.shape[0] % num_frames:
             raise KinemaError(f"the SVD UNet got {x.shape[0]} frames in its batch, not a multiple of "
@@ -377,15 +380,16 @@ class SVDUNet(nn.Module):
         hs = []
         h = x
         for block in stream_blocks(stream, self.input_blocks, "input"):
-            h = self._run_block(block, [h], emb, context, num_frames, image_only_indicator, opts)
+            h = call_block(self._run_block, block, [h], emb, context, num_frames, image_only_indicator, opts)
             hs.append(h)
         for block in stream_blocks(stream, [self.middle_block], "middle"):
-            h = self._run_block(block, [h], emb, context, num_frames, image_only_indicator, opts)
+            h = call_block(self._run_block, block, [h], emb, context, num_frames, image_only_indicator, opts)
         for block in stream_blocks(stream, self.output_blocks, "output"):
             held = [torch.cat([h, hs.pop()], dim=1)]
             del h  # the block's input lives in ``held`` only (see _run_block)
             up_size = hs[-1].shape[-2:] if hs else None
-            h = self._run_block(block, held, emb, context, num_frames, image_only_indicator, opts, up_size)
+            h = call_block(self._run_block, block, held, emb, context, num_frames, image_only_indicator, opts,
+                           up_size)
         if stream is not None:
             stream.use(self.out)
         return self.out(h)

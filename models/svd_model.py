@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import compiling
-from .compiling import CompileOptions, check_offload
+from .compiling import CompileOptions
 from .errors import KinemaError
 from .layers import RunOptions
 from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
@@ -67,9 +67,6 @@ class SVDModel:
     temporal_scale: float = 1.0  # Gen-1 temporal guidance w_t (1: the plain video model), see guidance.CFGDenoiser
     offload: OffloadOptions = NO_OFFLOAD  # the memory policy: model or block offload (offload.OffloadOptions)
     compile: CompileOptions | None = None  # the UNet through torch.compile (compiling.CompileOptions)
-
-    def __post_init__(self):
-        check_offload(self.compile, self.offload)
 
     @property
     def compute_device(self) -> torch.device:

@@ -37,7 +37,7 @@ from .layers import (
     group_norm,
     timestep_embedding,
 )
-from .offload import BlockStreamer, stream_blocks
+from .offload import BlockStreamer, call_directly, stream_blocks
 
 Slot = tuple  # ("input" | "middle" | "output", index)
 
@@ -166,12 +166,14 @@ class UNetModel(nn.Module):
         control: Sequence[torch.Tensor] | None = None,
         cross_extra: CrossExtra | None = None,
         stream: BlockStreamer | None = None,
+        call_block: Callable = call_directly,
     ) -> torch.Tensor:
         """(b f) c h w, timesteps [(b f)], context [(b f), n, d] -> (b f) c h w
 
         ``control``: one residual per input block then one for the middle block (ControlNet's outputs);
         ``cross_extra(slot, j)``: extra cross-attention keys/values of transformer block j in ``slot``;
-        ``stream``: block offload, each block made resident on the compute device just before it runs.
+        ``stream``: block offload, each block made resident on the compute device just before it runs;
+        ``call_block(fn, *args)``: how each block's function is called (a compiled call, one graph per block).
         """
         if control is not None and len(control) != len(self.input_blocks) + 1:
             raise KinemaError(f"the ControlNet gives {len(control)} residuals, the UNet takes "
@@ -184,28 +186,32 @@ class UNetModel(nn.Module):
         hs = []
         h = x
         for i, block in enumerate(stream_blocks(stream, self.input_blocks, "input", temporal)):
-            h = self._run_block(block, [h], emb, context, opts, temporal if i else None, ("input", i),
-                                cross_extra=cross_extra)
+            h = call_block(self._run_block, block, [h], emb, context, opts, temporal if i else None, ("input", i),
+                           cross_extra=cross_extra)
             hs.append(h if control is None else h + control[i].to(h.dtype))
-        mid = self.middle_block
-        for _ in stream_blocks(stream, [mid], "middle", temporal):
-            pass
-        h = mid[0](h, emb, opts)
-        h = mid[1](h, context, opts, None if cross_extra is None else (lambda j: cross_extra(("middle", 0), j)))
-        if temporal is not None:
-            h = temporal.apply(("middle", 0), h, opts)
-        h = mid[2](h, emb, opts)
+        for _ in stream_blocks(stream, [self.middle_block], "middle", temporal):
+            h = call_block(self._run_middle, h, emb, context, opts, temporal, cross_extra)
         if control is not None:
             h = h + control[-1].to(h.dtype)
         for i, block in enumerate(stream_blocks(stream, self.output_blocks, "output", temporal)):
             held = [torch.cat([h, hs.pop()], dim=1)]
             del h  # the block's input lives in ``held`` only (see _run_block)
             up_size = hs[-1].shape[-2:] if hs else None
-            h = self._run_block(block, held, emb, context, opts, temporal, ("output", i), up_size, cross_extra)
+            h = call_block(self._run_block, block, held, emb, context, opts, temporal, ("output", i), up_size,
+                           cross_extra)
         if stream is not None:
             stream.use(self.out)
         h = group_norm(self.out[0], h, opts)
         return self.out[2](self.out[1](h))
+
+    def _run_middle(self, h, emb, context, opts, temporal, cross_extra=None):
+        """The middle block: ResBlock, transformer, the temporal module of ``("middle", 0)``, ResBlock."""
+        mid = self.middle_block
+        h = mid[0](h, emb, opts)
+        h = mid[1](h, context, opts, None if cross_extra is None else (lambda j: cross_extra(("middle", 0), j)))
+        if temporal is not None:
+            h = temporal.apply(("middle", 0), h, opts)
+        return mid[2](h, emb, opts)
 
 
 def expand_context(context: torch.Tensor, num_frames: int) -> torch.Tensor:

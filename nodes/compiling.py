@@ -14,7 +14,8 @@ class KinemaCompileModel:
         "The first run with new sizes compiles first (about two minutes on a fast GPU; the first step shows it), "
         "later runs with the same sizes reuse it until ComfyUI restarts. The same video, to rounding. Needs a "
         "working Triton (Linux with an NVIDIA GPU; on Windows, triton-windows) or a C++ compiler on the CPU, "
-        "where it gains nothing. Not with block offload: use the Memory Policy's none or model."
+        "where it gains nothing. With block offload (Memory Policy) each UNet block is compiled on its own and "
+        "runs between the moves: the low-memory path, faster."
     )
     CATEGORY = "Kinema/sampling"
     RETURN_TYPES = ("KINEMA_MODEL",)
@@ -27,7 +28,7 @@ class KinemaCompileModel:
         return {
             "required": {
                 "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module) or an SVD model, "
-                                                      "after any Memory Policy."}),
+                                                      "before or after a Memory Policy."}),
                 "backend": (list(COMPILE_BACKENDS), {
                     "default": "inductor",
                     "tooltip": "inductor: generated kernels (the speed-up). eager: the graph is only captured and "

@@ -87,39 +87,52 @@ def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cann
     ran = [(r.impl, r.config) for r in out["runs"] if not r.note]
     assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "compiled")]  # 10 s each, 10 s to 40 s
     skipped = [(r.impl, r.config) for r in out["runs"] if "time budget" in r.note]
-    assert skipped == [("Kinema", "model"), ("Kinema", "block"), ("Kinema", "block-chunk"), ("diffusers", "chunked"),
-                       ("diffusers", "model-offload"), ("diffusers", "sequential-offload")]
-    assert written == list(range(1, 10))
+    assert skipped == [("Kinema", "model"), ("Kinema", "block"), ("Kinema", "block-chunk"),
+                       ("Kinema", "block-compiled"), ("diffusers", "chunked"), ("diffusers", "model-offload"),
+                       ("diffusers", "sequential-offload")]
+    assert written == list(range(1, 11))
 
 
 def test_bench_gpu_default_policies_leave_compiling_to_cuda():
     assert bench_gpu.default_policies(torch.device("cpu")) == ["none", "model", "block", "block-chunk"]
+    assert set(bench_gpu.COMPILED) < set(bench_gpu.POLICIES)
     assert bench_gpu.default_policies(torch.device("cuda", 0)) == list(bench_gpu.POLICIES)
 
 
-def test_bench_gpu_compiled_policy_gives_the_model_compile_options(capsys, monkeypatch):
-    """The compiled row: the model carries the pack's CompileOptions (``--compile-backend``/``--compile-mode``; what
-    compiling does is tests/test_compiling.py's), for a one-step video first and the timed one, reported apart."""
+def test_bench_gpu_compiled_policies_give_the_model_compile_options(capsys, monkeypatch):
+    """The compiled rows: the model carries the pack's CompileOptions (``--compile-backend``/``--compile-mode``;
+    what compiling does is tests/test_compiling.py's), for a one-step video first and the timed one, reported apart;
+    ``block-compiled`` under block offload, its UNet compiled block by block."""
     from kinema.models import compiling
 
-    seen = []
+    seen, blocks = [], []
 
     def spy(opts):  # records the options and runs the UNet plain: dynamo's capture is test_compiling's
         seen.append(opts)
         return compiling._call
 
+    def block_spy(opts):
+        blocks.append(opts)
+        return compiling._call_block
+
     monkeypatch.setattr(compiling, "compiled_call", spy)
+    monkeypatch.setattr(compiling, "compiled_block_call", block_spy)
     argv = ["--device", "cpu", "--scale", "tiny", "--models", "animatediff", "--policies", "none", "compiled",
-            "--compile-backend", "eager", "--diffusers", "plain", "--frames", "2", "--steps", "2"]
+            "block", "block-compiled", "--compile-backend", "eager", "--diffusers", "plain", "--frames", "2",
+            "--steps", "2"]
     assert bench_gpu.main(argv) == 0
     out = capsys.readouterr().out
     assert "failed" not in out
     rows = {line.split("|")[2].strip(): line.split("|")[-2].strip() for line in out.splitlines()
             if line.startswith("| Kinema |")}
     assert rows["compiled"] == rows["none"]  # latents vs diffusers plain: the same difference
+    assert rows["block-compiled"] == rows["block"]
     assert "Compiling (the one-step video that compiled the UNet): Kinema compiled" in out
-    assert set(seen) == {compiling.CompileOptions(backend="eager", mode="default")}
+    assert "Kinema block-compiled" in out.split("Compiling (")[1]
+    eager = compiling.CompileOptions(backend="eager", mode="default")
+    assert set(seen) == {eager} and set(blocks) == {eager}
     assert len(seen) == 1 + 2  # a UNet call a step (cond and uncond in one batch): the one-step video, then 2 steps
+    assert len(blocks) == len(seen)  # the UNet's call_block, once per UNet call
 
 
 @pytest.mark.slow

@@ -452,18 +452,27 @@ def test_a_diffusers_motion_adapter_with_the_lcm_sampler(server, object_info, mo
     _queue_prepared(server, str(path), "txt2vid with a diffusers MotionAdapter and lcm", tmp_path)
 
 
-def test_the_compile_node_runs_in_comfyui(server, object_info, tmp_path):
+@pytest.mark.parametrize("offload", ["none", "block"])
+def test_the_compile_node_runs_in_comfyui(server, object_info, tmp_path, offload):
     """Compile Model (Kinema) between the model and the Video Sampler of the text-to-video workflow, backend eager
-    (dynamo's capture in ComfyUI's prompt worker thread; inductor's code generation takes minutes on a CPU)."""
+    (dynamo's capture in ComfyUI's prompt worker thread; inductor's code generation takes minutes on a CPU); after
+    a Memory Policy with block offload, the UNet compiled block by block."""
     prompt = _demo_api_prompt(os.path.join(ROOT, "workflows", "api", "animatediff_txt2vid.json"), object_info)
     (sampler,) = [node for node in prompt.values() if node["class_type"] == "KinemaVideoSampler"]
+    model = sampler["inputs"]["model"]
+    if offload != "none":
+        prompt["kinema_memory"] = {"class_type": "KinemaMemoryPolicy", "inputs": {
+            "model": model, "offload": offload, "resident_blocks": 2, "attention_chunk": 0, "batch_cond": True,
+            "precision": "keep"}}
+        model = ["kinema_memory", 0]
     prompt["kinema_compile"] = {"class_type": "KinemaCompileModel",
-                                "inputs": {"model": sampler["inputs"]["model"], "backend": "eager", "mode": "default"}}
+                                "inputs": {"model": model, "backend": "eager", "mode": "default"}}
     sampler["inputs"]["model"] = ["kinema_compile", 0]
-    path = tmp_path / "txt2vid_compiled.json"
+    path = tmp_path / f"txt2vid_compiled_{offload}.json"
     path.write_text(json.dumps(prompt), encoding="utf-8")
-    _queue_prepared(server, str(path), "txt2vid with Compile Model", tmp_path)
-    assert "Kinema: compiling the UNetModel with torch.compile (eager)" in server.log()  # why the first step waits
+    _queue_prepared(server, str(path), f"txt2vid with Compile Model, offload {offload}", tmp_path)
+    said = "Kinema: compiling the UNetModel" + (" block by block (block offload)" if offload == "block" else "")
+    assert said + " with torch.compile (eager)" in server.log()  # why the first step waits
 
 
 def _queue_and_wait(server, prompt):

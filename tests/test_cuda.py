@@ -3,6 +3,7 @@
 - block offload with the prefetch copies on a side stream (``offload.CopyStream``): the same video as the plain
   path, at most ``resident`` blocks on the GPU, pinned storage copies, and nothing left on the GPU after a call;
 - model offload: the same video, and the GPU memory back where it was;
+- a compiled UNet (inductor) under model and block offload: the same video;
 - half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (CUDA's own GroupNorm kernel:
   float32 statistics);
 - a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames.
@@ -16,6 +17,7 @@ import os
 import pytest
 import torch
 from fixtures import motion_model
+from fixtures_offload import Residency
 from kinema.models import pipelines
 from kinema.models.memory import cast_weights
 from kinema.models.offload import OffloadOptions
@@ -54,21 +56,6 @@ def _allocated() -> int:
     return 0
 
 
-class Residency:
-    """Counts the blocks on the compute device, and the most at once."""
-
-    def __init__(self):
-        self.on, self.most, self.moves = set(), 0, 0
-
-    def __call__(self, module, device):
-        self.moves += 1
-        if device == DEVICE or (device.type == DEVICE.type and device.type != "cpu"):
-            self.on.add(id(module))
-        else:
-            self.on.discard(id(module))
-        self.most = max(self.most, len(self.on))
-
-
 def _close(a, b, rel):
     return float((a - b).abs().max()) <= rel * float(b.abs().max())
 
@@ -80,14 +67,15 @@ def plain():
     return _sample(model.with_options(offload=OffloadOptions(mode="none", device=str(DEVICE), storage=str(DEVICE))))
 
 
-def _offloaded(mode: str, **options):
-    """(the video under offload ``mode``, the model, its Residency, GPU memory in use before, after)."""
+def _offloaded(mode: str, compile=None, **options):
+    """(the video under offload ``mode`` (and ``compile``), the model, its Residency, GPU memory in use before,
+    after)."""
     if DEVICE.type == "cpu":
         pytest.skip("on the CPU the storage and the compute device are one memory (tests/test_offload.py)")
-    model, watch = _model(), Residency()
+    model, watch = _model(), Residency(lambda device: device.type == DEVICE.type != "cpu")
     before = _allocated()
     video = _sample(model.with_options(offload=OffloadOptions(mode=mode, device=str(DEVICE), storage="cpu",
-                                                              on_move=watch, **options)))
+                                                              on_move=watch, **options), compile=compile))
     return video, model, watch, before, _allocated()
 
 
@@ -167,3 +155,16 @@ def test_a_real_out_of_memory_during_decode_is_retried_with_fewer_frames(caplog)
         torch.cuda.empty_cache()
     assert images.shape == (8, 1024, 1024, 3) and torch.isfinite(images).all()
     assert "out of memory" in caplog.text and "retrying once" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["model", "block"])
+def test_a_compiled_model_under_offload_gives_the_plain_video(plain, mode):
+    """Inductor's CUDA kernels on weights that move: model offload between the calls (one graph of the UNet), block
+    offload during them (a graph per block, run between the moves). Last in the file: inductor's first compile on a
+    fresh machine takes a minute or two."""
+    from kinema.models.compiling import CompileOptions
+
+    video, model, watch, before, after = _offloaded(mode, compile=CompileOptions())
+    assert _close(video, plain, 1e-3), float((video - plain).abs().max())
+    assert not watch.on and after - before < 4 << 20
+    assert all(p.device.type == "cpu" for p in model.unet.parameters())

@@ -6,46 +6,17 @@ import pytest
 import torch
 from conftest import load_pack
 from fixtures import motion_model
+from fixtures_offload import HW, Residency, cpu_block_offload, sample_small
 from kinema.models import pipelines
 from kinema.models.errors import KinemaError
 from kinema.models.offload import BlockStreamer, OffloadOptions, stream_blocks
-
-HW = 16  # at 8 the deepest level is 1x1 and its GroupNorm (2 values a group) amplifies fp32 rounding chaotically
-
-
-class Residency:
-    """Follows the moves: which modules are on the compute device, and the most at once."""
-
-    def __init__(self):
-        self.on, self.most, self.moves = set(), 0, 0
-
-    def __call__(self, module, device):
-        self.moves += 1
-        if device.index is None:  # the compute side of this test: "cpu" (storage is "cpu:1", see _opts)
-            self.on.add(id(module))
-        else:
-            self.on.discard(id(module))
-        self.most = max(self.most, len(self.on))
-
-
-def _opts(resident, watch):
-    # CPU plays both sides; "cpu:1" marks the storage side (torch keeps CPU tensors in one memory anyway)
-    return OffloadOptions(mode="block", device="cpu", storage="cpu:1", resident=resident, on_move=watch)
-
-
-def _sample(model, cfg=5.0):
-    g = torch.Generator().manual_seed(3)
-    pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
-    with torch.no_grad():
-        return pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW),
-                                      pipelines.SampleOptions(seed=7, steps=2, cfg=cfg))
 
 
 @pytest.mark.parametrize("resident", [1, 2, 3])
 def test_block_offload_gives_the_same_video_with_at_most_n_blocks_resident(resident):
     watch = Residency()
-    plain = _sample(motion_model("v2"))
-    streamed = _sample(motion_model("v2").with_options(offload=_opts(resident, watch)))
+    plain = sample_small(motion_model("v2"))
+    streamed = sample_small(motion_model("v2").with_options(offload=cpu_block_offload(resident, watch)))
     assert float((streamed - plain).abs().max()) <= 1e-5 * float(plain.abs().max())
     unet_blocks = len(motion_model("v2").unet.input_blocks) + 1 + len(motion_model("v2").unet.output_blocks)
     assert watch.most == resident and watch.moves >= 2 * unet_blocks * 2  # in and out, every block, each step
@@ -54,7 +25,7 @@ def test_block_offload_gives_the_same_video_with_at_most_n_blocks_resident(resid
 
 def test_blocks_go_back_to_storage_when_a_call_fails():
     watch = Residency()
-    model = motion_model("v2").with_options(offload=_opts(2, watch))
+    model = motion_model("v2").with_options(offload=cpu_block_offload(2, watch))
     with pytest.raises(RuntimeError):
         model(torch.zeros(4, 3, HW, HW), torch.zeros(4), torch.zeros(4, 77, 64), 4)  # 3 channels: the conv fails
     assert watch.moves > 0 and not watch.on
@@ -62,7 +33,7 @@ def test_blocks_go_back_to_storage_when_a_call_fails():
 
 def test_prefetch_never_evicts_the_block_in_use():
     watch = Residency()
-    streamer = BlockStreamer(_opts(2, watch))
+    streamer = BlockStreamer(cpu_block_offload(2, watch))
     a, b, c = (torch.nn.Linear(2, 2) for _ in range(3))
     streamer.use(a)
     streamer.prefetch(b)
@@ -99,10 +70,10 @@ def test_prefetched_blocks_are_handed_over_to_the_compute_stream_before_they_run
     brought = {}  # block -> (the stash of its tensors' storage copies, copied on the side stream?)
 
     def watch(unit, device):
-        if device.index is None:  # to the compute side (see _opts)
+        if device.index is None:  # to the compute side (see cpu_block_offload)
             brought[unit[0]] = (streamer._stashes[id(unit)], copies.inside)
 
-    streamer = BlockStreamer(_opts(2, watch))
+    streamer = BlockStreamer(cpu_block_offload(2, watch))
     streamer._copies = copies
     blocks = [torch.nn.Linear(2, 2) for _ in range(4)]
     for block in stream_blocks(streamer, blocks, "input"):
@@ -143,7 +114,7 @@ def test_svd_block_and_model_offload_give_the_same_video():
     opts = pipelines.SampleOptions(seed=1, steps=2, cfg=2.5, scheduler="karras")
     plain = pipelines.sample_img2vid(bundle.model, cond, uncond, latent, opts)
     watch = Residency()
-    streamed = pipelines.sample_img2vid(bundle.model.with_options(offload=_opts(2, watch)), cond, uncond, latent, opts)
+    streamed = pipelines.sample_img2vid(bundle.model.with_options(offload=cpu_block_offload(2, watch)), cond, uncond, latent, opts)
     # moved weights are fresh copies: the CPU kernels may round differently, and EDM sampling amplifies it
     assert float((streamed - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
     assert watch.most == 2 and watch.moves > 0 and not watch.on
@@ -169,7 +140,7 @@ def test_the_memory_policy_reaches_the_sampler():
     (model,) = node.apply(motion_model("v2"), "none", 2, 256, False)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(EpsVideoDenoiser, "__init__", spy)
-        policy = _sample(model)
+        policy = sample_small(model)
         g = torch.Generator().manual_seed(3)
         pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
         with torch.no_grad():
@@ -177,4 +148,4 @@ def test_the_memory_policy_reaches_the_sampler():
                                    pipelines.SampleOptions(seed=7, steps=2, cfg=5.0, attn_chunk=64))
     assert seen == [(256, False), (64, False)]  # the sampler's nonzero chunk wins; batching needs both
     # the same video up to fp32 rounding (another batch split and attention order, amplified over the steps)
-    assert float((policy - _sample(motion_model("v2"))).abs().max()) <= 1e-4 * float(policy.abs().max())
+    assert float((policy - sample_small(motion_model("v2"))).abs().max()) <= 1e-4 * float(policy.abs().max())
