@@ -74,6 +74,15 @@ def _call_block(fn: Callable, *args, **kwargs):
 BLOCK_GRAPHS = 4096
 
 
+def _graph_limits(n: int, config=None) -> dict[str, int]:
+    """dynamo's two limits set to ``n``, by their names in this torch (``cache_size_limit`` before 2.6)."""
+    config = torch._dynamo.config if config is None else config
+    names = [next(name for name in pair if hasattr(config, name))
+             for pair in (("recompile_limit", "cache_size_limit"),
+                          ("accumulated_recompile_limit", "accumulated_cache_size_limit"))]
+    return dict.fromkeys(names, n)
+
+
 @functools.cache
 def compiled_block_call(opts: CompileOptions) -> Callable:
     """``f(fn, *args, **kwargs) -> fn(*args, **kwargs)`` through ``torch.compile`` with ``opts`` and static sizes:
@@ -103,7 +112,7 @@ def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
     try:
         if not by_block:
             return compiled_call(opts)(net, *args, **kwargs)
-        with torch._dynamo.config.patch(recompile_limit=BLOCK_GRAPHS, accumulated_recompile_limit=BLOCK_GRAPHS):
+        with torch._dynamo.config.patch(**_graph_limits(BLOCK_GRAPHS)):
             return net(*args, call_block=compiled_block_call(opts), **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         raise KinemaError(f"torch.compile ({opts.backend}) could not compile the {type(net).__name__}: "

@@ -111,6 +111,14 @@ def test_svd_under_block_offload_is_compiled_block_by_block(dynamo, tmp_path):
     assert not dynamo["graph_break"], dict(dynamo["graph_break"])
 
 
+def test_the_graph_limits_are_raised_by_this_torchs_names():
+    from types import SimpleNamespace
+
+    old = SimpleNamespace(cache_size_limit=8, accumulated_cache_size_limit=256)  # torch before 2.6
+    assert compiling._graph_limits(99, old) == {"cache_size_limit": 99, "accumulated_cache_size_limit": 99}
+    assert set(compiling._graph_limits(99)) == {"recompile_limit", "accumulated_recompile_limit"}  # this torch
+
+
 def test_compile_and_block_offload_go_together_in_either_order():
     pack = load_pack()
     (compiled,) = pack.nodes.compiling.KinemaCompileModel().apply(motion_model("v2"), "eager", "default")
