@@ -8,7 +8,7 @@ import torch
 from conftest import load_pack
 from fixtures import motion_model
 from fixtures_offload import Residency, cpu_block_offload, sample_small
-from kinema.models import compiling, pipelines
+from kinema.models import compiling, offload, pipelines
 from kinema.models.compiling import CompileOptions
 from kinema.models.errors import KinemaError
 
@@ -142,14 +142,28 @@ def test_the_compile_node_takes_video_models_only():
         load_pack().nodes.compiling.KinemaCompileModel().apply("not a model")
 
 
-def test_a_backend_that_fails_is_a_kinema_error_naming_the_fix(monkeypatch, dynamo):
+class _Blocks(torch.nn.Module):
+    """A net the way the UNets take block offload: ``stream`` and ``call_block(fn, *args)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+
+    def forward(self, x, stream=None, call_block=offload.call_directly):
+        return call_block(self.second, call_block(self.first, x))
+
+
+@pytest.mark.parametrize("by_block", [False, True])
+def test_a_backend_that_fails_is_a_kinema_error_naming_the_fix(monkeypatch, dynamo, by_block):
     def broken(gm, example_inputs):
         raise RuntimeError("Cannot find a working triton installation")
 
     monkeypatch.setattr(compiling, "compiled_call", lambda opts: torch.compile(compiling._call, backend=broken))
-    net = torch.nn.Linear(3, 2)
-    with pytest.raises(KinemaError, match="could not compile the Linear: .*triton.*remove Compile Model"):
-        compiling.run(net, EAGER, torch.ones(1, 3))
+    monkeypatch.setattr(compiling, "compiled_block_call",
+                        lambda opts: torch.compile(compiling._call_block, backend=broken))
+    net, stream = _Blocks(), (object() if by_block else None)  # any streamer: the blocks are called compiled
+    with pytest.raises(KinemaError, match="could not compile the _Blocks: .*triton.*remove Compile Model"):
+        compiling.run(net, EAGER, torch.ones(1, 3), stream=stream)
 
 
 def test_without_options_the_net_runs_as_it_is(monkeypatch):
