@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import KinemaError
+from .offload import BlockStreamer, OffloadOptions
 
 logger = logging.getLogger("kinema")
 
@@ -119,3 +120,15 @@ def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
                           f"{str(e).splitlines()[0][:300]}. Inductor needs Triton for a GPU (Linux: the triton "
                           "package that comes with PyTorch's CUDA builds; Windows: triton-windows) and a C++ compiler "
                           "for the CPU; or remove Compile Model (Kinema) from the workflow") from e
+
+
+def run_unet(net: nn.Module, offload: OffloadOptions, opts: CompileOptions | None, *args, **kwargs):
+    """A video model's UNet call, ``net(*args, **kwargs)``, under its memory policy and compile options: under
+    block offload with a ``BlockStreamer`` for the call (every block back in storage after it, also when it fails),
+    compiled with ``opts`` when given (``run``)."""
+    stream = BlockStreamer(offload) if offload.mode == "block" else None
+    try:
+        return run(net, opts, *args, stream=stream, **kwargs)
+    finally:
+        if stream is not None:
+            stream.close()

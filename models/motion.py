@@ -26,7 +26,7 @@ from .addons import ControlReuse, content_cross_extra, control_residuals, video_
 from .compiling import CompileOptions
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, SharedContext, attention, by_rows, row_step
-from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
+from .offload import NO_OFFLOAD, OffloadOptions, compute_device
 from .sampling import DiscreteSchedule
 from .unet import Slot, UNetConfig, UNetModel
 
@@ -461,7 +461,6 @@ class MotionModel:
         opts = RunOptions(num_frames=num_frames, cross_frame_norm=bool(cross), attn_chunk=attn_chunk)
         binding = None
         frames = video_frames(window, num_frames)
-        stream = BlockStreamer(self.offload) if self.offload.mode == "block" else None
         if use_motion:
             binding = _Binding(self.motion, self.unet.cfg, scale_for_frames(self.scale, frames))
         control = cross_extra = None
@@ -479,9 +478,5 @@ class MotionModel:
             cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
         if self.compile is not None:  # found here: inside the UNet it is a data-dependent branch, a graph break
             context = SharedContext.of(context)
-        try:
-            return compiling.run(self.unet, self.compile, x, timesteps, context, opts, binding, control=control,
-                                 cross_extra=cross_extra, stream=stream)
-        finally:
-            if stream is not None:
-                stream.close()
+        return compiling.run_unet(self.unet, self.offload, self.compile, x, timesteps, context, opts, binding,
+                                  control=control, cross_extra=cross_extra)

@@ -30,7 +30,7 @@ from . import compiling
 from .compiling import CompileOptions
 from .errors import KinemaError
 from .layers import RunOptions
-from .offload import NO_OFFLOAD, BlockStreamer, OffloadOptions, compute_device
+from .offload import NO_OFFLOAD, OffloadOptions, compute_device
 from .placement import on_device
 from .svd import micro_conditioning
 from .vae import Fp32Fallback
@@ -102,14 +102,9 @@ class SVDModel:
                                   f"'{self.unet.cfg.merge_strategy}': it has no image model, so temporal guidance "
                                   "cannot be used with it (set the temporal guidance scale to 1)")
             indicator = x.new_ones(x.shape[0] // num_frames, num_frames)
-        stream = BlockStreamer(self.offload) if self.offload.mode == "block" else None
-        try:
-            return compiling.run(self.unet, self.compile, x, timesteps, context, y, num_frames,
-                                 RunOptions(num_frames=num_frames, attn_chunk=attn_chunk),
-                                 image_only_indicator=indicator, stream=stream)
-        finally:
-            if stream is not None:
-                stream.close()
+        return compiling.run_unet(self.unet, self.offload, self.compile, x, timesteps, context, y, num_frames,
+                                  RunOptions(num_frames=num_frames, attn_chunk=attn_chunk),
+                                  image_only_indicator=indicator)
 
 
 @dataclass(frozen=True)
