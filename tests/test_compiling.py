@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import load_pack
 from fixtures import motion_model
-from fixtures_offload import Residency, cpu_block_offload, sample_small
+from fixtures_offload import Residency, cpu_block_offload
 from kinema.models import compiling, offload, pipelines
 from kinema.models.compiling import CompileOptions
 from kinema.models.errors import KinemaError
@@ -33,8 +33,9 @@ def _captured_once(counters) -> None:
     assert counters["stats"]["calls_captured"] > 100
 
 
-def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo):
-    """With a ControlNet, an IP-Adapter and context windows, which all pass through the compiled call."""
+def _animatediff_with_addons(**options):
+    """The demo v2 model with a ControlNet and an IP-Adapter (and ``options``), sampled 3 steps over 12 frames in
+    context windows of 8: every add-on and window passes through the compiled calls."""
     from fixtures_controlnet import controlnet
     from fixtures_ip_adapter import ip_adapter
     from kinema.models import addons, demo
@@ -48,11 +49,15 @@ def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo
     hint = addons.control_hint(controlnet(), torch.rand(4, 64, 64, 3, generator=g))
     opts = pipelines.SampleOptions(seed=7, steps=3, cfg=5.0, context=ContextOptions(context_length=8, overlap=4))
     latent = torch.zeros(12, 4, 8, 8)  # 64x64 pixels, the hints' size; 12 frames: windows of 8
+    model = motion_model("v2").with_options(controls=(hint,), contents=(content,), **options)
     with torch.no_grad():
-        plain = pipelines.sample_video(motion_model("v2").with_options(controls=(hint,), contents=(content,)),
-                                       pos, neg, latent, opts)
-        model = motion_model("v2").with_options(controls=(hint,), contents=(content,), compile=EAGER)
-        compiled = pipelines.sample_video(model, pos, neg, latent, opts)
+        return model, pipelines.sample_video(model, pos, neg, latent, opts)
+
+
+def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo):
+    """With a ControlNet, an IP-Adapter and context windows, which all pass through the compiled call."""
+    _, plain = _animatediff_with_addons()
+    model, compiled = _animatediff_with_addons(compile=EAGER)
     assert float((compiled - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
     _captured_once(dynamo)  # every window and step of the 3 reuses the graph
     assert "forward" not in vars(model.unet)  # nothing patched into the model
@@ -74,18 +79,23 @@ def test_a_compiled_svd_model_makes_the_same_video_from_one_graph(dynamo, tmp_pa
 def test_under_block_offload_each_block_is_compiled_between_the_moves(dynamo):
     """The UNet's loop runs as it is, moving the blocks (at most ``resident`` on the device), and calls each block
     through the compiled function: one graph per block (25, beyond dynamo's default limit of 8 a function), no
-    breaks, reused by the next step; the video is the uncompiled block offload's."""
-    plain = sample_small(motion_model("v2").with_options(offload=cpu_block_offload(2, Residency())))
+    breaks, reused by every window and step; with the add-ons, the video is the uncompiled block offload's."""
+    _, plain = _animatediff_with_addons(offload=cpu_block_offload(2, Residency()))
     dynamo.clear()
-    watch = Residency()
-    model = motion_model("v2").with_options(offload=cpu_block_offload(2, watch), compile=EAGER)
-    compiled = sample_small(model)  # 2 steps
+    watch, blocks_only = Residency(), Residency()
+
+    def moved(module, device):
+        watch(module, device)
+        if isinstance(module, torch.nn.ModuleList):  # a streamed unit (a UNet block and its motion modules), not
+            blocks_only(module, device)               # the ControlNet or the IP-Adapter, there for the whole run
+
+    model, compiled = _animatediff_with_addons(offload=cpu_block_offload(2, moved), compile=EAGER)
     assert float((compiled - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
-    assert watch.most == 2 and watch.moves > 0 and not watch.on
+    assert blocks_only.most == 2 and watch.most == 2 + 2 and not watch.on
     blocks = len(model.unet.input_blocks) + 1 + len(model.unet.output_blocks)
     assert dynamo["stats"]["unique_graphs"] == blocks == 25, dict(dynamo["stats"])
     assert not dynamo["graph_break"], dict(dynamo["graph_break"])
-    assert dynamo["frames"]["total"] == blocks  # the second step reuses them
+    assert dynamo["frames"]["total"] == blocks  # compiled once each, at the first window of the first step
 
 
 def test_svd_under_block_offload_is_compiled_block_by_block(dynamo, tmp_path):
