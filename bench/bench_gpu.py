@@ -23,8 +23,8 @@ sampling call; VAE and image encoder only while they run), ``block`` (UNet block
 resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded
 in tiles of ``--tile`` pixels), ``block-compiled`` (``block`` with the UNet compiled block by block, compiled by a
 one-step video first as ``compiled``; on the CPU only when asked for). A policy the engine does not know
-(``OffloadOptions.validate`` raises) is skipped with its message. diffusers runs ``AnimateDiffPipeline`` / ``StableVideoDiffusionPipeline`` on the same
-weights: ``plain`` (``pipe.to(device)``), ``chunked`` (``unet.enable_forward_chunking()``, 2 frames decoded a
+(``OffloadOptions.validate`` raises) is skipped with its message. diffusers runs ``AnimateDiffPipeline`` /
+``StableVideoDiffusionPipeline`` on the same weights: ``plain`` (``pipe.to(device)``), ``chunked`` (``unet.enable_forward_chunking()``, 2 frames decoded a
 call, AnimateDiff's VAE tiled as Kinema's), ``model-offload`` (``enable_model_cpu_offload``) and
 ``sequential-offload`` (``enable_sequential_cpu_offload``).
 

@@ -104,8 +104,8 @@ def test_svd_under_block_offload_is_compiled_block_by_block(dynamo, tmp_path):
     bundle, cond, uncond, latent = tiny_img2vid(str(tmp_path))
     opts = pipelines.SampleOptions(seed=1, steps=2, cfg=2.5, scheduler="karras")
     with torch.no_grad():
-        plain = pipelines.sample_img2vid(bundle.model.with_options(offload=cpu_block_offload(2, Residency())), cond, uncond,
-                                         latent, opts)
+        plain = pipelines.sample_img2vid(bundle.model.with_options(offload=cpu_block_offload(2, Residency())), cond,
+                                         uncond, latent, opts)
         dynamo.clear()
         watch = Residency()
         model = bundle.model.with_options(offload=cpu_block_offload(2, watch), compile=EAGER)
