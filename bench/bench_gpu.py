@@ -24,9 +24,9 @@ resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chun
 in tiles of ``--tile`` pixels), ``block-compiled`` (``block`` with the UNet compiled block by block, compiled by a
 one-step video first as ``compiled``; on the CPU only when asked for). A policy the engine does not know
 (``OffloadOptions.validate`` raises) is skipped with its message. diffusers runs ``AnimateDiffPipeline`` /
-``StableVideoDiffusionPipeline`` on the same weights: ``plain`` (``pipe.to(device)``), ``chunked`` (``unet.enable_forward_chunking()``, 2 frames decoded a
-call, AnimateDiff's VAE tiled as Kinema's), ``model-offload`` (``enable_model_cpu_offload``) and
-``sequential-offload`` (``enable_sequential_cpu_offload``).
+``StableVideoDiffusionPipeline`` on the same weights: ``plain`` (``pipe.to(device)``), ``chunked``
+(``unet.enable_forward_chunking()``, 2 frames decoded a call, AnimateDiff's VAE tiled as Kinema's),
+``model-offload`` (``enable_model_cpu_offload``) and ``sequential-offload`` (``enable_sequential_cpu_offload``).
 
 Reported per run: the median step after the warm-up step, the sampling time (SVD: with the image
 conditioning), the decode time, the time per video, the peak memory while sampling, while decoding and overall
