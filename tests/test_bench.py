@@ -61,9 +61,9 @@ def test_bench_gpu_cpu_smoke_svd(capsys, tmp_path):
         assert len(rows) == 4 and "aten::mkldnn_convolution" in section.split("\n\n")[1]
 
 
-def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cannot_hold(monkeypatch):
-    """On the device the whole run has one time limit: the pair that gives the speed ratio runs first, the report is
-    rewritten after every run, and a run that would end after ``--time-budget`` is skipped with a note."""
+def _budgeted_bench(monkeypatch, argv, compile_s=0.0):
+    """bench_workload with fake runs of 10 s each (a compiled policy's ``compile_s`` of them its compile) and a
+    deadline at 45 s: (the runs made, the runs skipped for the budget with their notes, the report's writes)."""
     from types import SimpleNamespace
 
     clock = [0.0]
@@ -71,7 +71,10 @@ def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cann
     def video(impl):
         def run(w, config, *args, steps=None, **kwargs):
             clock[0] += 10.0
-            return bench_gpu.Run(impl, config if steps is None else "warm-up")
+            r = bench_gpu.Run(impl, config if steps is None else "warm-up")
+            if steps is None and impl == "Kinema" and config in bench_gpu.COMPILED:
+                r.compile = compile_s
+            return r
         return run
 
     monkeypatch.setattr(bench_gpu.time, "monotonic", lambda: clock[0])
@@ -79,18 +82,35 @@ def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cann
     monkeypatch.setattr(bench_gpu, "diffusers_video", lambda w, pipe, config, *a, **k: video("diffusers")(w, config,
                                                                                                           **k))
     monkeypatch.setattr(bench_gpu, "_diffusers_pipeline", lambda *a: object())
-    args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--policies", *bench_gpu.POLICIES])
+    args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--policies", *bench_gpu.POLICIES, *argv])
     written = []
     out = bench_gpu.bench_workload(SimpleNamespace(title="t"), args, torch.device("cpu"),
                                    SimpleNamespace(clear=lambda: None), None, None, deadline=45.0,
                                    on_run=lambda res: written.append(len(res["runs"])))
     ran = [(r.impl, r.config) for r in out["runs"] if not r.note]
-    assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "compiled")]  # 10 s each, 10 s to 40 s
-    skipped = [(r.impl, r.config) for r in out["runs"] if "time budget" in r.note]
-    assert skipped == [("Kinema", "model"), ("Kinema", "block"), ("Kinema", "block-chunk"),
-                       ("Kinema", "block-compiled"), ("diffusers", "chunked"), ("diffusers", "model-offload"),
-                       ("diffusers", "sequential-offload")]
+    skipped = {(r.impl, r.config): r.note for r in out["runs"] if "time budget" in r.note}
+    return ran, skipped, written
+
+
+def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cannot_hold(monkeypatch):
+    """On the device the whole run has one time limit: the pair that gives the speed ratio runs first, the report is
+    rewritten after every run, and a run that would end after ``--time-budget`` is skipped with a note."""
+    ran, skipped, written = _budgeted_bench(monkeypatch, ["--compile-allowance", "5"], compile_s=4.0)
+    assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "compiled")]  # 10 s each after a warm-up
+    assert list(skipped) == [("Kinema", "model"), ("Kinema", "block"), ("Kinema", "block-chunk"),
+                             ("Kinema", "block-compiled"), ("diffusers", "chunked"), ("diffusers", "model-offload"),
+                             ("diffusers", "sequential-offload")]
+    assert "with a compile of about 4 s" in skipped[("Kinema", "block-compiled")]  # the measured one, not 5
+    assert "compile" not in skipped[("Kinema", "model")]
     assert written == list(range(1, 11))
+
+
+def test_bench_gpu_budgets_a_compile_for_the_compiled_policies(monkeypatch):
+    """A compiled run is judged with a compile's length (``--compile-allowance`` until one is measured): at 30 s of
+    45 a compiled run of 10 + 150 s is skipped, a plain policy's 10 s still runs."""
+    ran, skipped, _ = _budgeted_bench(monkeypatch, [])
+    assert ran == [("Kinema", "none"), ("diffusers", "plain"), ("Kinema", "model")]
+    assert "with a compile of about 150 s" in skipped[("Kinema", "compiled")]
 
 
 def test_bench_gpu_default_policies_leave_compiling_to_cuda():
