@@ -17,9 +17,9 @@ same tensors with diffusers' single-file converters (AnimateDiff) or the tests' 
 
 Kinema runs each video under each memory policy (``model.with_options(offload=OffloadOptions(...))``):
 ``none`` (everything resident on the GPU), ``compiled`` (``none`` with the UNet through ``torch.compile``, the
-pack's ``CompileOptions``: ``--compile-backend`` / ``--compile-mode``, compiled by a one-step video first whose
-time is reported apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each
-sampling call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident``
+pack's ``CompileOptions``: ``--compile-backend`` / ``--compile-mode``, and the VAE's decoder too, as Compile VAE
+does, unless ``--no-compile-decode``; compiled by a one-step video and its decode first, whose time is reported
+apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each sampling call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident``
 resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded
 in tiles of ``--tile`` pixels), ``block-compiled`` (``block`` with the UNet compiled block by block, compiled by a
 one-step video first as ``compiled``; on the CPU only when asked for). A policy the engine does not know
@@ -497,18 +497,19 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
                  decode: bool = True, recorder_for=None) -> Run:
     """One Kinema video under ``policy``; ``steps``/``decode`` shorten it (the warm-up), ``recorder_for(unet)``
     attaches a ``CallRecorder`` for the FLOP count. ``compiled`` / ``block-compiled``: policy none / block with the
-    UNet through torch.compile, compiled by a one-step video first (its time is ``Run.compile``, not in the row's
-    times)."""
+    UNet (and, unless ``--no-compile-decode``, the VAE's decoder) through torch.compile, compiled by a one-step
+    video first with its decode (its time is ``Run.compile``, not in the row's times)."""
     import torch
     from kinema.models import pipelines, placement
     from kinema.models.compiling import CompileOptions
     from kinema.models.tiling import TileOptions
-    from kinema.models.vae import decode_frames
+    from kinema.models.vae import decode_frames, with_compiled_decode
 
     run = Run("Kinema", policy)
     opts = policy_options(policy, args, device)
     compile = CompileOptions(args.compile_backend, args.compile_mode) if policy in COMPILED else None
     model = w.model.with_options(offload=opts, compile=compile)
+    vae = with_compiled_decode(w.vae, compile) if compile is not None and args.compile_decode else w.vae
     placement.rest(model, opts)
     aux = placement.Placement(device=str(device)) if opts.mode == "none" else placement.Placement(
         device=str(device), offload=True, storage="cpu")
@@ -525,7 +526,9 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
             if compile is not None:
                 meter.sync()
                 t0 = time.perf_counter()
-                _sample(w, model, replace(sample_opts, steps=1), None)
+                warm = _sample(w, model, replace(sample_opts, steps=1), None)
+                if decode:
+                    decode_frames(vae, warm, chunk=None, tiles=tiles)
                 meter.sync()
                 run.compile = time.perf_counter() - t0
             meter.clear()
@@ -540,7 +543,7 @@ def kinema_video(w: Workload, policy: str, args, device, meter: Meter, steps: in
             run.peak_sampling = meter.peak()
             if decode:
                 meter.reset()
-                decode_frames(w.vae, latent, chunk=None, tiles=tiles)
+                decode_frames(vae, latent, chunk=None, tiles=tiles)
                 meter.sync()
                 run.decode = time.perf_counter() - t1
                 run.peak_decode = meter.peak()
@@ -885,14 +888,15 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
                   for name, t, share in rows]
     compiled = [r for r in runs if r.compile is not None]
     if compiled:
-        lines += ["", "Compiling (the one-step video that compiled the UNet): " + "; ".join(
+        lines += ["", "Compiling (the one-step video and its decode, run first): " + "; ".join(
             f"{r.impl} {r.config} {r.compile:.1f} s" for r in compiled) + "."]
     return lines
 
 
+DECODER_NOTE = " and the VAE's decoder (Compile VAE)"
 POLICY_NOTES = {
     "none": "UNet, motion module, VAE and image encoder resident on the device",
-    "compiled": "none + the UNet (with the motion modules) through torch.compile (backend "
+    "compiled": "none + the UNet (with the motion modules){decoder} through torch.compile (backend "
                 "{compile_backend}, mode {compile_mode}), compiled by a one-step video first (not in the row)",
     "model": "UNet and motion module brought to the device for each sampling call; VAE and image encoder only "
              "while they run",
@@ -900,8 +904,8 @@ POLICY_NOTES = {
              "while they run",
     "block-chunk": "block offload + attention in chunks of {attn_chunk} queries + VAE decoded in tiles of {tile} px "
                    "overlapping {tile_overlap}",
-    "block-compiled": "block + the UNet compiled block by block (torch.compile, backend {compile_backend}, mode "
-                      "{compile_mode}), compiled by a one-step video first (not in the row)",
+    "block-compiled": "block + the UNet compiled block by block{decoder} (torch.compile, backend {compile_backend}, "
+                      "mode {compile_mode}), compiled by a one-step video first (not in the row)",
 }
 DIFFUSERS_NOTES = {
     "plain": "pipe.to(device)",
@@ -939,7 +943,8 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
          f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)."),
         "",
         "Kinema memory policies: " + "; ".join(
-            f"{p}: {POLICY_NOTES[p].format(**vars(args))}" for p in args.policies) + ".",
+            f"{p}: {POLICY_NOTES[p].format(**vars(args), decoder=DECODER_NOTE if args.compile_decode else '')}"
+            for p in args.policies) + ".",
         "diffusers: " + "; ".join(f"{c}: {DIFFUSERS_NOTES[c]}" for c in args.diffusers) + "." if args.diffusers
         else "diffusers: not run.",
         "",
@@ -978,6 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "capture alone)")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
                    help="the compiled policies' torch.compile mode (inductor)")
+    p.add_argument("--compile-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="the compiled policies also decode through torch.compile (the pack's Compile VAE); "
+                        "--no-compile-decode: the UNet alone")
     p.add_argument("--diffusers", nargs="*", choices=DIFFUSERS_CONFIGS, default=list(DIFFUSERS_CONFIGS),
                    help="diffusers configurations (none given: diffusers is not run; the offloads need CUDA)")
     p.add_argument("--frames", type=int, help="frames (default: the scale's: real 16 AnimateDiff, 25 SVD-XT)")

@@ -1,4 +1,5 @@
-"""``torch.compile`` of a video model's UNet: the same network, its elementwise work fused into fewer kernels.
+"""``torch.compile`` of a video model's UNet and of a VAE's decoder: the same networks, their elementwise work fused into
+fewer kernels.
 
 Half of a UNet step's GPU time is elementwise kernels around the matrix products (additions, GELU, the norms,
 layout copies); inductor fuses them. On an H200 an AnimateDiff step (SD1.5 + v2, 16×512², fp16) took 0.119 s
@@ -14,6 +15,11 @@ it the UNet's own loop runs as it is, moving the blocks, and each block is calle
 (``compiled_block_call``, the UNet's ``call_block``): one graph per block, with static sizes, run between the moves.
 A moved weight is the same parameter with its data on the device, which the graph's guards accept; a UNet of 25
 blocks keeps 25 graphs per video size, so dynamo's recompile limits are raised while it runs (``BLOCK_GRAPHS``).
+
+A VAE from ``vae.with_compiled_decode`` (the Compile VAE node) decodes through ``run_decode``: its ``decode``
+compiled whole (one graph; the SVD temporal decoder's loops over frame slices unrolled), by a function of its own
+(``compiled_decode_call``) so that the decoders' graphs never count against the UNets' in dynamo's limit of graphs
+per function. What it gains on a GPU is not measured yet (``bench/bench_gpu.py``'s compiled policies decode so).
 
 CUDA graphs (modes ``reduce-overhead`` and ``max-autotune``) are not offered: model and block offload move the
 weights between calls and a captured graph keeps the addresses it saw.
@@ -53,6 +59,13 @@ class CompileOptions:
             raise KinemaError(f"unknown compile mode '{self.mode}': use one of {', '.join(COMPILE_MODES)}")
 
 
+def _compiled(fn: Callable, opts: CompileOptions, **kwargs) -> Callable:
+    """``fn`` through ``torch.compile`` with ``opts`` (and ``kwargs``, e.g. ``dynamic``)."""
+    opts.validate()
+    mode = opts.mode if opts.backend == "inductor" and opts.mode != "default" else None
+    return torch.compile(fn, backend=opts.backend, mode=mode, **kwargs)
+
+
 def _call(net: nn.Module, *args, **kwargs):
     return net(*args, **kwargs)
 
@@ -61,9 +74,7 @@ def _call(net: nn.Module, *args, **kwargs):
 def compiled_call(opts: CompileOptions) -> Callable:
     """``f(net, *args, **kwargs) -> net(*args, **kwargs)`` through ``torch.compile`` with ``opts``: one function
     per options, so every model compiled with them shares dynamo's cache of compiled graphs."""
-    opts.validate()
-    mode = opts.mode if opts.backend == "inductor" and opts.mode != "default" else None
-    return torch.compile(_call, backend=opts.backend, mode=mode)
+    return _compiled(_call, opts)
 
 
 def _call_block(fn: Callable, *args, **kwargs):
@@ -88,12 +99,27 @@ def _graph_limits(n: int, config=None) -> dict[str, int]:
 def compiled_block_call(opts: CompileOptions) -> Callable:
     """``f(fn, *args, **kwargs) -> fn(*args, **kwargs)`` through ``torch.compile`` with ``opts`` and static sizes:
     the UNet's ``call_block`` under block offload, a graph per block."""
-    opts.validate()
-    mode = opts.mode if opts.backend == "inductor" and opts.mode != "default" else None
-    return torch.compile(_call_block, backend=opts.backend, mode=mode, dynamic=False)
+    return _compiled(_call_block, opts, dynamic=False)
 
 
-_seen: set = set()  # (options, network, input shapes) already said in the log
+_seen: set = set()  # (options, what, input sizes and dtypes) already said in the log
+
+
+def _said_once(opts: CompileOptions, what: str, args: tuple) -> None:
+    """Say in the log, once per options, ``what`` and input sizes, that the next call compiles (why it waits)."""
+    inputs = tuple((tuple(a.shape), str(a.dtype).removeprefix("torch.")) for a in args if isinstance(a, torch.Tensor))
+    if (opts, what, inputs) not in _seen:
+        _seen.add((opts, what, inputs))
+        logger.info("Kinema: compiling the %s with torch.compile (%s) for inputs %s: the first call with these "
+                    "sizes takes a while (minutes: about two for SD1.5's UNet on a fast GPU), the next ones reuse it",
+                    what, opts.backend, ", ".join(f"{list(shape)} {dtype}" for shape, dtype in inputs))
+
+
+def _failed(opts: CompileOptions, what: str, node: str, e: Exception) -> KinemaError:
+    return KinemaError(f"torch.compile ({opts.backend}) could not compile the {what}: "
+                       f"{str(e).splitlines()[0][:300]}. Inductor needs Triton for a GPU (Linux: the triton package "
+                       "that comes with PyTorch's CUDA builds; Windows: triton-windows) and a C++ compiler for the "
+                       f"CPU; or remove {node} from the workflow")
 
 
 def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
@@ -103,23 +129,39 @@ def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
     if opts is None:
         return net(*args, **kwargs)
     by_block = kwargs.get("stream") is not None
-    key = (opts, by_block, type(net).__name__, tuple(a.shape for a in args if isinstance(a, torch.Tensor)))
-    if key not in _seen:
-        _seen.add(key)
-        logger.info("Kinema: compiling the %s%s with torch.compile (%s) for inputs %s: the first call with these "
-                    "sizes takes a while (about two minutes for SD1.5 on a fast GPU), the next ones reuse it",
-                    type(net).__name__, " block by block (block offload)" if by_block else "", opts.backend,
-                    [tuple(s) for s in key[3]])
+    what = type(net).__name__ + (" block by block (block offload)" if by_block else "")
+    _said_once(opts, what, args)
     try:
         if not by_block:
             return compiled_call(opts)(net, *args, **kwargs)
         with torch._dynamo.config.patch(**_graph_limits(BLOCK_GRAPHS)):
             return net(*args, call_block=compiled_block_call(opts), **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
-        raise KinemaError(f"torch.compile ({opts.backend}) could not compile the {type(net).__name__}: "
-                          f"{str(e).splitlines()[0][:300]}. Inductor needs Triton for a GPU (Linux: the triton "
-                          "package that comes with PyTorch's CUDA builds; Windows: triton-windows) and a C++ compiler "
-                          "for the CPU; or remove Compile Model (Kinema) from the workflow") from e
+        raise _failed(opts, type(net).__name__, "Compile Model (Kinema)", e) from e
+
+
+def _call_decode(decode: Callable, *args):
+    return decode(*args)
+
+
+@functools.cache
+def compiled_decode_call(opts: CompileOptions) -> Callable:
+    """``f(decode, *args) -> decode(*args)`` through ``torch.compile`` with ``opts``: the VAEs' decodes, a function
+    of their own so that their graphs do not count against the UNets' in dynamo's limit per function."""
+    return _compiled(_call_decode, opts)
+
+
+def run_decode(vae: nn.Module, opts: CompileOptions | None, *args):
+    """``vae.decode(*args)``, compiled with ``opts`` when given (Compile VAE (Kinema)); the first call with new
+    sizes compiles (said in the log)."""
+    if opts is None:
+        return vae.decode(*args)
+    what = f"{type(vae).__name__} decoder"
+    _said_once(opts, what, args)
+    try:
+        return compiled_decode_call(opts)(vae.decode, *args)
+    except torch._dynamo.exc.BackendCompilerFailed as e:
+        raise _failed(opts, what, "Compile VAE (Kinema)", e) from e
 
 
 def run_unet(net: nn.Module, offload: OffloadOptions, opts: CompileOptions | None, *args, **kwargs):

@@ -46,6 +46,7 @@ from torch import nn
 
 from . import checkpoint
 from .errors import KinemaError
+from .memory import shallow_copy
 from .motion import published_layout
 
 logger = logging.getLogger("kinema")
@@ -110,10 +111,7 @@ def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.M
         on_path.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
 
     def copy_node(module: nn.Module, prefix: str) -> nn.Module:
-        clone = copy.copy(module)
-        clone._modules = type(module._modules)(module._modules)
-        clone._parameters = type(module._parameters)(module._parameters)
-        clone._buffers = type(module._buffers)(module._buffers)
+        clone = shallow_copy(module)
         for leaf, tensor in by_module.get(prefix, {}).items():
             if module._parameters.get(leaf) is None:
                 raise KinemaError(f"internal error: the model has no parameter '{prefix}.{leaf}' to patch")

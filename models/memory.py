@@ -7,11 +7,13 @@ node overrides the video model's.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+from torch import nn
 
 from . import placement
 from .errors import KinemaError
@@ -33,6 +35,17 @@ def pick_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     if precision not in _DTYPES:
         raise KinemaError(f"unknown precision '{precision}': use one of {', '.join(PRECISIONS)}")
     return _DTYPES[precision]
+
+
+def shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with ``module``'s attributes and its own tables of children, parameters and buffers,
+    which hold ``module``'s own children and tensors: changing the copy's tables or attributes leaves ``module``
+    as it is."""
+    clone = copy.copy(module)
+    clone._modules = type(module._modules)(module._modules)
+    clone._parameters = type(module._parameters)(module._parameters)
+    clone._buffers = type(module._buffers)(module._buffers)
+    return clone
 
 
 def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .compiling import CompileOptions, run_decode
 from .errors import KinemaError
 from .layers import FrameConv, flatten_hw, per_frame_slices
-from .memory import cast_weights, run_with_oom_retry
+from .memory import cast_weights, run_with_oom_retry, shallow_copy
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
 
@@ -535,6 +536,28 @@ def default_decode_chunk(vae: nn.Module, height: int, width: int) -> int:
     return int(own) if own is not None else frames_per_call(height, width)
 
 
+#: the attribute of a VAE whose decodes run through torch.compile (``with_compiled_decode``): its CompileOptions
+DECODE_COMPILE = "kinema_decode_compile"
+
+
+def with_compiled_decode(vae: AutoencoderKL | TemporalAutoencoder, opts: CompileOptions | None
+                         ) -> AutoencoderKL | TemporalAutoencoder:
+    """``vae`` whose ``decode_frames`` calls run its ``decode`` through ``torch.compile`` with ``opts`` (None: as it
+    is): a new object sharing ``vae``'s modules and weights (and its placement); ``vae`` itself is unchanged."""
+    if not isinstance(vae, (AutoencoderKL, TemporalAutoencoder)):
+        raise KinemaError(f"only a VAE with a decoder can have its decoding compiled, not a {type(vae).__name__}")
+    if opts is not None:
+        opts.validate()
+    new = shallow_copy(vae)
+    setattr(new, DECODE_COMPILE, opts)
+    return new
+
+
+def decode_compile(vae: nn.Module) -> CompileOptions | None:
+    """The compile options of ``vae``'s decodes (``with_compiled_decode``), None for plain ones."""
+    return getattr(vae, DECODE_COMPILE, None)
+
+
 def decode_frames(
     vae: AutoencoderKL | TemporalAutoencoder,
     latent: torch.Tensor,
@@ -554,6 +577,7 @@ def decode_frames(
     holds every frame of the chunk. Out of memory: the chunk is retried once smaller (AutoencoderKL: half the
     frames; the temporal decoder: smaller tiles, since fewer frames would change it), then a KinemaError.
     An fp16 VAE whose output is not finite (overflow) decodes that call again in fp32 (``Fp32Fallback``).
+    A VAE from ``with_compiled_decode`` decodes through ``torch.compile`` (the first call with new sizes compiles).
     ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
     """
     if latent.ndim != 4:
@@ -568,8 +592,10 @@ def decode_frames(
         chunk = default_decode_chunk(vae, latent.shape[-2] * 8, latent.shape[-1] * 8)
     temporal = bool(getattr(vae, "mixes_frames", False))
 
+    compile = decode_compile(vae)
+
     def decode(model, z: torch.Tensor) -> torch.Tensor:  # the temporal VAE: the chunk is one video
-        return model.decode(_layout(z.to(model.device, model.dtype))).float()
+        return run_decode(model, compile, _layout(z.to(model.device, model.dtype))).float()
 
     def call(z: torch.Tensor) -> torch.Tensor:
         return ((precision(decode, z).clamp(-1, 1) + 1) / 2).cpu()

@@ -1,10 +1,30 @@
-"""The compile node: a video model whose UNet runs through torch.compile."""
+"""The compile nodes: a video model whose UNet, or a VAE whose decoder, runs through torch.compile."""
 from __future__ import annotations
 
 from ..models.compiling import COMPILE_BACKENDS, COMPILE_MODES, CompileOptions
 from ..models.errors import KinemaError
 from ..models.motion import MotionModel
 from ..models.svd_model import SVDModel
+from ..models.vae import AutoencoderKL, TemporalAutoencoder, with_compiled_decode
+
+
+def _compile_inputs() -> dict:
+    return {
+        "backend": (list(COMPILE_BACKENDS), {
+            "default": "inductor",
+            "tooltip": "inductor: generated kernels (the speed-up). eager: the graph is only captured and run as it "
+                       "is: a check that compiling works, no faster."}),
+        "mode": (list(COMPILE_MODES), {
+            "default": "default",
+            "tooltip": "inductor's mode. max-autotune-no-cudagraphs tries kernel variants: a much longer first "
+                       "run, sometimes faster ones after."}),
+    }
+
+
+def _options(backend: str, mode: str) -> CompileOptions:
+    opts = CompileOptions(backend=backend, mode=mode)
+    opts.validate()
+    return opts
 
 
 class KinemaCompileModel:
@@ -29,14 +49,7 @@ class KinemaCompileModel:
             "required": {
                 "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module) or an SVD model, "
                                                       "before or after a Memory Policy."}),
-                "backend": (list(COMPILE_BACKENDS), {
-                    "default": "inductor",
-                    "tooltip": "inductor: generated kernels (the speed-up). eager: the graph is only captured and "
-                               "run as it is: a check that compiling works, no faster."}),
-                "mode": (list(COMPILE_MODES), {
-                    "default": "default",
-                    "tooltip": "inductor's mode. max-autotune-no-cudagraphs tries kernel variants: a much longer "
-                               "first run, sometimes a faster step."}),
+                **_compile_inputs(),
             },
         }
 
@@ -44,10 +57,38 @@ class KinemaCompileModel:
         if not isinstance(model, (MotionModel, SVDModel)):
             raise KinemaError("Compile Model (Kinema) takes a video model: connect Apply Motion Module (Kinema), "
                               "Load SVD Checkpoint (Kinema) or Memory Policy (Kinema)")
-        opts = CompileOptions(backend=backend, mode=mode)
-        opts.validate()
-        return (model.with_options(compile=opts),)
+        return (model.with_options(compile=_options(backend, mode)),)
 
 
-NODE_CLASS_MAPPINGS = {"KinemaCompileModel": KinemaCompileModel}
-NODE_DISPLAY_NAME_MAPPINGS = {"KinemaCompileModel": "Compile Model (Kinema)"}
+class KinemaCompileVAE:
+    DESCRIPTION = (
+        "Runs the VAE's decoder through torch.compile when VAE Decode Frames (Kinema) decodes with it: its "
+        "normalisations, activations and (SVD's temporal decoder) frame blends fused into fewer GPU kernels. The "
+        "first decode with new sizes compiles first (the log says so), later ones reuse it until ComfyUI "
+        "restarts; other tile or chunk sizes compile again. The same frames, to rounding. Encoding is not "
+        "compiled. Needs what Compile Model (Kinema) needs; gains nothing on a CPU."
+    )
+    CATEGORY = "Kinema/vae"
+    RETURN_TYPES = ("KINEMA_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The VAE with a compiled decoder (the same weights); connect it to VAE Decode Frames.",)
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae": ("KINEMA_VAE", {"tooltip": "The VAE from Load Checkpoint or Load SVD Checkpoint (Kinema)."}),
+                **_compile_inputs(),
+            },
+        }
+
+    def apply(self, vae, backend="inductor", mode="default"):
+        if not isinstance(vae, (AutoencoderKL, TemporalAutoencoder)):
+            raise KinemaError("Compile VAE (Kinema) takes a VAE with a decoder: connect the vae output of Load "
+                              "Checkpoint (Kinema) or Load SVD Checkpoint (Kinema)")
+        return (with_compiled_decode(vae, _options(backend, mode)),)
+
+
+NODE_CLASS_MAPPINGS = {"KinemaCompileModel": KinemaCompileModel, "KinemaCompileVAE": KinemaCompileVAE}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaCompileModel": "Compile Model (Kinema)", "KinemaCompileVAE": "Compile VAE (Kinema)"}

@@ -122,10 +122,11 @@ def test_bench_gpu_default_policies_leave_compiling_to_cuda():
 def test_bench_gpu_compiled_policies_give_the_model_compile_options(capsys, monkeypatch):
     """The compiled rows: the model carries the pack's CompileOptions (``--compile-backend``/``--compile-mode``;
     what compiling does is tests/test_compiling.py's), for a one-step video first and the timed one, reported apart;
-    ``block-compiled`` under block offload, its UNet compiled block by block."""
+    ``block-compiled`` under block offload, its UNet compiled block by block; both decode through the compiled
+    decoder (Compile VAE), the one-step video's decode too."""
     from kinema.models import compiling
 
-    seen, blocks = [], []
+    seen, blocks, decodes = [], [], []
 
     def spy(opts):  # records the options and runs the UNet plain: dynamo's capture is test_compiling's
         seen.append(opts)
@@ -135,8 +136,13 @@ def test_bench_gpu_compiled_policies_give_the_model_compile_options(capsys, monk
         blocks.append(opts)
         return compiling._call_block
 
+    def decode_spy(opts):
+        decodes.append(opts)
+        return compiling._call_decode
+
     monkeypatch.setattr(compiling, "compiled_call", spy)
     monkeypatch.setattr(compiling, "compiled_block_call", block_spy)
+    monkeypatch.setattr(compiling, "compiled_decode_call", decode_spy)
     argv = ["--device", "cpu", "--scale", "tiny", "--models", "animatediff", "--policies", "none", "compiled",
             "block", "block-compiled", "--compile-backend", "eager", "--diffusers", "plain", "--frames", "2",
             "--steps", "2"]
@@ -147,12 +153,14 @@ def test_bench_gpu_compiled_policies_give_the_model_compile_options(capsys, monk
             if line.startswith("| Kinema |")}
     assert rows["compiled"] == rows["none"]  # latents vs diffusers plain: the same difference
     assert rows["block-compiled"] == rows["block"]
-    assert "Compiling (the one-step video that compiled the UNet): Kinema compiled" in out
+    assert "Compiling (the one-step video and its decode, run first): Kinema compiled" in out
     assert "Kinema block-compiled" in out.split("Compiling (")[1]
     eager = compiling.CompileOptions(backend="eager", mode="default")
     assert set(seen) == {eager} and set(blocks) == {eager}
     assert len(seen) == 1 + 2  # a UNet call a step (cond and uncond in one batch): the one-step video, then 2 steps
     assert len(blocks) == len(seen)  # the UNet's call_block, once per UNet call
+    assert decodes == [eager] * 4  # 2 frames in one decode call: the one-step video's and the timed one's, twice
+    assert "and the VAE's decoder (Compile VAE)" in out  # the policies' notes say so
 
 
 @pytest.mark.slow

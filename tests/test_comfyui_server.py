@@ -475,6 +475,20 @@ def test_the_compile_node_runs_in_comfyui(server, object_info, tmp_path, offload
     assert said + " with torch.compile (eager)" in server.log()  # why the first step waits
 
 
+def test_the_compile_vae_node_runs_in_comfyui(server, object_info, tmp_path):
+    """Compile VAE (Kinema) between the SVD loader's VAE and VAE Decode Frames in the image-to-video workflow,
+    backend eager: the temporal decoder compiled in ComfyUI's prompt worker thread."""
+    prompt = _demo_api_prompt(os.path.join(ROOT, "workflows", "api", "svd_img2vid.json"), object_info)
+    (decode,) = [node for node in prompt.values() if node["class_type"] == "KinemaVAEDecodeFrames"]
+    prompt["kinema_compile_vae"] = {"class_type": "KinemaCompileVAE",
+                                    "inputs": {"vae": decode["inputs"]["vae"], "backend": "eager", "mode": "default"}}
+    decode["inputs"]["vae"] = ["kinema_compile_vae", 0]
+    path = tmp_path / "svd_img2vid_compiled_vae.json"
+    path.write_text(json.dumps(prompt), encoding="utf-8")
+    _queue_prepared(server, str(path), "img2vid with Compile VAE", tmp_path)
+    assert "Kinema: compiling the TemporalAutoencoder decoder with torch.compile (eager)" in server.log()
+
+
 def _queue_and_wait(server, prompt):
     """Queue the API ``prompt`` and follow it on the websocket: (the message that ended it, or None at the
     timeout; the binary messages it sent meanwhile)."""

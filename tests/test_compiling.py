@@ -1,6 +1,6 @@
 """torch.compile of the video UNets (models/compiling.py, the Compile Model node): dynamo captures each UNet whole,
 in one graph without breaks (under block offload: one graph per block, between the moves), reuses it over the
-steps, and the video is the one the plain model makes. Backend
+steps, and the video is the one the plain model makes; likewise the VAEs' decoders (Compile VAE). Backend
 eager (dynamo's capture, PyTorch's kernels): inductor's code generation takes minutes on a CPU and is torch's to
 test; bench_gpu.py's compiled row measures it on a GPU."""
 import pytest
@@ -22,6 +22,7 @@ def dynamo():
 
     torch._dynamo.reset()
     counters.clear()
+    compiling._seen.clear()  # what the log said it compiles
     yield counters
     torch._dynamo.reset()
 
@@ -181,3 +182,82 @@ def test_without_options_the_net_runs_as_it_is(monkeypatch):
     net = torch.nn.Linear(3, 2)
     x = torch.ones(1, 3)
     assert torch.equal(compiling.run(net, None, x), net(x))
+
+
+# -- the VAE decoders (Compile VAE) -------------------------------------------------------------------------------
+
+def _vae(kind: str):
+    """(a VAE, a latent video of 5 frames, frames a decode call): the SD VAE in chunks of 2 (2, 2, 1), SVD's
+    temporal decoder in videos of 3 (3, 2): a second size in both."""
+    from fixtures import vae
+    from fixtures_temporal_vae import temporal_vae
+
+    model = vae() if kind == "sd" else temporal_vae()
+    latent = torch.randn(5, model.cfg.z_channels, 8, 12, generator=torch.Generator().manual_seed(5))
+    return model, latent, 2 if kind == "sd" else 3
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["whole", "tiles"])
+@pytest.mark.parametrize("kind", ["sd", "svd"])
+def test_a_compiled_vae_decodes_the_same_frames_without_graph_breaks(dynamo, kind, tiled):
+    from kinema.models.tiling import TileOptions
+    from kinema.models.vae import decode_compile, decode_frames, with_compiled_decode
+
+    vae, latent, chunk = _vae(kind)
+    tiles = TileOptions(6, 2) if tiled else TileOptions()  # tiles of 3 sizes on the 8x12 latent
+    compiled = with_compiled_decode(vae, EAGER)
+    frames = decode_frames(compiled, latent, chunk, tiles=tiles)
+    assert torch.equal(frames, decode_frames(vae, latent, chunk, tiles=tiles))
+    assert not dynamo["graph_break"], dict(dynamo["graph_break"])
+    assert dynamo["stats"]["calls_captured"] > 50  # the decoder's layers, in the graph
+    # compiled for the first size, and once more for the others (dynamo's automatic dynamic sizes)
+    assert dynamo["stats"]["unique_graphs"] == 2, dict(dynamo["stats"])
+    assert decode_compile(compiled) == EAGER and decode_compile(vae) is None  # the input VAE unchanged
+    assert all(a is b for a, b in zip(vae.parameters(), compiled.parameters()))  # the same weights
+
+
+def test_a_compiled_fp16_decode_that_overflows_runs_again_in_fp32_compiled(dynamo, caplog):
+    from fixtures import vae
+    from kinema.models.lora import replace_parameters
+    from kinema.models.memory import cast_weights
+    from kinema.models.vae import decode_frames, with_compiled_decode
+
+    vae16 = cast_weights(vae(), torch.float16)
+    weight = vae16.post_quant_conv.weight
+    vae16 = replace_parameters(vae16, {"post_quant_conv.weight": weight.detach() * 1e3})  # 1e5 activations: inf
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * 100
+    with caplog.at_level("INFO", logger="kinema"):
+        frames = decode_frames(with_compiled_decode(vae16, EAGER), latent, chunk=1)
+    assert "VAE decoding overflowed in fp16" in caplog.text and torch.isfinite(frames).all()
+    assert torch.equal(frames, decode_frames(cast_weights(vae16, torch.float32), latent, chunk=1))
+    said = [r.getMessage() for r in caplog.records if "compiling the AutoencoderKL decoder" in r.getMessage()]
+    assert len(said) == 2 and all("(eager)" in m for m in said)  # in fp16, then the fp32 copy (said once each)
+
+
+def test_the_compile_vae_node_takes_vaes_with_a_decoder():
+    from fixtures import vae
+    from fixtures_temporal_vae import cond_encoder, temporal_vae
+    from kinema.models.vae import decode_compile
+
+    node = load_pack().nodes.compiling.KinemaCompileVAE()
+    for model in (vae(), temporal_vae()):
+        (compiled,) = node.apply(model, "eager", "default")
+        assert decode_compile(compiled) == EAGER and compiled is not model
+    for wrong in (cond_encoder(), motion_model("v2"), "not a vae"):
+        with pytest.raises(KinemaError, match="takes a VAE with a decoder"):
+            node.apply(wrong)
+    with pytest.raises(KinemaError, match="unknown compile backend"):
+        node.apply(vae(), "cudagraphs")
+
+
+def test_a_decode_backend_that_fails_is_a_kinema_error_naming_the_node(monkeypatch, dynamo):
+    from fixtures import vae
+    from kinema.models.vae import decode_frames, with_compiled_decode
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setattr(compiling, "compiled_decode_call",
+                        lambda opts: torch.compile(compiling._call_decode, backend=broken))
+    with pytest.raises(KinemaError, match="could not compile the AutoencoderKL decoder: .*remove Compile VAE"):
+        decode_frames(with_compiled_decode(vae(), EAGER), torch.zeros(1, 4, 8, 8))

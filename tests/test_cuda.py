@@ -3,7 +3,8 @@
 - block offload with the prefetch copies on a side stream (``offload.CopyStream``): the same video as the plain
   path, at most ``resident`` blocks on the GPU, pinned storage copies, and nothing left on the GPU after a call;
 - model offload: the same video, and the GPU memory back where it was;
-- a compiled UNet (inductor) under model and block offload: the same video;
+- a compiled UNet (inductor) under model and block offload: the same video; a compiled temporal decoder (inductor,
+  fp16): the same frames;
 - half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (CUDA's own GroupNorm kernel:
   float32 statistics);
 - a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames.
@@ -107,24 +108,27 @@ def test_half_precision_gives_a_finite_video_close_to_fp32(plain, dtype):
     assert _close(half, plain, 0.1), float((half - plain).abs().max())  # random weights, 3 steps: rounding only
 
 
-def test_svd_temporal_decode_in_fp16_is_finite_and_close_to_fp32():
+def _temporal_vae(dtype):
+    """The demo SVD file's temporal autoencoder in ``dtype`` on the device (a copy of its own)."""
     from fixtures_svd_pipeline import svd_state_dict
     from kinema.models import checkpoint
     from kinema.models.vae import (
         SVD_VAE_PREFIX,
         TemporalAutoencoder,
-        decode_frames,
         infer_temporal_vae_config,
     )
 
     sd = {k[len(SVD_VAE_PREFIX):]: v for k, v in svd_state_dict().items() if k.startswith(SVD_VAE_PREFIX)}
     cfg = infer_temporal_vae_config(sd)
+    return checkpoint.build_on_meta(lambda: TemporalAutoencoder(cfg), sd, dtype, "VAE", "demo svd").to(DEVICE)
+
+
+def test_svd_temporal_decode_in_fp16_is_finite_and_close_to_fp32():
+    from kinema.models.vae import decode_frames
+
     latent = torch.randn(6, 4, 16, 24, generator=torch.Generator().manual_seed(5))
     half = torch.float16 if CUDA else torch.bfloat16  # the CPU only checks the test itself
-    frames = {}
-    for dtype in (torch.float32, half):
-        vae = checkpoint.build_on_meta(lambda: TemporalAutoencoder(cfg), sd, dtype, "VAE", "demo svd").to(DEVICE)
-        frames[dtype] = decode_frames(vae, latent)
+    frames = {dtype: decode_frames(_temporal_vae(dtype), latent) for dtype in (torch.float32, half)}
     assert torch.isfinite(frames[half]).all()
     tolerance = 0.02 if half == torch.float16 else 0.1  # images in [0, 1]; bf16 keeps 3 fewer mantissa bits
     assert float((frames[half] - frames[torch.float32]).abs().max()) < tolerance
@@ -168,3 +172,18 @@ def test_a_compiled_model_under_offload_gives_the_plain_video(plain, mode):
     assert _close(video, plain, 1e-3), float((video - plain).abs().max())
     assert not watch.on and after - before < 4 << 20
     assert all(p.device.type == "cpu" for p in model.unet.parameters())
+
+
+def test_a_compiled_temporal_decoder_gives_the_plain_frames():
+    """Inductor's kernels for SVD's temporal decoder in half precision, in two chunk sizes (7 frames: 4 + 3)."""
+    from kinema.models.compiling import CompileOptions
+    from kinema.models.vae import decode_frames, with_compiled_decode
+
+    half = torch.float16 if CUDA else torch.bfloat16  # the CPU only checks the test itself
+    vae = _temporal_vae(half)
+    latent = torch.randn(7, 4, 16, 24, generator=torch.Generator().manual_seed(6))
+    plain = decode_frames(vae, latent, chunk=4)
+    compiled = decode_frames(with_compiled_decode(vae, CompileOptions()), latent, chunk=4)
+    assert torch.isfinite(compiled).all()
+    tolerance = 0.02 if half == torch.float16 else 0.1  # images in [0, 1]; fused arithmetic rounds elsewhere
+    assert float((compiled - plain).abs().max()) < tolerance
