@@ -66,7 +66,7 @@ class KinemaCompileVAE:
         "normalisations, activations and (SVD's temporal decoder) frame blends fused into fewer GPU kernels. The "
         "first decode with new sizes compiles first (the log says so), later ones reuse it until ComfyUI "
         "restarts; other tile or chunk sizes compile again. The same frames, to rounding. Encoding is not "
-        "compiled. Needs what Compile Model (Kinema) needs; gains nothing on a CPU."
+        "compiled. Needs what Compile Model (Kinema) needs; for a GPU: on a CPU the decode was slower compiled."
     )
     CATEGORY = "Kinema/vae"
     RETURN_TYPES = ("KINEMA_VAE",)
