@@ -442,7 +442,9 @@ def _video(default: tuple, args) -> tuple[int, int, int, int]:
 
 
 def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.").replace("float", "fp")
+    """fp32, fp16, bf16: the names the options take."""
+    name = str(dtype).removeprefix("torch.")
+    return "bf16" if name == "bfloat16" else name.replace("float", "fp")
 
 
 # -- Kinema --------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from ..models import checkpoint, memory, pipelines, placement, svd_model
 from ..models.errors import KinemaError
 from ..models.guidance import CFG_MODES
 from . import host
+from .loaders import PRECISION_TOOLTIP
 
 FROM_CHECKPOINT = "(from checkpoint)"
 
@@ -36,8 +37,7 @@ class KinemaSVDLoader:
                                "to Load Checkpoint (Kinema))."}),
                 "precision": (list(memory.PRECISIONS), {
                     "default": "auto",
-                    "tooltip": "Weight precision. auto: fp16 on a GPU, fp32 on the CPU. A VAE call that "
-                               "overflows in fp16 is run again in fp32 (said in the log)."}),
+                    "tooltip": PRECISION_TOOLTIP}),
             },
             "optional": {
                 "clip_vision_name": ([FROM_CHECKPOINT] + host.list_models("clip_vision"), {

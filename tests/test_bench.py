@@ -287,3 +287,7 @@ def test_probe_vae_memory_replays_the_trace_to_its_peak():
 def test_probe_vae_memory_cpu_check(capsys):
     assert probe_vae_memory.main(["--device", "cpu"]) == 0
     assert "the decode ran" in capsys.readouterr().out
+
+
+def test_bench_gpu_names_dtypes_as_its_options_do():
+    assert [bench_gpu._dtype_name(d) for d in (torch.float32, torch.float16, torch.bfloat16)] == ["fp32", "fp16", "bf16"]
