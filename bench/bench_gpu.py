@@ -19,10 +19,11 @@ Kinema runs each video under each memory policy (``model.with_options(offload=Of
 ``none`` (everything resident on the GPU), ``compiled`` (``none`` with the UNet through ``torch.compile``, the
 pack's ``CompileOptions``: ``--compile-backend`` / ``--compile-mode``, and the VAE's decoder too, as Compile VAE
 does, unless ``--no-compile-decode``; compiled by a one-step video and its decode first, whose time is reported
-apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each sampling call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident``
-resident), ``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded
-in tiles of ``--tile`` pixels), ``block-compiled`` (``block`` with the UNet compiled block by block, compiled by a
-one-step video first as ``compiled``; on the CPU only when asked for). A policy the engine does not know
+apart; on the CPU only when asked for), ``model`` (UNet and motion module brought to the GPU for each sampling
+call; VAE and image encoder only while they run), ``block`` (UNet blocks streamed, ``--resident`` resident),
+``block-chunk`` (block offload + attention in chunks of ``--attn-chunk`` queries + the VAE decoded in tiles of
+``--tile`` pixels), ``block-compiled`` (``block`` with the UNet compiled block by block, and the decoder, compiled
+by a one-step video first as ``compiled``; on the CPU only when asked for). A policy the engine does not know
 (``OffloadOptions.validate`` raises) is skipped with its message. diffusers runs ``AnimateDiffPipeline`` /
 ``StableVideoDiffusionPipeline`` on the same weights: ``plain`` (``pipe.to(device)``), ``chunked``
 (``unet.enable_forward_chunking()``, 2 frames decoded a call, AnimateDiff's VAE tiled as Kinema's),

@@ -91,4 +91,5 @@ class KinemaCompileVAE:
 
 
 NODE_CLASS_MAPPINGS = {"KinemaCompileModel": KinemaCompileModel, "KinemaCompileVAE": KinemaCompileVAE}
-NODE_DISPLAY_NAME_MAPPINGS = {"KinemaCompileModel": "Compile Model (Kinema)", "KinemaCompileVAE": "Compile VAE (Kinema)"}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaCompileModel": "Compile Model (Kinema)",
+                              "KinemaCompileVAE": "Compile VAE (Kinema)"}

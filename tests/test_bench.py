@@ -290,4 +290,5 @@ def test_probe_vae_memory_cpu_check(capsys):
 
 
 def test_bench_gpu_names_dtypes_as_its_options_do():
-    assert [bench_gpu._dtype_name(d) for d in (torch.float32, torch.float16, torch.bfloat16)] == ["fp32", "fp16", "bf16"]
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    assert [bench_gpu._dtype_name(d) for d in dtypes] == ["fp32", "fp16", "bf16"]
