@@ -17,9 +17,9 @@ A moved weight is the same parameter with its data on the device, which the grap
 blocks keeps 25 graphs per video size, so dynamo's recompile limits are raised while it runs (``BLOCK_GRAPHS``).
 
 A VAE from ``vae.with_compiled_decode`` (the Compile VAE node) decodes through ``run_decode``: its ``decode``
-compiled whole (one graph; the SVD temporal decoder's loops over frame slices unrolled), by a function of its own
-(``compiled_decode_call``) so that the decoders' graphs never count against the UNets' in dynamo's limit of graphs
-per function. What it gains on a GPU is not measured yet (``bench/bench_gpu.py``'s compiled policies decode so).
+compiled whole (one graph; the SVD temporal decoder's loops over frame slices unrolled), one static graph per chunk
+and tile size, by a function of its own (``compiled_decode_call``) so that the decoders' graphs never count against
+the UNets' in dynamo's limit of graphs per function. What it gains on a GPU is not measured yet (``bench/bench_gpu.py``'s compiled policies decode so).
 
 CUDA graphs (modes ``reduce-overhead`` and ``max-autotune``) are not offered: model and block offload move the
 weights between calls and a captured graph keeps the addresses it saw.
@@ -144,11 +144,19 @@ def _call_decode(decode: Callable, *args):
     return decode(*args)
 
 
+#: dynamo's limits on the graphs of the decode function: one graph per chunk and tile size (the tiles of a frame
+#: have up to 4 sizes, a video's chunks 2), beyond the default of 8 per function
+DECODE_GRAPHS = 64
+
+
 @functools.cache
 def compiled_decode_call(opts: CompileOptions) -> Callable:
-    """``f(decode, *args) -> decode(*args)`` through ``torch.compile`` with ``opts``: the VAEs' decodes, a function
-    of their own so that their graphs do not count against the UNets' in dynamo's limit per function."""
-    return _compiled(_call_decode, opts)
+    """``f(decode, *args) -> decode(*args)`` through ``torch.compile`` with ``opts`` and static sizes: the VAEs'
+    decodes, a function of their own so that their graphs do not count against the UNets' in dynamo's limit per
+    function. Static sizes: each size keeps its own graph, so a chunk decodes the same every time (with dynamo's
+    automatic dynamic sizes, the graph compiled for a second size would serve the first size too after it: the
+    same frames to rounding, not bit for bit)."""
+    return _compiled(_call_decode, opts, dynamic=False)
 
 
 def run_decode(vae: nn.Module, opts: CompileOptions | None, *args):
@@ -159,7 +167,8 @@ def run_decode(vae: nn.Module, opts: CompileOptions | None, *args):
     what = f"{type(vae).__name__} decoder"
     _said_once(opts, what, args)
     try:
-        return compiled_decode_call(opts)(vae.decode, *args)
+        with torch._dynamo.config.patch(**_graph_limits(DECODE_GRAPHS)):
+            return compiled_decode_call(opts)(vae.decode, *args)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         raise _failed(opts, what, "Compile VAE (Kinema)", e) from e
 
