@@ -194,7 +194,8 @@ def test_the_decoder_runs_its_per_frame_layers_on_slices_of_frames_with_the_same
 @pytest.mark.parametrize("native", [False, True])
 def test_the_temporal_group_norm_of_a_half_video_is_float32_groupnorm(monkeypatch, native):
     """sgm's GroupNorm32 on an fp16 video: float32 slices of groups where the device's kernel would not accumulate
-    in float32; PyTorch's own kernel where it does (CUDA: ``NATIVE_HALF_GROUP_NORM``; the CPU stands in here)."""
+    in float32; PyTorch's own kernel where it does (``NATIVE_HALF_GROUP_NORM``: CUDA and the CPU; the CPU stands
+    in for a device without one here)."""
     from kinema.models import vae as vae_module
 
     norm = torch.nn.GroupNorm(8, 16).half()
@@ -212,6 +213,27 @@ def test_the_temporal_group_norm_of_a_half_video_is_float32_groupnorm(monkeypatc
     assert out.dtype == torch.float16 and out.shape == x.shape
     assert calls == ([torch.float16] if native else [torch.float32] * 8)
     torch.testing.assert_close(out.float(), reference, rtol=0, atol=2e-3)  # fp16 steps are 2e-3 at 2..4
+
+
+def test_the_cpus_group_norm_of_a_bf16_video_keeps_its_layout_and_float32_statistics(monkeypatch):
+    """A bf16 video as the CPU decoder holds it (channels_last frames seen as b c f h w) through PyTorch's own CPU
+    kernel: the layout kept for the convolutions after it, the statistics accumulated in float32 (an offset mean
+    that bf16 sums would lose)."""
+    from kinema.models import vae as vae_module
+
+    norm = torch.nn.GroupNorm(8, 16).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1), norm.bias.normal_(0, 0.1)
+    frames = (torch.randn(2 * 3, 16, 5, 7, generator=_gen(4)) * 0.5 + 30).bfloat16()
+    x = rearrange(frames.contiguous(memory_format=torch.channels_last), "(b f) c h w -> b c f h w", f=3)
+    calls = []
+    real = torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda t, *a, **k: calls.append(t.dtype) or real(t, *a, **k))
+    out = vae_module._group_norm_fp32(norm, x)
+    assert calls == [torch.bfloat16]  # one call of the CPU's own kernel, no float32 copies
+    assert out.dtype == torch.bfloat16 and out.stride() == x.stride()
+    reference = real(x.float(), 8, norm.weight.float(), norm.bias.float(), norm.eps)
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=0.05)  # bf16 steps are 1.6e-2 at 2..4
 
 
 def test_encode_frames_with_temporal_vae():
