@@ -19,7 +19,8 @@ blocks keeps 25 graphs per video size, so dynamo's recompile limits are raised w
 A VAE from ``vae.with_compiled_decode`` (the Compile VAE node) decodes through ``run_decode``: its ``decode``
 compiled whole (one graph; the SVD temporal decoder's loops over frame slices unrolled), one static graph per chunk
 and tile size, by a function of its own (``compiled_decode_call``) so that the decoders' graphs never count against
-the UNets' in dynamo's limit of graphs per function. What it gains on a GPU is not measured yet (``bench/bench_gpu.py``'s compiled policies decode so).
+the UNets' in dynamo's limit of graphs per function. What it gains on a GPU is not measured yet
+(``bench/bench_gpu.py``'s compiled policies decode so); on a CPU the decode was slower compiled (README).
 
 CUDA graphs (modes ``reduce-overhead`` and ``max-autotune``) are not offered: model and block offload move the
 weights between calls and a captured graph keeps the addresses it saw.

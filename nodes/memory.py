@@ -56,8 +56,9 @@ class KinemaMemoryPolicy:
                     "tooltip": "Weight and compute precision of the UNet and motion module. keep: as loaded (the "
                                "loader's precision: fp16 on a GPU). Another value makes a converted copy, which "
                                "costs its size in system memory: prefer the loader's precision where it has one. "
-                               "fp16 halves memory; bf16 where fp16 overflows; fp32 on the CPU, or bf16 on a CPU with native "
-                               "bf16 (AVX512-BF16 or AMX): about 0.6x the time a step on an AMD Zen 4."}),
+                               "fp16 halves memory; bf16 where fp16 overflows; fp32 on the CPU, or bf16 on a CPU "
+                               "with native bf16 (AVX512-BF16 or AMX): about 0.6x the time a step on an AMD Zen "
+                               "4."}),
             },
         }
 
