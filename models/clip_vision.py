@@ -54,7 +54,12 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .errors import KinemaError
+from .memory import remedy_for_out_of_memory
 from .placement import on_device
+
+#: what to do when encoding images runs out of memory
+ENCODE_REMEDY = ("give it fewer images at once, free GPU memory (other programs using it), or load it in fp16 (its "
+                 "loader's precision)")
 
 #: where the published SVD checkpoints keep the image tower (open_clip names)
 SVD_PREFIX = "conditioner.embedders.0.open_clip.model.visual."
@@ -413,7 +418,7 @@ class ImageEncoder:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """IMAGE [b, h, w, 3] in [0, 1] -> image_embeds [b, proj_dim], float32 on the CPU (not L2-normalised)."""
-        with on_device(self):
+        with on_device(self), remedy_for_out_of_memory("CLIP vision encoding", ENCODE_REMEDY):
             pixels = self.preprocess(images).to(self.dtype)
             out = self.model(pixel_values=pixels)
             return out.image_embeds.float().cpu()

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from .errors import KinemaError
+from .memory import FrameBatch, run_with_oom_retry
 from .placement import on_device
 from .video_io import check_images
 
@@ -259,18 +260,23 @@ class DepthEstimator:
             raise KinemaError(f"batch_size must be a whole number of frames >= 1, got {batch_size!r}")
         frames, height, width, _ = images.shape
         self.input_size(height, width)
-        out = []
+        out, start, setting = [], 0, FrameBatch(batch_size)
         with on_device(self):
             device, dtype = self.device, self.dtype
-            for start in range(0, frames, batch_size):
-                batch = images[start:start + batch_size].to(device)
-                pixels = self.preprocess(batch).to(dtype)
-                raw = self.model(pixel_values=pixels).predicted_depth.float()
-                raw = F.interpolate(rearrange(raw, "f h w -> f 1 h w"), size=(height, width), mode="bicubic",
-                                    align_corners=False)
-                out.append(rearrange(raw, "f 1 h w -> f h w").to(images.device))
+            while start < frames:
+                def run(b: FrameBatch, start=start) -> torch.Tensor:
+                    pixels = self.preprocess(images[start:start + b.frames].to(device)).to(dtype)
+                    raw = self.model(pixel_values=pixels).predicted_depth.float()
+                    raw = F.interpolate(rearrange(raw, "f h w -> f 1 h w"), size=(height, width), mode="bicubic",
+                                        align_corners=False)
+                    return rearrange(raw, "f 1 h w -> f h w").to(images.device)
+
+                raw, setting = run_with_oom_retry(run, setting, lambda b, left=frames - start: b.smaller(left),
+                                                  "depth estimation", "lower batch_size on Depth Estimate (Kinema)")
+                out.append(raw)
+                start += raw.shape[0]
                 if on_batch is not None:
-                    on_batch(min(start + batch_size, frames), frames)
+                    on_batch(start, frames)
         return torch.cat(out)
 
     def estimate(self, images: torch.Tensor, batch_size: int = 4,

@@ -16,6 +16,7 @@ rest of the run.
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from .addons import ControlReuse
 from .errors import KinemaError
 from .memory import is_out_of_memory, release_cached_memory, run_with_oom_retry
 from .sampling import DiscreteSchedule
+
+logger = logging.getLogger("kinema")
 
 
 def match_token_lengths(contexts: list[torch.Tensor]) -> list[torch.Tensor] | None:
@@ -112,6 +115,8 @@ class _BatchedDenoiser:
                     raise
             # out of the except block: the failed batch's tensors are released before the retry
             release_cached_memory()
+            logger.warning("sampling ran out of memory with %d conditionings in one batch; retrying them one "
+                           "after the other, as for the rest of the run", len(group))
             self.batch_cond = False  # the rest of the run: one conditioning at a time
             outs.extend(self(x, sigma, group, window=window, uncond=list(group_flags), temporal=temporal,
                              reuse=reuse))

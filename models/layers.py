@@ -285,8 +285,12 @@ def flatten_hw(video: torch.Tensor) -> torch.Tensor:
     """b c f h w -> b c f (h w), a view where the strides allow. A channels_last_3d video (the CPU VAE's frames,
     channels_last, seen as a video) gives a channels_last tensor, which PyTorch's GroupNorm and convolutions keep;
     with one video the size-1 batch dimension is given the stride those kernels expect of that layout (a view's
-    own is arbitrary there, and they would fall back to the default layout)."""
+    own is arbitrary there, and they would fall back to the default layout). Not while torch.compile traces: the
+    strides it sees then are its own guesses where a dimension has size 1 (a 1x1 level of one video), and a stride
+    read off them would be applied to a tensor laid out otherwise at run time."""
     flat = video.flatten(3)
+    if torch.compiler.is_compiling():
+        return flat
     if flat.shape[0] == 1 and not flat.is_contiguous() and flat.is_contiguous(memory_format=torch.channels_last):
         flat = flat.as_strided(flat.shape, (flat.numel(), *flat.stride()[1:]))
     return flat

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 from torch import nn
 
 from . import placement
-from .errors import KinemaError
+from .errors import KinemaError, KinemaOutOfMemoryError, is_out_of_memory
 from .offload import OffloadOptions
 from .placement import Placement
 
@@ -86,13 +88,6 @@ def default_policy(vram: str, device: torch.device | str, storage: torch.device 
     return OffloadOptions(mode="block", device=device, storage=storage, resident=1, batch_cond=False), sub
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for an allocator's out-of-memory error (CUDA, MPS, XPU or CPU), whatever its exception class."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
 def release_cached_memory() -> None:
     """After an out-of-memory error, so that a retry can use the memory: ask the host to unload its idle models
     (``placement.make_room_all``: ComfyUI keeps its own loaded between prompts) and hand the accelerator's cached
@@ -120,16 +115,13 @@ def available_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
 def check_fits(needed: int, device: torch.device | str, what: str, remedies: str) -> None:
-    """Raise KinemaError before allocating when ``needed`` bytes clearly exceed the free memory of ``device``."""
+    """Raise ``KinemaOutOfMemoryError`` before allocating when ``needed`` bytes clearly exceed the free memory of
+    ``device``."""
     free = available_bytes(device)
     if free is not None and needed > free:
-        raise KinemaError(f"{what} needs about {_gib(needed)} but {torch.device(device).type} has {_gib(free)} free: "
-                          f"{remedies}")
+        raise KinemaOutOfMemoryError(f"{what} needs about {placement.gib(needed)} but {torch.device(device).type} "
+                                     f"has {placement.gib(free)} free: {remedies}")
 
 
 def video_activation_bytes(frames: int, batch: int, latent_h: int, latent_w: int, channels: int,
@@ -140,13 +132,40 @@ def video_activation_bytes(frames: int, batch: int, latent_h: int, latent_w: int
     return 8 * frames * batch * channels * latent_h * latent_w * itemsize
 
 
+@dataclass(frozen=True)
+class FrameBatch:
+    """Frames a network takes at once, as an out-of-memory retry describes and halves it."""
+
+    frames: int
+
+    def smaller(self, left: int) -> FrameBatch | None:
+        """Half the frames of a batch that ran out of memory with ``left`` frames still to run; None for one."""
+        frames = min(self.frames, left)
+        return FrameBatch(frames // 2) if frames > 1 else None
+
+    def __str__(self) -> str:
+        return f"{self.frames} frame(s) at once"
+
+
+@contextmanager
+def remedy_for_out_of_memory(what: str, remedy: str) -> Iterator[None]:
+    """An allocator's out-of-memory error inside the block becomes a ``KinemaOutOfMemoryError`` saying ``what``
+    ran out of memory and ``remedy`` (where there is nothing smaller to retry with)."""
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise KinemaOutOfMemoryError(f"{what} ran out of memory: {remedy}") from exc
+
+
 def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S], S | None], what: str,
                        remedy: str) -> tuple[R, S]:
     """``run(setting)``; on an out-of-memory error, once more with ``smaller(setting)`` (said in the log).
 
     Returns the result and the setting that worked (callers keep it for the rest of the job). A second
-    out-of-memory error, or none smaller to try, is a KinemaError naming ``remedy`` (the setting to change).
-    Other errors pass unchanged.
+    out-of-memory error, or none smaller to try, is a ``KinemaOutOfMemoryError`` naming ``remedy`` (the setting
+    to change). Other errors pass unchanged.
     """
     try:
         return run(setting), setting
@@ -156,7 +175,7 @@ def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S],
     release_cached_memory()  # outside the except block: the failed attempt's tensors are gone
     retry = smaller(setting)
     if retry is None:
-        raise KinemaError(f"{what} ran out of memory and there is nothing smaller to retry with: {remedy}")
+        raise KinemaOutOfMemoryError(f"{what} ran out of memory and there is nothing smaller to retry with: {remedy}")
     logger.warning("%s ran out of memory with %s; retrying once with %s", what, setting, retry)
     try:
         return run(retry), retry
@@ -164,4 +183,4 @@ def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S],
         if not is_out_of_memory(exc):
             raise
     release_cached_memory()
-    raise KinemaError(f"{what} ran out of memory, also with {retry}: {remedy}")
+    raise KinemaOutOfMemoryError(f"{what} ran out of memory, also with {retry}: {remedy}")

@@ -52,7 +52,8 @@ class OffloadOptions:
         if self.mode != "none" and self.device is None:
             raise KinemaError(f"{self.mode} offload needs the compute device to move the model to")
         if self.resident < 1:
-            raise KinemaError(f"block offload keeps at least 1 block on the device, got {self.resident}")
+            raise KinemaError(f"resident_blocks must be 1 or more (the UNet blocks block offload keeps on the "
+                              f"device at once), got {self.resident}")
         if self.attn_chunk < 0:
             raise KinemaError(f"the attention chunk must be 0 (off) or more, got {self.attn_chunk}")
 
@@ -72,16 +73,21 @@ Stash = list[tuple[torch.Tensor, torch.Tensor]]  # (a module's tensor, its stora
 
 def bring(module: nn.Module, device: torch.device, non_blocking: bool = False, pin: bool = False) -> Stash:
     """Move ``module``'s parameters and buffers to ``device`` in place, keeping their storage copies (pinned first
-    with ``pin`` when copying from the CPU to CUDA) for ``send_back``."""
+    with ``pin`` when copying from the CPU to CUDA) for ``send_back``. A move that fails half-way (out of memory)
+    puts back what it had moved before raising."""
     stash: Stash = []
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        src = t.data
-        if src.device == device:
-            continue
-        if pin and src.device.type == "cpu" and device.type == "cuda" and not src.is_pinned():
-            src = src.pin_memory()
-        stash.append((t, src))
-        t.data = src.to(device, non_blocking=non_blocking)
+    try:
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            src = t.data
+            if src.device == device:
+                continue
+            if pin and src.device.type == "cpu" and device.type == "cuda" and not src.is_pinned():
+                src = src.pin_memory()
+            t.data = src.to(device, non_blocking=non_blocking)
+            stash.append((t, src))
+    except BaseException:  # out of memory half-way: what was moved goes back, nothing stays on the device
+        send_back(stash)
+        raise
     return stash
 
 

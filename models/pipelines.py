@@ -124,6 +124,8 @@ def _check_latent(latent: torch.Tensor, opts: SampleOptions, model) -> int:
     if latent.ndim != 4 or latent.shape[1] != LATENT_CHANNELS:
         raise KinemaError(f"expected a video latent [frames, 4, h, w], got shape {tuple(latent.shape)}")
     frames = latent.shape[0]
+    if isinstance(opts.attn_chunk, bool) or not isinstance(opts.attn_chunk, int) or opts.attn_chunk < 0:
+        raise KinemaError(f"attention_chunk must be 0 (off) or a number of queries, got {opts.attn_chunk!r}")
     if opts.context is not None:
         opts.context.validate(frames)
     model.check_frames(frames, None if opts.context is None else opts.context.context_length)

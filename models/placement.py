@@ -18,6 +18,7 @@ count moves this way; it works with a CPU "compute device" too).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import KinemaOutOfMemoryError, is_out_of_memory
 from .offload import OffloadOptions, Stash, bring, compute_device, return_to
+
+logger = logging.getLogger("kinema")
 
 ATTR = "kinema_placement"
 OnMove = Callable[[nn.Module, torch.device], None]
@@ -62,6 +66,10 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def placement_of(obj) -> Placement | None:
     return getattr(obj, ATTR, None)
 
@@ -73,8 +81,8 @@ def _moved(module: nn.Module, device: torch.device, on_move: OnMove | None) -> N
 
 
 def _move(module: nn.Module, device: torch.device, on_move: OnMove | None) -> None:
-    module.to(device)
-    _moved(module, device, on_move)
+    """``module`` to ``device`` to stay (``_bring`` without keeping the storage copies)."""
+    _bring(module, device, on_move)
 
 
 def _room_for(module: nn.Module, device: torch.device) -> None:
@@ -89,10 +97,37 @@ def make_room_all(device: torch.device) -> None:
         _make_room(ALL_BYTES, device)
 
 
+#: what to do when a model does not fit on the device
+MOVE_REMEDY = ("free GPU memory (other programs using it), use block offload for the video model (Memory Policy "
+               "(Kinema): offload block, or start ComfyUI with --lowvram), or load the models in fp16 (the loaders' "
+               "precision)")
+
+
 def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> Stash:
-    """``module`` to ``device`` for a while (room made first); its storage copies are kept (``offload.bring``)."""
+    """``module`` to ``device`` for a while (room made first); its storage copies are kept (``offload.bring``).
+    Out of memory: once more after asking the host to free everything it can (said in the log), then a
+    ``KinemaOutOfMemoryError`` naming the size and ``MOVE_REMEDY``; nothing of ``module`` stays on the device."""
     _room_for(module, device)
-    stash = bring(module, device)
+    try:
+        stash = bring(module, device)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        stash = None
+    if stash is None:  # out of the except block: the failed copies are released before the retry
+        logger.warning("the %s (%s) did not fit on %s; freeing what the host holds and trying once more",
+                       type(module).__name__, gib(module_bytes(module)), device)
+        make_room_all(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            stash = bring(module, device)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise KinemaOutOfMemoryError(
+                f"the {type(module).__name__} ({gib(module_bytes(module))} of weights) does not fit in the free "
+                f"memory of {device}: {MOVE_REMEDY}") from exc
     _moved(module, device, on_move)
     return stash
 
@@ -170,7 +205,6 @@ def video_model_on_device(model) -> Iterator[None]:
             target = compute_device(model.unet, opts)
             for m in (model.unet, motion):
                 if m is not None and next(m.parameters()).device != target and _users.get(id(m), 0) == 0:
-                    _room_for(m, target)
                     _move(m, target, opts.on_move)
         for net in addon_modules(model):
             if opts.mode != "none":

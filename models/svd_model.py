@@ -31,9 +31,8 @@ from .compiling import CompileOptions
 from .errors import KinemaError
 from .layers import RunOptions
 from .offload import NO_OFFLOAD, OffloadOptions, compute_device
-from .placement import on_device
 from .svd import micro_conditioning
-from .vae import Fp32Fallback
+from .vae import encode_pixels
 
 
 @dataclass(frozen=True)
@@ -167,9 +166,8 @@ def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageCondi
         gen = torch.Generator().manual_seed(int(opts.seed))
         pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
         noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)
-        with on_device(vae):
-            concat = Fp32Fallback(vae, "encoding the init image")(
-                lambda m, px: m.encode(px.to(m.device, m.dtype)).float(), noised).cpu()
+        concat = encode_pixels(vae, noised, "encoding the init image",
+                               "lower width and height on SVD Conditioning (Kinema), or free GPU memory")
     y = micro_conditioning(opts.fps - 1, opts.motion_bucket_id, opts.augmentation_level, 1)
     context = rearrange(embeds, "b d -> b 1 d")
     cond = {"context": context, "concat": concat, "y": y}

@@ -35,12 +35,22 @@ class TileOptions:
             raise KinemaError(f"{what}: the overlap ({self.overlap}) must be less than half the tile size "
                               f"({self.tile}); lower the overlap or raise the tile size")
 
-    def smaller(self, minimum: int) -> TileOptions | None:
-        """The next smaller tiling for an out-of-memory retry (half the tile), None below ``minimum``."""
-        tile = self.tile // 2
+    def smaller(self, minimum: int, unit: int = 1) -> TileOptions | None:
+        """The next smaller tiling for an out-of-memory retry (half the tile; tile and overlap multiples of
+        ``unit``), None below ``minimum``."""
+        tile = self.tile // 2 // unit * unit
         if tile < minimum:
             return None
-        return TileOptions(tile, min(self.overlap, max(0, tile // 4)))
+        return TileOptions(tile, min(self.overlap, tile // 4 // unit * unit))
+
+    @staticmethod
+    def first(size: int, minimum: int, unit: int = 1) -> TileOptions | None:
+        """The tiling an out-of-memory retry starts with on an untiled image whose larger side is ``size``: tiles
+        of half that side overlapping a sixteenth (multiples of ``unit``), None below ``minimum``."""
+        tile = size // 2 // unit * unit
+        if tile < minimum:
+            return None
+        return TileOptions(tile, max(unit, tile // 16 // unit * unit))
 
 
 def tile_starts(size: int, tile: int, overlap: int, align: int = 1) -> list[int]:
@@ -76,6 +86,9 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, opts:
         return fn(x)
     opts.validate()
     align = max(1, round(1 / scale))  # an encoder's tiles start on whole latent pixels
+    if opts.tile % align or opts.overlap % align or h % align or w % align:
+        raise KinemaError(f"tiles of {opts.tile} overlapping {opts.overlap} on {w}x{h} pixels: all must be "
+                          f"multiples of {align}, so that the tiles cover the image on whole latent pixels")
     ys, xs = tile_starts(h, opts.tile, opts.overlap, align), tile_starts(w, opts.tile, opts.overlap, align)
     th, tw = min(opts.tile, h), min(opts.tile, w)
 

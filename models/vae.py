@@ -467,15 +467,19 @@ class CodecSetting:
         return f"{self.chunk} frame(s) a chunk{tiles}"
 
 
-def _smaller(setting: CodecSetting, size: int, min_tile: int, chunk_changes_output: bool) -> CodecSetting | None:
-    """The next smaller setting after an out-of-memory error: fewer frames a chunk where that leaves the output
-    unchanged, else smaller tiles (tiling starts at half the larger side)."""
-    if setting.chunk > 1 and not chunk_changes_output:
-        return CodecSetting(max(1, setting.chunk // 2), setting.tiles)
-    tiles = setting.tiles.smaller(min_tile) if setting.tiles.tile else TileOptions(size // 2, max(1, size // 16))
-    if tiles is None or tiles.tile < min_tile:
-        return None
-    return CodecSetting(setting.chunk, tiles)
+def _smaller(setting: CodecSetting, frames: int, size: int, min_tile: int, unit: int, chunk_changes_output: bool
+             ) -> CodecSetting | None:
+    """The next smaller setting after a chunk of ``frames`` frames ran out of memory: half those frames a chunk
+    where that leaves the output unchanged, else smaller tiles, multiples of ``unit`` (tiling starts at half the
+    larger side, ``size``)."""
+    frames = min(setting.chunk, frames)
+    if frames > 1 and not chunk_changes_output:
+        return CodecSetting(frames // 2, setting.tiles)
+    if setting.tiles.tile:
+        tiles = setting.tiles.smaller(min_tile, unit)
+    else:
+        tiles = TileOptions.first(size, min_tile, unit)
+    return None if tiles is None else CodecSetting(setting.chunk, tiles)
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
@@ -511,18 +515,28 @@ def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, 
     memory once with a smaller setting, which then holds for the rest."""
     frames, out, start = items.shape[0], [], 0
     size = max(items.shape[-2:])
+    unit = max(1, round(1 / scale))  # an encoder's tiles: whole latent pixels
     while start < frames:
         def run(s: CodecSetting, start=start):
             part = items[start:start + s.chunk]
             return run_tiled(call, part, s.tiles, scale), part.shape[0]
 
-        (result, done), setting = run_with_oom_retry(
-            run, setting, lambda s: _smaller(s, size, min_tile, chunk_changes_output), what, remedy)
+        def smaller(s: CodecSetting, left=frames - start) -> CodecSetting | None:
+            return _smaller(s, left, size, min_tile, unit, chunk_changes_output)
+
+        (result, done), setting = run_with_oom_retry(run, setting, smaller, what, remedy)
         out.append(result)
         start += done
         if on_chunk is not None:
             on_chunk(min(start, frames), frames)
     return out
+
+
+def _check_chunk(chunk) -> None:
+    """``chunk``: None (the default) or a whole number of frames, at least 1."""
+    if chunk is not None and (isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1):
+        raise KinemaError(f"frame_chunk must be a whole number of frames, 1 or more (0 on the nodes: the default), "
+                          f"got {chunk!r}")
 
 
 def frames_per_call(height: int, width: int) -> int:
@@ -582,6 +596,10 @@ def decode_frames(
     A VAE from ``with_compiled_decode`` decodes through ``torch.compile`` (the first call with new sizes compiles).
     ``on_chunk(done, total)`` is called after each chunk (progress and interrupt).
     """
+    if not callable(getattr(vae, "decode", None)) or not isinstance(getattr(vae, "cfg", None), VAEConfig):
+        raise KinemaError(f"decoding needs a VAE with a decoder (from Load Checkpoint or Load SVD Checkpoint "
+                          f"(Kinema)), not a {type(vae).__name__}")
+    _check_chunk(chunk)
     if latent.ndim != 4:
         raise KinemaError(f"expected a video latent [frames, channels, h, w], got shape {tuple(latent.shape)}")
     if latent.shape[1] != vae.cfg.z_channels:
@@ -605,7 +623,7 @@ def decode_frames(
     precision = Fp32Fallback(vae, "VAE decoding")
 
     with torch.inference_mode(), on_device(vae):
-        out = _run_chunks(call, latent, CodecSetting(max(1, int(chunk)), tiles), 8, "VAE decoding",
+        out = _run_chunks(call, latent, CodecSetting(int(chunk), tiles), 8, "VAE decoding",
                           "lower frame_chunk or set a tile size on VAE Decode Frames (Kinema)", temporal, 8, on_chunk)
     return rearrange(torch.cat(out), "f c h w -> f h w c")
 
@@ -626,6 +644,10 @@ def encode_frames(
     with half the frames, then a KinemaError. fp16 overflow: that call again in fp32 (``Fp32Fallback``).
     ``on_chunk(done, total)`` is called after each chunk.
     """
+    if not callable(getattr(vae, "encode", None)) or not isinstance(getattr(vae, "cfg", None), VAEConfig):
+        raise KinemaError(f"encoding needs a VAE (from Load Checkpoint or Load SVD Checkpoint (Kinema)), not a "
+                          f"{type(vae).__name__}")
+    _check_chunk(chunk)
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise KinemaError(f"expected IMAGE frames [frames, height, width, 3], got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
@@ -643,18 +665,32 @@ def encode_frames(
     pixels = rearrange(images[..., :3], "f h w c -> f c h w")
     if chunk is None:
         chunk = frames_per_call(h, w)
+    return _encode(vae, pixels, False, CodecSetting(int(chunk), tiles), "VAE encoding",
+                   "lower frame_chunk or set a tile size on VAE Encode Frames (Kinema)", on_chunk)
 
+
+def encode_pixels(vae: AutoencoderKL | TemporalAutoencoder | ImageEncoderKL, pixels: torch.Tensor, what: str,
+                  remedy: str) -> torch.Tensor:
+    """Encode pixels [f, 3, H, W] in [-1, 1] (H and W multiples of 8; e.g. SVD's noise-augmented init image) a
+    frame at a time -> latent [f, z, H/8, W/8] (unscaled), as ``encode_frames`` does: fp16 overflow in fp32, out
+    of memory retried once in tiles, then a ``KinemaOutOfMemoryError`` saying ``what`` and ``remedy``."""
+    return _encode(vae, pixels, True, CodecSetting(1), what, remedy, None)
+
+
+def _encode(vae, pixels: torch.Tensor, signed: bool, setting: CodecSetting, what: str, remedy: str,
+            on_chunk) -> torch.Tensor:
+    """``pixels`` [f, 3, H, W] in [-1, 1] (``signed``) or [0, 1] -> latent, chunked and tiled as ``setting`` says."""
     def encode(model, px: torch.Tensor) -> torch.Tensor:
-        return model.encode(_layout(px.to(model.device, model.dtype) * 2 - 1)).float()
+        px = px.to(model.device, model.dtype)
+        return model.encode(_layout(px if signed else px * 2 - 1)).float()
 
     def call(px: torch.Tensor) -> torch.Tensor:
         return precision(encode, px).cpu()
 
-    precision = Fp32Fallback(vae, "VAE encoding")
+    precision = Fp32Fallback(vae, what)
 
     with torch.inference_mode(), on_device(vae):
-        out = _run_chunks(call, pixels, CodecSetting(max(1, int(chunk)), tiles), 1 / 8, "VAE encoding",
-                          "lower frame_chunk or set a tile size on VAE Encode Frames (Kinema)", False, 64, on_chunk)
+        out = _run_chunks(call, pixels, setting, 1 / 8, what, remedy, False, 64, on_chunk)
     return torch.cat(out)
 
 

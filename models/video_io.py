@@ -26,6 +26,7 @@ See ``read_video`` for the selection and resize rules.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -240,6 +241,11 @@ def _write_mp4(exe, tmp, frames, fps, metadata, crf, preset):
                 proc.stdin.close()
             except (BrokenPipeError, OSError):
                 pass  # ffmpeg stopped early: its exit code and message tell why
+            except BaseException:  # anything else (out of memory, an interrupt): ffmpeg is stopped, not waited on
+                proc.kill()
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+                raise
             finally:
                 rc = proc.wait()
             if rc != 0:

@@ -1,6 +1,7 @@
 """Depth estimation (DPT, DPT-Hybrid, Depth Anything) against transformers, Gen-1 structure fidelity, the nodes."""
 import itertools
 import json
+import logging
 import os
 import shutil
 
@@ -18,7 +19,7 @@ from kinema.models.depth import (
     normalize_depth,
     structure_fidelity,
 )
-from kinema.models.errors import KinemaError
+from kinema.models.errors import KinemaError, KinemaOutOfMemoryError
 
 DEPTH_KINDS = ("dpt", "dpt_hybrid", "depth_anything")
 # the model's input size: frames already this size go through the processor without a resize
@@ -175,6 +176,36 @@ def test_on_batch_reports_progress_and_can_stop(estimators):
     with pytest.raises(InterruptedError):
         est.estimate(frames, batch_size=2, on_batch=stop)
     assert calls == [2]
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """A depth network that raises the allocator's error on a batch of more than ``frames`` frames."""
+
+    def __init__(self, net, frames):
+        super().__init__()
+        self.net, self.frames, self.calls = net, frames, []
+
+    def forward(self, pixel_values):
+        self.calls.append(pixel_values.shape[0])
+        if pixel_values.shape[0] > self.frames:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net(pixel_values=pixel_values)
+
+
+def test_out_of_memory_retries_with_half_the_batch_then_names_batch_size(estimators, caplog):
+    est = estimators["dpt"]
+    frames = smooth_frames(5, 32, 32)
+    small = DepthEstimator(OutOfMemoryAbove(est.model, 2), est.preprocess, est.info)
+    done = []
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        got = small.predict(frames, batch_size=4, on_batch=lambda n, total: done.append(n))
+    assert torch.allclose(got, est.predict(frames, batch_size=4), atol=1e-5)
+    assert small.model.calls == [4, 2, 2, 1] and done == [2, 4, 5]  # the smaller batch holds for the rest
+    assert "depth estimation ran out of memory with 4 frame(s) at once; retrying once with 2" in caplog.text
+    tiny = DepthEstimator(OutOfMemoryAbove(est.model, 0), est.preprocess, est.info)
+    with pytest.raises(KinemaOutOfMemoryError, match="lower batch_size on Depth Estimate"):
+        tiny.predict(frames, batch_size=4)
+    assert tiny.model.calls == [4, 2]
 
 
 def test_fp16_or_bf16_weights_run_and_return_float32(folders):

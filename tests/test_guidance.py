@@ -1,4 +1,6 @@
 """Classifier-free guidance: batched and unbatched agree, and a batch that runs out of memory falls back."""
+import logging
+
 import pytest
 import torch
 from fixtures import motion_model
@@ -51,12 +53,14 @@ def test_batched_and_unbatched_cfg_agree():
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"),
                                    RuntimeError("MPS backend out of memory")])
-def test_out_of_memory_in_a_batch_falls_back_to_one_context_at_a_time(error):
+def test_out_of_memory_in_a_batch_falls_back_to_one_context_at_a_time(error, caplog):
     model = OutOfMemoryAboveOneVideo(motion_model("v2"), error)
-    got, den = _cfg(model, True)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        got, den = _cfg(model, True)
     want, _ = _cfg(motion_model("v2"), False)
     assert _close(got, want)
     assert model.calls == [2, 1, 1] and den.batch_cond is False
+    assert "ran out of memory with 2 conditionings in one batch" in caplog.text  # the retry is said
     # the next step goes straight to one context at a time
     x, sigma, cond, uncond = _inputs()
     with torch.no_grad():

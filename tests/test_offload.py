@@ -90,7 +90,7 @@ def test_prefetched_blocks_are_handed_over_to_the_compute_stream_before_they_run
 def test_offload_options_are_checked():
     with pytest.raises(KinemaError, match="offload mode"):
         OffloadOptions(mode="disk").validate()
-    with pytest.raises(KinemaError, match="at least 1"):
+    with pytest.raises(KinemaError, match="resident_blocks must be 1 or more"):
         OffloadOptions(mode="block", device="cpu", resident=0).validate()
     with pytest.raises(KinemaError, match="compute device"):
         OffloadOptions(mode="model").validate()
@@ -147,5 +147,8 @@ def test_the_memory_policy_reaches_the_sampler():
             pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW),
                                    pipelines.SampleOptions(seed=7, steps=2, cfg=5.0, attn_chunk=64))
     assert seen == [(256, False), (64, False)]  # the sampler's nonzero chunk wins; batching needs both
+    with pytest.raises(KinemaError, match="attention_chunk must be 0"):  # an API prompt's negative chunk
+        pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW),
+                               pipelines.SampleOptions(seed=7, steps=2, cfg=5.0, attn_chunk=-64))
     # the same video up to fp32 rounding (another batch split and attention order, amplified over the steps)
     assert float((policy - sample_small(motion_model("v2"))).abs().max()) <= 1e-4 * float(policy.abs().max())

@@ -1,12 +1,14 @@
 """Model offload: sub-models on the compute device only while they run, the video model for a sampling run, the
 defaults by VRAM state, and the Memory Policy node. Moves are instrumented; the CPU plays both sides ("cpu" computes,
 "cpu:1" marks storage: torch keeps CPU tensors in one memory anyway)."""
+import logging
+
 import pytest
 import torch
 from conftest import load_pack
 from fixtures import motion_model, vae
-from kinema.models import memory, pipelines, placement
-from kinema.models.errors import KinemaError
+from kinema.models import memory, offload, pipelines, placement
+from kinema.models.errors import KinemaError, KinemaOutOfMemoryError
 from kinema.models.offload import OffloadOptions
 from kinema.models.placement import Placement
 from kinema.models.vae import decode_frames
@@ -194,6 +196,55 @@ def test_after_an_out_of_memory_error_the_host_is_asked_to_unload_its_idle_model
 
     assert memory.run_with_oom_retry(run, "big", lambda s: "small", "decoding", "lower it") == ("done", "small")
     assert calls == ["big", "released", "small"]
+
+
+def test_a_move_that_runs_out_of_memory_half_way_leaves_nothing_on_the_device(monkeypatch):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    before = [t.data_ptr() for t in net.parameters()]
+    real, calls = torch.Tensor.to, []
+
+    def to(self, *args, **kwargs):  # a copy elsewhere, the third runs out of memory
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        return real(self, *args, **kwargs).clone()
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(torch.OutOfMemoryError):
+        offload.bring(net, torch.device("cpu", 1))
+    assert len(calls) == 3 and [t.data_ptr() for t in net.parameters()] == before  # the two moved are put back
+
+
+def test_a_model_that_does_not_fit_is_tried_once_more_after_the_host_frees_memory(monkeypatch, caplog):
+    """Bringing a model in runs out of memory: the host is asked to free all it holds and the move tried once more
+    (said in the log); a second failure is the pack's out-of-memory error with the size and what to change, and the
+    model stays in storage."""
+    asked, tries, moved = [], [], []
+    monkeypatch.setattr(placement, "_make_room", lambda size, device: asked.append(size))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(placement, "return_to", lambda m, stash, d: moved.append(str(d)))
+
+    def bring(module, device, fail=1):  # as on a GPU, without moving anything
+        tries.append(str(device))
+        if len(tries) <= fail:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        moved.append(str(device))
+        return []
+
+    monkeypatch.setattr(placement, "bring", bring)
+    net = torch.nn.Linear(4, 4)
+    net.kinema_placement = Placement(device="cuda", offload=True)
+    with caplog.at_level(logging.WARNING, logger="kinema"), placement.on_device(net):
+        pass
+    assert tries == ["cuda", "cuda"] and moved == ["cuda", "cpu"] and "trying once more" in caplog.text
+    assert asked[-1] == placement.ALL_BYTES  # after room for its size: everything the host holds
+
+    tries.clear(), moved.clear()
+    monkeypatch.setattr(placement, "bring", lambda m, d: bring(m, d, fail=2))
+    with pytest.raises(KinemaOutOfMemoryError, match=r"Linear \(0.00 GiB of weights\).*offload block"):
+        with placement.on_device(net):
+            pass
+    assert len(tries) == 2 and moved == [] and not placement._users  # never entered, nothing to send back
 
 
 def test_the_host_reads_comfyuis_vram_state(monkeypatch):

@@ -5,13 +5,16 @@ The checkpoint is the pack's demo SVD (``models/demo.py``: the published key lay
 weights). diffusers gets the same tensors through the tests' own key mappings (``fixtures_svd_unet``,
 ``fixtures_temporal_vae``), with sgm's ResBlock GroupNorm eps (diffusers' differs, see fixtures_svd_unet).
 """
+import copy
+import logging
+
 import pytest
 import torch
 
 from conftest import load_pack
 from fixtures_svd_pipeline import svd_state_dict, write_svd
 from kinema.models import checkpoint, demo, pipelines, svd_model
-from kinema.models.errors import KinemaError
+from kinema.models.errors import KinemaError, KinemaOutOfMemoryError
 from kinema.models.sampling import initial_noise
 from kinema.models.vae import decode_frames
 
@@ -144,6 +147,43 @@ def test_augmentation_noises_the_concat_latents_only(bundle):
     assert not torch.allclose(noised["concat"], clean["concat"])
     assert torch.equal(noised["concat"], again["concat"]) and not torch.equal(noised["concat"], other["concat"])
     assert not torch.equal(noised["y"], clean["y"])  # cond_aug is part of the micro-conditioning
+
+
+class OutOfMemoryAbove:
+    """An encoder (VAE or CLIP vision) that raises the allocator's error on inputs of more than ``pixels``."""
+
+    def __init__(self, net, pixels):
+        self.net, self.pixels, self.calls = net, pixels, []
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def encode(self, x):
+        self.calls.append(tuple(x.shape))
+        if x.shape[-2] * x.shape[-1] > self.pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.net.encode(x)
+
+
+def test_the_init_image_encode_retries_in_tiles_then_names_the_size(bundle, caplog):
+    opts = svd_model.ImageConditioningOptions(width=128, height=128, frames=FRAMES)
+    vae = OutOfMemoryAbove(bundle.vae, 128 * 128 - 1)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        cond, _ = svd_model.image_conditioning(bundle.image_encoder, vae, _image(), opts)
+    assert cond["concat"].shape == (1, 4, 16, 16) and bool(torch.isfinite(cond["concat"]).all())
+    assert vae.calls[0] == (1, 3, 128, 128) and vae.calls[1] == (1, 3, 64, 64)
+    assert "encoding the init image ran out of memory" in caplog.text and "tiles of 64" in caplog.text
+    with pytest.raises(KinemaOutOfMemoryError, match="lower width and height on SVD Conditioning"):
+        svd_model.image_conditioning(bundle.image_encoder, OutOfMemoryAbove(bundle.vae, 0), _image(), opts)
+    encoder = copy.copy(bundle.image_encoder)  # its tower runs out of memory (the bundle's stays as it is)
+    encoder.model = copy.copy(encoder.model)
+
+    def out_of_memory(**kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    encoder.model.forward = out_of_memory
+    with pytest.raises(KinemaOutOfMemoryError, match="CLIP vision encoding ran out of memory: give it fewer"):
+        svd_model.image_conditioning(encoder, bundle.vae, _image(), opts)
 
 
 @pytest.mark.parametrize("kw,match", [({"width": 60}, "multiple of 8"), ({"height": 4}, "multiple of 8"),

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from fixtures import vae as sd_vae
 from fixtures_svd_pipeline import svd_state_dict
-from kinema.models import checkpoint, tiling
-from kinema.models.errors import KinemaError
+from kinema.models import checkpoint, memory, tiling
+from kinema.models.errors import KinemaError, KinemaOutOfMemoryError
 from kinema.models.tiling import TileOptions, run_tiled, tile_starts
 from kinema.models.vae import (
     SVD_VAE_PREFIX,
@@ -113,11 +113,18 @@ class OutOfMemoryAbove:
     def __getattr__(self, name):
         return getattr(self.vae, name)
 
-    def decode(self, z):
-        self.calls.append(tuple(z.shape))
-        if z.shape[0] > self.frames or z.shape[-2] * z.shape[-1] > self.pixels:
+    def _check(self, x):
+        self.calls.append(tuple(x.shape))
+        if x.shape[0] > self.frames or x.shape[-2] * x.shape[-1] > self.pixels:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    def decode(self, z):
+        self._check(z)
         return self.vae.decode(z)
+
+    def encode(self, x):  # pixels counted in image pixels
+        self._check(x)
+        return self.vae.encode(x)
 
 
 def test_decode_out_of_memory_retries_with_half_the_frames(caplog):
@@ -142,9 +149,46 @@ def test_temporal_decode_out_of_memory_retries_with_tiles_not_fewer_frames(tempo
 
 def test_a_second_out_of_memory_names_the_settings_to_change():
     vae = OutOfMemoryAbove(sd_vae(), frames=0)
-    with pytest.raises(KinemaError, match="frame_chunk or set a tile size"):
+    with pytest.raises(KinemaOutOfMemoryError, match="frame_chunk or set a tile size") as err:
         decode_frames(vae, torch.zeros(4, 4, 8, 8), chunk=4)
     assert len(vae.calls) == 2  # the first try and one retry, no more
+    # the pack's error, and an out-of-memory error to a host (ComfyUI unloads its models then), never retried again
+    assert isinstance(err.value, KinemaError) and isinstance(err.value, torch.OutOfMemoryError)
+    assert not memory.is_out_of_memory(err.value)
+
+
+@pytest.mark.parametrize("height,width", [(136, 136), (64, 200), (152, 152)])
+def test_encode_out_of_memory_retries_in_tiles_of_whole_latent_pixels(height, width, caplog):
+    """A frame that runs out of memory whole is encoded again in tiles (half its larger side, made a multiple of
+    8), which cover it: no NaN where a tile stopped short, no mismatch of latent sizes."""
+    images = torch.rand(1, height, width, 3, generator=torch.Generator().manual_seed(7))
+    vae = OutOfMemoryAbove(sd_vae(), pixels=height * width - 1)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = encode_frames(vae, images, chunk=1)
+    assert out.shape == (1, 4, height // 8, width // 8) and bool(torch.isfinite(out).all())
+    assert len(vae.calls) > 2 and all(h % 8 == 0 and w % 8 == 0 for *_, h, w in vae.calls)
+    assert "tiles of" in caplog.text
+
+
+def test_a_short_chunk_retries_with_fewer_frames_than_it_has():
+    """The retry halves the frames the failing chunk holds, not the setting: 2 frames left at a chunk of 8 are
+    retried 1 at a time; a single frame goes to tiles, never the same call again."""
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(8))
+    vae = OutOfMemoryAbove(sd_vae(), frames=1)
+    decode_frames(vae, latent, chunk=8)
+    assert [c[0] for c in vae.calls] == [2, 1, 1]
+    one = OutOfMemoryAbove(sd_vae(), pixels=16 * 16 - 1)
+    decode_frames(one, torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9)), chunk=4)
+    assert one.calls[0] == (1, 4, 16, 16) and one.calls[1] == (1, 4, 8, 8)
+
+
+def test_tiles_are_whole_latent_pixels_or_refused():
+    assert TileOptions(200, 48).smaller(64, 8) == TileOptions(96, 24)
+    assert TileOptions(136, 40).smaller(64, 8) == TileOptions(64, 16) and TileOptions(120, 8).smaller(64, 8) is None
+    assert TileOptions.first(136, 64, 8) == TileOptions(64, 8) and TileOptions.first(100, 64, 8) is None
+    assert TileOptions.first(40, 8) == TileOptions(20, 1)  # a decoder's latent pixels: any size
+    with pytest.raises(KinemaError, match="multiples of 8"):
+        run_tiled(lambda t: t[..., ::8, ::8], torch.zeros(1, 3, 64, 64), TileOptions(36, 8), 1 / 8)
 
 
 def test_other_errors_are_not_retried():
@@ -157,6 +201,19 @@ def test_other_errors_are_not_retried():
     with pytest.raises(ValueError, match="boom"):
         decode_frames(vae, torch.zeros(2, 4, 8, 8))
     assert len(vae.calls) == 1
+
+
+def test_the_codecs_refuse_what_is_not_a_vae_and_chunks_below_one():
+    from fixtures import motion_model
+
+    with pytest.raises(KinemaError, match="decoding needs a VAE with a decoder"):
+        decode_frames(motion_model("v2"), torch.zeros(2, 4, 8, 8))
+    with pytest.raises(KinemaError, match="encoding needs a VAE"):
+        encode_frames(None, torch.rand(1, 64, 64, 3))
+    with pytest.raises(KinemaError, match="frame_chunk must be a whole number of frames, 1 or more"):
+        decode_frames(sd_vae(), torch.zeros(2, 4, 8, 8), chunk=-1)
+    with pytest.raises(KinemaError, match="frame_chunk must be"):
+        encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), chunk=2.5)
 
 
 def test_vae_nodes_take_tile_sizes_in_pixels():

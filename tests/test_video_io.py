@@ -1,7 +1,10 @@
 """models/video_io.py and the KinemaSaveVideo node: files read back with Pillow / imageio."""
 import json
 import os
+import subprocess
 import sys
+import threading
+import types
 
 import imageio.v3 as iio
 import numpy as np
@@ -241,6 +244,54 @@ def test_failing_ffmpeg_process_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KinemaError, match="ffmpeg failed"):
         video_io.write_video(str(tmp_path / "x.mp4"), _frames(2), 8, "mp4", metadata={"a": 1})
     assert os.listdir(tmp_path) == []
+
+
+def test_an_error_of_ours_while_feeding_ffmpeg_stops_it_and_leaves_nothing(tmp_path, monkeypatch):
+    """Not ffmpeg's failure but ours (out of memory, an interrupt) after some frames: ffmpeg is stopped instead
+    of waited on (it would wait for more frames forever), the error passes, no file is left."""
+    if video_io._mp4_backend()[0] != "ffmpeg":
+        pytest.skip("no ffmpeg executable (imageio-ffmpeg)")
+    procs = []
+
+    class Pipe:
+        def __init__(self, real):
+            self.real, self.writes = real, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise MemoryError("simulated: out of memory after 2 frames")
+            return self.real.write(data)
+
+        def close(self):
+            self.real.close()
+
+    def popen(*args, **kwargs):
+        proc = subprocess.Popen(*args, **kwargs)
+        proc.stdin = Pipe(proc.stdin)
+        procs.append(proc)
+        return proc
+
+    monkeypatch.setattr(video_io, "subprocess", types.SimpleNamespace(
+        Popen=popen, PIPE=subprocess.PIPE, DEVNULL=subprocess.DEVNULL))
+    errors = []
+
+    def write():
+        try:
+            video_io.write_video(str(tmp_path / "x.mp4"), _frames(5), 8, "mp4", metadata={"a": 1})
+        except BaseException as e:  # noqa: BLE001 - what the writer raised, checked below
+            errors.append(e)
+
+    worker = threading.Thread(target=write, daemon=True)
+    worker.start()
+    worker.join(60)
+    alive = worker.is_alive()
+    for proc in procs:  # never leave an ffmpeg behind, whatever happened
+        if proc.poll() is None:
+            proc.kill()
+    assert not alive, "the writer hung waiting for ffmpeg"
+    assert len(errors) == 1 and isinstance(errors[0], MemoryError)
+    assert os.listdir(tmp_path) == [] and procs[0].returncode is not None
 
 
 def test_ffmetadata_parser_handles_escapes():
