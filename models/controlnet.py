@@ -183,12 +183,17 @@ class ControlNet(nn.Module):
         """(b f) c h w, hint (b f)|f 3 8h 8w in [0, 1], timesteps [(b f)], context [(b f), n, d] -> residuals
 
         A hint batch of ``opts.num_frames`` images is shared by the b videos of the batch (cond and uncond): its
-        embedding is computed once.
+        embedding is computed once. The ControlNet computes in its weights' precision, whatever the UNet's (a
+        precision set on the video model alone, or loaders set apart); the residuals come back in ``x``'s.
         """
         self._check_inputs(x, hint, opts.num_frames)
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        dtype, out_dtype = self.dtype, x.dtype
+        x = x.to(dtype)
+        if isinstance(context, torch.Tensor):
+            context = context.to(dtype)
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(dtype))
         context = SharedContext.of(context)
-        guide = self.input_hint_block(hint.to(x.dtype))
+        guide = self.input_hint_block(hint.to(dtype))
         if guide.shape[0] != x.shape[0]:
             guide = repeat(guide, "f c h w -> (b f) c h w", b=x.shape[0] // guide.shape[0])
         outs = []
@@ -200,7 +205,7 @@ class ControlNet(nn.Module):
             outs.append(zero_conv(h))
         h = self._run(self.middle_block, h, emb, context, opts)
         outs.append(self.middle_block_out(h))
-        return outs
+        return [o.to(out_dtype) for o in outs]
 
 
 # -- files ---------------------------------------------------------------------------------------------------------

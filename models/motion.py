@@ -123,8 +123,11 @@ class MotionModule(nn.Module):
 
     def forward(self, x: torch.Tensor, num_frames: int, scale: float | torch.Tensor = 1.0,
                 chunk: int = 0) -> torch.Tensor:
-        """(b f) c h w -> (b f) c h w; scale (a float, or [f] one per frame) multiplies the temporal update"""
-        update = self.temporal_transformer(x, num_frames, chunk)
+        """(b f) c h w -> (b f) c h w; scale (a float, or [f] one per frame) multiplies the temporal update, which
+        the module computes in its weights' precision, whatever the UNet's (a precision set on the UNet alone, or
+        loaders set apart), and adds in ``x``'s"""
+        dtype = self.temporal_transformer.proj_out.weight.dtype
+        update = self.temporal_transformer(x.to(dtype), num_frames, chunk).to(x.dtype)
         if isinstance(scale, torch.Tensor):
             b = x.shape[0] // num_frames
             scale = rearrange(scale.to(x.device, x.dtype).repeat(b), "bf -> bf 1 1 1")

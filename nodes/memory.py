@@ -53,7 +53,9 @@ class KinemaMemoryPolicy:
             "optional": {
                 "precision": ([KEEP, "fp32", "fp16", "bf16"], {
                     "default": KEEP,
-                    "tooltip": "Weight and compute precision of the UNet and motion module. keep: as loaded (the "
+                    "tooltip": "Weight and compute precision of the UNet and motion module (place this node after "
+                               "Apply Motion Module; ControlNets and IP-Adapters keep their loaders' precision, "
+                               "each network computing in its own). keep: as loaded (the "
                                "loader's precision: fp16 on a GPU). Another value makes a converted copy, which "
                                "costs its size in system memory: prefer the loader's precision where it has one. "
                                "fp16 halves memory; bf16 where fp16 overflows; fp32 on the CPU, or bf16 on a CPU "

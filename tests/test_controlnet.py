@@ -160,6 +160,20 @@ def test_strength_and_stacked_controlnets_through_the_addons():
         assert_net_close(r, 0.5 * ra + 2.0 * rb, "stacked residual")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_controlnet_computes_in_its_own_precision_for_a_unet_in_another(dtype):
+    """A UNet in half precision (Memory Policy's precision, or loaders set apart) with a ControlNet in fp32: the
+    ControlNet takes the UNet's activations in its own precision and gives its residuals back in the UNet's."""
+    x, hint, t, ctx = _inputs()
+    net = controlnet()
+    with torch.no_grad():
+        got = net(x.to(dtype), hint, t, ctx.to(dtype))
+        want = net(x.to(dtype).float(), hint, t, ctx.to(dtype).float())
+    for r, w in zip(got, want):
+        assert r.dtype == dtype
+        assert torch.equal(r, w.to(dtype))
+
+
 # -- files ------------------------------------------------------------------------------------------------------------
 
 def _as_pth(sd, path) -> str:

@@ -55,6 +55,26 @@ def test_scale_zero_and_temporal_off_are_the_image_model(unet, inputs, version):
     assert torch.equal(_run(video, *inputs, temporal=False), base)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_motion_module_computes_in_its_own_precision_inside_a_unet_in_another(unet, inputs, dtype):
+    """The UNet cast to half precision alone (Memory Policy before Apply Motion Module, or loaders set apart): the
+    fp32 motion module computes its update from the half-precision activations in fp32, added in the UNet's."""
+    from kinema.models.memory import cast_weights
+
+    mm = _motion("v2")
+    module = next(m for m in mm.modules() if type(m).__name__ == "MotionModule")
+    x = torch.randn(F, module.temporal_transformer.proj_in.in_features, HW, HW,
+                    generator=torch.Generator().manual_seed(1)).to(dtype)
+    with torch.no_grad():
+        got = module(x, F)
+        update = module.temporal_transformer(x.float(), F)
+    assert got.dtype == dtype and torch.equal(got, x + update.to(dtype))
+    x, t, ctx = inputs
+    half = MotionModel(cast_weights(unet, dtype), mm)  # runs (the weights of both precisions meet)
+    out = _run(half, x.to(dtype), t, ctx.to(dtype))
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+
+
 def test_temporal_off_keeps_frames_independent_and_on_couples_them(unet, inputs):
     x, t, ctx = inputs
     video = MotionModel(unet, _motion("v3"))

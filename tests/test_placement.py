@@ -241,9 +241,9 @@ def test_a_model_that_does_not_fit_is_tried_once_more_after_the_host_frees_memor
 
     tries.clear(), moved.clear()
     monkeypatch.setattr(placement, "bring", lambda m, d: bring(m, d, fail=2))
-    with pytest.raises(KinemaOutOfMemoryError, match=r"Linear \(0.00 GiB of weights\).*offload block"):
-        with placement.on_device(net):
-            pass
+    with pytest.raises(KinemaOutOfMemoryError, match=r"Linear \(0.00 GiB of weights\).*offload block"), \
+            placement.on_device(net):
+        pass
     assert len(tries) == 2 and moved == [] and not placement._users  # never entered, nothing to send back
 
 
