@@ -97,11 +97,11 @@ def summary_rows(section: str, args, res: dict) -> list[str]:
     rows = []
     results, diffs = res["results"], res["latent_diff"]
     setting = f"{args.frames} frames {args.width}x{args.height}, {args.steps} steps"
-    for ours, theirs, label in (("kinema", "diffusers", "SVD"), ("kinema low-mem", "diffusers low-mem",
-                                                                  "SVD low-mem")):
+    pairs = res.get("latent_diff_pair", {})
+    for (ours, theirs), label in zip(bench_svd.PAIRS, ("SVD", "SVD low-mem")):
         if ours in results and theirs in results:
             rows.append(_row(label, args.scale, setting, results[ours], results[theirs], "video_peak_rss_kib",
-                             diffs[ours]))
+                             pairs.get(ours, diffs[ours])))
     return rows
 
 

@@ -427,7 +427,8 @@ def build_svd(sc: Scale, args, dtype, vae_dtype, gen_device) -> Workload:
                       f"({_dtype_name(dtype)}), temporal VAE {params(vae)} ({_dtype_name(vae_dtype)}); Euler on the "
                       f"karras EDM schedule, per-frame guidance {SVD_MIN_CFG} -> {SVD_MAX_CFG} with cond and uncond "
                       f"in one batch ({2 * frames} UNet images a call), fps {SVD_FPS}, motion bucket "
-                      f"{SVD_MOTION_BUCKET}, augmentation 0, the temporal decode {SVD_DECODE_CHUNK} frames a call"),
+                      f"{SVD_MOTION_BUCKET}, augmentation 0, the temporal decode {min(frames, SVD_DECODE_CHUNK)} frames "
+                      "a call"),
         image=image_u8.float().div(255)[None], image_u8=image_u8,
         noise=initial_noise(args.seed, (frames, 4, height // 8, width // 8)),
         state_dicts={"unet": unet_sd, "vae": vae_sd})

@@ -52,6 +52,8 @@ from _measure import (
 )
 
 CONFIGS = ("kinema", "kinema low-mem", "diffusers", "diffusers low-mem")
+#: the configurations compared with each other (bench_all.py's summary rows)
+PAIRS = (("kinema", "diffusers"), ("kinema low-mem", "diffusers low-mem"))
 MIN_CFG, MAX_CFG, FPS, MOTION_BUCKET = 1.0, 2.5, 7, 127
 SCALES = {"tiny": "32 model channels, context 64", "medium": "the real block structure at 128 model channels "
           "(SVD: 320), context 512"}
@@ -195,8 +197,11 @@ def collect(args) -> dict:
     diffs = {}
     for name in args.configs:
         diffs[name] = None if ref is None else float((latents[name] - ref).abs().max()) / float(ref.abs().max())
+    # each Kinema configuration against the diffusers one it is compared with (the summary's rows)
+    pairs = {ours: float((latents[ours] - latents[theirs]).abs().max()) / float(latents[theirs].abs().max())
+             for ours, theirs in PAIRS if ours in latents and theirs in latents}
     threads = next(iter(results.values()))["threads"]
-    return {"results": results, "latent_diff": diffs, "threads": threads}
+    return {"results": results, "latent_diff": diffs, "latent_diff_pair": pairs, "threads": threads}
 
 
 def _repeat_text(args) -> str:

@@ -75,8 +75,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--tile", type=int, default=512)
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--vae", default=None)
-    p.add_argument("--out", default=None)
+    p.add_argument("--child-vae", dest="vae", default=None, help=argparse.SUPPRESS)  # a child process: which VAE
+    p.add_argument("--child-result", dest="out", default=None, help=argparse.SUPPRESS)  # and where its result goes
     args = p.parse_args(argv)
     if args.out:
         child(args)
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
             got = {}
             for tile in (0, args.tile):
                 out = os.path.join(tmp, f"{vae}{tile}.json")
-                cmd = [sys.executable, os.path.abspath(__file__), "--vae", vae, "--out", out, "--frames",
+                cmd = [sys.executable, os.path.abspath(__file__), "--child-vae", vae, "--child-result", out, "--frames",
                        str(args.frames), "--size", str(args.size), "--tile", str(tile), "--overlap",
                        str(args.overlap), "--threads", str(args.threads)]
                 print(f"decoding with the {vae} VAE, tile {tile or 'off'} ...", file=sys.stderr, flush=True)

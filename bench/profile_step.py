@@ -25,7 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import cpu_name, register_pack
 
 #: operators counted as matrix products in the FLOP-rate column (the flop counter counts these and convolutions)
-GEMM_OPS = ("aten::mkldnn_convolution", "aten::addmm", "aten::mm", "aten::bmm")
+#: the kernels of what the FLOP count counts (convolutions, matrix products): oneDNN's convolutions, PyTorch's
+#: reference 3D convolution (diffusers' SVD temporal convolutions at small sizes), BLAS
+GEMM_OPS = ("aten::mkldnn_convolution", "aten::slow_conv3d_forward", "aten::addmm", "aten::mm", "aten::bmm")
 
 
 def profile(calls: dict, repeat: int) -> dict[str, dict[str, float]]:

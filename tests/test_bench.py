@@ -292,3 +292,17 @@ def test_probe_vae_memory_cpu_check(capsys):
 def test_bench_gpu_names_dtypes_as_its_options_do():
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     assert [bench_gpu._dtype_name(d) for d in dtypes] == ["fp32", "fp16", "bf16"]
+
+
+def test_the_summary_compares_each_row_with_its_own_diffusers_run():
+    """SVD low-mem's latents are compared with diffusers low-mem's, the configuration its other columns compare."""
+    import argparse
+
+    run = {"median": 1.0, "total": 10.0, "video_peak_rss_kib": 1024}
+    res = {"results": dict.fromkeys(("kinema", "kinema low-mem", "diffusers", "diffusers low-mem"), run),
+           "latent_diff": {"kinema": 1e-6, "kinema low-mem": 7e-5},
+           "latent_diff_pair": {"kinema": 1e-6, "kinema low-mem": 3e-6}}
+    args = argparse.Namespace(frames=14, width=64, height=64, steps=2, scale="tiny")
+    plain, low = bench_all.summary_rows("svd-tiny", args, res)
+    assert plain.startswith("| SVD |") and plain.endswith("| 1.0e-06 |")
+    assert low.startswith("| SVD low-mem |") and low.endswith("| 3.0e-06 |")
