@@ -122,10 +122,19 @@ def _frame_ms(fps: float) -> int:
     return max(1, int(round(1000.0 / fps)))
 
 
-def _write_gif(tmp, frames, fps, loop, metadata):
+def _each(frames, on_frame):
+    """The frames one by one, ``on_frame(done, total)`` called before each is handed on (progress; it may raise to
+    stop the write, which then leaves no file)."""
+    for i, frame in enumerate(frames):
+        if on_frame is not None:
+            on_frame(i, len(frames))
+        yield frame
+
+
+def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
     from PIL import Image
 
-    pil = [Image.fromarray(fr, "RGB") for fr in frames]
+    pil = [Image.fromarray(fr, "RGB") for fr in _each(frames, on_frame)]
     kwargs = {}
     # ``loop`` is the number of plays (0 = forever); GIF stores repeats after the first play
     if loop == 0:
@@ -153,13 +162,13 @@ def _webp_exif(metadata):
     return exif
 
 
-def _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, method):
+def _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, method, on_frame=None):
     from PIL import Image
 
     h, w = frames.shape[1:3]
     if max(h, w) > 16383:
         raise KinemaError(f"WebP frames can be at most 16383 pixels a side, got {w}x{h}: use mp4")
-    pil = [Image.fromarray(fr, "RGB") for fr in frames]
+    pil = [Image.fromarray(fr, "RGB") for fr in _each(frames, on_frame)]
     kwargs = {"exif": _webp_exif(metadata)} if metadata else {}
     pil[0].save(tmp, format="WEBP", save_all=True, append_images=pil[1:], duration=_frame_ms(fps),
                 loop=int(loop), lossless=bool(lossless), quality=int(quality), method=int(method), **kwargs)
@@ -208,7 +217,7 @@ def _mp4_tags(metadata: dict) -> dict[str, str]:
     return tags
 
 
-def _write_mp4(exe, tmp, frames, fps, metadata, crf, preset):
+def _write_mp4(exe, tmp, frames, fps, metadata, crf, preset, on_frame=None):
     f, h, w, _ = frames.shape
     pad_h, pad_w = h % 2, w % 2
     if pad_h or pad_w:  # yuv420p needs even sizes: repeat the last row/column
@@ -236,7 +245,7 @@ def _write_mp4(exe, tmp, frames, fps, metadata, crf, preset):
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
             try:
-                for frame in frames:
+                for frame in _each(frames, on_frame):
                     proc.stdin.write(frame.tobytes())
                 proc.stdin.close()
             except (BrokenPipeError, OSError):
@@ -272,7 +281,7 @@ def _av_bt709(av):
         return {}, 6
 
 
-def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset):
+def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset, on_frame=None):
     """The same mp4 as ``_write_mp4`` through PyAV (used when imageio-ffmpeg is missing)."""
     f, h, w, _ = frames.shape
     pad_h, pad_w = h % 2, w % 2
@@ -281,6 +290,16 @@ def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset):
         h, w = h + pad_h, w + pad_w
     rate = Fraction(fps).limit_denominator(1001)
     options = {"movflags": "+faststart" + ("+use_metadata_tags" if metadata else "")}
+    stopped = []
+
+    def report(done, total):
+        try:
+            if on_frame is not None:
+                on_frame(done, total)
+        except Exception as e:
+            stopped.append(e)
+            raise
+
     try:
         with av.open(tmp, mode="w", format="mp4", options=options) as container:
             for key, value in (_mp4_tags(metadata) if metadata else {}).items():
@@ -299,7 +318,7 @@ def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset):
                 ctx.color_range = 1  # limited ("tv") range
             except Exception:
                 pass
-            for i, frame in enumerate(frames):
+            for i, frame in enumerate(_each(frames, report)):
                 vf = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", **convert)
                 vf.pts = i
                 vf.time_base = Fraction(rate.denominator, rate.numerator)
@@ -310,12 +329,14 @@ def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset):
     except KinemaError:
         raise
     except Exception as e:
+        if e in stopped:  # the caller's own (an interrupt), not PyAV's
+            raise
         raise KinemaError(f"PyAV failed to write the mp4: {e}") from e
 
 
 def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, metadata: dict | None = None,
                 quality: int = 90, lossless: bool = False, crf: int = 19, webp_method: int = 4,
-                preset: str = "medium") -> str:
+                preset: str = "medium", on_frame: Callable[[int, int], None] | None = None) -> str:
     """Write frames ``[f, h, w, 3]`` uint8 (float [0, 1] is converted) to ``path``; return the path.
 
     fmt: ``gif``, ``webp`` or ``mp4``. fps: frames per second (> 0).
@@ -323,6 +344,8 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
     metadata: a JSON-serialisable dict (ComfyUI: ``{"prompt": ..., "workflow": ...}``) or None.
     quality / lossless / webp_method: WebP encoder (quality 0-100; method 0 fast - 6 small).
     crf / preset: libx264 (crf 0 lossless - 51 worst; 17-23 is visually good).
+    on_frame(done, total): called before each frame is handed to the encoder (progress); what it raises (an
+    interrupt) stops the write, and no file is left.
     """
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
@@ -361,13 +384,13 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
     tmp = _temp_path(path)
     try:
         if fmt == "gif":
-            _write_gif(tmp, frames, fps, loop, metadata)
+            _write_gif(tmp, frames, fps, loop, metadata, on_frame)
         elif fmt == "webp":
-            _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, webp_method)
+            _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, webp_method, on_frame)
         elif backend[0] == "ffmpeg":
-            _write_mp4(backend[1], tmp, frames, fps, metadata, crf, preset)
+            _write_mp4(backend[1], tmp, frames, fps, metadata, crf, preset, on_frame)
         else:
-            _write_mp4_av(backend[1], tmp, frames, fps, metadata, crf, preset)
+            _write_mp4_av(backend[1], tmp, frames, fps, metadata, crf, preset, on_frame)
         if os.path.getsize(tmp) == 0:
             raise KinemaError(f"Writing '{os.path.basename(path)}' produced an empty file")
         os.replace(tmp, path)

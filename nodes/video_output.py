@@ -65,7 +65,13 @@ class KinemaSaveVideo:
             metadata = metadata or None
 
         full_path, subfolder, filename = host.save_path(filename_prefix, format, width, height)
-        video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata)
+        bar = host.ProgressBar(frames.shape[0], "Kinema save")
+
+        def on_frame(done, total):  # Cancel stops the write between frames (no file is left)
+            host.check_interrupt()
+            bar.update_absolute(done, total)
+
+        video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata, on_frame=on_frame)
         logger.info("Kinema: saved %d frames (%dx%d, %g fps) to %s", frames.shape[0], width, height, fps, full_path)
 
         result = {"filename": filename, "subfolder": subfolder, "type": "output"}

@@ -342,6 +342,28 @@ def test_node_saves_and_returns_ui(output_dir, fmt):
     assert _leftovers(output_dir / "Kinema") == []
 
 
+@pytest.mark.parametrize("fmt,backend", [("webp", None), ("gif", None), ("mp4", "ffmpeg"), ("mp4", "av")])
+def test_cancel_stops_the_node_between_frames_and_leaves_no_file(output_dir, monkeypatch, fmt, backend):
+    if backend == "av":
+        pytest.importorskip("av")
+        monkeypatch.setattr(video_io, "_mp4_backend", lambda: ("av", __import__("av")))
+    elif backend == "ffmpeg" and video_io._mp4_backend()[0] != "ffmpeg":
+        pytest.skip("no ffmpeg executable (imageio-ffmpeg)")
+    checks = []
+
+    def check_interrupt():  # Cancel pressed while the third frame is handed over
+        checks.append(1)
+        if len(checks) == 3:
+            raise InterruptedError("cancelled")
+
+    monkeypatch.setattr(host, "check_interrupt", check_interrupt)
+    with pytest.raises(InterruptedError, match="cancelled"):
+        video_output.KinemaSaveVideo().save(_frames(6, 16, 24), 8.0, fmt, 0, "Kinema/video")
+    assert len(checks) == 3
+    assert not (output_dir / "Kinema").exists() or _leftovers(output_dir / "Kinema") == []
+    assert not (output_dir / "Kinema").exists() or os.listdir(output_dir / "Kinema") == []
+
+
 def test_node_metadata_can_be_disabled(output_dir, monkeypatch):
     monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
     out = video_output.KinemaSaveVideo().save(_frames(2), 8.0, "webp", 0, "v", prompt={"a": 1})
