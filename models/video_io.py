@@ -123,12 +123,14 @@ def _frame_ms(fps: float) -> int:
 
 
 def _each(frames, on_frame):
-    """The frames one by one, ``on_frame(done, total)`` called before each is handed on (progress; it may raise to
-    stop the write, which then leaves no file)."""
+    """The frames one by one, ``on_frame(done, total)`` called before each is handed on and after the last
+    (progress; it may raise to stop the write, which then leaves no file)."""
     for i, frame in enumerate(frames):
         if on_frame is not None:
             on_frame(i, len(frames))
         yield frame
+    if on_frame is not None:
+        on_frame(len(frames), len(frames))
 
 
 def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
