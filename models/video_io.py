@@ -248,11 +248,13 @@ def _write_mp4(exe, tmp, frames, fps, metadata, crf, preset, on_frame=None):
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err)
             try:
                 for frame in _each(frames, on_frame):
-                    proc.stdin.write(frame.tobytes())
-                proc.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass  # ffmpeg stopped early: its exit code and message tell why
-            except BaseException:  # anything else (out of memory, an interrupt): ffmpeg is stopped, not waited on
+                    try:
+                        proc.stdin.write(frame.tobytes())
+                    except OSError:  # ffmpeg stopped early (a broken pipe): its exit code and message tell why
+                        break
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+            except BaseException:  # ours (an interrupt, out of memory): ffmpeg is stopped, not waited on
                 proc.kill()
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
