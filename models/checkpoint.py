@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .errors import KinemaError
+from .errors import KinemaError, is_out_of_memory
 
 logger = logging.getLogger("kinema")
 
@@ -158,7 +158,9 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
                 "Kinema will not unpickle (they could run code). Use a .safetensors version of this model, or "
                 "convert it on a machine you trust."
             ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:  # damaged pickle data raises whatever the unpickler trips on (IndexError, KeyError)
+            if is_out_of_memory(e):
+                raise
             raise KinemaError(f"could not read '{name}': {str(e) or type(e).__name__}. The file may be truncated: "
                               "download it again.") from e
     else:
@@ -389,6 +391,11 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
 
     with damaged_file(name, "an SD1.5 checkpoint"):
         ucfg = infer_unet_config(unet_sd)
+        if ucfg.in_channels != 4 or ucfg.out_channels != 4:
+            kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(ucfg.in_channels, "a special-purpose")
+            raise KinemaError(f"'{name}' is {kind} SD1.5 checkpoint (its UNet takes {ucfg.in_channels} latent "
+                              f"channels, gives {ucfg.out_channels}): Kinema animates standard text-to-image SD1.5 "
+                              "checkpoints (4 latent channels); choose one of those")
         unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
         vcfg = infer_vae_config(vae_sd)
         vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)

@@ -198,9 +198,12 @@ def read_pairs(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, LoR
             missing = "up" if "down" in p else "down"
             raise KinemaError(f"'{name}' is incomplete: the LoRA weight '{target}' has no '{missing}' half. "
                               "Download the file again.")
+        if "alpha" in p and p["alpha"].numel() != 1:
+            raise KinemaError(f"'{name}': the LoRA weight '{target}' has an alpha of {p['alpha'].numel()} values "
+                              "where it takes one: the file is damaged, download it again")
         alpha = float(p["alpha"].float().reshape(-1)[0]) if "alpha" in p else None
         pair = LoRAPair(p["down"], p["up"], alpha)
-        if pair.up.ndim < 2 or pair.down.ndim < 2 or pair.up.shape[1] != pair.down.shape[0]:
+        if pair.up.ndim < 2 or pair.down.ndim < 2 or pair.up.shape[1] != pair.down.shape[0] or not pair.rank:
             raise KinemaError(f"'{name}': the LoRA weight '{target}' has inconsistent halves "
                               f"(down {tuple(pair.down.shape)}, up {tuple(pair.up.shape)})")
         pairs[target] = pair

@@ -316,6 +316,9 @@ def infer_motion_config(sd: dict, name: str = "the motion module") -> MotionConf
         down_channels.append(channels[level][min(channels[level])])
     per_down = max(len(js) for js in down.values())
     per_up = max((len(js) for js in modules["up"].values()), default=0) or per_down + 1
+    if per_up != per_down + 1:  # the UNet's up levels have one block more than its down levels, each a module
+        raise KinemaError(f"{name} has {per_up} motion modules an up block and {per_down} a down block, where the "
+                          f"SD1.5 layout has {per_down + 1} and {per_down}: {damaged}")
     return MotionConfig(
         down_channels=tuple(down_channels),
         modules_per_down=per_down,

@@ -331,3 +331,45 @@ def test_ip_adapter_given_to_other_loaders_is_named_with_its_node(tmp_path):
     for load in (checkpoint.load_sd15, lora.load_sd15_lora, controlnet.load_controlnet, checkpoint.load_motion_module):
         with pytest.raises(KinemaError, match=f"'ip-adapter_sd15.safetensors' {hint}"):
             load(str(path))
+
+
+def test_damaged_legacy_pickle_is_named_whatever_the_unpickler_trips_on(tmp_path, motion_sd):
+    """Damaged legacy pickles make torch's safe unpickler raise IndexError, KeyError or AssertionError: each is the
+    file's own KinemaError, never a raw error."""
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"\x80d\x86\x95(zt\x17\xef\xe93\xf7e\x14\xde\x08")  # IndexError inside torch.load
+    with pytest.raises(KinemaError, match="could not read 'bad.pt'.*download it again"):
+        checkpoint.load_state_dict(str(path))
+    torch.save(motion_sd, str(path), _use_new_zipfile_serialization=False)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for _ in range(40):  # flipped bytes in the pickle stream
+        damaged = bytearray(data)
+        for i in rng.integers(2, 400, size=3):
+            damaged[i] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(damaged))
+        try:
+            checkpoint.load_state_dict(str(path))
+        except KinemaError:
+            pass
+
+
+def test_inpainting_checkpoint_is_refused_at_load(tmp_path):
+    """A 9-channel (inpainting) UNet is named at load, not left to fail inside the sampler."""
+    sd = dict(demo.sd15_state_dict())
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    sd[key] = torch.cat([sd[key], torch.zeros(sd[key].shape[0], 5, *sd[key].shape[2:])], dim=1)
+    path = tmp_path / "inpaint.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match="'inpaint.safetensors' is an inpainting SD1.5 checkpoint.*9 latent"):
+        checkpoint.load_sd15(str(path))
+
+
+def test_motion_module_without_the_third_module_of_every_up_block_is_refused(tmp_path, motion_sd):
+    """Every up block's last module gone still reads as a consistent layout (two a block): the SD1.5 layout says
+    three, so the file is refused rather than run as a smaller network."""
+    sd = {k: v for k, v in motion_sd.items() if ".motion_modules.2." not in k}
+    path = tmp_path / "no_up2.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match="2 motion modules an up block.*has 3 and 2.*download it again"):
+        checkpoint.load_motion_module(str(path))

@@ -413,6 +413,18 @@ def test_sdxl_and_unfit_loras_are_refused():
         lora.apply_sd15_loras(unet(), te, [({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, 1.0, 1.0, "loha")])
 
 
+def test_damaged_pairs_are_refused_before_any_merge():
+    """An alpha of no value or a rank-0 pair is the file's KinemaError (not an IndexError / ZeroDivisionError)."""
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    pair = {f"{k}.lora_down.weight": torch.zeros(4, 64), f"{k}.lora_up.weight": torch.zeros(64, 4)}
+    with pytest.raises(KinemaError, match="'x.safetensors'.*has an alpha of 0 values.*damaged"):
+        lora.read_pairs({**pair, f"{k}.alpha": torch.tensor([])}, "x.safetensors")
+    rank0 = {f"{k}.lora_down.weight": torch.zeros(0, 64), f"{k}.lora_up.weight": torch.zeros(64, 0),
+             f"{k}.alpha": torch.tensor(4.0)}
+    with pytest.raises(KinemaError, match="'x.safetensors'.*inconsistent halves"):
+        lora.read_pairs(rank0, "x.safetensors")
+
+
 def test_unmatched_keys_are_counted_in_a_warning(caplog):
     sd = dict(demo.sd15_lora_state_dict())
     for i in range(3):
