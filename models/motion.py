@@ -427,7 +427,7 @@ class MotionModel:
         if self.max_frames is None:
             return
         name = self.name or self.motion.version
-        if context_length is not None and context_length > self.max_frames:
+        if context_length is not None and min(context_length, num_frames) > self.max_frames:
             raise KinemaError(
                 f"the motion module '{name}' sees at most {self.max_frames} frames at once and the context length is "
                 f"{context_length}: set the context length to {self.max_frames} or less (16 is the usual choice)"

@@ -6,6 +6,9 @@ the way in and removed on the way out, as ComfyUI's KSampler does.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -124,6 +127,11 @@ def _check_latent(latent: torch.Tensor, opts: SampleOptions, model) -> int:
     if latent.ndim != 4 or latent.shape[1] != LATENT_CHANNELS:
         raise KinemaError(f"expected a video latent [frames, 4, h, w], got shape {tuple(latent.shape)}")
     frames = latent.shape[0]
+    if not torch.isfinite(latent).all():
+        raise KinemaError("the latent holds NaN or infinite values: the node that made it (a VAE encode, a latent "
+                          "edit) produced them; check its inputs, or start from Empty Video Latent (Kinema)")
+    if isinstance(opts.cfg, bool) or not isinstance(opts.cfg, numbers.Real) or not math.isfinite(opts.cfg):
+        raise KinemaError(f"cfg must be a finite number, got {opts.cfg!r}")
     if isinstance(opts.attn_chunk, bool) or not isinstance(opts.attn_chunk, int) or opts.attn_chunk < 0:
         raise KinemaError(f"attention_chunk must be 0 (off) or a number of queries, got {opts.attn_chunk!r}")
     if opts.context is not None:

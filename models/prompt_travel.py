@@ -47,6 +47,15 @@ INTERPOLATIONS = ("lerp", "slerp", "none")
 # loosely (signs, decimals, optional quotes) so that wrong frame numbers are reported instead of being read
 # as prompt text.
 _MARKER = re.compile(r'(?:^|(?<=[\n,]))[ \t\r]*(?P<q>"?)(?P<num>[+-]?\d+(?:\.\d*)?)(?P=q)[ \t]*:')
+# A line that starts like a keyframe but is not one ("8; a dog", "8a: a dog", "1e3: a dog", "frame 8: a dog"):
+# reported, not read as more of the previous keyframe's prompt. (Lines like "style: anime" or "4k photo" stay
+# prompt text.)
+_BROKEN_MARKER = re.compile(
+    r'(?:^|(?<=\n))[ \t\r]*"?(?:[+-]?\d[\w.+-]*|[A-Za-z_]+[ \t]*\d+)"?[ \t]*[:;][^\n]*')
+# A quoted key inside a quoted keyframe's prompt: the comma before it is missing ('"0": "a cat" "16": "a dog"')
+_INNER_QUOTED_KEY = re.compile(r'"[ \t]*"[+-]?\d+(?:\.\d*)?"[ \t]*:')
+#: the largest frame number a keyframe may name
+MAX_FRAME = 1_000_000
 _SLERP_EPS = 1e-6  # below this the great circle is undefined: parallel, opposite or zero vectors
 
 
@@ -88,6 +97,12 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
     if head:
         raise KinemaError(f"the prompt schedule has text before its first keyframe: {_quote(head)}; start it with "
                           f"a frame number, e.g. '0: {head[:30]}'")
+    starts = {m.start() for m in markers}
+    for broken in _BROKEN_MARKER.finditer(body):
+        if broken.start() not in starts and not _MARKER.match(body, broken.start()):
+            raise KinemaError(f"the prompt schedule line {_quote(broken.group(0))} starts like a keyframe but is not "
+                              "one: write '<frame>: <prompt>' (a whole number, then a colon), or join the line to "
+                              "the prompt above it")
     keyframes: dict[int, str] = {}
     for i, m in enumerate(markers):
         marker = m.group(0).strip()
@@ -97,8 +112,20 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
         frame = int(num)
         if frame < 0:
             raise KinemaError(f"keyframe {_quote(marker)}: frame numbers start at 0, got {frame}")
+        if frame > MAX_FRAME:
+            raise KinemaError(f"keyframe {_quote(marker)}: frame numbers go up to {MAX_FRAME}, got {frame}")
         end = markers[i + 1].start() if i + 1 < len(markers) else len(body)
-        prompt = _prompt_text(body[m.end():end])
+        raw = body[m.end():end]
+        if m.group("q"):  # the FizzNodes form: a quoted prompt, closed, with no other quoted key inside
+            inner = _INNER_QUOTED_KEY.search(raw)
+            if inner:
+                raise KinemaError(f"keyframe {_quote(marker)}: a comma is missing before "
+                                  f"{_quote(inner.group(0)[1:].strip())} (write '\"0\": \"...\", \"16\": \"...\"')")
+            text = raw.strip().rstrip(",").strip()
+            if text.startswith('"') and (len(text) < 2 or not text.endswith('"')):
+                raise KinemaError(f"keyframe {_quote(marker)}: its prompt {_quote(text)} opens a quote it does not "
+                                  "close")
+        prompt = _prompt_text(raw)
         if not prompt:
             raise KinemaError(f"keyframe {_quote(marker)} has no prompt: write one after the colon or remove it")
         if frame in keyframes:

@@ -255,10 +255,12 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
         x0 = denoiser(x, sigmas[i])
         t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
         h = t_next - t
-        if old_x0 is None or sigmas[i + 1] == 0:
+        h_last = None if old_x0 is None else t - (-sigmas[i - 1].log())
+        # first order at the first and last step, and where a step has no length (a sigma given twice: a short
+        # denoise of a long ``simple`` schedule repeats every sigma), whose ratio r would be 0 or infinite
+        if old_x0 is None or sigmas[i + 1] == 0 or h == 0 or h_last == 0:
             x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * x0
         else:
-            h_last = t - (-sigmas[i - 1].log())
             r = h_last / h
             x0_d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
             x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * x0_d

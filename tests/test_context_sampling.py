@@ -94,6 +94,21 @@ def test_context_length_and_frame_limits_are_clear_errors():
     with pytest.raises(KinemaError):
         _sample(model, 40, ContextOptions(context_length=8, overlap=8))
     _sample(model, 30, ContextOptions(context_length=16, overlap=4), steps=1)
+    # a context length past the module's limit is fine where the video is shorter: its one window is the video
+    assert torch.equal(_sample(model, 8, ContextOptions(context_length=30, overlap=4), steps=1),
+                       _sample(model, 8, steps=1))
+
+
+def test_non_finite_cfg_or_latent_is_refused_before_sampling():
+    model = motion_model("v2")
+    pos, neg = _conds(4)
+    for cfg in (float("nan"), float("inf"), "7"):
+        with pytest.raises(KinemaError, match="cfg must be a finite number"):
+            sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW), SampleOptions(seed=7, steps=1, cfg=cfg))
+    latent = torch.zeros(4, 4, HW, HW)
+    latent[2, 1, 0, 0] = float("nan")
+    with pytest.raises(KinemaError, match="the latent holds NaN or infinite values"):
+        sample_video(model, pos, neg, latent, SampleOptions(seed=7, steps=1, cfg=5.0))
 
 
 def test_per_frame_motion_scale_follows_the_window_frames():

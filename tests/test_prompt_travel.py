@@ -30,6 +30,10 @@ def test_parse_schedule_plain_prompts_and_details():
     assert pt.parse_schedule("8: only one") == [(8, "only one")]
     assert pt.parse_schedule('{"0": "say \\"hi\\", twice"}') == [(0, 'say "hi", twice')]
     assert pt.parse_schedule("0: a cat\r\n4: a dog\r\n") == [(0, "a cat"), (4, "a dog")]
+    # lines that only look a little like keyframes stay prompt text
+    assert pt.parse_schedule("0: a cat\nstyle: anime\n4k photo, 3 dogs\n8: b") == [
+        (0, "a cat\nstyle: anime\n4k photo, 3 dogs"), (8, "b")]
+    assert pt.parse_schedule('0: "hello" sign, a cat\n8: b') == [(0, '"hello" sign, a cat'), (8, "b")]
 
 
 @pytest.mark.parametrize("text,match", [
@@ -41,6 +45,13 @@ def test_parse_schedule_plain_prompts_and_details():
     ("0: a cat, 8: a dog, -4: a bird", "keyframe '-4:': frame numbers start at 0"),
     ("0: a cat\n8: a dog\n8: a bird", r"frame 8 has two keyframes \('8:'"),
     ("0: a cat\n1.5: a dog", "keyframe '1.5:': frame numbers must be whole numbers, got '1.5'"),
+    ("0: a cat\n8; a dog", "line '8; a dog' starts like a keyframe but is not one"),
+    ("0: a cat\n8a: a dog", "line '8a: a dog' starts like a keyframe"),
+    ("0: a cat\n1e3: a dog", "line '1e3: a dog' starts like a keyframe"),
+    ("0: a cat\nframe 8: a dog", "line 'frame 8: a dog' starts like a keyframe"),
+    ('"0": "a cat" "16": "a dog"', "keyframe '\"0\":': a comma is missing before '\"16\":'"),
+    ('"0": "a cat,\n"16": "a dog"', "keyframe '\"0\":': its prompt '\"a cat' opens a quote it does not close"),
+    ("0: a\n99999999999999999999999: b", "frame numbers go up to 1000000"),
     ("a lovely cat\n0: a cat\n8: a dog", "text before its first keyframe: 'a lovely cat'"),
 ])
 def test_parse_schedule_errors(text, match):

@@ -135,6 +135,22 @@ def test_ddim_equals_euler_in_sigma_space():
     assert torch.allclose(sampling.sample_ddim(den, x, sig), sampling.sample_euler(den, x, sig), atol=1e-5)
 
 
+def test_dpmpp_2m_over_repeated_sigmas_stays_finite():
+    """A short denoise of a long ``simple`` schedule gives every sigma twice (as ComfyUI's arithmetic does): the
+    2M update's step ratio would be 0 or infinite there, and the video NaN. Zero-length steps change nothing and
+    the step after one is first order: with every sigma repeated, each step is first order (Euler's update in
+    sigma space), so the result is Euler's on the distinct sigmas."""
+    s = sampling.DiscreteSchedule("linear")
+    sig = sampling.calculate_sigmas(s, "simple", 20, denoise=0.01)
+    assert len(sig) == 21 and bool((sig[1:-1] == sig[:-2]).any())
+    x = sampling.initial_noise(3, (64,)) * float(sig[0])
+    out = sampling.sample_dpmpp_2m(_gaussian_denoiser(0.3, 0.5), x, sig)
+    assert bool(torch.isfinite(out).all())
+    distinct = torch.unique_consecutive(sig)
+    first_order = sampling.sample_euler(_gaussian_denoiser(0.3, 0.5), x, distinct)
+    assert torch.allclose(out, first_order, atol=1e-5)
+
+
 def test_callback_sees_every_step():
     s = sampling.DiscreteSchedule("linear")
     sig = sampling.calculate_sigmas(s, "normal", 4)
