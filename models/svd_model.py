@@ -33,6 +33,7 @@ from .layers import RunOptions
 from .offload import NO_OFFLOAD, OffloadOptions, compute_device
 from .svd import micro_conditioning
 from .vae import encode_pixels
+from .video_io import check_images
 
 
 @dataclass(frozen=True)
@@ -130,11 +131,10 @@ class ImageConditioningOptions:
             raise KinemaError(f"augmentation_level must be between 0 and 10, got {self.augmentation_level}")
 
 
-def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def fit_image(image: torch.Tensor, width: int, height: int, what: str = "the init image") -> torch.Tensor:
     """Scale an IMAGE to cover ``width x height`` (aspect kept, antialiased bilinear), centre-crop the rest:
-    [1, H, W, 3|4] -> [1, height, width, 3]"""
-    if image.ndim != 4 or image.shape[-1] not in (3, 4) or image.shape[0] < 1:
-        raise KinemaError(f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    [1, H, W, 3|4] floats -> [1, height, width, 3] in [0, 1] (clamped whether or not it was scaled)"""
+    check_images(image, f"SVD Image Conditioning ({what})", (3, 4))
     src_h, src_w = image.shape[1:3]
     if src_h < 2 or src_w < 2:
         raise KinemaError(f"the init image is {src_w}x{src_h}: too small to start a video from")
@@ -144,10 +144,12 @@ def fit_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     if (src_h, src_w) != (height, width):
         s = max(width / src_w, height / src_h)
         sh, sw = max(height, round(src_h * s)), max(width, round(src_w * s))
-        px = F.interpolate(px, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        px = F.interpolate(px, size=(sh, sw), mode="bilinear", align_corners=False, antialias=True)
         top, left = (sh - height) // 2, (sw - width) // 2
         px = px[:, :, top:top + height, left:left + width]
-    return rearrange(px, "b c h w -> b h w c").contiguous()
+    if not bool(torch.isfinite(px).all()):
+        raise KinemaError(f"{what} holds NaN or infinite values: check the node that made it")
+    return rearrange(px.clamp(0, 1), "b c h w -> b h w c").contiguous()
 
 
 def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageConditioningOptions,
@@ -160,7 +162,7 @@ def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageCondi
     """
     opts.validate()
     frame = fit_image(image, opts.width, opts.height)
-    content = frame if content_image is None else fit_image(content_image, opts.width, opts.height)
+    content = frame if content_image is None else fit_image(content_image, opts.width, opts.height, "the content image")
     with torch.inference_mode():
         embeds = image_encoder.encode(content).float()
         gen = torch.Generator().manual_seed(int(opts.seed))

@@ -21,7 +21,13 @@ error the temporary file is removed.
 ``read_video`` reads frames back (imageio's v3 API): animated GIF / WebP / PNG
 (APNG) through Pillow, MP4 / WebM / MOV / MKV through imageio-ffmpeg (or PyAV).
 Without imageio (a bare ComfyUI install) it uses Pillow and PyAV directly.
-Frames are streamed: with a frame cap, decoding stops at the last frame needed.
+Frames are streamed: with a frame cap, decoding stops at the last frame needed
+(an animated image's frame delays are read first, in one pass that keeps no
+frame). Every decoded frame is read once, at the file's mean rate (a
+variable-rate movie is not padded to a constant rate); an animated image's
+frames are repeated to its shortest delay where the delays are whole multiples
+of it (``constant_rate``: Pillow's GIF and WebP writers merge repeated frames,
+so a saved video reads back frame for frame).
 See ``read_video`` for the selection and resize rules.
 """
 from __future__ import annotations
@@ -30,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import subprocess
 import tempfile
@@ -133,8 +140,25 @@ def _each(frames, on_frame):
         on_frame(len(frames), len(frames))
 
 
+#: GIF stores frame delays in 1/100 s, and players show a delay under 2/100 s for 1/10 s: the fastest GIF rate
+GIF_MAX_FPS = 50.0
+
+
+def _check_gif(frames, fps) -> None:
+    h, w = frames.shape[1:3]
+    if max(h, w) > 65535:
+        raise KinemaError(f"GIF frames can be at most 65535 pixels a side, got {w}x{h}: use mp4")
+    if fps > GIF_MAX_FPS:
+        raise KinemaError(f"a GIF plays at most {GIF_MAX_FPS:g} fps (its frame delays are in 1/100 s and players slow "
+                          f"delays under 2/100 s down to 1/10 s), {fps:g} was asked for: use webp or mp4, or lower "
+                          "the fps")
+    if 100.0 / fps > 65535:
+        raise KinemaError(f"a GIF frame shows at most 655.35 s, {fps:g} fps asks for {1.0 / fps:.0f} s: raise the fps")
+
+
 def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
     from PIL import Image
+
 
     pil = [Image.fromarray(fr, "RGB") for fr in _each(frames, on_frame)]
     kwargs = {}
@@ -378,6 +402,8 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
         backend = _mp4_backend()  # fail before creating anything
         if not 0 <= int(crf) <= 51:
             raise KinemaError(f"crf must be in 0..51, got {crf}")
+    if fmt == "gif":
+        _check_gif(frames, fps)
     if fmt == "webp" and not 0 <= int(quality) <= 100:
         raise KinemaError(f"quality must be in 0..100, got {quality}")
 
@@ -518,12 +544,75 @@ def _fps_or_default(fps) -> float:
     return fps if math.isfinite(fps) and fps > 0 else DEFAULT_FPS
 
 
+def _frame_delays(path: str) -> list[float]:
+    """The display time of each frame of an animated GIF / WebP / PNG in ms (0 where the file gives none)."""
+    from PIL import Image, ImageSequence
+
+    delays = []
+    with Image.open(path) as im:
+        for frame in ImageSequence.Iterator(im):
+            frame.load()  # WebP fills in the delay only once a frame is loaded
+            d = frame.info.get("duration")
+            delays.append(float(d) if isinstance(d, (int, float)) and d > 0 else 0.0)
+    return delays
+
+
+#: how far (in units) a delay may be from a whole number of units and still count as one (GIF's 1/100 s steps)
+_UNIT_SLACK = 0.15
+#: at most this many frames out for each frame in when frames are repeated to a constant rate
+_MAX_REPEAT = 4
+
+
+def constant_rate(delays: list[float]) -> tuple[float | None, list[int]]:
+    """``(fps, copies)``: an animation whose frames show for ``delays`` ms as frames at one constant rate, each
+    frame ``copies[i]`` times.
+
+    Encoders merge repeated frames into one longer frame (Pillow's GIF and WebP writers do), and animations hold
+    some frames longer: when every delay is a whole number of the shortest one, each frame is repeated that many
+    times at the shortest delay's rate, so the frames play as they did (a still video saved as WebP reads back as
+    all its frames). Otherwise (uneven delays, or more than ``_MAX_REPEAT`` frames out a frame in) each frame is
+    kept once, at the mean rate, so the video lasts as long. A missing delay counts as the shortest one; no delay
+    at all: ``(None, [1, ...])``.
+    """
+    known = [d for d in delays if d > 0]
+    if not known:
+        return None, [1] * len(delays)
+    unit = min(known)
+    delays = [d if d > 0 else unit for d in delays]
+    copies = [max(1, round(d / unit)) for d in delays]
+    if all(abs(d / unit - c) <= _UNIT_SLACK for d, c in zip(delays, copies)) and \
+            sum(copies) <= _MAX_REPEAT * len(delays):
+        return 1000.0 * sum(copies) / sum(delays), copies
+    return 1000.0 * len(delays) / sum(delays), [1] * len(delays)
+
+
+def _repeated(frames, copies: list[int]):
+    for frame, n in zip(frames, copies):
+        for _ in range(n):
+            yield frame
+
+
+def _passthrough_option() -> list[str]:
+    """ffmpeg output options that hand on every decoded frame once, at its own time (never duplicated to a
+    constant rate: a variable-frame-rate phone video otherwise reads with repeated frames): ``-fps_mode`` since
+    ffmpeg 5.1, ``-vsync`` before (removed in ffmpeg 8)."""
+    import imageio_ffmpeg
+
+    try:
+        version = imageio_ffmpeg.get_ffmpeg_version()
+    except Exception:
+        version = ""
+    m = re.match(r"n?(\d+)\.(\d+)", version or "")
+    old = m is not None and (int(m.group(1)), int(m.group(2))) < (5, 1)
+    return ["-vsync", "passthrough"] if old else ["-fps_mode", "passthrough"]
+
+
 def _open_frames(path: str, ext: str):
     """``(fps, frames, close)``: the file's frame rate, an iterator of uint8 ``[h, w, 3]`` frames and its closer.
 
-    imageio's v3 API when installed (Pillow plugin for animated images, ffmpeg or
-    PyAV for movies); without imageio, Pillow and PyAV directly (what a bare
-    ComfyUI has).
+    Every decoded frame once, at the file's mean frame rate (variable-rate movies are not padded to a constant
+    rate); animated images at the rate of ``constant_rate``. imageio's v3 API when installed (Pillow plugin for
+    animated images, ffmpeg for movies); PyAV, then Pillow, directly otherwise (what a bare ComfyUI has).
     """
     try:
         import imageio.v3 as iio
@@ -532,23 +621,18 @@ def _open_frames(path: str, ext: str):
     if ext in IMAGE_SEQUENCE_EXTENSIONS:
         from PIL import Image
 
-        with Image.open(path) as im:
-            im.seek(0)
-            im.load()  # WebP fills in the delay only once a frame is loaded
-            duration = im.info.get("duration")
-        fps = 1000.0 / float(duration) if isinstance(duration, (int, float)) and duration > 0 else None
+        fps, copies = constant_rate(_frame_delays(path))
         if iio is not None:
             frames = iio.imiter(path, plugin="pillow", mode="RGB")
-            return _fps_or_default(fps), frames, frames.close
+            return _fps_or_default(fps), _repeated(frames, copies), frames.close
         from PIL import ImageSequence
 
         image = Image.open(path)
         frames = (np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(image))
-        return _fps_or_default(fps), frames, image.close
-    if iio is not None and (_have("imageio_ffmpeg") or _have("av")):
-        plugin = "FFMPEG" if _have("imageio_ffmpeg") else "pyav"
-        fps = iio.immeta(path, plugin=plugin).get("fps")
-        frames = iio.imiter(path, plugin=plugin)
+        return _fps_or_default(fps), _repeated(frames, copies), image.close
+    if iio is not None and _have("imageio_ffmpeg"):
+        fps = iio.immeta(path, plugin="FFMPEG").get("fps")  # ffmpeg's mean rate: frames / duration
+        frames = iio.imiter(path, plugin="FFMPEG", output_params=_passthrough_option())
         return _fps_or_default(fps), frames, frames.close
     if _have("av"):
         import av

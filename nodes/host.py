@@ -442,15 +442,18 @@ def save_path(filename_prefix: str, ext: str, width: int = 0, height: int = 0) -
     if not re.fullmatch(r"[A-Za-z0-9]+", ext):
         raise KinemaError(f"'{ext}' is not a file extension")
     output_dir = get_output_directory()
-    if _folder_paths is not None:
-        _split_prefix(_expand_prefix_vars(filename_prefix, width, height), output_dir)  # KinemaError first
-        folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(
-            filename_prefix, output_dir, width, height)
-    else:
-        subfolder, name = _split_prefix(_expand_prefix_vars(filename_prefix, width, height), output_dir)
-        folder = os.path.join(output_dir, subfolder)
-        counter = _next_counter(folder, name)
-    os.makedirs(folder, exist_ok=True)
+    subfolder, name = _split_prefix(_expand_prefix_vars(filename_prefix, width, height), output_dir)
+    folder = os.path.join(output_dir, subfolder)
+    try:
+        if _folder_paths is not None:
+            folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(
+                filename_prefix, output_dir, width, height)
+        else:
+            counter = _next_counter(folder, name)
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a file where a folder of the prefix should be, a folder that is not writable
+        raise KinemaError(f"cannot save into the output folder '{folder}' ({e.strerror or e}): a file of that name "
+                          "is in the way or the folder is not writable; choose another filename_prefix") from e
     while True:
         filename = f"{name}_{counter:05}_.{ext}"
         full = os.path.join(folder, filename)

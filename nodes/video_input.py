@@ -125,7 +125,9 @@ class KinemaLoadVideo:
     DESCRIPTION = (
         "Loads a video (mp4, webm, mov, mkv, gif, webp, animated png) from the ComfyUI input folder as "
         "frames, for video-to-video. Frames are resized and centre-cropped to multiples of 8 (the VAE's "
-        "grid). The pack's demo clip is always listed."
+        "grid). Every frame is read once at the file's mean rate (a variable-rate phone video too); an "
+        "animated image's held frames are repeated to its shortest frame time. The pack's demo clip is always "
+        "listed."
     )
     CATEGORY = "Kinema/video"
     RETURN_TYPES = ("IMAGE", "INT", "FLOAT")

@@ -16,7 +16,8 @@ class KinemaSaveVideo:
     DESCRIPTION = (
         "Saves the frames as one video file in the ComfyUI output folder and previews it. "
         "webp and gif are animated images (the workflow is embedded, so dropping the file on "
-        "ComfyUI loads it back); mp4 is H.264 for players and editors."
+        "ComfyUI loads it back; repeated frames are stored once, shown longer); mp4 is H.264 for players and "
+        "editors."
     )
     CATEGORY = "Kinema/video"
     RETURN_TYPES = ()
@@ -30,7 +31,7 @@ class KinemaSaveVideo:
                 "images": ("IMAGE", {"tooltip": "The frames of the video, in order (an IMAGE batch)."}),
                 "fps": ("FLOAT", {"default": 8.0, "min": 0.01, "max": 240.0, "step": 0.01,
                                   "tooltip": "Frames per second of the saved video. AnimateDiff models "
-                                             "are trained around 8; SVD around 6-8."}),
+                                             "are trained around 8; SVD around 6-8. A gif plays at most 50."}),
                 "format": (list(video_io.FORMATS), {"default": "webp",
                                                     "tooltip": "webp: animated image, good colours, previewed "
                                                                "in ComfyUI. gif: widest support, 256 colours. "

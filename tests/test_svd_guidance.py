@@ -180,6 +180,15 @@ def test_fit_image_covers_and_centre_crops():
     assert fit_image(torch.rand(2, 64, 64, 4), 64, 64).shape == (1, 64, 64, 3)
     with pytest.raises(KinemaError, match="IMAGE"):
         fit_image(torch.zeros(64, 64, 3), 64, 64)
+    # clamped to [0, 1] at its own size too (as when scaled); 8-bit and non-finite images refused
+    assert float(fit_image(torch.full((1, 64, 64, 3), 5.0), 64, 64).max()) == 1.0
+    assert float(fit_image(torch.full((1, 64, 64, 3), -1.0), 32, 32).min()) == 0.0
+    with pytest.raises(KinemaError, match="takes IMAGE floats in \\[0, 1\\], got torch.uint8"):
+        fit_image(torch.full((1, 64, 64, 3), 200, dtype=torch.uint8), 64, 64)
+    nan = torch.rand(1, 64, 64, 3)
+    nan[0, 3, 3, 1] = float("nan")
+    with pytest.raises(KinemaError, match="the content image holds NaN"):
+        fit_image(nan, 64, 64, "the content image")
 
 
 def test_variant_from_file_name():

@@ -106,6 +106,47 @@ def test_read_video_without_imageio_uses_pillow_and_pyav(tmp_path, fmt, monkeypa
         video_io.read_video(str(broken))
 
 
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_held_frames_read_back_as_every_frame_at_the_rate(tmp_path, fmt):
+    """Pillow merges repeated frames into one longer frame when it writes a GIF or WebP: reading repeats them
+    to the file's shortest delay, so a video reads back frame for frame at its rate (a video of one still frame
+    is one frame in the file: it reads back as that one frame)."""
+    clip = _grey_clip()[[0, 0, 1, 2, 2, 2, 3, 4]]
+    images, fps = video_io.read_video(_write(tmp_path, fmt, clip, fps=8.0))
+    assert _levels(images) == pytest.approx([10, 10, 30, 50, 50, 50, 70, 90], abs=1)
+    assert fps == pytest.approx(8.0, rel=0.05)
+    still, _ = video_io.read_video(_write(tmp_path, fmt, _grey_clip()[[3] * 8], fps=8.0, name="still"))
+    assert still.shape[0] == 1
+
+
+def test_constant_rate_of_frame_delays():
+    assert video_io.constant_rate([125, 250, 125, 375]) == (8.0, [1, 2, 1, 3])
+    assert video_io.constant_rate([120, 250]) == (pytest.approx(1000 * 3 / 370), [1, 2])  # GIF's 1/100 s steps
+    assert video_io.constant_rate([100, 0, 100]) == (10.0, [1, 1, 1])  # a missing delay: the shortest
+    # uneven delays, or too many repeats: each frame once, lasting as long as the file
+    assert video_io.constant_rate([30, 40, 30]) == (pytest.approx(30.0), [1, 1, 1])
+    assert video_io.constant_rate([20, 200, 20, 200]) == (pytest.approx(4000 / 440), [1, 1, 1, 1])
+    assert video_io.constant_rate([0, 0]) == (None, [1, 1])
+
+
+def test_variable_frame_rate_mp4_reads_each_frame_once_at_its_mean_rate(tmp_path):
+    """A phone's variable-rate video: every decoded frame once (not padded with repeats to a constant rate),
+    at ffmpeg's mean rate, so the frames last as long as the video."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    path = str(tmp_path / "vfr.mp4")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", "testsrc=size=64x48:rate=10", "-frames:v", "20",
+                    "-vf", "setpts='if(lt(N,10),N,10+(N-10)*4)/10/TB'", video_io._passthrough_option()[0], "vfr",
+                    "-c:v", "libx264", "-pix_fmt", "yuv420p", path], check=True)
+    images, fps = video_io.read_video(path)
+    assert images.shape[0] == 20
+    assert all(float((images[i] - images[i - 1]).abs().max()) > 0 for i in range(1, 20))  # no repeats
+    assert images.shape[0] / fps == pytest.approx(4.0, rel=0.05)  # 10 frames at 10 fps, 10 at 2.5 fps
+
+
 def test_an_interrupt_while_reading_is_not_reported_as_a_bad_file(tmp_path):
     path = _write(tmp_path, "gif")
 

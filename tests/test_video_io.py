@@ -185,6 +185,9 @@ def test_write_replaces_existing_target_atomically(tmp_path):
     ({"loop": -1}, "loop"),
     ({"metadata": {"x": object()}}, "JSON"),
     ({"images_uint8": np.zeros((2, 8, 8, 2), np.uint8)}, "channels"),
+    ({"fps": 60}, "a GIF plays at most 50 fps.*use webp or mp4"),
+    ({"fps": 0.001}, "a GIF frame shows at most 655.35 s"),
+    ({"images_uint8": np.zeros((1, 1, 65536, 3), np.uint8)}, "GIF frames can be at most 65535 pixels"),
 ])
 def test_bad_arguments_raise_kinema_error(tmp_path, kwargs, match):
     args = {"path": str(tmp_path / "x.gif"), "images_uint8": np.zeros((2, 8, 8, 3), np.uint8), "fps": 8,
@@ -391,6 +394,11 @@ def test_node_refuses_bad_input(output_dir):
     with pytest.raises(KinemaError):
         node.save(_frames(2), 8.0, "gif", 0, "../outside")
     assert not output_dir.exists() or list(output_dir.rglob("*.*")) == []
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "taken").write_text("a file where the prefix wants a folder")
+    with pytest.raises(KinemaError, match="cannot save into the output folder.*taken.*choose another filename_prefix"):
+        node.save(_frames(2), 8.0, "gif", 0, "taken/v")
+    assert sorted(p.name for p in output_dir.iterdir()) == ["taken"]
 
 
 def test_read_image_scales_16_bit_and_float_grayscale_by_their_depth(tmp_path):
