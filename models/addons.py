@@ -52,12 +52,18 @@ def spread_indices(count: int, frames: int) -> list[int]:
     return [i * count // frames for i in range(frames)]
 
 
+#: how far (relative) a hint's aspect ratio may be from the video's and still be resized to it
+ASPECT_SLACK = 0.02
+
+
 def fit_hints(hints: torch.Tensor, height: int, width: int, what: str = "ControlNet") -> torch.Tensor:
-    """Hint images ``[n, 3, H, W]`` in [0, 1] at the video's pixel size (resized when the aspect ratio matches)."""
+    """Hint images ``[n, 3, H, W]`` in [0, 1] at the video's pixel size: resized when the aspect ratios agree
+    within ``ASPECT_SLACK`` (frames cropped to multiples of 8, as Load Video gives them, differ a little: 854x480
+    becomes 848x480, 0.7% off 16:9; stretching by that much is invisible), refused otherwise."""
     h, w = hints.shape[-2:]
     if (h, w) == (height, width):
         return hints
-    if abs(h * width - w * height) > max(h, w, height, width):
+    if abs(h * width - w * height) > ASPECT_SLACK * w * height:
         raise KinemaError(
             f"{what}: the hint images are {w}x{h} but the video is {width}x{height}, another aspect ratio: "
             f"resize or crop the hints to {width}x{height} (for example with an image resize node) first")

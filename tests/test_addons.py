@@ -52,6 +52,10 @@ def test_hints_are_resized_only_when_the_aspect_ratio_matches():
     assert addons.fit_hints(hints, 64, 96).shape == (2, 3, 64, 96)
     with pytest.raises(KinemaError, match="aspect ratio"):
         addons.fit_hints(hints, 64, 64)
+    # frames cropped to multiples of 8 (854x480 -> 848x480) for a 512x288 video: 0.7% off, resized
+    assert addons.fit_hints(torch.rand(1, 3, 480, 848), 288, 512).shape == (1, 3, 288, 512)
+    with pytest.raises(KinemaError, match="aspect ratio"):  # 4:3 against 16:9
+        addons.fit_hints(torch.rand(1, 3, 480, 640), 288, 512)
 
 
 @pytest.mark.parametrize("images,match", [
