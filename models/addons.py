@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .errors import KinemaError
+from .errors import KinemaError, finite_number
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,8 @@ def control_hint(controlnet, images: torch.Tensor, strength: float = 1.0, start:
     what = f"ControlNet '{name}'" if name else "ControlNet"
     steps = StepRange(float(start), float(end))
     steps.validate(what)
-    return ControlHint(controlnet, _image_batch(images, what).cpu(), float(strength), steps, name=name)
+    return ControlHint(controlnet, _image_batch(images, what).cpu(), finite_number(strength, f"{what}: strength"),
+                       steps, name=name)
 
 
 @torch.no_grad()
@@ -146,7 +147,8 @@ def image_content(adapter, image_encoder, images: torch.Tensor, weight: float = 
     adapter.check_image_encoder(image_encoder.embed_dim)
     embeds = clip_image_embeds(image_encoder, images[..., :3])
     tokens, uncond = content_tokens(adapter, embeds.to(adapter.device, adapter.dtype), combine)
-    return ImageContent(adapter, tokens.float().cpu(), uncond.float().cpu(), float(weight), steps, name=name)
+    return ImageContent(adapter, tokens.float().cpu(), uncond.float().cpu(), finite_number(weight, f"{what}: weight"),
+                        steps, name=name)
 
 
 def control_residuals(controls, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, frame_idxs,

@@ -4,6 +4,9 @@ Every error a user can cause (a wrong file, a bad size, a name outside a models
 folder) is raised as ``KinemaError`` with a message that names the thing and
 the fix. Nodes let it propagate: ComfyUI shows the message in the UI.
 """
+import math
+import numbers
+
 import torch
 
 
@@ -26,3 +29,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def finite_number(value, what: str) -> float:
+    """``value`` as a float, or KinemaError naming ``what`` unless it is a finite real number (an API prompt can
+    send NaN or infinity, which ComfyUI's min/max checks let through)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise KinemaError(f"{what} must be a finite number, got {value!r}")
+    return float(value)

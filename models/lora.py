@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from . import checkpoint
-from .errors import KinemaError
+from .errors import KinemaError, finite_number
 from .memory import shallow_copy
 from .motion import published_layout
 
@@ -134,7 +134,7 @@ def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Modul
     params = dict(module.named_parameters())
     sums: dict[str, torch.Tensor] = {}
     for patch, strength in patches:
-        strength = float(strength)
+        strength = finite_number(strength, "a LoRA strength")
         if strength == 0.0:
             continue
         for name, pair in patch.items():

@@ -6,8 +6,6 @@ the way in and removed on the way out, as ComfyUI's KSampler does.
 """
 from __future__ import annotations
 
-import math
-import numbers
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .context import ContextOptions, context_windows, freenoise
-from .errors import KinemaError
+from .errors import KinemaError, finite_number
 from .guidance import CFGDenoiser, EpsVideoDenoiser, VEDMVideoDenoiser, WindowedDenoiser, per_frame_cfg
 from .memory import check_fits, video_activation_bytes
 from .placement import video_model_on_device
@@ -130,8 +128,7 @@ def _check_latent(latent: torch.Tensor, opts: SampleOptions, model) -> int:
     if not torch.isfinite(latent).all():
         raise KinemaError("the latent holds NaN or infinite values: the node that made it (a VAE encode, a latent "
                           "edit) produced them; check its inputs, or start from Empty Video Latent (Kinema)")
-    if isinstance(opts.cfg, bool) or not isinstance(opts.cfg, numbers.Real) or not math.isfinite(opts.cfg):
-        raise KinemaError(f"cfg must be a finite number, got {opts.cfg!r}")
+    finite_number(opts.cfg, "cfg")
     if isinstance(opts.attn_chunk, bool) or not isinstance(opts.attn_chunk, int) or opts.attn_chunk < 0:
         raise KinemaError(f"attention_chunk must be 0 (off) or a number of queries, got {opts.attn_chunk!r}")
     if opts.context is not None:

@@ -68,6 +68,11 @@ def test_bad_hint_images_are_refused(images, match):
         addons.control_hint(torch.nn.Identity(), images)
 
 
+def test_non_finite_strength_is_refused():
+    with pytest.raises(KinemaError, match="ControlNet 'd': strength must be a finite number, got nan"):
+        addons.control_hint(torch.nn.Identity(), torch.rand(1, 16, 16, 3), strength=float("nan"), name="d")
+
+
 def test_a_hint_is_not_used_before_it_is_fitted():
     hint = addons.control_hint(torch.nn.Identity(), torch.rand(2, 16, 16, 3))
     with pytest.raises(KinemaError, match="fitted"):

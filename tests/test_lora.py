@@ -389,6 +389,9 @@ def test_lora_stacking_and_zero_strength():
     db = _deltas(lora.apply_sd15_loras(base, None, [(b, -1.0, 0.0, "b")])[0], base)
     for k, d in _deltas(both, base).items():
         torch.testing.assert_close(d, da[k] + db[k], rtol=0, atol=1e-6)
+    for bad in (float("nan"), float("inf")):  # an API prompt's; the base model stays as it was
+        with pytest.raises(KinemaError, match="a LoRA strength must be a finite number"):
+            lora.apply_sd15_loras(base, None, [(a, bad, 0.0, "a")])
 
 
 # -- SD1.5 LoRA: what is refused ----------------------------------------------------------------------------------
