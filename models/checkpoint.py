@@ -290,6 +290,12 @@ def expect_format(sd: dict, wanted: str | tuple[str, ...], path: str, what: str)
         hint = " SDXL motion modules are not supported yet: use an SD1.5 motion module (v1, v2 or v3)."
     elif found == "sdxl_lora":
         hint = " Kinema runs SD1.5 models: use a LoRA made for SD1.5."
+    elif found == "unknown":
+        diffusers_unet = "conv_in.weight" in sd and any(k.startswith("down_blocks.") for k in sd)
+        hint = (" It looks like one part of a diffusers folder (a UNet's diffusion_pytorch_model.safetensors): use "
+                "the single-file checkpoint of the model (one .safetensors holding the UNet, VAE and text encoder)."
+                if diffusers_unet else " Check that the download is the model file itself (.safetensors or .ckpt) "
+                "and that it is made for SD1.5 / Stable Video Diffusion.")
     elif found == "sparsectrl":
         hint = (" Kinema does not run SparseCtrl yet: for hints on every frame use an SD1.5 ControlNet "
                 "(models/controlnet) with Apply ControlNet (Kinema).")

@@ -69,9 +69,11 @@ def per_frame(context: torch.Tensor, frames: int, what: str) -> torch.Tensor:
 
 
 def windows_per_step(frames: int, context: ContextOptions, steps: int) -> int:
-    """How many windows a sampling step runs (the first step's count; the uniform schedules vary little)."""
+    """The most windows a sampling step runs (the uniform schedules run one more at some steps): a progress bar of
+    ``steps`` times this never moves backwards."""
     context.validate(frames)
-    return max(1, len(context_windows(frames, context, 0, max(1, steps))))
+    steps = max(1, steps)
+    return max(1, *(len(context_windows(frames, context, i, steps)) for i in range(steps)))
 
 
 def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, opts: SampleOptions,

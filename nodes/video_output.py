@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from ..models import video_io
 from ..models.errors import KinemaError
 from . import host
@@ -48,9 +50,10 @@ class KinemaSaveVideo:
         }
 
     def save(self, images, fps, format, loop_count, filename_prefix, prompt=None, extra_pnginfo=None):
-        if getattr(images, "ndim", None) != 4 or images.shape[0] == 0:
-            shape = tuple(getattr(images, "shape", ()))
-            raise KinemaError(f"Save Video needs a batch of frames [frames, height, width, 3], got shape {shape}")
+        video_io.check_images(images, "Save Video (Kinema)", (1, 3, 4))
+        if not bool(torch.isfinite(images).all()):
+            logger.warning("Save Video (Kinema): the frames hold NaN or infinite values, saved as black or clamped: "
+                           "the node that made them (a decode in fp16?) produced them")
         if format not in video_io.FORMATS:
             raise KinemaError(f"Unknown format '{format}': choose one of {', '.join(video_io.FORMATS)}")
         frames = video_io.to_uint8(images)

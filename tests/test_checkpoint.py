@@ -373,3 +373,15 @@ def test_motion_module_without_the_third_module_of_every_up_block_is_refused(tmp
     save_file(sd, str(path))
     with pytest.raises(KinemaError, match="2 motion modules an up block.*has 3 and 2.*download it again"):
         checkpoint.load_motion_module(str(path))
+
+
+def test_an_unrecognised_file_gets_a_next_step(tmp_path):
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({"conv_in.weight": torch.zeros(8, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": torch.zeros(8, 8, 3, 3)},
+              str(path))
+    with pytest.raises(KinemaError, match="is an unrecognised model, not an SD1.5 checkpoint. It looks like one part "
+                                          "of a diffusers folder.*single-file checkpoint"):
+        checkpoint.load_sd15(str(path))
+    save_file({"some.weight": torch.zeros(2)}, str(path))
+    with pytest.raises(KinemaError, match="unrecognised model.*Check that the download is the model file itself"):
+        checkpoint.load_sd15(str(path))

@@ -165,3 +165,21 @@ def test_context_options_node_and_sampler_progress(host_dirs):
     windows = len(context_windows(20, opts))
     assert latent["samples"].shape == (20, 4, HW, HW)
     assert updates[-1] == (2 * windows, 2 * windows) and len(updates) >= 2 * windows  # moves per window
+
+
+def test_the_progress_bar_of_windowed_sampling_never_moves_back(host_dirs, monkeypatch):
+    """The uniform schedules run one window more at some steps than at the first: the bar counts the most."""
+    from kinema.models.pipelines import windows_per_step
+
+    opts = ContextOptions(context_length=8, overlap=2)
+    counts = [len(context_windows(20, opts, i, 2)) for i in range(2)]
+    assert counts[1] > counts[0] and windows_per_step(20, opts, 2) == counts[1]
+    values = []
+    monkeypatch.setattr(host_dirs.ProgressBar, "update_absolute",
+                        lambda self, value, total=None, preview=None: values.append((value, total)))
+    pos, neg = _conds(20)
+    load_pack().NODE_CLASS_MAPPINGS["KinemaVideoSampler"]().sample(
+        motion_model("v2"), [[pos, {}]], [[neg, {}]], {"samples": torch.zeros(20, 4, HW, HW)}, 1, 2, 5.0, "euler",
+        "normal", 1.0, context_options=opts)
+    done = [v for v, _ in values]
+    assert done == sorted(done) and values[-1] == (2 * counts[1], 2 * counts[1])

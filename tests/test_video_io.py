@@ -393,6 +393,8 @@ def test_node_refuses_bad_input(output_dir):
         node.save(torch.zeros(8, 8, 3), 8.0, "gif", 0, "v")
     with pytest.raises(KinemaError):
         node.save(_frames(2), 8.0, "gif", 0, "../outside")
+    with pytest.raises(KinemaError, match="takes IMAGE floats in \\[0, 1\\], got torch.int64"):
+        node.save(torch.full((2, 8, 8, 3), 200), 8.0, "gif", 0, "v")
     assert not output_dir.exists() or list(output_dir.rglob("*.*")) == []
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "taken").write_text("a file where the prefix wants a folder")
