@@ -1,7 +1,8 @@
 """Empty video latent."""
 from __future__ import annotations
 
-from ..models import pipelines
+from ..models import pipelines, video_io
+from ..models.errors import KinemaError
 
 
 class KinemaEmptyVideoLatent:
@@ -32,7 +33,12 @@ class KinemaEmptyVideoLatent:
 
     def make(self, frames, width, height, size_of=None):
         if size_of is not None:
+            video_io.check_images(size_of, "Empty Video Latent (Kinema): size_of", (1, 3, 4))
             frames, height, width = (int(v) for v in size_of.shape[:3])
+            if width % 8 or height % 8:
+                raise KinemaError(f"Empty Video Latent (Kinema): the size_of frames are {width}x{height}, and a "
+                                  "latent needs multiples of 8: resize or crop the frames (Load Video (Kinema) "
+                                  "crops to multiples of 8), or disconnect size_of and set width and height")
         return ({"samples": pipelines.empty_video_latent(frames, width, height)},)
 
 

@@ -72,6 +72,13 @@ def test_empty_latent_bad_sizes(nodes, frames, width, height, match):
         nodes["KinemaEmptyVideoLatent"]().make(frames, width, height)
 
 
+def test_empty_latent_takes_the_size_of_frames(nodes):
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(1, 8, 8, size_of=torch.rand(3, 24, 40, 3))
+    assert latent["samples"].shape == (3, 4, 3, 5)
+    with pytest.raises(KinemaError, match="size_of frames are 60x24.*resize or crop the frames"):
+        nodes["KinemaEmptyVideoLatent"]().make(1, 8, 8, size_of=torch.rand(3, 24, 60, 3))
+
+
 def test_loader_refuses_names_outside_the_models_folder(nodes, host_dirs):
     for name in ("../checkpoints/kinema_demo_sd15.safetensors", "/etc/passwd", "../../secret.safetensors"):
         with pytest.raises(KinemaError):
