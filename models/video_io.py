@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -47,6 +48,8 @@ import numpy as np
 import torch
 
 from .errors import KinemaError
+
+logger = logging.getLogger("kinema")
 
 FORMATS: tuple[str, ...] = ("gif", "webp", "mp4")
 
@@ -607,8 +610,19 @@ def _passthrough_option() -> list[str]:
     return ["-vsync", "passthrough"] if old else ["-fps_mode", "passthrough"]
 
 
+def _announced(seconds, fps) -> float | None:
+    """The frame count a movie's header announces (duration x rate), None when it does not say."""
+    try:
+        count = float(seconds) * float(fps)
+    except (TypeError, ValueError):
+        return None
+    return count if math.isfinite(count) and count > 0 else None
+
+
 def _open_frames(path: str, ext: str):
-    """``(fps, frames, close)``: the file's frame rate, an iterator of uint8 ``[h, w, 3]`` frames and its closer.
+    """``(fps, frames, close, announced)``: the file's frame rate, an iterator of uint8 ``[h, w, 3]`` frames, its
+    closer, and the frame count the file announces (None when it does not say; fewer frames decoded than
+    announced: the file is cut short).
 
     Every decoded frame once, at the file's mean frame rate (variable-rate movies are not padded to a constant
     rate); animated images at the rate of ``constant_rate``. imageio's v3 API when installed (Pillow plugin for
@@ -624,16 +638,17 @@ def _open_frames(path: str, ext: str):
         fps, copies = constant_rate(_frame_delays(path))
         if iio is not None:
             frames = iio.imiter(path, plugin="pillow", mode="RGB")
-            return _fps_or_default(fps), _repeated(frames, copies), frames.close
+            return _fps_or_default(fps), _repeated(frames, copies), frames.close, sum(copies)
         from PIL import ImageSequence
 
         image = Image.open(path)
         frames = (np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(image))
-        return _fps_or_default(fps), _repeated(frames, copies), image.close
+        return _fps_or_default(fps), _repeated(frames, copies), image.close, sum(copies)
     if iio is not None and _have("imageio_ffmpeg"):
-        fps = iio.immeta(path, plugin="FFMPEG").get("fps")  # ffmpeg's mean rate: frames / duration
+        meta = iio.immeta(path, plugin="FFMPEG")
+        fps = meta.get("fps")  # ffmpeg's mean rate: frames / duration
         frames = iio.imiter(path, plugin="FFMPEG", output_params=_passthrough_option())
-        return _fps_or_default(fps), frames, frames.close
+        return _fps_or_default(fps), frames, frames.close, _announced(meta.get("duration"), fps)
     if _have("av"):
         import av
 
@@ -645,7 +660,8 @@ def _open_frames(path: str, ext: str):
             raise KinemaError(f"'{os.path.basename(path)}' has no video stream") from None
         fps = stream.average_rate or stream.guessed_rate
         frames = (frame.to_ndarray(format="rgb24") for frame in container.decode(stream))
-        return _fps_or_default(fps), frames, container.close
+        seconds = None if stream.duration is None or stream.time_base is None else stream.duration * stream.time_base
+        return _fps_or_default(fps), frames, container.close, stream.frames or _announced(seconds, fps)
     raise KinemaError("reading mp4/webm/mov/mkv needs ffmpeg: install the Python packages 'imageio' and "
                       "'imageio-ffmpeg' (pip install imageio imageio-ffmpeg) or 'av', or use a gif/webp/png clip")
 
@@ -729,7 +745,7 @@ def read_video(path: str, frame_load_cap: int = 0, skip_first_frames: int = 0, s
     size = None
     stopped: BaseException | None = None
     try:
-        fps, frames, close = _open_frames(path, ext)
+        fps, frames, close, announced = _open_frames(path, ext)
         try:
             for index, frame in enumerate(frames):
                 seen = index + 1
@@ -757,6 +773,11 @@ def read_video(path: str, frame_load_cap: int = 0, skip_first_frames: int = 0, s
                         break
                 if frame_load_cap and len(kept) >= frame_load_cap:
                     break
+            else:  # decoded to the end: as many frames as the file announces?
+                if announced and seen < 0.9 * announced - 1:
+                    logger.warning("'%s': %d frames decoded where the file announces about %d: it looks cut short "
+                                   "(an unfinished download or export); the frames read are used", name, seen,
+                                   round(announced))
         finally:
             close()
     except KinemaError:

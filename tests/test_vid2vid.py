@@ -147,6 +147,28 @@ def test_variable_frame_rate_mp4_reads_each_frame_once_at_its_mean_rate(tmp_path
     assert images.shape[0] / fps == pytest.approx(4.0, rel=0.05)  # 10 frames at 10 fps, 10 at 2.5 fps
 
 
+def test_a_movie_cut_short_reads_with_a_warning(tmp_path, caplog):
+    """An mp4 with its index first (faststart) and its data cut off decodes the frames before the cut: they are
+    used, with a warning that the file looks cut short. A whole file gives none."""
+    import logging
+    import subprocess
+
+    import imageio_ffmpeg
+
+    path = tmp_path / "whole.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+                    "-i", "testsrc=size=64x48:rate=24", "-frames:v", "60", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+                    "-movflags", "+faststart", str(path)], check=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(path.read_bytes()[: int(path.stat().st_size * 0.6)])
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        whole, _ = video_io.read_video(str(path))
+        assert whole.shape[0] == 60 and "cut short" not in caplog.text
+        part, _ = video_io.read_video(str(cut))
+    assert 0 < part.shape[0] < 60
+    assert f"'cut.mp4': {part.shape[0]} frames decoded where the file announces about 60" in caplog.text
+
+
 def test_an_interrupt_while_reading_is_not_reported_as_a_bad_file(tmp_path):
     path = _write(tmp_path, "gif")
 
