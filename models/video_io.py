@@ -598,12 +598,12 @@ def _repeated(frames, copies: list[int]):
 def _passthrough_option() -> list[str]:
     """ffmpeg output options that hand on every decoded frame once, at its own time (never duplicated to a
     constant rate: a variable-frame-rate phone video otherwise reads with repeated frames): ``-fps_mode`` since
-    ffmpeg 5.1, ``-vsync`` before (removed in ffmpeg 8)."""
+    ffmpeg 5.1, ``-vsync`` before (ffmpeg 9 no longer knows it)."""
     import imageio_ffmpeg
 
     try:
         version = imageio_ffmpeg.get_ffmpeg_version()
-    except Exception:
+    except (RuntimeError, OSError):  # no ffmpeg binary: the read that follows says so
         version = ""
     m = re.match(r"n?(\d+)\.(\d+)", version or "")
     old = m is not None and (int(m.group(1)), int(m.group(2))) < (5, 1)
