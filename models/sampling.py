@@ -166,6 +166,11 @@ SCHEDULERS = {
 }
 
 
+#: the longest schedule ``calculate_sigmas`` builds for a partial denoise (ten sigmas for each of the 1000 levels
+#: of the DDPM table: a longer one only repeats them)
+MAX_SCHEDULE_STEPS = 10_000
+
+
 def calculate_sigmas(s: DiscreteSchedule, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
     """Sigmas for ``steps`` steps; ``denoise`` < 1 keeps the last steps of a longer schedule (as ComfyUI)."""
     if scheduler not in SCHEDULERS:
@@ -178,6 +183,10 @@ def calculate_sigmas(s: DiscreteSchedule, scheduler: str, steps: int, denoise: f
         return torch.zeros(1)
     if denoise < 1.0:
         total = int(steps / denoise)
+        if total > MAX_SCHEDULE_STEPS:
+            raise KinemaError(f"denoise {denoise:g} with {steps} steps takes the last steps of a {total}-step "
+                              f"schedule, past the {MAX_SCHEDULE_STEPS} this computes: raise denoise to at least "
+                              f"{steps / MAX_SCHEDULE_STEPS:g} (or lower the steps)")
         return SCHEDULERS[scheduler](s, total)[-(steps + 1):]
     return SCHEDULERS[scheduler](s, steps)
 

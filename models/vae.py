@@ -471,11 +471,11 @@ def _smaller(setting: CodecSetting, frames: int, size: int, min_tile: int, unit:
              ) -> CodecSetting | None:
     """The next smaller setting after a chunk of ``frames`` frames ran out of memory: half those frames a chunk
     where that leaves the output unchanged, else smaller tiles, multiples of ``unit`` (tiling starts at half the
-    larger side, ``size``)."""
+    larger side, ``size``; a tile that covers that side is no tiling)."""
     frames = min(setting.chunk, frames)
     if frames > 1 and not chunk_changes_output:
         return CodecSetting(frames // 2, setting.tiles)
-    if setting.tiles.tile:
+    if 0 < setting.tiles.tile < size:
         tiles = setting.tiles.smaller(min_tile, unit)
     else:
         tiles = TileOptions.first(size, min_tile, unit)
@@ -607,6 +607,9 @@ def decode_frames(
             f"the latent has {latent.shape[1]} channels but this VAE decodes {vae.cfg.z_channels}: "
             "use the VAE of the model that made the latent"
         )
+    if not bool(torch.isfinite(latent).all()):
+        raise KinemaError("the latent holds NaN or infinite values, which decode to blank frames: the sampling that "
+                          "made it overflowed (an fp16 model: set the loader's precision to bf16 or fp32)")
     tiles.validate("VAE decode tiling")
     if chunk is None:
         chunk = default_decode_chunk(vae, latent.shape[-2] * 8, latent.shape[-1] * 8)

@@ -32,4 +32,7 @@ def latent_samples(latent, node: str) -> torch.Tensor:
                           f"{list(samples.shape)} ({samples.dtype}): {fix}")
     if samples.shape[0] == 0:
         raise KinemaError(f"{node}: the latent holds 0 frames: {fix} with at least 1 frame")
+    if samples.shape[-2] == 0 or samples.shape[-1] == 0:
+        raise KinemaError(f"{node}: the latent is {samples.shape[-1]}x{samples.shape[-2]} latent pixels, an empty "
+                          f"frame: {fix} with a size of at least 8x8 pixels")
     return samples

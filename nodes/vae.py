@@ -9,10 +9,15 @@ from . import host
 from .checks import latent_samples
 
 
+#: the smallest tile the nodes take (as ComfyUI's tiled VAE nodes): below it the tiles' results drift from the
+#: untiled one and seams show
+MIN_TILE_PIXELS = 64
+
+
 def _tile_inputs(what: str) -> dict:
     return {
         "tile_size": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
-                              "tooltip": f"0 = off. Otherwise {what} square tiles of this many pixels that overlap "
+                              "tooltip": f"0 = off. Otherwise {what} square tiles of this many pixels (64 or more) that overlap "
                                          "and cross-fade: much less memory for large frames, close to the untiled "
                                          "result (the VAE's normalisation sees one tile at a time). 512 is a good "
                                          "start on small GPUs. An out-of-memory error starts tiling by itself."}),
@@ -25,11 +30,17 @@ def _tile_inputs(what: str) -> dict:
 def _pixel_tiles(tile_size, tile_overlap, node: str) -> tuple[int, int]:
     """Check the tile inputs in the pixels the user entered (multiples of 8, overlap under half the tile):
     (tile_size, tile_overlap) as ints, or KinemaError naming ``node``."""
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v for v in (tile_size, tile_overlap)):
+        raise KinemaError(f"{node}: tile_size and tile_overlap must be whole numbers of pixels, got {tile_size!r} and "
+                          f"{tile_overlap!r}")
     tile, overlap = int(tile_size), int(tile_overlap)
     if tile < 0 or overlap < 0:
         raise KinemaError(f"{node}: tile_size and tile_overlap must be 0 or more pixels, got {tile} and {overlap}")
     if not tile:
         return 0, overlap
+    if tile < MIN_TILE_PIXELS:
+        raise KinemaError(f"{node}: tile_size must be 0 (off) or at least {MIN_TILE_PIXELS} pixels, got {tile}: "
+                          "smaller tiles see too little of the image and leave visible seams")
     if tile % 8 or overlap % 8:
         raise KinemaError(f"{node}: tile_size and tile_overlap must be multiples of 8 pixels (a latent pixel is 8 "
                           f"image pixels), got {tile} and {overlap}")

@@ -161,6 +161,10 @@ def test_vae_tiling_is_checked_in_the_pixels_entered(nodes, host_dirs):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 100, 16)
     with pytest.raises(KinemaError, match=r"VAE Encode Frames \(Kinema\): tile_overlap \(32 pixels\)"):
         nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.rand(1, 64, 64, 3), 1, 64, 32)
+    with pytest.raises(KinemaError, match=r"tile_size must be 0 \(off\) or at least 64 pixels, got 32"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 32, 8)
+    with pytest.raises(KinemaError, match=r"whole numbers of pixels, got 64.5"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 64.5, 8)
 
 
 def test_latent_and_image_and_text_inputs_are_checked(nodes, host_dirs):
@@ -173,6 +177,10 @@ def test_latent_and_image_and_text_inputs_are_checked(nodes, host_dirs):
         sampler.sample(model, pos, pos, {"samples": [[0.0]]}, 0, 1, 7.5, "euler", "normal", 1.0)
     with pytest.raises(KinemaError, match=r"VAE Decode Frames \(Kinema\): the latent holds 0 frames"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, {"samples": torch.zeros(0, 4, 8, 8)}, 0)
+    with pytest.raises(KinemaError, match=r"VAE Decode Frames \(Kinema\): the latent is 8x0 latent pixels, an empty"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, {"samples": torch.zeros(2, 4, 0, 8)}, 0)
+    with pytest.raises(KinemaError, match=r"the latent holds NaN or infinite values.*precision to bf16 or fp32"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, {"samples": torch.full((1, 4, 8, 8), float("nan"))}, 0)
     with pytest.raises(KinemaError, match=r"VAE Encode Frames \(Kinema\) takes IMAGE floats in \[0, 1\], got "
                                           r"torch.uint8: divide 8-bit frames by 255"):
         nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.full((1, 64, 64, 3), 200, dtype=torch.uint8), 1)

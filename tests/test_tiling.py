@@ -147,6 +147,16 @@ def test_temporal_decode_out_of_memory_retries_with_tiles_not_fewer_frames(tempo
     assert "tiles of 8" in caplog.text
 
 
+def test_out_of_memory_with_a_tile_covering_the_frame_retries_in_real_tiles(temporal_vae, caplog):
+    """A tile at least the frame's size is no tiling: the retry starts tiling (half the side), not at half that tile
+    (which would still cover the frame and fail the same way)."""
+    latent = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    vae = OutOfMemoryAbove(temporal_vae, pixels=100)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        decode_frames(vae, latent, chunk=3, tiles=TileOptions(64, 8))
+    assert vae.calls[0][-2:] == (16, 16) and vae.calls[1][-2:] == (8, 8) and "tiles of 8" in caplog.text
+
+
 def test_a_second_out_of_memory_names_the_settings_to_change():
     vae = OutOfMemoryAbove(sd_vae(), frames=0)
     with pytest.raises(KinemaOutOfMemoryError, match="frame_chunk or set a tile size") as err:
