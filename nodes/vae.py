@@ -8,7 +8,6 @@ from ..models.video_io import check_images
 from . import host
 from .checks import latent_samples
 
-
 #: the smallest tile the nodes take (as ComfyUI's tiled VAE nodes): below it the tiles' results drift from the
 #: untiled one and seams show
 MIN_TILE_PIXELS = 64

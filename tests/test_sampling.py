@@ -79,7 +79,7 @@ def test_denoise_keeps_the_tail_of_a_longer_schedule():
     assert len(sampling.calculate_sigmas(s, "normal", 10, denoise=0.0)) == 1
 
 
-@pytest.mark.parametrize("bad", [dict(scheduler="nope"), dict(steps=0), dict(denoise=1.5), dict(denoise=1e-5)])
+@pytest.mark.parametrize("bad", [{"scheduler": "nope"}, {"steps": 0}, {"denoise": 1.5}, {"denoise": 1e-5}])
 def test_bad_schedule_arguments(bad):
     args = dict(scheduler="normal", steps=5, denoise=1.0) | bad
     with pytest.raises(KinemaError):
