@@ -247,11 +247,14 @@ class CFGDenoiser:
 
         x0 = x0_img(u) + w_t (x0_vid(u) - x0_img(u)) + w (x0_vid(c) - x0_vid(u))
 
-    and without an uncond (cfg 1): ``x0 = x0_img(c) + w_t (x0_vid(c) - x0_img(c))``. ``w_t = 1`` is the
-    plain video model exactly (the image model is not run); 0 makes every frame on its own (the image model
-    alone); above 1 it pushes temporal consistency past the video model's. Model evaluations per step:
-    1 (cfg 1), 2 (cfg), plus 1 image-model evaluation when ``w_t != 1`` (cheaper than a video one: no
-    temporal layers). The uncond is skipped where cfg is 1 for every frame.
+    and without an uncond: ``x0 = x0_img(c) + w_t (x0_vid(c) - x0_img(c))``. ``w_t = 1`` is the plain video
+    model exactly (the image model is not run); 0 takes the unconditional side from the image model, so with
+    cfg 1 (or no uncond) every frame is made on its own, while with cfg above 1 the guidance term
+    ``w (x0_vid(c) - x0_vid(u))`` still comes from the video model; above 1 it pushes temporal consistency past
+    the video model's. Model evaluations per step: 1 (no uncond), 2 (with one), plus 1 image-model evaluation
+    when ``w_t != 1`` (cheaper than a video one: no temporal layers). The uncond is skipped where cfg is 1 for
+    every frame and ``w_t`` is 1 (the first formula is then ``x0_vid(c)``); with ``w_t != 1`` it is kept, so the
+    result moves smoothly with cfg through 1.
     """
 
     def __init__(self, denoiser, cond, uncond, cfg: float | torch.Tensor, temporal_scale: float = 1.0):
@@ -262,6 +265,8 @@ class CFGDenoiser:
     def _skip_uncond(self) -> bool:
         if self.uncond is None:
             return True
+        if self.temporal_scale != 1.0:  # the temporal term takes the uncond side whatever cfg is
+            return False
         if isinstance(self.cfg, torch.Tensor):
             return bool((self.cfg == 1.0).all())
         return self.cfg == 1.0

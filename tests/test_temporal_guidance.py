@@ -49,6 +49,19 @@ def test_without_uncond_temporal_guidance_mixes_the_conditional_predictions():
     assert rec.calls == [((False,), True), ((False,), False)]
 
 
+def test_temporal_guidance_moves_smoothly_with_cfg_through_one():
+    """With a negative, cfg 1 keeps the uncond for the temporal term (the first formula at w = 1), so cfg 1 and
+    cfg just above give about the same prediction; at w_t 1 the uncond is still skipped at cfg 1."""
+    x = torch.zeros(2, 4, 2, 2)
+    at, above = (CFGDenoiser(Recorder(), torch.zeros(2, 1, 1), torch.ones(2, 1, 1), cfg, temporal_scale=2.0)(
+        x, torch.tensor(1.0)) for cfg in (1.0, 1.0 + 1e-6))
+    assert torch.allclose(at, torch.full_like(x, 5.0 + 2.0 * (1.0 - 5.0) + (2.0 - 1.0)))
+    assert torch.allclose(at, above, atol=1e-5)
+    rec = Recorder()
+    CFGDenoiser(rec, torch.zeros(2, 1, 1), torch.ones(2, 1, 1), 1.0, temporal_scale=1.0)(x, torch.tensor(1.0))
+    assert rec.calls == [((False,), True)]
+
+
 def test_w_t_one_never_runs_the_image_model():
     rec = Recorder()
     x = torch.zeros(2, 4, 2, 2)
