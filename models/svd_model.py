@@ -137,7 +137,7 @@ def fit_image(image: torch.Tensor, width: int, height: int, what: str = "the ini
     check_images(image, f"SVD Image Conditioning ({what})", (3, 4))
     src_h, src_w = image.shape[1:3]
     if src_h < 2 or src_w < 2:
-        raise KinemaError(f"the init image is {src_w}x{src_h}: too small to start a video from")
+        raise KinemaError(f"{what} is {src_w}x{src_h}: too small to start a video from")
     if image.shape[0] > 1:
         image = image[:1]
     px = rearrange(image[..., :3].float(), "b h w c -> b c h w")
