@@ -6,7 +6,6 @@ the way in and removed on the way out, as ComfyUI's KSampler does.
 """
 from __future__ import annotations
 
-
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
