@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -369,6 +370,13 @@ def _read_json(path: str, folder: str, fix: str):
                           f"{fix}") from None
 
 
+def _transformers_at_least(major: int, minor: int) -> bool:
+    import transformers
+
+    found = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    return found is None or (int(found.group(1)), int(found.group(2))) >= (major, minor)
+
+
 def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEstimator:
     """Load a transformers depth model folder (``dpt`` or ``depth_anything``) as a ``DepthEstimator``.
 
@@ -407,9 +415,11 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
     from safetensors import SafetensorError
 
     cls = getattr(transformers, class_name)
+    # the precision: "dtype" from transformers 4.56 on, "torch_dtype" before (4.56+ still take it, with a warning)
+    precision = {"dtype" if _transformers_at_least(4, 56) else "torch_dtype": dtype or torch.float32}
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                          dtype=dtype or torch.float32, output_loading_info=True)
+                                          output_loading_info=True, **precision)
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as e:
         # transformers' config validation, shape mismatches, unreadable files
         raise KinemaError(f"Depth model folder '{folder}' could not be loaded as {class_name}: {e}") from None

@@ -14,16 +14,18 @@ Where this differs from ComfyUI on purpose:
   dropped with a warning, as ComfyUI does when the file is missing (``embedding:`` with
   no name is ignored; ComfyUI raises an IndexError there);
 - ``clip_skip`` beyond the number of layers raises ``KinemaError`` (ComfyUI silently
-  uses the last layer);
-- text normalisation is transformers' fast ``CLIPTokenizer`` (NFC, whitespace, lower
-  case): ComfyUI's under transformers 5. ComfyUI under transformers 4 uses the slow
-  tokenizer, which with ftfy installed also fixes text (curly quotes, ligatures) and
-  without it spaces CJK ideographs apart, so such prompts can tokenize differently there.
+  uses the last layer).
+
+Text normalisation is transformers' ``CLIPTokenizer`` loaded as ComfyUI loads its own
+(``from_pretrained`` on the tokenizer folder), so the tokens are ComfyUI's under either
+transformers: 5's fast tokenizer (NFC, whitespace, lower case), or 4's slow one, which
+with ftfy installed also fixes text (curly quotes, ligatures) and without it spaces CJK
+ideographs apart. The model code runs under transformers 4 and 5 (4 nests the text
+transformer under ``text_model``: ``_transformer``).
 """
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 
@@ -42,17 +44,15 @@ VOCAB_SIZE = 49408
 
 @functools.lru_cache(maxsize=1)
 def clip_tokenizer():
-    """The CLIP BPE tokenizer (transformers ``CLIPTokenizer``) built from the shipped files, once."""
+    """The CLIP BPE tokenizer (transformers ``CLIPTokenizer``) loaded from the shipped files, once, the way ComfyUI
+    loads its own (``from_pretrained`` on a folder: transformers 4's slow tokenizer, transformers 5's fast one)."""
     from transformers import CLIPTokenizer
 
-    with open(os.path.join(TOKENIZER_DIR, "vocab.json"), encoding="utf-8") as f:
-        vocab = json.load(f)
-    with open(os.path.join(TOKENIZER_DIR, "merges.txt"), encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[0].startswith("#version"):
-        lines = lines[1:]
-    merges = [tuple(line.split(" ")) for line in lines if line]
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise KinemaError(f"the CLIP tokenizer files in '{TOKENIZER_DIR}' cannot be read ({e}): reinstall the "
+                          "pack") from e
     if tokenizer.bos_token_id != START_TOKEN or tokenizer.eos_token_id != END_TOKEN:
         raise KinemaError(f"the CLIP tokenizer files in '{TOKENIZER_DIR}' are damaged: reinstall the pack")
     return tokenizer
@@ -87,6 +87,12 @@ def infer_text_config(sd: dict):
         eos_token_id=END_TOKEN,
         pad_token_id=END_TOKEN,
     )
+
+
+def _transformer(model):
+    """The CLIP text transformer of a ``CLIPTextModel`` (its embeddings, final layer norm): the model itself under
+    transformers 5, its ``text_model`` under transformers 4."""
+    return getattr(model, "text_model", model)
 
 
 class TextEncoder:
@@ -124,31 +130,32 @@ class TextEncoder:
                               f"{VOCAB_SIZE}: not an SD1.5 text encoder")
         with torch.device("meta"):
             model = CLIPTextModel(config)
-        expected = [k for k in model.state_dict() if not k.endswith("position_ids")]
-        missing = [k for k in expected if k not in weights]
+        # the model's own names: "text_model.*" under transformers 4, the bare names under transformers 5
+        expected = {k: k.removeprefix("text_model.") for k in model.state_dict() if not k.endswith("position_ids")}
+        missing = [bare for bare in expected.values() if bare not in weights]
         if missing:
             raise KinemaError(
                 f"the CLIP text encoder is missing {len(missing)} weights (first: '{prefix}text_model.{missing[0]}'): "
                 "the checkpoint is incomplete or not SD1.5")
         loaded = {}
-        for k in expected:
-            t = weights[k]
+        for k, bare in expected.items():
+            t = weights[bare]
             loaded[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
         try:
             model.load_state_dict(loaded, strict=True, assign=True)
         except RuntimeError as e:
             raise KinemaError(f"the CLIP text encoder weights have inconsistent shapes: {e}") from e
         positions = config.max_position_embeddings
-        model.embeddings.position_ids = torch.arange(positions, device=device).expand(1, -1)
+        _transformer(model).embeddings.position_ids = torch.arange(positions, device=device).expand(1, -1)
         return cls(model)
 
     @property
     def device(self) -> torch.device:
-        return self.model.embeddings.token_embedding.weight.device
+        return _transformer(self.model).embeddings.token_embedding.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embeddings.token_embedding.weight.dtype
+        return _transformer(self.model).embeddings.token_embedding.weight.dtype
 
     def tokenize(self, prompt: str) -> list[list[tuple[int, float]]]:
         """The prompt as chunks of ``chunk_length`` (token id, weight) pairs."""
@@ -175,7 +182,7 @@ class TextEncoder:
             if clip_skip == 1:
                 z = out.last_hidden_state
             else:
-                z = self.model.final_layer_norm(out.hidden_states[-clip_skip])
+                z = _transformer(self.model).final_layer_norm(out.hidden_states[-clip_skip])
             z = z.float().cpu()
             pooled = out.pooler_output[:1].float().cpu()
         if weighted:

@@ -16,7 +16,8 @@ def _check_text(value, name: str, node: str) -> None:
 class KinemaTextEncode:
     DESCRIPTION = (
         "Encodes a prompt with the checkpoint's CLIP. Weights work as in ComfyUI: (word:1.2), ((word)); "
-        "prompts longer than 75 tokens are encoded in chunks of 77."
+        "prompts longer than 75 tokens are encoded in chunks of 77. Textual-inversion embeddings "
+        "(embedding:name) are not loaded yet: the reference is dropped with a warning."
     )
     CATEGORY = "Kinema/conditioning"
     RETURN_TYPES = ("CONDITIONING",)

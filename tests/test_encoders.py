@@ -101,8 +101,15 @@ TOKENIZER_PROMPTS = [
 
 
 def test_token_ids_equal_open_clip():
+    """Under transformers 4 the tokenizer is the slow one (as ComfyUI's there), which spaces CJK ideographs apart
+    when ftfy is missing: that prompt is compared under transformers 5 only (see the encoders module doc)."""
+    import transformers
+
     simple = _open_clip_simple_tokenizer()
+    slow = int(transformers.__version__.split(".")[0]) < 5
     for text in TOKENIZER_PROMPTS:
+        if slow and any("\u4e00" <= ch <= "\u9fff" for ch in text):
+            continue
         assert encoders.tokenize(text) == simple.encode(text), text
 
 
@@ -297,7 +304,7 @@ def reference_model():
 
 
 def _sd15_layout(model, prefix="cond_stage_model.transformer.text_model."):
-    sd = {prefix + k: v.clone() for k, v in model.state_dict().items()}
+    sd = {prefix + k.removeprefix("text_model."): v.clone() for k, v in model.state_dict().items()}  # transformers 4 or 5
     sd[prefix + "embeddings.position_ids"] = torch.arange(77, dtype=torch.float32)[None]  # as some files carry it
     sd["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # other parts of the checkpoint
     return sd
@@ -339,7 +346,7 @@ def test_clip_skip_2_is_the_penultimate_layer_through_final_norm(encoder, refere
     cond, pooled = encoder.encode(text, clip_skip=2)
     with torch.no_grad():
         ref = reference_model(input_ids=_ids(text), output_hidden_states=True)
-        expected = reference_model.final_layer_norm(ref.hidden_states[LAYERS - 1])
+        expected = encoders._transformer(reference_model).final_layer_norm(ref.hidden_states[LAYERS - 1])
     assert torch.equal(cond, expected)
     assert torch.equal(pooled, ref.pooler_output)  # pooled stays the last layer's
     assert not torch.equal(cond, ref.last_hidden_state)
@@ -395,7 +402,8 @@ def test_loading_assigns_without_copy(reference_model):
     sd = _sd15_layout(reference_model)
     enc = encoders.TextEncoder.from_state_dict(sd)
     key = "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
-    assert enc.model.encoder.layers[0].self_attn.q_proj.weight.data_ptr() == sd[key].data_ptr()
+    assert encoders._transformer(enc.model).encoder.layers[0].self_attn.q_proj.weight.data_ptr() == \
+           sd[key].data_ptr()
 
 
 def test_incomplete_state_dict_raises(reference_model):
