@@ -54,7 +54,8 @@ class KinemaMemoryPolicy:
                 "precision": ([KEEP, "fp32", "fp16", "bf16"], {
                     "default": KEEP,
                     "tooltip": "Weight and compute precision of the UNet and motion module (place this node after "
-                               "Apply Motion Module; ControlNets and IP-Adapters keep their loaders' precision, "
+                               "Apply Motion Module and the LoRAs, which then merge at the loaded precision; "
+                               "ControlNets and IP-Adapters keep their loaders' precision, "
                                "each network computing in its own). keep: as loaded (the "
                                "loader's precision: fp16 on a GPU). Another value makes a converted copy, which "
                                "costs its size in system memory: prefer the loader's precision where it has one. "

@@ -112,13 +112,16 @@ def resolve_image(name: str) -> str:
 
 
 def _file_fingerprint(path_of, name) -> str:
-    """Changes when the file does (path, size, modification time), so ComfyUI reloads it."""
+    """Changes when the file does, so ComfyUI reloads it: path, size, modification time, and the inode and its
+    change time (a file copied over another with its old modification time kept still gets a new change time),
+    without reading a video's content."""
     try:
         path = path_of(name)
         st = os.stat(path)
     except (KinemaError, OSError):
         return f"missing:{name}"
-    return hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
+    return hashlib.sha256(stamp.encode()).hexdigest()
 
 
 class KinemaLoadVideo:

@@ -356,6 +356,14 @@ def test_load_video_is_changed_follows_the_file(input_dir):
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
     assert KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0) != first
+    # another file of the same size copied over it with the old modification time kept (cp -p): still seen
+    second = KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0)
+    st = os.stat(path)
+    other = _write(input_dir, "gif", _grey_clip(frames=4)[::-1].copy(), name="other")
+    assert os.path.getsize(other) == st.st_size
+    os.replace(other, path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0) != second
 
 
 # -- VAE Encode Frames -----------------------------------------------------------------------------------------------
