@@ -203,8 +203,8 @@ def video_model_on_device(model) -> Iterator[None]:
             stack.enter_context(_using(core, torch.device(opts.device), torch.device(opts.storage), opts.on_move))
         elif opts.mode == "none":
             target = compute_device(model.unet, opts)
-            for m in (model.unet, motion):
-                if m is not None and next(m.parameters()).device != target and _users.get(id(m), 0) == 0:
+            for m in (model.unet, motion):  # every parameter looked at: a LoRA'd copy shares some with another
+                if m is not None and _users.get(id(m), 0) == 0 and any(p.device != target for p in m.parameters()):
                     _move(m, target, opts.on_move)
         for net in addon_modules(model):
             if opts.mode != "none":
