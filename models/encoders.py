@@ -10,9 +10,8 @@ from the first chunk.
 
 Where this differs from ComfyUI on purpose:
 
-- textual-inversion embeddings (``embedding:name``) are not loaded; the reference is
-  dropped with a warning, as ComfyUI does when the file is missing (``embedding:`` with
-  no name is ignored; ComfyUI raises an IndexError there);
+- ``embedding:`` with no name is ignored (ComfyUI raises an IndexError there); an
+  embedding of the wrong width is an error naming the file (ComfyUI ignores it);
 - ``clip_skip`` beyond the number of layers raises ``KinemaError`` (ComfyUI silently
   uses the last layer).
 
@@ -25,9 +24,11 @@ transformer under ``text_model``: ``_transformer``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
@@ -87,6 +88,35 @@ def infer_text_config(sd: dict):
         eos_token_id=END_TOKEN,
         pad_token_id=END_TOKEN,
     )
+
+
+@contextlib.contextmanager
+def _vectors_past_vocabulary(token_embedding: torch.nn.Embedding, vectors: torch.Tensor | None):
+    """While it lasts, ``token_embedding`` looks ids from ``VOCAB_SIZE`` on up in ``vectors`` (a textual-inversion
+    embedding's, ``VOCAB_SIZE + i`` -> ``vectors[i]``) instead of its table. The end token is still found by its
+    id, so the pooled output stays at the first chunk's end token."""
+    if vectors is None:
+        yield
+        return
+    seen = {}
+
+    def clamp(module, args):
+        seen["ids"] = args[0]
+        return (args[0].clamp(max=VOCAB_SIZE - 1),)
+
+    def replace(module, args, out):
+        ids = seen.pop("ids")
+        extra = ids >= VOCAB_SIZE
+        out = out.clone()
+        out[extra] = vectors.to(device=out.device, dtype=out.dtype)[ids[extra] - VOCAB_SIZE]
+        return out
+
+    handles = [token_embedding.register_forward_pre_hook(clamp), token_embedding.register_forward_hook(replace)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _transformer(model):
@@ -157,27 +187,47 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return _transformer(self.model).embeddings.token_embedding.weight.dtype
 
-    def tokenize(self, prompt: str) -> list[list[tuple[int, float]]]:
-        """The prompt as chunks of ``chunk_length`` (token id, weight) pairs."""
-        return tokenize_weighted(prompt, tokenize, START_TOKEN, END_TOKEN, END_TOKEN, self.chunk_length)
+    @property
+    def width(self) -> int:
+        """The width of a token embedding (768 for SD1.5): what a textual-inversion embedding must match."""
+        return self.model.config.hidden_size
+
+    def tokenize(self, prompt: str, embedding: Callable[[str], list[int] | None] | None = None
+                 ) -> list[list[tuple[int, float]]]:
+        """The prompt as chunks of ``chunk_length`` (token id, weight) pairs (``embedding``: see
+        ``prompt.tokenize_weighted``)."""
+        return tokenize_weighted(prompt, tokenize, START_TOKEN, END_TOKEN, END_TOKEN, self.chunk_length, embedding)
 
     @torch.no_grad()
-    def encode(self, prompt: str, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompt: str, clip_skip: int = 1, embeddings: Callable[[str], torch.Tensor | None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """prompt -> (cond [1, 77*k, d], pooled [1, d]), float32 on the CPU.
 
         ``clip_skip=1``: the last layer through ``final_layer_norm``; ``clip_skip=2``: the
         penultimate layer's hidden state through ``final_layer_norm`` (ComfyUI's
         CLIPSetLastLayer -2). ``pooled`` is always the last layer at the first chunk's end
-        token.
+        token. ``embeddings(name)``: the vectors [n, width] of the textual-inversion embedding
+        ``embedding:name`` (None: not found), each taking one token's place, as in ComfyUI.
         """
         if not 1 <= clip_skip <= self.num_layers:
             raise KinemaError(f"clip_skip must be between 1 and {self.num_layers}, got {clip_skip}")
-        chunks = self.tokenize(prompt)
+        vectors: list[torch.Tensor] = []
+
+        def embedding(name: str) -> list[int] | None:
+            found = embeddings(name) if embeddings is not None else None
+            if found is None:
+                return None
+            first = VOCAB_SIZE + sum(v.shape[0] for v in vectors)  # ids past the vocabulary stand for the vectors
+            vectors.append(found.reshape(-1, self.width))
+            return list(range(first, first + vectors[-1].shape[0]))
+
+        chunks = self.tokenize(prompt, embedding)
         weighted = has_weights(chunks)
         ids = [[t for t, _ in chunk] for chunk in chunks]
         if weighted:  # the empty prompt, the reference weights pull away from
             ids.append([START_TOKEN, END_TOKEN] + [END_TOKEN] * (self.chunk_length - 2))
-        with on_device(self):
+        with on_device(self), _vectors_past_vocabulary(_transformer(self.model).embeddings.token_embedding,
+                                                       torch.cat(vectors) if vectors else None):
             out = self.model(input_ids=torch.tensor(ids, device=self.device), output_hidden_states=clip_skip > 1)
             if clip_skip == 1:
                 z = out.last_hidden_state

@@ -11,9 +11,10 @@ Syntax (ComfyUI's):
   follows it is not a number, the group is a plain 1.1 group and keeps the colon).
 - ``(a, b:0.8)`` weights everything inside, so a span of words takes one weight.
 - ``\\(`` and ``\\)`` are literal parentheses. Unbalanced parentheses stay literal.
-- ``embedding:name`` refers to a textual-inversion embedding. Kinema does not
-  load those: the reference is dropped with a warning, which is what ComfyUI does
-  when the embedding file is missing.
+- ``embedding:name`` refers to a textual-inversion embedding: its vectors take
+  token places, with the weight of the text around them (``tokenize_weighted``'s
+  ``embedding``). A name that resolves to nothing is dropped with a warning, as
+  ComfyUI does when the embedding file is missing.
 
 A weight belongs to every token of its text. The encoder applies it as
 ``z = (z - z_empty) * w + z_empty`` per token (see ``encoders.TextEncoder``).
@@ -135,22 +136,29 @@ def split_words(segment: str) -> list[str]:
     return [w for w in words if w]
 
 
-def drop_embedding_reference(word: str) -> str:
-    """The text left of an ``embedding:name rest`` word once the (unloaded) embedding is dropped.
+def take_embedding(word: str, embedding: Callable[[str], list[int] | None] | None = None) -> tuple[list[int], str]:
+    """``(token ids, rest)`` of an ``embedding:name rest`` word: the ids ``embedding(name)`` gives for the
+    embedding's vectors, and the text after the name, tokenized as usual.
 
-    Like ComfyUI with a missing embedding file: the name is the first whitespace-separated
-    word; commas around it are not part of it, and trailing ones stay in the text.
+    ComfyUI's lookup: the name is the first whitespace-separated word; where no embedding has that name and it
+    carries commas, the name without them is tried, and its trailing commas stay in the text. A name that
+    resolves to nothing (or no ``embedding`` given) is dropped with a warning.
     """
     words = word[len(EMBEDDING_PREFIX):].strip("\n").split()
     if not words:
-        return ""
+        return [], ""
     name, rest = words[0], " ".join(words[1:])
-    stripped = name.strip(",")
-    if len(stripped) < len(name):
-        rest = f"{name[len(stripped):]} {rest}"
-    log.warning("Kinema does not load textual-inversion embeddings: 'embedding:%s' in the prompt is ignored",
-                stripped or name)
-    return rest
+    ids = embedding(name) if embedding is not None else None
+    if ids is None:
+        stripped = name.strip(",")
+        if len(stripped) < len(name):
+            ids = embedding(stripped) if embedding is not None and stripped else None
+            rest = f"{name[len(stripped):]} {rest}"
+            name = stripped or name
+    if ids is None:
+        log.warning("the textual-inversion embedding 'embedding:%s' in the prompt was not found (Kinema looks in "
+                    "ComfyUI's models/embeddings for <name>, <name>.safetensors, .pt, .bin): it is ignored", name)
+    return list(ids or []), rest
 
 
 def chunk_tokens(groups: list[list[Token]], start: int, end: int, pad: int, length: int = 77) -> list[list[Token]]:
@@ -185,16 +193,21 @@ def chunk_tokens(groups: list[list[Token]], start: int, end: int, pad: int, leng
 
 
 def tokenize_weighted(text: str, tokenize: Callable[[str], list[int]], start: int, end: int, pad: int,
-                      length: int = 77) -> list[list[Token]]:
+                      length: int = 77, embedding: Callable[[str], list[int] | None] | None = None
+                      ) -> list[list[Token]]:
     """A prompt as chunks of ``length`` (token id, weight) pairs, ready for the CLIP text model.
 
-    ``tokenize(text)`` returns the token ids of ``text`` without start/end tokens.
+    ``tokenize(text)`` returns the token ids of ``text`` without start/end tokens; ``embedding(name)`` the ids
+    standing for a textual-inversion embedding's vectors (one a vector, chunked like a word's), None when there
+    is no such embedding.
     """
     groups: list[list[Token]] = []
     for segment, weight in parse_weights(text):
         for word in split_words(segment):
             if word.startswith(EMBEDDING_PREFIX):
-                word = drop_embedding_reference(word)
+                ids, word = take_embedding(word, embedding)
+                if ids:
+                    groups.append([(t, weight) for t in ids])
                 if not word:
                     continue
             groups.append([(t, weight) for t in tokenize(word)])

@@ -1,8 +1,11 @@
 """Prompt encoding: one prompt, or a prompt schedule (prompt travel)."""
 from __future__ import annotations
 
-from ..models import prompt_travel
+import functools
+
+from ..models import embeddings, prompt_travel
 from ..models.errors import KinemaError
+from . import host
 
 
 def _check_text(value, name: str, node: str) -> None:
@@ -13,11 +16,23 @@ def _check_text(value, name: str, node: str) -> None:
                           "one is fine) or connect a STRING")
 
 
+def embedding_lookup(clip):
+    """``name -> vectors | None`` for the ``embedding:name`` references of prompts encoded by ``clip``: the files
+    of ComfyUI's embeddings folders, each read once per node run."""
+
+    @functools.cache
+    def lookup(name: str):
+        path = host.find_embedding(name)
+        return None if path is None else embeddings.load_embedding(path, clip.width)
+
+    return lookup
+
+
 class KinemaTextEncode:
     DESCRIPTION = (
         "Encodes a prompt with the checkpoint's CLIP. Weights work as in ComfyUI: (word:1.2), ((word)); "
-        "prompts longer than 75 tokens are encoded in chunks of 77. Textual-inversion embeddings "
-        "(embedding:name) are not loaded yet: the reference is dropped with a warning."
+        "prompts longer than 75 tokens are encoded in chunks of 77; embedding:name puts a textual-inversion "
+        "embedding from ComfyUI's models/embeddings in the prompt."
     )
     CATEGORY = "Kinema/conditioning"
     RETURN_TYPES = ("CONDITIONING",)
@@ -30,7 +45,8 @@ class KinemaTextEncode:
             "required": {
                 "clip": ("KINEMA_CLIP", {"tooltip": "The CLIP text encoder from Load Checkpoint (Kinema)."}),
                 "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
-                                    "tooltip": "The prompt. (word:1.2) raises a word's weight."}),
+                                    "tooltip": "The prompt. (word:1.2) raises a word's weight; embedding:name inserts a "
+                                               "textual-inversion embedding (models/embeddings)."}),
             },
             "optional": {
                 "clip_skip": ("INT", {"default": 1, "min": 1, "max": 12,
@@ -40,7 +56,7 @@ class KinemaTextEncode:
 
     def encode(self, clip, text, clip_skip=1):
         _check_text(text, "text", "Text Encode (Kinema)")
-        cond, pooled = clip.encode(text, clip_skip=clip_skip)
+        cond, pooled = clip.encode(text, clip_skip=clip_skip, embeddings=embedding_lookup(clip))
         return ([[cond, {"pooled_output": pooled}]],)
 
 
@@ -94,8 +110,9 @@ class KinemaPromptSchedule:
             raise KinemaError(f"unknown interpolation '{interpolation}': choose one of "
                               f"{', '.join(prompt_travel.INTERPOLATIONS)}")
         keyframes = prompt_travel.parse_schedule(text)
-        cond, pooled = prompt_travel.encode_schedule(lambda p: clip.encode(p, clip_skip=clip_skip), keyframes,
-                                                     pre_text, app_text)
+        lookup = embedding_lookup(clip)
+        cond, pooled = prompt_travel.encode_schedule(lambda p: clip.encode(p, clip_skip=clip_skip, embeddings=lookup),
+                                                     keyframes, pre_text, app_text)
         options = {"pooled_output": pooled, "kinema_keyframes": [f for f, _ in keyframes],
                    "kinema_interpolation": interpolation}
         return ([[cond, options]],)

@@ -271,6 +271,27 @@ def resolve_model(kind: str, name: str) -> str:
     return _check_real_location(kind, name, full, folders)
 
 
+#: what ComfyUI tries after an embedding's name, in order
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+
+
+def find_embedding(name: str) -> str | None:
+    """The file of the textual-inversion embedding ``name`` (``embedding:name`` in a prompt), looked up as ComfyUI
+    does: in each ``embeddings`` folder, the name as written, then with .safetensors, .pt, .bin. None when there
+    is none, or the name would leave the folders (ComfyUI skips those too)."""
+    try:
+        clean = _clean_name("embeddings", name)
+        folders = model_folders("embeddings")
+    except KinemaError:
+        return None
+    for folder in folders:
+        base = os.path.join(folder, *clean.split("/"))
+        for candidate in (base, *(base + ext for ext in EMBEDDING_EXTENSIONS)):
+            if os.path.isfile(candidate):
+                return _check_real_location("embeddings", name, candidate, folders)
+    return None
+
+
 def list_model_dirs(kind: str, marker: str = "config.json") -> list[str]:
     """Model *folders* of ``kind`` (e.g. transformers depth models): subfolders holding ``marker``.
 

@@ -168,16 +168,26 @@ def test_split_groups():
     assert prompt.split_groups("(a)(b)") == ["(a)", "(b)"]
 
 
-def test_embedding_references_are_dropped_with_a_warning(caplog):
+def test_embedding_references_missing_are_dropped_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING):
         assert prompt.split_words("a cat embedding:foo, dog") == ["a cat", "embedding:foo, dog"]
-        assert prompt.drop_embedding_reference("embedding:foo, dog") == ", dog"
-        assert prompt.drop_embedding_reference("embedding:foo bar baz") == "bar baz"
-        assert prompt.drop_embedding_reference("embedding:foo") == ""
-        assert prompt.drop_embedding_reference("embedding:") == ""
+        assert prompt.take_embedding("embedding:foo, dog") == ([], ", dog")
+        assert prompt.take_embedding("embedding:foo bar baz") == ([], "bar baz")
+        assert prompt.take_embedding("embedding:foo") == ([], "")
+        assert prompt.take_embedding("embedding:") == ([], "")
     assert "embedding:foo" in caplog.text
     tokens = [t for t, _ in encoders.TextEncoder.tokenize(_Bare(), "a cat embedding:foo dog")[0]]
     assert tokens[:5] == [S] + encoders.tokenize("a cat dog") + [E]
+
+
+def test_embedding_references_found_take_token_places_as_comfyui():
+    """ComfyUI's lookup: the first word is the name; a name with trailing commas is tried without them, the commas
+    staying in the text; the vectors are one group, weighted like the text around them."""
+    known = {"foo": [900001, 900002]}
+    assert prompt.take_embedding("embedding:foo, dog", known.get) == ([900001, 900002], ", dog")
+    assert prompt.take_embedding("embedding:foo bar", known.get) == ([900001, 900002], "bar")
+    chunks = prompt.tokenize_weighted("a (embedding:foo cat:1.5)", encoders.tokenize, S, E, E, 77, known.get)
+    assert chunks[0][:6] == [(S, 1.0), (320, 1.0), (900001, 1.5), (900002, 1.5), (2368, 1.5), (E, 1.0)]
 
 
 # ---------------------------------------------------------------- chunking
@@ -339,6 +349,51 @@ def test_unweighted_prompt_equals_transformers(encoder, reference_model):
     assert cond.dtype == torch.float32
     assert torch.equal(cond, ref.last_hidden_state)
     assert torch.equal(pooled, ref.pooler_output)
+
+
+def test_an_embedding_of_a_words_token_vectors_encodes_as_the_word(encoder):
+    """An embedding's vectors take the places of tokens: vectors copied from the token table for "red fox" give
+    exactly the conditioning and pooled output of the words, weighted or not, in any chunk, with clip skip."""
+    table = encoders._transformer(encoder.model).embeddings.token_embedding.weight
+    vectors = table[encoders.tokenize("red fox")].detach().clone()
+    lookup = {"fox": vectors}.get
+    long = "a cat, " * 30
+    for written, plain in [("a photo of embedding:fox in snow", "a photo of red fox in snow"),
+                           ("a photo of (embedding:fox:1.3), snow", "a photo of (red fox:1.3), snow"),
+                           (long + "embedding:fox", long + "red fox")]:
+        for clip_skip in (1, 2):
+            got = encoder.encode(written, clip_skip=clip_skip, embeddings=lookup)
+            want = encoder.encode(plain, clip_skip=clip_skip)
+            assert got[0].shape == want[0].shape
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (written, clip_skip)
+    # the embedding's own vectors (not a word's) change the conditioning; the hooks are gone afterwards
+    other = encoder.encode("a photo of embedding:fox", embeddings={"fox": torch.randn(3, HIDDEN)}.get)
+    assert not torch.equal(other[0], encoder.encode("a photo of red fox")[0])
+    table_module = encoders._transformer(encoder.model).embeddings.token_embedding
+    assert not table_module._forward_hooks and not table_module._forward_pre_hooks
+
+
+def test_embedding_files_of_every_published_layout_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from kinema.models.embeddings import load_embedding
+
+    vectors = torch.randn(2, HIDDEN)
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(vectors)},
+                "name": "fox", "step": 3000, "sd_checkpoint": "abc", "sd_checkpoint_name": "v1-5"},
+               tmp_path / "a1111.pt")
+    save_file({"emb_params": vectors}, str(tmp_path / "a1111.safetensors"))
+    save_file({"clip_l": vectors, "clip_g": torch.randn(2, 1280)}, str(tmp_path / "sdxl.safetensors"))
+    torch.save({"<fox>": vectors[0]}, tmp_path / "learned_embeds.bin")
+    for name in ("a1111.pt", "a1111.safetensors", "sdxl.safetensors"):
+        assert torch.equal(load_embedding(str(tmp_path / name), HIDDEN), vectors), name
+    assert torch.equal(load_embedding(str(tmp_path / "learned_embeds.bin"), HIDDEN), vectors[:1])
+    save_file({"emb_params": torch.randn(2, 1024)}, str(tmp_path / "sd2.safetensors"))
+    with pytest.raises(KinemaError, match="'sd2.safetensors' holds vectors 1024 wide.*takes 128.*SD1.5 embedding"):
+        load_embedding(str(tmp_path / "sd2.safetensors"), HIDDEN)
+    save_file({"a": vectors, "b": vectors.clone()}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(KinemaError, match="'two.safetensors' holds 2 tensors .* not a textual-inversion embedding"):
+        load_embedding(str(tmp_path / "two.safetensors"), HIDDEN)
 
 
 def test_clip_skip_2_is_the_penultimate_layer_through_final_norm(encoder, reference_model):

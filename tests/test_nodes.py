@@ -72,6 +72,32 @@ def test_empty_latent_bad_sizes(nodes, frames, width, height, match):
         nodes["KinemaEmptyVideoLatent"]().make(frames, width, height)
 
 
+def test_text_encode_reads_embeddings_from_the_embeddings_folder(nodes, host_dirs, tmp_path, monkeypatch, caplog):
+    """embedding:name finds models/embeddings/name(.safetensors|.pt|.bin): the vectors of "red fox" from the
+    token table encode as the words, in Text Encode and in Prompt Schedule; an unknown name is dropped with a
+    warning; a name leaving the folder is not looked up outside it."""
+    from kinema.models import encoders
+    from safetensors.torch import save_file
+
+    _, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    table = encoders._transformer(clip.model).embeddings.token_embedding.weight
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    save_file({"emb_params": table[encoders.tokenize("red fox")].detach().clone()}, str(folder / "fox.safetensors"))
+    (tmp_path / "outside.safetensors").write_bytes((folder / "fox.safetensors").read_bytes())
+    monkeypatch.setattr(host_dirs, "_extra_model_folders", {"embeddings": [str(folder)]})
+    (got,) = nodes["KinemaTextEncode"]().encode(clip, "a photo of embedding:fox, snow")
+    (want,) = nodes["KinemaTextEncode"]().encode(clip, "a photo of red fox, snow")
+    assert torch.equal(got[0][0], want[0][0]) and torch.equal(got[0][1]["pooled_output"], want[0][1]["pooled_output"])
+    (travel,) = nodes["KinemaPromptSchedule"]().encode(clip, "0: embedding:fox\n8: a dog")
+    (plain,) = nodes["KinemaPromptSchedule"]().encode(clip, "0: red fox\n8: a dog")
+    assert torch.equal(travel[0][0], plain[0][0])
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        (missing,) = nodes["KinemaTextEncode"]().encode(clip, "a photo of embedding:../outside snow")
+    assert "'embedding:../outside' in the prompt was not found" in caplog.text
+    assert torch.equal(missing[0][0], nodes["KinemaTextEncode"]().encode(clip, "a photo of snow")[0][0][0])
+
+
 def test_empty_latent_takes_the_size_of_frames(nodes):
     (latent,) = nodes["KinemaEmptyVideoLatent"]().make(1, 8, 8, size_of=torch.rand(3, 24, 40, 3))
     assert latent["samples"].shape == (3, 4, 3, 5)
