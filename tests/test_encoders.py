@@ -374,9 +374,8 @@ def test_an_embedding_of_a_words_token_vectors_encodes_as_the_word(encoder):
 
 
 def test_embedding_files_of_every_published_layout_load(tmp_path):
-    from safetensors.torch import save_file
-
     from kinema.models.embeddings import load_embedding
+    from safetensors.torch import save_file
 
     vectors = torch.randn(2, HIDDEN)
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(vectors)},
