@@ -227,9 +227,11 @@ class _CountingClip:
     def __init__(self, clip):
         self.clip, self.prompts = clip, []
 
-    def encode(self, prompt, clip_skip=1):
+    width = property(lambda self: self.clip.width)
+
+    def encode(self, prompt, clip_skip=1, embeddings=None):
         self.prompts.append((prompt, clip_skip))
-        return self.clip.encode(prompt, clip_skip=clip_skip)
+        return self.clip.encode(prompt, clip_skip=clip_skip, embeddings=embeddings)
 
 
 def test_node_is_registered_and_documented(conditioning_nodes):
