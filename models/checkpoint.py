@@ -412,7 +412,7 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
 def load_motion_module(path: str, dtype: torch.dtype | None = None):
     """Load an AnimateDiff SD1.5 motion module (v1, v2 or v3) from its published layout or diffusers' (a
     ``MotionAdapter``'s weights, or a whole ``UNetMotionModel``'s, of which the motion modules are taken)."""
-    from .motion import MotionModuleSet, infer_motion_config, published_layout
+    from .motion import MotionModuleSet, infer_motion_config, published_layout, with_positional_tables
 
     name = os.path.basename(path)
     sd = load_state_dict(path)
@@ -424,6 +424,7 @@ def load_motion_module(path: str, dtype: torch.dtype | None = None):
     expect_format(sd, "motion_module", path, "an AnimateDiff motion module")
     with damaged_file(name, "an AnimateDiff motion module"):
         cfg = infer_motion_config(sd, f"'{name}'")
+        sd = with_positional_tables(sd, cfg, f"'{name}'")
         module = build_on_meta(lambda: MotionModuleSet(cfg), sd, dtype, "motion module", name, strict=True)
     module.source = name
     return module

@@ -5,7 +5,9 @@ diffusers' layout (a ``MotionAdapter``'s weights, a MotionLoRA converted for dif
 (``published_layout``).
 Each module is a temporal transformer: per-frame GroupNorm, a linear projection,
 blocks of two temporal self-attentions (with a sinusoidal positional table
-``pos_encoder.pe`` stored in the file) and a GEGLU feed-forward, a linear
+``pos_encoder.pe``, stored in the published files; AnimateDiff's own training code
+since July 2024 keeps it out of its checkpoints and recomputes it, as its loader
+always does: ``with_positional_tables``) and a GEGLU feed-forward, a linear
 projection out, and a residual. Attention runs across the frames of each
 spatial position.
 
@@ -14,6 +16,7 @@ and a motion scale; it is what the sampler calls.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -28,6 +31,8 @@ from .errors import KinemaError
 from .layers import FeedForward, RunOptions, SharedContext, attention, by_rows, row_step
 from .offload import NO_OFFLOAD, OffloadOptions, compute_device
 from .sampling import DiscreteSchedule
+
+logger = logging.getLogger("kinema")
 from .unet import Slot, UNetConfig, UNetModel
 
 
@@ -57,6 +62,11 @@ class PositionalEncoding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[b, f, c] -> [b, f, c] + pe[:, :f]"""
         return x + self.pe[:, : x.shape[1]].to(x.dtype)
+
+
+#: the positional table length given to a file that stores none (v2's and v3's 32; the values of the frames it
+#: covers do not depend on the length)
+COMPUTED_TABLE_LENGTH = 32
 
 
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
@@ -264,6 +274,21 @@ def published_layout(sd: dict) -> dict:
     return out
 
 
+def with_positional_tables(sd: dict, cfg: MotionConfig, name: str = "the motion module") -> dict:
+    """``sd`` with the sinusoidal tables of every attention block where the file stores none at all (AnimateDiff's
+    training code since July 2024 saves them as non-persistent buffers; its loader recomputes them for every
+    file, stored or not, and the stored ones of the published files equal them). A file with some tables
+    but not others is left as it is: the strict load names the missing ones."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in MotionModuleSet(cfg).state_dict().items()
+                  if k.endswith("pos_encoder.pe")}
+    if any(k in sd for k in shapes):
+        return sd
+    logger.info("%s stores no positional tables: the sinusoidal ones AnimateDiff computes are used (%d frames; a "
+                "module without a mid block is taken as v3)", name, cfg.max_len)
+    return {**sd, **{k: sinusoidal_table(shape[1], shape[2]) for k, shape in shapes.items()}}
+
+
 def infer_motion_config(sd: dict, name: str = "the motion module") -> MotionConfig:
     """Read a MotionConfig off the key layout and shapes of a motion-module state dict in the published layout
     (``published_layout``).
@@ -295,9 +320,8 @@ def infer_motion_config(sd: dict, name: str = "the motion module") -> MotionConf
     down = modules["down"]
     if not down:
         raise KinemaError(f"{name} has no AnimateDiff motion modules (no 'down_blocks.N.motion_modules' keys)")
-    if max_len is None:
-        raise KinemaError(f"{name} has no positional table ('pos_encoder.pe', in diffusers' layout 'pos_embed.pe'): "
-                          "the file is incomplete, or not an AnimateDiff motion module")
+    if max_len is None:  # tables not stored (recomputed by ``with_positional_tables``): v2/v3's length
+        max_len = COMPUTED_TABLE_LENGTH
     damaged = "the file is incomplete or damaged: download it again"
     levels = sorted(down)
     if levels != list(range(len(levels))):

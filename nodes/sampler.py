@@ -66,13 +66,18 @@ class KinemaVideoSampler:
                 "latent": ("LATENT", {"tooltip": "Empty Video Latent, or an encoded video for video-to-video."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                                  "tooltip": "Noise seed (the same noise as ComfyUI's KSampler)."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Denoising steps."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                   "tooltip": "Denoising steps (the references: AnimateDiff 25 with ddim + "
+                                              "ddim_uniform; SVD 25, SVD-XT 30 with euler + karras)."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale (1 = no negative pass). Image-to-video: "
                                              "the largest per-frame scale (2.5 for SVD, 3.0 for SVD-XT)."}),
                 "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling method. lcm is for consistency-distilled models "
                                   "(AnimateLCM, an LCM-LoRA): 4 to 8 steps, scheduler sgm_uniform, cfg 1 to 2."}),
-                "scheduler": (list(SCHEDULERS), {"default": "normal", "tooltip": "How noise levels are spaced."}),
+                "scheduler": (list(SCHEDULERS), {"default": "normal",
+                                                  "tooltip": "How noise levels are spaced. ddim_uniform with the "
+                                                             "ddim sampler is AnimateDiff's reference; karras is "
+                                                             "SVD's (the EDM schedule, rho 7)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 = from pure noise; lower keeps more of the input latent."}),
             },

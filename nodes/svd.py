@@ -14,8 +14,9 @@ class KinemaSVDLoader:
     DESCRIPTION = (
         "Loads a Stable Video Diffusion checkpoint as published (svd.safetensors, svd_xt.safetensors and their 1.1 "
         "versions) from models/checkpoints: the spatio-temporal UNet, the CLIP image encoder and the VAE with its "
-        "temporal decoder. Files named *xt* get SVD-XT's defaults (25 frames, guidance 1.5 -> 3.0), the others "
-        "SVD's (14 frames, 1.0 -> 2.5)."
+        "temporal decoder. Files named *xt* are SVD-XT: its per-frame guidance starts at 1.5 (SVD's at 1.0). The "
+        "reference settings to give the other nodes: SVD 14 frames, cfg 2.5, 25 steps; SVD-XT 25 frames, cfg 3.0, "
+        "30 steps; both euler with scheduler karras (the original's EDM noise levels)."
     )
     CATEGORY = "Kinema/loaders"
     RETURN_TYPES = ("KINEMA_MODEL", "KINEMA_CLIP_VISION", "KINEMA_VAE")
@@ -146,7 +147,8 @@ class KinemaPerFrameGuidance:
                 "mode": (list(CFG_MODES), {"default": "linear",
                                            "tooltip": "How the guidance scale runs over the frames."}),
                 "min_cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "round": 0.01,
-                                      "tooltip": "The smallest scale (the sampler's cfg is the largest)."}),
+                                      "tooltip": "The smallest scale (the sampler's cfg is the largest). The checkpoint's own: "
+                                                 "1.0 for SVD, 1.5 for SVD-XT."}),
                 "period": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 10.0, "step": 0.05,
                                      "tooltip": "triangle: the wave's period over the video (1 = one peak)."}),
             }

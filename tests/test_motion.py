@@ -162,15 +162,31 @@ def test_a_diffusers_motion_adapter_file_loads_as_the_published_file(tmp_path, v
         torch.testing.assert_close(got[key], value, rtol=0, atol=tol, msg=key)
 
 
-def test_a_diffusers_motion_adapter_without_its_positional_table_is_refused(tmp_path):
-    pytest.importorskip("diffusers")
-    from fixtures import motion_adapter
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_a_motion_module_that_stores_no_positional_tables_gets_the_computed_ones(tmp_path, version, caplog):
+    """AnimateDiff's training code since July 2024 saves no tables (non-persistent buffers) and its loader always
+    recomputes them: such a file loads with the sinusoidal tables, which equal the published files' stored ones,
+    so it makes the same noise prediction."""
+    import logging
+
     from safetensors.torch import save_file
 
-    sd = {k: v.contiguous() for k, v in motion_adapter("v2").state_dict().items() if not k.endswith("pos_embed.pe")}
-    save_file(sd, str(tmp_path / "no_pe.safetensors"))
-    with pytest.raises(KinemaError, match=r"'no_pe.safetensors' has no positional table.*'pos_embed.pe'"):
-        checkpoint.load_motion_module(str(tmp_path / "no_pe.safetensors"))
+    sd = demo.motion_state_dict(version)
+    full_path, bare_path = tmp_path / "full.safetensors", tmp_path / "no_pe.safetensors"
+    save_file(sd, str(full_path))
+    save_file({k: v for k, v in sd.items() if not k.endswith("pos_encoder.pe")}, str(bare_path))
+    with caplog.at_level(logging.INFO, logger="kinema"):
+        bare = checkpoint.load_motion_module(str(bare_path))
+    assert "'no_pe.safetensors' stores no positional tables" in caplog.text
+    full = checkpoint.load_motion_module(str(full_path))
+    assert bare.version == full.version == version and bare.cfg == full.cfg
+    for (k, a), (_, b) in zip(full.state_dict().items(), bare.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    # a file with some tables but not all is still damaged, and named so
+    save_file({k: v for k, v in sd.items() if k != next(k for k in sd if k.endswith("pos_encoder.pe"))},
+              str(tmp_path / "one_gone.safetensors"))
+    with pytest.raises(KinemaError, match="pos_encoder.pe"):
+        checkpoint.load_motion_module(str(tmp_path / "one_gone.safetensors"))
 
 
 def test_published_layout_renames_diffusers_keys_and_keeps_the_published_ones():
