@@ -412,7 +412,12 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
 def load_motion_module(path: str, dtype: torch.dtype | None = None):
     """Load an AnimateDiff SD1.5 motion module (v1, v2 or v3) from its published layout or diffusers' (a
     ``MotionAdapter``'s weights, or a whole ``UNetMotionModel``'s, of which the motion modules are taken)."""
-    from .motion import MotionModuleSet, infer_motion_config, published_layout, with_positional_tables
+    from .motion import (
+        MotionModuleSet,
+        infer_motion_config,
+        published_layout,
+        with_positional_tables,
+    )
 
     name = os.path.basename(path)
     sd = load_state_dict(path)
