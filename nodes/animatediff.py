@@ -26,7 +26,9 @@ class KinemaApplyMotionModule:
                 "motion_scale": ("FLOAT", {
                     "default": 1.0, "min": 0.0, "max": 2.0, "step": 0.01,
                     "tooltip": "Strength of the motion: scales what the motion module adds (1 = as trained, "
-                               "0 = frames drawn independently)."}),
+                               "0 = no motion module layers; with v1, whose UNet normalises across frames, the "
+                               "frames still share those statistics). Not AnimateDiff-Evolved's motion scale, "
+                               "which scales the attention keys."}),
                 "beta_schedule": (list(BETA_SCHEDULES), {
                     "default": "linear",
                     "tooltip": "Noise schedule of the sampler. linear: AnimateDiff's, as trained (betas linear from "
