@@ -14,10 +14,11 @@ class KinemaSVDLoader:
     DESCRIPTION = (
         "Loads a Stable Video Diffusion checkpoint as published (svd.safetensors, svd_xt.safetensors and their 1.1 "
         "versions) from models/checkpoints: the spatio-temporal UNet, the CLIP image encoder and the VAE with its "
-        "temporal decoder. Files named *xt* are SVD-XT: its per-frame guidance starts at 1.5 (SVD's at 1.0). The "
-        "reference settings to give the other nodes: SVD 14 frames, cfg 2.5, 25 steps; SVD-XT 25 frames, cfg 3.0, "
-        "30 steps; both euler with scheduler karras (the original's EDM noise levels)."
-    )
+        "temporal decoder. Files named *xt* are SVD-XT: its per-frame guidance starts at {xt.min_cfg:.1f} (SVD's at "
+        "{svd.min_cfg:.1f}). The reference settings to give the other nodes: SVD {svd.frames} frames, cfg "
+        "{svd.max_cfg:.1f}, 25 steps; SVD-XT {xt.frames} frames, cfg {xt.max_cfg:.1f}, 30 steps; both euler with "
+        "scheduler karras (the original's EDM noise levels)."
+    ).format(svd=svd_model.VARIANTS["svd"], xt=svd_model.VARIANTS["svd_xt"])
     CATEGORY = "Kinema/loaders"
     RETURN_TYPES = ("KINEMA_MODEL", "KINEMA_CLIP_VISION", "KINEMA_VAE")
     RETURN_NAMES = ("model", "clip_vision", "vae")
