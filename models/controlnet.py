@@ -13,7 +13,9 @@ residuals can be computed for any subset of its frames (a context window) with t
 Files: ``control_model.*`` (lllyasviel's ``.pth``; the v1.0 files also hold the whole SD1.5 model, which is
 ignored), bare keys (the fp16 ``.safetensors`` repacks), or the diffusers layout
 (``diffusion_pytorch_model.safetensors``: ``controlnet_cond_embedding.*``, ``down_blocks.*``), converted here.
-Hints are images in [0, 1], as the original, ComfyUI and diffusers feed them to SD1.5 ControlNets.
+Hints are images in [0, 1], as the original, ComfyUI and diffusers feed them to SD1.5 ControlNets. A shuffle
+ControlNet (its file named ``*_shuffle``) averages each residual over the image, as its original config and
+ComfyUI do (``pools_residuals``).
 """
 from __future__ import annotations
 
@@ -124,10 +126,11 @@ def _base(context_dim: int, linear_proj: bool) -> str:
 class ControlNet(nn.Module):
     """SD1.5 ControlNet; keys as in the published files without the ``control_model.`` prefix."""
 
-    def __init__(self, cfg: ControlNetConfig, name: str = ""):
+    def __init__(self, cfg: ControlNetConfig, name: str = "", global_average_pooling: bool = False):
         super().__init__()
         self.cfg = cfg
         self.name = name
+        self.global_average_pooling = global_average_pooling  # shuffle ControlNets: see ``pools_residuals``
         mc = cfg.model_channels
         # the UNet's layout; a ControlNet has no decoder half, so the output blocks are dropped
         self.time_embed, self.input_blocks, self.middle_block, _, _ = sd15_blocks(cfg)
@@ -205,6 +208,8 @@ class ControlNet(nn.Module):
             outs.append(zero_conv(h))
         h = self._run(self.middle_block, h, emb, context, opts)
         outs.append(self.middle_block_out(h))
+        if self.global_average_pooling:  # each residual's spatial mean, everywhere
+            outs = [o.mean(dim=(2, 3), keepdim=True).expand_as(o) for o in outs]
         return [o.to(out_dtype) for o in outs]
 
 
@@ -283,13 +288,22 @@ def _original_layout(sd: dict, name: str, path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
+def pools_residuals(filename: str) -> bool:
+    """True for a shuffle ControlNet (``control_v11e_sd15_shuffle``): its residuals are averaged over the image
+    (``global_average_pooling: True`` in lllyasviel's config for it). Told by the file name, ``*_shuffle`` or
+    ``*_shuffle_fp16``, as ComfyUI tells it: the weights do not say."""
+    stem = os.path.splitext(os.path.basename(filename))[0]
+    return stem.endswith(("_shuffle", "_shuffle_fp16"))
+
+
 def controlnet_from_state_dict(sd: dict, name: str = "the ControlNet", dtype: torch.dtype | None = None,
                                path: str | None = None) -> ControlNet:
-    """A ControlNet from the tensors of a ControlNet file (any of the layouts in the module doc)."""
+    """A ControlNet from the tensors of a ControlNet file (any of the layouts in the module doc); ``name`` (the
+    file's) also says whether it pools its residuals (``pools_residuals``)."""
     sd = _original_layout(sd, name, path or name)
     with damaged_file(name, "an SD1.5 ControlNet"):
         cfg = infer_controlnet_config(sd, name)
-        return build_on_meta(lambda: ControlNet(cfg, name), sd, dtype, "ControlNet", name)
+        return build_on_meta(lambda: ControlNet(cfg, name, pools_residuals(name)), sd, dtype, "ControlNet", name)
 
 
 def load_controlnet(path: str, dtype: torch.dtype | None = None) -> ControlNet:

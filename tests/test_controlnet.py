@@ -135,6 +135,25 @@ def test_controlled_unet_matches_diffusers(h, w):
     assert float((ours - plain).abs().max()) > 1e-2  # the ControlNet steers the UNet
 
 
+@pytest.mark.parametrize("filename,pooled", [("control_v11e_sd15_shuffle.safetensors", True),
+                                              ("control_v11e_sd15_shuffle_fp16.safetensors", True),
+                                              ("control_v11f1p_sd15_depth.safetensors", False),
+                                              ("shuffle_depth.safetensors", False)])
+def test_a_shuffle_controlnet_averages_its_residuals_over_the_image(filename, pooled, tmp_path):
+    """lllyasviel's shuffle ControlNet runs with global average pooling (its config; ComfyUI tells it by the file
+    name as here): every residual is its spatial mean, the other files' are as computed."""
+    path = _save(bare(controlnet_state_dict()), tmp_path / filename)
+    net = load_controlnet(path, dtype=torch.float32)
+    assert net.global_average_pooling is pooled
+    x, hint, t, ctx = _inputs()
+    with torch.no_grad():
+        got = net(x, hint, t, ctx)
+        plain = controlnet()(x, hint, t, ctx)
+    for a, b in zip(got, plain):
+        want = b.mean(dim=(2, 3), keepdim=True).expand_as(b) if pooled else b
+        torch.testing.assert_close(a, want, rtol=0, atol=1e-6)
+
+
 def test_frames_are_independent_so_a_context_window_takes_its_own_hints():
     x, hint, t, ctx = _inputs(frames=4)
     net = controlnet()
