@@ -365,20 +365,38 @@ def antialiased_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(y, size=tuple(size), mode="bicubic", align_corners=True)
 
 
-def preprocess_images(images: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """ComfyUI IMAGE [b, h, w, 3] in [0, 1] -> CLIP pixel values [b, 3, size, size], float32, as SVD's original.
+#: how images are brought to the tower's size: ``svd`` (sgm's conditioner, ``antialiased_resize`` of the whole image)
+#: or ``clip`` (transformers' ``CLIPImageProcessor``, what IP-Adapter was trained with: the shortest side to the
+#: size with an antialiased bicubic, then the centre crop)
+RESIZE_STYLES = ("svd", "clip")
 
-    The image goes to [-1, 1] (the conditioner's input), is resized with ``antialiased_resize``
-    to size x size (no crop), comes back to [0, 1] and is normalised with CLIP's mean and std.
-    A fourth (alpha) channel is dropped.
+
+def preprocess_images(images: torch.Tensor, size: int = 224, style: str = "svd") -> torch.Tensor:
+    """ComfyUI IMAGE [b, h, w, 3] in [0, 1] -> CLIP pixel values [b, 3, size, size], float32.
+
+    ``svd`` (SVD's original): the image goes to [-1, 1] (the conditioner's input), is resized with
+    ``antialiased_resize`` to size x size (no crop) and comes back to [0, 1]. ``clip`` (``CLIPImageProcessor``'s):
+    the shortest side is resized to ``size`` (torch's antialiased bicubic, PIL's filter but for rounding) and the
+    centre ``size`` x ``size`` kept. Then CLIP's mean and std. A fourth (alpha) channel is dropped.
     """
+    if style not in RESIZE_STYLES:
+        raise KinemaError(f"unknown CLIP resize style {style!r}: one of {', '.join(RESIZE_STYLES)}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[-1] < 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise KinemaError(f"the CLIP image encoder takes images [b, h, w, 3], got {shape}")
     if min(images.shape[1], images.shape[2]) < 1:
         raise KinemaError(f"the CLIP image encoder got an empty image {tuple(images.shape)}")
-    x = rearrange(images[..., :3].float(), "b h w c -> b c h w") * 2.0 - 1.0
-    x = (antialiased_resize(x, (size, size)) + 1.0) / 2.0
+    x = rearrange(images[..., :3].float(), "b h w c -> b c h w")
+    if style == "svd":
+        x = (antialiased_resize(x * 2.0 - 1.0, (size, size)) + 1.0) / 2.0
+    else:
+        h, w = x.shape[-2:]
+        scale = size / min(h, w)
+        sh, sw = max(size, int(h * scale)), max(size, int(w * scale))  # the longer side rounded down, as it does
+        if (sh, sw) != (h, w):
+            x = F.interpolate(x, size=(sh, sw), mode="bicubic", align_corners=False, antialias=True)
+        top, left = (sh - size) // 2, (sw - size) // 2
+        x = x[:, :, top:top + size, left:left + size]
     mean = torch.tensor(CLIP_MEAN, dtype=x.dtype, device=x.device)
     std = torch.tensor(CLIP_STD, dtype=x.dtype, device=x.device)
     return (x - rearrange(mean, "c -> 1 c 1 1")) / rearrange(std, "c -> 1 c 1 1")
@@ -411,14 +429,16 @@ class ImageEncoder:
     def dtype(self) -> torch.dtype:
         return self.model.vision_model.embeddings.patch_embedding.weight.dtype
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """IMAGE [b, h, w, 3] -> pixel values [b, 3, s, s] (s: the tower's image size, 224 for the published ones)."""
-        return preprocess_images(images.to(self.device), self.image_size)
+    def preprocess(self, images: torch.Tensor, style: str = "svd") -> torch.Tensor:
+        """IMAGE [b, h, w, 3] -> pixel values [b, 3, s, s] (s: the tower's image size, 224 for the published ones;
+        ``style``: see ``preprocess_images``)."""
+        return preprocess_images(images.to(self.device), self.image_size, style)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """IMAGE [b, h, w, 3] in [0, 1] -> image_embeds [b, proj_dim], float32 on the CPU (not L2-normalised)."""
+    def encode(self, images: torch.Tensor, style: str = "svd") -> torch.Tensor:
+        """IMAGE [b, h, w, 3] in [0, 1] -> image_embeds [b, proj_dim], float32 on the CPU (not L2-normalised);
+        ``style``: how the images are resized, SVD's conditioner's or CLIPImageProcessor's (``preprocess_images``)."""
         with on_device(self), remedy_for_out_of_memory("CLIP vision encoding", ENCODE_REMEDY):
-            pixels = self.preprocess(images).to(self.dtype)
+            pixels = self.preprocess(images, style).to(self.dtype)
             out = self.model(pixel_values=pixels)
             return out.image_embeds.float().cpu()

@@ -37,10 +37,9 @@ offers "average", the mean of the CLIP embeddings before the projection. ``conte
 "mean" (one content, as strong as one image) or "concat" (the tokens side by side).
 
 CLIP preprocessing: IP-Adapter was trained with transformers' ``CLIPImageProcessor`` (shortest
-side to 224, centre crop), and ComfyUI crops the same way; ``ImageEncoder`` resizes the whole
-image to 224x224 (SVD's original, no crop). ``clip_image_embeds`` centre-crops each image to a
-square first, so the encoder sees what IP-Adapter's does (the resampling filter still differs
-slightly).
+side to 224 with a bicubic filter, centre crop), and ComfyUI crops the same way; ``clip_image_embeds``
+has the encoder resize so (``clip_vision.preprocess_images(style="clip")``), not as SVD's conditioner
+does (the whole image squeezed to 224x224 after a Gaussian blur).
 """
 from __future__ import annotations
 
@@ -322,21 +321,16 @@ def load_ip_adapter(path: str, dtype: torch.dtype | None = None) -> IPAdapter:
 
 # -- content images --------------------------------------------------------------------------------------------------
 
-def center_square(images: torch.Tensor) -> torch.Tensor:
-    """IMAGE [b, h, w, c] -> [b, s, s, c], s = min(h, w): the centre square (what CLIP's preprocessing keeps)."""
-    h, w = images.shape[1:3]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    return images[:, top:top + s, left:left + s]
-
-
 def clip_image_embeds(image_encoder, images: torch.Tensor, crop: bool = True) -> torch.Tensor:
     """IMAGE [n, h, w, 3] in [0, 1] -> CLIP image embeddings [n, e] (float32, CPU) through
-    ``clip_vision.ImageEncoder.encode``; ``crop`` takes the centre square first, as IP-Adapter's preprocessing."""
+    ``clip_vision.ImageEncoder.encode`` with CLIPImageProcessor's resize, as IP-Adapter's preprocessing: ``crop``
+    keeps the centre square (the processor's centre crop), else the whole image is squeezed to a square."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] < 1:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise KinemaError(f"IP-Adapter: expected content images [count, height, width, 3], got {shape}")
-    return image_encoder.encode(center_square(images) if crop else images)
+    if crop:
+        return image_encoder.encode(images, style="clip")
+    return image_encoder.encode(images, style="svd")
 
 
 @torch.no_grad()

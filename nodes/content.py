@@ -106,7 +106,7 @@ class KinemaApplyIPAdapter:
                            "for SVD connect a content image to SVD Image Conditioning (Kinema)")
         ip_adapter.check_unet(model.unet.cfg)
         host.check_interrupt()
-        name = os.path.basename(getattr(ip_adapter, "name", "") or "")
+        name = os.path.basename(getattr(ip_adapter, "source", "") or "")
         content = addons.image_content(ip_adapter, clip_vision, image, weight, start_percent, end_percent, name)
         return (model.with_options(contents=model.contents + (content,)),)
 

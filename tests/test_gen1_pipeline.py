@@ -199,6 +199,12 @@ def test_apply_nodes_attach_without_changing_the_input_model(image_encoder):
     assert len(stacked.controls) == 2 and len(with_ip.contents) == 1 and with_ip.controls == stacked.controls
     assert with_cn.controls[0].strength == 0.8 and with_cn.controls[0].steps == addons.StepRange(0.0, 0.9)
     assert torch.isfinite(_sample(with_ip)).all()
+    named = ip_adapter()
+    named.source = "ip-adapter_sd15.safetensors"  # what the loader sets: errors and the content name it
+    (with_named,) = nodes.content.KinemaApplyIPAdapter().apply(stacked, named, image_encoder, _hints(1))
+    assert with_named.contents[0].name == "ip-adapter_sd15.safetensors"
+    with pytest.raises(KinemaError, match="IP-Adapter 'ip-adapter_sd15.safetensors': start_percent"):
+        nodes.content.KinemaApplyIPAdapter().apply(stacked, named, image_encoder, _hints(1), 0.8, 0.9, 0.1)
 
 
 def test_apply_nodes_refuse_bad_inputs(image_encoder):

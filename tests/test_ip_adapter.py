@@ -199,13 +199,38 @@ def test_demo_file_is_written_and_substituted(demo_models_dir):
 
 # -- content images --------------------------------------------------------------------------------------------------
 
+def test_content_images_are_resized_as_clip_image_processor_does():
+    """IP-Adapter's images go through transformers' CLIPImageProcessor (PIL bicubic of the shortest side to 224,
+    centre crop, CLIP mean/std): the encoder's ``clip`` style gives its pixels but for PIL's 8-bit rounding and
+    filter details, far closer than SVD's whole-image squeeze would."""
+    import numpy as np
+    from kinema.models.clip_vision import preprocess_images
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor()  # the defaults IP-Adapter's pipeline builds it with
+    g = torch.Generator().manual_seed(3)
+    for h, w in ((300, 480), (512, 384), (224, 224), (180, 260)):
+        base = torch.rand(1, 3, h // 16, w // 16, generator=g)
+        image = torch.nn.functional.interpolate(base, size=(h, w), mode="bicubic").clamp(0, 1)
+        image = (image.permute(0, 2, 3, 1) * 255).round() / 255  # 8-bit values, as the PIL image holds
+        pil = Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8))
+        want = torch.from_numpy(np.asarray(processor(images=pil, return_tensors="np")["pixel_values"]))
+        got = preprocess_images(image, 224, "clip")
+        assert got.shape == want.shape == (1, 3, 224, 224)
+        diff = (got - want).abs()
+        assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.01, (h, w, float(diff.max()), float(diff.mean()))
+        if (h, w) != (224, 224):  # the SVD resize is much further off (no crop, another filter)
+            assert float((preprocess_images(image, 224, "svd") - want).abs().mean()) > 5 * float(diff.mean())
+
+
 def test_content_tokens_from_clip_vision():
     encoder = ImageEncoder(transformers_tower(seed=1, projection_dim=64))
     g = torch.Generator().manual_seed(7)
     images = torch.rand(2, 60, 90, 3, generator=g)
     embeds = clip_image_embeds(encoder, images)
     assert embeds.shape == (2, 64)
-    assert torch.equal(embeds, encoder.encode(images[:, :, 15:75]))  # the centre square, as CLIP's preprocessing
+    assert torch.equal(embeds, encoder.encode(images, style="clip"))  # CLIPImageProcessor's resize and crop
     assert not torch.allclose(embeds, clip_image_embeds(encoder, images, crop=False))
     adapter = ip_adapter()
     tokens, uncond = content_tokens(adapter, embeds, "mean")
