@@ -33,6 +33,7 @@ See ``read_video`` for the selection and resize rules.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -572,8 +573,8 @@ def constant_rate(delays: list[float]) -> tuple[float | None, list[int]]:
 
     Encoders merge repeated frames into one longer frame (Pillow's GIF and WebP writers do), and animations hold
     some frames longer: when every delay is a whole number of the shortest one, each frame is repeated that many
-    times at the shortest delay's rate, so the frames play as they did (a still video saved as WebP reads back as
-    all its frames). Otherwise (uneven delays, or more than ``_MAX_REPEAT`` frames out a frame in) each frame is
+    times at the shortest delay's rate, so the frames play as they did (a video whose frames are all the same is
+    one frame in the file, and reads back as that one frame). Otherwise (uneven delays, or more than ``_MAX_REPEAT`` frames out a frame in) each frame is
     kept once, at the mean rate, so the video lasts as long. A missing delay counts as the shortest one; no delay
     at all: ``(None, [1, ...])``.
     """
@@ -595,7 +596,8 @@ def _repeated(frames, copies: list[int]):
             yield frame
 
 
-def _passthrough_option() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _passthrough_option() -> tuple[str, str]:
     """ffmpeg output options that hand on every decoded frame once, at its own time (never duplicated to a
     constant rate: a variable-frame-rate phone video otherwise reads with repeated frames): ``-fps_mode`` since
     ffmpeg 5.1, ``-vsync`` before (ffmpeg 9 no longer knows it)."""
@@ -607,7 +609,7 @@ def _passthrough_option() -> list[str]:
         version = ""
     m = re.match(r"n?(\d+)\.(\d+)", version or "")
     old = m is not None and (int(m.group(1)), int(m.group(2))) < (5, 1)
-    return ["-vsync", "passthrough"] if old else ["-fps_mode", "passthrough"]
+    return ("-vsync", "passthrough") if old else ("-fps_mode", "passthrough")
 
 
 def _announced(seconds, fps) -> float | None:
@@ -647,7 +649,7 @@ def _open_frames(path: str, ext: str):
     if iio is not None and _have("imageio_ffmpeg"):
         meta = iio.immeta(path, plugin="FFMPEG")
         fps = meta.get("fps")  # ffmpeg's mean rate: frames / duration
-        frames = iio.imiter(path, plugin="FFMPEG", output_params=_passthrough_option())
+        frames = iio.imiter(path, plugin="FFMPEG", output_params=list(_passthrough_option()))
         return _fps_or_default(fps), frames, frames.close, _announced(meta.get("duration"), fps)
     if _have("av"):
         import av
