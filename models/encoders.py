@@ -21,6 +21,12 @@ transformers: 5's fast tokenizer (NFC, whitespace, lower case), or 4's slow one,
 with ftfy installed also fixes text (curly quotes, ligatures) and without it spaces CJK
 ideographs apart. The model code runs under transformers 4 and 5 (4 nests the text
 transformer under ``text_model``: ``_transformer``).
+
+Weights stored in fp16 or bf16 are computed in fp32, as ComfyUI computes its CLIP (its
+``manual_cast`` operations): the half-precision weights are cast for the call only
+(``_in_float32``), so the prompt's conditioning is the same at any storage precision up
+to the rounding of the weights themselves. The transient fp32 copy is the encoder's size
+(about 0.5 GB for SD1.5's CLIP-L), far below a sampling step's peak.
 """
 from __future__ import annotations
 
@@ -123,6 +129,16 @@ def _transformer(model):
     """The CLIP text transformer of a ``CLIPTextModel`` (its embeddings, final layer norm): the model itself under
     transformers 5, its ``text_model`` under transformers 4."""
     return getattr(model, "text_model", model)
+
+
+def _in_float32(module: torch.nn.Module, *args, **kwargs):
+    """``module(*args, **kwargs)`` with its floating-point parameters in fp32: as they are when they already are,
+    else cast copies for this call (the module itself is not changed)."""
+    params = dict(module.named_parameters())
+    if all(p.dtype == torch.float32 for p in params.values()):
+        return module(*args, **kwargs)
+    cast = {name: p.float() if p.is_floating_point() else p for name, p in params.items()}
+    return torch.func.functional_call(module, cast, args, kwargs, strict=False)
 
 
 class TextEncoder:
@@ -228,11 +244,12 @@ class TextEncoder:
             ids.append([START_TOKEN, END_TOKEN] + [END_TOKEN] * (self.chunk_length - 2))
         with on_device(self), _vectors_past_vocabulary(_transformer(self.model).embeddings.token_embedding,
                                                        torch.cat(vectors) if vectors else None):
-            out = self.model(input_ids=torch.tensor(ids, device=self.device), output_hidden_states=clip_skip > 1)
+            out = _in_float32(self.model, input_ids=torch.tensor(ids, device=self.device),
+                              output_hidden_states=clip_skip > 1)
             if clip_skip == 1:
                 z = out.last_hidden_state
             else:
-                z = _transformer(self.model).final_layer_norm(out.hidden_states[-clip_skip])
+                z = _in_float32(_transformer(self.model).final_layer_norm, out.hidden_states[-clip_skip])
             z = z.float().cpu()
             pooled = out.pooler_output[:1].float().cpu()
         if weighted:

@@ -59,19 +59,20 @@ class Target:
     tokenizer = comfy.sd1_clip.SD1Tokenizer
     params = {}
 
-clip = comfy.sd.CLIP(Target, embedding_directory=[emb_dir],
-                     model_options={"clip_l_model_config": config, "dtype": torch.float32})
-missing, unexpected = clip.load_sd({k.replace("cond_stage_model.", "clip_l."): v for k, v in sd.items()},
-                                   full_model=True)
-assert not unexpected and all("text_projection" in k or "logit_scale" in k for k in missing), (missing, unexpected)
 results = {}
-for i, text in enumerate(prompts):
-    for layer in (-1, -2):
-        c = clip.clone()
-        c.clip_layer(layer)
-        (cond, extra), = c.encode_from_tokens_scheduled(c.tokenize(text))
-        results[f"{i}:{layer}"] = cond.float()
-        results[f"{i}:{layer}:pooled"] = extra["pooled_output"].float()
+for dtype in (torch.float32, torch.float16):  # ComfyUI computes either in fp32 (its manual_cast operations)
+    clip = comfy.sd.CLIP(Target, embedding_directory=[emb_dir],
+                         model_options={"clip_l_model_config": config, "dtype": dtype})
+    missing, unexpected = clip.load_sd({k.replace("cond_stage_model.", "clip_l."): v for k, v in sd.items()},
+                                       full_model=True)
+    assert not unexpected and all("text_projection" in k or "logit_scale" in k for k in missing), (missing, unexpected)
+    for i, text in enumerate(prompts):
+        for layer in (-1, -2):
+            c = clip.clone()
+            c.clip_layer(layer)
+            (cond, extra), = c.encode_from_tokens_scheduled(c.tokenize(text))
+            results[f"{str(dtype)}:{i}:{layer}"] = cond.float()
+            results[f"{str(dtype)}:{i}:{layer}:pooled"] = extra["pooled_output"].float()
 torch.save(results, out)
 """
 
@@ -96,10 +97,12 @@ def comfy_results(tmp_path_factory):
     return sd, tmp, torch.load(tmp / "out.pt")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("index", range(len(PROMPTS)))
-def test_text_encode_is_comfyuis_clip_text_encode(comfy_results, index):
+def test_text_encode_is_comfyuis_clip_text_encode(comfy_results, index, dtype):
+    """At either weight precision: ComfyUI casts fp16 weights to fp32 for each operation, Kinema for the call."""
     sd, tmp, results = comfy_results
-    encoder = encoders.TextEncoder.from_state_dict(sd)
+    encoder = encoders.TextEncoder.from_state_dict(sd, dtype=dtype)
 
     def lookup(name):
         path = tmp / "embeddings" / f"{name}.safetensors"
@@ -107,6 +110,6 @@ def test_text_encode_is_comfyuis_clip_text_encode(comfy_results, index):
 
     for clip_skip in (1, 2):
         cond, pooled = encoder.encode(PROMPTS[index], clip_skip=clip_skip, embeddings=lookup)
-        key = f"{index}:{-clip_skip}"
+        key = f"{dtype}:{index}:{-clip_skip}"
         assert_net_close(cond, results[key], f"prompt {index} clip_skip {clip_skip}", NET_TOL)
         assert_net_close(pooled, results[key + ":pooled"], f"pooled {index} clip_skip {clip_skip}", NET_TOL)

@@ -445,11 +445,27 @@ def test_old_layout_without_text_model_and_dtype(reference_model, encoder):
     sd = _sd15_layout(reference_model, prefix="cond_stage_model.transformer.")
     old = encoders.TextEncoder.from_state_dict(sd)
     assert torch.equal(old.encode("a cat")[0], encoder.encode("a cat")[0])
-    half = encoders.TextEncoder.from_state_dict(_sd15_layout(reference_model), dtype=torch.bfloat16)
-    assert half.dtype == torch.bfloat16
-    cond, pooled = half.encode("a cat")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_half_weights_compute_in_float32(reference_model, dtype, clip_skip):
+    """fp16/bf16 weights are computed in fp32, as ComfyUI's CLIP does: the same conditioning as fp32 weights
+    rounded to that precision, and the stored weights stay as they were."""
+    half = encoders.TextEncoder.from_state_dict(_sd15_layout(reference_model), dtype=dtype)
+    rounded = encoders.TextEncoder.from_state_dict(
+        {k: v.to(dtype).float() for k, v in _sd15_layout(reference_model).items()})
+    prompt = "a (red:1.2) cat"
+    cond, pooled = half.encode(prompt, clip_skip=clip_skip)
     assert cond.dtype == torch.float32 and pooled.dtype == torch.float32
-    torch.testing.assert_close(cond, encoder.encode("a cat")[0], rtol=0.1, atol=0.1)
+    ref_cond, ref_pooled = rounded.encode(prompt, clip_skip=clip_skip)
+    torch.testing.assert_close(cond, ref_cond, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-6)
+    assert half.dtype == dtype and all(p.dtype == dtype for p in half.model.parameters())
+    with torch.no_grad():  # the half-precision arithmetic this replaces is further away
+        computed_half = half.model(input_ids=torch.tensor([[t for t, _ in c] for c in half.tokenize("a cat")]))
+    assert computed_half.last_hidden_state.dtype == dtype
+    assert (computed_half.last_hidden_state[:1].float() - rounded.encode("a cat")[0]).abs().max() > 1e-4
 
 
 def test_loading_assigns_without_copy(reference_model):
