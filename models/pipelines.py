@@ -42,6 +42,7 @@ class SampleOptions:
     attn_chunk: int = 0
     batch_cond: bool = True
     context: ContextOptions | None = None  # context windows for videos longer than the motion module sees
+    batch_index: tuple[int, ...] | None = None  # each frame's place in the batch the latent was taken from
 
 
 def empty_video_latent(frames: int, width: int, height: int) -> torch.Tensor:
@@ -87,7 +88,7 @@ def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, 
     if len(sigmas) < 2:
         return latent.float().cpu()
     x = latent.float() * latent_scale
-    noise = initial_noise(opts.seed, tuple(latent.shape))
+    noise = initial_noise(opts.seed, tuple(latent.shape), opts.batch_index)
     if opts.context is not None and opts.context.freenoise:
         noise = freenoise(noise, opts.context, opts.seed)
     x = noise_latent(x, noise, sigmas, schedule)

@@ -8,6 +8,7 @@ ComfyUI's KSampler.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -115,60 +116,74 @@ class ContinuousEDMSchedule(SigmaTable):
         return (torch.as_tensor(t, dtype=torch.float32) / 0.25).exp()
 
 
-# -- schedulers: (schedule, steps) -> sigmas, ending in 0 -----------------------------------------------------------
+# -- schedulers: (schedule, steps, keep) -> sigmas, ending in 0 -----------------------------------------------------
+#
+# ``keep``: only the last ``keep`` sigmas of the ``steps``-step schedule (and the 0), what a partial denoise samples
+# (None: all). Each kept sigma is computed exactly as in the whole schedule (the same vectorised or one-at-a-time
+# arithmetic as ComfyUI's, so the same float32 values), and the one-at-a-time ones only for the kept sigmas: a short
+# denoise of a long schedule costs its length in a linspace, not in table lookups.
 
-def normal_scheduler(s: SigmaTable, steps: int, sgm: bool = False) -> torch.Tensor:
+def _tail(values, keep: int | None):
+    return values if keep is None else values[len(values) - keep:]
+
+
+def _with_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros([1])]).float()
+
+
+def normal_scheduler(s: SigmaTable, steps: int, sgm: bool = False, keep: int | None = None) -> torch.Tensor:
     start, end = float(s.timestep(s.sigma_max)), float(s.timestep(s.sigma_min))
     if sgm:
         ts = torch.linspace(start, end, steps + 1)[:-1]
     else:
         ts = torch.linspace(start, end, steps)
-    sigs = [float(s.sigma(t)) for t in ts]
+    sigs = [float(s.sigma(t)) for t in _tail(ts, keep)]
     return torch.tensor(sigs + [0.0], dtype=torch.float32)
 
 
-def karras_scheduler(s: DiscreteSchedule, steps: int, rho: float = 7.0) -> torch.Tensor:
-    return karras_sigmas(steps, float(s.sigma_min), float(s.sigma_max), rho)
+def karras_scheduler(s: DiscreteSchedule, steps: int, keep: int | None = None, rho: float = 7.0) -> torch.Tensor:
+    return _with_zero(_tail(karras_sigmas(steps, float(s.sigma_min), float(s.sigma_max), rho)[:-1], keep))
 
 
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) noise levels, ending in 0."""
     ramp = torch.linspace(0, 1, steps)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    sigmas = (hi + ramp * (lo - hi)) ** rho
-    return torch.cat([sigmas, sigmas.new_zeros([1])]).float()
+    return _with_zero((hi + ramp * (lo - hi)) ** rho)
 
 
-def exponential_scheduler(s: DiscreteSchedule, steps: int) -> torch.Tensor:
+def exponential_scheduler(s: DiscreteSchedule, steps: int, keep: int | None = None) -> torch.Tensor:
     sigmas = torch.linspace(math.log(float(s.sigma_max)), math.log(float(s.sigma_min)), steps).exp()
-    return torch.cat([sigmas, sigmas.new_zeros([1])]).float()
+    return _with_zero(_tail(sigmas, keep))
 
 
-def simple_scheduler(s: DiscreteSchedule, steps: int) -> torch.Tensor:
+def simple_scheduler(s: DiscreteSchedule, steps: int, keep: int | None = None) -> torch.Tensor:
     stride = len(s.sigmas) / steps
-    sigs = [float(s.sigmas[-(1 + int(i * stride))]) for i in range(steps)]
+    sigs = [float(s.sigmas[-(1 + int(i * stride))]) for i in _tail(range(steps), keep)]
     return torch.tensor(sigs + [0.0], dtype=torch.float32)
 
 
-def ddim_uniform_scheduler(s: DiscreteSchedule, steps: int) -> torch.Tensor:
+def ddim_uniform_scheduler(s: DiscreteSchedule, steps: int, keep: int | None = None) -> torch.Tensor:
     stride = max(len(s.sigmas) // steps, 1)
     sigs = [float(s.sigmas[i]) for i in range(1, len(s.sigmas), stride)][::-1]
-    return torch.tensor(sigs + [0.0], dtype=torch.float32)
+    return torch.tensor(_tail(sigs, keep) + [0.0], dtype=torch.float32)
 
 
 SCHEDULERS = {
     "normal": normal_scheduler,
     "karras": karras_scheduler,
     "exponential": exponential_scheduler,
-    "sgm_uniform": lambda s, n: normal_scheduler(s, n, sgm=True),
+    "sgm_uniform": lambda s, n, keep=None: normal_scheduler(s, n, sgm=True, keep=keep),
     "simple": simple_scheduler,
     "ddim_uniform": ddim_uniform_scheduler,
 }
 
 
-#: the longest schedule ``calculate_sigmas`` builds for a partial denoise (ten sigmas for each of the 1000 levels
-#: of the DDPM table: a longer one only repeats them)
-MAX_SCHEDULE_STEPS = 10_000
+#: the longest schedule ``calculate_sigmas`` takes a partial denoise's last steps from (the node's 1000 steps at
+#: its smallest denoise, 0.01, need 100000; a schedule this long costs a 4 MB linspace)
+MAX_SCHEDULE_STEPS = 1_000_000
+#: a denoise above this samples the whole schedule, as ComfyUI's KSampler (it reads 0.99995 as 1)
+FULL_DENOISE = 0.9999
 
 
 def calculate_sigmas(s: DiscreteSchedule, scheduler: str, steps: int, denoise: float = 1.0) -> torch.Tensor:
@@ -181,14 +196,15 @@ def calculate_sigmas(s: DiscreteSchedule, scheduler: str, steps: int, denoise: f
         raise KinemaError(f"denoise must be between 0 and 1, got {denoise}")
     if denoise <= 0.0:
         return torch.zeros(1)
-    if denoise < 1.0:
-        total = int(steps / denoise)
-        if total > MAX_SCHEDULE_STEPS:
-            raise KinemaError(f"denoise {denoise:g} with {steps} steps takes the last steps of a {total}-step "
-                              f"schedule, past the {MAX_SCHEDULE_STEPS} this computes: raise denoise to at least "
-                              f"{steps / MAX_SCHEDULE_STEPS:g} (or lower the steps)")
-        return SCHEDULERS[scheduler](s, total)[-(steps + 1):]
-    return SCHEDULERS[scheduler](s, steps)
+    if denoise > FULL_DENOISE:
+        return SCHEDULERS[scheduler](s, steps)
+    total = steps / denoise
+    if not total <= MAX_SCHEDULE_STEPS:  # also an infinite one (a denoise of 5e-324)
+        raise KinemaError(f"denoise {denoise:g} with {steps} steps takes the last steps of a {total:.3g}-step "
+                          f"schedule, past the {MAX_SCHEDULE_STEPS} this computes: raise denoise to at least "
+                          f"{steps / MAX_SCHEDULE_STEPS:g} (or lower the steps)")
+    total = int(total)
+    return SCHEDULERS[scheduler](s, total, keep=min(steps, total))
 
 
 # -- samplers ---------------------------------------------------------------------------------------------------
@@ -211,9 +227,10 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, call
     return x
 
 
-def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up) for an ancestral step."""
-    if not eta or not sigma_to:
+def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float = 1.0):
+    """(sigma_down, sigma_up) for an ancestral step, in the sigmas' precision (float32 tensors, as ComfyUI and
+    k-diffusion compute them: a step far down, sigma_to / sigma_from below about 3e-4, rounds sigma_down to 0)."""
+    if not eta:
         return sigma_to, 0.0
     up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
     down = (sigma_to**2 - up**2) ** 0.5
@@ -240,16 +257,19 @@ def ancestral_noise_sampler(seed: int) -> Callable[[torch.Tensor], torch.Tensor]
 @torch.no_grad()
 def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
                            callback: StepCallback | None = None, eta: float = 1.0, seed: int = 0, **_) -> torch.Tensor:
-    """Euler ancestral: an Euler step down to sigma_down, then fresh noise up to sigma_to."""
+    """Euler ancestral: an Euler step down to sigma_down, then fresh noise up to sigma_to. As ComfyUI's: a step
+    whose sigma_down is 0 (the last, to sigma 0, and one so far down that float32 rounds sigma_down to 0) lands
+    on the prediction itself and draws no noise."""
     noise = ancestral_noise_sampler(seed)
     n = len(sigmas) - 1
     for i in range(n):
         x0 = denoiser(x, sigmas[i])
-        down, up = ancestral_step(float(sigmas[i]), float(sigmas[i + 1]), eta)
-        d = (x - x0) / sigmas[i]
-        x = x + d * (down - sigmas[i])
-        if sigmas[i + 1] > 0:
-            x = x + noise(x) * up
+        down, up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        if down == 0:
+            x = x0
+        else:
+            d = (x - x0) / sigmas[i]
+            x = x + d * (down - sigmas[i]) + noise(x) * up
         _notify(callback, i, n, x0)
     return x
 
@@ -325,10 +345,37 @@ def get_sampler(name: str):
     return SAMPLERS[name]
 
 
-def initial_noise(seed: int, shape: tuple) -> torch.Tensor:
-    """ComfyUI KSampler's noise: ``torch.manual_seed(seed)`` then ``randn`` on the CPU in the latent's shape."""
+def initial_noise(seed: int, shape: tuple, batch_index: list[int] | None = None) -> torch.Tensor:
+    """ComfyUI KSampler's noise (``comfy.sample.prepare_noise``): ``torch.manual_seed(seed)`` then ``randn`` on the
+    CPU in the latent's shape. ``batch_index`` (a latent's, as Latent From Batch sets it: each frame's place in the
+    batch it was taken from) draws one frame's noise at a time up to the largest index and gives each frame the
+    noise of its index, so a part of a video gets the noise it had in the whole."""
     gen = torch.manual_seed(int(seed))
-    return torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu")
+    if batch_index is None:
+        return torch.randn(shape, generator=gen, dtype=torch.float32, device="cpu")
+    index = check_batch_index(batch_index, shape[0])
+    wanted = set(index)
+    drawn = {}
+    for i in range(max(index) + 1):
+        noise = torch.randn((1, *shape[1:]), generator=gen, dtype=torch.float32, device="cpu")
+        if i in wanted:
+            drawn[i] = noise
+    return torch.cat([drawn[i] for i in index])
+
+
+#: the largest batch index ``initial_noise`` draws up to (a frame's noise each: more is a damaged latent)
+MAX_BATCH_INDEX = 100_000
+
+
+def check_batch_index(batch_index, frames: int) -> list[int]:
+    """A latent's ``batch_index`` as a list of ``frames`` whole numbers from 0 up, or KinemaError."""
+    listed = isinstance(batch_index, (list, tuple)) and len(batch_index) == frames
+    if not listed or not all(isinstance(i, numbers.Real) and not isinstance(i, bool) and math.isfinite(i)
+                             and i == int(i) and 0 <= i <= MAX_BATCH_INDEX for i in batch_index):
+        raise KinemaError(f"the latent's batch_index must list {frames} whole numbers from 0 to {MAX_BATCH_INDEX}, "
+                          f"one a frame (it is {str(batch_index)[:80]}): remove it or make the latent again with "
+                          "Latent From Batch")
+    return [int(i) for i in batch_index]
 
 
 def noise_latent(latent: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, s: DiscreteSchedule) -> torch.Tensor:

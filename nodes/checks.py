@@ -5,6 +5,7 @@ import torch
 
 from ..models.errors import KinemaError
 from ..models.motion import MotionModel
+from ..models.sampling import check_batch_index
 from ..models.svd_model import SVDModel
 
 
@@ -36,3 +37,10 @@ def latent_samples(latent, node: str) -> torch.Tensor:
         raise KinemaError(f"{node}: the latent is {samples.shape[-1]}x{samples.shape[-2]} latent pixels, an empty "
                           f"frame: {fix} with a size of at least 8x8 pixels")
     return samples
+
+
+def latent_batch_index(latent: dict, samples: torch.Tensor) -> tuple[int, ...] | None:
+    """The LATENT's ``batch_index`` (set by core Latent From Batch: each frame's place in the batch it came from),
+    checked against its frames, or None."""
+    index = latent.get("batch_index")
+    return None if index is None else tuple(check_batch_index(index, samples.shape[0]))

@@ -7,7 +7,7 @@ from ..models.preview import contact_sheet
 from ..models.sampling import SAMPLERS, SCHEDULERS
 from ..models.svd_model import SVDModel
 from . import host
-from .checks import latent_samples
+from .checks import latent_batch_index, latent_samples
 
 IMAGE_CONDITIONING = "kinema_image_conditioning"
 
@@ -103,7 +103,7 @@ class KinemaVideoSampler:
                                 "pixel of every frame is sampled")
         opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                        denoise=denoise, attn_chunk=attention_chunk, context=context_options,
-                                       batch_cond=bool(batch_cond))
+                                       batch_cond=bool(batch_cond), batch_index=latent_batch_index(latent, latent_in))
         # progress moves per window with context windows (a step of a long video is many model calls)
         per_step = 1 if context_options is None else pipelines.windows_per_step(latent_in.shape[0],
                                                                                 context_options, steps)

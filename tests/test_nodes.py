@@ -54,6 +54,14 @@ def test_txt2vid_graph_by_hand(nodes, host_dirs, caplog):
     with caplog.at_level(logging.WARNING, logger="kinema"):
         nodes["KinemaVideoSampler"]().sample(video, pos, neg, masked, 7, 1, 7.5, "euler", "normal", 1.0)
     assert "noise_mask is ignored" in caplog.text
+    # frames 6-11 of a longer batch (core's Latent From Batch): their noise, as ComfyUI's KSampler draws it
+    part = {**latent, "batch_index": list(range(6, 12))}
+    (later,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, part, 7, 3, 7.5, "euler_ancestral", "normal", 1.0)
+    assert later["batch_index"] == part["batch_index"] and not torch.equal(later["samples"], out["samples"])
+    for bad in ([0, 1], [0, 1, 2, 3, 4, -5], [0.5] * 6, "012345"):
+        with pytest.raises(KinemaError, match="batch_index must list 6 whole numbers"):
+            nodes["KinemaVideoSampler"]().sample(video, pos, neg, {**latent, "batch_index": bad}, 7, 1, 7.5,
+                                                 "euler", "normal", 1.0)
     (images,) = nodes["KinemaVAEDecodeFrames"]().decode(vae, out, 4)
     assert images.shape == (6, 48, 64, 3) and images.min() >= 0 and images.max() <= 1
     ui = nodes["KinemaSaveVideo"]().save(images, 8.0, "gif", 0, "test/txt2vid")

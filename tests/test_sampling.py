@@ -71,15 +71,40 @@ def test_every_scheduler_decreases_to_zero(name):
     assert torch.all(sig[:-1] > 0) and torch.all(sig[1:] <= sig[:-1])
 
 
-def test_denoise_keeps_the_tail_of_a_longer_schedule():
+@pytest.mark.parametrize("name", list(sampling.SCHEDULERS))
+@pytest.mark.parametrize("schedule", [sampling.DiscreteSchedule("linear"), sampling.ContinuousEDMSchedule()],
+                         ids=["ddpm", "edm"])
+def test_denoise_keeps_the_tail_of_a_longer_schedule(name, schedule):
+    """Bit for bit the last sigmas of the whole longer schedule, though only those are computed."""
+    for steps, denoise, total in [(10, 0.5, 20), (7, 0.3, 23), (3, 0.01, 300), (200, 0.1, 2000)]:
+        full = sampling.SCHEDULERS[name](schedule, total)
+        part = sampling.calculate_sigmas(schedule, name, steps, denoise=denoise)
+        assert torch.equal(part, full[-(steps + 1):]), (steps, denoise)
+    assert len(sampling.calculate_sigmas(schedule, name, 10, denoise=0.0)) == 1
+
+
+def test_a_short_denoise_of_a_very_long_schedule():
+    """steps 200 at denoise 0.01 (a 20000-step schedule, as ComfyUI builds it) samples 200 distinct sigmas at
+    the schedules whose tails differ, quickly; a denoise above 0.9999 is the whole schedule, as ComfyUI's."""
     s = sampling.DiscreteSchedule("linear")
-    full = sampling.calculate_sigmas(s, "normal", 20)
-    part = sampling.calculate_sigmas(s, "normal", 10, denoise=0.5)
-    assert torch.equal(part, full[-11:])
-    assert len(sampling.calculate_sigmas(s, "normal", 10, denoise=0.0)) == 1
+    for name in ("karras", "exponential", "normal", "sgm_uniform"):
+        sig = sampling.calculate_sigmas(s, name, 200, denoise=0.01)
+        assert len(sig) == 201 and len(torch.unique(sig)) == 201
+    karras = sampling.calculate_sigmas(s, "karras", 200, denoise=0.01)
+    assert torch.equal(karras, sampling.karras_scheduler(s, 20000)[-201:])
+    assert torch.equal(sampling.calculate_sigmas(s, "ddim_uniform", 7, denoise=0.99995),
+                       sampling.calculate_sigmas(s, "ddim_uniform", 7))
 
 
-@pytest.mark.parametrize("bad", [{"scheduler": "nope"}, {"steps": 0}, {"denoise": 1.5}, {"denoise": 1e-5}])
+@pytest.mark.parametrize("denoise", [1e-7, 5e-324, 1e-300])
+def test_a_denoise_past_the_longest_schedule_is_refused(denoise):
+    with pytest.raises(KinemaError, match="raise denoise to at least 5e-06") as e:
+        sampling.calculate_sigmas(sampling.DiscreteSchedule(), "normal", 5, denoise=denoise)
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("bad", [{"scheduler": "nope"}, {"steps": 0}, {"denoise": 1.5}, {"denoise": 1e-7},
+                                 {"denoise": float("nan")}])
 def test_bad_schedule_arguments(bad):
     args = dict(scheduler="normal", steps=5, denoise=1.0) | bad
     with pytest.raises(KinemaError):
@@ -92,6 +117,17 @@ def test_initial_noise_is_comfyui_ksampler_noise():
     torch.manual_seed(1234)
     want = torch.randn((16, 4, 8, 8), dtype=torch.float32, device="cpu")
     assert torch.equal(sampling.initial_noise(1234, (16, 4, 8, 8)), want)
+
+
+@pytest.mark.parametrize("index", [[0, 1, 2], [4, 2, 2], [7], [3, 4, 5, 6]])
+def test_initial_noise_of_a_batch_index_is_comfyuis(index):
+    """``comfy.sample.prepare_noise`` with a latent's batch_index: one frame's noise drawn at a time (a frame of 36
+    numbers: not the same numbers as one draw of the whole), each frame given its index's."""
+    gen = torch.manual_seed(99)
+    frames = [torch.randn((1, 4, 3, 3), generator=gen) for _ in range(max(index) + 1)]
+    want = torch.cat([frames[i] for i in index])
+    assert torch.equal(sampling.initial_noise(99, (len(index), 4, 3, 3), index), want)
+    assert not torch.equal(sampling.initial_noise(99, (3, 4, 3, 3), [0, 1, 2]), sampling.initial_noise(99, (3, 4, 3, 3)))
 
 
 def _gaussian_denoiser(mu: float, var: float):
@@ -199,3 +235,27 @@ def test_lcm_noises_each_prediction_to_the_next_sigma_with_comfyuis_ancestral_no
     for i in range(1, 4):
         torch.testing.assert_close(seen[i], preds[i - 1] + torch.randn(x.shape, generator=gen) * sig[i])
     assert torch.equal(out, preds[-1])
+
+
+def test_euler_ancestral_steps_as_comfyuis():
+    """k-diffusion's ancestral step in float32 (ComfyUI's ``euler_ancestral``): an Euler step to sigma_down plus
+    fresh noise times sigma_up; a step whose sigma_down is 0 lands on the prediction and draws nothing: the last
+    one, and SVD's 700 -> 0.1 (sigma_to / sigma_from 1.4e-4 rounds sigma_down to 0 in float32)."""
+    def denoiser(x, sigma):
+        return torch.tanh(x / (1 + float(sigma))) * 0.7 + 0.05
+
+    x = sampling.initial_noise(3, (2, 4, 3, 3)) * 14.6
+    sig = torch.tensor([14.6, 2.0, 0.3, 0.0])
+    out = sampling.sample_euler_ancestral(denoiser, x, sig, seed=9)
+    gen, want = torch.Generator().manual_seed(9), x
+    for i in range(2):
+        s, t = sig[i], sig[i + 1]
+        up = torch.sqrt(t**2 * (s**2 - t**2) / s**2)
+        down = torch.sqrt(t**2 - up**2)
+        want = want + (want - denoiser(want, s)) / s * (down - s) + torch.randn(x.shape, generator=gen) * up
+    assert torch.equal(out, denoiser(want, sig[2]))  # the last step: the prediction itself
+
+    far = torch.tensor([700.0, 0.1, 0.0])
+    x = sampling.initial_noise(3, (2, 4, 3, 3)) * 700.0
+    out = sampling.sample_euler_ancestral(denoiser, x, far, seed=9)
+    assert torch.equal(out, denoiser(denoiser(x, far[0]), far[1]))
