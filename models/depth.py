@@ -30,9 +30,10 @@ network is done here in torch, batched, on the model's device:
 
 DPT (MiDaS) and relative Depth Anything predict relative *inverse* depth (disparity): larger is
 nearer. Metric Depth Anything predicts metres (larger is farther); ``estimate`` turns it into
-inverse depth (1 / metres) so that every model gives near = bright. ``estimate`` normalises with
-one minimum and maximum over the whole video, so the brightness of a surface does not flicker
-from frame to frame.
+inverse depth (1 / metres, at the network's resolution, before the resize to the frame size) so
+that every model gives near = bright. ``estimate`` normalises with
+one minimum and maximum over the whole video, so the normalisation adds no flicker from frame to
+frame (the network's own frame-to-frame changes of scale and shift, for relative depth, remain).
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ _RESAMPLE = {0: "nearest-exact", 2: "bilinear", 3: "bicubic", 1: "bicubic", 4: "
 _RESAMPLE_NAMES = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 #: Gen-1's structure fidelity: blur + 2x downsample steps (0 = the depth maps as they are)
 MAX_FIDELITY_STEPS = 7
+FIDELITY_FRAMES = 4  # frames degraded at a time: the working copies are a few frames', whatever the video's length
 _HINT = ("A depth model is a transformers model folder with config.json and model.safetensors, e.g. "
          "Intel/dpt-hybrid-midas, Intel/dpt-large, LiheYoung/depth-anything-small-hf or "
          "depth-anything/Depth-Anything-V2-Small-hf downloaded whole (huggingface-cli download <repo> "
@@ -249,11 +251,15 @@ class DepthEstimator:
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 4,
-                on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                on_batch: Callable[[int, int], None] | None = None, inverse: bool = False) -> torch.Tensor:
         """[f, h, w, 3] frames in [0, 1] -> [f, h, w] float32 raw prediction at the frame size.
 
         The network's ``predicted_depth`` after ``post_process_depth_estimation`` (relative inverse
-        depth, or metres for metric models), on the frames' device. ``on_batch(done, total)`` is
+        depth, or metres for metric models), on the frames' device. ``inverse``: a metric model's
+        metres as inverse depth (1 / metres), taken at the network's resolution, before the resize
+        (the bicubic resize of metres dips below the nearest surface at a sharp edge, to 0 or
+        negative metres: their inverse would outshine everything), clipped to each frame's range at
+        that resolution (the resize's overshoot would darken the rest). ``on_batch(done, total)`` is
         called after each batch of ``batch_size`` frames (progress; it may raise to stop).
         """
         check_images(images, "Depth estimation")
@@ -266,11 +272,22 @@ class DepthEstimator:
             device, dtype = self.device, self.dtype
             while start < frames:
                 def run(b: FrameBatch, start=start) -> torch.Tensor:
-                    pixels = self.preprocess(images[start:start + b.frames].to(device)).to(dtype)
+                    frames_in = images[start:start + b.frames].to(device)
+                    if not bool(torch.isfinite(frames_in).all()):
+                        raise KinemaError(f"Depth estimation: frames {start + 1} to {start + len(frames_in)} hold NaN or "
+                                          "infinite values: check the node that made the frames")
+                    pixels = self.preprocess(frames_in).to(dtype)
                     raw = self.model(pixel_values=pixels).predicted_depth.float()
-                    raw = F.interpolate(rearrange(raw, "f h w -> f 1 h w"), size=(height, width), mode="bicubic",
-                                        align_corners=False)
-                    return rearrange(raw, "f 1 h w -> f h w").to(images.device)
+                    invert = inverse and self.info.metric
+                    if invert:
+                        raw = 1.0 / raw.clamp_min(1e-6)
+                    resized = F.interpolate(rearrange(raw, "f h w -> f 1 h w"), size=(height, width),
+                                            mode="bicubic", align_corners=False)
+                    resized = rearrange(resized, "f 1 h w -> f h w")
+                    if invert:  # and the resize's overshoot at those edges clipped to what the network said
+                        lo, hi = raw.amin(dim=(1, 2), keepdim=True), raw.amax(dim=(1, 2), keepdim=True)
+                        resized = torch.minimum(torch.maximum(resized, lo), hi)
+                    return resized.to(images.device)
 
                 raw, setting = run_with_oom_retry(run, setting, lambda b, left=frames - start: b.smaller(left),
                                                   "depth estimation", "lower batch_size on Depth Estimate (Kinema)")
@@ -283,10 +300,8 @@ class DepthEstimator:
     def estimate(self, images: torch.Tensor, batch_size: int = 4,
                  on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """[f, h, w, 3] frames in [0, 1] -> [f, h, w] depth in [0, 1], near = bright, one scale for the video."""
-        raw = self.predict(images, batch_size, on_batch)
-        if self.info.metric:  # metres -> inverse depth, the way relative models see it
-            raw = 1.0 / raw.clamp_min(1e-6)
-        return normalize_depth(raw, self.info.name, self.dtype)
+        # a metric model's metres as inverse depth, the way relative models see it
+        return normalize_depth(self.predict(images, batch_size, on_batch, inverse=True), self.info.name, self.dtype)
 
     def estimate_image(self, images: torch.Tensor, batch_size: int = 4,
                        on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -298,7 +313,8 @@ def normalize_depth(depth: torch.Tensor, name: str = "depth", dtype: torch.dtype
     """[f, h, w] -> [f, h, w] in [0, 1] with one min/max over all frames (a flat map gives zeros)."""
     lo, hi = depth.min(), depth.max()
     if not (torch.isfinite(lo) and torch.isfinite(hi)):
-        hint = " in fp16: load it with precision fp32 or bf16" if dtype == torch.float16 else ""
+        hint = (" in fp16: load it with precision fp32 or bf16" if dtype == torch.float16
+                else ": its weights may be damaged, download the folder again")
         raise KinemaError(f"Depth model '{name}' predicted non-finite values{hint}")
     if hi <= lo:
         return torch.zeros_like(depth)
@@ -377,6 +393,26 @@ def _transformers_at_least(major: int, minor: int) -> bool:
     return found is None or (int(found.group(1)), int(found.group(2))) >= (major, minor)
 
 
+def _weights_absent(cls, folder: str) -> list[str]:
+    """The weights a ``cls`` built from the folder's config.json needs and none of its weight files holds (under
+    the model's names or without its base-model prefix), sorted; [] where that cannot be told."""
+    from safetensors import safe_open
+
+    try:
+        config = cls.config_class.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            wanted = set(cls(config).state_dict())
+        held = set()
+        for path in _weight_files(folder):
+            with safe_open(path, "pt") as f:
+                held.update(f.keys())
+    except Exception:  # noqa: BLE001 - the folder's own error is the one to report then
+        return []
+    prefix = getattr(cls, "base_model_prefix", "") + "."
+    held |= {prefix + k for k in held} | {k.removeprefix(prefix) for k in held}
+    return sorted(wanted - held)
+
+
 def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEstimator:
     """Load a transformers depth model folder (``dpt`` or ``depth_anything``) as a ``DepthEstimator``.
 
@@ -412,25 +448,30 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
         _check_safetensors(path)
 
     import transformers
-    from safetensors import SafetensorError
 
     cls = getattr(transformers, class_name)
     # the precision: "dtype" from transformers 4.56 on, "torch_dtype" before (4.56+ still take it, with a warning)
     precision = {"dtype" if _transformers_at_least(4, 56) else "torch_dtype": dtype or torch.float32}
+    def mismatch(missing: int, mismatched: int, first: str) -> KinemaError:
+        return KinemaError(
+            f"Depth model folder '{folder}': model.safetensors does not match its config.json "
+            f"({missing} weights missing, {mismatched} of the wrong shape; first: {first}). The weights "
+            f"and config come from different models: download the folder again, all of it")
+
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                           output_loading_info=True, **precision)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, SafetensorError) as e:
-        # transformers' config validation, shape mismatches, unreadable files
+    except Exception as e:  # transformers' config validation, shape mismatches, unreadable files
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        absent = _weights_absent(cls, folder)  # transformers 4 can fail on another model's weights before saying so
+        if absent:
+            raise mismatch(len(absent), 0, absent[0]) from None
         raise KinemaError(f"Depth model folder '{folder}' could not be loaded as {class_name}: {e}") from None
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in info.get("mismatched_keys") or [])
     if missing or mismatched:
-        bad = missing or mismatched
-        raise KinemaError(
-            f"Depth model folder '{folder}': model.safetensors does not match its config.json "
-            f"({len(missing)} weights missing, {len(mismatched)} of the wrong shape; first: {bad[0]}). The weights "
-            f"and config come from different models: download the folder again, all of it")
+        raise mismatch(len(missing), len(mismatched), (missing or mismatched)[0])
     unexpected = info.get("unexpected_keys") or []
     if unexpected:
         logger.warning("Depth model '%s': %d weights that %s does not use were ignored", name, len(unexpected),
@@ -505,12 +546,24 @@ def structure_fidelity(depth: torch.Tensor, t_s: int) -> torch.Tensor:
         raise KinemaError(f"structure fidelity got empty depth maps of shape {list(depth.shape)}")
     if t_s == 0:
         return depth
-    image = depth.dim() == 4
-    c = depth.shape[-1] if image else 1
-    x = rearrange(depth.float(), "f h w c -> (f c) 1 h w") if image else rearrange(depth.float(), "f h w -> f 1 h w")
+    out = torch.empty_like(depth)
+    for start in range(0, depth.shape[0], FIDELITY_FRAMES):
+        chunk = depth[start:start + FIDELITY_FRAMES]
+        if depth.dim() == 3:
+            out[start:start + FIDELITY_FRAMES] = _degrade(chunk.unsqueeze(-1), t_s).squeeze(-1)
+        elif bool((chunk == chunk[..., :1]).all()):  # a gray IMAGE: one channel degraded, copied to the others
+            out[start:start + FIDELITY_FRAMES] = _degrade(chunk[..., :1], t_s)
+        else:
+            out[start:start + FIDELITY_FRAMES] = _degrade(chunk, t_s)
+    return out
+
+
+def _degrade(maps: torch.Tensor, t_s: int) -> torch.Tensor:
+    """[f, h, w, c] -> [f, h, w, c]: ``t_s`` pyramid steps down and back up to the size, each map on its own."""
+    c = maps.shape[-1]
+    x = rearrange(maps.float(), "f h w c -> (f c) 1 h w")
     size = x.shape[-2:]
     for _ in range(t_s):
         x = _reduce(x)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    x = rearrange(x, "(f c) 1 h w -> f h w c", c=c) if image else rearrange(x, "f 1 h w -> f h w")
-    return x.to(depth.dtype)
+    return rearrange(x, "(f c) 1 h w -> f h w c", c=c)

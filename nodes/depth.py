@@ -53,7 +53,7 @@ class KinemaDepthEstimate:
     DESCRIPTION = (
         "Estimates a depth map for every frame (Gen-1's structure representation; also a hint for a depth "
         "ControlNet): the model's own preprocessing, a batch of frames at a time, the prediction resized back to the "
-        "frame size. Near is bright; one brightness scale for the whole video, so surfaces do not flicker."
+        "frame size. Near is bright; one brightness scale for the whole video (not one per frame, which would flicker)."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)

@@ -12,8 +12,10 @@ from conftest import assert_net_close, load_pack
 from fixtures_depth import PREPROCESSORS, smooth_frames, write_folder
 from kinema.models import demo
 from kinema.models.depth import (
+    FIDELITY_FRAMES,
     MAX_FIDELITY_STEPS,
     DepthEstimator,
+    DepthModelInfo,
     DepthPreprocess,
     load_depth_model,
     normalize_depth,
@@ -161,6 +163,39 @@ def test_near_is_bright(estimators):
     assert float(metric.estimate(frames).flatten()[far]) < float(metric.estimate(frames).flatten()[near])
 
 
+class _SharpEdgeMetres(torch.nn.Module):
+    """Stands in for a metric Depth Anything: an object 1 m away in front of a 20 m background, with a sharp edge
+    (what the bicubic resize of metres undershoots to 0 or negative metres)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, pixel_values):
+        f, _, h, w = pixel_values.shape
+        metres = torch.full((f, h, w), 20.0)
+        metres[:, h // 4:3 * h // 4, w // 3:2 * w // 3] = 1.0
+        return type("Output", (), {"predicted_depth": metres + self.unused})()
+
+
+def test_metric_depth_is_inverted_before_the_resize():
+    est = DepthEstimator(_SharpEdgeMetres(), DepthPreprocess.default("depth_anything"),
+                         DepthModelInfo("sharp", "depth_anything", metric=True, patch=14))
+    frames = torch.rand(1, 270, 480, 3)
+    assert float(est.predict(frames).min()) < 0.5  # the resized metres dip below the object's 1 m
+    depth = est.estimate(frames)
+    assert float(depth[0, 135, 240]) > 0.8 and float(depth[0, 5, 5]) < 0.05  # object bright, background dark
+    inverse = est.predict(frames, inverse=True)
+    assert 1 / 20 - 0.01 < float(inverse[0, 5, 5]) < 1 / 20 + 0.01 and float(inverse.max()) < 1.2
+
+
+def test_frames_holding_nan_are_named(estimators):
+    frames = smooth_frames(3, 48, 80, seed=1)
+    frames[2, 3, 4, 1] = float("nan")
+    with pytest.raises(KinemaError, match="frames 3 to 3 hold NaN or infinite values: check the node"):
+        estimators["dpt"].estimate(frames, batch_size=2)
+
+
 def test_on_batch_reports_progress_and_can_stop(estimators):
     est = estimators["dpt"]
     frames = smooth_frames(5, 32, 32)
@@ -269,6 +304,15 @@ def test_weights_of_another_model(folders, tmp_path):
         load_depth_model(str(folder))
 
 
+def test_a_config_field_of_the_wrong_type(folders, tmp_path):
+    folder = _copy(folders, "dpt", tmp_path, "badfield")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_size"] = "big"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KinemaError, match="could not be loaded as DPTForDepthEstimation"):
+        load_depth_model(str(folder))
+
+
 def test_a_dpt_that_is_not_a_depth_estimator(folders, tmp_path):
     folder = _copy(folders, "dpt", tmp_path, "ade")
     cfg = json.loads((folder / "config.json").read_text())
@@ -358,6 +402,23 @@ def test_structure_fidelity_is_per_frame_and_per_channel():
     assert torch.allclose(image[..., 0], out, atol=1e-6) and torch.equal(image[..., 0], image[..., 2])
     half = structure_fidelity(depth.half(), 2)
     assert half.dtype == torch.float16 and torch.allclose(half.float(), out, atol=2e-3)
+
+
+def test_structure_fidelity_works_a_few_frames_at_a_time():
+    """Frames are degraded FIDELITY_FRAMES at a time (each frame on its own, so the same result); a gray IMAGE's
+    one channel is degraded once and copied, a colour one's channels each."""
+    g = torch.Generator().manual_seed(3)
+    frames = 2 * FIDELITY_FRAMES + 1
+    depth = torch.rand(frames, 24, 36, generator=g)
+    out = structure_fidelity(depth, 3)
+    for i in range(frames):
+        assert torch.allclose(structure_fidelity(depth[i:i + 1], 3)[0], out[i], atol=1e-6)
+    gray = structure_fidelity(depth.unsqueeze(-1).expand(frames, 24, 36, 3).contiguous(), 3)
+    assert all(torch.equal(gray[..., c], out) for c in range(3))
+    colour = torch.rand(frames, 24, 36, 3, generator=g)
+    degraded = structure_fidelity(colour, 3)
+    for c in range(3):
+        assert torch.allclose(degraded[..., c], structure_fidelity(colour[..., c].contiguous(), 3), atol=1e-6)
 
 
 @pytest.mark.parametrize("t_s", [-1, MAX_FIDELITY_STEPS + 1, 1.5, True, "2"])
