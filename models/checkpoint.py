@@ -316,7 +316,7 @@ def damaged_file(name: str, what: str):
     try:
         yield
     except MALFORMED_ERRORS as e:
-        if isinstance(e, torch.OutOfMemoryError):
+        if isinstance(e, KinemaError) or is_out_of_memory(e):
             raise
         detail = " ".join(str(e).split())[:200]
         detail = f"{type(e).__name__}: {detail}" if detail else type(e).__name__

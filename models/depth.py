@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .errors import KinemaError
+from .errors import KinemaError, is_out_of_memory
 from .memory import FrameBatch, run_with_oom_retry
 from .placement import on_device
 from .video_io import check_images
@@ -462,7 +462,7 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
         model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                           output_loading_info=True, **precision)
     except Exception as e:  # transformers' config validation, shape mismatches, unreadable files
-        if isinstance(e, torch.OutOfMemoryError):
+        if isinstance(e, KinemaError) or is_out_of_memory(e):
             raise
         absent = _weights_absent(cls, folder)  # transformers 4 can fail on another model's weights before saying so
         if absent:

@@ -28,7 +28,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return False
     if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    # CUDA/MPS/XPU say "out of memory"; the CPU allocator raises a plain RuntimeError "DefaultCPUAllocator: can't
+    # allocate memory: you tried to allocate ..."
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message)
 
 
 def finite_number(value, what: str) -> float:

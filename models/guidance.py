@@ -60,9 +60,12 @@ class AttentionChunk:
     queries: int = 0
 
     def smaller(self) -> AttentionChunk | None:
+        """1024 queries at once after none or more (half a chunk larger than every query would be the same
+        call again), then half the chunk down to 64."""
         if self.queries == 0:
             return AttentionChunk(1024)
-        return AttentionChunk(self.queries // 2) if self.queries // 2 >= 64 else None
+        smaller = min(self.queries // 2, 1024)
+        return AttentionChunk(smaller) if smaller >= 64 else None
 
     def __str__(self) -> str:
         return f"attention in chunks of {self.queries} queries" if self.queries else "attention unchunked"

@@ -98,12 +98,13 @@ def release_cached_memory() -> None:
 
 
 def available_bytes(device: torch.device | str) -> int | None:
-    """Memory free for new tensors on ``device``: free VRAM on CUDA, ``MemAvailable`` on the CPU (Linux);
-    None where it cannot be told."""
+    """Memory free for new tensors on ``device``: on CUDA the free VRAM plus what PyTorch's allocator holds
+    cached but unused (new tensors take that first), ``MemAvailable`` on the CPU (Linux); None where it cannot
+    be told."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free) + max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -117,8 +118,11 @@ def available_bytes(device: torch.device | str) -> int | None:
 
 def check_fits(needed: int, device: torch.device | str, what: str, remedies: str) -> None:
     """Raise ``KinemaOutOfMemoryError`` before allocating when ``needed`` bytes clearly exceed the free memory of
-    ``device``."""
+    ``device``, after asking the host to free that much (ComfyUI unloads its idle models)."""
     free = available_bytes(device)
+    if free is not None and needed > free:
+        placement.make_room(needed, device)
+        free = available_bytes(device)
     if free is not None and needed > free:
         raise KinemaOutOfMemoryError(f"{what} needs about {placement.gib(needed)} but {torch.device(device).type} "
                                      f"has {placement.gib(free)} free: {remedies}")

@@ -85,9 +85,14 @@ def _move(module: nn.Module, device: torch.device, on_move: OnMove | None) -> No
     _bring(module, device, on_move)
 
 
+def make_room(nbytes: int, device: torch.device) -> None:
+    """Ask the host to free ``nbytes`` on ``device`` (ComfyUI unloads idle models until that much is free)."""
+    if _make_room is not None and torch.device(device).type != "cpu":
+        _make_room(nbytes, torch.device(device))
+
+
 def _room_for(module: nn.Module, device: torch.device) -> None:
-    if _make_room is not None and device.type != "cpu":
-        _make_room(module_bytes(module), device)
+    make_room(module_bytes(module), device)
 
 
 def make_room_all(device: torch.device) -> None:
@@ -203,16 +208,29 @@ def video_model_on_device(model) -> Iterator[None]:
             stack.enter_context(_using(core, torch.device(opts.device), torch.device(opts.storage), opts.on_move))
         elif opts.mode == "none":
             target = compute_device(model.unet, opts)
-            for m in (model.unet, motion):  # every parameter looked at: a LoRA'd copy shares some with another
-                if m is not None and _users.get(id(m), 0) == 0 and any(p.device != target for p in m.parameters()):
+            for m in (model.unet, motion):  # every tensor looked at: a LoRA'd or recast copy shares modules (the
+                # motion module's positional tables) with another model, which another policy may have moved
+                if m is not None and _users.get(id(m), 0) == 0 and not _all_on(m, target):
                     _move(m, target, opts.on_move)
         for net in addon_modules(model):
-            if opts.mode != "none":
-                stack.enter_context(_using([net], torch.device(opts.device), torch.device(opts.storage),
-                                           opts.on_move))
+            if opts.mode != "none":  # with the video model for the run, back to where its own placement keeps it
+                stack.enter_context(_using([net], torch.device(opts.device), _resting_place(net), opts.on_move))
             else:
                 stack.enter_context(on_device(net))
         yield
+
+
+def _all_on(module: nn.Module, device: torch.device) -> bool:
+    return all(t.device == device for t in (*module.parameters(), *module.buffers()))
+
+
+def _resting_place(net: nn.Module) -> torch.device:
+    """Where an add-on waits between runs: its placement's storage (offloaded) or device, else where it is."""
+    p = placement_of(net)
+    if p is not None:
+        return torch.device(p.storage if p.offload else p.device)
+    first = next(iter((*net.parameters(), *net.buffers())), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def resting_device(opts: OffloadOptions) -> torch.device:

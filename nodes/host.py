@@ -599,13 +599,28 @@ def _guarded_preview(make: Callable) -> Callable:
 
 # --- devices --------------------------------------------------------------------------------
 def compute_device() -> torch.device:
-    """Where models run: ComfyUI's torch device, else ``KINEMA_DEVICE``, CUDA or CPU."""
+    """Where models run: ComfyUI's torch device, else ``KINEMA_DEVICE``, the CPU for ``KINEMA_VRAM=cpu``, CUDA
+    or CPU."""
     if _comfy_mm is not None:
         return _comfy_mm.get_torch_device()
     env = os.environ.get("KINEMA_DEVICE")
     if env:
-        return torch.device(env)
+        try:
+            return torch.device(env)
+        except RuntimeError as e:
+            raise KinemaError(f"KINEMA_DEVICE='{env}' is not a torch device ({e}): set it to cpu, cuda or "
+                              "cuda:N, or unset it") from None
+    if _env_vram() == "cpu":
+        return torch.device("cpu")
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _env_vram() -> str:
+    vram = os.environ.get("KINEMA_VRAM", "normal")
+    if vram not in memory.VRAM_STATES:
+        raise KinemaError(f"KINEMA_VRAM='{vram}' is not a VRAM mode: set it to one of "
+                          f"{', '.join(memory.VRAM_STATES)}, or unset it")
+    return vram
 
 
 def offload_device() -> torch.device:
@@ -624,7 +639,7 @@ def vram_state() -> str:
     if _comfy_mm is not None:
         state = getattr(getattr(_comfy_mm, "vram_state", None), "name", "NORMAL_VRAM")
         return {"HIGH_VRAM": "high", "LOW_VRAM": "low", "NO_VRAM": "none", "DISABLED": "cpu"}.get(state, "normal")
-    return os.environ.get("KINEMA_VRAM", "normal")
+    return _env_vram()
 
 
 def memory_defaults():

@@ -109,3 +109,12 @@ def test_out_of_memory_of_one_video_retries_with_chunked_attention(caplog):
     assert model.chunks == [0, 1024, 1024]  # the chunking holds for the rest of the run
     assert torch.allclose(got, want, atol=1e-5) and torch.equal(got, again)
     assert "retrying once with attention in chunks of 1024 queries" in caplog.text
+
+
+def test_the_attention_chunk_retry_always_chunks_smaller():
+    """After unchunked or a chunk above 1024 queries (which may cover every query: the same call again), 1024;
+    then halves down to 64."""
+    from kinema.models.guidance import AttentionChunk
+
+    sizes = [AttentionChunk(q).smaller() for q in (0, 4096, 1 << 20, 1024, 200, 127)]
+    assert [s.queries if s else None for s in sizes] == [1024, 1024, 1024, 512, 100, None]

@@ -111,13 +111,19 @@ def test_model_offload_brings_the_unet_and_motion_module_for_the_sampling_run_on
 def test_block_offload_brings_the_addons_for_the_run():
     from kinema.models.addons import ControlHint
 
-    net = torch.nn.Linear(1, 1)  # not run: only placed
-    hint = ControlHint(controlnet=net, hints=torch.zeros(1, 3, 8, 8))
-    watch = Moves()
-    model = motion_model("v2").with_options(controls=(hint,), offload=_video_opts("block", watch))
-    with placement.video_model_on_device(model):
-        assert watch.where(net) == "cpu" and watch.where(model.unet) is None  # the UNet is streamed per block
-    assert watch.where(net) == "cpu:1"
+    # after the run each goes back where its own placement keeps it (an unplaced one: where it was), not to the
+    # video model's storage: one kept on the device (--highvram) must be there for a later run that moves nothing
+    for own, after in [(None, "cpu"), (placement.Placement(device="cpu"), "cpu"),
+                       (placement.Placement(device="cpu", offload=True, storage="cpu:1"), "cpu:1")]:
+        net = torch.nn.Linear(1, 1)  # not run: only placed
+        if own is not None:
+            setattr(net, placement.ATTR, own)
+        hint = ControlHint(controlnet=net, hints=torch.zeros(1, 3, 8, 8))
+        watch = Moves()
+        model = motion_model("v2").with_options(controls=(hint,), offload=_video_opts("block", watch))
+        with placement.video_model_on_device(model):
+            assert watch.where(net) == "cpu" and watch.where(model.unet) is None  # the UNet is streamed per block
+        assert watch.where(net) == after, own
 
 
 def test_defaults_by_vram_state():
@@ -268,6 +274,42 @@ def test_the_host_reads_comfyuis_vram_state(monkeypatch):
     monkeypatch.setattr(host, "_comfy_mm", None)
     monkeypatch.setenv("KINEMA_DEVICE", "cpu")
     assert host.vram_state() == "cpu"
+    monkeypatch.delenv("KINEMA_DEVICE")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("KINEMA_VRAM", "cpu")  # everything on the CPU, a GPU or not
+    assert host.compute_device() == torch.device("cpu") and host.vram_state() == "cpu"
+    assert host.memory_defaults()[0].device == "cpu"
+    monkeypatch.setenv("KINEMA_VRAM", "hi")
+    with pytest.raises(KinemaError, match="KINEMA_VRAM='hi' is not a VRAM mode: set it to one of cpu, high"):
+        host.vram_state()
+    monkeypatch.delenv("KINEMA_VRAM")
+    monkeypatch.setenv("KINEMA_DEVICE", "gpu0")
+    with pytest.raises(KinemaError, match="KINEMA_DEVICE='gpu0' is not a torch device"):
+        host.compute_device()
+
+
+def test_none_moves_a_model_whose_shared_buffers_another_policy_moved(monkeypatch):
+    """A Memory Policy precision copy shares the motion module's positional tables (buffers) with the loaded
+    model; when another policy moved them away, a run under none brings the model back whole."""
+    node = load_pack().nodes.memory.KinemaMemoryPolicy()
+    loaded = motion_model("v2")
+    (copy,) = node.apply(loaded, "none", 2, 0, True, "bf16")
+    shared = {id(b) for b in loaded.motion.buffers()} & {id(b) for b in copy.motion.buffers()}
+    assert shared  # the tables are the same tensors
+    owner, name = next((m, n) for m in copy.motion.modules() for n, b in m.named_buffers(recurse=False)
+                       if id(b) in shared)
+    moved = []
+    monkeypatch.setattr(placement, "_move", lambda m, device, on_move: moved.append((m, device)))
+    model = copy.with_options(offload=OffloadOptions(mode="none", device="cpu"))
+    with placement.video_model_on_device(model):
+        assert moved == []  # everything where it should be: nothing moves
+    table = getattr(owner, name)
+    setattr(owner, name, table.to("meta"))  # stands in for a table left on another device
+    try:
+        with placement.video_model_on_device(model):
+            assert [m for m, _ in moved] == [model.motion]
+    finally:
+        setattr(owner, name, table)  # the fixture's modules are shared with other tests
 
 
 def test_memory_policy_node_modes_and_precision():

@@ -166,6 +166,41 @@ def test_sampling_too_many_frames_at_once_is_refused(monkeypatch):
                           "sampling 25 frames", "connect Context Options (Kinema)")
 
 
+def test_the_host_is_asked_for_room_before_the_fit_is_refused(monkeypatch):
+    """A device short of memory: the host (ComfyUI) is asked to free what is needed, and only what is still
+    missing after that refuses the run."""
+    from kinema.models import placement
+
+    free = {"bytes": 1024}
+    asked = []
+
+    def make_room(nbytes, device):
+        asked.append((nbytes, device.type))
+        free["bytes"] = 1 << 40
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+    monkeypatch.setattr(placement, "_make_room", make_room)
+    memory.check_fits(1 << 30, "cuda", "sampling", "lower it")
+    assert asked == [(1 << 30, "cuda")]
+    monkeypatch.setattr(placement, "_make_room", lambda nbytes, device: asked.append(nbytes))
+    free["bytes"] = 1024
+    with pytest.raises(KinemaError, match="sampling needs about 1.00 GiB but cuda has 0.00 GiB free: lower it"):
+        memory.check_fits(1 << 30, "cuda", "sampling", "lower it")
+    assert len(asked) == 2
+
+
+def test_the_cpu_allocators_error_is_out_of_memory():
+    from kinema.models.checkpoint import damaged_file
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                       "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+    assert memory.is_out_of_memory(cpu) and not memory.is_out_of_memory(RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator"), damaged_file("sd15.safetensors", "a model"):
+        raise cpu  # not "damaged: download it again"
+    with pytest.raises(KinemaError, match="is damaged"), damaged_file("sd15.safetensors", "a model"):
+        raise RuntimeError("shape mismatch")
+
+
 def test_available_bytes_on_cpu_is_known_on_linux():
     free = memory.available_bytes("cpu")
     assert free is None or free > 0
