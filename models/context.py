@@ -118,7 +118,8 @@ class ContextOptions:
         for name in ("context_length", "overlap", "stride"):
             value = getattr(self, name)
             if not _is_int(value):
-                raise KinemaError(f"context {name.replace('_', ' ')} must be a whole number, got {value!r}")
+                label = name.replace("_", " ") if name.startswith("context") else f"context {name}"
+                raise KinemaError(f"{label} must be a whole number, got {value!r}")
         if self.context_length < 1:
             raise KinemaError(
                 f"context length is {self.context_length}: it must be at least 1 frame "

@@ -25,7 +25,7 @@ from .sampling import (
     initial_noise,
     noise_latent,
 )
-from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE
+from .svd_model import SIGMA_MAX, SIGMA_MIN, SVD_LATENT_SCALE, SVDModel
 
 SD15_LATENT_SCALE = 0.18215
 LATENT_CHANNELS = 4
@@ -66,6 +66,19 @@ def per_frame(context: torch.Tensor, frames: int, what: str) -> torch.Tensor:
     if context.shape[0] != frames:
         raise KinemaError(f"{what} conditioning has {context.shape[0]} entries for a video of {frames} frames")
     return context
+
+
+def noise_schedule(model):
+    """The noise levels a video model samples over: SVD's EDM schedule, else the model's DDPM betas."""
+    if isinstance(model, SVDModel):
+        return ContinuousEDMSchedule(SIGMA_MIN, SIGMA_MAX)
+    return DiscreteSchedule(model.beta_schedule)
+
+
+def sampling_steps(model, opts: SampleOptions) -> int:
+    """The model calls a sampling run makes per window: the schedule's steps, which ``ddim_uniform`` can make one
+    more than ``opts.steps`` (as ComfyUI's), and none for denoise 0."""
+    return len(calculate_sigmas(noise_schedule(model), opts.scheduler, opts.steps, opts.denoise)) - 1
 
 
 def windows_per_step(frames: int, context: ContextOptions, steps: int) -> int:
@@ -179,7 +192,7 @@ def sample_video(
     device = model.compute_device
     _check_fits(model, latent, opts, negative is not None and opts.cfg != 1.0, device)
     model = prepare_addons(model, latent)
-    schedule = DiscreteSchedule(model.beta_schedule)
+    schedule = noise_schedule(model)
     denoiser = CFGDenoiser(
         EpsVideoDenoiser(model, schedule, attn_chunk=opts.attn_chunk, batch_cond=opts.batch_cond),
         per_frame(positive, frames, "positive"),
@@ -243,6 +256,6 @@ def sample_img2vid(
         cfg,
         temporal_scale=model.temporal_scale,
     )
-    schedule = ContinuousEDMSchedule(SIGMA_MIN, SIGMA_MAX)
+    schedule = noise_schedule(model)
     with video_model_on_device(model):
         return _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)

@@ -104,21 +104,24 @@ class KinemaVideoSampler:
         opts = pipelines.SampleOptions(seed=seed, steps=steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler,
                                        denoise=denoise, attn_chunk=attention_chunk, context=context_options,
                                        batch_cond=bool(batch_cond), batch_index=latent_batch_index(latent, latent_in))
-        # progress moves per window with context windows (a step of a long video is many model calls)
+        # progress moves per window with context windows (a step of a long video is many model calls); the
+        # schedule's own step count (ddim_uniform can add one)
+        steps_run = max(1, pipelines.sampling_steps(model, opts))
         per_step = 1 if context_options is None else pipelines.windows_per_step(latent_in.shape[0],
-                                                                                context_options, steps)
-        bar = host.ProgressBar(steps * per_step)
+                                                                                context_options, steps_run)
+        total = steps_run * per_step
+        bar = host.ProgressBar(total)
         done = [0]
         previewer = host.latent_previewer()
 
-        def on_step(i, total, x0):
+        def on_step(i, _n, x0):
             done[0] = (i + 1) * per_step
             preview = previewer(contact_sheet(x0)) if previewer is not None else None
-            bar.update_absolute(done[0], total * per_step, preview)
+            bar.update_absolute(done[0], total, preview)
 
         def on_window():
-            done[0] = min(done[0] + 1, steps * per_step)
-            bar.update_absolute(done[0], steps * per_step)  # also where Cancel is honoured
+            done[0] = min(done[0] + 1, total)
+            bar.update_absolute(done[0], total)  # also where Cancel is honoured
 
         host.check_interrupt()
         frames = latent_in.shape[0]

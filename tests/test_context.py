@@ -364,7 +364,8 @@ def test_bad_options_are_clear_errors():
         (ContextOptions(stride=0), "stride is 0.*at least 1"),
         (ContextOptions(schedule="looped"), "'looped'.*uniform_standard, uniform_looped, static"),
         (ContextOptions(fuse="mean"), "'mean'.*pyramid, flat, gauss"),
-        (ContextOptions(context_length=8.0), "whole number"),
+        (ContextOptions(context_length=8.0), "^context length must be a whole number"),
+        (ContextOptions(overlap=1.5), "^context overlap must be a whole number"),
     ]
     for opts, message in cases:
         with pytest.raises(KinemaError, match=message):

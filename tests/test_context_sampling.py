@@ -183,3 +183,10 @@ def test_the_progress_bar_of_windowed_sampling_never_moves_back(host_dirs, monke
         "normal", 1.0, context_options=opts)
     done = [v for v, _ in values]
     assert done == sorted(done) and values[-1] == (2 * counts[1], 2 * counts[1])
+    # ddim_uniform at 7 steps samples 8 (ComfyUI's schedule): the bar's total is those 8 steps' windows throughout
+    values.clear()
+    load_pack().NODE_CLASS_MAPPINGS["KinemaVideoSampler"]().sample(
+        motion_model("v2"), [[pos, {}]], [[neg, {}]], {"samples": torch.zeros(20, 4, HW, HW)}, 1, 7, 5.0, "ddim",
+        "ddim_uniform", 1.0, context_options=ContextOptions(context_length=8, overlap=2, schedule="static"))
+    done, totals = [v for v, _ in values], {t for _, t in values}
+    assert done == sorted(done) and totals == {8 * 3} and values[-1] == (24, 24)
