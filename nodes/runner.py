@@ -35,13 +35,18 @@ if __name__ == "__main__" and not __package__:
     _ROOT = os.path.dirname(_HERE)
     # the script's folder must not shadow top-level modules with the pack's node modules
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-    if "kinema" not in sys.modules:
-        _spec = importlib.util.spec_from_file_location(
-            "kinema", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT])
-        _pack = importlib.util.module_from_spec(_spec)
-        sys.modules["kinema"] = _pack
-        _spec.loader.exec_module(_pack)
-    sys.exit(importlib.import_module("kinema.nodes.runner").main(sys.argv[1:]))
+    try:  # Ctrl-C while torch and the pack load: the same message and status as later
+        if "kinema" not in sys.modules:
+            _spec = importlib.util.spec_from_file_location(
+                "kinema", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT])
+            _pack = importlib.util.module_from_spec(_spec)
+            sys.modules["kinema"] = _pack
+            _spec.loader.exec_module(_pack)
+        _main = importlib.import_module("kinema.nodes.runner").main
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(_main(sys.argv[1:]))
 
 import argparse  # noqa: E402
 import inspect  # noqa: E402
@@ -233,6 +238,7 @@ def validate_prompt(prompt, node_classes=None, extra_pnginfo=None):
                 node.literals[s.name] = _check_value(
                     s, value, check_range=not (s.name in vnames or vkwargs))
             except ValueError as e:
+                _missing_model(cls, s.name, value, where)  # a model not in its folder: where it was looked for
                 raise KinemaError(f"{where}: {e}") from None
         if vfn is not None and (vnames or vkwargs):
             args = {}
@@ -450,6 +456,23 @@ def _host_dir(host, kind, explicit):
     return None
 
 
+def _missing_model(cls, name, value, where):
+    """For a loader's model input (``MODEL_INPUTS``) naming no file of its list: the host's KinemaError for that
+    name (the folders searched and where to put the file), prefixed with ``where``; nothing otherwise."""
+    kind = getattr(cls, "MODEL_INPUTS", {}).get(name)
+    if kind is None or not isinstance(value, str):
+        return
+    try:
+        from . import host
+    except ImportError:
+        return
+    resolve = host.resolve_model_dir if kind in getattr(host, "MODEL_DIR_KINDS", ()) else host.resolve_model
+    try:
+        resolve(kind, value)
+    except KinemaError as e:
+        raise KinemaError(f"{where}: {e}") from None
+
+
 def use_demo_models(prompt, node_classes, host):
     """Point the host at the pack's demo models and swap in a demo file for every model name.
 
@@ -458,8 +481,9 @@ def use_demo_models(prompt, node_classes, host):
     """
     from ..models import demo
 
+    # entries that are not nodes with inputs are left to validate_prompt's messages
     loaders = [(nid, node, getattr(node_classes.get(node.get("class_type")), "MODEL_INPUTS", {}))
-               for nid, node in prompt.items()]
+               for nid, node in prompt.items() if isinstance(node, dict) and isinstance(node.get("inputs"), dict)]
     if not any(inputs for _, _, inputs in loaders):
         return []
     folder = demo.default_cache_dir()
@@ -469,7 +493,7 @@ def use_demo_models(prompt, node_classes, host):
              f"in {folder}. {demo.UNTRAINED_NOTE}"]
     for nid, node, inputs in loaders:
         for name, kind in inputs.items():
-            value = node.get("inputs", {}).get(name)
+            value = node["inputs"].get(name)
             folders = kind in getattr(host, "MODEL_DIR_KINDS", ())  # model folders (depth models), not files
             if not isinstance(value, str) or value in (host.list_model_dirs(kind) if folders else host.list_models(kind)):
                 continue
@@ -514,14 +538,15 @@ def main(argv=None):
             if not os.path.isdir(args.models_dir):
                 raise KinemaError(f"--models-dir {args.models_dir}: not a directory")
             host.set_models_dir(os.path.abspath(args.models_dir))
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-            host.set_output_dir(os.path.abspath(args.output_dir))
-
         try:
             prompt, workflow = wf.load_workflow(args.workflow)
         except (OSError, ValueError) as e:
             raise KinemaError(f"cannot read {args.workflow}: {e}") from e
+        if args.output_dir and not args.print_api:
+            if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+                raise KinemaError(f"--output-dir {args.output_dir}: a file, not a directory")
+            os.makedirs(args.output_dir, exist_ok=True)
+            host.set_output_dir(os.path.abspath(args.output_dir))
         node_classes = _registry(None)
         if prompt is None:
             prompt = wf.api_from_ui(workflow, node_classes)

@@ -455,3 +455,32 @@ def test_script_entry_bootstraps_the_package(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_missing_model_names_the_folders_searched(host_dirs):
+    from conftest import load_pack
+
+    prompt = {"1": {"class_type": "KinemaCheckpointLoader",
+                    "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors", "precision": "auto"}}}
+    with pytest.raises(KinemaError, match=r"node 1 \(KinemaCheckpointLoader\): input 'ckpt_name': checkpoints model "
+                                          r"'v1-5-pruned-emaonly.safetensors' not found. Searched: .*Put the file"):
+        validate_prompt(prompt, load_pack().NODE_CLASS_MAPPINGS)
+
+
+def test_demo_models_leave_malformed_entries_to_validation(host_dirs, capsys):
+    from conftest import load_pack
+
+    classes = load_pack().NODE_CLASS_MAPPINGS
+    for prompt in ({"1": {"class_type": "KinemaCheckpointLoader", "inputs": None}}, {"foo": 1}):
+        assert runner.use_demo_models(prompt, classes, host_dirs) == []
+        with pytest.raises(KinemaError, match="required input is missing|no class_type"):
+            validate_prompt(prompt, classes)
+
+
+def test_the_output_folder_is_made_only_for_a_workflow_that_reads(cli, tmp_path, capsys):
+    out = tmp_path / "made"
+    assert runner.main([str(tmp_path / "missing.json"), "--output-dir", str(out), "-q"]) == 1
+    assert "cannot read" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "file").write_text("x")
+    assert runner.main([str(cli[1]), "--output-dir", str(tmp_path / "file"), "-q"]) == 1
+    assert "a file, not a directory" in capsys.readouterr().err
