@@ -160,11 +160,40 @@ def _check_gif(frames, fps) -> None:
         raise KinemaError(f"a GIF frame shows at most 655.35 s, {fps:g} fps asks for {1.0 / fps:.0f} s: raise the fps")
 
 
-def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
+def _lazy_frames(frames, on_frame):
+    """The uint8 frames as one multi-frame Pillow image whose frames are made as the encoder seeks to them, so that
+    ``on_frame(done, total)`` runs while Pillow encodes (progress, and an interrupt that stops the encode midway:
+    Pillow's GIF and WebP writers take every frame before they return) and only one frame is converted at a
+    time."""
     from PIL import Image
 
+    class LazyFrames(Image.Image):
+        def __init__(self):
+            super().__init__()
+            self.n_frames = len(frames)
+            self.is_animated = self.n_frames > 1
+            self._index = None
+            self._reported = -1
+            self.seek(0)
 
-    pil = [Image.fromarray(fr, "RGB") for fr in _each(frames, on_frame)]
+        def seek(self, frame):
+            if not 0 <= frame < self.n_frames:
+                raise EOFError(f"no frame {frame}")
+            if frame == self._index:
+                return
+            if on_frame is not None and frame > self._reported:  # the writers seek back to 0 when done
+                self._reported = frame
+                on_frame(frame, self.n_frames)
+            vars(self).update(vars(Image.fromarray(frames[frame], "RGB")))  # the pixels, mode and size
+            self._index = frame
+
+        def tell(self):
+            return self._index
+
+    return LazyFrames()
+
+
+def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
     kwargs = {}
     # ``loop`` is the number of plays (0 = forever); GIF stores repeats after the first play
     if loop == 0:
@@ -173,8 +202,10 @@ def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
         kwargs["loop"] = loop - 1
     if metadata:
         kwargs["comment"] = json.dumps(metadata).encode("utf-8")
-    pil[0].save(tmp, format="GIF", save_all=True, append_images=pil[1:], duration=_frame_ms(fps),
-                disposal=1, **kwargs)
+    _lazy_frames(frames, on_frame).save(tmp, format="GIF", save_all=True, duration=_frame_ms(fps), disposal=1,
+                                        **kwargs)
+    if on_frame is not None:
+        on_frame(len(frames), len(frames))
 
 
 def _webp_exif(metadata):
@@ -193,15 +224,14 @@ def _webp_exif(metadata):
 
 
 def _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, method, on_frame=None):
-    from PIL import Image
-
     h, w = frames.shape[1:3]
     if max(h, w) > 16383:
         raise KinemaError(f"WebP frames can be at most 16383 pixels a side, got {w}x{h}: use mp4")
-    pil = [Image.fromarray(fr, "RGB") for fr in _each(frames, on_frame)]
     kwargs = {"exif": _webp_exif(metadata)} if metadata else {}
-    pil[0].save(tmp, format="WEBP", save_all=True, append_images=pil[1:], duration=_frame_ms(fps),
-                loop=int(loop), lossless=bool(lossless), quality=int(quality), method=int(method), **kwargs)
+    _lazy_frames(frames, on_frame).save(tmp, format="WEBP", save_all=True, duration=_frame_ms(fps), loop=int(loop),
+                                        lossless=bool(lossless), quality=int(quality), method=int(method), **kwargs)
+    if on_frame is not None:
+        on_frame(len(frames), len(frames))
 
 
 def _ffmpeg_exe() -> str:

@@ -372,6 +372,29 @@ def test_cancel_stops_the_node_between_frames_and_leaves_no_file(output_dir, mon
     assert not (output_dir / "Kinema").exists() or os.listdir(output_dir / "Kinema") == []  # no temp file either
 
 
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_gif_and_webp_progress_runs_while_pillow_encodes(tmp_path, monkeypatch, fmt):
+    """Pillow's GIF and WebP writers take all frames in one call: the frames are handed over as the encoder seeks
+    to them, so progress (and Cancel) comes between the encoder's frames, and the file is byte for byte the one
+    a list of images gives."""
+    from PIL import GifImagePlugin, Image, WebPImagePlugin
+
+    frames = video_io.to_uint8(_frames(5, 16, 24))
+    events = []
+    module, name = (GifImagePlugin, "_normalize_palette") if fmt == "gif" else (WebPImagePlugin, "_convert_frame")
+    encode = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda im, *a, **k: (events.append("encode"), encode(im, *a, **k))[1])
+    path = str(tmp_path / f"v.{fmt}")
+    video_io.write_video(path, frames, 8.0, fmt, on_frame=lambda done, total: events.append(done))
+    assert events == [0, "encode", 1, "encode", 2, "encode", 3, "encode", 4, "encode", 5]
+    monkeypatch.setattr(module, name, encode)
+    listed = [Image.fromarray(f, "RGB") for f in frames]
+    reference = tmp_path / f"listed.{fmt}"
+    options = {"disposal": 1, "loop": 0} if fmt == "gif" else {"loop": 0, "lossless": False, "quality": 90, "method": 4}
+    listed[0].save(reference, format=fmt.upper(), save_all=True, append_images=listed[1:], duration=125, **options)
+    assert (tmp_path / f"v.{fmt}").read_bytes() == reference.read_bytes()
+
+
 def test_node_metadata_can_be_disabled(output_dir, monkeypatch):
     monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
     out = video_output.KinemaSaveVideo().save(_frames(2), 8.0, "webp", 0, "v", prompt={"a": 1})
