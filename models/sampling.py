@@ -124,7 +124,9 @@ class ContinuousEDMSchedule(SigmaTable):
 # denoise of a long schedule costs its length in a linspace, not in table lookups.
 
 def _tail(values, keep: int | None):
-    return values if keep is None else values[len(values) - keep:]
+    """The last ``keep`` of ``values`` (all of them when there are fewer: ddim_uniform's schedule holds at most 999
+    sigmas however many steps are asked for)."""
+    return values if keep is None else values[max(0, len(values) - keep):]
 
 
 def _with_zero(sigmas: torch.Tensor) -> torch.Tensor:

@@ -76,7 +76,7 @@ def test_every_scheduler_decreases_to_zero(name):
                          ids=["ddpm", "edm"])
 def test_denoise_keeps_the_tail_of_a_longer_schedule(name, schedule):
     """Bit for bit the last sigmas of the whole longer schedule, though only those are computed."""
-    for steps, denoise, total in [(10, 0.5, 20), (7, 0.3, 23), (3, 0.01, 300), (200, 0.1, 2000)]:
+    for steps, denoise, total in [(10, 0.5, 20), (7, 0.3, 23), (3, 0.01, 300), (200, 0.1, 2000), (1000, 0.5, 2000)]:
         full = sampling.SCHEDULERS[name](schedule, total)
         part = sampling.calculate_sigmas(schedule, name, steps, denoise=denoise)
         assert torch.equal(part, full[-(steps + 1):]), (steps, denoise)
