@@ -44,3 +44,8 @@ def latent_batch_index(latent: dict, samples: torch.Tensor) -> tuple[int, ...] |
     checked against its frames, or None."""
     index = latent.get("batch_index")
     return None if index is None else tuple(check_batch_index(index, samples.shape[0]))
+
+
+def same_tensor(a, b) -> bool:
+    """Whether two inputs hold the same values (a conditioning node may have replaced one of them)."""
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)

@@ -7,28 +7,67 @@ from ..models.preview import contact_sheet
 from ..models.sampling import SAMPLERS, SCHEDULERS
 from ..models.svd_model import SVDModel
 from . import host
-from .checks import latent_batch_index, latent_samples
+from .checks import latent_batch_index, latent_samples, same_tensor
 
 IMAGE_CONDITIONING = "kinema_image_conditioning"
+NODE = "Video Sampler (Kinema)"
+
+#: the keys of a CONDITIONING entry's dict the sampler reads (Text Encode's pooled output, Prompt Schedule's
+#: keyframes, SVD Image Conditioning's dict); ``attention_mask`` comes with some of core's text encodings and
+#: holds nothing for SD1.5's 77-token chunks
+HONOURED_KEYS = frozenset({"pooled_output", "attention_mask", "kinema_keyframes", "kinema_interpolation",
+                           IMAGE_CONDITIONING})
+_WHOLE_FRAMES = "Kinema's sampler conditions whole frames; remove the node"
+_EVERY_STEP = ("a timestep range (ConditioningSetTimestepRange): Kinema's sampler uses a conditioning for every "
+               "step; remove the node")
+#: keys core nodes add that change what a sampler does, which Kinema's does not do: refused, never ignored
+#: (key -> (its value that changes nothing, or None: any value does; what it is and what to do))
+REFUSED_KEYS = {
+    "control": (None, ("a ControlNet from core's Apply ControlNet, which Kinema's video models do not run: use "
+                       "Load ControlNet (Kinema) and Apply ControlNet (Kinema) on the model")),
+    "area": (None, f"an area (ConditioningSetArea): {_WHOLE_FRAMES}"),
+    "mask": (None, f"a mask (ConditioningSetMask): {_WHOLE_FRAMES}"),
+    "strength": (1.0, ("a strength other than 1 (ConditioningSetArea/SetMask): remove the node, or weight words "
+                       "in the prompt, e.g. (red fox:1.2)")),
+    "start_percent": (0.0, _EVERY_STEP),
+    "end_percent": (1.0, _EVERY_STEP),
+    "gligen": (None, "GLIGEN boxes, which Kinema's sampler does not run: remove the node"),
+    "concat_latent_image": (None, ("an image conditioning from a core node (SVD_img2vid_Conditioning, an inpaint or "
+                                   "InstructPix2Pix conditioning): for SVD, use SVD Image Conditioning (Kinema)")),
+}
 
 
 def _single_entry(conditioning, what):
-    if not conditioning:
-        raise KinemaError(f"the {what} conditioning is empty: connect a Text Encode (Kinema) node")
+    fix = "connect Text Encode (Kinema), Prompt Schedule (Kinema) or SVD Image Conditioning (Kinema)"
+    if not isinstance(conditioning, list) or not conditioning:
+        raise KinemaError(f"{NODE}: the {what} conditioning is empty or not a CONDITIONING: {fix}")
     if len(conditioning) > 1:
-        raise KinemaError(f"the {what} conditioning holds {len(conditioning)} entries; Kinema's sampler takes one "
-                          "(combined conditionings are not supported yet)")
+        raise KinemaError(f"{NODE}: the {what} conditioning holds {len(conditioning)} entries (ConditioningCombine "
+                          "makes several), and Kinema's sampler takes one: merge prompts with ConditioningConcat or "
+                          "ConditioningAverage, or change them over the frames with Prompt Schedule (Kinema)")
     entry = conditioning[0]
-    return entry[0], entry[1] if len(entry) > 1 else {}
+    options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+    for key, (neutral, meaning) in REFUSED_KEYS.items():
+        if key in options and (neutral is None or options[key] != neutral):
+            raise KinemaError(f"{NODE}: the {what} conditioning carries {meaning}")
+    ignored = sorted(str(k) for k in options if k not in HONOURED_KEYS and k not in REFUSED_KEYS)
+    if ignored:
+        host.logger.warning("%s: the %s conditioning's %s %s ignored", NODE, what, ", ".join(ignored),
+                            "is" if len(ignored) == 1 else "are")
+    return entry[0], options
 
 
 def image_conditioning(conditioning, what):
     """The image-to-video conditioning dict of a CONDITIONING from SVD Image Conditioning (Kinema)."""
-    _, options = _single_entry(conditioning, what)
+    tensor, options = _single_entry(conditioning, what)
     cond = options.get(IMAGE_CONDITIONING)
     if cond is None:
-        raise KinemaError(f"the {what} conditioning is a text conditioning, but the model is an image-to-video "
+        raise KinemaError(f"{NODE}: the {what} conditioning is a text conditioning, but the model is an image-to-video "
                           "model: connect the outputs of SVD Image Conditioning (Kinema)")
+    if tensor is not cond["context"] and not same_tensor(tensor, cond["context"]):
+        raise KinemaError(f"{NODE}: the {what} image conditioning was changed by a conditioning node (ConditioningAverage, "
+                          "ConditioningZeroOut, ConditioningConcat, ...), which SVD's conditioning cannot follow: "
+                          "connect SVD Image Conditioning (Kinema) to the sampler directly")
     return cond
 
 
@@ -39,8 +78,13 @@ def conditioning_tensor(conditioning, what, num_frames):
     """
     tensor, options = _single_entry(conditioning, what)
     if IMAGE_CONDITIONING in options:
-        raise KinemaError(f"the {what} conditioning is an image-to-video conditioning, but the model is a "
+        raise KinemaError(f"{NODE}: the {what} conditioning is an image-to-video conditioning, but the model is a "
                           "text-to-video model: connect Text Encode (Kinema) or Prompt Schedule (Kinema)")
+    if "kinema_keyframes" not in options and getattr(tensor, "ndim", 0) == 3 and tensor.shape[0] > 1:
+        raise KinemaError(f"{NODE}: the {what} conditioning holds {tensor.shape[0]} prompts but no keyframes (a core "
+                          "node mixed a Prompt Schedule into another conditioning, keeping the other's options): "
+                          "change prompts over the frames with Prompt Schedule (Kinema) alone, or put the mixing "
+                          "node's inputs the other way round")
     return prompt_travel.resolve_conditioning(tensor, options, num_frames)
 
 

@@ -1,5 +1,6 @@
 """Prompt travel: schedule parsing, per-frame interpolation, the Prompt Schedule node and the sampler's use of it."""
 import math
+import types
 
 import pytest
 import torch
@@ -331,8 +332,62 @@ def test_sampler_passes_per_frame_contexts_to_the_pipeline(conditioning_nodes, c
     (positive,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a cat, 3: a dog", "none")
     (negative,) = conditioning_nodes.KinemaTextEncode().encode(clip, "")
     latent = {"samples": torch.zeros(5, 4, 8, 8)}
-    sampler.KinemaVideoSampler().sample(None, positive, negative, latent, 0, 1, 7.5, "euler", "normal", 1.0)
+    model = types.SimpleNamespace(beta_schedule="linear")  # the spy samples; the node reads the schedule only
+    sampler.KinemaVideoSampler().sample(model, positive, negative, latent, 0, 1, 7.5, "euler", "normal", 1.0)
     assert seen["positive"].shape == (5, 77, 64)
     for f in range(5):
         assert torch.equal(seen["positive"][f], positive[0][0][0 if f < 3 else 1])
     assert seen["negative"] is negative[0][0]  # a plain prompt stays one context for the video
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: [c[0], c[0]], "holds 2 entries \\(ConditioningCombine makes several\\).*ConditioningConcat"),
+    (lambda c: [[c[0][0], {**c[0][1], "control": object()}]], "core's Apply ControlNet.*Apply ControlNet \\(Kinema\\)"),
+    (lambda c: [[c[0][0], {**c[0][1], "area": (8, 8, 0, 0), "strength": 1.0}]], "an area \\(ConditioningSetArea\\)"),
+    (lambda c: [[c[0][0], {**c[0][1], "mask": torch.ones(1, 8, 8)}]], "a mask \\(ConditioningSetMask\\)"),
+    (lambda c: [[c[0][0], {**c[0][1], "strength": 2.0}]], "a strength other than 1"),
+    (lambda c: [[c[0][0], {**c[0][1], "start_percent": 0.5, "end_percent": 1.0}]], "a timestep range"),
+    (lambda c: [[c[0][0], {**c[0][1], "concat_latent_image": torch.zeros(1, 4, 8, 8)}]],
+     "SVD_img2vid_Conditioning.*SVD Image Conditioning \\(Kinema\\)"),
+    (lambda c: [[c[0][0].repeat(2, 1, 1), c[0][1]]], "holds 2 prompts but no keyframes"),
+])
+def test_the_sampler_refuses_what_core_conditioning_nodes_add_and_it_cannot_do(conditioning_nodes, clip, change,
+                                                                               message):
+    """Core's Apply ControlNet, SetArea/SetMask, SetTimestepRange, Combine would be dropped without a word:
+    refused, naming the node and what to use instead."""
+    from kinema.nodes import sampler
+
+    (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
+    model = types.SimpleNamespace(beta_schedule="linear")
+    with pytest.raises(KinemaError, match="^Video Sampler \\(Kinema\\): the positive conditioning .*" + message):
+        sampler.KinemaVideoSampler().sample(model, change(positive), positive, {"samples": torch.zeros(3, 4, 8, 8)},
+                                            0, 1, 7.5, "euler", "normal", 1.0)
+
+
+def test_the_sampler_takes_neutral_core_keys_and_names_the_ones_it_ignores(conditioning_nodes, clip, monkeypatch,
+                                                                          caplog):
+    import logging
+
+    from kinema.nodes import sampler
+
+    monkeypatch.setattr(sampler.pipelines, "sample_video", lambda model, positive, negative, latent, opts, **kw: latent)
+    (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
+    neutral = [[positive[0][0], {**positive[0][1], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0,
+                                 "unclip_conditioning": [{}]}]]
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        sampler.KinemaVideoSampler().sample(types.SimpleNamespace(beta_schedule="linear"), neutral, positive,
+                                            {"samples": torch.zeros(3, 4, 8, 8)}, 0, 1, 7.5, "euler", "normal", 1.0)
+    assert "the positive conditioning's unclip_conditioning is ignored" in caplog.text
+
+
+def test_svd_conditioning_changed_by_a_core_node_is_refused():
+    """ConditioningAverage / ZeroOut change the visible tensor of SVD Image Conditioning's output, not the dict the
+    sampler reads: refused rather than sampled from the unchanged image."""
+    from kinema.nodes import sampler
+
+    context = torch.randn(1, 1, 16)
+    cond = {"context": context, "concat": torch.zeros(1, 4, 8, 8), "y": torch.zeros(1, 3)}
+    assert sampler.image_conditioning([[context, {sampler.IMAGE_CONDITIONING: cond}]], "positive") is cond
+    assert sampler.image_conditioning([[context.clone(), {sampler.IMAGE_CONDITIONING: cond}]], "positive") is cond
+    with pytest.raises(KinemaError, match="image conditioning was changed by a conditioning node"):
+        sampler.image_conditioning([[torch.zeros_like(context), {sampler.IMAGE_CONDITIONING: cond}]], "positive")
