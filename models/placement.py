@@ -214,7 +214,7 @@ def video_model_on_device(model) -> Iterator[None]:
                     _move(m, target, opts.on_move)
         for net in addon_modules(model):
             if opts.mode != "none":  # with the video model for the run, back to where its own placement keeps it
-                stack.enter_context(_using([net], torch.device(opts.device), _resting_place(net), opts.on_move))
+                stack.enter_context(_using([net], torch.device(opts.device), _resting_place(net, opts), opts.on_move))
             else:
                 stack.enter_context(on_device(net))
         yield
@@ -224,13 +224,13 @@ def _all_on(module: nn.Module, device: torch.device) -> bool:
     return all(t.device == device for t in (*module.parameters(), *module.buffers()))
 
 
-def _resting_place(net: nn.Module) -> torch.device:
-    """Where an add-on waits between runs: its placement's storage (offloaded) or device, else where it is."""
+def _resting_place(net: nn.Module, opts: OffloadOptions) -> torch.device:
+    """Where an add-on waits after a run under model or block offload: its placement's storage (offloaded) or
+    device (kept there: ComfyUI's --highvram), an unplaced one the video model's storage."""
     p = placement_of(net)
-    if p is not None:
-        return torch.device(p.storage if p.offload else p.device)
-    first = next(iter((*net.parameters(), *net.buffers())), None)
-    return first.device if first is not None else torch.device("cpu")
+    if p is None:
+        return torch.device(opts.storage)
+    return torch.device(p.storage if p.offload else p.device)
 
 
 def resting_device(opts: OffloadOptions) -> torch.device:

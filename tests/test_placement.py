@@ -111,9 +111,9 @@ def test_model_offload_brings_the_unet_and_motion_module_for_the_sampling_run_on
 def test_block_offload_brings_the_addons_for_the_run():
     from kinema.models.addons import ControlHint
 
-    # after the run each goes back where its own placement keeps it (an unplaced one: where it was), not to the
-    # video model's storage: one kept on the device (--highvram) must be there for a later run that moves nothing
-    for own, after in [(None, "cpu"), (placement.Placement(device="cpu"), "cpu"),
+    # after the run each goes back where its own placement keeps it (an unplaced one: the video model's storage):
+    # one kept on the device (--highvram) must be there for a later run that moves nothing
+    for own, after in [(None, "cpu:1"), (placement.Placement(device="cpu"), "cpu"),
                        (placement.Placement(device="cpu", offload=True, storage="cpu:1"), "cpu:1")]:
         net = torch.nn.Linear(1, 1)  # not run: only placed
         if own is not None:
