@@ -22,7 +22,8 @@ Nothing is changed in place (design rule: node outputs are never mutated). ``mer
 the module tree: every module on the way from the root to a patched weight is shallow-copied (its own child and
 parameter tables), every other module and every unpatched parameter is the original object. Memory grows by the
 patched weights only. Updates are summed in fp32 (several LoRAs in one go), added to the weight in fp32, then cast to
-the weight's dtype.
+the weight's dtype. LoRAs stacked by chained nodes are merged together onto the unpatched model (the copy remembers
+it), so an fp16 model is rounded once whatever their number and order.
 
 Mismatches
 ----------
@@ -122,29 +123,47 @@ def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.M
                 clone._modules[child_name] = copy_node(child, child_prefix)
         return clone
 
-    return copy_node(root, "")
+    clone = copy_node(root, "")
+    clone.__dict__.pop(_MERGED_FROM, None)  # other weights than what it was merged from (``merge`` sets its own)
+    return clone
+
+
+#: where a merged copy keeps what it was merged from: (the unpatched module, its (patch, strength) list)
+_MERGED_FROM = "_kinema_merged_from"
 
 
 def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Module:
     """``module`` with ``W += sum(strength * delta)`` for every (patch, strength), as a copy-on-write copy.
 
-    Updates are summed in fp32 and added to the weight in fp32, then cast to the weight's dtype. With no
+    Updates are summed in fp32 and added to the weight in fp32, then cast to the weight's dtype, one weight at a
+    time (the fp32 work of one weight at once, not of all). A copy made here remembers its unpatched module and
+    patches: merging more onto it merges them all onto that module in one go, so LoRAs stacked by chained nodes
+    round to an fp16/bf16 weight once, as in one call and as ComfyUI's patching does, in any order. With no
     non-zero strength, ``module`` itself is returned.
     """
+    patches = [(patch, finite_number(strength, "a LoRA strength")) for patch, strength in patches]
+    patches = [(patch, strength) for patch, strength in patches if strength != 0.0]
+    if not patches:
+        return module
+    merged_from = module.__dict__.get(_MERGED_FROM)
+    if merged_from is not None:
+        module, earlier = merged_from
+        patches = [*earlier, *patches]
     params = dict(module.named_parameters())
-    sums: dict[str, torch.Tensor] = {}
-    for patch, strength in patches:
-        strength = finite_number(strength, "a LoRA strength")
-        if strength == 0.0:
-            continue
-        for name, pair in patch.items():
-            weight = params.get(name)
-            if weight is None:
-                raise KinemaError(f"internal error: the model has no weight '{name}' to patch")
-            d = pair.delta(weight.shape, weight.device).mul_(strength)
-            sums[name] = sums[name].add_(d) if name in sums else d
-    new = {name: (params[name].detach().float() + d).to(params[name].dtype) for name, d in sums.items()}
-    return replace_parameters(module, new)
+    new = {}
+    for name in dict.fromkeys(name for patch, _ in patches for name in patch):
+        weight = params.get(name)
+        if weight is None:
+            raise KinemaError(f"internal error: the model has no weight '{name}' to patch")
+        total = None
+        for patch, strength in patches:
+            if name in patch:
+                d = patch[name].delta(weight.shape, weight.device).mul_(strength)
+                total = d if total is None else total.add_(d)
+        new[name] = (weight.detach().float() + total).to(weight.dtype)
+    merged = replace_parameters(module, new)
+    object.__setattr__(merged, _MERGED_FROM, (module, tuple(patches)))  # a plain attribute, not a submodule
+    return merged
 
 
 # -- reading LoRA keys ---------------------------------------------------------------------------------------------

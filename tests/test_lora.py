@@ -105,6 +105,33 @@ def test_merge_is_copy_on_write_and_merges_in_fp32():
     assert lora.merge(base, [({"1.0.weight": pair}, 0.0)]) is base  # strength 0: the same object
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_chained_merges_round_once_in_any_order(dtype):
+    """LoRAs stacked by chained nodes merge onto the unpatched weights together (ComfyUI's patching: one fp32 sum,
+    one rounding): the same weights in either order and as one call; a LoRA then its negative gives the
+    weights back exactly; a recast copy (Memory Policy) is merged onto as it is."""
+    from kinema.models.memory import cast_weights
+
+    g = _gen(2)
+    base = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).to(dtype)
+    before = snapshot(base)
+    a = {"0.weight": lora.LoRAPair(torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g) * 0.05, 4.0),
+         "1.weight": lora.LoRAPair(torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g) * 0.05, 4.0)}
+    b = {"0.weight": lora.LoRAPair(torch.randn(8, 64, generator=g), torch.randn(64, 8, generator=g) * 0.05, 8.0)}
+    one_call = lora.merge(base, [(a, 0.7), (b, -1.3)])
+    a_then_b = lora.merge(lora.merge(base, [(a, 0.7)]), [(b, -1.3)])
+    b_then_a = lora.merge(lora.merge(base, [(b, -1.3)]), [(a, 0.7)])
+    want = (before["0.weight"].float() + 0.7 * (a["0.weight"].up @ a["0.weight"].down)
+            - 1.3 * (b["0.weight"].up @ b["0.weight"].down)).to(dtype)
+    for merged in (one_call, a_then_b, b_then_a):
+        assert torch.equal(merged[0].weight, want) and torch.equal(merged[1].weight, one_call[1].weight)
+    back = lora.merge(lora.merge(base, [(a, 1.0)]), [(a, -1.0)])
+    assert torch.equal(back[0].weight, base[0].weight) and torch.equal(back[1].weight, base[1].weight)
+    assert_unchanged(base, before)
+    recast = cast_weights(lora.merge(base, [(a, 0.7)]), torch.float32)  # its own weights: merged onto as they are
+    assert torch.equal(lora.merge(recast, [(b, 1.0)])[1].weight, recast[1].weight)
+
+
 # -- MotionLoRA ----------------------------------------------------------------------------------------------------
 
 def motion_lora_sd(seed=0):
