@@ -14,7 +14,9 @@ Block offload moves blocks to the device while the UNet runs, which one graph of
 it the UNet's own loop runs as it is, moving the blocks, and each block is called through a compiled function
 (``compiled_block_call``, the UNet's ``call_block``): one graph per block, with static sizes, run between the moves.
 A moved weight is the same parameter with its data on the device, which the graph's guards accept; a UNet of 25
-blocks keeps 25 graphs per video size, so dynamo's recompile limits are raised while it runs (``BLOCK_GRAPHS``).
+blocks keeps 25 graphs per video size, so dynamo's recompile limits are raised while it runs (``BLOCK_GRAPHS``; the
+whole UNet's ``UNET_GRAPHS``, the decoders' ``DECODE_GRAPHS``). A call past the limit runs uncompiled, said once in
+the log (dynamo's own fallback would say nothing of it but a warning of torch's).
 
 A VAE from ``vae.with_compiled_decode`` (the Compile VAE node) decodes through ``run_decode``: its ``decode``
 compiled whole (one graph; the SVD temporal decoder's loops over frame slices unrolled), one static graph per chunk
@@ -96,6 +98,36 @@ def _graph_limits(n: int, config=None) -> dict[str, int]:
     return dict.fromkeys(names, n)
 
 
+#: dynamo's limits on the graphs of the whole-UNet function: each frame count, size, motion module, cond/uncond
+#: batching, attention chunking or temporal-guidance pass that is new to it makes a graph (the default, 8 a
+#: function, is reached in one working session)
+UNET_GRAPHS = 64
+
+#: dynamo's exception for a function past its limit, when asked to raise one (torch 2.6+; older ones run the
+#: function uncompiled with a warning of their own)
+_LIMIT_HIT = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None) or getattr(
+    torch._dynamo.exc, "FailOnCacheLimitHit", None)
+
+
+def _limits(n: int) -> dict:
+    """dynamo's config while a compiled function runs: ``n`` graphs, and an exception where it has no room for
+    another (``_LIMIT_HIT``) instead of a silent run uncompiled."""
+    config = torch._dynamo.config
+    fail = next((name for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                 if hasattr(config, name)), None)
+    return {**_graph_limits(n), **({fail: True} if fail and _LIMIT_HIT is not None else {})}
+
+
+_uncompiled: set = set()  # (options, what) said in the log to run uncompiled
+
+
+def _past_limit(opts: CompileOptions, what: str, n: int) -> None:
+    if (opts, what) not in _uncompiled:
+        _uncompiled.add((opts, what))
+        logger.warning("Kinema: torch.compile holds %d graphs of the %s (one per size, model and setting it has "
+                       "seen): calls that need another run uncompiled until ComfyUI restarts", n, what)
+
+
 @functools.cache
 def compiled_block_call(opts: CompileOptions) -> Callable:
     """``f(fn, *args, **kwargs) -> fn(*args, **kwargs)`` through ``torch.compile`` with ``opts`` and static sizes:
@@ -111,9 +143,10 @@ def _said_once(opts: CompileOptions, what: str, args: tuple) -> None:
     inputs = tuple((tuple(a.shape), str(a.dtype).removeprefix("torch.")) for a in args if isinstance(a, torch.Tensor))
     if (opts, what, inputs) not in _seen:
         _seen.add((opts, what, inputs))
-        logger.info("Kinema: compiling the %s with torch.compile (%s) for inputs %s: the first call with these "
-                    "sizes takes a while (minutes: about two for SD1.5's UNet on a fast GPU), the next ones reuse it",
-                    what, opts.backend, ", ".join(f"{list(shape)} {dtype}" for shape, dtype in inputs))
+        logger.info("Kinema: torch.compile (%s) of the %s for inputs %s: if they are new to it, the first call "
+                    "compiles first and takes a while (minutes: about two for SD1.5's UNet on a fast GPU), the next "
+                    "ones reuse it", opts.backend, what,
+                    ", ".join(f"{list(shape)} {dtype}" for shape, dtype in inputs))
 
 
 def _failed(opts: CompileOptions, what: str, node: str, e: Exception) -> KinemaError:
@@ -134,7 +167,14 @@ def run(net: nn.Module, opts: CompileOptions | None, *args, **kwargs):
     _said_once(opts, what, args)
     try:
         if not by_block:
-            return compiled_call(opts)(net, *args, **kwargs)
+            try:
+                with torch._dynamo.config.patch(**_limits(UNET_GRAPHS)):
+                    return compiled_call(opts)(net, *args, **kwargs)
+            except Exception as e:
+                if _LIMIT_HIT is None or not isinstance(e, _LIMIT_HIT):
+                    raise
+            _past_limit(opts, type(net).__name__, UNET_GRAPHS)  # out of the except block: its frames released
+            return net(*args, **kwargs)
         with torch._dynamo.config.patch(**_graph_limits(BLOCK_GRAPHS)):
             return net(*args, call_block=compiled_block_call(opts), **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as e:
@@ -168,10 +208,15 @@ def run_decode(vae: nn.Module, opts: CompileOptions | None, *args):
     what = f"{type(vae).__name__} decoder"
     _said_once(opts, what, args)
     try:
-        with torch._dynamo.config.patch(**_graph_limits(DECODE_GRAPHS)):
+        with torch._dynamo.config.patch(**_limits(DECODE_GRAPHS)):
             return compiled_decode_call(opts)(vae.decode, *args)
     except torch._dynamo.exc.BackendCompilerFailed as e:
         raise _failed(opts, what, "Compile VAE (Kinema)", e) from e
+    except Exception as e:
+        if _LIMIT_HIT is None or not isinstance(e, _LIMIT_HIT):
+            raise
+    _past_limit(opts, what, DECODE_GRAPHS)
+    return vae.decode(*args)
 
 
 def run_unet(net: nn.Module, offload: OffloadOptions, opts: CompileOptions | None, *args, **kwargs):

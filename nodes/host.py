@@ -574,7 +574,11 @@ def latent_previewer() -> Callable | None:
         import latent_preview
     except ImportError:
         return None
-    previewer = latent_preview.get_previewer(compute_device(), comfy.latent_formats.SD15())
+    try:
+        previewer = latent_preview.get_previewer(compute_device(), comfy.latent_formats.SD15())
+    except Exception as e:  # noqa: BLE001 - a damaged TAESD file, say: previews off, sampling goes on
+        logger.warning("Kinema: step previews are off for this run (ComfyUI's previewer could not be set up: %s)", e)
+        return None
     if previewer is None:
         return None
     return _guarded_preview(lambda latent: previewer.decode_latent_to_preview_image("JPEG", latent))

@@ -23,6 +23,7 @@ def dynamo():
     torch._dynamo.reset()
     counters.clear()
     compiling._seen.clear()  # what the log said it compiles
+    compiling._uncompiled.clear()
     yield counters
     torch._dynamo.reset()
 
@@ -237,8 +238,9 @@ def test_a_compiled_fp16_decode_that_overflows_runs_again_in_fp32_compiled(dynam
         frames = decode_frames(with_compiled_decode(vae16, EAGER), latent, chunk=1)
     assert "VAE decoding overflowed in fp16" in caplog.text and torch.isfinite(frames).all()
     assert torch.equal(frames, decode_frames(cast_weights(vae16, torch.float32), latent, chunk=1))
-    said = [r.getMessage() for r in caplog.records if "compiling the AutoencoderKL decoder" in r.getMessage()]
-    assert len(said) == 2 and all("(eager)" in m for m in said)  # in fp16, then the fp32 copy (said once each)
+    said = [r.getMessage() for r in caplog.records if "torch.compile (eager) of the AutoencoderKL decoder"
+            in r.getMessage()]
+    assert len(said) == 2  # in fp16, then the fp32 copy (said once each)
 
 
 def test_the_compile_vae_node_takes_vaes_with_a_decoder():
@@ -268,3 +270,17 @@ def test_a_decode_backend_that_fails_is_a_kinema_error_naming_the_node(monkeypat
                         lambda opts: torch.compile(compiling._call_decode, backend=broken))
     with pytest.raises(KinemaError, match="could not compile the AutoencoderKL decoder: .*remove Compile VAE"):
         decode_frames(with_compiled_decode(vae(), EAGER), torch.zeros(1, 4, 8, 8))
+
+
+def test_past_the_graph_limit_calls_run_uncompiled_and_the_log_says_so(dynamo, monkeypatch, caplog):
+    """dynamo keeps a limited number of graphs per function (8 by default, which one session's sizes and
+    settings reach): Kinema raises it, and a call past it runs uncompiled, said once in the log, not silently."""
+    monkeypatch.setattr(compiling, "UNET_GRAPHS", 2)
+    net = torch.nn.Linear(3, 3)
+    with caplog.at_level("WARNING", logger="kinema"):
+        for rank in range(2, 6):  # a new input rank: a new graph each
+            x = torch.randn((2,) * (rank - 1) + (3,))
+            torch.testing.assert_close(compiling.run(net, EAGER, x), net(x))
+    assert dynamo["stats"]["unique_graphs"] == 2
+    said = [r.getMessage() for r in caplog.records if "calls that need another run uncompiled" in r.getMessage()]
+    assert len(said) == 1 and "holds 2 graphs of the Linear" in said[0]

@@ -55,6 +55,26 @@ def test_no_previews_outside_comfyui():
     assert host.latent_previewer() is None
 
 
+def test_a_previewer_that_cannot_be_set_up_turns_previews_off(monkeypatch, caplog):
+    """ComfyUI's get_previewer fails on a damaged TAESD file (as its own KSampler does): previews off, logged,
+    sampling goes on."""
+    import sys
+    import types
+
+    from kinema.nodes import host
+
+    def broken(device, latent_format):
+        raise RuntimeError("header too large")
+
+    monkeypatch.setattr(host, "_comfy_utils", object())
+    monkeypatch.setitem(sys.modules, "latent_preview", types.SimpleNamespace(get_previewer=broken))
+    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(latent_formats=types.SimpleNamespace(SD15=object)))
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", sys.modules["comfy"].latent_formats)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        assert host.latent_previewer() is None
+    assert "previewer could not be set up: header too large" in caplog.text
+
+
 def test_the_video_sampler_previews_every_step(host_dirs, previews):
     nodes = load_pack().NODE_CLASS_MAPPINGS
     recorder, shown = previews
