@@ -85,6 +85,7 @@ class KinemaVAEDecodeFrames:
             host.check_interrupt()
 
         tiles = TileOptions(tile_size // 8, tile_overlap // 8) if tile_size else TileOptions()
+        host.check_interrupt()  # Cancel pressed before the first chunk (a chunk can take a while)
         images = vae_ops.decode_frames(vae, latent, frame_chunk or None, on_chunk=on_chunk, tiles=tiles)
         return (images,)
 
