@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..models import checkpoint, memory, pipelines, placement, svd_model
-from ..models.errors import KinemaError
+from ..models.errors import KinemaError, finite_number
 from ..models.guidance import CFG_MODES
 from . import host
 from .loaders import PRECISION_TOOLTIP
@@ -126,6 +126,9 @@ class KinemaSVDConditioning:
         return (positive, negative, {"samples": latent})
 
 
+CHECKPOINT_MIN_CFG = -1.0  # Per-frame Guidance's min_cfg that keeps the checkpoint's own
+
+
 class KinemaPerFrameGuidance:
     DESCRIPTION = (
         "Per-frame guidance for image-to-video (Stable Video Diffusion's guiders): the Video Sampler's cfg becomes "
@@ -147,19 +150,25 @@ class KinemaPerFrameGuidance:
                 "model": ("KINEMA_MODEL", {"tooltip": "From Load SVD Checkpoint (Kinema)."}),
                 "mode": (list(CFG_MODES), {"default": "linear",
                                            "tooltip": "How the guidance scale runs over the frames."}),
-                "min_cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "round": 0.01,
-                                      "tooltip": "The smallest scale (the sampler's cfg is the largest). The checkpoint's own: "
-                                                 "1.0 for SVD, 1.5 for SVD-XT."}),
+                "min_cfg": ("FLOAT", {"default": CHECKPOINT_MIN_CFG, "min": CHECKPOINT_MIN_CFG, "max": 100.0,
+                                      "step": 0.05, "round": 0.01,
+                                      "tooltip": "The smallest scale (the sampler's cfg is the largest). -1: the "
+                                                 "checkpoint's own, 1.0 for SVD, 1.5 for SVD-XT."}),
                 "period": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 10.0, "step": 0.05,
                                      "tooltip": "triangle: the wave's period over the video (1 = one peak)."}),
             }
         }
 
-    def apply(self, model, mode="linear", min_cfg=1.0, period=1.0):
+    def apply(self, model, mode="linear", min_cfg=CHECKPOINT_MIN_CFG, period=1.0):
         if not isinstance(model, svd_model.SVDModel):
             raise KinemaError("Per-frame Guidance (Kinema) is for image-to-video models: connect the model of Load "
                               "SVD Checkpoint (Kinema)")
-        return (model.with_options(cfg_mode=mode, min_cfg=float(min_cfg), cfg_period=float(period)),)
+        own = finite_number(min_cfg, "Per-frame Guidance (Kinema): min_cfg") == CHECKPOINT_MIN_CFG
+        if not own and min_cfg < 0:
+            raise KinemaError(f"Per-frame Guidance (Kinema): min_cfg is {min_cfg:g}: give 0 or more, or -1 for the "
+                              "checkpoint's own")
+        return (model.with_options(cfg_mode=mode, min_cfg=None if own else float(min_cfg),
+                                   cfg_period=float(period)),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -294,6 +294,20 @@ def test_text_conditioning_on_the_svd_model_is_refused(bundle):
         _node("KinemaVideoSampler").sample(bundle.model, text, text, latent, 0, 1, 2.5, "euler", "karras", 1.0)
 
 
+def test_per_frame_guidance_keeps_the_checkpoints_min_cfg_by_default(bundle):
+    """The node's default min_cfg (-1) is the checkpoint's own (1.0 for SVD, 1.5 for SVD-XT): putting the node in
+    an SVD-XT graph to change the mode does not change XT's minimum."""
+    node = _node("KinemaPerFrameGuidance")
+    default = node.INPUT_TYPES()["required"]["min_cfg"][1]["default"]
+    for variant in ("svd", "svd_xt"):
+        source = bundle.model.with_options(variant=variant)
+        (model,) = node.apply(source, "triangle", default, 1.0)
+        assert model.cfg_mode == "triangle" and model.guidance_min == source.defaults.min_cfg
+    assert node.apply(bundle.model, "linear", 0.0, 1.0)[0].guidance_min == 0.0
+    with pytest.raises(KinemaError, match="min_cfg is -0.5: give 0 or more, or -1"):
+        node.apply(bundle.model, "linear", -0.5, 1.0)
+
+
 def test_per_frame_guidance_refuses_an_animatediff_model():
     from fixtures import motion_model
 
