@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from .errors import KinemaError, finite_number
+from .video_io import check_finite
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,10 @@ def _image_batch(images: torch.Tensor, what: str) -> torch.Tensor:
         raise KinemaError(f"{what}: the image batch is empty (0 images); connect at least one image")
     if min(images.shape[1:3]) < 8:
         raise KinemaError(f"{what}: the images are {images.shape[2]}x{images.shape[1]}, too small")
+    if not images.is_floating_point():
+        raise KinemaError(f"{what}: the images are {images.dtype}, not an IMAGE's floats in [0, 1]: divide 8-bit "
+                          "images by 255")
+    check_finite(images, what)
     return rearrange(images[..., :3].float(), "n h w c -> n c h w").contiguous()
 
 

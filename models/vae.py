@@ -56,6 +56,7 @@ from .layers import FrameConv, flatten_hw, per_frame_slices
 from .memory import cast_weights, run_with_oom_retry, shallow_copy
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
+from .video_io import check_finite
 
 NO_TILES = TileOptions()
 logger = logging.getLogger("kinema")
@@ -665,6 +666,7 @@ def encode_frames(
     if tiles.tile % 8 or tiles.overlap % 8:
         raise KinemaError(f"VAE encode tiling: tile size and overlap must be multiples of 8 pixels, got "
                           f"{tiles.tile} and {tiles.overlap}")
+    check_finite(images, "VAE encoding")
     pixels = rearrange(images[..., :3], "f h w c -> f c h w")
     if chunk is None:
         chunk = frames_per_call(h, w)

@@ -73,6 +73,21 @@ def check_images(images, what: str, channels: tuple[int, ...] = (3,)) -> None:
         raise KinemaError(f"{what} got an empty IMAGE batch of shape {list(images.shape)}")
 
 
+#: frames looked at a time by ``check_finite`` (its working copy is a few frames', not the video's)
+FINITE_CHECK_FRAMES = 16
+
+
+def check_finite(images: torch.Tensor, what: str) -> None:
+    """KinemaError unless every value of ``images`` ([frames, ...]) is finite: NaN or infinite pixels make NaN
+    latents, hints or embeddings downstream, which is where they would otherwise be noticed."""
+    for start in range(0, images.shape[0], FINITE_CHECK_FRAMES):
+        chunk = images[start:start + FINITE_CHECK_FRAMES]
+        if not bool(torch.isfinite(chunk).all()):
+            bad = start + int((~torch.isfinite(chunk)).flatten(1).any(1).nonzero()[0, 0])
+            raise KinemaError(f"{what}: frame {bad + 1} holds NaN or infinite values: check the node that made the "
+                              "frames")
+
+
 def _tensor_to_uint8(t: torch.Tensor) -> np.ndarray:
     t = torch.nan_to_num(t.to(device="cpu", dtype=torch.float32), nan=0.0)
     return t.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).numpy()

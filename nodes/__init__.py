@@ -18,6 +18,7 @@ from . import (
     video_input,
     video_output,
 )
+from .inputs import check_widget_inputs
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
@@ -25,5 +26,7 @@ for _module in (loaders, svd, animatediff, lora, context, conditioning, depth, s
                 compiling, latent, sampler, vae, video_input, video_output):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+for _node_id, _cls in NODE_CLASS_MAPPINGS.items():  # widget values checked before a node runs (nodes/inputs.py)
+    check_widget_inputs(_cls, NODE_DISPLAY_NAME_MAPPINGS[_node_id])
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

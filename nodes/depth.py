@@ -11,7 +11,7 @@ from ..models.depth import (
     structure_fidelity,
 )
 from ..models.errors import KinemaError
-from ..models.video_io import check_images
+from ..models.video_io import check_finite, check_images
 from . import host
 
 CATEGORY = "Kinema/structure"
@@ -109,6 +109,8 @@ class KinemaStructureFidelity:
         }
 
     def apply(self, images, t_s=0):
+        check_images(images, "Structure Fidelity (Kinema)")
+        check_finite(images, "Structure Fidelity (Kinema)")
         return (structure_fidelity(images, t_s),)
 
 

@@ -51,7 +51,6 @@ if __name__ == "__main__" and not __package__:
 import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -92,47 +91,6 @@ def _types_match(received, expected):
     got = {t.strip() for t in received.split(",")}
     want = {t.strip() for t in expected.split(",")}
     return bool(got & want)
-
-
-def _check_value(spec, value, check_range):
-    """Convert/check a widget value; returns the value or raises ValueError(reason)."""
-    t = spec.type
-    if spec.is_combo:
-        if check_range and value not in spec.combo_options:
-            options = spec.combo_options
-            shown = options if len(options) <= 20 else f"a list of {len(options)} values"
-            raise ValueError(f"{value!r} is not one of {shown}")
-        return value
-    if t == "INT":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
-        if isinstance(value, float):
-            if not math.isfinite(value) or not value.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}")
-            value = int(value)
-    elif t == "FLOAT":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
-        value = float(value)
-        if math.isnan(value):
-            raise ValueError("expected a number, got NaN")
-    elif t == "BOOLEAN":
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return value
-    elif t == "STRING":
-        if not isinstance(value, str):
-            raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
-        return value
-    else:
-        return value
-    if check_range:
-        lo, hi = spec.opts.get("min"), spec.opts.get("max")
-        if lo is not None and value < lo:
-            raise ValueError(f"{value} is smaller than the minimum {lo}")
-        if hi is not None and value > hi:
-            raise ValueError(f"{value} is bigger than the maximum {hi}")
-    return value
 
 
 def _validate_function(cls):
@@ -235,7 +193,7 @@ def validate_prompt(prompt, node_classes=None, extra_pnginfo=None):
                 raise KinemaError(f"{where}: expects a link from a {s.socket_type} output, "
                                   f"got the value {value!r}")
             try:
-                node.literals[s.name] = _check_value(
+                node.literals[s.name] = wf.check_value(
                     s, value, check_range=not (s.name in vnames or vkwargs))
             except ValueError as e:
                 _missing_model(cls, s.name, value, where)  # a model not in its folder: where it was looked for

@@ -37,6 +37,7 @@ with ``control_after_generate`` (only the newest frontends give them a control).
 """
 import copy
 import json
+import math
 
 from ..models.errors import KinemaError
 
@@ -126,6 +127,48 @@ class InputSpec:
 
     def __repr__(self):
         return f"InputSpec({self.name!r}, {self.type!r}, {self.category})"
+
+
+def check_value(spec, value, check_range):
+    """A widget value converted (a whole float for an INT) and checked against ``spec`` (its type, and with
+    ``check_range`` its min/max or list); returns the value or raises ValueError(reason)."""
+    t = spec.type
+    if spec.is_combo:
+        if check_range and value not in spec.combo_options:
+            options = spec.combo_options
+            shown = options if len(options) <= 20 else f"a list of {len(options)} values"
+            raise ValueError(f"{value!r} is not one of {shown}")
+        return value
+    if t == "INT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected an integer, got {type(value).__name__} {value!r}")
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            value = int(value)
+    elif t == "FLOAT":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {value}")
+    elif t == "BOOLEAN":
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+    elif t == "STRING":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    else:
+        return value
+    if check_range:
+        lo, hi = spec.opts.get("min"), spec.opts.get("max")
+        if lo is not None and value < lo:
+            raise ValueError(f"{value} is smaller than the minimum {lo}")
+        if hi is not None and value > hi:
+            raise ValueError(f"{value} is bigger than the maximum {hi}")
+    return value
 
 
 def input_specs(cls):

@@ -256,6 +256,8 @@ def test_the_compile_vae_node_takes_vaes_with_a_decoder():
         with pytest.raises(KinemaError, match="takes a VAE with a decoder"):
             node.apply(wrong)
     with pytest.raises(KinemaError, match="unknown compile backend"):
+        decode_compile(node.apply(vae(), "eager")[0]).__class__(backend="cudagraphs").validate()
+    with pytest.raises(KinemaError, match="Compile VAE \\(Kinema\\): input 'backend': 'cudagraphs' is not one of"):
         node.apply(vae(), "cudagraphs")
 
 

@@ -70,8 +70,38 @@ def test_txt2vid_graph_by_hand(nodes, host_dirs, caplog):
     assert os.path.getsize(path) > 0
 
 
+@pytest.mark.parametrize("node_id,args,match", [
+    ("KinemaApplyMotionModule", (None, None, float("nan"), "linear"),
+     r"Apply Motion Module \(Kinema\): input 'motion_scale': expected a finite number, got nan"),
+    ("KinemaApplyMotionModule", (None, None, 1.0, "bogus"), r"input 'beta_schedule': 'bogus' is not one of"),
+    ("KinemaTemporalGuidance", (None, float("inf")), r"input 'temporal_scale': expected a finite number"),
+    ("KinemaPerFrameGuidance", (None, "linear", float("nan"), 1.0), r"input 'min_cfg': expected a finite number"),
+    ("KinemaPerFrameGuidance", (None, "bogus", 1.0, 1.0), r"input 'mode': 'bogus' is not one of"),
+    ("KinemaEmptyVideoLatent", (2.5, 64, 64), r"input 'frames': expected an integer, got 2.5"),
+    ("KinemaEmptyVideoLatent", ("8", 64, 64), r"input 'frames': expected an integer, got str '8'"),
+    ("KinemaVideoSampler", (None, None, None, None, 2**64, 3, 7.5, "euler", "normal", 1.0),
+     r"input 'seed': 18446744073709551616 is bigger than the maximum"),
+    ("KinemaVideoSampler", (None, None, None, None, 0, float("nan"), 7.5, "euler", "normal", 1.0),
+     r"input 'steps': expected an integer, got nan"),
+    ("KinemaVideoSampler", (None, None, None, None, 0, 3, 7.5, "euler", "normal", 1.0, True),
+     r"input 'attention_chunk': expected an integer, got bool True"),
+    ("KinemaSaveVideo", (None, 8.0, "gif", float("inf"), "v"), r"input 'loop_count': expected an integer, got inf"),
+    ("KinemaMemoryPolicy", (None, "block", float("nan")), r"input 'resident_blocks': expected an integer"),
+])
+def test_widget_values_are_checked_before_a_node_runs(nodes, node_id, args, match):
+    """ComfyUI lets NaN through a FLOAT's min/max, and Python or API callers reach a node unchecked: every node's
+    widget values are checked against its INPUT_TYPES first (nodes/inputs.py), naming the node and the input."""
+    with pytest.raises(KinemaError, match=match):
+        getattr(nodes[node_id](), nodes[node_id].FUNCTION)(*args)
+
+
+def test_every_node_checks_its_widget_values(nodes):
+    for cls in nodes.values():
+        assert getattr(getattr(cls, cls.FUNCTION), "_kinema_inputs_checked", False), cls.__name__
+
+
 @pytest.mark.parametrize("frames,width,height,match", [
-    (0, 64, 64, "frames must be at least 1"),
+    (0, 64, 64, "input 'frames': 0 is smaller than the minimum 1"),
     (4, 60, 64, "width must be a positive multiple of 8"),
     (4, 64, 30, "height must be a positive multiple of 8"),
 ])
@@ -222,3 +252,23 @@ def test_latent_and_image_and_text_inputs_are_checked(nodes, host_dirs):
         nodes["KinemaTextEncode"]().encode(clip, None)
     with pytest.raises(KinemaError, match=r"prompt weight nan in '\(fox:nan\)'"):
         nodes["KinemaTextEncode"]().encode(clip, "a (fox:nan)")
+
+
+def test_frames_holding_nan_are_refused_where_they_enter(nodes):
+    """NaN or infinite pixels would become NaN latents, hints or depth maps, noticed (if at all) nodes later."""
+    from fixtures import vae
+    from kinema.models import addons
+    from kinema.models import vae as vae_ops
+
+    frames = torch.rand(3, 16, 16, 3)
+    frames[1, 2, 3, 0] = float("nan")
+    with pytest.raises(KinemaError, match="VAE encoding: frame 2 holds NaN or infinite values"):
+        vae_ops.encode_frames(vae(), frames)
+    with pytest.raises(KinemaError, match="ControlNet: frame 2 holds NaN or infinite values"):
+        addons.control_hint(None, frames)
+    with pytest.raises(KinemaError, match=r"Structure Fidelity \(Kinema\): frame 2 holds NaN"):
+        nodes["KinemaStructureFidelity"]().apply(frames, 1)
+    with pytest.raises(KinemaError, match="convert the frames to RGB"):
+        nodes["KinemaStructureFidelity"]().apply(torch.rand(3, 16, 16, 4), 1)
+    with pytest.raises(KinemaError, match="divide 8-bit images by 255"):
+        addons.control_hint(None, (frames.nan_to_num() * 255).to(torch.uint8))
