@@ -85,9 +85,9 @@ class KinemaSVDConditioning:
                 "vae": ("KINEMA_VAE", {"tooltip": "From Load SVD Checkpoint (Kinema)."}),
                 "init_image": ("IMAGE", {"tooltip": "The first frame; scaled to cover width x height and "
                                                     "centre-cropped (only the first image of a batch is used)."}),
-                "width": ("INT", {"default": 1024, "min": 64, "max": 8192, "step": 8,
+                "width": ("INT", {"default": 1024, "min": 8, "max": 8192, "step": 8,
                                   "tooltip": "Video width (SVD was trained at 1024x576)."}),
-                "height": ("INT", {"default": 576, "min": 64, "max": 8192, "step": 8,
+                "height": ("INT", {"default": 576, "min": 8, "max": 8192, "step": 8,
                                    "tooltip": "Video height."}),
                 "video_frames": ("INT", {"default": 14, "min": 1, "max": 4096,
                                          "tooltip": "Frames to make: 14 for SVD, 25 for SVD-XT; more needs Context "

@@ -227,7 +227,7 @@ def test_vae_tiling_is_checked_in_the_pixels_entered(nodes, host_dirs):
         nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.rand(1, 64, 64, 3), 1, 64, 32)
     with pytest.raises(KinemaError, match=r"tile_size must be 0 \(off\) or at least 64 pixels, got 32"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 32, 8)
-    with pytest.raises(KinemaError, match=r"whole numbers of pixels, got 64.5"):
+    with pytest.raises(KinemaError, match=r"input 'tile_size': expected an integer, got 64.5"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 64.5, 8)
 
 

@@ -274,7 +274,7 @@ def test_node_plain_prompt_and_bad_inputs(conditioning_nodes, clip):
     tensor, options = cond[0]
     assert torch.equal(tensor, clip.encode("a (red:1.2) fox")[0]) and options["kinema_keyframes"] == [0]
     assert torch.equal(pt.resolve_conditioning(tensor, options, 5), tensor.expand(5, -1, -1))
-    with pytest.raises(KinemaError, match="unknown interpolation"):
+    with pytest.raises(KinemaError, match="input 'interpolation': 'cubic' is not one of"):
         conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a", "cubic")
     with pytest.raises(KinemaError, match="keyframe '8:' has no prompt"):
         conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a, 8:", "lerp")
