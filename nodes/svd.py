@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..models import checkpoint, memory, pipelines, placement, svd_model
-from ..models.errors import KinemaError, finite_number
+from ..models.errors import KinemaError
 from ..models.guidance import CFG_MODES
 from . import host
 from .loaders import PRECISION_TOOLTIP
@@ -163,7 +163,7 @@ class KinemaPerFrameGuidance:
         if not isinstance(model, svd_model.SVDModel):
             raise KinemaError("Per-frame Guidance (Kinema) is for image-to-video models: connect the model of Load "
                               "SVD Checkpoint (Kinema)")
-        own = finite_number(min_cfg, "Per-frame Guidance (Kinema): min_cfg") == CHECKPOINT_MIN_CFG
+        own = min_cfg == CHECKPOINT_MIN_CFG  # a finite number within the widget's range (nodes/inputs.py)
         if not own and min_cfg < 0:
             raise KinemaError(f"Per-frame Guidance (Kinema): min_cfg is {min_cfg:g}: give 0 or more, or -1 for the "
                               "checkpoint's own")
