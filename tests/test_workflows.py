@@ -33,6 +33,12 @@ def test_ui_workflow_matches_its_api_twin(ui_path):
     api = json.load(open(os.path.join(ROOT, "workflows", "api", os.path.basename(ui_path))))
     assert wf.strip_meta(wf.api_from_ui(ui, classes)) == wf.strip_meta(wf.complete_api(api, classes))
     assert all(n["type"].startswith("Kinema") for n in ui["nodes"])  # only Kinema nodes: runs headless too
+    # each file holds every widget value itself, as the frontend saves and exports it: an input added to a
+    # node later must be added to the bundled files too (the frontend would shift an older file's values)
+    assert wf.complete_api(api, classes) == api
+    for node in ui["nodes"]:
+        widgets = wf.widget_specs(wf.input_specs(classes[node["type"]]))
+        assert len(node["widgets_values"]) == sum(1 + extra for _, extra in widgets), (node["id"], node["type"])
 
 
 @pytest.mark.parametrize("api_path", API_FILES, ids=os.path.basename)
