@@ -3,7 +3,8 @@
 Frames arrive as ComfyUI ``IMAGE`` (``[f, h, w, 3]`` float in [0, 1]);
 ``to_uint8`` turns them into ``uint8`` arrays and ``write_video`` writes one file.
 
-- **gif** (Pillow): frame duration from fps (GIF stores 1/100 s), loop count in
+- **gif** (Pillow): frame durations from fps (GIF stores 1/100 s: each frame starts at its time rounded to
+  that, so the mean rate is the fps asked for), loop count in
   the NETSCAPE block, metadata as a JSON comment block.
 - **webp** (Pillow, animated; lossy or lossless): metadata in EXIF the way
   ComfyUI's own animated WebP saver writes it (``0x0110 = "prompt:<json>"``,
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -144,8 +146,13 @@ def _temp_path(path: str) -> str:
         return tmp
 
 
-def _frame_ms(fps: float) -> int:
-    return max(1, int(round(1000.0 / fps)))
+def _frame_durations(count: int, fps: float, unit_ms: int) -> list[int]:
+    """Display time of each of ``count`` frames in ms, whole multiples of ``unit_ms`` (GIF stores 1/100 s, WebP
+    1 ms), so that frame ``i`` starts at ``i / fps`` rounded to the unit: at 8 fps a GIF's frames show for 120 and
+    130 ms in turn (8 fps exactly, where one rounded delay would play 8.33 fps)."""
+    step = 1000.0 / (fps * unit_ms)
+    starts = [math.floor(i * step + 0.5) for i in range(count + 1)]
+    return [max(1, b - a) * unit_ms for a, b in itertools.pairwise(starts)]
 
 
 def _each(frames, on_frame):
@@ -217,8 +224,8 @@ def _write_gif(tmp, frames, fps, loop, metadata, on_frame=None):
         kwargs["loop"] = loop - 1
     if metadata:
         kwargs["comment"] = json.dumps(metadata).encode("utf-8")
-    _lazy_frames(frames, on_frame).save(tmp, format="GIF", save_all=True, duration=_frame_ms(fps), disposal=1,
-                                        **kwargs)
+    durations = _frame_durations(len(frames), fps, 10)
+    _lazy_frames(frames, on_frame).save(tmp, format="GIF", save_all=True, duration=durations, disposal=1, **kwargs)
     if on_frame is not None:
         on_frame(len(frames), len(frames))
 
@@ -243,7 +250,8 @@ def _write_webp(tmp, frames, fps, loop, metadata, quality, lossless, method, on_
     if max(h, w) > 16383:
         raise KinemaError(f"WebP frames can be at most 16383 pixels a side, got {w}x{h}: use mp4")
     kwargs = {"exif": _webp_exif(metadata)} if metadata else {}
-    _lazy_frames(frames, on_frame).save(tmp, format="WEBP", save_all=True, duration=_frame_ms(fps), loop=int(loop),
+    durations = _frame_durations(len(frames), fps, 1)
+    _lazy_frames(frames, on_frame).save(tmp, format="WEBP", save_all=True, duration=durations, loop=int(loop),
                                         lossless=bool(lossless), quality=int(quality), method=int(method), **kwargs)
     if on_frame is not None:
         on_frame(len(frames), len(frames))

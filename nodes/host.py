@@ -20,9 +20,11 @@ registered folder of its kind) raises ``KinemaError``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
 import time
@@ -384,6 +386,47 @@ def resolve_input(name: str) -> str:
         raise KinemaError(f"Input file '{name}' resolves to '{os.path.realpath(full)}', outside the input folder "
                           f"{root}; set KINEMA_ALLOW_SYMLINKS=1 to follow such links anyway")
     return full
+
+
+_shared_input_dirs: set[str] = set()
+
+
+def share_inputs(files: dict[str, str]) -> None:
+    """Copy ``files`` (name -> path) into ComfyUI's input folder where no file of that name is, once per folder.
+
+    The frontend previews an input through ``/view?type=input``, which serves that folder only: the pack's demo
+    clip and image are read from the pack, but shown only once they are there too. Inside ComfyUI only; a file is
+    never overwritten (a file of that name made meanwhile wins) nor left half-copied; a folder that cannot be
+    written is left as it is (the files are still read from the pack).
+    """
+    if _folder_paths is None:
+        return
+    root = get_input_directory()
+    with _state_lock:
+        if root in _shared_input_dirs:
+            return
+        _shared_input_dirs.add(root)
+    for name, src in files.items():
+        dst = os.path.join(root, name)
+        if os.path.lexists(dst):
+            continue
+        tmp = os.path.join(root, f".{name}.{os.getpid()}.{threading.get_ident()}.part")
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            try:
+                os.link(tmp, dst)  # fails if a file of that name appeared meanwhile: it is kept
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links
+                if not os.path.lexists(dst):
+                    os.replace(tmp, dst)
+        except OSError as e:
+            logger.debug("Kinema: could not copy %s into the input folder %s (%s): it is read from the pack",
+                         name, root, e)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def get_temp_directory() -> str:

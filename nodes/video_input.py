@@ -57,6 +57,7 @@ def _list_inputs(listable) -> list[str]:
     """Files of the input folder that ``listable(path)`` accepts (subfolders as ``sub/name``, hidden ones
     skipped, links that resolve outside the folder hidden as in the model lists), then the bundled ones of that
     kind."""
+    host.share_inputs(_bundled(lambda path: True))  # so the frontend can preview them
     root = host.get_input_directory()
     found = []
     if os.path.isdir(root):
@@ -97,6 +98,23 @@ def resolve_video(name: str) -> str:
     return _resolve_input(name, _listable, "a video", VIDEO_EXTENSIONS, "Load Video")
 
 
+def _animated_listable(path: str) -> bool:
+    name = os.path.basename(path).lower()
+    return not name.startswith(".") and name.endswith(video_io.IMAGE_SEQUENCE_EXTENSIONS) and \
+        (not name.endswith(".png") or _is_apng(path))
+
+
+def list_animated_images() -> list[str]:
+    """GIF / WebP / animated PNG files in the input folder, then the bundled ones."""
+    return _list_inputs(_animated_listable)
+
+
+def resolve_animated_image(name: str) -> str:
+    """Path of animated image ``name``: the input folder first, then the pack's bundled clips."""
+    return _resolve_input(name, _animated_listable, "an animated image", video_io.IMAGE_SEQUENCE_EXTENSIONS,
+                          "Load Animated Image")
+
+
 def _image_listable(path: str) -> bool:
     return os.path.basename(path).lower().endswith(video_io.STILL_IMAGE_EXTENSIONS)
 
@@ -124,6 +142,34 @@ def _file_fingerprint(path_of, name) -> str:
     return hashlib.sha256(stamp.encode()).hexdigest()
 
 
+def _frame_options() -> dict:
+    """The frame selection and size inputs of Load Video and Load Animated Image."""
+    return {
+        "frame_load_cap": ("INT", {"default": 16, "min": 0, "max": 100000,
+                                   "tooltip": "Load at most this many frames (0 = all). Motion modules "
+                                              "see at most 24 (v1) or 32 (v2/v3) frames at once."}),
+        "skip_first_frames": ("INT", {"default": 0, "min": 0, "max": 1000000,
+                                      "tooltip": "Frames to skip at the start of the video."}),
+        "select_every_nth": ("INT", {"default": 1, "min": 1, "max": 1000,
+                                     "tooltip": "Keep one frame in n (2 = every other frame); the fps "
+                                                "output is divided by n."}),
+        "custom_width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+                                 "tooltip": "Width to scale to (0 = keep; with height 0 the aspect ratio "
+                                            "is kept). Both set: scale to cover, then centre-crop. The "
+                                            "result is always cropped to multiples of 8."}),
+        "custom_height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
+                                  "tooltip": "Height to scale to (0 = keep; with width 0 the aspect ratio "
+                                             "is kept)."}),
+    }
+
+
+def _load_frames(path, frame_load_cap, skip_first_frames, select_every_nth, custom_width, custom_height):
+    host.check_interrupt()
+    images, fps = video_io.read_video(path, frame_load_cap, skip_first_frames, select_every_nth, custom_width,
+                                      custom_height, on_frame=lambda n: host.check_interrupt())
+    return (images, images.shape[0], fps)
+
+
 class KinemaLoadVideo:
     DESCRIPTION = (
         "Loads a video (mp4, webm, mov, mkv, gif, webp, animated png) from the ComfyUI input folder as "
@@ -148,23 +194,11 @@ class KinemaLoadVideo:
         return {
             "required": {
                 "video": (list_videos(), {"video_upload": True,
-                                          "tooltip": "A video in the ComfyUI input folder (upload one with the "
-                                                     "button); kinema_demo_clip.webp ships with the pack."}),
-                "frame_load_cap": ("INT", {"default": 16, "min": 0, "max": 100000,
-                                           "tooltip": "Load at most this many frames (0 = all). Motion modules "
-                                                      "see at most 24 (v1) or 32 (v2/v3) frames at once."}),
-                "skip_first_frames": ("INT", {"default": 0, "min": 0, "max": 1000000,
-                                              "tooltip": "Frames to skip at the start of the video."}),
-                "select_every_nth": ("INT", {"default": 1, "min": 1, "max": 1000,
-                                             "tooltip": "Keep one frame in n (2 = every other frame); the fps "
-                                                        "output is divided by n."}),
-                "custom_width": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
-                                         "tooltip": "Width to scale to (0 = keep; with height 0 the aspect ratio "
-                                                    "is kept). Both set: scale to cover, then centre-crop. The "
-                                                    "result is always cropped to multiples of 8."}),
-                "custom_height": ("INT", {"default": 0, "min": 0, "max": 8192, "step": 8,
-                                          "tooltip": "Height to scale to (0 = keep; with width 0 the aspect ratio "
-                                                     "is kept)."}),
+                                          "tooltip": "A video in the ComfyUI input folder (upload an mp4 or webm "
+                                                     "with the button; for a gif, webp or animated png use Load "
+                                                     "Animated Image (Kinema), whose button takes them); "
+                                                     "kinema_demo_clip.webp ships with the pack."}),
+                **_frame_options(),
             }
         }
 
@@ -184,11 +218,48 @@ class KinemaLoadVideo:
 
     def load(self, video, frame_load_cap=16, skip_first_frames=0, select_every_nth=1, custom_width=0,
              custom_height=0):
-        path = resolve_video(video)
-        host.check_interrupt()
-        images, fps = video_io.read_video(path, frame_load_cap, skip_first_frames, select_every_nth,
-                                          custom_width, custom_height, on_frame=lambda n: host.check_interrupt())
-        return (images, images.shape[0], fps)
+        return _load_frames(resolve_video(video), frame_load_cap, skip_first_frames, select_every_nth, custom_width,
+                            custom_height)
+
+
+class KinemaLoadAnimatedImage(KinemaLoadVideo):
+    DESCRIPTION = (
+        "Loads an animated GIF, WebP or PNG from the ComfyUI input folder as frames, as Load Video (Kinema) does, "
+        "with an upload button and drag-and-drop that take these files (ComfyUI's video upload takes mp4 and webm "
+        "only) and the animation shown on the node. The pack's demo clip is always listed."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": (list_animated_images(),
+                          {"image_upload": True,
+                           "tooltip": "An animated gif, webp or png in the ComfyUI input folder (upload one with the "
+                                      "button, or drop it on the node); kinema_demo_clip.webp ships with the "
+                                      "pack."}),
+                **_frame_options(),
+            }
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image):
+        if image is None:
+            return True
+        try:
+            resolve_animated_image(image)
+        except KinemaError as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, image, **_):
+        return _file_fingerprint(resolve_animated_image, image)
+
+    def load(self, image, frame_load_cap=16, skip_first_frames=0, select_every_nth=1, custom_width=0,
+             custom_height=0):
+        return _load_frames(resolve_animated_image(image), frame_load_cap, skip_first_frames, select_every_nth,
+                            custom_width, custom_height)
 
 
 class KinemaLoadImage:
@@ -228,5 +299,8 @@ class KinemaLoadImage:
         return (video_io.read_image(resolve_image(image)),)
 
 
-NODE_CLASS_MAPPINGS = {"KinemaLoadVideo": KinemaLoadVideo, "KinemaLoadImage": KinemaLoadImage}
-NODE_DISPLAY_NAME_MAPPINGS = {"KinemaLoadVideo": "Load Video (Kinema)", "KinemaLoadImage": "Load Image (Kinema)"}
+NODE_CLASS_MAPPINGS = {"KinemaLoadVideo": KinemaLoadVideo, "KinemaLoadAnimatedImage": KinemaLoadAnimatedImage,
+                       "KinemaLoadImage": KinemaLoadImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"KinemaLoadVideo": "Load Video (Kinema)",
+                              "KinemaLoadAnimatedImage": "Load Animated Image (Kinema)",
+                              "KinemaLoadImage": "Load Image (Kinema)"}

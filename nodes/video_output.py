@@ -17,9 +17,9 @@ class KinemaSaveVideo:
 
     DESCRIPTION = (
         "Saves the frames as one video file in the ComfyUI output folder and previews it. "
-        "webp and gif are animated images (the workflow is embedded, so dropping the file on "
-        "ComfyUI loads it back; repeated frames are stored once, shown longer); mp4 is H.264 for players and "
-        "editors."
+        "webp and gif are animated images (repeated frames are stored once, shown longer); mp4 is H.264 for "
+        "players and editors. The workflow is embedded in each: dropping a webp or mp4 on ComfyUI loads it back "
+        "(ComfyUI reads no workflow from a gif)."
     )
     CATEGORY = "Kinema/video"
     RETURN_TYPES = ()

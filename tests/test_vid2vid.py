@@ -366,6 +366,70 @@ def test_load_video_is_changed_follows_the_file(input_dir):
     assert KinemaLoadVideo.IS_CHANGED(video="clip.gif", frame_load_cap=0) != second
 
 
+def test_load_animated_image_takes_uploads_of_gif_webp_and_apng(input_dir):
+    """ComfyUI's video upload button takes mp4 / webm only; this node's image upload takes animated images."""
+    from PIL import Image
+
+    from kinema.nodes.video_input import KinemaLoadAnimatedImage, KinemaLoadVideo
+
+    _write(input_dir, "gif", name="walk", fps=12.5)
+    _write(input_dir, "webp", name="b_clip")
+    Image.new("RGB", (8, 8)).save(input_dir / "still.png")
+    frames = [Image.new("RGB", (8, 8), (v, 0, 0)) for v in (0, 255)]
+    frames[0].save(input_dir / "anim.png", save_all=True, append_images=frames[1:])
+    (input_dir / "clip.mp4").write_bytes(b"x")
+    spec = KinemaLoadAnimatedImage.INPUT_TYPES()["required"]
+    options, opts = spec["image"]
+    assert options == ["anim.png", "b_clip.webp", "walk.gif", "kinema_demo_clip.webp"]
+    assert opts.get("image_upload") is True and "video_upload" not in opts
+    assert list(spec)[1:] == list(KinemaLoadVideo.INPUT_TYPES()["required"])[1:]
+    assert all(o.get("tooltip") for _, o in spec.values())
+    assert load_pack().NODE_DISPLAY_NAME_MAPPINGS["KinemaLoadAnimatedImage"] == "Load Animated Image (Kinema)"
+    got = KinemaLoadAnimatedImage().load("walk.gif", 4, 2, 1, 64, 0)
+    want = KinemaLoadVideo().load("walk.gif", 4, 2, 1, 64, 0)
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:] == (4, pytest.approx(12.5))
+    assert KinemaLoadAnimatedImage.VALIDATE_INPUTS("walk.gif") is True
+    assert "not found" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.gif")
+    assert "not an animated image file" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.jpg")
+    assert isinstance(KinemaLoadAnimatedImage.VALIDATE_INPUTS("../walk.gif"), str)
+    assert KinemaLoadAnimatedImage.IS_CHANGED(image="walk.gif") == KinemaLoadVideo.IS_CHANGED(video="walk.gif")
+
+
+def test_bundled_inputs_are_copied_into_comfyuis_input_folder_for_previews(input_dir, tmp_path, monkeypatch):
+    """ComfyUI's /view serves its input folder only: the demo clip and image are copied there (once, never over a
+    file of that name, never half-written) so the frontend can show them; outside ComfyUI nothing is written."""
+    import types
+
+    from kinema.nodes import host
+    from kinema.nodes.video_input import BUNDLED_INPUTS_DIR, list_images, list_videos
+
+    list_videos()  # the headless runner: read from the pack, nothing copied
+    assert os.listdir(input_dir) == []
+    comfy_input = tmp_path / "comfy_input"
+    monkeypatch.setattr(host, "_folder_paths", types.SimpleNamespace(get_input_directory=lambda: str(comfy_input)))
+    monkeypatch.setattr(host, "_shared_input_dirs", set())
+    comfy_input.mkdir()
+    (comfy_input / "kinema_demo_image.png").write_bytes(b"the user's own")
+    assert "kinema_demo_clip.webp" in list_videos()
+    assert sorted(os.listdir(comfy_input)) == ["kinema_demo_clip.webp", "kinema_demo_image.png"]  # no .part left
+    with open(comfy_input / "kinema_demo_clip.webp", "rb") as a, \
+            open(os.path.join(BUNDLED_INPUTS_DIR, "kinema_demo_clip.webp"), "rb") as b:
+        assert a.read() == b.read()
+    assert (comfy_input / "kinema_demo_image.png").read_bytes() == b"the user's own"
+    os.remove(comfy_input / "kinema_demo_clip.webp")  # once per folder and process: a file deleted stays deleted
+    assert list_images().count("kinema_demo_image.png") == 1 and list_videos().count("kinema_demo_clip.webp") == 1
+    assert not (comfy_input / "kinema_demo_clip.webp").exists()
+    readonly = tmp_path / "readonly"  # a folder that cannot be written (chmod does not stop root: the copy fails)
+    monkeypatch.setattr(host, "_folder_paths", types.SimpleNamespace(get_input_directory=lambda: str(readonly)))
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", dst)
+
+    monkeypatch.setattr(host.shutil, "copyfile", refused)
+    assert "kinema_demo_clip.webp" in list_videos()  # still listed, read from the pack
+    assert not readonly.exists() or os.listdir(readonly) == []
+
+
 # -- VAE Encode Frames -----------------------------------------------------------------------------------------------
 
 def test_vae_encode_frames_node(host_dirs):

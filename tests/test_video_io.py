@@ -77,12 +77,27 @@ def test_gif_frames_size_timing_loop_and_metadata(tmp_path):
     p = video_io.write_video(str(tmp_path / "a.gif"), video_io.to_uint8(imgs), 8, "gif", loop=0, metadata=METADATA)
     frames, info = _pil_frames(p)
     assert len(frames) == 5 and frames[0][0].shape == (24, 32, 3)
-    assert all(d in (120, 130) for _, d in frames)  # 125 ms in GIF's 1/100 s units
+    assert [d for _, d in frames] == [130, 120, 130, 120, 130]  # frames start at i/8 s in GIF's 1/100 s units
     assert info.get("loop") == 0
     assert video_io.read_video_metadata(p) == METADATA
     err = np.abs(np.stack([f for f, _ in frames]).astype(int) - video_io.to_uint8(imgs).astype(int)).mean()
     assert err < 12  # 256-colour palette
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt, unit", [("gif", 10), ("webp", 1)])
+@pytest.mark.parametrize("fps", [8, 12, 15, 24, 30, 7.5])
+def test_gif_and_webp_play_at_the_fps_asked_for(tmp_path, fmt, unit, fps):
+    """Frame delays are stored in whole units (GIF 1/100 s): each frame starts at its time rounded to one, so the
+    file plays at the fps asked for (one delay rounded for all made a 15 fps GIF play at 16.7) and reads back so."""
+    n = 48
+    imgs = torch.rand(n, 8, 8, 3, generator=torch.Generator().manual_seed(1))  # no two frames alike (none merged)
+    p = video_io.write_video(str(tmp_path / f"r.{fmt}"), imgs, fps, fmt, lossless=True)
+    delays = [d for _, d in _pil_frames(p)[0]]
+    assert len(delays) == n and all(d % unit == 0 and abs(d - 1000 / fps) < unit for d in delays)
+    assert abs(sum(delays) - n * 1000 / fps) <= unit / 2
+    frames, read_fps = video_io.read_video(p)
+    assert frames.shape[0] == n and abs(read_fps - fps) <= fps * fps * unit / (2 * n * 1000) + 1e-9
 
 
 @pytest.mark.parametrize("loop, stored", [(1, None), (3, 2)])
@@ -391,7 +406,9 @@ def test_gif_and_webp_progress_runs_while_pillow_encodes(tmp_path, monkeypatch, 
     listed = [Image.fromarray(f, "RGB") for f in frames]
     reference = tmp_path / f"listed.{fmt}"
     options = {"disposal": 1, "loop": 0} if fmt == "gif" else {"loop": 0, "lossless": False, "quality": 90, "method": 4}
-    listed[0].save(reference, format=fmt.upper(), save_all=True, append_images=listed[1:], duration=125, **options)
+    durations = [130, 120, 130, 120, 130] if fmt == "gif" else [125] * 5  # frames start at i/8 s (GIF: 1/100 s)
+    listed[0].save(reference, format=fmt.upper(), save_all=True, append_images=listed[1:], duration=durations,
+                   **options)
     assert (tmp_path / f"v.{fmt}").read_bytes() == reference.read_bytes()
 
 
