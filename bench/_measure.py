@@ -34,8 +34,22 @@ def rss_kib(field: str) -> int | None:
     return None
 
 
+_peak_before_reset_kib = 0
+
+
+def process_peak_rss_kib() -> int:
+    """The process's peak RSS so far in KiB (imports, weights, everything), resets of the peak mark included:
+    ``reset_peak_rss`` also resets ``ru_maxrss``, so the peak before each reset is kept here."""
+    import resource
+
+    return max(_peak_before_reset_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so VmHWM then measures what follows alone."""
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so VmHWM then measures what follows alone. The mark is
+    ``ru_maxrss``'s too: ``process_peak_rss_kib`` gives the whole process's peak."""
+    global _peak_before_reset_kib
+    _peak_before_reset_kib = process_peak_rss_kib()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -78,6 +92,16 @@ def run_child(cmd: list[str], threads: int, what: str) -> None:
     proc = subprocess.run(cmd, check=False, env=thread_env(threads), cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"{what} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}")
+
+
+def check_at_least(parser, args, minimum, *names: str) -> None:
+    """``parser.error`` naming the first option of ``names`` (attribute names) set below ``minimum``; options left
+    unset (None: the script's default) pass."""
+    for name in names:
+        value = getattr(args, name)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and v < minimum:
+                parser.error(f"--{name.replace('_', '-')} must be at least {minimum:g}, not {v:g}")
 
 
 def median_after_warmup(steps: list[float]) -> float | None:

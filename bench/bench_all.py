@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_animatediff
 import bench_context
 import bench_svd
-from _measure import BenchError, command_line, cpu_name, mib, ratio
+from _measure import BenchError, check_at_least, command_line, cpu_name, mib, ratio
 
 #: the settings of each section (the sub-benchmarks' own command-line options), full and --quick
 PLANS = {
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"what to run (of: {', '.join(SECTIONS)})")
     p.add_argument("--output", help="also write the report to this file")
     args = p.parse_args(argv)
-    if args.threads < 1 or args.repeat < 1:
-        p.error("--threads and --repeat must be at least 1")
+    check_at_least(p, args, 1, "threads", "repeat")
     if any(_module(s) != "context" for s in args.sections) and importlib.util.find_spec("diffusers") is None:
         print("bench_all.py compares with diffusers, which is not installed: pip install -r requirements-test.txt "
               "(or run only --sections context)", file=sys.stderr)

@@ -35,10 +35,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
     BenchError,
+    check_at_least,
     command_line,
     cpu_name,
     median_after_warmup,
     mib,
+    process_peak_rss_kib,
     ratio,
     register_pack,
     reset_peak_rss,
@@ -52,8 +54,6 @@ LATENT_SCALE = 0.18215  # the SD1.5 latent scale: both final latents are compare
 # -- child: one implementation -------------------------------------------------------------------------------------
 
 def run_child_process(args) -> None:
-    import resource
-
     import torch
     from einops import rearrange
 
@@ -117,7 +117,6 @@ def run_child_process(args) -> None:
     import gc
 
     gc.collect()
-    build_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_before = rss_kib("VmRSS")
     reset = reset_peak_rss()
 
@@ -126,7 +125,6 @@ def run_child_process(args) -> None:
     latent = sample(lambda: stamps.append(time.perf_counter()))
     total = time.perf_counter() - t0
 
-    end_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sampling_peak = rss_kib("VmHWM") if reset else None
     steps = [b - a for a, b in zip([t0] + stamps[:-1], stamps)]
     torch.save(latent.float().contiguous(), args.latent_out)
@@ -134,7 +132,7 @@ def run_child_process(args) -> None:
         json.dump({
             "steps": steps,
             "total": total,
-            "peak_rss_kib": max(build_peak, end_peak),
+            "peak_rss_kib": process_peak_rss_kib(),
             "rss_before_sampling_kib": rss_before,
             "sampling_peak_rss_kib": sampling_peak,
             "threads": torch.get_num_threads(),
@@ -247,8 +245,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size % 8 or args.size < 64:
         p.error("--size must be a multiple of 8, at least 64")
-    if min(args.steps, args.frames, args.threads, args.repeat) < 1:
-        p.error("--steps, --frames, --threads and --repeat must be at least 1")
+    check_at_least(p, args, 2, "steps")  # the first is the warm-up step, left out of the median
+    check_at_least(p, args, 1, "frames", "threads", "repeat")
     return args
 
 

@@ -26,9 +26,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
     BenchError,
+    check_at_least,
     command_line,
     cpu_name,
     mib,
+    process_peak_rss_kib,
     ratio,
     register_pack,
     reset_peak_rss,
@@ -41,7 +43,6 @@ CONTEXT = {"context_length": 16, "overlap": 4, "schedule": "uniform_standard", "
 
 def run_child_process(args) -> None:
     import gc
-    import resource
 
     import torch
 
@@ -82,7 +83,7 @@ def run_child_process(args) -> None:
             "windows": windows[0],
             "total": total,
             "sampling_peak_rss_kib": rss_kib("VmHWM") if reset else None,
-            "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "peak_rss_kib": process_peak_rss_kib(),
             "rss_before_sampling_kib": rss_before,
             "threads": torch.get_num_threads(),
         }, f)
@@ -151,7 +152,7 @@ def report(args, argv: list[str], res: dict) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--frames", type=int, nargs="+", default=[16, 64, 128], help="frame counts, smallest first")
+    p.add_argument("--frames", type=int, nargs="+", default=[16, 64, 128], help="frame counts (run smallest first; the ratios are to the smallest)")
     p.add_argument("--steps", type=int, default=3, help="Euler steps")
     p.add_argument("--size", type=int, default=256, help="width and height in pixels (latent is size/8)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads in each child")
@@ -168,8 +169,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.size % 8 or args.size < 64:
         p.error("--size must be a multiple of 8, at least 64")
-    if min(args.steps, args.threads, *args.frames) < 1:
-        p.error("--steps, --threads and --frames must be at least 1")
+    check_at_least(p, args, 1, "steps", "threads", "frames")
+    args.frames = sorted(set(args.frames))  # the first is the base of the ratios, the last the largest
     return args
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import cpu_name, register_pack
+from _measure import check_at_least, cpu_name, register_pack
 
 
 def build(args):
@@ -119,6 +119,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeat", type=int, default=3)
     args = p.parse_args(argv)
+    check_at_least(p, args, 2, "steps")  # the first is the warm-up step, left out of the median
+    check_at_least(p, args, 1, "frames", "threads", "repeat")
+    if args.size % 8 or args.size < 8:
+        p.error("--size must be a multiple of 8 pixels")
 
     import torch
 

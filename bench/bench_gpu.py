@@ -57,7 +57,14 @@ from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import command_line, cpu_name, register_pack, reset_peak_rss, rss_kib
+from _measure import (
+    check_at_least,
+    command_line,
+    cpu_name,
+    register_pack,
+    reset_peak_rss,
+    rss_kib,
+)
 
 #: NVIDIA H200 SXM: 1,979 TFLOP/s fp16/bf16 tensor core with 2:4 sparsity, so 989.4 dense (the H100 SXM's too)
 H200_DENSE_FP16_TFLOPS = 989.4
@@ -436,9 +443,9 @@ def build_svd(sc: Scale, args, dtype, vae_dtype, gen_device) -> Workload:
 
 def _video(default: tuple, args) -> tuple[int, int, int, int]:
     frames, width, height, steps = default
-    if args.frames:
+    if args.frames is not None:
         frames = args.frames
-    if args.steps:
+    if args.steps is not None:
         steps = args.steps
     return frames, width, height, steps
 
@@ -1025,6 +1032,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
+    check_at_least(p, args, 2, "steps")  # the first is the warm-up step, left out of the median
+    check_at_least(p, args, 1, "frames", "resident", "attn_chunk", "tile")
+    if not args.peak_tflops > 0:
+        p.error(f"--peak-tflops must be above 0, not {args.peak_tflops:g}")
     import torch
 
     if args.device is None or args.device.startswith("cuda"):
@@ -1039,13 +1050,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     args.policies = args.policies or default_policies(device)
     sc = SCALES[args.scale]
-    args.attn_chunk = args.attn_chunk or sc.attn_chunk
-    args.tile = args.tile or sc.tile
+    args.attn_chunk = sc.attn_chunk if args.attn_chunk is None else args.attn_chunk
+    args.tile = sc.tile if args.tile is None else args.tile
     args.tile_overlap = sc.overlap if args.tile_overlap is None else args.tile_overlap
     if args.tile % 8 or args.tile_overlap % 8 or args.tile_overlap * 2 >= args.tile:
         p.error("--tile and --tile-overlap must be multiples of 8 pixels, the overlap less than half the tile")
-    if min(args.resident, args.attn_chunk, args.frames or 1, args.steps or 1) < 1:
-        p.error("--resident, --attn-chunk, --frames and --steps must be at least 1")
     register_pack()
     from kinema.models import memory
 

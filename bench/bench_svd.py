@@ -40,10 +40,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
     BenchError,
+    check_at_least,
     command_line,
     cpu_name,
     median_after_warmup,
     mib,
+    process_peak_rss_kib,
     ratio,
     register_pack,
     reset_peak_rss,
@@ -75,7 +77,6 @@ def prepare_checkpoint(args) -> None:
 def run_child_process(args) -> None:
     """Child: one configuration makes one video from ``--checkpoint``; results to ``--result``."""
     import gc
-    import resource
 
     import torch
 
@@ -154,7 +155,7 @@ def run_child_process(args) -> None:
     with open(args.result, "w") as f:
         json.dump({"total": total, "sampling": phases["sampling"], "decode": total - phases["sampling"],
                    "steps": steps, "median": median_after_warmup(steps),
-                   "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   "peak_rss_kib": process_peak_rss_kib(),
                    "video_peak_rss_kib": sampling_peak, "rss_before_kib": rss_before,
                    "threads": torch.get_num_threads(), "decode_chunk": decode_chunk}, f)
 
@@ -282,8 +283,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.width % 8 or args.height % 8 or min(args.width, args.height) < 64:
         p.error("--width and --height must be multiples of 8, at least 64")
-    if min(args.steps, args.frames, args.threads, args.low_decode_chunk, args.attn_chunk, args.repeat) < 1:
-        p.error("--steps, --frames, --threads, --low-decode-chunk, --attn-chunk and --repeat must be at least 1")
+    check_at_least(p, args, 2, "steps")  # the first is the warm-up step, left out of the median
+    check_at_least(p, args, 1, "frames", "threads", "low_decode_chunk", "attn_chunk", "repeat")
+    check_at_least(p, args, 0, "decode_chunk")
     args.configs = list(dict.fromkeys(args.configs))  # each once, in the order given
     return args
 

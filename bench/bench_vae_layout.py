@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import command_line, cpu_name, register_pack
+from _measure import check_at_least, command_line, cpu_name, register_pack
 
 
 def main() -> None:
@@ -26,6 +26,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args()
+    check_at_least(p, args, 1, "frames", "repeat", "threads")
+    if args.size % 8 or args.size < 8:
+        p.error("--size must be a multiple of 8 pixels")
 
     import torch
 

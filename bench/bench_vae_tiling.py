@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
     ROOT,
+    check_at_least,
     cpu_name,
     mib,
     register_pack,
@@ -81,6 +82,10 @@ def main(argv: list[str]) -> int:
     if args.out:
         child(args)
         return 0
+    check_at_least(p, args, 1, "frames", "threads")
+    if args.size % 8 or args.tile % 8 or args.overlap % 8 or args.tile < 64 or not 0 <= 2 * args.overlap < args.tile:
+        p.error("--size, --tile and --overlap must be multiples of 8 pixels, the tile at least 64 and the overlap "
+                "less than half the tile")
 
     import torch
 

@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _measure import cpu_name, register_pack
+from _measure import check_at_least, cpu_name, register_pack
 
 #: operators counted as matrix products in the FLOP-rate column (the flop counter counts these and convolutions)
 #: the kernels of what the FLOP count counts (convolutions, matrix products): oneDNN's convolutions, PyTorch's
@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-diffusers", action="store_true", help="profile Kinema alone")
     p.add_argument("--top", type=int, default=10, help="operators listed")
     args = p.parse_args(argv)
+    check_at_least(p, args, 1, "frames", "threads", "repeat", "top")
+    if args.size % 8 or args.size < 8:
+        p.error("--size must be a multiple of 8 pixels")
     args.frames = args.frames or (14 if args.model == "svd" else 16)
 
     import torch

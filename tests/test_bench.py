@@ -306,3 +306,69 @@ def test_the_summary_compares_each_row_with_its_own_diffusers_run():
     plain, low = bench_all.summary_rows("svd-tiny", args, res)
     assert plain.startswith("| SVD |") and plain.endswith("| 1.0e-06 |")
     assert low.startswith("| SVD low-mem |") and low.endswith("| 3.0e-06 |")
+
+
+def test_summary_ratios_are_kinema_over_diffusers():
+    """Each K/D cell divides Kinema's figure by diffusers' (a row with both sides equal could not tell)."""
+    import argparse
+
+    kinema = {"median": 1.0, "total": 30.0, "video_peak_rss_kib": 1024 * 300}
+    diffusers = {"median": 4.0, "total": 40.0, "video_peak_rss_kib": 1024 * 600}
+    res = {"results": {"kinema": kinema, "kinema low-mem": diffusers, "diffusers": diffusers,
+                       "diffusers low-mem": kinema},
+           "latent_diff": {"kinema": 1e-6, "kinema low-mem": 7e-5},
+           "latent_diff_pair": {"kinema": 1e-6, "kinema low-mem": 3e-6}}
+    args = argparse.Namespace(frames=14, width=64, height=64, steps=2, scale="tiny")
+    plain, low = bench_all.summary_rows("svd-tiny", args, res)
+    cells = [c.strip() for c in plain.strip("|").split("|")]
+    assert cells[3:] == ["1.000", "4.000", "0.25", "30.00", "40.00", "0.75", "300", "600", "0.50", "1.0e-06"]
+    cells = [c.strip() for c in low.strip("|").split("|")]
+    assert cells[5] == "4.00" and cells[8] == "1.33" and cells[11] == "2.00"
+
+
+def test_the_whole_process_peak_survives_the_reset_of_the_peak_mark():
+    """Resetting VmHWM (/proc/self/clear_refs) resets ru_maxrss as well: the process's peak is kept aside."""
+    import resource
+
+    from _measure import process_peak_rss_kib, reset_peak_rss
+
+    block = bytearray(256 * 1024 * 1024)
+    for i in range(0, len(block), 4096):  # touch every page: resident
+        block[i] = 1
+    del block
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if not reset_peak_rss():
+        pytest.skip("the kernel does not let this process reset its peak RSS")
+    if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >= before:
+        pytest.skip("ru_maxrss is not reset with VmHWM on this kernel")
+    assert process_peak_rss_kib() >= before >= 256 * 1024
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("bench_context", ["--frames", "0", "16"], "--frames must be at least 1"),
+    ("bench_svd", ["--steps", "1"], "--steps must be at least 2"),
+    ("bench_svd", ["--decode-chunk", "-1"], "--decode-chunk must be at least 0"),
+    ("bench_animatediff", ["--repeat", "0"], "--repeat must be at least 1"),
+])
+def test_bad_options_are_refused_before_any_work(script, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_gpu_refuses_bad_options_before_looking_for_a_gpu(capsys):
+    for argv, message in ((["--peak-tflops", "0"], "--peak-tflops must be above 0"),
+                          (["--frames", "0"], "--frames must be at least 1"),
+                          (["--tile", "0"], "--tile must be at least 1")):
+        with pytest.raises(SystemExit):
+            bench_gpu.main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_bench_context_runs_frame_counts_smallest_first():
+    """The ratios are to the first run and the memory verdict reads the last as the largest: any order given."""
+    import bench_context
+
+    assert bench_context.parse_args(["--frames", "64", "16", "32", "16"]).frames == [16, 32, 64]
