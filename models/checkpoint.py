@@ -378,8 +378,10 @@ class SD15Bundle:
     name: str
 
 
-def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None) -> SD15Bundle:
-    """Load an SD1.5 single-file checkpoint into (UNet, VAE, CLIP text encoder)."""
+def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
+              text_dtype: torch.dtype | None = None) -> SD15Bundle:
+    """Load an SD1.5 single-file checkpoint into (UNet, VAE, CLIP text encoder); the VAE in ``vae_dtype`` and the
+    text encoder in ``text_dtype`` where given, else in ``dtype``."""
     from .unet import UNetModel, infer_unet_config
     from .vae import AutoencoderKL, infer_vae_config
 
@@ -405,7 +407,7 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
         unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
         vcfg = infer_vae_config(vae_sd)
         vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
-        clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=dtype)
+        clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=text_dtype or dtype)
     return SD15Bundle(unet=unet, vae=vae, clip=clip, name=name)
 
 
@@ -461,7 +463,8 @@ def load_clip_vision(path: str, dtype: torch.dtype | None = None, device: torch.
 
 
 def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
-             clip_vision_path: str | None = None, device: torch.device | str = "cpu") -> SVDBundle:
+             clip_vision_path: str | None = None, device: torch.device | str = "cpu",
+             encoder_dtype: torch.dtype | None = None) -> SVDBundle:
     """Load a Stable Video Diffusion single-file checkpoint (svd, svd_xt, the 1.1 releases and the image-decoder
     variants, svd_image_decoder / svd_xt_image_decoder) as published.
 
@@ -471,7 +474,8 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
     image-decoder variants the SD VAE's (an ``AutoencoderKL`` with its ``post_quant_conv``, frames decoded
     independently). The CLIP image encoder comes from
     ``clip_vision_path`` when given (any CLIP vision file, e.g. ComfyUI's clip_vision_h.safetensors), else from
-    the checkpoint.
+    the checkpoint. The VAE is made in ``vae_dtype``, the image encoder in ``encoder_dtype`` where given, else in
+    ``dtype``.
     """
     from .clip_vision import load_image_encoder
     from .svd import SVD_ADM_CHANNELS, SVDUNet, infer_svd_unet_config
@@ -529,14 +533,14 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
             vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
 
         if clip_vision_path is not None:
-            image_encoder = load_clip_vision(clip_vision_path, dtype, device)
+            image_encoder = load_clip_vision(clip_vision_path, encoder_dtype or dtype, device)
             if image_encoder.embed_dim != ucfg.context_dim:
                 raise KinemaError(
                     f"'{os.path.basename(clip_vision_path)}' gives {image_encoder.embed_dim}-wide image embeddings "
                     f"and the UNet of '{name}' takes {ucfg.context_dim}-wide ones: choose the ViT-H/14 image encoder "
                     "SVD was trained with (clip_vision_h.safetensors), or the checkpoint's own")
         elif any(k.startswith(SVD_CLIP_VISION_PREFIX) for k in sd):
-            image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, dtype, name, device=device)
+            image_encoder = load_image_encoder(sd, SVD_CLIP_VISION_PREFIX, encoder_dtype or dtype, name, device=device)
         else:
             raise KinemaError(f"'{name}' has no CLIP image encoder ('{SVD_CLIP_VISION_PREFIX}*'): choose a ViT-H/14 "
                               "file from models/clip_vision (e.g. clip_vision_h.safetensors) in Load SVD Checkpoint")

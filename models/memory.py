@@ -97,14 +97,25 @@ def release_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
+_reserved: Callable[[torch.device], int] | None = None
+
+
+def set_reserved(fn: Callable[[torch.device], int] | None) -> None:
+    """Register the host's ``fn(device)``: bytes of ``device`` to leave to other programs (ComfyUI's
+    --reserve-vram), which ``available_bytes`` does not count as free."""
+    global _reserved
+    _reserved = fn
+
+
 def available_bytes(device: torch.device | str) -> int | None:
     """Memory free for new tensors on ``device``: on CUDA the free VRAM plus what PyTorch's allocator holds
-    cached but unused (new tensors take that first), ``MemAvailable`` on the CPU (Linux); None where it cannot
-    be told."""
+    cached but unused (new tensors take that first), less what the host reserves for other programs
+    (``set_reserved``); ``MemAvailable`` on the CPU (Linux); None where it cannot be told."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free) + max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        free = int(free) + max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+        return max(0, free - (_reserved(device) if _reserved is not None else 0))
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:

@@ -35,8 +35,7 @@ class KinemaCLIPVisionLoader:
 
     def load(self, clip_name, precision="auto"):
         path = host.resolve_model("clip_vision", clip_name)
-        device = host.compute_device()
-        return (host.placed(checkpoint.load_clip_vision(path, memory.pick_dtype(precision, device))),)
+        return (host.placed(checkpoint.load_clip_vision(path, host.load_dtypes(precision).encoders)),)
 
 
 class KinemaIPAdapterLoader:
@@ -66,8 +65,7 @@ class KinemaIPAdapterLoader:
         from ..models.ip_adapter import load_ip_adapter
 
         path = host.resolve_model("ipadapter", ipadapter_name)
-        device = host.compute_device()
-        return (host.placed(load_ip_adapter(path, dtype=memory.pick_dtype(precision, device))),)
+        return (host.placed(load_ip_adapter(path, dtype=host.load_dtypes(precision).weights)),)
 
 
 class KinemaApplyIPAdapter:

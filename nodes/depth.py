@@ -39,14 +39,15 @@ class KinemaDepthModelLoader:
                     "tooltip": "A depth model folder in models/depth_models (the whole downloaded repository, e.g. "
                                "models/depth_models/dpt-hybrid-midas/ with its config.json)."}),
                 "precision": (list(memory.PRECISIONS), {
-                    "default": "auto", "tooltip": "Weight precision; auto: fp16 on a GPU, fp32 on the CPU."}),
+                    "default": "auto",
+                    "tooltip": "Weight precision; auto: fp16 on a GPU, fp32 on the CPU, or what ComfyUI's "
+                               "--force-fp32 / --fp16-unet / ... flags ask for."}),
             }
         }
 
     def load(self, model_name, precision="auto"):
         folder = host.resolve_model_dir("depth_models", model_name)
-        device = host.compute_device()
-        return (host.placed(load_depth_model(folder, dtype=memory.pick_dtype(precision, device))),)
+        return (host.placed(load_depth_model(folder, dtype=host.load_dtypes(precision).weights)),)
 
 
 class KinemaDepthEstimate:

@@ -29,11 +29,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from ..models import memory, placement
 from ..models.errors import KinemaError
+from ..models.placement import Placement
 
 logger = logging.getLogger("kinema")
 
@@ -52,6 +54,11 @@ try:  # pragma: no cover - only inside ComfyUI
     import comfy.model_management as _comfy_mm
 except Exception:
     _comfy_mm = None
+
+try:  # pragma: no cover - only inside ComfyUI
+    from comfy.cli_args import args as _comfy_args
+except Exception:
+    _comfy_args = None
 
 IN_COMFYUI: bool = _folder_paths is not None
 
@@ -699,6 +706,87 @@ def placed(obj):
     return placement.place(obj, memory_defaults()[1])
 
 
+def vae_device() -> torch.device:
+    """Where VAEs run: the CPU under ComfyUI's --cpu-vae, else the compute device."""
+    if _comfy_mm is not None and hasattr(_comfy_mm, "vae_device"):
+        return _comfy_mm.vae_device()
+    return compute_device()
+
+
+def placed_vae(vae):
+    """A VAE a loader just made, placed as ``placed`` does, or kept on the CPU under --cpu-vae."""
+    device = vae_device()
+    if device == compute_device():
+        return placed(vae)
+    return placement.place(vae, Placement(device=str(device), offload=False, storage=str(device)))
+
+
+@dataclass(frozen=True)
+class LoadDtypes:
+    """The dtypes a loader makes its parts in: diffusion weights (UNet, motion module, ControlNet, IP-Adapter,
+    depth model), VAE, and encoders (text, CLIP vision)."""
+
+    weights: torch.dtype
+    vae: torch.dtype
+    encoders: torch.dtype
+
+
+_FLAG_DTYPES = (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16))
+
+
+def _flag(name: str) -> bool:
+    return bool(getattr(_comfy_args, name, False)) if _comfy_args is not None else False
+
+
+def _flagged(part: str) -> torch.dtype | None:
+    """The dtype ComfyUI's command line asks for ``part`` (--fp16-unet, --bf16-vae, --fp32-text-enc, ...);
+    --force-fp32 asks fp32 of every part without its own flag."""
+    for prefix, dtype in _FLAG_DTYPES:
+        if _flag(f"{prefix}_{part}"):
+            return dtype
+    return torch.float32 if _flag("force_fp32") else None
+
+
+def _auto_weights(device: torch.device) -> torch.dtype:
+    """``auto`` for the diffusion weights: ComfyUI's flags, then, on a GPU ComfyUI finds fp16 slow or broken
+    on (GTX 10 / 16 series, before Pascal), bf16 where it supports it, else fp32; else the pack's rule."""
+    dtype = _flagged("unet")
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda" and _comfy_mm is not None and hasattr(_comfy_mm, "should_use_fp16"):
+        try:
+            if not _comfy_mm.should_use_fp16(device):
+                return torch.bfloat16 if _comfy_mm.should_use_bf16(device) else torch.float32
+        except Exception as exc:  # ComfyUI's API moves: the pack's own rule then
+            logger.debug("ComfyUI should_use_fp16 failed: %s", exc)
+    return memory.pick_dtype("auto", device)
+
+
+def load_dtypes(precision: str, device: torch.device | None = None) -> LoadDtypes:
+    """What a loader's ``precision`` means. fp32 / fp16 / bf16: every part in it. auto: the pack's rule (fp16 on
+    a GPU, fp32 on the CPU) as ComfyUI's command line adjusts it: --force-fp32, --force-fp16, --fp32-unet /
+    --fp16-unet / --bf16-unet, --fp32-vae / --fp16-vae / --bf16-vae, --fp32-text-enc / --fp16-text-enc /
+    --bf16-text-enc; a GPU without reliable fp16 (``_auto_weights``); a VAE on the CPU (--cpu-vae) in fp32."""
+    device = compute_device() if device is None else torch.device(device)
+    if precision != "auto":
+        dtype = memory.pick_dtype(precision, device)
+        return LoadDtypes(dtype, dtype, dtype)
+    weights = _auto_weights(device)
+    vae = _flagged("vae") or (torch.float32 if vae_device().type == "cpu" else weights)
+    return LoadDtypes(weights, vae, _flagged("text_enc") or weights)
+
+
+def _reserved_vram(device: torch.device) -> int:
+    """VRAM ComfyUI leaves to other programs (--reserve-vram; a few hundred MiB by default)."""
+    if device.type != "cuda" or _comfy_mm is None or not hasattr(_comfy_mm, "extra_reserved_memory"):
+        return 0
+    try:
+        return int(_comfy_mm.extra_reserved_memory())
+    except Exception as exc:  # ComfyUI's API moves
+        logger.debug("ComfyUI extra_reserved_memory failed: %s", exc)
+        return 0
+
+
 def _make_room(size: int, device: torch.device) -> None:
     """Before Kinema brings a model to the GPU, ask ComfyUI to unload its own idle models to make room."""
     if _comfy_mm is None or not hasattr(_comfy_mm, "free_memory"):
@@ -719,3 +807,4 @@ def soft_empty_cache() -> None:
 
 register_model_folders()
 placement.set_make_room(_make_room)
+memory.set_reserved(_reserved_vram)

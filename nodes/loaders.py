@@ -6,7 +6,8 @@ from ..models.motion import MotionModel
 from . import host
 
 PRECISION_TOOLTIP = (
-    "Weight precision. auto: fp16 on a GPU, fp32 on the CPU. On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 "
+    "Weight precision. auto: fp16 on a GPU, fp32 on the CPU, or what ComfyUI's --force-fp32 / --fp16-unet / "
+    "--bf16-vae / ... flags ask for. On a CPU with native bf16 (AVX512-BF16 or AMX) bf16 "
     "is faster, with a slightly different video: about 0.6x the time a step on an AMD Zen 4. A VAE call that "
     "overflows in fp16 is run again in fp32 (said in the log).")
 
@@ -43,13 +44,13 @@ class KinemaCheckpointLoader:
 
     def load(self, ckpt_name, precision="auto"):
         path = host.resolve_model("checkpoints", ckpt_name)
-        device = host.compute_device()
-        bundle = checkpoint.load_sd15(path, dtype=memory.pick_dtype(precision, device))
+        dtypes = host.load_dtypes(precision)
+        bundle = checkpoint.load_sd15(path, dtype=dtypes.weights, vae_dtype=dtypes.vae, text_dtype=dtypes.encoders)
         video_policy, _ = host.memory_defaults()
         model = MotionModel(unet=bundle.unet, motion=None, beta_schedule="scaled_linear", name=bundle.name,
                             offload=video_policy)
         placement.rest(model, video_policy)
-        return (model, host.placed(bundle.clip), host.placed(bundle.vae))
+        return (model, host.placed(bundle.clip), host.placed_vae(bundle.vae))
 
 
 class KinemaMotionModuleLoader:
@@ -78,8 +79,7 @@ class KinemaMotionModuleLoader:
 
     def load(self, model_name, precision="auto"):
         path = host.resolve_model("animatediff_models", model_name)
-        device = host.compute_device()
-        module = checkpoint.load_motion_module(path, dtype=memory.pick_dtype(precision, device))
+        module = checkpoint.load_motion_module(path, dtype=host.load_dtypes(precision).weights)
         return (module.to(placement.resting_device(host.memory_defaults()[0])),)
 
 

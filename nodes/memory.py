@@ -78,7 +78,7 @@ class KinemaMemoryPolicy:
         opts.validate()
         changes = {"offload": opts}
         if precision != KEEP:
-            dtype = memory.pick_dtype(precision, opts.device)
+            dtype = host.load_dtypes(precision, opts.device).weights
             changes["unet"] = memory.cast_weights(model.unet, dtype)
             if getattr(model, "motion", None) is not None:
                 changes["motion"] = memory.cast_weights(model.motion, dtype)

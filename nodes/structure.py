@@ -37,8 +37,7 @@ class KinemaControlNetLoader:
         from ..models.controlnet import load_controlnet
 
         path = host.resolve_model("controlnet", controlnet_name)
-        device = host.compute_device()
-        return (host.placed(load_controlnet(path, dtype=memory.pick_dtype(precision, device))),)
+        return (host.placed(load_controlnet(path, dtype=host.load_dtypes(precision).weights)),)
 
 
 class KinemaApplyControlNet:

@@ -54,13 +54,13 @@ class KinemaSVDLoader:
         clip_path = None
         if clip_vision_name and clip_vision_name != FROM_CHECKPOINT:
             clip_path = host.resolve_model("clip_vision", clip_vision_name)
-        device = host.compute_device()
-        bundle = checkpoint.load_svd(path, dtype=memory.pick_dtype(precision, device),
+        dtypes = host.load_dtypes(precision)
+        bundle = checkpoint.load_svd(path, dtype=dtypes.weights, vae_dtype=dtypes.vae, encoder_dtype=dtypes.encoders,
                                      clip_vision_path=clip_path)
         video_policy, _ = host.memory_defaults()
         model = bundle.model.with_options(offload=video_policy)
         placement.rest(model, video_policy)
-        return (model, host.placed(bundle.image_encoder), host.placed(bundle.vae))
+        return (model, host.placed(bundle.image_encoder), host.placed_vae(bundle.vae))
 
 
 class KinemaSVDConditioning:

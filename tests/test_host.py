@@ -349,3 +349,81 @@ def test_metadata_switch(monkeypatch):
     assert host.metadata_enabled() is True
     monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
     assert host.metadata_enabled() is False
+
+
+# -- precision under ComfyUI's command line ---------------------------------------------------------------------------
+
+def _comfy(monkeypatch, flags=(), device="cuda", fp16_ok=True, bf16_ok=True, cpu_vae=False, reserve=0):
+    """Stand-ins for ComfyUI's parsed ``args`` and ``model_management`` (a GPU that is not there: nothing runs)."""
+    args = types.SimpleNamespace(**dict.fromkeys(flags, True))
+    mm = types.SimpleNamespace(
+        get_torch_device=lambda: torch.device(device),
+        vae_device=lambda: torch.device("cpu") if cpu_vae else torch.device(device),
+        should_use_fp16=lambda dev=None, **_: fp16_ok,
+        should_use_bf16=lambda dev=None, **_: bf16_ok,
+        extra_reserved_memory=lambda: reserve,
+        interrupt_current_processing=lambda value=True: None)
+    monkeypatch.setattr(host, "_comfy_args", args)
+    monkeypatch.setattr(host, "_comfy_mm", mm)
+
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, device, fp16_ok, want", [
+    ((), "cuda", True, (F16, F16, F16)),                           # the pack's rule: fp16 on a GPU
+    ((), "cpu", True, (F32, F32, F32)),                            # fp32 on the CPU
+    (("force_fp32",), "cuda", True, (F32, F32, F32)),              # --force-fp32: everything
+    (("fp16_unet",), "cpu", True, (F16, F32, F16)),                # --force-fp16 on the CPU: a CPU VAE stays fp32
+    (("bf16_unet",), "cuda", True, (BF16, BF16, BF16)),
+    (("fp32_vae",), "cuda", True, (F16, F32, F16)),                # --fp32-vae: the VAE only
+    (("bf16_vae", "fp32_text_enc"), "cuda", True, (F16, BF16, F32)),
+    (("force_fp32", "bf16_unet"), "cuda", True, (BF16, F32, F32)),  # a part's own flag before --force-fp32
+    ((), "cuda", False, (BF16, BF16, BF16)),                       # a GPU ComfyUI finds fp16 broken on: bf16
+])
+def test_auto_precision_follows_comfyuis_command_line(monkeypatch, flags, device, fp16_ok, want):
+    _comfy(monkeypatch, flags, device, fp16_ok)
+    got = host.load_dtypes("auto")
+    assert (got.weights, got.vae, got.encoders) == want
+    assert host.load_dtypes("fp32") == host.LoadDtypes(F32, F32, F32)  # a precision chosen on the node wins
+
+
+def test_auto_precision_without_fp16_or_bf16_is_fp32(monkeypatch):
+    _comfy(monkeypatch, fp16_ok=False, bf16_ok=False)
+    assert host.load_dtypes("auto").weights == F32
+
+
+def test_cpu_vae_keeps_the_vae_on_the_cpu_in_fp32(monkeypatch):
+    _comfy(monkeypatch, device="cuda", cpu_vae=True)
+    assert host.vae_device() == torch.device("cpu")
+    assert host.load_dtypes("auto") == host.LoadDtypes(F16, F32, F16)
+    vae = torch.nn.Linear(2, 2)
+    placed = host.placed_vae(vae)
+    from kinema.models import placement
+
+    assert placement.placement_of(placed).device == "cpu" and not placement.placement_of(placed).offload
+
+
+def test_loaders_make_their_parts_in_the_dtypes_comfyui_asks_for(monkeypatch, host_dirs, demo_models_dir):
+    """--bf16-vae with --fp32-text-enc on a CPU run: Load Checkpoint's VAE in bf16, text encoder fp32, UNet fp32."""
+    from conftest import load_pack
+    from kinema.models.demo import write_demo_models
+
+    name = os.path.basename(write_demo_models(demo_models_dir)["checkpoint"])
+    _comfy(monkeypatch, ("bf16_vae", "fp32_text_enc"), device="cpu")
+    model, clip, vae = load_pack().NODE_CLASS_MAPPINGS["KinemaCheckpointLoader"]().load(name, "auto")
+    assert next(model.unet.parameters()).dtype == F32
+    assert next(vae.parameters()).dtype == BF16
+    assert next(clip.model.parameters()).dtype == F32
+
+
+def test_free_vram_leaves_comfyuis_reserve(monkeypatch):
+    from kinema.models import memory
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 << 30, 8 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 1 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 512 << 20)
+    _comfy(monkeypatch, reserve=1 << 30)
+    assert memory.available_bytes("cuda") == (3 << 30) + (512 << 20) - (1 << 30)
+    _comfy(monkeypatch, reserve=0)
+    assert memory.available_bytes("cuda") == (3 << 30) + (512 << 20)
