@@ -35,7 +35,7 @@ class KinemaCompileModel:
         "later runs with the same sizes reuse it until ComfyUI restarts. The same video, to rounding. Needs a "
         "working Triton (Linux with an NVIDIA GPU; on Windows, triton-windows) or a C++ compiler on the CPU, "
         "where it gains nothing. With block offload (Memory Policy) each UNet block is compiled on its own and "
-        "runs between the moves: the low-memory path, faster."
+        "runs between the moves (the speed of this low-memory path is not measured yet)."
     )
     CATEGORY = "Kinema/sampling"
     RETURN_TYPES = ("KINEMA_MODEL",)

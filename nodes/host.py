@@ -446,13 +446,7 @@ def metadata_enabled() -> bool:
     """False when ComfyUI runs with ``--disable-metadata`` (or ``KINEMA_DISABLE_METADATA=1``)."""
     if os.environ.get("KINEMA_DISABLE_METADATA", "").strip().lower() in ("1", "true", "yes"):
         return False
-    if _folder_paths is not None:
-        try:  # pragma: no cover - only inside ComfyUI
-            from comfy.cli_args import args
-            return not getattr(args, "disable_metadata", False)
-        except Exception:
-            pass
-    return True
+    return not _flag("disable_metadata")
 
 
 def _expand_prefix_vars(prefix: str, width: int, height: int) -> str:
