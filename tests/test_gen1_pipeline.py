@@ -162,6 +162,26 @@ def test_ip_adapter_weight_zero_is_the_plain_sampler_and_weight_changes_the_vide
     assert not torch.allclose(_sample(motion_model("v2").with_options(contents=(_content(image_encoder),))), plain)
 
 
+def test_start_and_end_percent_limit_the_steps_an_ip_adapter_works_in(image_encoder, monkeypatch):
+    def counted(content):
+        calls, real = [], content.adapter.cross_extra
+        monkeypatch.setattr(content.adapter, "cross_extra", lambda *a: (calls.append(1), real(*a))[1])
+        return calls
+
+    early = _content(image_encoder, end=0.5)
+    early_calls = counted(early)
+    _sample(motion_model("v2").with_options(contents=(early,)), steps=4, cfg=1.0)
+    early_steps = len(early_calls)
+    assert 1 <= early_steps < 4
+    late = _content(image_encoder, start=0.5)
+    late_calls = counted(late)
+    _sample(motion_model("v2").with_options(contents=(late,)), steps=4, cfg=1.0)
+    assert early_steps + len(late_calls) == 4  # the two halves of the schedule together are every step
+    # an adapter that works in no step is the plain sampler
+    never = _content(image_encoder, start=1.0, end=1.0)
+    assert torch.equal(_sample(motion_model("v2").with_options(contents=(never,))), _sample(motion_model("v2")))
+
+
 def test_ip_adapter_checks_the_clip_vision_width(image_encoder):
     from kinema.models.demo import DemoSizes
 

@@ -55,6 +55,18 @@ def test_scale_zero_and_temporal_off_are_the_image_model(unet, inputs, version):
     assert torch.equal(_run(video, *inputs, temporal=False), base)
 
 
+def test_per_frame_motion_scale_applies_frame_by_frame_to_each_video_of_a_batch(unet, inputs):
+    """Sampling runs cond and uncond as one batch of two videos: frame i of each gets the scale of frame i."""
+    x, t, ctx = inputs
+    video = MotionModel(unet, _motion("v2")).with_options(scale=(1.0, 0.8, 0.3, 0.0))
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        both = video(torch.cat([x, other]), torch.cat([t, t]), torch.cat([ctx, ctx]), F)  # 2 videos of F frames
+    assert torch.allclose(both[:F], _run(video, x, t, ctx), atol=1e-5)
+    assert torch.allclose(both[F:], _run(video, other, t, ctx), atol=1e-5)
+    assert not torch.allclose(both[:F], _run(video.with_options(scale=1.0), x, t, ctx), atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_motion_module_computes_in_its_own_precision_inside_a_unet_in_another(unet, inputs, dtype):
     """The UNet cast to half precision alone (Memory Policy before Apply Motion Module, or loaders set apart): the

@@ -23,6 +23,26 @@ def test_block_offload_gives_the_same_video_with_at_most_n_blocks_resident(resid
     assert not watch.on  # all back in storage after the call
 
 
+def test_each_streamed_block_brings_its_motion_modules():
+    """A block and the temporal modules of its slot move as one unit: on a GPU a motion module left in storage
+    would meet the block's activations on another device (on the CPU the test sees the moves, not a crash)."""
+    from kinema.models.motion import MotionModule
+
+    watch, brought = Residency(), set()
+
+    def on_move(module, device):
+        watch(module, device)
+        if watch.on_compute(device):
+            brought.update(id(m) for m in module.modules())
+
+    model = motion_model("v2").with_options(offload=OffloadOptions(mode="block", device="cpu", storage="cpu:1",
+                                                                   resident=2, on_move=on_move))
+    sample_small(model)
+    motion_modules = [m for m in model.motion.modules() if isinstance(m, MotionModule)]
+    assert motion_modules and all(id(m) in brought for m in motion_modules)
+    assert watch.most == 2 and not watch.on
+
+
 def test_blocks_go_back_to_storage_when_a_call_fails():
     watch = Residency()
     model = motion_model("v2").with_options(offload=cpu_block_offload(2, watch))

@@ -208,7 +208,10 @@ def test_sampled_video_matches_diffusers_animatediff_pipeline():
                    output_type="latent").frames
     ref = rearrange(out[0], "c f h w -> f c h w")  # sampler space (scaled by 0.18215)
 
-    got = ours * SD15_LATENT_SCALE
+    # Kinema's latents are the VAE's (unscaled); diffusers' are scaled by the VAE config's factor (0.18215): the
+    # reference's own factor, so that a wrong SD15_LATENT_SCALE (too bright or washed-out frames) shows here
+    got = ours * pipe.vae.config.scaling_factor
+    assert SD15_LATENT_SCALE == pipe.vae.config.scaling_factor
     rel = float((got - ref).abs().max()) / float(ref.abs().max())
     print(f"sampled video: max |diff| / max |value| = {rel:.3g} (max |value| {float(ref.abs().max()):.3g})")
     assert rel <= VIDEO_TOL, f"sampled video: max |diff| / max |value| = {rel:.3g} > {VIDEO_TOL:g}"

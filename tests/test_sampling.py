@@ -171,6 +171,38 @@ def test_ddim_equals_euler_in_sigma_space():
     assert torch.allclose(sampling.sample_ddim(den, x, sig), sampling.sample_euler(den, x, sig), atol=1e-5)
 
 
+def _dpmpp_2m_as_in_the_paper(denoiser, x, sigmas):
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 ("DPM-Solver++"), written out for x = data + sigma * noise
+    (alpha = 1, lambda = -log sigma), with the first step (no earlier prediction) and the step to sigma 0 (where
+    lambda is infinite) first order, as k-diffusion and ComfyUI run it."""
+    lam = [-math.log(float(s)) if float(s) > 0 else math.inf for s in sigmas]
+    previous = None
+    for i in range(1, len(sigmas)):
+        x0 = denoiser(x, sigmas[i - 1])
+        if float(sigmas[i]) == 0:
+            x = x0
+        else:
+            h = lam[i] - lam[i - 1]
+            d = x0
+            if previous is not None:
+                r = (lam[i - 1] - lam[i - 2]) / h  # the last step's length over this one's
+                d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * previous
+            x = float(sigmas[i] / sigmas[i - 1]) * x - math.expm1(-h) * d
+        previous = x0
+    return x
+
+
+@pytest.mark.parametrize("scheduler", ["karras", "exponential", "normal"])
+def test_dpmpp_2m_is_the_papers_multistep_update(scheduler):
+    """Unequal steps (karras) make the step ratio matter: the Gaussian test's mean and spread cannot see it."""
+    sig = sampling.calculate_sigmas(sampling.DiscreteSchedule("linear"), scheduler, 10)
+    x = sampling.initial_noise(0, (64,)) * float(sig[0])
+    den = _gaussian_denoiser(0.3, 0.5)
+    ours, ref = sampling.sample_dpmpp_2m(den, x, sig), _dpmpp_2m_as_in_the_paper(den, x, sig)
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, sampling.sample_euler(den, x, sig), atol=1e-3)  # second order, not Euler's
+
+
 def test_dpmpp_2m_over_repeated_sigmas_stays_finite():
     """A short denoise of a long ``simple`` schedule gives every sigma twice (as ComfyUI's arithmetic does): the
     2M update's step ratio would be 0 or infinite there, and the video NaN. Zero-length steps change nothing and

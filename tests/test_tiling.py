@@ -48,8 +48,19 @@ def _column_gradients(images):
     return (images[:, :, 1:] - images[:, :, :-1]).abs().mean(dim=(0, 1, 3))
 
 
+def _row_gradients(images):
+    """Mean |vertical difference| per row boundary of IMAGE frames [f, h, w, 3]."""
+    return (images[:, 1:] - images[:, :-1]).abs().mean(dim=(0, 2, 3))
+
+
+def _row_seam_ratio(tiled, plain):
+    return float((_row_gradients(tiled) / _row_gradients(plain)).max())
+
+
 def _seam_ratio(tiled, plain):
-    return float((_column_gradients(tiled) / _column_gradients(plain)).max())
+    """How much the most visible boundary stands out in ``tiled`` against ``plain``: between columns (tiles side
+    by side) and between rows (tiles one above the other)."""
+    return max(float((_column_gradients(tiled) / _column_gradients(plain)).max()), _row_seam_ratio(tiled, plain))
 
 
 def test_tiled_decode_is_close_to_untiled_and_has_no_seams(monkeypatch):
@@ -60,9 +71,15 @@ def test_tiled_decode_is_close_to_untiled_and_has_no_seams(monkeypatch):
     assert float((tiled - plain).abs().mean()) < 0.06
     assert _seam_ratio(tiled, plain) < 1.2  # no column boundary stands out: the overlaps cross-fade
     # the metric sees a seam: the same tiles cut hard (no feathering) make the tile borders stand out
+    real_ramp = tiling._ramp
     monkeypatch.setattr(tiling, "_ramp", lambda length, *a: torch.ones(length, dtype=torch.float64))
     hard = decode_frames(sd_vae(), latent, tiles=TileOptions(16, 4))
     assert _seam_ratio(hard, plain) > _seam_ratio(tiled, plain) + 0.2
+    # and a seam between tile rows alone: rows cut hard (the ramp's height is the tile's), columns feathered
+    monkeypatch.setattr(tiling, "_ramp", lambda length, start, end, size, *a: (
+        torch.ones(length, dtype=torch.float64) if size == 24 * 8 else real_ramp(length, start, end, size, *a)))
+    rows_hard = decode_frames(sd_vae(), latent, tiles=TileOptions(16, 4))
+    assert _row_seam_ratio(rows_hard, plain) > _row_seam_ratio(tiled, plain) + 0.1
 
 
 def test_tiled_encode_is_close_to_untiled():
