@@ -170,6 +170,18 @@ def _load_frames(path, frame_load_cap, skip_first_frames, select_every_nth, cust
     return (images, images.shape[0], fps)
 
 
+def _checked_name(resolve, name) -> bool | str:
+    """ComfyUI's VALIDATE_INPUTS answer for a file name: True, or the message of what is wrong with it. A name
+    linked from another node (None here) is checked when the node runs."""
+    if name is None:
+        return True
+    try:
+        resolve(name)
+    except KinemaError as e:
+        return str(e)
+    return True
+
+
 class KinemaLoadVideo:
     DESCRIPTION = (
         "Loads a video (mp4, webm, mov, mkv, gif, webp, animated png) from the ComfyUI input folder as "
@@ -204,13 +216,7 @@ class KinemaLoadVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, video):
-        if video is None:  # linked from another node: checked when it runs
-            return True
-        try:
-            resolve_video(video)
-        except KinemaError as e:
-            return str(e)
-        return True
+        return _checked_name(resolve_video, video)
 
     @classmethod
     def IS_CHANGED(cls, video, **_):
@@ -244,13 +250,7 @@ class KinemaLoadAnimatedImage(KinemaLoadVideo):
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):
-        if image is None:
-            return True
-        try:
-            resolve_animated_image(image)
-        except KinemaError as e:
-            return str(e)
-        return True
+        return _checked_name(resolve_animated_image, image)
 
     @classmethod
     def IS_CHANGED(cls, image, **_):
@@ -283,13 +283,7 @@ class KinemaLoadImage:
 
     @classmethod
     def VALIDATE_INPUTS(cls, image):
-        if image is None:
-            return True
-        try:
-            resolve_image(image)
-        except KinemaError as e:
-            return str(e)
-        return True
+        return _checked_name(resolve_image, image)
 
     @classmethod
     def IS_CHANGED(cls, image, **_):
