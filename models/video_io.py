@@ -634,12 +634,18 @@ def constant_rate(delays: list[float]) -> tuple[float | None, list[int]]:
     known = [d for d in delays if d > 0]
     if not known:
         return None, [1] * len(delays)
-    unit = min(known)
-    delays = [d if d > 0 else unit for d in delays]
-    copies = [max(1, round(d / unit)) for d in delays]
-    if all(abs(d / unit - c) <= _UNIT_SLACK for d, c in zip(delays, copies)) and \
-            sum(copies) <= _MAX_REPEAT * len(delays):
-        return 1000.0 * sum(copies) / sum(delays), copies
+    shortest = min(known)
+    delays = [d if d > 0 else shortest for d in delays]
+    # the delays are stored rounded (GIF: to 1/100 s). A writer that keeps the mean rate, as Save Video does,
+    # rounds each frame's start, so every delay is less than a step from a whole number of frame times, and the
+    # frame time is at least the shortest delay and less than a step more
+    step = 10.0 if all(d % 10 == 0 for d in known) else 1.0
+    for k in range(9, -1, -1):  # the longest frame time that fits: the fewest repeats
+        unit = shortest + step * k / 10
+        copies = [max(1, round(d / unit)) for d in delays]
+        if all(abs(d - c * unit) < step or abs(d - c * unit) <= _UNIT_SLACK * unit for d, c in zip(delays, copies)) \
+                and sum(copies) <= _MAX_REPEAT * len(delays):
+            return 1000.0 * sum(copies) / sum(delays), copies
     return 1000.0 * len(delays) / sum(delays), [1] * len(delays)
 
 

@@ -741,12 +741,9 @@ def _flagged(part: str) -> torch.dtype | None:
     return torch.float32 if _flag("force_fp32") else None
 
 
-def _auto_weights(device: torch.device) -> torch.dtype:
-    """``auto`` for the diffusion weights: ComfyUI's flags, then, on a GPU ComfyUI finds fp16 slow or broken
-    on (GTX 10 / 16 series, before Pascal), bf16 where it supports it, else fp32; else the pack's rule."""
-    dtype = _flagged("unet")
-    if dtype is not None:
-        return dtype
+def _auto(device: torch.device) -> torch.dtype:
+    """``auto`` without a flag for the part: on a GPU ComfyUI finds fp16 slow or broken on (GTX 10 / 16 series,
+    before Pascal), bf16 where it supports it, else fp32; else the pack's rule (fp16 on a GPU, fp32 on the CPU)."""
     if device.type == "cuda" and _comfy_mm is not None and hasattr(_comfy_mm, "should_use_fp16"):
         try:
             if not _comfy_mm.should_use_fp16(device):
@@ -760,14 +757,14 @@ def load_dtypes(precision: str, device: torch.device | None = None) -> LoadDtype
     """What a loader's ``precision`` means. fp32 / fp16 / bf16: every part in it. auto: the pack's rule (fp16 on
     a GPU, fp32 on the CPU) as ComfyUI's command line adjusts it: --force-fp32, --force-fp16, --fp32-unet /
     --fp16-unet / --bf16-unet, --fp32-vae / --fp16-vae / --bf16-vae, --fp32-text-enc / --fp16-text-enc /
-    --bf16-text-enc; a GPU without reliable fp16 (``_auto_weights``); a VAE on the CPU (--cpu-vae) in fp32."""
+    --bf16-text-enc, each for its part; a GPU without reliable fp16 (``_auto``); a VAE on the CPU (--cpu-vae) in
+    fp32."""
     device = compute_device() if device is None else torch.device(device)
     if precision != "auto":
         dtype = memory.pick_dtype(precision, device)
         return LoadDtypes(dtype, dtype, dtype)
-    weights = _auto_weights(device)
-    vae = _flagged("vae") or (torch.float32 if vae_device().type == "cpu" else weights)
-    return LoadDtypes(weights, vae, _flagged("text_enc") or weights)
+    vae = _flagged("vae") or (torch.float32 if vae_device().type == "cpu" else _auto(device))
+    return LoadDtypes(_flagged("unet") or _auto(device), vae, _flagged("text_enc") or _auto(device))
 
 
 def _reserved_vram(device: torch.device) -> int:

@@ -110,9 +110,15 @@ def list_animated_images() -> list[str]:
 
 
 def resolve_animated_image(name: str) -> str:
-    """Path of animated image ``name``: the input folder first, then the pack's bundled clips."""
-    return _resolve_input(name, _animated_listable, "an animated image", video_io.IMAGE_SEQUENCE_EXTENSIONS,
+    """Path of animated image ``name``: the input folder first, then the pack's bundled clips. A file of another
+    kind (a jpg, an mp4) is refused here, before the node runs."""
+    path = _resolve_input(name, _animated_listable, "an animated image", video_io.IMAGE_SEQUENCE_EXTENSIONS,
                           "Load Animated Image")
+    if not path.lower().endswith(video_io.IMAGE_SEQUENCE_EXTENSIONS):
+        raise KinemaError(f"'{name}' is not an animated image: Load Animated Image reads "
+                          f"{', '.join(e.lstrip('.') for e in video_io.IMAGE_SEQUENCE_EXTENSIONS)}"
+                          " (a video: Load Video; a still image: Load Image)")
+    return path
 
 
 def _image_listable(path: str) -> bool:
@@ -231,8 +237,9 @@ class KinemaLoadVideo:
 class KinemaLoadAnimatedImage(KinemaLoadVideo):
     DESCRIPTION = (
         "Loads an animated GIF, WebP or PNG from the ComfyUI input folder as frames, as Load Video (Kinema) does, "
-        "with an upload button and drag-and-drop that take these files (ComfyUI's video upload takes mp4 and webm "
-        "only) and the animation shown on the node. The pack's demo clip is always listed."
+        "with ComfyUI's image upload (ComfyUI's video upload takes mp4 and webm only): drop a GIF, WebP or PNG on "
+        "the node, or pick a WebP or PNG with the button; a WebP or PNG plays on the node. The pack's demo clip is "
+        "always listed."
     )
 
     @classmethod
@@ -240,10 +247,10 @@ class KinemaLoadAnimatedImage(KinemaLoadVideo):
         return {
             "required": {
                 "image": (list_animated_images(),
-                          {"image_upload": True,
-                           "tooltip": "An animated gif, webp or png in the ComfyUI input folder (upload one with the "
-                                      "button, or drop it on the node); kinema_demo_clip.webp ships with the "
-                                      "pack."}),
+                          {"image_upload": True, "animated_image_upload": True,
+                           "tooltip": "An animated gif, webp or png in the ComfyUI input folder (drop one on the "
+                                      "node, or upload a webp or png with the button); kinema_demo_clip.webp ships "
+                                      "with the pack."}),
                 **_frame_options(),
             }
         }

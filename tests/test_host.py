@@ -374,8 +374,8 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
     ((), "cuda", True, (F16, F16, F16)),                           # the pack's rule: fp16 on a GPU
     ((), "cpu", True, (F32, F32, F32)),                            # fp32 on the CPU
     (("force_fp32",), "cuda", True, (F32, F32, F32)),              # --force-fp32: everything
-    (("fp16_unet",), "cpu", True, (F16, F32, F16)),                # --force-fp16 on the CPU: a CPU VAE stays fp32
-    (("bf16_unet",), "cuda", True, (BF16, BF16, BF16)),
+    (("fp16_unet",), "cpu", True, (F16, F32, F32)),                # --force-fp16 on the CPU: the UNet's flag only
+    (("bf16_unet",), "cuda", True, (BF16, F16, F16)),
     (("fp32_vae",), "cuda", True, (F16, F32, F16)),                # --fp32-vae: the VAE only
     (("bf16_vae", "fp32_text_enc"), "cuda", True, (F16, BF16, F32)),
     (("force_fp32", "bf16_unet"), "cuda", True, (BF16, F32, F32)),  # a part's own flag before --force-fp32

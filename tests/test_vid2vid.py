@@ -125,7 +125,11 @@ def test_constant_rate_of_frame_delays():
     assert video_io.constant_rate([100, 0, 100]) == (10.0, [1, 1, 1])  # a missing delay: the shortest
     # uneven delays, or too many repeats: each frame once, lasting as long as the file
     assert video_io.constant_rate([30, 40, 30]) == (pytest.approx(30.0), [1, 1, 1])
-    assert video_io.constant_rate([20, 200, 20, 200]) == (pytest.approx(4000 / 440), [1, 1, 1, 1])
+    assert video_io.constant_rate([20, 400, 20, 400]) == (pytest.approx(4000 / 840), [1, 1, 1, 1])
+    # Save Video's GIFs: each frame starts at its time rounded to 1/100 s, and a repeated frame is stored once with
+    # the delays of its copies added (15 fps: 70 and 60 ms in turn, a frame held twice 130 ms)
+    assert video_io.constant_rate([70, 130, 70, 60, 70]) == (pytest.approx(15.0), [1, 2, 1, 1, 1])
+    assert video_io.constant_rate([30, 50, 20]) == (pytest.approx(40.0), [1, 2, 1])  # 40 fps: 30, 20, ... a hold
     assert video_io.constant_rate([0, 0]) == (None, [1, 1])
 
 
@@ -381,7 +385,7 @@ def test_load_animated_image_takes_uploads_of_gif_webp_and_apng(input_dir):
     spec = KinemaLoadAnimatedImage.INPUT_TYPES()["required"]
     options, opts = spec["image"]
     assert options == ["anim.png", "b_clip.webp", "walk.gif", "kinema_demo_clip.webp"]
-    assert opts.get("image_upload") is True and "video_upload" not in opts
+    assert opts.get("image_upload") is True and opts.get("animated_image_upload") is True and "video_upload" not in opts
     assert list(spec)[1:] == list(KinemaLoadVideo.INPUT_TYPES()["required"])[1:]
     assert all(o.get("tooltip") for _, o in spec.values())
     assert load_pack().NODE_DISPLAY_NAME_MAPPINGS["KinemaLoadAnimatedImage"] == "Load Animated Image (Kinema)"
@@ -390,7 +394,10 @@ def test_load_animated_image_takes_uploads_of_gif_webp_and_apng(input_dir):
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:] == (4, pytest.approx(12.5))
     assert KinemaLoadAnimatedImage.VALIDATE_INPUTS("walk.gif") is True
     assert "not found" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.gif")
-    assert "not an animated image file" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.jpg")
+    assert "not an animated image" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.jpg")
+    (input_dir / "pic.jpg").write_bytes(b"x")
+    assert "not an animated image" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("pic.jpg")
+    assert "not an animated image: Load Animated Image reads gif" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("clip.mp4")
     assert isinstance(KinemaLoadAnimatedImage.VALIDATE_INPUTS("../walk.gif"), str)
     assert KinemaLoadAnimatedImage.IS_CHANGED(image="walk.gif") == KinemaLoadVideo.IS_CHANGED(video="walk.gif")
 

@@ -100,6 +100,21 @@ def test_gif_and_webp_play_at_the_fps_asked_for(tmp_path, fmt, unit, fps):
     assert frames.shape[0] == n and abs(read_fps - fps) <= fps * fps * unit / (2 * n * 1000) + 1e-9
 
 
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+@pytest.mark.parametrize("fps", [8, 15, 24, 29.97])
+def test_held_frames_read_back_frame_for_frame(tmp_path, fmt, fps):
+    """The encoders store a repeated frame once with the delays of its copies added; read back, it is repeated
+    again: the frames and the rate come back as they were saved (a GIF's delays are whole 1/100 s)."""
+    imgs = torch.rand(6, 8, 8, 3, generator=torch.Generator().manual_seed(2))[[0, 1, 1, 2, 3, 3, 3, 4, 5, 5]]
+    p = video_io.write_video(str(tmp_path / f"h.{fmt}"), imgs, fps, fmt, lossless=True)
+    assert len(_pil_frames(p)[0]) == 6  # the holds merged in the file
+    frames, read_fps = video_io.read_video(p)
+    unit = 10 if fmt == "gif" else 1  # the length of the whole is rounded to that
+    assert frames.shape[0] == 10 and abs(read_fps - fps) <= fps * fps * unit / (2 * 10 * 1000) + 1e-9
+    if fmt == "webp":  # lossless: the very frames
+        assert np.array_equal(video_io.to_uint8(frames), video_io.to_uint8(imgs))
+
+
 @pytest.mark.parametrize("loop, stored", [(1, None), (3, 2)])
 def test_gif_loop_count_is_number_of_plays(tmp_path, loop, stored):
     p = video_io.write_video(str(tmp_path / "l.gif"), _frames(2), 8, "gif", loop=loop)
