@@ -395,6 +395,20 @@ def test_embedding_files_of_every_published_layout_load(tmp_path):
         load_embedding(str(tmp_path / "two.safetensors"), HIDDEN)
 
 
+def test_text_encode_node_passes_clip_skip_on(encoder, host_dirs):
+    """ComfyUI's CLIPSetLastLayer -2 is Text Encode (Kinema)'s clip_skip 2: the node's setting reaches the model."""
+    from kinema.nodes.conditioning import KinemaTextEncode
+
+    text = "a red fox running through snow"
+    conds = []
+    for clip_skip in (1, 2):
+        ((cond, extra),) = KinemaTextEncode().encode(encoder, text, clip_skip=clip_skip)[0]
+        want_cond, want_pooled = encoder.encode(text, clip_skip=clip_skip)
+        assert torch.equal(cond, want_cond) and torch.equal(extra["pooled_output"], want_pooled)
+        conds.append(cond)
+    assert not torch.allclose(conds[0], conds[1])
+
+
 def test_clip_skip_2_is_the_penultimate_layer_through_final_norm(encoder, reference_model):
     text = "a photo of a cat"
     cond, pooled = encoder.encode(text, clip_skip=2)

@@ -62,6 +62,34 @@ def test_karras_matches_formula():
     assert torch.allclose(sig, torch.tensor(want), rtol=1e-5)
 
 
+def test_sgm_uniform_exponential_and_ddim_uniform_are_comfyuis():
+    """Each schedule as ComfyUI computes it (comfy/samplers.py, k-diffusion's get_sigmas_exponential), written
+    out here from their definitions."""
+    s = sampling.DiscreteSchedule("linear")
+    start, end = float(s.timestep(s.sigma_max)), float(s.timestep(s.sigma_min))
+    # sgm_uniform: steps + 1 evenly spaced timesteps from sigma_max's to sigma_min's, the last left out
+    ts = [start + (end - start) * i / 4 for i in range(4)]
+    want = [float(s.sigma(torch.tensor(t))) for t in ts] + [0.0]
+    got = sampling.calculate_sigmas(s, "sgm_uniform", 4)
+    assert torch.allclose(got, torch.tensor(want), rtol=1e-5) and float(got[0]) == pytest.approx(float(s.sigma_max))
+    # exponential: evenly spaced in log sigma from sigma_max to sigma_min, both included
+    lo, hi = math.log(float(s.sigma_min)), math.log(float(s.sigma_max))
+    want = [math.exp(hi + (lo - hi) * i / 4) for i in range(5)] + [0.0]
+    assert torch.allclose(sampling.calculate_sigmas(s, "exponential", 5), torch.tensor(want), rtol=1e-5)
+    # ddim_uniform: the table's sigmas from index 1 on, every 1000 // steps, highest first
+    got = sampling.calculate_sigmas(s, "ddim_uniform", 8)
+    want = [float(s.sigmas[i]) for i in range(1, 1000, 125)][::-1] + [0.0]
+    assert torch.equal(got, torch.tensor(want, dtype=torch.float32)) and float(got[0]) == float(s.sigmas[876])
+
+
+def test_a_partial_denoise_takes_the_tail_of_int_steps_over_denoise():
+    """ComfyUI builds int(steps / denoise) steps and keeps the last steps + 1 sigmas: 10 at 0.6 -> 16, not 17."""
+    s = sampling.DiscreteSchedule("linear")
+    assert torch.equal(sampling.calculate_sigmas(s, "normal", 10, denoise=0.6),
+                       sampling.normal_scheduler(s, 16)[-11:])
+    assert not torch.equal(sampling.normal_scheduler(s, 16)[-11:], sampling.normal_scheduler(s, 17)[-11:])
+
+
 @pytest.mark.parametrize("name", list(sampling.SCHEDULERS))
 def test_every_scheduler_decreases_to_zero(name):
     s = sampling.DiscreteSchedule("linear")
@@ -217,6 +245,26 @@ def test_dpmpp_2m_over_repeated_sigmas_stays_finite():
     distinct = torch.unique_consecutive(sig)
     first_order = sampling.sample_euler(_gaussian_denoiser(0.3, 0.5), x, distinct)
     assert torch.allclose(out, first_order, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["euler_ancestral", "lcm"])
+def test_the_pipeline_gives_its_seed_to_samplers_that_add_noise(name, monkeypatch):
+    """Ancestral samplers draw fresh noise each step from the seed (ComfyUI's default noise sampler): the video's
+    seed, not a fixed one, so two seeds give two videos past the first step."""
+    from fixtures import motion_model
+
+    from kinema.models import pipelines
+
+    seen, real = [], sampling.get_sampler(name)
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("seed"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipelines, "get_sampler", lambda n: spy)
+    pos, neg = torch.randn(1, 77, 64), torch.randn(1, 77, 64)
+    pipelines.sample_video(motion_model("v2"), pos, neg, torch.zeros(2, 4, 8, 8),
+                           pipelines.SampleOptions(seed=1234, steps=2, cfg=1.0, sampler=name))
+    assert seen == [1234]
 
 
 def test_callback_sees_every_step():

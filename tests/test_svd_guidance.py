@@ -212,6 +212,11 @@ def test_fit_image_covers_and_centre_crops():
     out = fit_image(img, 64, 64)
     assert out.shape == (1, 64, 64, 3)
     assert float(out[0, 32, 32, 0]) > 0.9 and float(out[0, 32, 0, 0]) < 0.1
+    # a tall image: scaled to cover, the middle rows kept (a horizontal band in the middle stays in the middle)
+    tall = torch.zeros(1, 100, 40, 3)
+    tall[:, 40:60] = 1.0  # scaled to 160 x 64, rows 48..112 kept: the band at 64..96 is the crop's 16..48
+    out = fit_image(tall, 64, 64)
+    assert float(out[0, 32, 32, 0]) > 0.9 and float(out[0, 2, 32, 0]) < 0.1 and float(out[0, 61, 32, 0]) < 0.1
     assert fit_image(torch.rand(2, 64, 64, 4), 64, 64).shape == (1, 64, 64, 3)
     with pytest.raises(KinemaError, match="IMAGE"):
         fit_image(torch.zeros(64, 64, 3), 64, 64)

@@ -147,6 +147,13 @@ def test_augmentation_noises_the_concat_latents_only(bundle):
     assert not torch.allclose(noised["concat"], clean["concat"])
     assert torch.equal(noised["concat"], again["concat"]) and not torch.equal(noised["concat"], other["concat"])
     assert not torch.equal(noised["y"], clean["y"])  # cond_aug is part of the micro-conditioning
+    # the noise: augmentation_level times a standard normal draw from the seed, added to the pixels in [-1, 1]
+    from kinema.models.vae import encode_pixels
+
+    pixels = svd_model.fit_image(_image(), W, H).permute(0, 3, 1, 2) * 2 - 1
+    draw = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(3))
+    want = encode_pixels(bundle.vae, pixels + 0.5 * draw, "test", "")
+    assert torch.allclose(noised["concat"], want, atol=1e-5)
 
 
 class OutOfMemoryAbove:
@@ -276,6 +283,15 @@ def test_nodes_image_to_video(bundle, previews):
     positive, negative, latent = _node("KinemaSVDConditioning").encode(
         bundle.image_encoder, bundle.vae, _image(), W, H, 3, 7, 127, 0.02, 0)
     assert latent["samples"].shape == (3, 4, H // 8, W // 8)
+    # the node's fps, motion bucket and augmentation reach the micro-conditioning (fps - 1, as sgm), both sides;
+    # the negative side has the image embedding and latents zeroed
+    from kinema.models.svd import micro_conditioning
+
+    want, _ = _conditioning(bundle, fps=7, motion_bucket_id=127, augmentation_level=0.02, seed=0)
+    cond, uncond = positive[0][1]["kinema_image_conditioning"], negative[0][1]["kinema_image_conditioning"]
+    assert torch.equal(cond["y"], micro_conditioning(6, 127, 0.02, 1)) and torch.equal(uncond["y"], cond["y"])
+    assert torch.equal(cond["concat"], want["concat"]) and torch.equal(cond["context"], want["context"])
+    assert not cond["concat"].eq(0).all() and uncond["concat"].eq(0).all() and uncond["context"].eq(0).all()
     (model,) = _node("KinemaPerFrameGuidance").apply(bundle.model, "triangle", 1.2, 1.0)
     assert model.cfg_mode == "triangle" and model.guidance_min == 1.2 and bundle.model.cfg_mode == "linear"
     (out,) = _node("KinemaVideoSampler").sample(model, positive, negative, latent, 0, 2, 2.5, "euler", "karras", 1.0)

@@ -210,6 +210,19 @@ def test_read_video_resizes_and_crops_to_multiples_of_8(tmp_path):
         assert abs(images[:, :, : shape[2] // 2 - 2].mean()) < 0.05 and images[:, :, shape[2] // 2 + 2:].min() > 0.9
 
 
+def test_read_video_crops_rows_from_the_middle(tmp_path):
+    """Top half black, bottom half white: scaled 60x44 -> 64x47 and cropped to 64x40, 3 rows off the top and 4
+    off the bottom, so the edge (row 23.5 of the scaled frame) sits at row 20.5, not at the uncropped 23.5."""
+    clip = np.zeros((2, 44, 60, 3), np.uint8)
+    clip[:, 22:] = 255
+    clip[1, 22:] = 250  # (identical frames would be merged into one by the WebP encoder)
+    images, _ = video_io.read_video(_write(tmp_path, "webp", clip), width=64)
+    assert images.shape == (2, 40, 64, 3)
+    rows = images[0, :, :, 0].mean(dim=1)
+    edge = int((rows > 0.5).nonzero()[0])  # the first bright row
+    assert edge in (20, 21) and float(rows[:18].max()) < 0.05 and float(rows[23:].min()) > 0.9
+
+
 def test_read_video_reads_animated_png(tmp_path):
     from PIL import Image
 
