@@ -182,6 +182,20 @@ def test_start_and_end_percent_limit_the_steps_an_ip_adapter_works_in(image_enco
     assert torch.equal(_sample(motion_model("v2").with_options(contents=(never,))), _sample(motion_model("v2")))
 
 
+def test_apply_ip_adapter_node_passes_weight_range_and_every_image(image_encoder):
+    from kinema.models.ip_adapter import clip_image_embeds, content_tokens
+
+    adapter = ip_adapter()
+    images = torch.cat([_hints(1, 80)[:, :64], 1 - _hints(1, 80)[:, :64]])
+    node = load_pack().NODE_CLASS_MAPPINGS["KinemaApplyIPAdapter"]()
+    (model,) = node.apply(motion_model("v2"), adapter, image_encoder, images, 0.3, 0.1, 0.7)
+    (content,) = model.contents
+    assert (content.weight, content.steps.start, content.steps.end) == (0.3, 0.1, 0.7)
+    want, _ = content_tokens(adapter, clip_image_embeds(image_encoder, images), "mean")  # both images, averaged
+    first, _ = content_tokens(adapter, clip_image_embeds(image_encoder, images[:1]), "mean")
+    assert torch.allclose(content.tokens, want.float(), atol=1e-6) and not torch.allclose(content.tokens, first)
+
+
 def test_ip_adapter_checks_the_clip_vision_width(image_encoder):
     from kinema.models.demo import DemoSizes
 

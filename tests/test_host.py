@@ -405,15 +405,15 @@ def test_cpu_vae_keeps_the_vae_on_the_cpu_in_fp32(monkeypatch):
 
 
 def test_loaders_make_their_parts_in_the_dtypes_comfyui_asks_for(monkeypatch, host_dirs, demo_models_dir):
-    """--bf16-vae with --fp32-text-enc on a CPU run: Load Checkpoint's VAE in bf16, text encoder fp32, UNet fp32."""
+    """--bf16-unet, --fp16-vae and --fp32-text-enc on a CPU run: each part of Load Checkpoint in its own."""
     from conftest import load_pack
     from kinema.models.demo import write_demo_models
 
     name = os.path.basename(write_demo_models(demo_models_dir)["checkpoint"])
-    _comfy(monkeypatch, ("bf16_vae", "fp32_text_enc"), device="cpu")
+    _comfy(monkeypatch, ("bf16_unet", "fp16_vae", "fp32_text_enc"), device="cpu")
     model, clip, vae = load_pack().NODE_CLASS_MAPPINGS["KinemaCheckpointLoader"]().load(name, "auto")
-    assert next(model.unet.parameters()).dtype == F32
-    assert next(vae.parameters()).dtype == BF16
+    assert next(model.unet.parameters()).dtype == BF16
+    assert next(vae.parameters()).dtype == F16
     assert next(clip.model.parameters()).dtype == F32
 
 

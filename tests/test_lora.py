@@ -538,6 +538,11 @@ def test_lora_node(nodes, host_dirs):
     assert new_clip2 is clip  # the adapter has no text-encoder weights
     _, te_only = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 1.0)
     assert te_only is not clip and not torch.equal(te_only.encode("a fox")[0], clip.encode("a fox")[0])
+    _, te_half = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 0.5)  # the clip strength reaches the merge
+    _, want = lora.apply_sd15_loras(video.unet, clip, [(lora.load_sd15_lora(host_dirs.resolve_model(
+        "loras", demo.DEMO_LORA)), 0.0, 0.5, demo.DEMO_LORA)])
+    assert torch.equal(te_half.encode("a fox")[0], want.encode("a fox")[0])
+    assert not torch.allclose(te_half.encode("a fox")[0], te_only.encode("a fox")[0])
     assert_unchanged(model.unet, before_unet)
     assert_unchanged(clip.model, before_te)
     x, t, ctx = _video_inputs()

@@ -6,6 +6,7 @@ weights). diffusers gets the same tensors through the tests' own key mappings (`
 ``fixtures_temporal_vae``), with sgm's ResBlock GroupNorm eps (diffusers' differs, see fixtures_svd_unet).
 """
 import copy
+import os
 import logging
 
 import pytest
@@ -301,6 +302,37 @@ def test_nodes_image_to_video(bundle, previews):
     assert [tuple(x.shape) for x in recorder.latents] == [(1, 4, 2 * H // 8, 2 * W // 8)] * 2
     (images,) = _node("KinemaVAEDecodeFrames").decode(bundle.vae, out, 0)
     assert images.shape == (3, H, W, 3)
+
+
+def test_svd_nodes_pass_every_setting(bundle, svd_path, host_dirs, monkeypatch):
+    """Values other than the defaults reach the engine: motion bucket, augmentation seed, Per-frame Guidance's
+    period, VAE Decode Frames' frame chunk (which changes a temporal decode), the loader's VAE precision."""
+    positive, _, _ = _node("KinemaSVDConditioning").encode(
+        bundle.image_encoder, bundle.vae, _image(), W, H, FRAMES, 10, 40, 0.5, 3)
+    cond = positive[0][1]["kinema_image_conditioning"]
+    want, _ = _conditioning(bundle, fps=10, motion_bucket_id=40, augmentation_level=0.5, seed=3)
+    assert torch.equal(cond["y"], want["y"]) and torch.equal(cond["concat"], want["concat"])
+    other, _ = _conditioning(bundle, fps=10, motion_bucket_id=127, augmentation_level=0.5, seed=0)
+    assert not torch.equal(cond["y"], other["y"]) and not torch.equal(cond["concat"], other["concat"])
+    (model,) = _node("KinemaPerFrameGuidance").apply(bundle.model, "triangle", 1.2, 0.5)
+    assert (model.cfg_mode, model.guidance_min, model.cfg_period) == ("triangle", 1.2, 0.5)
+    latent = {"samples": torch.randn(8, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(1))}
+    (chunked,) = _node("KinemaVAEDecodeFrames").decode(bundle.vae, latent, 4)
+    assert torch.equal(chunked, decode_frames(bundle.vae, latent["samples"], 4))
+    assert not torch.allclose(chunked, decode_frames(bundle.vae, latent["samples"], 8), atol=1e-4)
+    import types
+
+    from kinema.nodes import host
+
+    monkeypatch.setattr(host, "_comfy_args", types.SimpleNamespace(bf16_vae=True))
+    import shutil
+
+    shutil.copy(svd_path, os.path.join(host.get_models_dir(), "checkpoints", "svd_xt_plumbing.safetensors"))
+    try:
+        model, _, vae = _node("KinemaSVDLoader").load("svd_xt_plumbing.safetensors", "auto")
+    finally:
+        os.remove(os.path.join(host.get_models_dir(), "checkpoints", "svd_xt_plumbing.safetensors"))
+    assert next(vae.parameters()).dtype == torch.bfloat16 and next(model.unet.parameters()).dtype == torch.float32
 
 
 def test_text_conditioning_on_the_svd_model_is_refused(bundle):

@@ -427,6 +427,14 @@ def test_gif_and_webp_progress_runs_while_pillow_encodes(tmp_path, monkeypatch, 
     assert (tmp_path / f"v.{fmt}").read_bytes() == reference.read_bytes()
 
 
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_node_passes_fps_and_loop_count(output_dir, fmt):
+    out = video_output.KinemaSaveVideo().save(_frames(3), 12.0, fmt, 3, "v")
+    frames, info = _pil_frames(str(output_dir / out["ui"]["images"][0]["filename"]))
+    assert info.get("loop") == (2 if fmt == "gif" else 3)  # a GIF stores the repeats after the first play
+    assert abs(sum(d for _, d in frames) - 250) <= (5 if fmt == "gif" else 1)  # 3 frames at 12 fps
+
+
 def test_node_metadata_can_be_disabled(output_dir, monkeypatch):
     monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
     out = video_output.KinemaSaveVideo().save(_frames(2), 8.0, "webp", 0, "v", prompt={"a": 1})

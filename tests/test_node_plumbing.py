@@ -1,0 +1,80 @@
+"""Each node hands every widget value to the engine: a node called with values other than its defaults gives the
+engine those values (a value dropped, swapped or replaced by its default would pass the tests that use defaults)."""
+import types
+
+import pytest
+import torch
+from fixtures import motion_model, motion_modules
+
+from kinema.models import pipelines
+from kinema.models.context import ContextOptions
+from kinema.nodes import host
+
+
+def test_context_options_node_passes_every_setting():
+    from kinema.nodes.context import KinemaContextOptions
+
+    (opts,) = KinemaContextOptions().build(16, 4, "uniform_looped", 2, "gauss", False)
+    assert opts == ContextOptions(context_length=16, overlap=4, stride=2, schedule="uniform_looped", fuse="gauss",
+                                  freenoise=False)
+
+
+def test_video_sampler_node_passes_every_setting(monkeypatch, host_dirs):
+    from kinema.nodes.sampler import KinemaVideoSampler
+
+    seen = []
+
+    def spy(model, positive, negative, latent, opts, **kwargs):
+        seen.append(opts)
+        return torch.zeros_like(latent)
+
+    monkeypatch.setattr(pipelines, "sample_video", spy)
+    context = ContextOptions(context_length=8, overlap=2)
+    text = [[torch.zeros(1, 77, 64), {}]]
+    latent = {"samples": torch.zeros(12, 4, 8, 8), "batch_index": list(range(3, 15))}
+    KinemaVideoSampler().sample(motion_model("v2"), text, text, latent, 1234, 7, 4.5, "euler_ancestral", "karras",
+                                0.6, attention_chunk=64, context_options=context, batch_cond=False)
+    (opts,) = seen
+    assert (opts.seed, opts.steps, opts.cfg, opts.sampler, opts.scheduler, opts.denoise) == \
+        (1234, 7, 4.5, "euler_ancestral", "karras", 0.6)
+    assert (opts.attn_chunk, opts.batch_cond, opts.context) == (64, False, context)
+    assert tuple(opts.batch_index) == tuple(range(3, 15))  # the frames of core Latent From Batch keep their noise
+
+
+def test_apply_motion_module_node_passes_scale_and_schedule():
+    from kinema.nodes.animatediff import KinemaApplyMotionModule
+
+    base = motion_model(None)
+    (model,) = KinemaApplyMotionModule().apply(base, motion_modules("v2"), 0.5, "scaled_linear", "")
+    assert model.scale == 0.5 and model.beta_schedule == "scaled_linear"
+    (model,) = KinemaApplyMotionModule().apply(base, motion_modules("v2"), 0.5, "linear", "1.0, 0.5")
+    assert model.scale == (1.0, 0.5) and model.beta_schedule == "linear"  # per frame wins over the one scale
+
+
+def test_compile_nodes_pass_backend_and_mode():
+    from kinema.nodes.compiling import KinemaCompileModel, KinemaCompileVAE
+
+    (model,) = KinemaCompileModel().apply(motion_model("v2"), "eager", "default")
+    assert (model.compile.backend, model.compile.mode) == ("eager", "default")
+    (model,) = KinemaCompileModel().apply(motion_model("v2"), "inductor", "max-autotune-no-cudagraphs")
+    assert (model.compile.backend, model.compile.mode) == ("inductor", "max-autotune-no-cudagraphs")
+    from fixtures import vae
+
+    (compiled,) = KinemaCompileVAE().apply(vae(), "inductor", "max-autotune-no-cudagraphs")
+    found = [v for v in vars(compiled).values() if getattr(v, "mode", None) == "max-autotune-no-cudagraphs"]
+    assert found and found[0].backend == "inductor"
+
+
+@pytest.mark.parametrize("state, resident, batch_cond", [("LOW_VRAM", 1, True), ("NO_VRAM", 1, False)])
+def test_memory_policy_auto_keeps_to_comfyuis_vram_mode(monkeypatch, state, resident, batch_cond):
+    """offload auto under --lowvram: block offload with the node's resident blocks where fewer than the mode's;
+    under --novram cond and uncond one after the other whatever the node says (its default is batched)."""
+    from kinema.nodes.memory import KinemaMemoryPolicy
+
+    monkeypatch.setattr(host, "_comfy_mm", types.SimpleNamespace(
+        get_torch_device=lambda: torch.device("cuda"), vram_state=types.SimpleNamespace(name=state),
+        interrupt_current_processing=lambda value=True: None))
+    monkeypatch.setattr(host, "_comfy_args", types.SimpleNamespace())
+    (model,) = KinemaMemoryPolicy().apply(motion_model("v2"), "auto", 1, 0, True)
+    assert model.offload.mode == "block" and model.offload.resident == resident
+    assert model.offload.batch_cond is batch_cond
