@@ -114,6 +114,7 @@ def test_block_offload_brings_the_addons_for_the_run():
     # after the run each goes back where its own placement keeps it (an unplaced one: the video model's storage):
     # one kept on the device (--highvram) must be there for a later run that moves nothing
     for own, after in [(None, "cpu:1"), (placement.Placement(device="cpu"), "cpu"),
+                       (placement.Placement(device="cpu:2", storage="cpu:1"), "cpu:2"),  # kept on its device
                        (placement.Placement(device="cpu", offload=True, storage="cpu:1"), "cpu:1")]:
         net = torch.nn.Linear(1, 1)  # not run: only placed
         if own is not None:
