@@ -763,8 +763,9 @@ def load_dtypes(precision: str, device: torch.device | None = None) -> LoadDtype
     if precision != "auto":
         dtype = memory.pick_dtype(precision, device)
         return LoadDtypes(dtype, dtype, dtype)
-    vae = _flagged("vae") or (torch.float32 if vae_device().type == "cpu" else _auto(device))
-    return LoadDtypes(_flagged("unet") or _auto(device), vae, _flagged("text_enc") or _auto(device))
+    auto = _auto(device)
+    vae = _flagged("vae") or (torch.float32 if vae_device().type == "cpu" else auto)
+    return LoadDtypes(_flagged("unet") or auto, vae, _flagged("text_enc") or auto)
 
 
 def _reserved_vram(device: torch.device) -> int:
