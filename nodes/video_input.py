@@ -99,9 +99,7 @@ def resolve_video(name: str) -> str:
 
 
 def _animated_listable(path: str) -> bool:
-    name = os.path.basename(path).lower()
-    return not name.startswith(".") and name.endswith(video_io.IMAGE_SEQUENCE_EXTENSIONS) and \
-        (not name.endswith(".png") or _is_apng(path))
+    return path.lower().endswith(video_io.IMAGE_SEQUENCE_EXTENSIONS) and _listable(path)
 
 
 def list_animated_images() -> list[str]:
