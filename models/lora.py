@@ -1,4 +1,4 @@
-"""LoRAs: AnimateDiff MotionLoRAs and SD1.5 LoRAs, merged into copies of the models.
+"""LoRAs: AnimateDiff MotionLoRAs and SD1.5 LoRAs, merged into copies of the models when these are used.
 
 Formats read
 ------------
@@ -19,11 +19,12 @@ Formats read
 Applying
 --------
 Nothing is changed in place (design rule: node outputs are never mutated). ``merge`` returns a *structural copy* of
-the module tree: every module on the way from the root to a patched weight is shallow-copied (its own child and
-parameter tables), every other module and every unpatched parameter is the original object. Memory grows by the
-patched weights only. Updates are summed in fp32 (several LoRAs in one go), added to the weight in fp32, then cast to
-the weight's dtype. LoRAs stacked by chained nodes are merged together onto the unpatched model (the copy remembers
-it), so an fp16 model is rounded once whatever their number and order.
+the module tree (``patching``): every module on the way from the root to a patched weight is shallow-copied, every
+other module and every unpatched parameter is the original object, and the patched weights are computed when the
+copy is first used. Memory grows by the patched weights of the copies that are used: the output of a LoRA node that
+only feeds another LoRA node holds none. Updates are summed in fp32 (several LoRAs in one go), added to the weight
+in fp32, then cast to the weight's dtype. LoRAs stacked by chained nodes are merged together onto the unpatched
+model (the copy remembers it), so an fp16 model is rounded once whatever their number and order.
 
 Mismatches
 ----------
@@ -45,9 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, patching
 from .errors import KinemaError, finite_number
-from .memory import shallow_copy
 from .motion import published_layout
 
 logger = logging.getLogger("kinema")
@@ -93,53 +93,22 @@ class LoRAPair:
 Patch = Mapping[str, LoRAPair]  # parameter name in the target module -> update
 
 
-# -- copy-on-write -------------------------------------------------------------------------------------------------
-
-def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``root`` whose parameters ``new`` (dotted names) are replaced; everything else is shared.
-
-    Only the modules on the paths to the replaced parameters are copied (shallowly, with their own tables of
-    children, parameters and buffers); ``root`` and all its tensors are left untouched.
-    """
-    if not new:
-        return root
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    on_path = {""}
-    for name, tensor in new.items():
-        path, _, leaf = name.rpartition(".")
-        by_module.setdefault(path, {})[leaf] = tensor
-        parts = path.split(".") if path else []
-        on_path.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-
-    def copy_node(module: nn.Module, prefix: str) -> nn.Module:
-        clone = shallow_copy(module)
-        for leaf, tensor in by_module.get(prefix, {}).items():
-            if module._parameters.get(leaf) is None:
-                raise KinemaError(f"internal error: the model has no parameter '{prefix}.{leaf}' to patch")
-            clone._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-        for child_name, child in module._modules.items():
-            child_prefix = f"{prefix}.{child_name}" if prefix else child_name
-            if child is not None and child_prefix in on_path:
-                clone._modules[child_name] = copy_node(child, child_prefix)
-        return clone
-
-    clone = copy_node(root, "")
-    clone.__dict__.pop(_MERGED_FROM, None)  # other weights than what it was merged from (``merge`` sets its own)
-    return clone
-
+# -- merging -------------------------------------------------------------------------------------------------------
 
 #: where a merged copy keeps what it was merged from: (the unpatched module, its (patch, strength) list)
 _MERGED_FROM = "_kinema_merged_from"
 
 
 def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Module:
-    """``module`` with ``W += sum(strength * delta)`` for every (patch, strength), as a copy-on-write copy.
+    """``module`` with ``W += sum(strength * delta)`` for every (patch, strength), as a copy-on-write copy whose
+    merged weights are computed when it is first used (``patching.defer``; ``patching.materialize`` does it now).
 
     Updates are summed in fp32 and added to the weight in fp32, then cast to the weight's dtype, one weight at a
     time (the fp32 work of one weight at once, not of all). A copy made here remembers its unpatched module and
     patches: merging more onto it merges them all onto that module in one go, so LoRAs stacked by chained nodes
-    round to an fp16/bf16 weight once, as in one call and as ComfyUI's patching does, in any order. With no
-    non-zero strength, ``module`` itself is returned.
+    round to an fp16/bf16 weight once, as in one call and as ComfyUI's patching does, in any order, and a copy that
+    only feeds another merge never computes its own weights. With no non-zero strength, ``module`` itself is
+    returned.
     """
     patches = [(patch, finite_number(strength, "a LoRA strength")) for patch, strength in patches]
     patches = [(patch, strength) for patch, strength in patches if strength != 0.0]
@@ -149,20 +118,21 @@ def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Modul
     if merged_from is not None:
         module, earlier = merged_from
         patches = [*earlier, *patches]
-    params = dict(module.named_parameters())
-    new = {}
-    for name in dict.fromkeys(name for patch, _ in patches for name in patch):
-        weight = params.get(name)
-        if weight is None:
-            raise KinemaError(f"internal error: the model has no weight '{name}' to patch")
-        total = None
-        for patch, strength in patches:
-            if name in patch:
-                d = patch[name].delta(weight.shape, weight.device).mul_(strength)
-                total = d if total is None else total.add_(d)
-        new[name] = (weight.detach().float() + total).to(weight.dtype)
-    merged = replace_parameters(module, new)
-    object.__setattr__(merged, _MERGED_FROM, (module, tuple(patches)))  # a plain attribute, not a submodule
+    patches = tuple(patches)
+
+    def merged_weights(current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        new = {}
+        for name, weight in current.items():
+            total = None
+            for patch, strength in patches:
+                if name in patch:
+                    d = patch[name].delta(weight.shape, weight.device).mul_(strength)
+                    total = d if total is None else total.add_(d)
+            new[name] = (weight.detach().float() + total).to(weight.dtype)
+        return new
+
+    merged = patching.defer(module, (name for patch, _ in patches for name in patch), merged_weights)
+    object.__setattr__(merged, _MERGED_FROM, (module, patches))  # a plain attribute, not a submodule
     return merged
 
 

@@ -7,7 +7,6 @@ node overrides the video model's.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,11 +14,11 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from torch import nn
 
 from . import placement
 from .errors import KinemaError, KinemaOutOfMemoryError, is_out_of_memory
 from .offload import OffloadOptions
+from .patching import deferred_weights, replace_parameters
 from .placement import Placement
 
 logger = logging.getLogger("kinema")
@@ -39,24 +38,15 @@ def pick_dtype(precision: str, device: torch.device | str) -> torch.dtype:
     return _DTYPES[precision]
 
 
-def shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object with ``module``'s attributes and its own tables of children, parameters and buffers,
-    which hold ``module``'s own children and tensors: changing the copy's tables or attributes leaves ``module``
-    as it is."""
-    clone = copy.copy(module)
-    clone._modules = type(module._modules)(module._modules)
-    clone._parameters = type(module._parameters)(module._parameters)
-    clone._buffers = type(module._buffers)(module._buffers)
-    return clone
-
-
 def cast_weights(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``module`` with its floating-point weights in ``dtype``, as a copy (the input, which a node cache or
     another branch of the graph may hold, is never changed); ``module`` itself where nothing changes."""
-    from .lora import replace_parameters  # the copy-on-write of LoRA patches, here patching every weight
-
-    new = {n: p.detach().to(dtype) for n, p in module.named_parameters()
-           if p.is_floating_point() and p.dtype != dtype}
+    if all(p.dtype == dtype or not p.is_floating_point() for p in module.parameters()):
+        return module
+    pending = deferred_weights(module)  # a deferred LoRA merge's weights, made for the cast, not kept in it
+    params = {**dict(module.named_parameters()), **pending}
+    new = {n: p.detach().to(dtype) for n, p in params.items()
+           if p.is_floating_point() and (p.dtype != dtype or n in pending)}
     return replace_parameters(module, new)
 
 

@@ -30,6 +30,7 @@ from .compiling import CompileOptions
 from .errors import KinemaError
 from .layers import FeedForward, RunOptions, SharedContext, attention, by_rows, row_step
 from .offload import NO_OFFLOAD, OffloadOptions, compute_device
+from .patching import materialize
 from .sampling import DiscreteSchedule
 
 logger = logging.getLogger("kinema")
@@ -485,6 +486,9 @@ class MotionModel:
         shared with another evaluation at the same inputs (``addons.ControlReuse``).
         """
         use_motion = temporal and self.motion is not None
+        materialize(self.unet)  # a deferred LoRA merge (done already where the call is placed: sampling)
+        if use_motion:
+            materialize(self.motion)
         cross = self.cross_frame_norm
         if cross is None:
             cross = use_motion and self.motion.version == "v1"

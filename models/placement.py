@@ -28,6 +28,7 @@ from torch import nn
 
 from .errors import KinemaOutOfMemoryError, is_out_of_memory
 from .offload import OffloadOptions, Stash, bring, compute_device, return_to
+from .patching import materialize
 
 logger = logging.getLogger("kinema")
 
@@ -181,6 +182,8 @@ def on_device(*objs) -> Iterator[None]:
     block; see the module doc."""
     with ExitStack() as stack:
         for obj in objs:
+            # a deferred LoRA merge: its weights made before any move (also where the object has no placement)
+            materialize(obj if isinstance(obj, nn.Module) else getattr(obj, "model", None))
             p = None if obj is None else placement_of(obj)
             if p is not None and p.offload:
                 stack.enter_context(_using([weights_of(obj)], torch.device(p.device), torch.device(p.storage),
@@ -202,6 +205,8 @@ def video_model_on_device(model) -> Iterator[None]:
     (the UNet's device when it names none) and stay there; add-ons follow their own placement."""
     opts: OffloadOptions = model.offload
     motion = getattr(model, "motion", None)
+    for m in (model.unet, motion):
+        materialize(m)  # a deferred LoRA merge: its weights made before any move, where the weights are
     with ExitStack() as stack:
         if opts.mode == "model":
             core = [m for m in (model.unet, motion) if m is not None]

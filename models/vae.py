@@ -53,7 +53,8 @@ from torch import nn
 from .compiling import CompileOptions, run_decode
 from .errors import KinemaError
 from .layers import FrameConv, flatten_hw, per_frame_slices
-from .memory import cast_weights, run_with_oom_retry, shallow_copy
+from .memory import cast_weights, run_with_oom_retry
+from .patching import shallow_copy
 from .placement import on_device
 from .tiling import TileOptions, run_tiled
 from .video_io import check_finite

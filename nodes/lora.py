@@ -10,8 +10,8 @@ class KinemaMotionLoRALoader:
     DESCRIPTION = (
         "Applies an AnimateDiff MotionLoRA (camera motions such as v2_lora_ZoomIn.ckpt, from "
         "models/animatediff_motion_lora) to a motion module. The loaded motion module is not changed: the result is "
-        "a copy holding new tensors only for the patched attention weights. Chain several of these nodes to stack "
-        "MotionLoRAs. Weights for motion modules the target does not have (a v2 MotionLoRA's mid block on v1/v3) are "
+        "a copy holding new tensors only for the patched attention weights, merged when it is first used. Chain "
+        "several of these nodes to stack MotionLoRAs (only the last, which runs, holds merged weights). Weights for motion modules the target does not have (a v2 MotionLoRA's mid block on v1/v3) are "
         "skipped with a warning."
     )
     CATEGORY = "Kinema/animatediff"
@@ -51,8 +51,8 @@ class KinemaLoRALoader:
     DESCRIPTION = (
         "Applies an SD1.5 LoRA from models/loras to the model's UNet and to the CLIP text encoder, with separate "
         "strengths. Reads kohya / LDM-named files (LoCon convs included) and the AnimateDiff v3 adapter "
-        "(v3_sd15_adapter.ckpt). The inputs are not changed: the results share every weight the LoRA does not touch. "
-        "SDXL LoRAs and LoRAs whose shapes do not fit are refused."
+        "(v3_sd15_adapter.ckpt). The inputs are not changed: the results share every weight the LoRA does not touch, "
+        "and merge the touched ones when first used (in a chain, a node that only feeds the next holds none). SDXL LoRAs and LoRAs whose shapes do not fit are refused."
     )
     CATEGORY = "Kinema/loaders"
     RETURN_TYPES = ("KINEMA_MODEL", "KINEMA_CLIP")

@@ -226,7 +226,7 @@ def test_a_compiled_vae_decodes_the_same_frames_without_graph_breaks(dynamo, kin
 
 def test_a_compiled_fp16_decode_that_overflows_runs_again_in_fp32_compiled(dynamo, caplog):
     from fixtures import vae
-    from kinema.models.lora import replace_parameters
+    from kinema.models.patching import replace_parameters
     from kinema.models.memory import cast_weights
     from kinema.models.vae import decode_frames, with_compiled_decode
 

@@ -19,6 +19,7 @@ from conftest import assert_net_close, load_pack
 from fixtures import motion_model, motion_modules, sd15_state_dict, unet
 
 from kinema.models import checkpoint, demo, lora
+from kinema.models.patching import is_deferred, materialize
 from kinema.models.encoders import TextEncoder
 from kinema.models.errors import KinemaError
 
@@ -96,6 +97,8 @@ def test_merge_is_copy_on_write_and_merges_in_fp32():
     before = snapshot(base)
     pair = lora.LoRAPair(torch.randn(2, 7, generator=g), torch.randn(7, 2, generator=g) * 1e-3, alpha=4.0)
     merged = lora.merge(base, [({"1.0.weight": pair}, 0.5)])
+    assert is_deferred(merged) and merged[1][0].weight is base[1][0].weight  # computed when first used
+    assert materialize(merged) is merged and not is_deferred(merged)
     assert_unchanged(base, before)
     want = (before["1.0.weight"].float() + 0.5 * 2.0 * (pair.up @ pair.down)).half()
     assert merged[1][0].weight.dtype == torch.float16 and torch.equal(merged[1][0].weight, want)
@@ -125,12 +128,13 @@ def test_chained_merges_round_once_in_any_order(dtype):
     want = (before["0.weight"].float() + (0.7 * a["0.weight"].delta(shape) - 1.3 * b["0.weight"].delta(shape)))
     want = want.to(dtype)
     for merged in (one_call, a_then_b, b_then_a):
+        materialize(merged)
         assert torch.equal(merged[0].weight, want) and torch.equal(merged[1].weight, one_call[1].weight)
-    back = lora.merge(lora.merge(base, [(a, 1.0)]), [(a, -1.0)])
+    back = materialize(lora.merge(lora.merge(base, [(a, 1.0)]), [(a, -1.0)]))
     assert torch.equal(back[0].weight, base[0].weight) and torch.equal(back[1].weight, base[1].weight)
     assert_unchanged(base, before)
     recast = cast_weights(lora.merge(base, [(a, 0.7)]), torch.float32)  # its own weights: merged onto as they are
-    assert torch.equal(lora.merge(recast, [(b, 1.0)])[1].weight, recast[1].weight)
+    assert torch.equal(materialize(lora.merge(recast, [(b, 1.0)]))[1].weight, recast[1].weight)
 
 
 # -- MotionLoRA ----------------------------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ def motion_lora_sd(seed=0):
 def test_motion_lora_copy_on_write_shares_unpatched_tensors():
     mm = motion_modules("v2")
     before = snapshot(mm)
-    new = lora.apply_motion_loras(mm, [(motion_lora_sd(), 1.0, "demo")])
+    new = materialize(lora.apply_motion_loras(mm, [(motion_lora_sd(), 1.0, "demo")]))
     assert_unchanged(mm, before)
     old_p, new_p = dict(mm.named_parameters()), dict(new.named_parameters())
     patched = {k for k in new_p if new_p[k].data_ptr() != old_p[k].data_ptr()}
@@ -157,6 +161,7 @@ def test_motion_lora_copy_on_write_shares_unpatched_tensors():
 
 
 def _deltas(new, base):
+    materialize(new)
     old = dict(base.named_parameters())
     return {k: v.detach() - old[k].detach() for k, v in new.named_parameters()}
 
@@ -226,8 +231,8 @@ def test_a_motion_lora_in_diffusers_layout_equals_the_published_one(tmp_path, la
     save_file({f"unet.{k}": v.contiguous() for k, v in renamed.items()}, str(tmp_path / "zoom.safetensors"))
     loaded = lora.load_motion_lora(str(tmp_path / "zoom.safetensors"))
     mm = motion_modules("v2")
-    got = lora.apply_motion_loras(mm, [(loaded, strength, "diffusers")]).state_dict()
-    want = lora.apply_motion_loras(mm, [(sd, strength, "published")]).state_dict()
+    got = materialize(lora.apply_motion_loras(mm, [(loaded, strength, "diffusers")])).state_dict()
+    want = materialize(lora.apply_motion_loras(mm, [(sd, strength, "published")])).state_dict()
     changed = [k for k in want if not torch.equal(want[k], mm.state_dict()[k])]
     assert len(changed) == sum(1 for k in sd if k.endswith("_lora.down.weight"))
     for key, value in want.items():
@@ -238,7 +243,7 @@ def test_v2_motion_lora_on_v3_skips_the_mid_block(caplog):
     mm = motion_modules("v3")
     sd = motion_lora_sd()
     with caplog.at_level(logging.WARNING, logger="kinema"):
-        new = lora.apply_motion_loras(mm, [(sd, 1.0, "zoom")])
+        new = materialize(lora.apply_motion_loras(mm, [(sd, 1.0, "zoom")]))
     mid_pairs = sum(1 for k in sd if k.startswith("mid_block.") and k.endswith("_lora.down.weight"))
     assert mid_pairs == 8
     assert f"{mid_pairs} weights for motion modules that this v3 motion module does not have (mid_block)" in caplog.text
@@ -323,6 +328,7 @@ def test_kohya_lora_against_a_direct_computation():
     te, base_unet = text_encoder(), unet()
     before_unet, before_te = snapshot(base_unet), snapshot(te.model)
     new_unet, new_te = lora.apply_sd15_loras(base_unet, te, [(sd, 0.8, -0.6, "demo")])
+    materialize(new_unet), materialize(new_te.model)
     assert_unchanged(base_unet, before_unet)
     assert_unchanged(te.model, before_te)
     for key, (part, param) in KNOWN.items():
@@ -353,7 +359,7 @@ def test_ldm_named_lora_equals_the_kohya_one():
     assert "lora_unet_input_blocks_1_1_proj_in.lora_down.weight" in ldm_sd
     a, _ = lora.apply_sd15_loras(unet(), None, [(sd, 1.0, 1.0, "kohya")])
     b, _ = lora.apply_sd15_loras(unet(), None, [(ldm_sd, 1.0, 1.0, "ldm")])
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    pa, pb = dict(materialize(a).named_parameters()), dict(materialize(b).named_parameters())
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
@@ -520,6 +526,7 @@ def test_motion_lora_node_chain(nodes, host_dirs):
     assert video.motion is stacked and video.name == "kinema_demo_mm_v2.safetensors"
     x, t, ctx = _video_inputs()
     assert torch.isfinite(_kinema_eps(video, x, t, ctx)).all()
+    assert not is_deferred(stacked) and is_deferred(zoom)  # only what runs holds merged weights
 
 
 def test_lora_node(nodes, host_dirs):
@@ -546,7 +553,12 @@ def test_lora_node(nodes, host_dirs):
     assert_unchanged(model.unet, before_unet)
     assert_unchanged(clip.model, before_te)
     x, t, ctx = _video_inputs()
+    assert is_deferred(new_model2.unet)
     assert torch.isfinite(_kinema_eps(new_model2, x, t, ctx)).all()
+    # the first node of the chain only fed the second: it holds no merged weights of its own (ComfyUI keeps it)
+    assert not is_deferred(new_model2.unet) and is_deferred(new_model.unet)
+    base = dict(model.unet.named_parameters())
+    assert all(p is base[n] for n, p in new_model.unet.named_parameters())
 
 
 class NotATensor:  # a class torch.load(weights_only=True) refuses to unpickle

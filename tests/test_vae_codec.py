@@ -6,7 +6,7 @@ import logging
 import torch
 from fixtures import vae as sd_vae
 from kinema.models import vae as vae_ops
-from kinema.models.lora import replace_parameters
+from kinema.models.patching import replace_parameters
 from kinema.models.memory import cast_weights
 from kinema.models.vae import (
     AutoencoderKL,

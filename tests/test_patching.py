@@ -1,0 +1,182 @@
+"""Copy-on-write copies with deferred weights (``models.patching``): a LoRA'd copy computes its merged weights when
+first used, so a copy that only feeds another merge (a chain of LoRA nodes, each output kept by ComfyUI) holds
+none; every use materializes it first (before any device move), and a failed merge leaves it as it was."""
+import pytest
+import torch
+from fixtures import motion_model, motion_modules, sd15_state_dict
+from kinema.models import demo, lora, pipelines, placement
+from kinema.models.encoders import TextEncoder
+from kinema.models.memory import cast_weights
+from kinema.models.offload import OffloadOptions
+from kinema.models.patching import defer, is_deferred, materialize, replace_parameters
+from kinema.models.placement import Placement
+from torch import nn
+
+HW = 16
+
+
+def _pairs(seed, width=8, names=("0.weight", "1.weight")):
+    g = torch.Generator().manual_seed(seed)
+    return {n: lora.LoRAPair(torch.randn(2, width, generator=g), torch.randn(width, 2, generator=g) * 0.1, 2.0)
+            for n in names}
+
+
+def _params(module):
+    return dict(module.named_parameters())
+
+
+def test_a_chain_of_merges_holds_weights_only_where_it_is_used():
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    a, b = _pairs(0), _pairs(1, names=("1.weight", "2.weight"))
+    first = lora.merge(base, [(a, 0.5)])
+    second = lora.merge(first, [(b, -1.0)])
+    eager = lora.merge(base, [(a, 0.5), (b, -1.0)])
+    assert is_deferred(first) and is_deferred(second)
+    assert all(p is _params(base)[n] for n, p in _params(second).items())  # nothing of its own yet
+    materialize(second)
+    materialize(eager)
+    assert not is_deferred(second) and is_deferred(first)  # the middle of the chain is never computed
+    assert all(p is _params(base)[n] for n, p in _params(first).items())
+    new = [n for n, p in _params(second).items() if p is not _params(base)[n]]
+    assert sorted(new) == ["0.weight", "1.weight", "2.weight"]
+    for n, p in _params(second).items():
+        assert torch.equal(p, _params(eager)[n])
+    want = base[1].weight + 0.5 * a["1.weight"].delta((8, 8)) - b["1.weight"].delta((8, 8))
+    torch.testing.assert_close(second[1].weight, want, rtol=0, atol=1e-6)
+    assert materialize(second) is second  # once: a second call changes nothing
+    assert torch.equal(second[1].weight, eager[1].weight)
+
+
+def test_calling_the_copy_materializes_it_and_its_hook_is_its_own():
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    merged = lora.merge(base, [(_pairs(2), 1.0)])
+    x = torch.randn(3, 8)
+    assert len(base._forward_pre_hooks) == 0  # the base's hooks are not the copy's
+    plain = base(x)
+    assert is_deferred(merged)  # calling the base does not compute the copy
+    out = merged(x)
+    assert not is_deferred(merged) and len(merged._forward_pre_hooks) == 0
+    assert not torch.allclose(out, plain)
+    assert torch.equal(out, merged(x))
+
+
+def test_a_failed_merge_leaves_the_copy_deferred_and_whole():
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    calls = []
+
+    def compute(current):
+        calls.append(dict(current))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return {n: w.detach() + 1.0 for n, w in current.items()}
+
+    copy = defer(base, ["0.weight", "1.weight"], compute)
+    with pytest.raises(RuntimeError, match="simulated"):
+        materialize(copy)
+    assert is_deferred(copy) and all(p is _params(base)[n] for n, p in _params(copy).items())
+    materialize(copy)
+    assert torch.equal(copy[0].weight, base[0].weight + 1.0) and torch.equal(copy[1].weight, base[1].weight + 1.0)
+    assert calls[1]["0.weight"] is base[0].weight  # computed from where the original weights are now
+
+
+def test_a_name_the_model_does_not_have_is_an_error_when_the_copy_is_made():
+    from kinema.models.errors import KinemaError
+
+    with pytest.raises(KinemaError, match="internal error: the model has no parameter '0.nope'"):
+        defer(nn.Sequential(nn.Linear(2, 2)), ["0.nope"], lambda current: {})
+    with pytest.raises(KinemaError, match="no parameter '3.weight'"):
+        replace_parameters(nn.Sequential(nn.Linear(2, 2)), {"3.weight": torch.zeros(2, 2)})
+
+
+def test_casting_a_deferred_merge_casts_the_merged_weights():
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    a = _pairs(3)
+    merged = lora.merge(base, [(a, 0.7)])
+    assert cast_weights(merged, torch.float32) is merged and is_deferred(merged)  # nothing to cast: nothing made
+    half = cast_weights(merged, torch.float16)
+    want = (base[0].weight + 0.7 * a["0.weight"].delta((8, 8))).half()
+    assert half[0].weight.dtype == torch.float16 and torch.equal(half[0].weight, want)
+    assert torch.equal(half[0].bias, base[0].bias.half())
+    assert not is_deferred(half) and len(half._forward_pre_hooks) == 0
+    assert is_deferred(merged)  # the merged fp32 weights were made for the cast only, not kept
+
+
+def test_a_cast_computes_the_deferred_weights_once():
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).half())  # one layer in the cast's dtype already
+    calls = []
+
+    def compute(current):
+        calls.append(1)
+        return {n: w.detach() + 1.0 for n, w in current.items()}
+
+    half = cast_weights(defer(base, ["0.weight", "1.weight"], compute), torch.float16)
+    assert len(calls) == 1
+    assert torch.equal(half[1].weight, base[1].weight + 1.0) and torch.equal(half[0].weight, (base[0].weight + 1).half())
+
+
+def test_replacing_some_weights_of_a_deferred_copy_keeps_its_other_merged_weights():
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    merged = lora.merge(base, [(_pairs(4), 1.0)])
+    zero = torch.zeros(8, 8)
+    copy = replace_parameters(merged, {"0.weight": zero})
+    assert is_deferred(merged) and not is_deferred(copy)
+    assert torch.equal(copy[0].weight, zero)
+    assert torch.equal(copy[1].weight, materialize(merged)[1].weight)
+    assert not torch.equal(copy[1].weight, base[1].weight)
+
+
+def _lora_video_model(**options):
+    """A v2 video model with an SD1.5 LoRA and a MotionLoRA, both deferred."""
+    model = motion_model("v2", **options)
+    unet, _ = lora.apply_sd15_loras(model.unet, None, [(demo.sd15_lora_state_dict(), 0.8, 0.0, "lora")])
+    motion = lora.apply_motion_loras(motion_modules("v2"), [(demo.motion_lora_state_dict(), 1.0, "zoom")])
+    return model.with_options(unet=unet, motion=motion)
+
+
+def _sample(model):
+    g = torch.Generator().manual_seed(3)
+    pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        return pipelines.sample_video(model, pos, neg, torch.zeros(4, 4, HW, HW),
+                                      pipelines.SampleOptions(seed=7, steps=2, cfg=5.0))
+
+
+@pytest.mark.parametrize("mode", ["model", "block"])
+def test_sampling_materializes_the_merges_before_any_move(mode):
+    """Under model or block offload the copies' own weights exist before the first move (else the merged
+    tensors would be made on the device and the originals left there); the video equals the eager merge's."""
+    seen = []
+
+    def watch(module, device):
+        seen.append(module)
+        assert not is_deferred(module), "a deferred copy was moved"
+
+    eager = _lora_video_model()
+    materialize(eager.unet), materialize(eager.motion)
+    want = _sample(eager)
+    model = _lora_video_model()
+    model = model.with_options(offload=OffloadOptions(mode=mode, device="cpu", storage="cpu:1", on_move=watch))
+    assert is_deferred(model.unet) and is_deferred(model.motion)
+    got = _sample(model)
+    assert seen and not is_deferred(model.unet) and not is_deferred(model.motion)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_text_encoder_is_materialized_before_it_is_brought_to_the_device():
+    te = TextEncoder.from_state_dict(sd15_state_dict())
+    moved, deferred_moves = [], []
+
+    def watch(module, device):
+        moved.append(str(device))
+        deferred_moves.append(is_deferred(module))
+
+    _, merged = lora.apply_sd15_loras(motion_model("v2").unet, te, [(demo.sd15_lora_state_dict(), 0.0, 0.9, "l")])
+    _, eager = lora.apply_sd15_loras(motion_model("v2").unet, te, [(demo.sd15_lora_state_dict(), 0.0, 0.9, "l")])
+    materialize(eager.model)
+    assert is_deferred(merged.model)
+    placement.place(merged, Placement(device="cpu", offload=True, storage="cpu:1", on_move=watch))
+    assert moved == ["cpu:1"] and deferred_moves == [True]  # placed at rest as the model it was made from
+    moved.clear(), deferred_moves.clear()
+    got, _ = merged.encode("a fox")
+    assert moved == ["cpu", "cpu:1"] and deferred_moves == [False, False]  # computed before it was brought
+    assert torch.equal(got, eager.encode("a fox")[0])
