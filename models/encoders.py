@@ -40,6 +40,7 @@ import torch
 from einops import rearrange
 
 from .errors import KinemaError
+from .patching import materialize
 from .placement import on_device
 from .prompt import has_weights, tokenize_weighted
 
@@ -133,7 +134,9 @@ def _transformer(model):
 
 def _in_float32(module: torch.nn.Module, *args, **kwargs):
     """``module(*args, **kwargs)`` with its floating-point parameters in fp32: as they are when they already are,
-    else cast copies for this call (the module itself is not changed)."""
+    else cast copies for this call (the module itself is not changed). A deferred LoRA merge is made first (its
+    hook would run inside the call, on the cast copies)."""
+    materialize(module)
     params = dict(module.named_parameters())
     if all(p.dtype == torch.float32 for p in params.values()):
         return module(*args, **kwargs)

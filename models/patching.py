@@ -2,8 +2,8 @@
 
 Node outputs are never changed (design rule), so what changes weights (a LoRA merge, a precision cast) returns a
 *structural copy*: every module on the way from the root to a changed parameter is shallow-copied (its own tables of
-children, parameters and buffers), every other module and every unchanged parameter is the original object. Memory
-grows by the changed weights only.
+children, parameters, buffers and hooks), every other module and every unchanged parameter is the original object
+(or every module copied, for transformers models: ``whole``). Memory grows by the changed weights only.
 
 ``replace_parameters`` puts the new weights in at once. ``defer`` makes the copy now and computes its new weights
 when it is first used (``materialize``): a copy that only feeds another one, such as the output of a LoRA node
@@ -36,13 +36,19 @@ Compute = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
 
 def shallow_copy(module: nn.Module) -> nn.Module:
-    """A new module object with ``module``'s attributes and its own tables of children, parameters and buffers,
-    which hold ``module``'s own children and tensors: changing the copy's tables or attributes leaves ``module``
-    as it is."""
+    """A new module object with ``module``'s attributes and its own tables of children, parameters, buffers and
+    hooks, which hold ``module``'s own children, tensors and hook functions: changing the copy's tables or
+    attributes leaves ``module`` as it is. A deferred copy is materialized first (its copy would share what
+    materializing changes)."""
+    return _own_tables(materialize(module))
+
+
+def _own_tables(module: nn.Module) -> nn.Module:
     clone = copy.copy(module)
-    clone._modules = type(module._modules)(module._modules)
-    clone._parameters = type(module._parameters)(module._parameters)
-    clone._buffers = type(module._buffers)(module._buffers)
+    for name, value in vars(module).items():
+        tables = name in ("_modules", "_parameters", "_buffers") or name.endswith("hooks") or "_hooks_" in name
+        if tables and isinstance(value, dict):
+            clone.__dict__[name] = type(value)(value)
     return clone
 
 
@@ -51,8 +57,10 @@ def _split(name: str) -> tuple[str, str]:
     return path, leaf
 
 
-def _structural_copy(root: nn.Module, names: Iterable[str]) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """A copy of ``root`` with its own modules on the paths to the parameters ``names``; also {path: its copy}."""
+def _structural_copy(root: nn.Module, names: Iterable[str], whole: bool = False
+                     ) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A copy of ``root`` with its own modules on the paths to the parameters ``names`` (every module with
+    ``whole``); also {path: its copy}."""
     on_path = {""}
     for name in names:
         parts = _split(name)[0].split(".") if "." in name else []
@@ -60,18 +68,17 @@ def _structural_copy(root: nn.Module, names: Iterable[str]) -> tuple[nn.Module, 
     copies: dict[str, nn.Module] = {}
 
     def copy_node(module: nn.Module, prefix: str) -> nn.Module:
-        clone = copies[prefix] = shallow_copy(module)
+        clone = copies[prefix] = _own_tables(module)
         for child_name, child in module._modules.items():
             child_prefix = f"{prefix}.{child_name}" if prefix else child_name
-            if child is not None and child_prefix in on_path:
+            if child is not None and (whole or child_prefix in on_path):
                 clone._modules[child_name] = copy_node(child, child_prefix)
         return clone
 
     clone = copy_node(root, "")
     if is_deferred(root):  # not the hook that materializes root
         hook_id = vars(root)[_PENDING][3].id
-        clone._forward_pre_hooks = type(root._forward_pre_hooks)(
-            (k, v) for k, v in root._forward_pre_hooks.items() if k != hook_id)
+        del clone._forward_pre_hooks[hook_id]
     for attr in [a for a in vars(clone) if a.startswith(_OWN_PREFIX)]:
         del clone.__dict__[attr]
     return clone, copies
@@ -96,35 +103,37 @@ def _put(copies: Mapping[str, nn.Module], new: Mapping[str, torch.Tensor]) -> No
         copies[path]._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.Module:
+def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor], whole: bool = False) -> nn.Module:
     """A copy of ``root`` whose parameters ``new`` (dotted names) are replaced; everything else is shared.
 
     ``root`` and all its tensors are left untouched. From a deferred copy, the new copy holds its deferred weights
-    where ``new`` does not replace them, computed for it (``root`` stays deferred).
+    where ``new`` does not replace them, computed for it (``root`` stays deferred). ``whole``: every module of the
+    copy is its own object (the tensors are still shared), for models that keep per-instance state on their
+    submodules (transformers models install output-capturing hooks on their layers, once per model instance).
     """
     if not new:
         return root
     if is_deferred(root) and any(n not in new for n in vars(root)[_PENDING][0]):
         new = {**deferred_weights(root), **new}
-    clone, copies = _structural_copy(root, new)
+    clone, copies = _structural_copy(root, new, whole)
     _current(copies, new)  # every name is a parameter
     _put(copies, new)
     return clone
 
 
-def defer(root: nn.Module, names: Iterable[str], compute: Compute) -> nn.Module:
+def defer(root: nn.Module, names: Iterable[str], compute: Compute, whole: bool = False) -> nn.Module:
     """A copy of ``root`` whose parameters ``names`` become ``compute(current)`` when it is first used.
 
     ``current`` maps each name to the parameter the copy holds until then (``root``'s own, wherever moves have put
     it since); ``compute`` returns the new tensors for every name, on that device. ``root`` is materialized first.
+    ``whole`` as for ``replace_parameters``.
     """
     materialize(root)
     names = tuple(dict.fromkeys(names))
     if not names:
         return root
-    clone, copies = _structural_copy(root, names)
+    clone, copies = _structural_copy(root, names, whole)
     _current(copies, names)  # every name is a parameter: an error now, not at the first use
-    clone._forward_pre_hooks = type(clone._forward_pre_hooks)(clone._forward_pre_hooks)  # its own, not root's
     hook = clone.register_forward_pre_hook(_materialize_first)  # a call of the copy itself is a use
     object.__setattr__(clone, _PENDING, (names, compute, copies, hook))  # a plain attribute, not a submodule
     return clone

@@ -112,7 +112,9 @@ MOVE_REMEDY = ("free GPU memory (other programs using it), use block offload for
 def _bring(module: nn.Module, device: torch.device, on_move: OnMove | None) -> Stash:
     """``module`` to ``device`` for a while (room made first); its storage copies are kept (``offload.bring``).
     Out of memory: once more after asking the host to free everything it can (said in the log), then a
-    ``KinemaOutOfMemoryError`` naming the size and ``MOVE_REMEDY``; nothing of ``module`` stays on the device."""
+    ``KinemaOutOfMemoryError`` naming the size and ``MOVE_REMEDY``; nothing of ``module`` stays on the device.
+    A deferred LoRA merge is made first: until then it holds the original weights, which would move with it."""
+    materialize(module)
     _room_for(module, device)
     try:
         stash = bring(module, device)

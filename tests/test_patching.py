@@ -8,7 +8,7 @@ from kinema.models import demo, lora, pipelines, placement
 from kinema.models.encoders import TextEncoder
 from kinema.models.memory import cast_weights
 from kinema.models.offload import OffloadOptions
-from kinema.models.patching import defer, is_deferred, materialize, replace_parameters
+from kinema.models.patching import defer, is_deferred, materialize, replace_parameters, shallow_copy
 from kinema.models.placement import Placement
 from torch import nn
 
@@ -162,21 +162,75 @@ def test_sampling_materializes_the_merges_before_any_move(mode):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_the_text_encoder_is_materialized_before_it_is_brought_to_the_device():
+def test_the_text_encoder_is_materialized_where_it_is_used_or_placed():
     te = TextEncoder.from_state_dict(sd15_state_dict())
+    loras = [(demo.sd15_lora_state_dict(), 0.0, 0.9, "l")]
+    _, eager = lora.apply_sd15_loras(motion_model("v2").unet, te, loras)
+    materialize(eager.model)
+    _, unplaced = lora.apply_sd15_loras(motion_model("v2").unet, te, loras)
+    assert is_deferred(unplaced.model)
+    assert torch.equal(unplaced.encode("a fox")[0], eager.encode("a fox")[0])  # made where it runs
+    assert not is_deferred(unplaced.model)
     moved, deferred_moves = [], []
 
     def watch(module, device):
         moved.append(str(device))
         deferred_moves.append(is_deferred(module))
 
-    _, merged = lora.apply_sd15_loras(motion_model("v2").unet, te, [(demo.sd15_lora_state_dict(), 0.0, 0.9, "l")])
-    _, eager = lora.apply_sd15_loras(motion_model("v2").unet, te, [(demo.sd15_lora_state_dict(), 0.0, 0.9, "l")])
-    materialize(eager.model)
-    assert is_deferred(merged.model)
-    placement.place(merged, Placement(device="cpu", offload=True, storage="cpu:1", on_move=watch))
-    assert moved == ["cpu:1"] and deferred_moves == [True]  # placed at rest as the model it was made from
-    moved.clear(), deferred_moves.clear()
-    got, _ = merged.encode("a fox")
-    assert moved == ["cpu", "cpu:1"] and deferred_moves == [False, False]  # computed before it was brought
-    assert torch.equal(got, eager.encode("a fox")[0])
+    _, placed = lora.apply_sd15_loras(motion_model("v2").unet, te, loras)
+    placement.place(placed, Placement(device="cpu", offload=True, storage="cpu:1", on_move=watch))
+    assert moved == ["cpu:1"] and deferred_moves == [False]  # made before it was moved
+    assert torch.equal(placed.encode("a fox")[0], eager.encode("a fox")[0])
+
+
+def test_resting_a_deferred_model_leaves_the_original_weights_where_they_are():
+    """Memory Policy moves the video model to where it rests: a deferred copy is made first, else the originals
+    it holds until then (the weights its LoRA changes) would move, and the merge be made next to them."""
+    base = motion_model("v2")
+    unet, _ = lora.apply_sd15_loras(base.unet, None, [(demo.sd15_lora_state_dict(), 0.8, 0.0, "lora")])
+    before = {n: p.data_ptr() for n, p in base.unet.named_parameters()}
+    placement.rest(base.with_options(unet=unet), OffloadOptions(mode="model", device="cpu", storage="cpu:1"))
+    assert not is_deferred(unet)
+    changed = [n for n, p in unet.named_parameters() if p is not _params(base.unet)[n]]
+    assert changed and all(_params(base.unet)[n].data_ptr() == before[n] for n in changed)
+
+
+def test_a_copy_of_a_deferred_copy_is_made_from_its_merged_weights():
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    merged = lora.merge(base, [(_pairs(5), 1.0)])
+    twin = shallow_copy(merged)
+    assert not is_deferred(merged) and not is_deferred(twin)
+    x = torch.randn(2, 8)
+    assert torch.equal(twin(x), merged(x)) and not torch.equal(merged(x), base(x))
+    eager = materialize(lora.merge(base, [(_pairs(5), 1.0)]))
+    assert torch.equal(merged(x), eager(x))
+
+
+def test_functional_call_on_a_deferred_copy_keeps_the_merge():
+    """The text encoder's fp32 call of fp16 weights (``functional_call`` with cast copies) on a deferred copy."""
+    from kinema.models.encoders import _in_float32
+
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).half()
+    merged = lora.merge(base, [(_pairs(6), 1.0)])
+    eager = materialize(lora.merge(base, [(_pairs(6), 1.0)]))
+    x = torch.randn(2, 8)
+    assert torch.equal(_in_float32(merged, x), _in_float32(eager, x))
+    assert all(torch.equal(p, _params(eager)[n]) for n, p in merged.named_parameters())
+
+
+def test_copies_of_a_transformers_model_have_their_own_layers_and_hooks():
+    """transformers 5 records hidden states (clip_skip 2) with hooks it installs on the layers once per model
+    instance: a LoRA'd text encoder sharing layer objects (or their hook tables) with the base would collect
+    every layer twice once both have run, and read the wrong layer."""
+    te = TextEncoder.from_state_dict(sd15_state_dict())
+    loras = [(demo.sd15_lora_state_dict(), 0.0, 0.9, "l")]
+    _, first = lora.apply_sd15_loras(motion_model("v2").unet, te, loras)
+    _, second = lora.apply_sd15_loras(motion_model("v2").unet, te, loras)
+    base_modules = {id(m) for m in te.model.modules()}
+    assert not any(id(m) in base_modules for m in first.model.modules())
+    want_base = te.encode("a fox", clip_skip=2)[0]
+    want = first.encode("a fox", clip_skip=2)[0]
+    second.encode("a fox", clip_skip=2)
+    assert torch.equal(first.encode("a fox", clip_skip=2)[0], want)
+    assert torch.equal(te.encode("a fox", clip_skip=2)[0], want_base)
+    assert torch.equal(second.encode("a fox", clip_skip=2)[0], want)
