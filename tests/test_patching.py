@@ -8,7 +8,13 @@ from kinema.models import demo, lora, pipelines, placement
 from kinema.models.encoders import TextEncoder
 from kinema.models.memory import cast_weights
 from kinema.models.offload import OffloadOptions
-from kinema.models.patching import defer, is_deferred, materialize, replace_parameters, shallow_copy
+from kinema.models.patching import (
+    defer,
+    is_deferred,
+    materialize,
+    replace_parameters,
+    shallow_copy,
+)
 from kinema.models.placement import Placement
 from torch import nn
 
