@@ -283,6 +283,19 @@ def test_a_controlnet_for_another_base_is_refused_by_check_unet(context_dim, lin
         net.check_unet(unet().cfg)
 
 
+def test_the_apply_controlnet_node_refuses_a_controlnet_for_another_base(tmp_path):
+    """Refused where it is attached, naming the file, not as a shape error in the middle of sampling."""
+    from fixtures import motion_model
+    from kinema.nodes.structure import KinemaApplyControlNet
+
+    cfg = replace(infer_controlnet_config(bare(controlnet_state_dict())), context_dim=1024, linear_proj=True)
+    net = load_controlnet(_zeros_file(cfg, tmp_path / "control_sd21.safetensors"))
+    model = motion_model("v2")
+    with pytest.raises(KinemaError, match=r"'control_sd21.safetensors' is an SD2.x ControlNet"):
+        KinemaApplyControlNet().apply(model, net, torch.zeros(8, 64, 64, 3))
+    assert model.controls == ()
+
+
 def test_a_controlnet_for_another_unet_layout_is_refused(tmp_path):
     cfg = ControlNetConfig.for_unet(replace(unet().cfg, model_channels=64), (8, 8))
     net = load_controlnet(_zeros_file(cfg, tmp_path / "wide.safetensors"))

@@ -1,11 +1,11 @@
 """Each node hands every widget value to the engine: a node called with values other than its defaults gives the
 engine those values (a value dropped, swapped or replaced by its default would pass the tests that use defaults)."""
+import itertools
 import types
 
 import pytest
 import torch
 from fixtures import motion_model, motion_modules
-
 from kinema.models import pipelines
 from kinema.models.context import ContextOptions
 from kinema.nodes import host
@@ -78,3 +78,40 @@ def test_memory_policy_auto_keeps_to_comfyuis_vram_mode(monkeypatch, state, resi
     (model,) = KinemaMemoryPolicy().apply(motion_model("v2"), "auto", 1, 0, True)
     assert model.offload.mode == "block" and model.offload.resident == resident
     assert model.offload.batch_cond is batch_cond
+
+
+def test_depth_nodes_pass_precision_batch_size_and_t_s(host_dirs, monkeypatch):
+    from kinema.models import demo
+    from kinema.models.depth import DepthEstimator, structure_fidelity
+    from kinema.nodes.depth import (
+        KinemaDepthEstimate,
+        KinemaDepthModelLoader,
+        KinemaStructureFidelity,
+    )
+
+    (model,) = KinemaDepthModelLoader().load(demo.DEMO_DEPTH, "bf16")
+    assert model.dtype == torch.bfloat16
+    seen = []
+
+    def spy(self, images, batch_size=4, on_batch=None):
+        seen.append(batch_size)
+        return images
+
+    monkeypatch.setattr(DepthEstimator, "estimate_image", spy)
+    KinemaDepthEstimate().estimate(torch.rand(5, 16, 16, 3), model, 3)
+    assert seen == [3]
+    depth = torch.rand(2, 128, 128, 3, generator=torch.Generator().manual_seed(0))
+    outs = [KinemaStructureFidelity().apply(depth, t_s)[0] for t_s in range(8)]
+    for t_s, out in enumerate(outs):
+        assert torch.equal(out, structure_fidelity(depth, t_s))
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(outs))  # every step takes more away
+
+
+def test_temporal_guidance_node_passes_its_scale_and_refuses_a_negative_one():
+    from kinema.models.errors import KinemaError
+    from kinema.nodes.guidance import KinemaTemporalGuidance
+
+    (model,) = KinemaTemporalGuidance().apply(motion_model("v2"), 1.75)
+    assert model.temporal_scale == 1.75
+    with pytest.raises(KinemaError, match="temporal_scale.*(smaller than the minimum 0|must be 0 or more)"):
+        KinemaTemporalGuidance().apply(motion_model("v2"), -0.5)

@@ -240,3 +240,15 @@ def test_copies_of_a_transformers_model_have_their_own_layers_and_hooks():
     assert torch.equal(first.encode("a fox", clip_skip=2)[0], want)
     assert torch.equal(te.encode("a fox", clip_skip=2)[0], want_base)
     assert torch.equal(second.encode("a fox", clip_skip=2)[0], want)
+
+
+def test_a_lora_after_a_precision_cast_merges_onto_the_cast_weights():
+    """Load LoRA -> Memory Policy fp16 -> Load LoRA: the second merge is onto the fp16 copy (not the fp32 original
+    the first LoRA was merged from, which would bring the model back in fp32)."""
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    half = cast_weights(lora.merge(base, [(_pairs(7), 1.0)]), torch.float16)
+    assert "_kinema_merged_from" not in vars(half)
+    again = materialize(lora.merge(half, [(_pairs(8), 1.0)]))
+    assert all(p.dtype == torch.float16 for p in again.parameters())
+    want = (half[0].weight.float() + _pairs(8)["0.weight"].delta((8, 8))).half()
+    assert torch.equal(again[0].weight, want)

@@ -123,6 +123,7 @@ def test_constant_rate_of_frame_delays():
     assert video_io.constant_rate([125, 250, 125, 375]) == (8.0, [1, 2, 1, 3])
     assert video_io.constant_rate([120, 250]) == (pytest.approx(1000 * 3 / 370), [1, 2])  # GIF's 1/100 s steps
     assert video_io.constant_rate([100, 0, 100]) == (10.0, [1, 1, 1])  # a missing delay: the shortest
+    assert video_io.constant_rate([40, 0, 40]) == (25.0, [1, 1, 1])  # (not GIF's customary 100 ms)
     # uneven delays, or too many repeats: each frame once, lasting as long as the file
     assert video_io.constant_rate([30, 40, 30]) == (pytest.approx(30.0), [1, 1, 1])
     assert video_io.constant_rate([20, 400, 20, 400]) == (pytest.approx(4000 / 840), [1, 1, 1, 1])
@@ -405,6 +406,9 @@ def test_load_animated_image_takes_uploads_of_gif_webp_and_apng(input_dir):
     got = KinemaLoadAnimatedImage().load("walk.gif", 4, 2, 1, 64, 0)
     want = KinemaLoadVideo().load("walk.gif", 4, 2, 1, 64, 0)
     assert torch.equal(got[0], want[0]) and got[1:] == want[1:] == (4, pytest.approx(12.5))
+    every_2nd = KinemaLoadAnimatedImage().load("walk.gif", 3, 1, 2, 0, 48)  # every widget reaches the reader
+    assert every_2nd[0].shape[:3] == (3, 48, 64) and every_2nd[1:] == (3, pytest.approx(6.25))
+    assert torch.equal(every_2nd[0], KinemaLoadVideo().load("walk.gif", 3, 1, 2, 0, 48)[0])
     assert KinemaLoadAnimatedImage.VALIDATE_INPUTS("walk.gif") is True
     assert "not found" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.gif")
     assert "not an animated image" in KinemaLoadAnimatedImage.VALIDATE_INPUTS("gone.jpg")

@@ -115,6 +115,22 @@ def test_held_frames_read_back_frame_for_frame(tmp_path, fmt, fps):
         assert np.array_equal(video_io.to_uint8(frames), video_io.to_uint8(imgs))
 
 
+@pytest.mark.parametrize("fmt", ["gif", "webp"])
+def test_held_frames_read_back_frame_for_frame_without_imageio(tmp_path, fmt, monkeypatch):
+    """A bare ComfyUI (Pillow, no imageio) repeats the held frames as well."""
+    import sys
+
+    imgs = torch.rand(6, 8, 8, 3, generator=torch.Generator().manual_seed(2))[[0, 1, 1, 2, 3, 3, 3, 4, 5, 5]]
+    p = video_io.write_video(str(tmp_path / f"h.{fmt}"), imgs, 15, fmt, lossless=True)
+    want, want_fps = video_io.read_video(p)
+    for name in [m for m in sys.modules if m == "imageio" or m.startswith("imageio.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "imageio", None)  # import imageio -> ImportError
+    monkeypatch.setitem(sys.modules, "imageio.v3", None)
+    frames, fps = video_io.read_video(p)
+    assert frames.shape[0] == 10 and fps == want_fps and torch.equal(frames, want)
+
+
 @pytest.mark.parametrize("loop, stored", [(1, None), (3, 2)])
 def test_gif_loop_count_is_number_of_plays(tmp_path, loop, stored):
     p = video_io.write_video(str(tmp_path / "l.gif"), _frames(2), 8, "gif", loop=loop)
