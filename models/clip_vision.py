@@ -55,6 +55,7 @@ from einops import rearrange
 
 from .errors import KinemaError
 from .memory import remedy_for_out_of_memory
+from .patching import copy_whole
 from .placement import on_device
 
 #: what to do when encoding images runs out of memory
@@ -409,7 +410,7 @@ class ImageEncoder:
 
     def __init__(self, model, source: str = ""):
         """``model``: a transformers ``CLIPVisionModelWithProjection`` (any device and dtype)."""
-        self.model = model.eval().requires_grad_(False)
+        self.model = copy_whole(model.eval().requires_grad_(False))  # a transformers model (patching.copy_whole)
         self.source = source
         self.image_size = model.config.image_size
         self.has_projection = not isinstance(model.visual_projection, torch.nn.Identity)

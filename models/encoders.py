@@ -40,7 +40,7 @@ import torch
 from einops import rearrange
 
 from .errors import KinemaError
-from .patching import materialize
+from .patching import copy_whole, materialize
 from .placement import on_device
 from .prompt import has_weights, tokenize_weighted
 
@@ -149,7 +149,7 @@ class TextEncoder:
 
     def __init__(self, model):
         """``model``: a transformers ``CLIPTextModel`` (any device and dtype)."""
-        self.model = model.eval().requires_grad_(False)
+        self.model = copy_whole(model.eval().requires_grad_(False))  # a LoRA'd copy gets layers of its own
         self.chunk_length = model.config.max_position_embeddings
         self.num_layers = model.config.num_hidden_layers
 

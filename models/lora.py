@@ -99,7 +99,7 @@ Patch = Mapping[str, LoRAPair]  # parameter name in the target module -> update
 _MERGED_FROM = "_kinema_merged_from"
 
 
-def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]], whole: bool = False) -> nn.Module:
+def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Module:
     """``module`` with ``W += sum(strength * delta)`` for every (patch, strength), as a copy-on-write copy whose
     merged weights are computed when it is first used (``patching.defer``; ``patching.materialize`` does it now).
 
@@ -108,7 +108,7 @@ def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]], whole: bool
     patches: merging more onto it merges them all onto that module in one go, so LoRAs stacked by chained nodes
     round to an fp16/bf16 weight once, as in one call and as ComfyUI's patching does, in any order, and a copy that
     only feeds another merge never computes its own weights. With no non-zero strength, ``module`` itself is
-    returned. ``whole``: every module of the copy is its own object (``patching.replace_parameters``).
+    returned.
     """
     patches = [(patch, finite_number(strength, "a LoRA strength")) for patch, strength in patches]
     patches = [(patch, strength) for patch, strength in patches if strength != 0.0]
@@ -131,7 +131,7 @@ def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]], whole: bool
             new[name] = (weight.detach().float() + total).to(weight.dtype)
         return new
 
-    merged = patching.defer(module, (name for patch, _ in patches for name in patch), merged_weights, whole)
+    merged = patching.defer(module, (name for patch, _ in patches for name in patch), merged_weights)
     object.__setattr__(merged, _MERGED_FROM, (module, patches))  # a plain attribute, not a submodule
     return merged
 
@@ -422,8 +422,7 @@ def apply_sd15_loras(unet, text_encoder, loras: Sequence[tuple[Mapping[str, torc
     new_unet = merge(unet, [(p.unet, sm) for p, sm, _ in resolved])
     new_te = text_encoder
     if text_encoder is not None:
-        # a transformers model: its copy gets its own layers, on which transformers installs its own hooks
-        new_model = merge(text_model, [(p.clip, sc) for p, _, sc in resolved], whole=True)
+        new_model = merge(text_model, [(p.clip, sc) for p, _, sc in resolved])
         if new_model is not text_model:
             new_te = copy.copy(text_encoder)
             new_te.model = new_model

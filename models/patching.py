@@ -3,7 +3,8 @@
 Node outputs are never changed (design rule), so what changes weights (a LoRA merge, a precision cast) returns a
 *structural copy*: every module on the way from the root to a changed parameter is shallow-copied (its own tables of
 children, parameters, buffers and hooks), every other module and every unchanged parameter is the original object
-(or every module copied, for transformers models: ``whole``). Memory grows by the changed weights only.
+(every module is copied for a model marked by ``copy_whole``: transformers models). Memory grows by the changed
+weights only.
 
 ``replace_parameters`` puts the new weights in at once. ``defer`` makes the copy now and computes its new weights
 when it is first used (``materialize``): a copy that only feeds another one, such as the output of a LoRA node
@@ -11,7 +12,8 @@ chained into a second LoRA node (ComfyUI keeps every node's output), never holds
 holds the original parameter objects, so device moves and dtype/device queries treat it as the model it was made
 from; what computes with a module materializes it first (the video model's placement, ``placement.on_device``, the
 video model's call; a call of the copy itself does, by a forward pre-hook), and so must anything that reads its
-weights directly. A copy of a deferred copy (``replace_parameters``: a precision cast) gets the computed weights,
+weights directly or calls it through ``torch.func.functional_call`` (which puts its own tensors back after the
+call, over the ones the hook made). A copy of a deferred copy (``replace_parameters``: a precision cast) gets the computed weights,
 and the deferred copy stays as it is.
 
 Plain attributes named ``_kinema_*`` on a module say how that object was made (what it was merged from, what is
@@ -31,6 +33,8 @@ from .errors import KinemaError
 #: the handle of the forward pre-hook that materializes it when it is called)
 _PENDING = "_kinema_pending"
 _OWN_PREFIX = "_kinema_"
+#: a plain attribute, True on a model whose copies copy every module (``copy_whole``); copies inherit it
+COPY_WHOLE = "kinema_copy_whole"
 
 Compute = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
 
@@ -57,10 +61,19 @@ def _split(name: str) -> tuple[str, str]:
     return path, leaf
 
 
-def _structural_copy(root: nn.Module, names: Iterable[str], whole: bool = False
-                     ) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """A copy of ``root`` with its own modules on the paths to the parameters ``names`` (every module with
-    ``whole``); also {path: its copy}."""
+def copy_whole(module: nn.Module) -> nn.Module:
+    """Mark ``module`` (and the copies made of it) as a model whose copies here get every module of their own (the
+    tensors are still shared): a model that keeps per-instance state on its submodules, as transformers models do
+    (the hooks that capture hidden states, installed on the layers once per model instance: a copy sharing layers
+    with the original would collect them twice). Returns ``module``."""
+    setattr(module, COPY_WHOLE, True)
+    return module
+
+
+def _structural_copy(root: nn.Module, names: Iterable[str]) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """A copy of ``root`` with its own modules on the paths to the parameters ``names`` (every module for a model
+    marked by ``copy_whole``); also {path: its copy}."""
+    whole = bool(getattr(root, COPY_WHOLE, False))
     on_path = {""}
     for name in names:
         parts = _split(name)[0].split(".") if "." in name else []
@@ -103,36 +116,33 @@ def _put(copies: Mapping[str, nn.Module], new: Mapping[str, torch.Tensor]) -> No
         copies[path]._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
-def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor], whole: bool = False) -> nn.Module:
+def replace_parameters(root: nn.Module, new: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of ``root`` whose parameters ``new`` (dotted names) are replaced; everything else is shared.
 
     ``root`` and all its tensors are left untouched. From a deferred copy, the new copy holds its deferred weights
-    where ``new`` does not replace them, computed for it (``root`` stays deferred). ``whole``: every module of the
-    copy is its own object (the tensors are still shared), for models that keep per-instance state on their
-    submodules (transformers models install output-capturing hooks on their layers, once per model instance).
+    where ``new`` does not replace them, computed for it (``root`` stays deferred).
     """
     if not new:
         return root
     if is_deferred(root) and any(n not in new for n in vars(root)[_PENDING][0]):
         new = {**deferred_weights(root), **new}
-    clone, copies = _structural_copy(root, new, whole)
+    clone, copies = _structural_copy(root, new)
     _current(copies, new)  # every name is a parameter
     _put(copies, new)
     return clone
 
 
-def defer(root: nn.Module, names: Iterable[str], compute: Compute, whole: bool = False) -> nn.Module:
+def defer(root: nn.Module, names: Iterable[str], compute: Compute) -> nn.Module:
     """A copy of ``root`` whose parameters ``names`` become ``compute(current)`` when it is first used.
 
     ``current`` maps each name to the parameter the copy holds until then (``root``'s own, wherever moves have put
     it since); ``compute`` returns the new tensors for every name, on that device. ``root`` is materialized first.
-    ``whole`` as for ``replace_parameters``.
     """
     materialize(root)
     names = tuple(dict.fromkeys(names))
     if not names:
         return root
-    clone, copies = _structural_copy(root, names, whole)
+    clone, copies = _structural_copy(root, names)
     _current(copies, names)  # every name is a parameter: an error now, not at the first use
     hook = clone.register_forward_pre_hook(_materialize_first)  # a call of the copy itself is a use
     object.__setattr__(clone, _PENDING, (names, compute, copies, hook))  # a plain attribute, not a submodule

@@ -234,6 +234,8 @@ def test_copies_of_a_transformers_model_have_their_own_layers_and_hooks():
     _, second = lora.apply_sd15_loras(motion_model("v2").unet, te, loras)
     base_modules = {id(m) for m in te.model.modules()}
     assert not any(id(m) in base_modules for m in first.model.modules())
+    half = cast_weights(first.model, torch.float16)  # a copy of the copy: whole as well
+    assert not any(id(m) in {id(n) for n in first.model.modules()} for m in half.modules())
     want_base = te.encode("a fox", clip_skip=2)[0]
     want = first.encode("a fox", clip_skip=2)[0]
     second.encode("a fox", clip_skip=2)
