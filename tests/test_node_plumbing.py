@@ -65,8 +65,8 @@ def test_compile_nodes_pass_backend_and_mode():
     assert found and found[0].backend == "inductor"
 
 
-@pytest.mark.parametrize("state, resident, batch_cond", [("LOW_VRAM", 1, True), ("NO_VRAM", 1, False)])
-def test_memory_policy_auto_keeps_to_comfyuis_vram_mode(monkeypatch, state, resident, batch_cond):
+@pytest.mark.parametrize("state, resident, batch_cond, most", [("LOW_VRAM", 1, True, 2), ("NO_VRAM", 1, False, 1)])
+def test_memory_policy_auto_keeps_to_comfyuis_vram_mode(monkeypatch, state, resident, batch_cond, most):
     """offload auto under --lowvram: block offload with the node's resident blocks where fewer than the mode's;
     under --novram cond and uncond one after the other whatever the node says (its default is batched)."""
     from kinema.nodes.memory import KinemaMemoryPolicy
@@ -78,6 +78,22 @@ def test_memory_policy_auto_keeps_to_comfyuis_vram_mode(monkeypatch, state, resi
     (model,) = KinemaMemoryPolicy().apply(motion_model("v2"), "auto", 1, 0, True)
     assert model.offload.mode == "block" and model.offload.resident == resident
     assert model.offload.batch_cond is batch_cond
+    (model,) = KinemaMemoryPolicy().apply(motion_model("v2"), "auto", 3, 0, True)
+    assert model.offload.resident == most  # never more blocks than the mode keeps
+
+
+def test_memory_policy_moves_the_video_model_to_where_it_rests(monkeypatch):
+    """Applied, the policy puts the UNet and motion module where they wait between runs (storage under model
+    offload), not at the first sampling run: the VAE and encoders that run before it find the VRAM free."""
+    from kinema.models import placement
+    from kinema.nodes.memory import KinemaMemoryPolicy
+
+    moved = []
+    monkeypatch.setattr(placement, "_move", lambda m, device, on_move: moved.append((m, device)))
+    monkeypatch.setattr(host, "compute_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(host, "offload_device", lambda: torch.device("cpu:1"))
+    (model,) = KinemaMemoryPolicy().apply(motion_model("v2"), "model", 2, 0, True)
+    assert [(m, str(d)) for m, d in moved] == [(model.unet, "cpu:1"), (model.motion, "cpu:1")]
 
 
 def test_depth_nodes_pass_precision_batch_size_and_t_s(host_dirs, monkeypatch):

@@ -65,6 +65,20 @@ def test_prefetch_never_evicts_the_block_in_use():
     assert streamer.on_device == [] and not watch.on
 
 
+def test_with_one_resident_block_prefetch_waits_for_the_block_in_use():
+    """--novram keeps one block on the device: a prefetch then would evict the block about to run."""
+    watch = Residency()
+    streamer = BlockStreamer(cpu_block_offload(1, watch))
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    streamer.use(a)
+    streamer.prefetch(b)
+    assert streamer.on_device == [a] and watch.moves == 1
+    streamer.use(b)
+    assert streamer.on_device == [b]
+    streamer.close()
+    assert not watch.on
+
+
 class FakeCopyStream:
     """Stands in for ``offload.CopyStream`` (CUDA only): logs the copies made on it and the hand-overs."""
 

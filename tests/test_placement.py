@@ -144,6 +144,16 @@ def test_defaults_by_vram_state():
         memory.default_policy("huge", "cuda")
 
 
+def test_where_the_video_model_rests_between_runs():
+    """none: on its device (--highvram: loaded there once, not moved in at every run); model and block offload:
+    in storage."""
+    assert placement.resting_device(OffloadOptions(mode="none", device="cuda:0")) == torch.device("cuda:0")
+    assert placement.resting_device(OffloadOptions(mode="none")) == torch.device("cpu")
+    for mode in ("model", "block"):
+        opts = OffloadOptions(mode=mode, device="cuda:0", storage="cpu")
+        assert placement.resting_device(opts) == torch.device("cpu")
+
+
 def test_the_host_asks_comfyui_to_make_room_before_a_model_comes_in(monkeypatch):
     host = load_pack().nodes.host
     asked = []

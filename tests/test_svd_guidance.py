@@ -166,6 +166,17 @@ def test_sampling_too_many_frames_at_once_is_refused(monkeypatch):
                           "sampling 25 frames", "connect Context Options (Kinema)")
 
 
+def test_the_fit_estimate_and_the_depth_batch_retry():
+    """The pre-sampling estimate is 8 first-level feature maps per frame of the batch (a lower bound: a quarter of
+    it would let through requests that then fail in the middle of sampling); an out-of-memory retry halves what
+    was running, the last short batch included."""
+    assert memory.video_activation_bytes(16, 2, 64, 64, 320, torch.float16) == 8 * 16 * 2 * 320 * 64 * 64 * 2
+    assert memory.video_activation_bytes(16, 2, 64, 64, 320, torch.float32) == 8 * 16 * 2 * 320 * 64 * 64 * 4
+    assert memory.FrameBatch(8).smaller(8) == memory.FrameBatch(4)
+    assert memory.FrameBatch(8).smaller(2) == memory.FrameBatch(1)  # the 2 frames left ran out: 1 at a time
+    assert memory.FrameBatch(8).smaller(1) is None and memory.FrameBatch(1).smaller(5) is None
+
+
 def test_the_host_is_asked_for_room_before_the_fit_is_refused(monkeypatch):
     """A device short of memory: the host (ComfyUI) is asked to free what is needed, and only what is still
     missing after that refuses the run."""

@@ -330,9 +330,19 @@ def test_svd_nodes_pass_every_setting(bundle, svd_path, host_dirs, monkeypatch):
     shutil.copy(svd_path, os.path.join(host.get_models_dir(), "checkpoints", "svd_xt_plumbing.safetensors"))
     try:
         model, _, vae = _node("KinemaSVDLoader").load("svd_xt_plumbing.safetensors", "auto")
+        from kinema.models import placement
+        from kinema.models.offload import OffloadOptions
+        from kinema.models.placement import Placement
+
+        moved = []  # the loader puts the UNet where the VRAM mode's policy keeps it between runs
+        monkeypatch.setattr(placement, "_move", lambda m, device, on_move: moved.append((m, device)))
+        monkeypatch.setattr(host, "memory_defaults", lambda: (
+            OffloadOptions(mode="model", device="cpu", storage="cpu:1"), Placement(device="cpu", storage="cpu:1")))
+        rested, _, _ = _node("KinemaSVDLoader").load("svd_xt_plumbing.safetensors", "auto")
     finally:
         os.remove(os.path.join(host.get_models_dir(), "checkpoints", "svd_xt_plumbing.safetensors"))
     assert next(vae.parameters()).dtype == torch.bfloat16 and next(model.unet.parameters()).dtype == torch.float32
+    assert any(m is rested.unet and device == torch.device("cpu:1") for m, device in moved)
 
 
 def test_text_conditioning_on_the_svd_model_is_refused(bundle):
