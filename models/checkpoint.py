@@ -39,12 +39,16 @@ def _check_safetensors_header(path: str) -> None:
         if len(head) < 8:
             raise KinemaError(f"'{os.path.basename(path)}' is not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100 * 2**20):
+        if n > 100 * 2**20:
             raise KinemaError(f"'{os.path.basename(path)}' is not a valid safetensors file (bad header length)")
+        if n > size - 8:  # cut off inside its header (a large checkpoint's header is a few hundred KB)
+            raise KinemaError(f"'{os.path.basename(path)}' is truncated: {size} bytes on disk, its header alone is "
+                              f"{8 + n}. Download the file again.")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
-            raise KinemaError(f"'{os.path.basename(path)}' has a corrupt safetensors header") from e
+            raise KinemaError(f"'{os.path.basename(path)}' has a corrupt safetensors header: the file is damaged, "
+                              "download it again") from e
     end = 0
     for key, entry in header.items() if isinstance(header, dict) else [(None, header)]:
         if key == "__metadata__":  # free-form (a dict of strings)

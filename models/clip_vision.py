@@ -392,8 +392,8 @@ def preprocess_images(images: torch.Tensor, size: int = 224, style: str = "svd")
         x = (antialiased_resize(x * 2.0 - 1.0, (size, size)) + 1.0) / 2.0
     else:
         h, w = x.shape[-2:]
-        scale = size / min(h, w)
-        sh, sw = max(size, int(h * scale)), max(size, int(w * scale))  # the longer side rounded down, as it does
+        short = min(h, w)  # the longer side as transformers computes it, int(size * long / short): rounded down
+        sh, sw = max(size, int(size * h / short)), max(size, int(size * w / short))
         if (sh, sw) != (h, w):
             x = F.interpolate(x, size=(sh, sw), mode="bicubic", align_corners=False, antialias=True)
         top, left = (sh - size) // 2, (sw - size) // 2

@@ -39,9 +39,13 @@ def test_truncated_safetensors_is_named(tmp_path, motion_sd):
     path = tmp_path / "cut.safetensors"
     save_file(motion_sd, str(path))
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(KinemaError, match="truncated.*Download"):
-        checkpoint.load_state_dict(str(path))
+    header = 8 + int.from_bytes(data[:8], "little")
+    for cut in (len(data) // 2, len(data) - 1, header // 2, 100):  # in the data, its last byte, in the header
+        path.write_bytes(data[:cut])
+        with pytest.raises(KinemaError, match="'cut.safetensors' is truncated.*Download"):
+            checkpoint.load_state_dict(str(path))
+    path.write_bytes(data)
+    assert checkpoint.load_state_dict(str(path)).keys() == motion_sd.keys()
     path.write_bytes(b"\x01\x02")
     with pytest.raises(KinemaError, match="not a safetensors file"):
         checkpoint.load_state_dict(str(path))
@@ -53,6 +57,20 @@ def test_truncated_ckpt_is_named(tmp_path, motion_sd):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(KinemaError, match="cut.ckpt"):
+        checkpoint.load_state_dict(str(path))
+
+
+def test_damaged_ckpt_data_is_named(tmp_path, motion_sd):
+    """A zip .ckpt with a flipped byte in a tensor's data: its CRC says so (loading with mmap checks none)."""
+    path = tmp_path / "flip.ckpt"
+    torch.save(motion_sd, str(path))
+    data = bytearray(path.read_bytes())
+    key = next(k for k, v in motion_sd.items() if v.numel() > 256)
+    raw = motion_sd[key].numpy().tobytes()
+    at = bytes(data).index(raw) + len(raw) // 2  # inside that tensor's stored bytes
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(KinemaError, match="'flip.ckpt' is damaged.*download it again"):
         checkpoint.load_state_dict(str(path))
 
 
@@ -133,6 +151,37 @@ def test_detect_formats(motion_sd):
             "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1),
             "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1)}
     assert checkpoint.detect_format(sdxl) == "sdxl"
+
+
+_UNET = "model.diffusion_model."
+_TO_K = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.mark.parametrize("keys,expected", [
+    # SDXL LoRAs: kohya's two text encoders, and diffusers' second text encoder alone
+    ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 8)}, "sdxl_lora"),
+    ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 8)}, "sdxl_lora"),
+    # diffusers / peft LoRA keys
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 8)}, "lora"),
+    # SD2.x: a 1024-wide cross-attention context, or OpenCLIP's text encoder; SD1.5's is 768 wide
+    ({_UNET + "input_blocks.0.0.weight": (8, 4, 3, 3), _TO_K: (8, 1024)}, "sd2"),
+    ({_UNET + "input_blocks.0.0.weight": (8, 4, 3, 3), _TO_K: (8, 768)}, "sd15"),
+    ({_UNET + "input_blocks.0.0.weight": (8, 4, 3, 3),
+      "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight": (24, 8)}, "sd2"),
+    # SDXL's UNet alone (no conditioner): its label embedding
+    ({_UNET + "input_blocks.0.0.weight": (8, 4, 3, 3), _UNET + "label_emb.0.0.weight": (8, 16)}, "sdxl"),
+    # ControlNets: the LDM layout and the bare one (no control_model. prefix)
+    ({"control_model.input_hint_block.0.weight": (16, 3, 3, 3)}, "controlnet"),
+    ({"input_hint_block.0.weight": (16, 3, 3, 3), "input_blocks.0.0.weight": (8, 4, 3, 3)}, "controlnet"),
+    # a VAE has both halves; an encoder alone is nothing a loader takes
+    ({"encoder.conv_in.weight": (8, 3, 3, 3), "decoder.conv_in.weight": (8, 4, 3, 3)}, "vae"),
+    ({"encoder.conv_in.weight": (8, 3, 3, 3)}, "unknown"),
+    # CLIP vision: transformers' layout and OpenCLIP's
+    ({"vision_model.embeddings.class_embedding": (8,)}, "clip_vision"),
+    ({"visual.class_embedding": (8,), "visual.conv1.weight": (8, 3, 14, 14)}, "clip_vision"),
+])
+def test_detect_format_by_published_keys(keys, expected):
+    assert checkpoint.detect_format({k: torch.zeros(shape) for k, shape in keys.items()}) == expected
 
 
 @pytest.mark.parametrize("kind,match", [
@@ -385,3 +434,52 @@ def test_an_unrecognised_file_gets_a_next_step(tmp_path):
     save_file({"some.weight": torch.zeros(2)}, str(path))
     with pytest.raises(KinemaError, match="unrecognised model.*Check that the download is the model file itself"):
         checkpoint.load_sd15(str(path))
+
+
+def test_sd15_parts_load_in_their_own_precision(tmp_path):
+    path = tmp_path / "sd15.safetensors"
+    save_file(demo.sd15_state_dict(), str(path))
+    bundle = checkpoint.load_sd15(str(path), dtype=torch.float16, vae_dtype=torch.float32, text_dtype=torch.bfloat16)
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float16}
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    assert bundle.clip.dtype == torch.bfloat16
+    assert {p.dtype for p in checkpoint.load_sd15(str(path), dtype=torch.float16).vae.parameters()} == {torch.float16}
+
+
+def test_vae_attention_stored_as_linear_weights_loads(tmp_path):
+    """Checkpoints converted from diffusers hold the VAE's attention q/k/v/proj_out as [c, c] linear weights, not
+    [c, c, 1, 1] convolutions: the same numbers, loaded as the convolutions."""
+    sd = demo.sd15_state_dict()
+    attn = [k for k in sd if ".mid.attn_1." in k and k.endswith(".weight") and sd[k].dim() == 4]
+    assert len(attn) == 8  # q, k, v, proj_out of the encoder's and the decoder's mid block
+    linear = {**sd, **{k: sd[k][:, :, 0, 0].clone() for k in attn}}
+    path = tmp_path / "linear_attn.safetensors"
+    save_file(linear, str(path))
+    vae = checkpoint.load_sd15(str(path)).vae.state_dict()
+    for k in attn:
+        assert torch.equal(vae[k.removeprefix("first_stage_model.")], sd[k])
+
+
+def test_svd_without_a_conditioning_encoder_encodes_with_its_first_stage(tmp_path):
+    """A pruned SVD file without sgm's conditioning-frame encoder (``conditioner.embedders.3.*``): the frames are
+    encoded with the first stage's encoder, which has no quant_conv."""
+    from kinema.models.vae import SVD_COND_ENCODER_PREFIX
+
+    sd = {k: v for k, v in demo.svd_state_dict().items() if not k.startswith(SVD_COND_ENCODER_PREFIX)}
+    path = tmp_path / "svd_pruned.safetensors"
+    save_file(sd, str(path))
+    vae = checkpoint.load_svd(str(path)).vae
+    assert vae.cfg.quant_conv is False
+    full = tmp_path / "svd.safetensors"
+    save_file(demo.svd_state_dict(), str(full))
+    assert checkpoint.load_svd(str(full)).vae.cfg.quant_conv is True
+
+
+def test_wrapped_state_dicts_are_unwrapped():
+    t = torch.zeros(2)
+    assert checkpoint.unwrap_state_dict({"module": {"a": t}, "epoch": 1}).keys() == {"a"}  # DeepSpeed's layout
+    assert checkpoint.unwrap_state_dict({"state_dict": {"state_dict": {"a": t}}}).keys() == {"a"}
+    assert checkpoint.unwrap_state_dict({"state_dict": {"module": {"a": t}, "step": 3}}).keys() == {"a"}
+    # a "module" beside more than a couple of other entries is a part of the model, not a wrapper
+    many = {"module": {"w": t}, "a": t, "b": t, "c": t}
+    assert checkpoint.unwrap_state_dict(many).keys() == {"a", "b", "c"}

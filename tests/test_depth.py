@@ -135,6 +135,9 @@ def test_preprocessor_defaults_without_a_config_file(folders, tmp_path):
     x = pre(torch.full((1, 10, 10, 3), 0.5))
     assert x.shape == (1, 3, 64, 64) and float(x[0, 0, 20, 30]) == pytest.approx(127.5)
     assert float(x[0, 0, 0, 0]) == 0.0 and float(x[0, 0, 63, 63]) == 0.0  # centred zero padding
+    # a size_divisor without do_pad pads nothing (transformers pads only when do_pad is set)
+    assert DepthPreprocess.from_config({"do_pad": False, "size_divisor": 32, "size": [40, 60]}).pad_multiple == 0
+    assert DepthPreprocess.from_config({"size_divisor": 32, "size": [40, 60]}).pad_multiple == 0
 
 
 def test_estimate_is_normalised_over_the_whole_video(estimators):
@@ -241,6 +244,26 @@ def test_out_of_memory_retries_with_half_the_batch_then_names_batch_size(estimat
     with pytest.raises(KinemaOutOfMemoryError, match="lower batch_size on Depth Estimate"):
         tiny.predict(frames, batch_size=4)
     assert tiny.model.calls == [4, 2]
+
+
+def test_a_half_precision_folder_loads_in_float32_by_default(tmp_path):
+    """A folder saved in fp16 loads as fp32 unless a precision is asked for (transformers 5 would keep the file's
+    dtype)."""
+    folder = demo.write_demo_depth_model(str(tmp_path / "fp16"), dtype=torch.float16)
+    est = load_depth_model(folder)
+    assert est.dtype == torch.float32
+    assert {p.dtype for p in est.model.parameters()} == {torch.float32}
+
+
+def test_a_flat_depth_map_normalises_to_zeros():
+    assert torch.equal(normalize_depth(torch.full((2, 4, 4), 3.0)), torch.zeros(2, 4, 4))
+
+
+def test_the_fidelity_pyramid_halves_odd_sizes_rounding_up():
+    from kinema.models.depth import _reduce
+
+    assert _reduce(torch.zeros(1, 1, 5, 7)).shape == (1, 1, 3, 4)
+    assert _reduce(torch.zeros(1, 1, 1, 2)).shape == (1, 1, 1, 1)
 
 
 def test_fp16_or_bf16_weights_run_and_return_float32(folders):

@@ -356,9 +356,10 @@ def test_an_embedding_of_a_words_token_vectors_encodes_as_the_word(encoder):
     exactly the conditioning and pooled output of the words, weighted or not, in any chunk, with clip skip."""
     table = encoders._transformer(encoder.model).embeddings.token_embedding.weight
     vectors = table[encoders.tokenize("red fox")].detach().clone()
-    lookup = {"fox": vectors}.get
+    lookup = {"fox": vectors, "snow": table[encoders.tokenize("deep snow")].detach().clone()}.get
     long = "a cat, " * 30
     for written, plain in [("a photo of embedding:fox in snow", "a photo of red fox in snow"),
+                           ("embedding:fox in embedding:snow", "red fox in deep snow"),  # two embeddings, in turn
                            ("a photo of (embedding:fox:1.3), snow", "a photo of (red fox:1.3), snow"),
                            (long + "embedding:fox", long + "red fox")]:
         for clip_skip in (1, 2):

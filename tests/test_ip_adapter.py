@@ -224,6 +224,25 @@ def test_content_images_are_resized_as_clip_image_processor_does():
             assert float((preprocess_images(image, 224, "svd") - want).abs().mean()) > 5 * float(diff.mean())
 
 
+def test_clip_resize_takes_transformers_size_for_the_longer_side():
+    """The longer side is resized to transformers' int(224 * long / short) (160x360: 504, where 360 * (224 / 160)
+    rounds down to 503), and the centre crop taken from that."""
+    import numpy as np
+    from kinema.models.clip_vision import preprocess_images
+    from transformers.image_transforms import get_resize_output_image_size
+
+    g = torch.Generator().manual_seed(5)
+    for h, w in ((160, 360), (360, 160), (80, 680)):
+        image = torch.rand(1, h, w, 3, generator=g)
+        sh, sw = get_resize_output_image_size(np.zeros((3, h, w)), 224, default_to_square=False)
+        resized = torch.nn.functional.interpolate(image.permute(0, 3, 1, 2), size=(sh, sw), mode="bicubic",
+                                                  align_corners=False, antialias=True)
+        top, left = (sh - 224) // 2, (sw - 224) // 2
+        crop = resized[:, :, top:top + 224, left:left + 224]
+        got = preprocess_images(image, 224, "clip")
+        assert torch.allclose(got, preprocess_images(crop.permute(0, 2, 3, 1), 224, "clip"), atol=1e-6), (h, w)
+
+
 def test_content_tokens_from_clip_vision():
     encoder = ImageEncoder(transformers_tower(seed=1, projection_dim=64))
     g = torch.Generator().manual_seed(7)
