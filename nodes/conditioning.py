@@ -106,9 +106,6 @@ class KinemaPromptSchedule:
     def encode(self, clip, text, interpolation="lerp", pre_text="", app_text="", clip_skip=1):
         for name, value in (("text", text), ("pre_text", pre_text), ("app_text", app_text)):
             _check_text(value, name, "Prompt Schedule (Kinema)")
-        if interpolation not in prompt_travel.INTERPOLATIONS:
-            raise KinemaError(f"unknown interpolation '{interpolation}': choose one of "
-                              f"{', '.join(prompt_travel.INTERPOLATIONS)}")
         keyframes = prompt_travel.parse_schedule(text)
         lookup = embedding_lookup(clip)
         cond, pooled = prompt_travel.encode_schedule(lambda p: clip.encode(p, clip_skip=clip_skip, embeddings=lookup),

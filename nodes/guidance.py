@@ -40,8 +40,6 @@ class KinemaTemporalGuidance:
         if getattr(model, "motion", True) is None:
             raise KinemaError("Temporal Guidance (Kinema): this model has no motion module, so it has no temporal "
                               "layers to guide with; connect Apply Motion Module (Kinema) first")
-        if temporal_scale < 0:
-            raise KinemaError(f"temporal_scale must be 0 or more, got {temporal_scale}")
         return (model.with_options(temporal_scale=float(temporal_scale)),)
 
 

@@ -71,8 +71,7 @@ class KinemaSaveVideo:
         full_path, subfolder, filename = host.save_path(filename_prefix, format, width, height)
         bar = host.ProgressBar(frames.shape[0], "Kinema save")
 
-        def on_frame(done, total):  # Cancel stops the write between frames (no file is left)
-            host.check_interrupt()
+        def on_frame(done, total):  # the bar checks for Cancel: it stops the write between frames (no file is left)
             bar.update_absolute(done, total)
 
         video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata, on_frame=on_frame)

@@ -52,8 +52,10 @@ def test_txt2vid_graph_by_hand(nodes, host_dirs, caplog):
     assert torch.equal(again["samples"], out["samples"])  # same seed, same video
     masked = {**latent, "noise_mask": torch.ones(6, 1, 48, 64)}  # e.g. from core's SetLatentNoiseMask
     with caplog.at_level(logging.WARNING, logger="kinema"):
-        nodes["KinemaVideoSampler"]().sample(video, pos, neg, masked, 7, 1, 7.5, "euler", "normal", 1.0)
+        (unmasked,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, {**masked, "note": 1}, 7, 1, 7.5,
+                                                            "euler", "normal", 1.0)
     assert "noise_mask is ignored" in caplog.text
+    assert "noise_mask" not in unmasked and unmasked["note"] == 1  # not handed on to a core sampler downstream
     # frames 6-11 of a longer batch (core's Latent From Batch): their noise, as ComfyUI's KSampler draws it
     part = {**latent, "batch_index": list(range(6, 12))}
     (later,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, part, 7, 3, 7.5, "euler_ancestral", "normal", 1.0)
@@ -87,6 +89,8 @@ def test_txt2vid_graph_by_hand(nodes, host_dirs, caplog):
      r"input 'attention_chunk': expected an integer, got bool True"),
     ("KinemaSaveVideo", (None, 8.0, "gif", float("inf"), "v"), r"input 'loop_count': expected an integer, got inf"),
     ("KinemaMemoryPolicy", (None, "block", float("nan")), r"input 'resident_blocks': expected an integer"),
+    ("KinemaTemporalGuidance", (None, -0.5), r"Temporal Guidance \(Kinema\): input 'temporal_scale': -0.5 is smaller"),
+    ("KinemaPromptSchedule", (None, "0: a", "cubic"), r"input 'interpolation': 'cubic' is not one of"),
 ])
 def test_widget_values_are_checked_before_a_node_runs(nodes, node_id, args, match):
     """ComfyUI lets NaN through a FLOAT's min/max, and Python or API callers reach a node unchecked: every node's

@@ -432,6 +432,22 @@ def test_main_errors_exit_1_without_traceback(cli, capsys, args, pattern):
     assert "Traceback" not in err
 
 
+def test_main_ctrl_c_exits_1(cli, capsys, monkeypatch):
+    _, path = cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_prompt", interrupted)
+    assert runner.main([str(path), "-q"]) == 1
+    assert "error: interrupted" in capsys.readouterr().err
+
+
+def test_output_types_match_any_of_a_comma_list():
+    assert runner._types_match("IMAGE,MASK", "MASK") and runner._types_match("MASK", "IMAGE, MASK")
+    assert not runner._types_match("INT", "FLOAT") and not runner._types_match("IMAGE,MASK", "LATENT")
+
+
 def test_main_verbose_prints_traceback(cli, capsys):
     _, path = cli
     assert runner.main([str(path), "-q", "-v", "--set", "1.value=1000"]) == 1

@@ -319,6 +319,35 @@ def test_load_video_node_loads_frames(input_dir):
     assert KinemaLoadVideo.VALIDATE_INPUTS("sub/walk.gif") is True
 
 
+def test_load_video_counts_the_frames_it_read_not_the_cap(input_dir):
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    _write(input_dir, "gif", name="short")  # 10 frames
+    images, count, _ = KinemaLoadVideo().load("short.gif", frame_load_cap=25, skip_first_frames=3)
+    assert images.shape[0] == count == 7
+
+
+def test_load_video_stops_on_cancel_while_decoding(input_dir, monkeypatch):
+    from kinema.nodes import host
+    from kinema.nodes.video_input import KinemaLoadVideo
+
+    _write(input_dir, "gif", name="long")
+    decoded, checks = [], []
+    read = video_io.read_video
+    monkeypatch.setattr(video_io, "read_video", lambda *a, on_frame=None, **k: read(
+        *a, on_frame=lambda n: (decoded.append(n), on_frame(n)), **k))
+
+    def check_interrupt():  # Cancel pressed while the third frame is decoded
+        checks.append(1)
+        if len(checks) == 4:
+            raise InterruptedError("cancelled")
+
+    monkeypatch.setattr(host, "check_interrupt", check_interrupt)
+    with pytest.raises(InterruptedError):
+        KinemaLoadVideo().load("long.gif", frame_load_cap=0)
+    assert len(decoded) == 3  # one check before reading, then one a frame
+
+
 def test_load_video_reads_the_bundled_clip_unless_the_input_folder_has_one(input_dir):
     from kinema.nodes.video_input import KinemaLoadVideo
 

@@ -173,6 +173,60 @@ def test_mp4_frames_size_fps_and_metadata(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_mp4_rates_crf_progress_and_no_metadata_file_left(tmp_path, monkeypatch):
+    """ffmpeg gets the exact rate (7.5, NTSC's 24000/1001: not rounded to whole frames a second), the crf asked
+    for, progress up to (n, n), and its metadata file is removed afterwards."""
+    if video_io._mp4_backend()[0] != "ffmpeg":
+        pytest.skip("no ffmpeg executable (imageio-ffmpeg)")
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    frames = video_io.to_uint8(torch.rand(6, 32, 48, 3, generator=torch.Generator().manual_seed(0)))
+    for fps in (7.5, 24000 / 1001):
+        calls = []
+        p = video_io.write_video(str(tmp_path / f"{fps}.mp4"), frames, fps, "mp4", metadata=METADATA,
+                                 on_frame=lambda done, total: calls.append((done, total)))
+        assert video_io.read_video(p)[1] == pytest.approx(fps, abs=0.005)
+        assert calls == [(i, 6) for i in range(7)]
+    assert os.listdir(tmp_path / "tmp") == []
+    sizes = [os.path.getsize(video_io.write_video(str(tmp_path / f"crf{crf}.mp4"), frames, 8, "mp4", crf=crf))
+             for crf in (0, 40)]
+    assert sizes[0] > 3 * sizes[1]  # noise: lossless is several times the size of crf 40
+
+
+def test_the_temp_file_is_hidden_beside_the_target(tmp_path):
+    seen = []
+    video_io.write_video(str(tmp_path / "v.gif"), _frames(3), 8, "gif",
+                         on_frame=lambda done, total: seen.append(os.listdir(tmp_path)))
+    assert seen and all(len(names) == 1 and names[0].startswith(".v.gif.") and names[0].endswith(".part")
+                        for names in seen)
+    assert os.listdir(tmp_path) == ["v.gif"]
+
+
+def test_an_encoder_that_writes_nothing_is_an_error_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(video_io, "_write_gif", lambda *a, **k: None)
+    with pytest.raises(KinemaError, match="'v.gif' produced an empty file"):
+        video_io.write_video(str(tmp_path / "v.gif"), _frames(2), 8, "gif")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_gif_plays_at_50_fps_at_most(tmp_path):
+    """50 fps is a GIF's shortest delay, 2/100 s a frame: allowed (above it is refused: the errors test)."""
+    frames, _ = _pil_frames(video_io.write_video(str(tmp_path / "v.gif"), _frames(3), 50, "gif"))
+    assert [duration for _, duration in frames] == [20, 20, 20]
+
+
+def test_image_checks_name_the_frame_and_refuse_empty_batches():
+    video = torch.zeros(40, 8, 8, 3)
+    video[20, 1, 2, 0] = float("nan")  # in the second chunk of FINITE_CHECK_FRAMES
+    with pytest.raises(KinemaError, match="X: frame 21 holds NaN"):
+        video_io.check_finite(video, "X")
+    for shape in ((0, 8, 8, 3), (2, 0, 8, 3), (2, 8, 0, 3)):
+        with pytest.raises(KinemaError, match="X got an empty IMAGE batch"):
+            video_io.check_images(torch.zeros(shape), "X")
+
+
 def test_mp4_colours_survive(tmp_path):
     # flat patches: a wrong colour matrix or range shows as a shift of 5-20 levels
     colours = torch.tensor([[0.8, 0.2, 0.4], [0.1, 0.9, 0.3], [0.95, 0.95, 0.1], [0.2, 0.3, 0.9]])
@@ -395,6 +449,13 @@ def test_node_saves_and_returns_ui(output_dir, fmt):
     again = node.save(imgs, 8.0, fmt, 0, "Kinema/video")
     assert again["ui"]["images"][0]["filename"] == f"video_00002_.{fmt}"
     assert _leftovers(output_dir / "Kinema") == []
+
+
+@pytest.mark.parametrize("fmt", ["webp", "gif", "mp4"])
+def test_a_single_frame_is_shown_as_a_still_except_an_mp4(output_dir, fmt):
+    """The frontend shows an mp4 in a video player only when it is marked animated, even with one frame."""
+    out = video_output.KinemaSaveVideo().save(_frames(1, 16, 24), 8.0, fmt, 0, "v")
+    assert out["ui"]["animated"] == (fmt == "mp4",)
 
 
 @pytest.mark.parametrize("fmt,backend", [("webp", None), ("gif", None), ("mp4", "ffmpeg"), ("mp4", "av")])
