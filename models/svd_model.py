@@ -20,6 +20,7 @@ The unconditional side zeroes ``context`` and ``concat`` and keeps ``y``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,8 +50,11 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 700.0
 
 
 def variant_of(filename: str) -> str:
-    """``svd_xt`` for files named like the XT release (``svd_xt.safetensors``, ``svd_xt_1_1``), else ``svd``."""
-    return "svd_xt" if "xt" in os.path.basename(filename).lower() else "svd"
+    """``svd_xt`` for files named like the XT release, with "xt" a word of the name (``svd_xt.safetensors``,
+    ``SVD_XT_1_1``, camel case as ``img2vidXt11``; not ``svd_extended`` or ``svd_next``), else ``svd``."""
+    stem = os.path.splitext(os.path.basename(filename))[0]
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", stem)
+    return "svd_xt" if "xt" in (w.lower() for w in words) else "svd"
 
 
 @dataclass(frozen=True)

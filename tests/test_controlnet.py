@@ -304,12 +304,31 @@ def test_a_controlnet_for_another_unet_layout_is_refused(tmp_path):
         net.check_unet(unet().cfg)
 
 
+def test_a_controlnet_with_attention_at_other_levels_is_refused(tmp_path):
+    """The same residual shapes, but attention at other levels: another layout, not silently run."""
+    cfg = ControlNetConfig.for_unet(replace(unet().cfg, attention_levels=(0, 1)), (8, 8))
+    net = load_controlnet(_zeros_file(cfg, tmp_path / "levels.safetensors"))
+    with pytest.raises(KinemaError, match=r"another UNet: its attention_levels \(0, 1\) \(the model's: \(0, 1, 2\)\)"):
+        net.check_unet(unet().cfg)
+
+
+def test_a_unet_refuses_residuals_of_another_layout():
+    x, hint, t, ctx = _inputs(frames=2)
+    with torch.no_grad():
+        residuals = controlnet()(x, hint, t, ctx)
+        with pytest.raises(KinemaError, match="the ControlNet gives 12 residuals, the UNet takes 13"):
+            unet()(x, t, ctx, control=residuals[1:])
+
+
 def test_a_hint_of_the_wrong_size_names_the_expected_size():
     x, hint, t, ctx = _inputs(frames=2, h=8, w=12)
     with pytest.raises(KinemaError, match=r"expected \(2, 3, 64, 96\).*96x64 pixels"):
         controlnet()(x, hint[..., :80], t, ctx)
     with pytest.raises(KinemaError, match="expected"):
         controlnet()(x, hint[:1], t, ctx, RunOptions(num_frames=2))  # one hint for two frames
+    two = torch.cat([x, x])  # two videos of 2 frames: one hint per frame is shared, one for both is not
+    with pytest.raises(KinemaError, match="expected"):
+        controlnet()(two, hint[:1], t.repeat(2), ctx.repeat(2, 1, 1), RunOptions(num_frames=2))
 
 
 def test_a_hint_per_frame_is_shared_by_the_videos_of_the_batch():

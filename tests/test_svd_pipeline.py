@@ -196,12 +196,21 @@ def test_the_init_image_encode_retries_in_tiles_then_names_the_size(bundle, capl
 
 @pytest.mark.parametrize("kw,match", [({"width": 60}, "multiple of 8"), ({"height": 4}, "multiple of 8"),
                                       ({"frames": 0}, "frames"), ({"fps": 0}, "fps"),
-                                      ({"motion_bucket_id": -1}, "motion_bucket_id")])
+                                      ({"motion_bucket_id": -1}, "motion_bucket_id"),
+                                      ({"motion_bucket_id": 1024}, "motion_bucket_id must be between 0 and 1023"),
+                                      ({"augmentation_level": -0.01}, "augmentation_level must be between 0 and 10"),
+                                      ({"augmentation_level": 10.5}, "augmentation_level")])
 def test_bad_conditioning_options(bundle, kw, match):
     opts = dict(width=W, height=H, frames=FRAMES) | kw
     with pytest.raises(KinemaError, match=match):
         svd_model.image_conditioning(bundle.image_encoder, bundle.vae, _image(),
                                      svd_model.ImageConditioningOptions(**opts))
+
+
+def test_conditioning_options_at_their_bounds_are_taken():
+    for kw in ({"motion_bucket_id": 0}, {"motion_bucket_id": 1023}, {"augmentation_level": 0.0},
+               {"augmentation_level": 10.0}, {"fps": 1}, {"frames": 1}):
+        svd_model.ImageConditioningOptions(**kw).validate()
 
 
 # -- a whole video against diffusers ------------------------------------------------------------------------------
@@ -350,6 +359,23 @@ def test_text_conditioning_on_the_svd_model_is_refused(bundle):
     latent = {"samples": pipelines.empty_video_latent(2, W, H)}
     with pytest.raises(KinemaError, match="SVD Image Conditioning"):
         _node("KinemaVideoSampler").sample(bundle.model, text, text, latent, 0, 1, 2.5, "euler", "karras", 1.0)
+
+
+@pytest.mark.parametrize("name,variant", [
+    ("svd.safetensors", "svd"), ("svd_image_decoder.safetensors", "svd"), ("svd_xt.safetensors", "svd_xt"),
+    ("SVD_XT_1_1.safetensors", "svd_xt"), ("svd_xt_image_decoder.safetensors", "svd_xt"),
+    ("sub/stableVideoDiffusion_img2vidXt11.safetensors", "svd_xt"), ("svd-xt.sft", "svd_xt"),
+    ("svd_extended_ft.safetensors", "svd"), ("svd_next.safetensors", "svd"), ("svd_mixture.safetensors", "svd"),
+])
+def test_the_variant_is_read_from_xt_as_a_word_of_the_name(name, variant):
+    assert svd_model.variant_of(name) == variant
+
+
+def test_the_variants_guidance_ramps(bundle):
+    """SVD's per-frame cfg ramps from 1.0, SVD-XT's from 1.5 (the releases' sampling configs)."""
+    assert bundle.model.with_options(variant="svd").guidance_min == 1.0
+    assert bundle.model.with_options(variant="svd_xt").guidance_min == 1.5
+    assert svd_model.VARIANTS["svd"].frames == 14 and svd_model.VARIANTS["svd_xt"].frames == 25
 
 
 def test_per_frame_guidance_keeps_the_checkpoints_min_cfg_by_default(bundle):

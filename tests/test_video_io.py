@@ -186,7 +186,7 @@ def test_mp4_rates_crf_progress_and_no_metadata_file_left(tmp_path, monkeypatch)
     for fps in (7.5, 24000 / 1001):
         calls = []
         p = video_io.write_video(str(tmp_path / f"{fps}.mp4"), frames, fps, "mp4", metadata=METADATA,
-                                 on_frame=lambda done, total: calls.append((done, total)))
+                                 on_frame=lambda done, total, calls=calls: calls.append((done, total)))
         assert video_io.read_video(p)[1] == pytest.approx(fps, abs=0.005)
         assert calls == [(i, 6) for i in range(7)]
     assert os.listdir(tmp_path / "tmp") == []
