@@ -14,7 +14,8 @@ class KinemaSVDLoader:
     DESCRIPTION = (
         "Loads a Stable Video Diffusion checkpoint as published (svd.safetensors, svd_xt.safetensors and their 1.1 "
         "versions) from models/checkpoints: the spatio-temporal UNet, the CLIP image encoder and the VAE with its "
-        "temporal decoder. Files named *xt* are SVD-XT: its per-frame guidance starts at {xt.min_cfg:.1f} (SVD's at "
+        "temporal decoder. Files with xt as a word of the name (svd_xt, SVD_XT_1_1, img2vidXt) are SVD-XT: its "
+        "per-frame guidance starts at {xt.min_cfg:.1f} (SVD's at "
         "{svd.min_cfg:.1f}). The reference settings to give the other nodes: SVD {svd.frames} frames, cfg "
         "{svd.max_cfg:.1f}, 25 steps; SVD-XT {xt.frames} frames, cfg {xt.max_cfg:.1f}, 30 steps; both euler with "
         "scheduler karras (the original's EDM noise levels)."
