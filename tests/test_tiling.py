@@ -241,6 +241,26 @@ def test_the_codecs_refuse_what_is_not_a_vae_and_chunks_below_one():
         decode_frames(sd_vae(), torch.zeros(2, 4, 8, 8), chunk=-1)
     with pytest.raises(KinemaError, match="frame_chunk must be"):
         encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), chunk=2.5)
+    with pytest.raises(KinemaError, match="frame_chunk must be a whole number of frames, 1 or more"):
+        encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), chunk=0)
+
+
+def test_the_codecs_refuse_bad_latents_and_frames():
+    with pytest.raises(KinemaError, match="the latent has 8 channels but this VAE decodes 4"):
+        decode_frames(sd_vae(), torch.zeros(2, 8, 8, 8))
+    bad = torch.zeros(2, 4, 8, 8)
+    bad[1, 0, 3, 3] = float("inf")
+    with pytest.raises(KinemaError, match="the latent holds NaN or infinite values"):
+        decode_frames(sd_vae(), bad)
+    for h, w in ((64, 60), (60, 64), (4, 64)):
+        with pytest.raises(KinemaError, match=f"the frames are {w}x{h}; the VAE needs both sides a multiple of 8"):
+            encode_frames(sd_vae(), torch.rand(1, h, w, 3))
+
+
+def test_an_alpha_channel_is_dropped_before_encoding():
+    rgb = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(2))
+    rgba = torch.cat([rgb, torch.rand(2, 32, 32, 1)], dim=-1)
+    assert torch.equal(encode_frames(sd_vae(), rgba), encode_frames(sd_vae(), rgb))
 
 
 def test_vae_nodes_take_tile_sizes_in_pixels():
