@@ -219,7 +219,7 @@ def detect_format(sd: dict) -> str:
     if any(".processor." in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys):
         return "sd15_adapter_lora"
     if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_down." in k or ".lora_up." in k
-           or "_lora.down." in k or ".lora_A." in k for k in keys):
+           or "_lora.down." in k or ".lora_A." in k or ".lora.down." in k for k in keys):
         return "lora"
     if any(k.startswith("conditioner.embedders.") for k in keys):
         if any(".time_stack." in k or "time_mixer" in k for k in keys):
@@ -498,12 +498,17 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
     name = os.path.basename(path)
     sd = load_state_dict(path)
     found = detect_format(sd)
-    if found != "svd" or not any(k.startswith(SVD_UNET_PREFIX) for k in sd):
+    if found == "svd" and not any(k.startswith(SVD_UNET_PREFIX) for k in sd):
+        raise KinemaError(f"'{name}' holds parts of a Stable Video Diffusion model (temporal layers) but no UNet "
+                          f"('{SVD_UNET_PREFIX}*'): it is a UNet or VAE saved on its own, or in diffusers' layout. "
+                          "Load SVD Checkpoint (Kinema) takes the single-file release (svd.safetensors, "
+                          "svd_xt.safetensors, ...) holding the UNet, VAE and image encoder.")
+    if found != "svd":
         where = FORMAT_HOME.get(found, "")
         hint = ""
         if found == "sd15":
             hint = " Load it with Load Checkpoint (Kinema)."
-        elif where and found != "svd":
+        elif where:
             hint = f" It belongs in {where}."
         raise KinemaError(f"'{name}' is {FORMAT_NAMES[found]}, not a Stable Video Diffusion checkpoint.{hint}")
     with damaged_file(name, "a Stable Video Diffusion checkpoint"):

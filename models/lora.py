@@ -380,7 +380,8 @@ def sd15_lora_patch(sd: Mapping[str, torch.Tensor], unet, text_model: nn.Module 
     te_params = dict(text_model.named_parameters()) if text_model is not None else {}
     patch_unet, patch_te, unmatched = {}, {}, list(other)
     for target, pair in pairs.items():
-        key = target.removeprefix("model.diffusion_model.")
+        # LDM names, with the checkpoint's prefix or (ComfyUI's Extract and Save Lora) without its "model."
+        key = target.removeprefix("model.diffusion_model.").removeprefix("diffusion_model.")
         if key in unet_targets:
             param, weight, out = unet_targets[key], unet_params[unet_targets[key]], patch_unet
         elif target in te_targets:

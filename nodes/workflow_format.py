@@ -149,7 +149,10 @@ def check_value(spec, value, check_range):
     elif t == "FLOAT":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"expected a number, got {type(value).__name__} {value!r}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int past float's range (JSON numbers are unbounded)
+            raise ValueError(f"expected a finite number, got one of {len(str(abs(value)))} digits") from None
         if not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {value}")
     elif t == "BOOLEAN":

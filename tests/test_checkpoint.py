@@ -483,3 +483,11 @@ def test_wrapped_state_dicts_are_unwrapped():
     # a "module" beside more than a couple of other entries is a part of the model, not a wrapper
     many = {"module": {"w": t}, "a": t, "b": t, "c": t}
     assert checkpoint.unwrap_state_dict(many).keys() == {"a", "b", "c"}
+
+
+def test_an_svd_unet_or_vae_saved_alone_is_named_a_part(tmp_path):
+    for name, key in [("svd_unet.safetensors", "input_blocks.1.0.time_stack.in_layers.2.weight"),
+                      ("svd_vae.safetensors", "decoder.up.0.block.0.time_stack.in_layers.2.weight")]:
+        save_file({key: torch.zeros(2, 2)}, str(tmp_path / name))
+        with pytest.raises(KinemaError, match=f"'{name}' holds parts of a Stable Video Diffusion model .* no UNet"):
+            checkpoint.load_svd(str(tmp_path / name))

@@ -363,6 +363,34 @@ def test_ldm_named_lora_equals_the_kohya_one():
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
+@pytest.mark.parametrize("layout", ["comfyui_extracted", "ldm_checkpoint_prefix", "diffusers_lora_compatible"])
+def test_other_unet_lora_layouts_equal_the_kohya_one(layout):
+    """LDM names under ComfyUI's Extract and Save Lora prefix ("diffusion_model.") or a checkpoint's
+    ("model.diffusion_model."), and diffusers' layout before peft ("unet.<path>.lora.down.weight")."""
+    sd = demo.sd15_lora_state_dict()
+    to_ldm = independent_diffusers_to_ldm()
+    by_kohya = {d.replace(".", "_"): d for d in to_ldm}
+    suffixes = {"lora_down.weight": "lora.down.weight", "lora_up.weight": "lora.up.weight", "alpha": "alpha"}
+    other = {}
+    for k, v in sd.items():
+        base, _, rest = k.partition(".")
+        if not base.startswith("lora_unet_"):
+            continue
+        diffusers = by_kohya[base[len("lora_unet_"):]]
+        if layout == "diffusers_lora_compatible":
+            other[f"unet.{diffusers}.{suffixes[rest]}"] = v
+        else:
+            prefix = "diffusion_model." if layout == "comfyui_extracted" else "model.diffusion_model."
+            other[f"{prefix}{to_ldm[diffusers][: -len('.weight')]}.{rest}"] = v
+    assert checkpoint.detect_format(other) == "lora"
+    unet_only = {k: v for k, v in sd.items() if k.startswith("lora_unet_")}
+    a, _ = lora.apply_sd15_loras(unet(), None, [(unet_only, 1.0, 1.0, "kohya")])
+    b, _ = lora.apply_sd15_loras(unet(), None, [(other, 1.0, 1.0, layout)])
+    pa, pb = dict(materialize(a).named_parameters()), dict(materialize(b).named_parameters())
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], dict(unet().named_parameters())[k]) for k in pa)
+
+
 def test_kohya_lora_matches_diffusers():
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")

@@ -77,6 +77,7 @@ def test_txt2vid_graph_by_hand(nodes, host_dirs, caplog):
      r"Apply Motion Module \(Kinema\): input 'motion_scale': expected a finite number, got nan"),
     ("KinemaApplyMotionModule", (None, None, 1.0, "bogus"), r"input 'beta_schedule': 'bogus' is not one of"),
     ("KinemaTemporalGuidance", (None, float("inf")), r"input 'temporal_scale': expected a finite number"),
+    ("KinemaTemporalGuidance", (None, 10**400), r"input 'temporal_scale': expected a finite number, got one of 401"),
     ("KinemaPerFrameGuidance", (None, "linear", float("nan"), 1.0), r"input 'min_cfg': expected a finite number"),
     ("KinemaPerFrameGuidance", (None, "bogus", 1.0, 1.0), r"input 'mode': 'bogus' is not one of"),
     ("KinemaEmptyVideoLatent", (2.5, 64, 64), r"input 'frames': expected an integer, got 2.5"),
