@@ -69,6 +69,10 @@ def test_models_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("KINEMA_MODELS_DIR", str(other))
     assert host.list_models("checkpoints") == ["sd15.safetensors"]
     assert os.path.samefile(host.resolve_model("checkpoints", "sd15.safetensors"), f)
+    host.set_models_dir(str(tmp_path / "models"))  # a folder set in code wins over the environment
+    assert host.list_models("checkpoints") == []
+    monkeypatch.setenv("KINEMA_OUTPUT_DIR", str(tmp_path / "env_out"))
+    assert host.get_output_directory() == os.path.abspath(str(tmp_path / "output"))
 
 
 def test_extra_model_folder_is_searched(tmp_path):
@@ -88,13 +92,42 @@ def test_extra_model_folder_is_searched(tmp_path):
 def test_resolve_refuses_names_that_escape(tmp_path, name):
     _touch(tmp_path / "models" / "loras" / "a.safetensors")
     _touch(tmp_path / "models" / "x.safetensors")
-    with pytest.raises(KinemaError):
+    why = {"/etc/passwd": "is an absolute path", "C:\\Windows\\x.ckpt": "is an absolute path",
+           "c:/x.ckpt": "is an absolute path", "../x.safetensors": "leaves the loras folder",
+           "a/../../x.safetensors": "leaves the loras folder", "..\\x.safetensors": "leaves the loras folder"}
+    with pytest.raises(KinemaError, match=why.get(name)):
         host.resolve_model("loras", name)
 
 
-def test_resolve_refuses_kind_that_escapes():
-    with pytest.raises(KinemaError):
-        host.resolve_model("../loras", "a.safetensors")
+@pytest.mark.parametrize("kind", ["../loras", "..", ".", "a/b", ""])
+def test_resolve_refuses_kind_that_escapes(kind):
+    with pytest.raises(KinemaError, match="is not a model folder kind"):
+        host.resolve_model(kind, "a.safetensors")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_a_link_into_a_sibling_folder_of_a_similar_name_is_outside(tmp_path):
+    """models/loras_private is not inside models/loras, though its path starts with it."""
+    secret = _touch(tmp_path / "models" / "loras_private" / "x.safetensors")
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    os.symlink(secret, folder / "x.safetensors")
+    with pytest.raises(KinemaError, match="outside the loras folder"):
+        host.resolve_model("loras", "x.safetensors")
+    assert host.list_models("loras") == []
+
+
+@pytest.mark.parametrize("name", ["../secret.mp4", "sub/../../secret.mp4", "/etc/passwd", "C:\\x.mp4", ".."])
+def test_input_names_outside_the_input_folder_are_refused_existing_or_not(tmp_path, name):
+    host.set_input_dir(str(tmp_path / "input"))
+    with pytest.raises(KinemaError, match="points outside the input folder"):
+        host.resolve_input(name)
+
+
+def test_input_names_from_comfyuis_upload_list_drop_the_input_tag(tmp_path):
+    host.set_input_dir(str(tmp_path / "input"))
+    assert host.resolve_input("clip.mp4 [input]") == os.path.join(str(tmp_path / "input"), "clip.mp4")
+    assert host.resolve_input("sub\\clip.mp4") == os.path.join(str(tmp_path / "input"), "sub", "clip.mp4")
 
 
 @pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
@@ -281,6 +314,21 @@ def test_save_path_never_returns_an_existing_name(tmp_path, monkeypatch):
     assert name == "v_00003_.gif" and not os.path.exists(full)
 
 
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_save_path_skips_a_dangling_link_of_its_name(tmp_path, monkeypatch):
+    """A link named like the next file, pointing out of the output folder, is not written through."""
+    out = tmp_path / "output"
+    out.mkdir()
+    os.symlink(tmp_path / "elsewhere" / "target.gif", out / "v_00001_.gif")
+    monkeypatch.setattr(host, "_next_counter", lambda folder, name: 1)
+    assert host.save_path("v", "gif")[2] == "v_00002_.gif"
+
+
+def test_save_path_takes_backslashes_as_folders():
+    full, sub, name = host.save_path("Kinema\\video", "mp4")
+    assert (sub, name) == ("Kinema", "video_00001_.mp4") and os.path.dirname(full).endswith("Kinema")
+
+
 def test_save_path_expands_size_variables():
     _, sub, name = host.save_path("runs/%width%x%height%/clip", "gif", 512, 320)
     assert sub == "runs/512x320" and name == "clip_00001_.gif"
@@ -292,9 +340,10 @@ def test_save_path_refuses_prefix_outside_output(prefix):
         host.save_path(prefix, "webp")
 
 
-def test_save_path_refuses_bad_extension():
-    with pytest.raises(KinemaError):
-        host.save_path("ok", "we/bp")
+@pytest.mark.parametrize("ext", ["we/bp", "m p4", "a.b", "..\\x", ""])
+def test_save_path_refuses_bad_extension(ext):
+    with pytest.raises(KinemaError, match="is not a file extension"):
+        host.save_path("ok", ext)
 
 
 def test_directories_fallbacks(tmp_path, monkeypatch):
@@ -349,6 +398,11 @@ def test_metadata_switch(monkeypatch):
     assert host.metadata_enabled() is True
     monkeypatch.setenv("KINEMA_DISABLE_METADATA", "1")
     assert host.metadata_enabled() is False
+    monkeypatch.delenv("KINEMA_DISABLE_METADATA")
+    monkeypatch.setattr(host, "_comfy_args", types.SimpleNamespace(disable_metadata=True))  # --disable-metadata
+    assert host.metadata_enabled() is False
+    monkeypatch.setattr(host, "_comfy_args", types.SimpleNamespace(disable_metadata=False))
+    assert host.metadata_enabled() is True
 
 
 # -- precision under ComfyUI's command line ---------------------------------------------------------------------------
