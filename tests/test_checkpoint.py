@@ -491,3 +491,12 @@ def test_an_svd_unet_or_vae_saved_alone_is_named_a_part(tmp_path):
         save_file({key: torch.zeros(2, 2)}, str(tmp_path / name))
         with pytest.raises(KinemaError, match=f"'{name}' holds parts of a Stable Video Diffusion model .* no UNet"):
             checkpoint.load_svd(str(tmp_path / name))
+
+
+def test_a_motion_module_saved_from_a_ddp_wrapper_loads(tmp_path, motion_sd):
+    """Training scripts under DistributedDataParallel save every key behind "module."."""
+    save_file({f"module.{k}": v for k, v in motion_sd.items()}, str(tmp_path / "ddp.safetensors"))
+    save_file(motion_sd, str(tmp_path / "plain.safetensors"))
+    a = checkpoint.load_motion_module(str(tmp_path / "ddp.safetensors")).state_dict()
+    b = checkpoint.load_motion_module(str(tmp_path / "plain.safetensors")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -210,6 +210,13 @@ def test_motion_lora_matches_diffusers():
     assert float((got - plain).abs().max()) > 1e-2  # the LoRA does change the result
 
 
+def test_a_motion_lora_saved_from_a_ddp_wrapper_loads_as_the_plain_one(tmp_path):
+    sd = motion_lora_sd()
+    save_file({f"module.{k}": v for k, v in sd.items()}, str(tmp_path / "ddp.safetensors"))
+    loaded = lora.load_motion_lora(str(tmp_path / "ddp.safetensors"))
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
 @pytest.mark.parametrize("layout", ["processor", "peft"])
 def test_a_motion_lora_in_diffusers_layout_equals_the_published_one(tmp_path, layout):
     """A MotionLoRA converted for diffusers: diffusers' renames with ``unet.`` before every key (what its conversion
@@ -389,6 +396,36 @@ def test_other_unet_lora_layouts_equal_the_kohya_one(layout):
     pa, pb = dict(materialize(a).named_parameters()), dict(materialize(b).named_parameters())
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert any(not torch.equal(pa[k], dict(unet().named_parameters())[k]) for k in pa)
+
+
+def test_a_peft_text_encoder_lora_equals_the_kohya_one():
+    """diffusers' peft layout for the text encoder: text_encoder.text_model.<path>.lora_A/lora_B."""
+    sd = demo.sd15_lora_state_dict()
+    te = text_encoder()
+    by_kohya = {n.removeprefix("text_model.").replace(".", "_"): n.removeprefix("text_model.")
+                for n, m in te.model.named_modules() if isinstance(m, nn.Linear)}
+    roles = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight", "alpha": "alpha"}
+    kohya, peft = {}, {}
+    for k, v in sd.items():
+        base, _, rest = k.partition(".")
+        if base.startswith("lora_te_text_model_"):
+            kohya[k] = v
+            peft[f"text_encoder.text_model.{by_kohya[base[len('lora_te_text_model_'):]]}.{roles[rest]}"] = v
+    assert kohya and len(peft) == len(kohya)
+    _, a = lora.apply_sd15_loras(unet(), te, [(kohya, 1.0, 0.7, "kohya")])
+    _, b = lora.apply_sd15_loras(unet(), te, [(peft, 1.0, 0.7, "peft")])
+    pa, pb = dict(materialize(a.model).named_parameters()), dict(materialize(b.model).named_parameters())
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], p) for k, p in te.model.named_parameters())
+
+
+def test_an_alpha_without_halves_is_skipped_not_refused():
+    """Some trainers leave the alpha of a layer they did not train: the rest of the LoRA merges."""
+    sd = demo.sd15_lora_state_dict()
+    extra = {**sd, "lora_unet_conv_in.alpha": torch.tensor(4.0)}
+    patch = lora.sd15_lora_patch(extra, unet(), None, "x.safetensors")
+    assert patch.unet == lora.sd15_lora_patch(sd, unet(), None, "x.safetensors").unet
+    assert "lora_unet_conv_in.alpha" in patch.unmatched
 
 
 def test_kohya_lora_matches_diffusers():
