@@ -502,3 +502,8 @@ def test_incomplete_state_dict_raises(reference_model):
         encoders.TextEncoder.from_state_dict(sd)
     with pytest.raises(KinemaError, match="no CLIP text encoder"):
         encoders.TextEncoder.from_state_dict({"model.diffusion_model.x": torch.zeros(1)})
+    sd = _sd15_layout(reference_model)
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    sd[key] = sd[key][:1000]  # a text encoder of another tokenizer
+    with pytest.raises(KinemaError, match="the CLIP text encoder has 1000 tokens, the SD1.5 tokenizer needs 49408"):
+        encoders.TextEncoder.from_state_dict(sd)

@@ -69,6 +69,11 @@ def test_loader_takes_the_clip_vision_from_models_clip_vision(tmp_path):
     demo._save(demo.clip_vision_state_dict(0, torch.float32), clip_path)
     b = checkpoint.load_svd(path, clip_vision_path=clip_path)
     assert b.model.variant == "svd" and b.image_encoder.source == "clip_vision_h.safetensors"
+    half = checkpoint.load_svd(path, dtype=torch.bfloat16, clip_vision_path=clip_path, encoder_dtype=torch.float32)
+    assert half.image_encoder.dtype == torch.float32
+    assert {p.dtype for p in half.model.unet.parameters()} == {torch.bfloat16}
+    assert checkpoint.load_svd(path, dtype=torch.bfloat16, clip_vision_path=clip_path).image_encoder.dtype \
+        == torch.bfloat16
 
 
 def test_a_clip_vision_of_another_width_is_refused_by_name(tmp_path, bundle):
