@@ -105,6 +105,20 @@ def test_plain_vae_is_not_mistaken_for_temporal():
         infer_temporal_vae_config(fs)
     # the plain reader still reads the plain parts of the SVD file
     assert infer_vae_config(checkpoint.sub_state_dict(svd_state_dict(), SVD_VAE_PREFIX)).ch_mult == TINY.ch_mult
+    # temporal kernels that disagree are named at load, not met as a shape error later
+    fs = dict(checkpoint.sub_state_dict(svd_state_dict(), SVD_VAE_PREFIX))
+    mix = fs["decoder.conv_out.time_mix_conv.weight"]
+    fs["decoder.conv_out.time_mix_conv.weight"] = mix[:, :, :1]
+    differ = r"temporal kernels differ \(time_stack \(3, 1, 1\), time_mix_conv \(1, 1, 1\)"
+    with pytest.raises(KinemaError, match=differ):
+        infer_temporal_vae_config(fs)
+
+
+def test_the_latent_width_is_read_off_the_decoder():
+    """A VAE with 16 latent channels (as later models have) is read as such, not as SD's 4."""
+    with torch.device("meta"):
+        sd = meta_state_dict(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), z_channels=16)))
+    assert infer_vae_config(sd).z_channels == 16
 
 
 # -- parity with diffusers -----------------------------------------------------------------------------------------
