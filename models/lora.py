@@ -90,7 +90,22 @@ class LoRAPair:
         return (up @ down).mul_(self.scale).reshape(tuple(shape))
 
 
-Patch = Mapping[str, LoRAPair]  # parameter name in the target module -> update
+@dataclass(frozen=True)
+class WeightDifference:
+    """A whole change of one parameter (ComfyUI's ``.diff`` and ``.diff_b`` keys, as its Extract and Save Lora
+    writes them: a full-rank weight difference, a bias or a norm's scale): update = diff."""
+
+    diff: torch.Tensor
+
+    def fits(self, shape: Sequence[int]) -> bool:
+        return self.diff.numel() == math.prod(shape) and (self.diff.ndim < 2 or self.diff.shape[0] == shape[0])
+
+    def delta(self, shape: Sequence[int], device=None) -> torch.Tensor:
+        """The fp32 difference in the parameter's ``shape``, on ``device`` (a new tensor: callers scale it)."""
+        return self.diff.to(device=device, dtype=torch.float32, copy=True).reshape(tuple(shape))
+
+
+Patch = Mapping[str, LoRAPair | WeightDifference]  # parameter name in the target module -> update
 
 
 # -- merging -------------------------------------------------------------------------------------------------------
@@ -347,7 +362,31 @@ def text_encoder_lora_targets(model: nn.Module) -> dict[str, str]:
         table["lora_te_" + bare.replace(".", "_")] = param
         table[f"text_encoder.text_model.{bare}"] = param
         table[f"text_encoder.{bare}"] = param
+        table[f"{COMFY_TEXT_ENCODER}{bare}"] = param
     return table
+
+
+#: ComfyUI's name of an SD1.5 text encoder's layers in the LoRAs it extracts (its CLIP model's state dict keys)
+COMFY_TEXT_ENCODER = "text_encoders.clip_l.transformer.text_model."
+#: ComfyUI's whole-parameter differences: key suffix -> the parameter of the layer it changes
+_DIFF_SUFFIXES = ((".diff_b", "bias"), (".diff", "weight"))
+
+
+def _difference(key: str, unet_params: Mapping, te_params: Mapping) -> tuple[str, str] | None:
+    """("unet" or "clip", parameter name) that a ``.diff`` / ``.diff_b`` key changes, or None."""
+    for suffix, part in _DIFF_SUFFIXES:
+        if key.endswith(suffix):
+            base = key[: -len(suffix)]
+            name = f"{base.removeprefix('model.diffusion_model.').removeprefix('diffusion_model.')}.{part}"
+            if name in unet_params:
+                return "unet", name
+            if base.startswith(COMFY_TEXT_ENCODER):
+                bare = f"{base[len(COMFY_TEXT_ENCODER):]}.{part}"
+                for name in (f"text_model.{bare}", bare):
+                    if name in te_params:
+                        return "clip", name
+            return None
+    return None
 
 
 _SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.", "lora_unet_label_emb", "unet.add_embedding.")
@@ -371,7 +410,8 @@ def sd15_lora_patch(sd: Mapping[str, torch.Tensor], unet, text_model: nn.Module 
         raise KinemaError(f"'{name}' is an SDXL LoRA (key '{sdxl}'): Kinema runs SD1.5 models, use a LoRA made for "
                           "SD1.5")
     pairs, other = read_pairs(sd, name)
-    if not pairs:
+    differences = [k for k in other if k.endswith(tuple(suffix for suffix, _ in _DIFF_SUFFIXES))]
+    if not pairs and not differences:
         raise KinemaError(f"'{name}' holds no LoRA weights Kinema can read (LoHa, LoKr and other LyCORIS types are "
                           "not supported)")
     unet_targets = unet_lora_targets(unet)
@@ -395,10 +435,24 @@ def sd15_lora_patch(sd: Mapping[str, torch.Tensor], unet, text_model: nn.Module 
                 f"{tuple(pair.down.shape)}, the layer's weight is {tuple(weight.shape)}. The LoRA was made for another "
                 "base model (SDXL, SD2, ...): use a LoRA made for SD1.5.")
         out[param] = pair
+    for key in differences:  # ComfyUI's whole differences (biases, norms, full-rank weights)
+        found = _difference(key, unet_params, te_params)
+        if found is None:
+            continue
+        part, param = found
+        weight = (unet_params if part == "unet" else te_params)[param]
+        change = WeightDifference(sd[key])
+        if not change.fits(weight.shape):
+            raise KinemaError(f"'{name}' does not fit this SD1.5 model: it changes '{param}' by a difference of shape "
+                              f"{tuple(sd[key].shape)}, the parameter is {tuple(weight.shape)}: use a LoRA made for "
+                              "SD1.5")
+        (patch_unet if part == "unet" else patch_te)[param] = change
+        unmatched.remove(key)
     if not patch_unet and not patch_te:
         te_note = "" if text_model is not None else " (no text encoder was given)"
-        raise KinemaError(f"none of the {len(pairs)} weights of '{name}' name a layer of the SD1.5 UNet or text "
-                          f"encoder{te_note}: it was made for another model (first key: '{next(iter(pairs))}')")
+        raise KinemaError(f"none of the {len(pairs) + len(differences)} weights of '{name}' name a layer of the SD1.5 "
+                          f"UNet or text encoder{te_note}: it was made for another model (first key: "
+                          f"'{next(iter(pairs), differences[0] if differences else '')}')")
     if unmatched:
         logger.warning("LoRA '%s': %d of its keys name no layer of the SD1.5 model and were skipped (first: '%s')",
                        name, len(unmatched), unmatched[0])

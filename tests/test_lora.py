@@ -428,6 +428,49 @@ def test_an_alpha_without_halves_is_skipped_not_refused():
     assert "lora_unet_conv_in.alpha" in patch.unmatched
 
 
+def test_a_lora_from_comfyuis_extract_and_save_lora_merges_whole():
+    """ComfyUI's Extract and Save Lora: LDM names under "diffusion_model.", the text encoder under
+    "text_encoders.clip_l.transformer.text_model.", and whole differences: ".diff_b" for biases, ".diff" for a
+    norm's scale or a full-rank weight; each added times the strength, as ComfyUI does."""
+    g = torch.Generator().manual_seed(4)
+    base_unet, te = unet(), text_encoder()
+    up, params = dict(base_unet.named_parameters()), dict(te.model.named_parameters())
+    te_name = next(n for n in params if n.endswith("encoder.layers.0.mlp.fc1.weight"))
+    te_layer = te_name.removeprefix("text_model.")[: -len(".weight")]
+    changes = {  # key -> (part, parameter, value)
+        "diffusion_model.input_blocks.1.1.proj_in.diff_b": ("unet", "input_blocks.1.1.proj_in.bias"),
+        "diffusion_model.input_blocks.1.1.norm.diff": ("unet", "input_blocks.1.1.norm.weight"),
+        "diffusion_model.out.2.diff": ("unet", "out.2.weight"),
+        f"text_encoders.clip_l.transformer.text_model.{te_layer}.diff_b": ("clip", te_name.replace("weight", "bias")),
+    }
+    sd = {}
+    for key, (part, param) in changes.items():
+        shape = (up if part == "unet" else params)[param].shape
+        sd[key] = torch.randn(shape, generator=g)
+    w = up["input_blocks.1.1.proj_out.weight"]
+    sd["diffusion_model.input_blocks.1.1.proj_out.lora_up.weight"] = torch.randn(w.shape[0], 2, 1, 1, generator=g)
+    sd["diffusion_model.input_blocks.1.1.proj_out.lora_down.weight"] = torch.randn(2, *w.shape[1:], generator=g)
+    wt = params[te_name]
+    sd[f"text_encoders.clip_l.transformer.text_model.{te_layer}.lora_up.weight"] = torch.randn(wt.shape[0], 2)
+    sd[f"text_encoders.clip_l.transformer.text_model.{te_layer}.lora_down.weight"] = torch.randn(2, wt.shape[1])
+    assert checkpoint.detect_format(sd) == "lora"
+    new_unet, new_te = lora.apply_sd15_loras(base_unet, te, [(sd, 0.5, 0.25, "extracted")])
+    got_unet, got_te = dict(materialize(new_unet).named_parameters()), dict(materialize(new_te.model).named_parameters())
+    for key, (part, param) in changes.items():
+        got, base = (got_unet, up) if part == "unet" else (got_te, params)
+        torch.testing.assert_close(got[param], base[param] + (0.5 if part == "unet" else 0.25) * sd[key])
+    lo = sd["diffusion_model.input_blocks.1.1.proj_out.lora_up.weight"].flatten(1)
+    ld = sd["diffusion_model.input_blocks.1.1.proj_out.lora_down.weight"].flatten(1)
+    torch.testing.assert_close(got_unet["input_blocks.1.1.proj_out.weight"], w + 0.5 * (lo @ ld).reshape(w.shape))
+    assert not torch.equal(got_te[te_name], wt)
+    # only differences (ComfyUI's "full_diff" type) is a LoRA too; one that fits no parameter is refused
+    only = {k: v for k, v in sd.items() if k.endswith((".diff", ".diff_b"))}
+    assert lora.sd15_lora_patch(only, base_unet, te.model, "full").unet.keys() == {
+        p for part, p in changes.values() if part == "unet"}
+    with pytest.raises(KinemaError, match="changes 'out.2.weight' by a difference of shape"):
+        lora.sd15_lora_patch({"diffusion_model.out.2.diff": torch.zeros(3, 3)}, base_unet, None, "bad")
+
+
 def test_kohya_lora_matches_diffusers():
     pytest.importorskip("peft")
     pytest.importorskip("diffusers")
