@@ -286,3 +286,32 @@ def test_past_the_graph_limit_calls_run_uncompiled_and_the_log_says_so(dynamo, m
     assert dynamo["stats"]["unique_graphs"] == 2
     said = [r.getMessage() for r in caplog.records if "calls that need another run uncompiled" in r.getMessage()]
     assert len(said) == 1 and "holds 2 graphs of the Linear" in said[0]
+
+
+def test_a_decode_past_the_graph_limit_runs_uncompiled(dynamo, monkeypatch):
+    monkeypatch.setattr(compiling, "DECODE_GRAPHS", 2)
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def decode(self, x):
+            return self.lin(x)
+
+    vae = Decoder()
+    for rank in range(2, 6):
+        x = torch.randn((2,) * (rank - 1) + (3,))
+        torch.testing.assert_close(compiling.run_decode(vae, EAGER, x), vae.decode(x))
+    assert dynamo["stats"]["unique_graphs"] == 2
+
+
+def test_more_sizes_than_dynamos_default_stay_compiled(dynamo, caplog):
+    """dynamo keeps 8 graphs a function by default; a session's sizes and settings reach that: the UNet keeps
+    UNET_GRAPHS (64)."""
+    net = torch.nn.Linear(3, 3)
+    with caplog.at_level("WARNING", logger="kinema"):
+        for rank in range(2, 12):  # 10 input ranks: 10 graphs
+            compiling.run(net, EAGER, torch.randn((1,) * (rank - 1) + (3,)))
+    assert dynamo["stats"]["unique_graphs"] == 10
+    assert not [r for r in caplog.records if "uncompiled" in r.getMessage()]

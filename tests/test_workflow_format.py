@@ -352,3 +352,51 @@ def test_load_workflow(tmp_path):
     assert load_workflow(str(p)) == (None, ui)
     p.write_text(json.dumps({"prompt": api, "extra_data": {"extra_pnginfo": {"workflow": ui}}}))
     assert load_workflow(str(p)) == (api, ui)
+
+
+# -- what the frontend does that a converter must do too --------------------------------------------------------
+
+def _node(ui, node_id):
+    return next(n for n in ui["nodes"] if n["id"] == node_id)
+
+
+def test_a_bypassed_node_passes_on_its_input_of_the_output_type_not_the_first():
+    """The frontend resolves a bypassed node's output to its input of the same type: here the second input."""
+    ui = frontend_ui()
+    _node(ui, 13)["inputs"] = [{"name": "extra", "type": "CONDITIONING", "link": 30},
+                               {"name": "latent", "type": "LATENT", "link": 8}]
+    ui["links"] = [[8, 4, 0, 13, 1, "LATENT"] if link[0] == 8 else link for link in ui["links"]]
+    ui["links"].append([30, 2, 0, 13, 0, "CONDITIONING"])
+    assert api_from_ui(ui, CLASSES)["5"]["inputs"]["latent"] == ["4", 0]
+
+
+def test_a_primitives_value_wins_over_the_one_its_target_stored():
+    ui = frontend_ui()
+    _node(ui, 11)["widgets_values"] = [44, "fixed"]  # the target still stores its old value
+    assert api_from_ui(ui, CLASSES)["4"]["inputs"]["steps"] == 44
+
+
+def test_a_dict_of_widget_values_without_a_key_takes_the_default():
+    ui = frontend_ui()
+    _node(ui, 5)["widgets_values"] = {}
+    assert api_from_ui(ui, CLASSES)["5"]["inputs"]["filename_prefix"] == "kinema"
+
+
+def test_a_negative_output_index_is_refused_not_taken_from_the_end():
+    api = copy.deepcopy(full_api())
+    api["5"]["inputs"]["latent"] = ["4", -1]
+    with pytest.raises(KinemaError, match="links to output -1"):
+        ui_from_api(api, CLASSES)
+
+
+def test_json_that_is_no_workflow_is_refused(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(KinemaError, match="not a ComfyUI workflow"):
+        load_workflow(str(path))
+
+
+def test_seed_control_is_for_seeds_a_combos_control_stays_randomize():
+    node = _node(ui_from_api(full_api(), CLASSES, seed_control="fixed"), 4)
+    values = node["widgets_values"]
+    assert values[1] == "fixed" and values[values.index("sqrt") + 1] == "randomize"
