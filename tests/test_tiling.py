@@ -197,6 +197,15 @@ def test_encode_out_of_memory_retries_in_tiles_of_whole_latent_pixels(height, wi
     assert "tiles of" in caplog.text
 
 
+def test_an_encode_too_small_to_tile_names_the_setting_instead():
+    """Encode tiles are at least 64 pixels: a 96x96 frame that runs out of memory whole (its half, 48, is below
+    that) is not retried in tiles the encoder would see too little of, but named."""
+    vae = OutOfMemoryAbove(sd_vae(), pixels=0)
+    with pytest.raises(KinemaOutOfMemoryError, match="nothing smaller to retry with"):
+        encode_frames(vae, torch.rand(1, 96, 96, 3), chunk=1)
+    assert len(vae.calls) == 1
+
+
 def test_a_short_chunk_retries_with_fewer_frames_than_it_has():
     """The retry halves the frames the failing chunk holds, not the setting: 2 frames left at a chunk of 8 are
     retried 1 at a time; a single frame goes to tiles, never the same call again."""
