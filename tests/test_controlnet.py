@@ -274,7 +274,7 @@ def test_other_models_are_named(what, match, tmp_path):
     assert f"{what}.safetensors" in str(err.value)
 
 
-@pytest.mark.parametrize("context_dim,linear,base", [(2048, False, "SDXL"), (1024, True, "SD2.x")])
+@pytest.mark.parametrize("context_dim,linear,base", [(2048, False, "SDXL"), (1024, True, "SD2.x"), (64, True, "SD2.x")])
 def test_a_controlnet_for_another_base_is_refused_by_check_unet(context_dim, linear, base, tmp_path):
     cfg = replace(infer_controlnet_config(bare(controlnet_state_dict())), context_dim=context_dim, linear_proj=linear)
     net = load_controlnet(_zeros_file(cfg, tmp_path / "control_other.safetensors"))

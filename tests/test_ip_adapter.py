@@ -279,6 +279,11 @@ def test_unsupported_variants_are_named(make, variant, tmp_path):
     assert "ip-adapter_sd15.safetensors" in str(err.value) and "variant.safetensors" in str(err.value)
 
 
+def test_the_token_count_is_read_off_the_projection():
+    two = build_ip_adapter(basic_state_dict(tokens=2), name="two_tokens.safetensors")
+    assert two.cfg.tokens == 2 and two.image_tokens(torch.zeros(1, 64)).shape == (1, 2, 64)
+
+
 def test_adapter_for_another_unet_is_refused():
     sd2 = build_ip_adapter(basic_state_dict(cross_dim=1024), name="sd2-like.safetensors")
     with pytest.raises(KinemaError, match="1024-wide text context"):

@@ -223,12 +223,17 @@ def test_fit_image_covers_and_centre_crops():
     out = fit_image(img, 64, 64)
     assert out.shape == (1, 64, 64, 3)
     assert float(out[0, 32, 32, 0]) > 0.9 and float(out[0, 32, 0, 0]) < 0.1
+    # scaled to cover (aspect kept: 64 x 160, columns 48..112 kept), not squeezed: the band spans columns 16..48
+    assert float(out[0, 32, 20, 0]) > 0.9 and float(out[0, 32, 44, 0]) > 0.9
     # a tall image: scaled to cover, the middle rows kept (a horizontal band in the middle stays in the middle)
     tall = torch.zeros(1, 100, 40, 3)
     tall[:, 40:60] = 1.0  # scaled to 160 x 64, rows 48..112 kept: the band at 64..96 is the crop's 16..48
     out = fit_image(tall, 64, 64)
     assert float(out[0, 32, 32, 0]) > 0.9 and float(out[0, 2, 32, 0]) < 0.1 and float(out[0, 61, 32, 0]) < 0.1
+    assert float(out[0, 20, 32, 0]) > 0.9 and float(out[0, 44, 32, 0]) > 0.9
     assert fit_image(torch.rand(2, 64, 64, 4), 64, 64).shape == (1, 64, 64, 3)
+    batch = torch.stack([torch.zeros(64, 64, 3), torch.ones(64, 64, 3)])  # only the first image of a batch is used
+    assert torch.equal(fit_image(batch, 64, 64), torch.zeros(1, 64, 64, 3))
     with pytest.raises(KinemaError, match="IMAGE"):
         fit_image(torch.zeros(64, 64, 3), 64, 64)
     # clamped to [0, 1] at its own size too (as when scaled); 8-bit and non-finite images refused

@@ -145,6 +145,14 @@ def test_wrong_batch_is_refused():
     flat = rearrange(x, "b f c h w -> (b f) c h w")
     with pytest.raises(KinemaError, match="num_frames"):
         svd_unet()(flat, c_noise.expand(FRAMES), context.expand(FRAMES, -1, -1), y.expand(FRAMES, -1), 3)
+    two = torch.cat([flat, flat])  # two videos, with per-frame inputs for one
+    full = {"timesteps": c_noise.expand(2 * FRAMES), "context": context.expand(2 * FRAMES, -1, -1),
+            "y": y.expand(2 * FRAMES, -1)}
+    short = {"timesteps": c_noise.expand(FRAMES), "context": context.expand(FRAMES, -1, -1), "y": y.expand(FRAMES, -1)}
+    for name in full:
+        args = {**full, name: short[name]}
+        with pytest.raises(KinemaError, match=f"needs one {name} entry per frame: got {FRAMES} for {2 * FRAMES}"):
+            svd_unet()(two, args["timesteps"], args["context"], args["y"], FRAMES)
 
 
 # -- engine behaviour ----------------------------------------------------------------------------------------------
