@@ -80,13 +80,9 @@ class KinemaVAEDecodeFrames:
         tile_size, tile_overlap = _pixel_tiles(tile_size, tile_overlap, "VAE Decode Frames (Kinema)")
         bar = host.ProgressBar(latent.shape[0])
 
-        def on_chunk(done, total):
-            bar.update_absolute(done, total)
-            host.check_interrupt()
-
         tiles = TileOptions(tile_size // 8, tile_overlap // 8) if tile_size else TileOptions()
         host.check_interrupt()  # Cancel pressed before the first chunk (a chunk can take a while)
-        images = vae_ops.decode_frames(vae, latent, frame_chunk or None, on_chunk=on_chunk, tiles=tiles)
+        images = vae_ops.decode_frames(vae, latent, frame_chunk or None, on_chunk=bar.update_absolute, tiles=tiles)
         return (images,)
 
 
@@ -119,12 +115,8 @@ class KinemaVAEEncodeFrames:
         host.check_interrupt()
         bar = host.ProgressBar(pixels.shape[0])
 
-        def on_chunk(done, total):
-            bar.update_absolute(done, total)
-            host.check_interrupt()
-
         tiles = TileOptions(tile_size, tile_overlap) if tile_size else TileOptions()
-        latent = vae_ops.encode_frames(vae, pixels, frame_chunk or None, on_chunk=on_chunk, tiles=tiles)
+        latent = vae_ops.encode_frames(vae, pixels, frame_chunk or None, on_chunk=bar.update_absolute, tiles=tiles)
         return ({"samples": latent},)
 
 

@@ -70,11 +70,9 @@ class KinemaSaveVideo:
 
         full_path, subfolder, filename = host.save_path(filename_prefix, format, width, height)
         bar = host.ProgressBar(frames.shape[0], "Kinema save")
-
-        def on_frame(done, total):  # the bar checks for Cancel: it stops the write between frames (no file is left)
-            bar.update_absolute(done, total)
-
-        video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata, on_frame=on_frame)
+        # the bar checks for Cancel: it stops the write between frames (no file is left)
+        video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata,
+                             on_frame=bar.update_absolute)
         logger.info("Kinema: saved %d frames (%dx%d, %g fps) to %s", frames.shape[0], width, height, fps, full_path)
 
         result = {"filename": filename, "subfolder": subfolder, "type": "output"}
