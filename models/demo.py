@@ -20,6 +20,7 @@ import torch
 
 from .motion import MotionConfig, MotionModuleSet, sinusoidal_table
 from .svd import SVDUNet, SVDUNetConfig
+from .svd_model import variant_of
 from .unet import UNetConfig, UNetModel
 from .vae import (
     SVD_COND_ENCODER_PREFIX,
@@ -441,14 +442,16 @@ def _is_current(path: str, meta: dict) -> bool:
 def substitute(kind: str, name: str) -> str | None:
     """The demo file that stands in for model ``name`` of folder ``kind`` (None: no demo of that kind).
 
+    A checkpoint named for SVD ("svd", "stableVideoDiffusion") gets the demo SVD of the variant the loader
+    reads from the name (``svd_model.variant_of``: ``svd_xt_1_1`` -> svd_xt), any other the demo SD1.5.
     Motion modules keep their version where the name tells it (``v3_sd15_mm`` -> v3,
     ``mm_sd_v15_v2`` -> v2, ``mm_sd_v15`` -> v1). MotionLoRAs are stood in for by the demo v2 MotionLoRA;
     LoRAs by the demo v3-adapter-style LoRA when the name says "adapter", else by the kohya-style one.
     """
     if kind == "checkpoints":
         lower = os.path.basename(str(name)).lower()
-        if "svd" in lower:
-            return DEMO_SVD["svd_xt" if "xt" in lower else "svd"]
+        if "svd" in lower or "videodiffusion" in lower:
+            return DEMO_SVD[variant_of(name)]  # the variant the loader reads from the name
         return DEMO_CHECKPOINT
     if kind == "clip_vision":
         return None if str(name).startswith("(") else DEMO_CLIP_VISION

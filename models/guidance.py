@@ -240,6 +240,18 @@ def per_frame_cfg(mode: str, min_cfg: float, max_cfg: float, frames: int, period
     raise KinemaError(f"unknown per-frame guidance '{mode}': use one of {', '.join(CFG_MODES)}")
 
 
+def runs_uncond(uncond, cfg: float | torch.Tensor, temporal_scale: float = 1.0) -> bool:
+    """Whether a ``CFGDenoiser`` of these settings evaluates the uncond side at all (the memory check before
+    sampling sizes the model's batch with it): not without one, nor where cfg is 1 for every frame and w_t is 1."""
+    if uncond is None:
+        return False
+    if float(temporal_scale) != 1.0:  # the temporal term takes the uncond side whatever cfg is
+        return True
+    if isinstance(cfg, torch.Tensor):
+        return not bool((cfg == 1.0).all())
+    return float(cfg) != 1.0
+
+
 class CFGDenoiser:
     """Classifier-free guidance on x0, optionally composed with Gen-1's temporal guidance.
 
@@ -266,13 +278,7 @@ class CFGDenoiser:
         self.temporal_scale = float(temporal_scale)
 
     def _skip_uncond(self) -> bool:
-        if self.uncond is None:
-            return True
-        if self.temporal_scale != 1.0:  # the temporal term takes the uncond side whatever cfg is
-            return False
-        if isinstance(self.cfg, torch.Tensor):
-            return bool((self.cfg == 1.0).all())
-        return self.cfg == 1.0
+        return not runs_uncond(self.uncond, self.cfg, self.temporal_scale)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, window=None) -> torch.Tensor:
         """x [f, c, h, w] -> x0 [f, c, h, w]"""

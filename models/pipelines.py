@@ -13,7 +13,7 @@ import torch
 
 from .context import ContextOptions, context_windows, freenoise
 from .errors import KinemaError, finite_number
-from .guidance import CFGDenoiser, EpsVideoDenoiser, VEDMVideoDenoiser, WindowedDenoiser, per_frame_cfg
+from .guidance import CFGDenoiser, EpsVideoDenoiser, VEDMVideoDenoiser, WindowedDenoiser, per_frame_cfg, runs_uncond
 from .memory import check_fits, video_activation_bytes
 from .placement import video_model_on_device
 from .sampling import (
@@ -190,7 +190,7 @@ def sample_video(
                 "encode the prompt with the CLIP of the same checkpoint"
             )
     device = model.compute_device
-    _check_fits(model, latent, opts, negative is not None and opts.cfg != 1.0, device)
+    _check_fits(model, latent, opts, runs_uncond(negative, opts.cfg, model.temporal_scale), device)
     model = prepare_addons(model, latent)
     schedule = noise_schedule(model)
     denoiser = CFGDenoiser(
@@ -247,8 +247,8 @@ def sample_img2vid(
     frames = _check_latent(latent, opts, model)
     opts = with_memory_policy(model, opts)
     device = model.compute_device
-    _check_fits(model, latent, opts, uncond is not None, device)
     cfg = per_frame_cfg(model.cfg_mode, model.guidance_min, opts.cfg, frames, model.cfg_period)
+    _check_fits(model, latent, opts, runs_uncond(uncond, cfg, model.temporal_scale), device)
     denoiser = CFGDenoiser(
         VEDMVideoDenoiser(model, attn_chunk=opts.attn_chunk, batch_cond=opts.batch_cond),
         _svd_per_frame(cond, frames, latent, "positive", model.unet.cfg.context_dim),

@@ -81,8 +81,7 @@ class KinemaDepthEstimate:
         check_images(images, "Depth estimation")
         host.check_interrupt()
         bar = host.ProgressBar(images.shape[0], "Kinema depth")
-        depth = depth_model.estimate_image(images, batch_size,
-                                           on_batch=lambda done, total: bar.update_absolute(done, total))
+        depth = depth_model.estimate_image(images, batch_size, on_batch=bar.update_absolute)
         return (depth,)
 
 

@@ -36,15 +36,15 @@ def _conds():
     return torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
 
 
-def _sample(model, frames=4, steps=2, cfg=5.0, context=None, batch_cond=True):
+def _sample(model, frames=4, steps=2, cfg=5.0, context=None, batch_cond=True, negative=True, hw=(HW, HW)):
     pos, neg = _conds()
     opts = pipelines.SampleOptions(seed=7, steps=steps, cfg=cfg, context=context, batch_cond=batch_cond)
     with torch.no_grad():
-        return pipelines.sample_video(model, pos, neg, torch.zeros(frames, 4, HW, HW), opts)
+        return pipelines.sample_video(model, pos, neg if negative else None, torch.zeros(frames, 4, *hw), opts)
 
 
-def _hints(n, size=64):
-    return torch.rand(n, size, size, 3, generator=torch.Generator().manual_seed(n))
+def _hints(n, size=64, width=None):
+    return torch.rand(n, size, width or size, 3, generator=torch.Generator().manual_seed(n))
 
 
 def test_hints_reach_each_context_window_sliced_to_its_frames():
@@ -71,6 +71,14 @@ def test_fewer_hints_than_frames_are_spread_and_resized():
     assert torch.equal(seen[0], seen[1]) and torch.equal(seen[2], seen[3]) and not torch.equal(seen[1], seen[2])
 
 
+def test_hints_of_a_wide_video_keep_its_height_and_width():
+    spy = SpyControlNet(controlnet())
+    model = motion_model("v2").with_options(controls=(addons.control_hint(spy, _hints(2, 16, 32)),))
+    _sample(model, frames=2, steps=1, cfg=1.0, hw=(4, 8))  # 64 pixels wide, 32 high: the hints are resized 2x
+    (seen,) = spy.hints
+    assert seen.shape == (2, 3, 32, 64)
+
+
 def test_strength_zero_and_an_empty_range_are_the_plain_sampler():
     plain = _sample(motion_model("v2"))
     off = addons.control_hint(controlnet(), _hints(4), strength=0.0)
@@ -90,19 +98,20 @@ def test_start_and_end_percent_limit_the_steps_a_controlnet_works_in():
     assert len(spy.hints) + len(late.hints) == 4  # the two halves of the schedule together are every step
 
 
-@pytest.mark.parametrize("cfg, batch_cond, calls", [(5.0, True, 1), (5.0, False, 2), (1.0, True, 1)])
+@pytest.mark.parametrize("cfg, batch_cond, negative, calls", [
+    (5.0, True, True, 1), (5.0, False, True, 2), (1.0, True, True, 1), (5.0, True, False, 1)])
 def test_temporal_guidance_reuses_the_controlnet_residuals_of_the_video_evaluation(monkeypatch, cfg, batch_cond,
-                                                                                   calls):
+                                                                                   negative, calls):
     """The image evaluation of temporal guidance gets the ControlNet the same inputs as the video evaluation of its
-    side: its residuals are reused (ControlNet evaluations a step: batched 1, unbatched 2, without uncond 1; they
-    were 2, 3 and 2), and the video is the one computed without the reuse."""
+    side: its residuals are reused (ControlNet evaluations a step: batched 1, unbatched 2, at cfg 1 1, without a
+    negative 1; they were 2, 3, 2 and 2), and the video is the one computed without the reuse."""
     spy = SpyControlNet(controlnet())
     model = motion_model("v2").with_options(controls=(addons.control_hint(spy, _hints(4)),), temporal_scale=1.5)
-    reused = _sample(model, steps=2, cfg=cfg, batch_cond=batch_cond)
+    reused = _sample(model, steps=2, cfg=cfg, batch_cond=batch_cond, negative=negative)
     assert len(spy.hints) == 2 * calls
     monkeypatch.setattr(addons.ControlReuse, "residuals_for", lambda self, compute, flags, frames: compute())
     spy.hints.clear()
-    fresh = _sample(model, steps=2, cfg=cfg, batch_cond=batch_cond)
+    fresh = _sample(model, steps=2, cfg=cfg, batch_cond=batch_cond, negative=negative)
     assert len(spy.hints) == 2 * (calls + 1)
     assert float((reused - fresh).abs().max()) <= 1e-5 * float(fresh.abs().max())
 
@@ -237,6 +246,9 @@ def test_apply_nodes_attach_without_changing_the_input_model(image_encoder):
     named.source = "ip-adapter_sd15.safetensors"  # what the loader sets: errors and the content name it
     (with_named,) = nodes.content.KinemaApplyIPAdapter().apply(stacked, named, image_encoder, _hints(1))
     assert with_named.contents[0].name == "ip-adapter_sd15.safetensors"
+    (chained,) = nodes.content.KinemaApplyIPAdapter().apply(with_ip, named, image_encoder, _hints(2)[1:], 0.4)
+    assert chained.contents[0] is with_ip.contents[0] and len(chained.contents) == 2  # chained: contents mix
+    assert chained.contents[1].weight == 0.4
     with pytest.raises(KinemaError, match="IP-Adapter 'ip-adapter_sd15.safetensors': start_percent"):
         nodes.content.KinemaApplyIPAdapter().apply(stacked, named, image_encoder, _hints(1), 0.8, 0.9, 0.1)
 

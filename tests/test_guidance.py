@@ -116,5 +116,5 @@ def test_the_attention_chunk_retry_always_chunks_smaller():
     then halves down to 64."""
     from kinema.models.guidance import AttentionChunk
 
-    sizes = [AttentionChunk(q).smaller() for q in (0, 4096, 1 << 20, 1024, 200, 127)]
-    assert [s.queries if s else None for s in sizes] == [1024, 1024, 1024, 512, 100, None]
+    sizes = [AttentionChunk(q).smaller() for q in (0, 4096, 1 << 20, 1024, 200, 128, 127)]
+    assert [s.queries if s else None for s in sizes] == [1024, 1024, 1024, 512, 100, 64, None]

@@ -500,3 +500,30 @@ def test_the_output_folder_is_made_only_for_a_workflow_that_reads(cli, tmp_path,
     (tmp_path / "file").write_text("x")
     assert runner.main([str(cli[1]), "--output-dir", str(tmp_path / "file"), "-q"]) == 1
     assert "a file, not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, name, stand_in", [
+    ("checkpoints", "svd_xt.safetensors", "svd_xt"),
+    ("checkpoints", "SVD/svd_xt_1_1.safetensors", "svd_xt"),
+    ("checkpoints", "stableVideoDiffusion_img2vidXt11.safetensors", "svd_xt"),
+    ("checkpoints", "svd.safetensors", "svd"),
+    ("checkpoints", "svd_image_decoder.safetensors", "svd"),
+    ("checkpoints", "v1-5-pruned-emaonly.safetensors", "sd15"),
+    ("animatediff_models", "v3_sd15_mm.ckpt", "v3"),
+    ("animatediff_models", "mm_sd_v15_v2.ckpt", "v2"),
+    ("animatediff_models", "mm_sd_v15.ckpt", "v1"),
+    ("animatediff_models", "mm_sd_v14.ckpt", "v1"),
+    ("animatediff_models", "some_finetune.safetensors", "v2"),
+    ("clip_vision", "(none)", None),
+    ("clip_vision", "clip_vision_h.safetensors", "clip_vision"),
+    ("upscale_models", "4x.pth", None),
+])
+def test_demo_stand_ins_keep_the_model_kind_and_version(kind, name, stand_in):
+    """The headless runner's demo models: an SVD checkpoint gets the demo SVD of the variant its name gives (the
+    loader reads the variant from the name), a motion module the demo module of its version, a clip_vision choice
+    "(none)" stays unset."""
+    from kinema.models import demo
+
+    files = {"svd_xt": demo.DEMO_SVD["svd_xt"], "svd": demo.DEMO_SVD["svd"], "sd15": demo.DEMO_CHECKPOINT,
+             "clip_vision": demo.DEMO_CLIP_VISION, **{v: demo.DEMO_MOTION[v] for v in ("v1", "v2", "v3")}, None: None}
+    assert demo.substitute(kind, name) == files[stand_in]

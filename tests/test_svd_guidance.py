@@ -46,6 +46,8 @@ def test_bad_guidance_modes_are_refused():
         per_frame_cfg("cosine", 1, 2, 4)
     with pytest.raises(KinemaError, match="period"):
         per_frame_cfg("triangle", 1, 2, 4, period=0)
+    with pytest.raises(KinemaError, match="at least 1 frame"):
+        per_frame_cfg("constant", 1, 2, 0)
 
 
 class _Fixed:

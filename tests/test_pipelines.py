@@ -1,0 +1,136 @@
+"""The sampling entry points (``models/pipelines.py``): what they check before sampling, how the latent is scaled
+and noised, the memory pre-check's batch and window, and the step count context windows are scheduled over."""
+from dataclasses import replace
+
+import pytest
+import torch
+from fixtures import motion_model
+from kinema.models import guidance, pipelines, sampling
+from kinema.models.context import ContextOptions, context_windows
+from kinema.models.errors import KinemaError
+
+SCALE = pipelines.SD15_LATENT_SCALE
+
+
+def _conds(width=64):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(1, 4, width, generator=g), torch.randn(1, 4, width, generator=g)
+
+
+def _identity_sampling(monkeypatch):
+    """Sampling whose denoiser predicts that its input is already clean: every Euler step then keeps x, so the
+    result is the starting point (the scaled latent, noised) unscaled again."""
+    monkeypatch.setattr(pipelines, "CFGDenoiser", lambda *args, **kwargs: (lambda x, sigma, window=None: x))
+
+
+@pytest.mark.parametrize("denoise", [0.3, 0.7])
+def test_a_video_latent_is_scaled_for_the_model_and_back(monkeypatch, denoise):
+    """ComfyUI's LATENT holds the VAE's unscaled latent: the sampler noises ``latent * 0.18215`` (the model's
+    space) and returns its result divided by it again."""
+    _identity_sampling(monkeypatch)
+    latent = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    opts = pipelines.SampleOptions(seed=11, steps=4, cfg=1.0, sampler="euler", denoise=denoise)
+    out = pipelines.sample_video(motion_model("v2"), *_conds(), latent, opts)
+    sigmas = sampling.calculate_sigmas(sampling.DiscreteSchedule("linear"), "normal", 4, denoise)
+    noise = sampling.initial_noise(11, tuple(latent.shape))
+    assert torch.allclose(out, latent + float(sigmas[0]) * noise / SCALE, rtol=1e-5, atol=1e-5)
+
+
+def test_the_frames_of_a_batch_index_get_the_noise_they_have_in_the_whole_video(monkeypatch):
+    _identity_sampling(monkeypatch)
+    latent = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    opts = pipelines.SampleOptions(seed=5, steps=3, cfg=1.0, sampler="euler", denoise=0.5)
+    whole = pipelines.sample_video(motion_model("v2"), *_conds(), latent, opts)
+    part = pipelines.sample_video(motion_model("v2"), *_conds(), latent[2:],
+                                  replace(opts, batch_index=(2, 3)))
+    assert torch.allclose(part, whole[2:], atol=1e-6)
+    assert not torch.allclose(part, whole[:2] - latent[:2] + latent[2:], atol=1e-3)  # not the first frames' noise
+
+
+@pytest.mark.parametrize("scheduler, steps, denoise, calls", [
+    ("normal", 3, 1.0, 3), ("ddim_uniform", 3, 1.0, 3), ("ddim_uniform", 6, 1.0, 7),  # ComfyUI's: 7 for 6
+    ("normal", 4, 0.5, 4), ("normal", 3, 0.0, 0)])  # a partial denoise keeps the steps
+def test_sampling_steps_counts_the_model_calls_of_a_run(scheduler, steps, denoise, calls):
+    opts = pipelines.SampleOptions(steps=steps, scheduler=scheduler, denoise=denoise)
+    assert pipelines.sampling_steps(motion_model("v2"), opts) == calls
+
+
+def test_context_windows_move_over_the_steps_of_the_run():
+    """The windowed denoiser finds each sigma's step in the run's schedule (sigmas less the final 0): at step i
+    its windows are ``context_windows(frames, opts, i, steps)``, which the uniform schedules shift step by step."""
+    frames, steps = 20, 5
+    opts = ContextOptions(context_length=8, overlap=2, schedule="uniform_standard", stride=2)
+    sigmas = sampling.calculate_sigmas(sampling.DiscreteSchedule("linear"), "normal", steps)
+    windowed = guidance.WindowedDenoiser(lambda x, sigma, window=None: x, opts, sigmas)
+    seen = [[w.sub_idxs for w in windowed.windows(frames, sigmas[i])] for i in range(steps)]
+    assert seen == [[w.sub_idxs for w in context_windows(frames, opts, i, steps)] for i in range(steps)]
+    assert len({tuple(map(tuple, s)) for s in seen}) > 1  # the windows do move
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"positive": torch.randn(3, 4, 64)}, "positive conditioning has 3 entries for a video of 4 frames"),
+    ({"negative": torch.randn(2, 4, 64)}, "negative conditioning has 2 entries"),
+    ({"positive": torch.randn(1, 4, 32)}, "width 32 but the UNet expects 64.*CLIP of the same checkpoint"),
+    ({"latent": torch.zeros(4, 3, 4, 4)}, r"video latent \[frames, 4, h, w\]"),
+    ({"attn_chunk": True}, "attention_chunk must be 0"),
+    ({"attn_chunk": -1}, "attention_chunk must be 0"),
+])
+def test_sample_video_refuses_mismatched_inputs_before_sampling(bad, match):
+    pos, neg = _conds()
+    args = {"positive": pos, "negative": neg, "latent": torch.zeros(4, 4, 4, 4), "attn_chunk": 0}
+    args.update(bad)
+    opts = pipelines.SampleOptions(steps=1, cfg=2.0, attn_chunk=args.pop("attn_chunk"))
+    with pytest.raises(KinemaError, match=match):
+        pipelines.sample_video(motion_model("v2"), args["positive"], args["negative"], args["latent"], opts)
+
+
+def test_an_empty_video_latent_needs_a_frame():
+    with pytest.raises(KinemaError, match="frames must be at least 1"):
+        pipelines.empty_video_latent(0, 64, 64)
+    assert pipelines.empty_video_latent(2, 16, 24).shape == (2, 4, 3, 2)
+
+
+def _fit_check_sizes(monkeypatch):
+    seen = []
+    real = pipelines.video_activation_bytes
+
+    def spy(frames, batch, *rest):
+        seen.append((frames, batch))
+        return real(frames, batch, *rest)
+
+    monkeypatch.setattr(pipelines, "video_activation_bytes", spy)
+    return seen
+
+
+@pytest.mark.parametrize("cfg, with_negative, temporal_scale, batch_cond, batch", [
+    (5.0, True, 1.0, True, 2),
+    (5.0, True, 1.0, False, 1),  # cond and uncond one after the other
+    (1.0, True, 1.0, True, 1),  # cfg 1 runs no uncond
+    (1.0, True, 0.5, True, 2),  # temporal guidance runs the uncond at cfg 1 too
+    (5.0, False, 1.0, True, 1),
+])
+def test_the_memory_check_sizes_the_batch_the_sampler_runs(monkeypatch, cfg, with_negative, temporal_scale,
+                                                             batch_cond, batch):
+    seen = _fit_check_sizes(monkeypatch)
+    pos, neg = _conds()
+    model = motion_model("v2").with_options(temporal_scale=temporal_scale)
+    opts = pipelines.SampleOptions(steps=1, cfg=cfg, batch_cond=batch_cond)
+    pipelines.sample_video(model, pos, neg if with_negative else None, torch.zeros(4, 4, 4, 4), opts)
+    assert seen == [(4, batch)]
+
+
+def test_the_memory_check_sizes_one_context_window(monkeypatch):
+    seen = _fit_check_sizes(monkeypatch)
+    opts = pipelines.SampleOptions(steps=1, cfg=1.0, context=ContextOptions(context_length=4, overlap=1))
+    pipelines.sample_video(motion_model("v2"), _conds()[0], None, torch.zeros(10, 4, 4, 4), opts)
+    assert seen == [(4, 1)]
+
+
+def test_the_svd_memory_check_sizes_the_batch_its_per_frame_guidance_runs(monkeypatch, tmp_path):
+    from fixtures_svd_pipeline import tiny_img2vid
+
+    bundle, cond, uncond, latent = tiny_img2vid(str(tmp_path), frames=3, size=64)
+    seen = _fit_check_sizes(monkeypatch)
+    for cfg, model, batch in ((2.5, bundle.model, 2), (1.0, bundle.model.with_options(min_cfg=1.0), 1)):
+        pipelines.sample_img2vid(model, cond, uncond, latent, pipelines.SampleOptions(steps=1, cfg=cfg))
+        assert seen.pop() == (3, batch)  # every frame's cfg 1: no uncond evaluation
