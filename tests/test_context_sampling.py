@@ -117,6 +117,7 @@ def test_per_frame_motion_scale_follows_the_window_frames():
         parse_scale("1.0, x")
     assert scale_for_frames(0.7, range(4)) == 0.7
     assert scale_for_frames((1.0, 0.5), [0, 1, 5]).tolist() == [1.0, 0.5, 0.5]  # the last value holds
+    assert scale_for_frames((1.0, 0.5), [0, 1, 2, 4]).tolist() == [1.0, 0.5, 0.5, 0.5]  # held, not cycled
     assert scale_for_frames((0.5, 0.5), range(4)) == 0.5
 
     model = motion_model("v2")

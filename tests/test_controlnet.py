@@ -179,6 +179,32 @@ def test_strength_and_stacked_controlnets_through_the_addons():
         assert_net_close(r, 0.5 * ra + 2.0 * rb, "stacked residual")
 
 
+def test_a_v1_video_model_runs_its_controlnet_frame_by_frame():
+    """AnimateDiff v1's UNet norms pool the frames of a video; its ControlNet, an image model, keeps every frame on
+    its own (module doc): the residuals the video model adds are those of per-frame norms."""
+    from fixtures import motion_model
+
+    x, hint, t, ctx = _inputs(frames=4)
+    net = controlnet()
+    control = addons.control_hint(net, hint.permute(0, 2, 3, 1)).prepared(4, 128, 128)
+    model = motion_model("v1").with_options(controls=(control,))
+    seen = []
+    handle = net.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(x, t, ctx, 4)
+    finally:
+        handle.remove()
+    hints = control.hints_for(range(4))
+    with torch.no_grad():
+        per_frame = net(x, hints, t, ctx, RunOptions(num_frames=4))
+        pooled = net(x, hints, t, ctx, RunOptions(num_frames=4, cross_frame_norm=True))
+    assert len(seen) == 1
+    for got, want in zip(seen[0], per_frame):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert any(float((a - b).abs().max()) > 1e-4 for a, b in zip(per_frame, pooled))  # pooling would show
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_controlnet_computes_in_its_own_precision_for_a_unet_in_another(dtype):
     """A UNet in half precision (Memory Policy's precision, or loaders set apart) with a ControlNet in fp32: the

@@ -396,6 +396,32 @@ def test_embedding_files_of_every_published_layout_load(tmp_path):
         load_embedding(str(tmp_path / "two.safetensors"), HIDDEN)
 
 
+def test_a_half_precision_embedding_loads_as_float32(tmp_path):
+    from kinema.models.embeddings import load_embedding
+    from safetensors.torch import save_file
+
+    vectors = torch.randn(3, HIDDEN).half()
+    save_file({"emb_params": vectors}, str(tmp_path / "fp16.safetensors"))
+    got = load_embedding(str(tmp_path / "fp16.safetensors"), HIDDEN)
+    assert got.dtype == torch.float32 and torch.equal(got, vectors.float())
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({}, "^bad.safetensors holds no tensors"),  # refused by the file reader already
+    ({"emb_params": torch.randn(1, 2, HIDDEN)},
+     r"the embedding 'bad.safetensors' holds a tensor of shape \[1, 2, 128\].*not textual-inversion"),
+    ({"emb_params": torch.tensor([[float("nan")] * HIDDEN])}, "the embedding 'bad.safetensors' holds NaN or infinite"),
+    ({"emb_params": torch.full((2, HIDDEN), float("inf"))}, "the embedding 'bad.safetensors' holds NaN or infinite"),
+], ids=["no tensors", "3-D", "nan", "inf"])
+def test_embedding_files_without_usable_vectors_are_refused(tmp_path, tensors, match):
+    from kinema.models.embeddings import load_embedding
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KinemaError, match=match):
+        load_embedding(str(tmp_path / "bad.safetensors"), HIDDEN)
+
+
 def test_text_encode_node_passes_clip_skip_on(encoder, host_dirs):
     """ComfyUI's CLIPSetLastLayer -2 is Text Encode (Kinema)'s clip_skip 2: the node's setting reaches the model."""
     from kinema.nodes.conditioning import KinemaTextEncode

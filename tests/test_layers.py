@@ -7,9 +7,11 @@ from kinema.models import layers
 from kinema.models.layers import (
     CrossAttention,
     FrameConv,
+    RunOptions,
     SharedContext,
     attention,
     flatten_hw,
+    group_norm,
     per_frame_slices,
 )
 from kinema.models.svd import VideoTransformerBlock
@@ -52,6 +54,36 @@ def test_shared_context_matches_the_per_frame_context():
             assert torch.allclose(attn(x, shared), _full(attn, x, context), atol=1e-6)
 
 
+def test_prompts_sharing_their_first_token_stay_two_prompts():
+    """Every prompt starts with the same start-of-text row: only a whole equal entry is a repeat."""
+    attn = CrossAttention(16, 24, heads=2).eval()
+    prompts = torch.randn(2, 5, 24)
+    prompts[1, 0] = prompts[0, 0]
+    context = prompts.repeat_interleave(3, dim=0)
+    shared = SharedContext.of(context)
+    assert shared.values.shape[0] == 2 and shared.index.tolist() == [0, 0, 0, 1, 1, 1]
+    x = torch.randn(6, 10, 16)
+    with torch.no_grad():
+        assert torch.allclose(attn(x, shared), _full(attn, x, context), atol=1e-6)
+
+
+def test_v1_cross_frame_group_norm_pools_the_frames_of_each_video():
+    norm = torch.nn.GroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2 * 2, 64, 4, 4) * torch.arange(1.0, 5.0)[:, None, None, None]  # 2 videos of 2 frames
+    with torch.no_grad():
+        got = group_norm(norm, x, RunOptions(num_frames=2, cross_frame_norm=True))
+        v = rearrange(x, "(b f) (g c) h w -> b g (f c h w)", f=2, g=32)  # by hand: over b c f h w, per group
+        v = (v - v.mean(-1, keepdim=True)) / torch.sqrt(v.var(-1, unbiased=False, keepdim=True) + norm.eps)
+        want = rearrange(v, "b g (f c h w) -> (b f) (g c) h w", f=2, h=4, w=4)
+        want = want * norm.weight[:, None, None] + norm.bias[:, None, None]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, norm(x), atol=1e-3)  # not the per-frame norm
+        assert torch.equal(group_norm(norm, x, RunOptions(num_frames=2)), norm(x))
+
+
 def test_image_attention_with_extra_tokens_is_not_shortcut():
     attn = CrossAttention(16, 24, heads=2).eval()
     x, context = torch.randn(2, 10, 16), torch.randn(2, 1, 24)
@@ -78,7 +110,8 @@ def test_svd_temporal_cross_attention_to_one_token_matches_full_attention():
 
 
 def _conv3d_twin(conv: FrameConv) -> torch.nn.Conv3d:
-    twin = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding)
+    twin = torch.nn.Conv3d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                           groups=conv.groups)
     twin.load_state_dict(conv.state_dict())
     return twin
 
@@ -113,9 +146,11 @@ def test_frame_conv_avoids_the_slow_reference_kernel():
         assert "aten::slow_conv3d_forward" not in kernels(conv)
 
 
-def test_frame_conv_with_another_kernel_is_a_conv3d():
+@pytest.mark.parametrize("kernel,padding,groups", [((3, 3, 3), (1, 1, 1), 1), ((3, 1, 1), (1, 0, 0), 2)],
+                         ids=["3x3x3", "across frames in 2 groups"])
+def test_frame_conv_with_another_kernel_is_a_conv3d(kernel, padding, groups):
     torch.manual_seed(0)
-    conv = FrameConv(8, 8, (3, 3, 3), padding=(1, 1, 1))
+    conv = FrameConv(8, 8, kernel, padding=padding, groups=groups)
     x = torch.randn(1, 8, 4, 5, 5)
     with torch.no_grad():
         torch.testing.assert_close(conv(x), _conv3d_twin(conv)(x))

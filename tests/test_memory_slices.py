@@ -87,6 +87,20 @@ def test_motion_model_in_slices_gives_the_same_noise(monkeypatch, chunk):
     torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
 
 
+def test_motion_model_with_attention_chunks_gives_the_same_noise():
+    """attn_chunk splits the spatial attention's queries and the motion modules' pixel positions: same result."""
+    model = motion_model("v2")
+    frames = 4
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(frames, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 64, generator=g).repeat_interleave(frames, dim=0)
+    t = torch.full((frames,), 400.0)
+    with torch.no_grad():
+        whole = model(x, t, ctx, frames)
+        chunked = model(x, t, ctx, frames, attn_chunk=5)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_svd_unet_in_slices_gives_the_same_output(monkeypatch):
     model = svd_unet()
     frames, videos = 3, 2

@@ -4,7 +4,7 @@ import torch
 
 from kinema.models import checkpoint, demo
 from kinema.models.errors import KinemaError
-from kinema.models.motion import MotionModel, MotionModuleSet, infer_motion_config
+from kinema.models.motion import MotionModel, MotionModule, MotionModuleSet, infer_motion_config
 from kinema.models.unet import UNetModel, infer_unet_config
 
 F, HW = 4, 8
@@ -87,9 +87,24 @@ def test_a_motion_module_computes_in_its_own_precision_inside_a_unet_in_another(
     assert out.dtype == dtype and bool(torch.isfinite(out).all())
 
 
-def test_temporal_off_keeps_frames_independent_and_on_couples_them(unet, inputs):
+def test_motion_scale_multiplies_the_temporal_update():
+    """Scale s adds s times the update of scale 1 (scales below, near and above 1)."""
+    g = torch.Generator().manual_seed(0)
+    module = MotionModule(32, 8, 24).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        x = torch.randn(F, 32, 4, 4, generator=g)
+        update = module(x, F) - x
+        assert float(update.abs().max()) > 0.1
+        for s in (0.5, 0.8, 1.5):
+            torch.testing.assert_close(module(x, F, s) - x, s * update, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("version", ["v1", "v3"])  # v1: its cross-frame UNet norms are off with the motion
+def test_temporal_off_keeps_frames_independent_and_on_couples_them(unet, inputs, version):
     x, t, ctx = inputs
-    video = MotionModel(unet, _motion("v3"))
+    video = MotionModel(unet, _motion(version))
     x2 = x.clone()
     x2[3] += 1.0
     off_a, off_b = _run(video, x, t, ctx, temporal=False), _run(video, x2, t, ctx, temporal=False)

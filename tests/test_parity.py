@@ -29,8 +29,10 @@ from fixtures import (  # noqa: E402
     diffusers_unet2d,
     diffusers_unet_config,
     diffusers_vae,
+    motion_adapter,
     motion_adapter_config,
     motion_model,
+    motion_modules,
     motion_state_dict,
     sd15_state_dict,
     unet,
@@ -76,6 +78,20 @@ def test_unet_matches_diffusers(h, w):
         ours = unet()(x, t, ctx)
         ref = diffusers_unet2d()(x, t, ctx).sample
     assert_net_close(ours, ref, "UNet eps")
+
+
+def _norm_eps(model, kind: str) -> list[float]:
+    return [m.norm.eps for m in model.modules() if type(m).__name__ == kind]
+
+
+def test_transformer_group_norms_have_the_eps_of_diffusers():
+    """The spatial and temporal transformers' GroupNorm eps (1e-6, not torch's 1e-5): the parity runs' activations
+    are too large for eps to show, so it is compared here on diffusers' modules of the same configs."""
+    ours, ref = _norm_eps(unet(), "SpatialTransformer"), _norm_eps(diffusers_unet2d(), "Transformer2DModel")
+    assert len(ours) == len(ref) > 0 and set(ours) == set(ref) == {1e-6}
+    ours = _norm_eps(motion_modules("v2"), "TemporalTransformer")
+    ref = _norm_eps(motion_adapter("v2"), "AnimateDiffTransformer3D")
+    assert len(ours) == len(ref) > 0 and set(ours) == set(ref) == {1e-6}
 
 
 # -- motion modules ----------------------------------------------------------------------------------------------

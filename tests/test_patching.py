@@ -94,6 +94,39 @@ def test_a_name_the_model_does_not_have_is_an_error_when_the_copy_is_made():
         replace_parameters(nn.Sequential(nn.Linear(2, 2)), {"3.weight": torch.zeros(2, 2)})
 
 
+def test_a_compute_that_leaves_a_weight_out_is_an_error():
+    from kinema.models.errors import KinemaError
+
+    copy = defer(nn.Sequential(nn.Linear(2, 2)), ["0.weight"], lambda current: {})
+    with pytest.raises(KinemaError, match="internal error: no new weight was computed for '0.weight'"):
+        materialize(copy)
+    assert is_deferred(copy)
+
+
+def test_new_weights_are_parameters_that_need_no_gradient():
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    replaced = replace_parameters(base, {"0.weight": torch.zeros(4, 4)})
+    deferred = materialize(defer(base, ["1.weight"], lambda current: {n: w.detach() * 2 for n, w in current.items()}))
+    for new in (replaced[0].weight, deferred[1].weight):
+        assert isinstance(new, nn.Parameter) and not new.requires_grad
+    assert base[0].weight.requires_grad and base[1].weight.requires_grad  # the original's are untouched
+
+
+def test_a_deferred_copy_of_a_deferred_copy_is_made_from_its_computed_weights():
+    base = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def plus(value):
+        return lambda current: {n: w.detach() + value for n, w in current.items()}
+
+    first = defer(base, ["0.weight", "1.weight"], plus(1.0))
+    second = defer(first, ["1.weight"], plus(10.0))
+    assert not is_deferred(first) and is_deferred(second)  # its root was materialized first
+    materialize(second)
+    assert torch.equal(second[0].weight, base[0].weight + 1.0)
+    assert torch.equal(second[1].weight, base[1].weight + 1.0 + 10.0)
+    assert torch.equal(first[1].weight, base[1].weight + 1.0)
+
+
 def test_casting_a_deferred_merge_casts_the_merged_weights():
     base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     a = _pairs(3)

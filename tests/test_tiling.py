@@ -38,6 +38,24 @@ def test_blending_is_exact_for_a_local_function():
         assert torch.allclose(run_tiled(up, x, tiles, 8), up(x), atol=1e-6)
 
 
+def test_blend_ramps_are_linear_over_the_overlaps_at_pixel_centres():
+    """A tile's weight is min(1, (i + 0.5) / left overlap, (length - i - 0.5) / right overlap) at its pixel i, so
+    the falling ramp of one tile and the rising ramp of the next add up to 1 across their overlap."""
+    def by_hand(length, left, right):
+        return [min(1.0, (i + 0.5) / left if left else 1.0, (length - i - 0.5) / right if right else 1.0)
+                for i in range(length)]
+
+    first = tiling._ramp(8, 0, 8, 20, None, 5)  # the next tile starts at 5: 3 shared pixels
+    middle = tiling._ramp(10, 5, 15, 20, 8, 12)  # 3 shared with the previous tile, 3 with the next
+    last = tiling._ramp(8, 12, 20, 20, 15, None)
+    assert first.tolist() == pytest.approx([1, 1, 1, 1, 1, 5 / 6, 1 / 2, 1 / 6], abs=1e-12)
+    for got, want in ((first, by_hand(8, 0, 3)), (middle, by_hand(10, 3, 3)), (last, by_hand(8, 3, 0))):
+        assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, abs=1e-12)
+    assert (first[5:] + middle[:3]).tolist() == pytest.approx([1, 1, 1], abs=1e-12)
+    assert (middle[7:] + last[:3]).tolist() == pytest.approx([1, 1, 1], abs=1e-12)
+    assert torch.equal(tiling._ramp(6, 0, 6, 6, None, None), torch.ones(6, dtype=torch.float64))
+
+
 def test_a_tile_as_large_as_the_image_is_the_untiled_result_exactly():
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(decode_frames(sd_vae(), latent, tiles=TileOptions(8, 2)), decode_frames(sd_vae(), latent))
