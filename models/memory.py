@@ -117,12 +117,15 @@ def available_bytes(device: torch.device | str) -> int | None:
     return None
 
 
-def check_fits(needed: int, device: torch.device | str, what: str, remedies: str) -> None:
+def check_fits(needed: int, device: torch.device | str, what: str, remedies: str, wanted: int = 0) -> None:
     """Raise ``KinemaOutOfMemoryError`` before allocating when ``needed`` bytes clearly exceed the free memory of
-    ``device``, after asking the host to free that much (ComfyUI unloads its idle models)."""
+    ``device``, after asking the host to free that much (ComfyUI unloads its idle models). ``wanted``: what the
+    faster way would take where the work falls back to ``needed`` by itself when memory runs out (cond and uncond
+    batched): the host is asked to free that much, but only ``needed`` is required."""
+    asked = max(needed, wanted)
     free = available_bytes(device)
-    if free is not None and needed > free:
-        placement.make_room(needed, device)
+    if free is not None and asked > free:
+        placement.make_room(asked, device)
         free = available_bytes(device)
     if free is not None and needed > free:
         raise KinemaOutOfMemoryError(f"{what} needs about {placement.gib(needed)} but {torch.device(device).type} "

@@ -153,16 +153,20 @@ def _check_latent(latent: torch.Tensor, opts: SampleOptions, model) -> int:
 
 
 def _check_fits(model, latent: torch.Tensor, opts: SampleOptions, guided: bool, device: torch.device) -> None:
-    """KinemaError before anything is allocated when the frames sampled at once clearly cannot fit."""
+    """KinemaError before anything is allocated when the frames sampled at once clearly cannot fit, one
+    conditioning at a time (``guided``: the sampler batches cond and uncond, and goes one after the other by
+    itself when that runs out of memory: the host is asked for room for the batch, the run needs one's)."""
     frames = latent.shape[0]
     window = frames if opts.context is None else min(frames, opts.context.context_length)
-    batch = 2 if (guided and opts.batch_cond) else 1
+
+    def needs(batch: int) -> int:
+        return video_activation_bytes(window, batch, latent.shape[-2], latent.shape[-1],
+                                      model.unet.cfg.model_channels, model.unet.dtype)
+
     size = f"{latent.shape[-1] * 8}x{latent.shape[-2] * 8}"
-    check_fits(video_activation_bytes(window, batch, latent.shape[-2], latent.shape[-1],
-                                      model.unet.cfg.model_channels, model.unet.dtype), device,
-               f"sampling {window} frames at once at {size}",
+    check_fits(needs(1), device, f"sampling {window} frames at once at {size}",
                "lower the frame count or the size, or connect Context Options (Kinema) to the sampler to sample "
-               "in windows of frames")
+               "in windows of frames", wanted=needs(2) if guided and opts.batch_cond else 0)
 
 
 def sample_video(

@@ -102,7 +102,7 @@ def _fit_check_sizes(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("cfg, with_negative, temporal_scale, batch_cond, batch", [
+@pytest.mark.parametrize("cfg, with_negative, temporal_scale, batch_cond, batch", [  # batch: the wanted one
     (5.0, True, 1.0, True, 2),
     (5.0, True, 1.0, False, 1),  # cond and uncond one after the other
     (1.0, True, 1.0, True, 1),  # cfg 1 runs no uncond
@@ -116,7 +116,7 @@ def test_the_memory_check_sizes_the_batch_the_sampler_runs(monkeypatch, cfg, wit
     model = motion_model("v2").with_options(temporal_scale=temporal_scale)
     opts = pipelines.SampleOptions(steps=1, cfg=cfg, batch_cond=batch_cond)
     pipelines.sample_video(model, pos, neg if with_negative else None, torch.zeros(4, 4, 4, 4), opts)
-    assert seen == [(4, batch)]
+    assert seen == [(4, 1)] + ([(4, batch)] if batch > 1 else [])  # needed: one conditioning at a time
 
 
 def test_the_memory_check_sizes_one_context_window(monkeypatch):
@@ -126,11 +126,31 @@ def test_the_memory_check_sizes_one_context_window(monkeypatch):
     assert seen == [(4, 1)]
 
 
+def test_a_video_that_fits_one_conditioning_at_a_time_is_sampled(monkeypatch):
+    """Cond and uncond batched need twice the memory, but the sampler goes one after the other by itself when the
+    batch runs out of it: the run is refused only where one conditioning cannot fit. The host is asked to free
+    room for the batch first."""
+    from kinema.models import memory, placement
+
+    model, latent = motion_model("v2"), torch.zeros(4, 4, 4, 4)
+    one = memory.video_activation_bytes(4, 1, 4, 4, model.unet.cfg.model_channels, model.unet.dtype)
+    asked, free = [], {"bytes": one * 3 // 2}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: free["bytes"])
+    monkeypatch.setattr(placement, "make_room", lambda nbytes, device: asked.append(nbytes))  # any device
+    opts = pipelines.SampleOptions(steps=1, cfg=5.0)
+    assert pipelines.sample_video(model, *_conds(), latent, opts).shape == latent.shape
+    assert asked == [2 * one]
+    free["bytes"] = one - 1
+    with pytest.raises(KinemaError, match="sampling 4 frames at once at 32x32 needs about .*Context Options"):
+        pipelines.sample_video(model, *_conds(), latent, opts)
+
+
 def test_the_svd_memory_check_sizes_the_batch_its_per_frame_guidance_runs(monkeypatch, tmp_path):
     from fixtures_svd_pipeline import tiny_img2vid
 
     bundle, cond, uncond, latent = tiny_img2vid(str(tmp_path), frames=3, size=64)
     seen = _fit_check_sizes(monkeypatch)
-    for cfg, model, batch in ((2.5, bundle.model, 2), (1.0, bundle.model.with_options(min_cfg=1.0), 1)):
+    for cfg, model, wanted in ((2.5, bundle.model, [(3, 2)]), (1.0, bundle.model.with_options(min_cfg=1.0), [])):
         pipelines.sample_img2vid(model, cond, uncond, latent, pipelines.SampleOptions(steps=1, cfg=cfg))
-        assert seen.pop() == (3, batch)  # every frame's cfg 1: no uncond evaluation
+        assert seen == [(3, 1), *wanted]  # every frame's cfg 1: no uncond evaluation to batch
+        seen.clear()
