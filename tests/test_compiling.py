@@ -189,6 +189,30 @@ def test_without_options_the_net_runs_as_it_is(monkeypatch):
     assert torch.equal(compiling.run(net, None, x), net(x))
 
 
+def test_the_compile_mode_reaches_torch_compile(monkeypatch):
+    """The mode goes to torch.compile with inductor (default: torch's own, no mode given); eager takes none."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: asked.append(kwargs) or fn)
+    for opts in (CompileOptions(mode="max-autotune-no-cudagraphs"), CompileOptions(),
+                 CompileOptions(backend="eager", mode="max-autotune-no-cudagraphs")):
+        assert compiling._compiled(compiling._call, opts, dynamic=False) is compiling._call
+    assert asked == [{"backend": "inductor", "mode": "max-autotune-no-cudagraphs", "dynamic": False},
+                     {"backend": "inductor", "mode": None, "dynamic": False},
+                     {"backend": "eager", "mode": None, "dynamic": False}]
+
+
+def test_the_log_says_a_compile_is_coming_once_per_input_size(monkeypatch, caplog):
+    """The first call with new input sizes compiles (minutes): said in the log once per size (nothing compiled
+    here: the compiled function stands in as the plain call)."""
+    monkeypatch.setattr(compiling, "_seen", set())
+    monkeypatch.setattr(compiling, "compiled_call", lambda opts: compiling._call)
+    net = torch.nn.Linear(3, 2)
+    with caplog.at_level("INFO", logger="kinema"):
+        for rows in (1, 2, 1, 2):
+            compiling.run(net, EAGER, torch.ones(rows, 3))
+    said = [r.getMessage() for r in caplog.records if "torch.compile (eager) of the Linear" in r.getMessage()]
+    assert len(said) == 2 and "[1, 3] float32" in said[0] and "[2, 3] float32" in said[1], said
+
 # -- the VAE decoders (Compile VAE) -------------------------------------------------------------------------------
 
 def _vae(kind: str):

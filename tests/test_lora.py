@@ -645,13 +645,15 @@ def test_lora_node(nodes, host_dirs):
     (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")
     before_unet, before_te = snapshot(model.unet), snapshot(clip.model)
     loader = nodes["KinemaLoRALoader"]()
-    assert loader.apply(video, clip, demo.DEMO_LORA, 0.0, 0.0) == (video, clip)
+    both = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 0.0)
+    assert both[0] is video and both[1] is clip
     new_model, new_clip = loader.apply(video, clip, demo.DEMO_LORA, 1.0, 0.0)
     assert new_clip is clip and new_model.unet is not video.unet and new_model.motion is mm
     assert new_model.beta_schedule == video.beta_schedule and new_model.name == video.name
     new_model2, new_clip2 = loader.apply(new_model, clip, demo.DEMO_ADAPTER_LORA, 1.0, 1.0)
     assert new_clip2 is clip  # the adapter has no text-encoder weights
-    _, te_only = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 1.0)
+    same_model, te_only = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 1.0)
+    assert same_model is video  # strength_model 0: the model as it came, no copy
     assert te_only is not clip and not torch.equal(te_only.encode("a fox")[0], clip.encode("a fox")[0])
     _, te_half = loader.apply(video, clip, demo.DEMO_LORA, 0.0, 0.5)  # the clip strength reaches the merge
     _, want = lora.apply_sd15_loras(video.unet, clip, [(lora.load_sd15_lora(host_dirs.resolve_model(

@@ -185,6 +185,12 @@ def test_too_many_frames_for_the_motion_module(nodes, host_dirs):
         nodes["KinemaVideoSampler"]().sample(video, pos, pos, latent, 0, 1, 7.5, "euler", "normal", 1.0)
 
 
+def test_the_motion_module_loader_loads_in_its_precision(nodes, host_dirs):
+    loader = nodes["KinemaMotionModuleLoader"]()
+    for precision, dtype in (("fp16", torch.float16), ("fp32", torch.float32)):
+        (mm,) = loader.load("kinema_demo_mm_v2.safetensors", precision)
+        assert {p.dtype for p in mm.parameters()} == {dtype}, precision
+
 def test_interrupt_stops_the_sampler_within_a_step(nodes, host_dirs):
     model, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
     (pos,) = nodes["KinemaTextEncode"]().encode(clip, "x")

@@ -7,7 +7,7 @@ import torch
 from conftest import load_pack
 from fixtures import motion_model
 from fixtures_offload import HW, Residency, cpu_block_offload, sample_small
-from kinema.models import pipelines
+from kinema.models import offload, pipelines
 from kinema.models.errors import KinemaError
 from kinema.models.offload import BlockStreamer, OffloadOptions, stream_blocks
 
@@ -128,6 +128,8 @@ def test_offload_options_are_checked():
         OffloadOptions(mode="block", device="cpu", resident=0).validate()
     with pytest.raises(KinemaError, match="compute device"):
         OffloadOptions(mode="model").validate()
+    with pytest.raises(KinemaError, match="attention chunk must be 0"):
+        OffloadOptions(attn_chunk=-1).validate()
 
 
 def test_memory_policy_node():
@@ -186,3 +188,54 @@ def test_the_memory_policy_reaches_the_sampler():
                                pipelines.SampleOptions(seed=7, steps=2, cfg=5.0, attn_chunk=-64))
     # the same video up to fp32 rounding (another batch split and attention order, amplified over the steps)
     assert float((policy - sample_small(motion_model("v2"))).abs().max()) <= 1e-4 * float(policy.abs().max())
+
+
+def test_a_move_interrupted_half_way_leaves_every_tensor_where_it_was(monkeypatch):
+    """Ctrl+C (or any ``BaseException``) during a move puts back what was moved, as an out-of-memory error does,
+    and is not swallowed."""
+    net = torch.nn.Linear(3, 3)
+    net.register_buffer("table", torch.arange(3.0))
+    before = [(t.data_ptr(), t.device) for t in (*net.parameters(), *net.buffers())]
+    real, calls = torch.Tensor.to, []
+
+    def to(self, *args, **kwargs):  # a copy elsewhere; the second is interrupted
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs).clone()
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(KeyboardInterrupt):
+        offload.bring(net, torch.device("cpu", 1))
+    assert len(calls) == 2 and [(t.data_ptr(), t.device) for t in (*net.parameters(), *net.buffers())] == before
+
+
+def test_after_use_the_storage_copies_come_back_and_what_was_on_the_device_goes_to_storage(monkeypatch):
+    """``return_to``: the tensors ``bring`` moved get their storage copies back (the same tensors, as they were:
+    nothing is copied back from the device), and a tensor on the device without a storage copy is moved to
+    storage. A CPU-only stand-in for a second device: "cpu:1" copies are clones, followed by their data pointers."""
+    device, copies = torch.device("cpu", 1), []  # the copies on the device, kept: their addresses stay theirs
+
+    def on_device(t):
+        return any(t.data_ptr() == c.data_ptr() for c in copies)
+
+    def to(self, where, *args, **kwargs):
+        if (torch.device(where) == device) == on_device(self):
+            return self  # already there
+        moved = self.clone()
+        if torch.device(where) == device:
+            copies.append(moved)
+        return moved
+
+    net = torch.nn.Linear(3, 3)
+    before = [(t.data, t.data.clone()) for t in net.parameters()]
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    stash = offload.bring(net, device)
+    assert len(stash) == 2 and all(on_device(t) for t in net.parameters())
+    for t in net.parameters():
+        t.data.fill_(7.0)  # what happens on the device never comes back
+    net.register_buffer("table", torch.arange(3.0).to(device))  # on the device, with no storage copy
+    offload.return_to(net, stash, torch.device("cpu"))
+    after = list(net.parameters())
+    assert all(a.data_ptr() == s.data_ptr() and torch.equal(a, v) for a, (s, v) in zip(after, before))
+    assert not on_device(net.table) and torch.equal(net.table, torch.arange(3.0))

@@ -175,6 +175,38 @@ def test_the_host_asks_comfyui_to_make_room_before_a_model_comes_in(monkeypatch)
     assert asked == [(80 + (256 << 20), torch.device("cuda"))]
 
 
+def test_a_models_size_counts_its_buffers_and_the_cpu_needs_no_room(monkeypatch):
+    """What the host is asked to free for a model is its parameters and its buffers (a motion module's positional
+    tables); the CPU is never asked for (ComfyUI frees the accelerator)."""
+    net = torch.nn.Linear(4, 4)  # 20 floats
+    net.register_buffer("table", torch.zeros(1 << 18))  # 1 MiB
+    assert placement.module_bytes(net) == 80 + (1 << 20)
+    asked = []
+    monkeypatch.setattr(placement, "_make_room", lambda size, device: asked.append((size, device)))
+    placement.make_room(1 << 20, torch.device("cpu"))
+    assert asked == []
+    placement.make_room(1 << 20, torch.device("cuda"))
+    assert asked == [(1 << 20, torch.device("cuda"))]
+
+
+def test_errors_other_than_out_of_memory_pass_unchanged(monkeypatch):
+    """Only the allocator's errors become the pack's out-of-memory error or a retry: a bug (ValueError) is not
+    reported as memory, neither at the first run nor at the retry."""
+    monkeypatch.setattr(memory, "release_cached_memory", lambda: None)
+    bug = ValueError("a bug, not memory")
+    with pytest.raises(ValueError) as caught, memory.remedy_for_out_of_memory("decoding", "lower it"):
+        raise bug
+    assert caught.value is bug
+
+    def run(setting):
+        if setting == "big":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise bug
+
+    with pytest.raises(ValueError) as caught:
+        memory.run_with_oom_retry(run, "big", lambda s: "small", "decoding", "lower it")
+    assert caught.value is bug
+
 def test_after_an_out_of_memory_error_the_host_is_asked_to_unload_its_idle_models(monkeypatch):
     """ComfyUI keeps its own models loaded between prompts: before an out-of-memory retry it is asked to free all it
     can (``placement.make_room_all``), then the cached blocks go back; a failing host does not stop the retry."""
