@@ -58,6 +58,18 @@ def test_hints_are_resized_only_when_the_aspect_ratio_matches():
         addons.fit_hints(torch.rand(1, 3, 480, 640), 288, 512)
 
 
+def test_a_hint_12_percent_off_the_aspect_ratio_is_refused():
+    with pytest.raises(KinemaError, match="aspect ratio"):  # 25x25 hints for a 28x25 video: 12% wider
+        addons.fit_hints(torch.rand(1, 3, 25, 25), 25, 28)
+
+
+def test_hints_are_resized_bilinear_antialiased():
+    hints = torch.rand(2, 3, 32, 48)
+    want = torch.nn.functional.interpolate(hints, size=(16, 24), mode="bilinear", antialias=True,
+                                           align_corners=False)
+    assert torch.equal(addons.fit_hints(hints, 16, 24), want)
+
+
 @pytest.mark.parametrize("images,match", [
     (torch.zeros(0, 64, 64, 3), "0 images"),
     (torch.zeros(64, 64, 3), "IMAGE"),
@@ -71,6 +83,29 @@ def test_bad_hint_images_are_refused(images, match):
 def test_non_finite_strength_is_refused():
     with pytest.raises(KinemaError, match="ControlNet 'd': strength must be a finite number, got nan"):
         addons.control_hint(torch.nn.Identity(), torch.rand(1, 16, 16, 3), strength=float("nan"), name="d")
+
+
+def test_a_looped_window_takes_its_hints_in_window_order():
+    """A uniform_looped window wraps from the last frame to the first: its hints follow the window's frames."""
+    fitted = addons.control_hint(torch.nn.Identity(), torch.rand(4, 16, 16, 3)).prepared(4, 16, 16)
+    assert torch.equal(fitted.hints_for((3, 0)), fitted.hints[[3, 0]])
+
+
+class _FakeAdapter:
+    """An IP-Adapter stand-in whose cross-attention extras name it, the slot, the layer and the weight."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def cross_extra(self, unet_cfg, tokens, weight):
+        return lambda slot, j: [(self.name, slot, j, weight, tuple(tokens.shape))]
+
+
+def test_two_ip_adapters_both_add_their_keys_and_values():
+    tokens = torch.zeros(1, 4, 8)
+    contents = [addons.ImageContent(_FakeAdapter(n), tokens, tokens, weight=w) for n, w in (("a", 0.5), ("b", 1.0))]
+    extra = addons.content_cross_extra(contents, None, 3, [False, True], None, DiscreteSchedule())
+    assert extra("down", 1) == [("a", "down", 1, 0.5, (6, 4, 8)), ("b", "down", 1, 1.0, (6, 4, 8))]
 
 
 def test_a_hint_is_not_used_before_it_is_fitted():

@@ -192,6 +192,12 @@ def test_uniform_windows_match_the_community_schedule():
     ]
 
 
+def test_a_strided_window_reaching_the_last_frame_is_kept_where_it_starts():
+    """f=5, L=2, o=1, stride 2 at step 6 (h = 3/8): the level-2 window starting on frame 2 ends exactly on the
+    last frame (2 + (L - 1) * 2 = 4) and is taken as it is, not pulled back and wrapped."""
+    assert idxs(5, ContextOptions(2, 1, stride=2), 6) == [(2, 3), (3, 4), (0, 1), (2, 4), (0, 2)]
+
+
 def test_uniform_seams_move_from_step_to_step():
     for frames in (20, 33, 50, 77):
         per_step = [frozenset(idxs(frames, ContextOptions(16, 4, 1, "uniform_looped"), s)) for s in range(4)]
@@ -301,6 +307,19 @@ def test_accumulator_holds_one_full_length_buffer():
         acc.add(w, torch.ones(8, 4, 2, 2))
         assert acc.total.shape == (20, 4, 2, 2) and acc.weight_sum.shape == (20,)
     assert torch.equal(acc.result(), torch.ones(20, 4, 2, 2))
+
+
+def test_accumulator_sums_half_precision_in_float32_and_returns_half():
+    acc = WindowAccumulator(4, "flat")
+    acc.add(ContextWindow(4, 4, (0, 1, 2, 3)), torch.full((4, 2), 0.1, dtype=torch.float16))
+    assert acc.total.dtype == torch.float32 and acc.weight_sum.dtype == torch.float32
+    assert acc.result().dtype == torch.float16
+
+
+def test_accumulator_refuses_a_window_one_past_the_last_frame():
+    acc = WindowAccumulator(4, "flat")
+    with pytest.raises(KinemaError, match="outside a video of 4 frames"):
+        acc.add(ContextWindow(5, 2, (3, 4)), torch.zeros(2, 3))
 
 
 # --------------------------------------------------------------------------------------------------------------

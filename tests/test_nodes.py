@@ -29,6 +29,39 @@ def test_every_node_is_a_documented_v1_class(nodes):
             assert t in ("IMAGE", "LATENT", "CONDITIONING", "INT", "FLOAT") or t.startswith("KINEMA_")
 
 
+@pytest.mark.parametrize("node_id,name,key,want", [
+    # SVD's reference settings: 14 frames (SVD; SVD-XT 25), fps 7 (the model is given fps - 1 = 6, the
+    # reference script's fps_id), motion bucket 127 and augmentation 0.02 (its cond_aug), as trained
+    ("KinemaSVDConditioning", "video_frames", "default", 14),
+    ("KinemaSVDConditioning", "fps", "default", 7),
+    ("KinemaSVDConditioning", "motion_bucket_id", "default", 127),
+    ("KinemaSVDConditioning", "augmentation_level", "default", 0.02),
+    # AnimateDiff was trained on linear betas (ComfyUI's sqrt_linear); motion scale goes up to twice the trained one
+    ("KinemaApplyMotionModule", "beta_schedule", "default", "linear"),
+    ("KinemaApplyMotionModule", "motion_scale", "max", 2.0),
+    # a window may be one frame, overlap may be none, up to 8 stride levels; FreeNoise on by default
+    ("KinemaContextOptions", "context_length", "min", 1),
+    ("KinemaContextOptions", "context_overlap", "min", 0),
+    ("KinemaContextOptions", "context_stride", "max", 8),
+    ("KinemaContextOptions", "freenoise", "default", True),
+])
+def test_input_defaults_and_ranges_that_matter(nodes, node_id, name, key, want):
+    assert nodes[node_id].INPUT_TYPES()["required"][name][1][key] == want
+
+
+def test_context_options_default_to_the_widgets_freenoise(nodes):
+    widget = nodes["KinemaContextOptions"].INPUT_TYPES()["required"]["freenoise"][1]["default"]
+    (opts,) = nodes["KinemaContextOptions"]().build(16, 4, "uniform_standard")
+    assert opts.freenoise is widget
+
+
+def test_the_svd_loader_gives_the_model_the_hosts_memory_policy(nodes, host_dirs):
+    from kinema.nodes import host
+
+    model, _, _ = nodes["KinemaSVDLoader"]().load("kinema_demo_svd.safetensors", "fp32")
+    assert model.offload == host.memory_defaults()[0]
+
+
 def test_loaders_list_the_models_folders(nodes, host_dirs):
     ckpts = nodes["KinemaCheckpointLoader"].INPUT_TYPES()["required"]["ckpt_name"][0]
     mms = nodes["KinemaMotionModuleLoader"].INPUT_TYPES()["required"]["model_name"][0]

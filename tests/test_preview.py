@@ -16,6 +16,7 @@ def _video(frames, c=4, h=3, w=5):
 @pytest.mark.parametrize("frames, picks, grid", [
     (1, [0], (1, 1)), (2, [0, 1], (1, 2)), (3, [0, 1, 2], (2, 2)), (16, [0, 5, 10, 15], (2, 2)),
     (7, [0, 2, 4, 6], (2, 2)),
+    (6, [0, 2, 3, 5], (2, 2)),  # linspace(0, 5, 4) = 0, 1.67, 3.33, 5: rounded, not truncated
 ])
 def test_contact_sheet_shows_first_last_and_evenly_spaced_frames(frames, picks, grid):
     x0 = _video(frames)

@@ -286,6 +286,35 @@ def test_noise_latent_scaling():
     assert torch.allclose(sampling.noise_latent(lat, noise, part, s), 3.0 + part[0])
 
 
+def test_noise_latent_scales_pure_noise_only_from_the_schedules_maximum():
+    """Just below sigma_max (a denoise near 1) is latent + sigma * noise; at or above it (pure noise) the noise is
+    scaled by sqrt(1 + sigma^2) and the latent kept, as ComfyUI's eps models."""
+    s = sampling.DiscreteSchedule("linear")
+    top = float(s.sigma_max)
+    lat, noise = torch.full((2,), 3.0), torch.ones(2)
+    below = torch.tensor([0.995 * top, 0.0])
+    assert torch.allclose(sampling.noise_latent(lat, noise, below, s), 3.0 + below[0])
+    above = torch.tensor([1.5 * top, 0.0])
+    assert torch.allclose(sampling.noise_latent(lat, noise, above, s),
+                          torch.full((2,), 3.0 + math.sqrt(1 + float(above[0]) ** 2)))
+
+
+def test_edm_table_is_comfyuis_1000_log_spaced_levels():
+    """ModelSamplingContinuousEDM's table: 1000 levels log-linear from sigma_min to sigma_max, which the
+    table-indexing schedulers (simple) read, and percent_to_sigma log-linear between the ends."""
+    edm = sampling.ContinuousEDMSchedule(0.002, 700.0)
+    assert len(edm.sigmas) == 1000
+    span = math.log(700.0 / 0.002)
+
+    def level(k):
+        return math.exp(math.log(0.002) + k / 999 * span)
+
+    # simple, 4 steps: levels -1, -(1 + 250), -(1 + 500), -(1 + 750) of the table
+    want = [level(999), level(749), level(499), level(249), 0.0]
+    assert sampling.simple_scheduler(edm, 4).tolist() == pytest.approx(want, rel=2e-5)
+    assert edm.percent_to_sigma(0.25) == pytest.approx(math.exp(math.log(0.002) + 0.75 * span), rel=1e-5)
+
+
 def test_ancestral_noise_is_comfyuis_default_noise_sampler():
     """k-diffusion's default_noise_sampler (ComfyUI's KSampler): one generator on the latent's device, seeded
     with the sampling seed, drawn in the latent's dtype step after step."""
