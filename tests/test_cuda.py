@@ -7,7 +7,9 @@
   fp16): the same frames;
 - half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (CUDA's own GroupNorm kernel:
   float32 statistics);
-- a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames.
+- a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames;
+- ancestral samplers' fresh noise drawn from a generator on the GPU, as ComfyUI's; ComfyUI's --cpu-vae: sampling on
+  the GPU, the decode on the CPU.
 
 ``KINEMA_TEST_DEVICE`` runs the device-independent parts on another device (``cpu``: a check of the tests
 themselves on a machine without a GPU).
@@ -42,12 +44,12 @@ def _model(dtype=torch.float32):
     return model
 
 
-def _sample(model, steps=3):
+def _sample(model, steps=3, sampler="euler"):
     g = torch.Generator().manual_seed(3)
     pos, neg = torch.randn(1, 77, 64, generator=g), torch.randn(1, 77, 64, generator=g)
     with torch.no_grad():
         return pipelines.sample_video(model, pos, neg, torch.zeros(FRAMES, 4, HW, HW),
-                                      pipelines.SampleOptions(seed=7, steps=steps, cfg=5.0))
+                                      pipelines.SampleOptions(seed=7, steps=steps, cfg=5.0, sampler=sampler))
 
 
 def _allocated() -> int:
@@ -161,6 +163,72 @@ def test_a_real_out_of_memory_during_decode_is_retried_with_fewer_frames(caplog)
     assert "out of memory" in caplog.text and "retrying once" in caplog.text
 
 
+def test_ancestral_noise_is_drawn_on_the_device_as_comfyuis(monkeypatch):
+    """ComfyUI's ancestral samplers draw their fresh noise from a generator on the latent's device seeded with the
+    seed (k-diffusion's ``default_noise_sampler``): on a GPU a CUDA generator, whose numbers are not the CPU's. The
+    sampler's latent is on the device, so that is where the pack draws it: the same video for the same seed."""
+    from kinema.models import sampling
+
+    like = torch.zeros(2, 4, 8, 8, device=DEVICE)
+    draw, gen = sampling.ancestral_noise_sampler(11), torch.Generator(device=DEVICE).manual_seed(11)
+    for _ in range(2):  # one generator for the whole sampling, as ComfyUI's
+        assert torch.equal(draw(like), torch.randn(like.shape, generator=gen, device=DEVICE))
+    drawn_on, real = [], sampling.ancestral_noise_sampler
+
+    def spy(seed):
+        inner = real(seed)
+
+        def sample(x):
+            drawn_on.append(x.device)
+            return inner(x)
+        return sample
+
+    monkeypatch.setattr(sampling, "ancestral_noise_sampler", spy)
+    model = _model().with_options(offload=OffloadOptions(mode="none", device=str(DEVICE), storage=str(DEVICE)))
+    videos = [_sample(model, sampler="euler_ancestral") for _ in range(2)]
+    assert len(drawn_on) == 2 * 2 and all(d.type == DEVICE.type for d in drawn_on)  # 3 steps: the last draws none
+    assert torch.isfinite(videos[0]).all() and torch.equal(*videos)
+
+
+def test_a_graph_under_cpu_vae_samples_on_the_gpu_and_decodes_on_the_cpu(monkeypatch, host_dirs):
+    """ComfyUI's --cpu-vae on a GPU: the loaders keep the VAE on the CPU (``host.placed_vae``), the sampler runs the
+    UNet on the GPU, and VAE Decode Frames decodes the sampled latent on the CPU without bringing the VAE over."""
+    import types
+
+    from conftest import load_pack
+    from kinema.nodes import host
+
+    mm = types.SimpleNamespace(
+        get_torch_device=lambda: DEVICE, unet_offload_device=lambda: torch.device("cpu"),
+        vae_device=lambda: torch.device("cpu"), throw_exception_if_processing_interrupted=lambda: None,
+        soft_empty_cache=lambda: None)
+    monkeypatch.setattr(host, "_comfy_mm", mm)
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    model, clip, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (mm_v2,) = nodes["KinemaMotionModuleLoader"]().load("kinema_demo_mm_v2.safetensors", "fp32")
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm_v2, 1.0, "linear")
+    assert video.compute_device.type == DEVICE.type
+    (pos,), (neg,) = (nodes["KinemaTextEncode"]().encode(clip, text) for text in ("a fox", ""))
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(4, 64, 48)
+    ran_on = []
+    hook = video.unet.register_forward_pre_hook(lambda m, args: ran_on.append(args[0].device))
+    try:
+        (out,) = nodes["KinemaVideoSampler"]().sample(video, pos, neg, latent, 7, 2, 7.5, "euler", "normal", 1.0)
+    finally:
+        hook.remove()
+    assert ran_on and all(d.type == DEVICE.type for d in ran_on)
+    decoded_on = []
+    hook = vae.decoder.register_forward_pre_hook(lambda m, args: decoded_on.append(args[0].device))
+    before = _allocated()
+    try:
+        (images,) = nodes["KinemaVAEDecodeFrames"]().decode(vae, out, 4)
+    finally:
+        hook.remove()
+    assert decoded_on and all(d.type == "cpu" for d in decoded_on)
+    assert all(p.device.type == "cpu" for p in vae.parameters()) and _allocated() - before < 1 << 20
+    assert images.shape == (4, 48, 64, 3) and torch.isfinite(images).all()
+
+
 @pytest.mark.parametrize("mode", ["model", "block"])
 def test_a_compiled_model_under_offload_gives_the_plain_video(plain, mode):
     """Inductor's CUDA kernels on weights that move: model offload between the calls (one graph of the UNet), block
@@ -192,3 +260,4 @@ def test_a_compiled_temporal_decoder_gives_the_plain_frames():
     tolerance = 0.02 if half == torch.float16 else 0.1  # images in [0, 1]; fused arithmetic rounds elsewhere
     assert float((first - plain).abs().max()) < tolerance
     assert all(p.device.type == "cpu" for p in vae.parameters())  # back in storage
+
