@@ -499,9 +499,11 @@ def _next_counter(folder: str, name: str) -> int:
 def save_path(filename_prefix: str, ext: str, width: int = 0, height: int = 0) -> tuple[str, str, str]:
     """``(full_path, subfolder, filename)`` for a new output file, named ``{prefix}_{counter:05}_.{ext}``.
 
-    ``filename_prefix`` may hold a subfolder (``Kinema/video``) and ComfyUI's
-    ``%width%``/``%date%``-style variables. The folder is created; the name
-    returned never exists yet.
+    ``filename_prefix`` may hold a subfolder (``Kinema/video``; a backslash separates folders too, on every system)
+    and ComfyUI's ``%width%``/``%year%``-style variables. The folder is created; the name returned never exists yet.
+    Inside ComfyUI its ``get_save_image_path`` numbers the file, given the prefix as read here (variables expanded,
+    folders split): ComfyUI itself splits at the system's separator only, so a workflow's ``Kinema\\video`` would be
+    one file name on Linux and a folder on Windows.
     """
     ext = str(ext).lstrip(".")
     if not re.fullmatch(r"[A-Za-z0-9]+", ext):
@@ -512,7 +514,7 @@ def save_path(filename_prefix: str, ext: str, width: int = 0, height: int = 0) -
     try:
         if _folder_paths is not None:
             folder, name, counter, subfolder, _ = _folder_paths.get_save_image_path(
-                filename_prefix, output_dir, width, height)
+                os.path.join(subfolder, name), output_dir, width, height)
         else:
             counter = _next_counter(folder, name)
         os.makedirs(folder, exist_ok=True)

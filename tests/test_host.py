@@ -481,3 +481,21 @@ def test_free_vram_leaves_comfyuis_reserve(monkeypatch):
     assert memory.available_bytes("cuda") == (3 << 30) + (512 << 20) - (1 << 30)
     _comfy(monkeypatch, reserve=0)
     assert memory.available_bytes("cuda") == (3 << 30) + (512 << 20)
+
+
+def test_save_path_gives_comfyui_the_prefix_it_read(monkeypatch, tmp_path):
+    """Inside ComfyUI the file is numbered by its ``get_save_image_path``, which splits a prefix at the system's
+    separator only: it gets the prefix as the pack read it (backslashes as folders, variables expanded), so a
+    workflow's prefix names the same file on every system and outside ComfyUI."""
+    seen, out = [], str(tmp_path / "output")
+
+    def get_save_image_path(prefix, output_dir, width=0, height=0):  # ComfyUI's split and counter, in short
+        seen.append(prefix)
+        sub, name = os.path.split(os.path.normpath(prefix))
+        return os.path.join(output_dir, sub), name, 1, sub, prefix
+
+    monkeypatch.setattr(host, "_folder_paths", types.SimpleNamespace(
+        get_output_directory=lambda: out, get_save_image_path=get_save_image_path))
+    full, sub, name = host.save_path("Kinema\\%width%x%height%\\video", "mp4", 64, 48)
+    assert seen == [os.path.join("Kinema", "64x48", "video")]
+    assert (sub, name) == ("Kinema/64x48", "video_00001_.mp4") and full == os.path.join(out, "Kinema", "64x48", name)
