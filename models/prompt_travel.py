@@ -10,7 +10,8 @@ A keyframe starts with ``<int>:`` at the start of the text, at the start of a li
 or right after a comma (whitespace around it allowed), so ``0: a cat, 16: a dog``
 works on one line and commas inside a prompt are fine unless ``<int>:`` follows
 them. The FizzNodes form ``"0": "a cat", "16": "a dog"`` (quoted keys and values,
-optional surrounding braces, JSON escapes in the values) reads the same. A text
+optional surrounding braces, JSON escapes in the values) reads as FizzNodes reads
+it, as JSON: there a prompt may hold anything, ``, 12:`` and escaped quotes too. A text
 with no keyframe at all is one prompt at frame 0, so a plain prompt still works.
 
 Each keyframe prompt is encoded once; ``frame_contexts`` then gives every frame
@@ -76,6 +77,41 @@ def _prompt_text(raw: str) -> str:
     return text
 
 
+def _frame_number(marker: str, num: str) -> int:
+    """The frame a keyframe ``marker`` (as written, quoted in errors) names with ``num`` (matched loosely)."""
+    if not re.fullmatch(r"[+-]?\d+", num):
+        raise KinemaError(f"keyframe {_quote(marker)}: frame numbers must be whole numbers, got '{num}'")
+    frame = int(num)
+    if frame < 0:
+        raise KinemaError(f"keyframe {_quote(marker)}: frame numbers start at 0, got {frame}")
+    if frame > MAX_FRAME:
+        raise KinemaError(f"keyframe {_quote(marker)}: frame numbers go up to {MAX_FRAME}, got {frame}")
+    return frame
+
+
+def _add_keyframe(keyframes: dict[int, str], marker: str, frame: int, prompt: str) -> None:
+    if not prompt:
+        raise KinemaError(f"keyframe {_quote(marker)} has no prompt: write one after the colon or remove it")
+    if frame in keyframes:
+        raise KinemaError(f"frame {frame} has two keyframes ({_quote(marker)} appears twice): keep one")
+    keyframes[frame] = prompt
+
+
+def _json_schedule(body: str) -> list[tuple[str, str]] | None:
+    """The FizzNodes form read as FizzNodes reads it, a JSON object (braces optional, a trailing comma allowed):
+    ``[(key, prompt)]`` in order, or None when ``body`` is not such an object of quoted numbers and quoted
+    prompts. A prompt may then hold anything JSON allows, ``", 12: 30"`` and escaped quotes included."""
+    if not body.startswith('"'):
+        return None
+    try:
+        pairs = json.loads("{" + re.sub(r",\s*$", "", body) + "}", object_pairs_hook=list)
+    except ValueError:
+        return None
+    if not all(isinstance(v, str) and re.fullmatch(r"\s*[+-]?\d+(?:\.\d*)?\s*", k) for k, v in pairs):
+        return None
+    return pairs
+
+
 def parse_schedule(text: str) -> list[tuple[int, str]]:
     """A prompt schedule -> [(frame, prompt)] sorted by frame.
 
@@ -90,6 +126,13 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
             body = inner
     if not body:
         raise KinemaError("the prompt schedule is empty: write one keyframe a line, e.g. '0: a cat walking'")
+    pairs = _json_schedule(body)
+    if pairs is not None:
+        keyframes: dict[int, str] = {}
+        for key, prompt in pairs:
+            marker = json.dumps(key) + ":"
+            _add_keyframe(keyframes, marker, _frame_number(marker, key.strip()), prompt.strip())
+        return sorted(keyframes.items())
     markers = list(_MARKER.finditer(body))
     if not markers:
         return [(0, body)]
@@ -103,17 +146,10 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
             raise KinemaError(f"the prompt schedule line {_quote(broken.group(0))} starts like a keyframe but is not "
                               "one: write '<frame>: <prompt>' (a whole number, then a colon), or join the line to "
                               "the prompt above it")
-    keyframes: dict[int, str] = {}
+    keyframes = {}
     for i, m in enumerate(markers):
         marker = m.group(0).strip()
-        num = m.group("num")
-        if not re.fullmatch(r"[+-]?\d+", num):
-            raise KinemaError(f"keyframe {_quote(marker)}: frame numbers must be whole numbers, got '{num}'")
-        frame = int(num)
-        if frame < 0:
-            raise KinemaError(f"keyframe {_quote(marker)}: frame numbers start at 0, got {frame}")
-        if frame > MAX_FRAME:
-            raise KinemaError(f"keyframe {_quote(marker)}: frame numbers go up to {MAX_FRAME}, got {frame}")
+        frame = _frame_number(marker, m.group("num"))
         end = markers[i + 1].start() if i + 1 < len(markers) else len(body)
         raw = body[m.end():end]
         if m.group("q"):  # the FizzNodes form: a quoted prompt, closed, with no other quoted key inside
@@ -125,12 +161,7 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
             if text.startswith('"') and (len(text) < 2 or not text.endswith('"')):
                 raise KinemaError(f"keyframe {_quote(marker)}: its prompt {_quote(text)} opens a quote it does not "
                                   "close")
-        prompt = _prompt_text(raw)
-        if not prompt:
-            raise KinemaError(f"keyframe {_quote(marker)} has no prompt: write one after the colon or remove it")
-        if frame in keyframes:
-            raise KinemaError(f"frame {frame} has two keyframes ({_quote(marker)} appears twice): keep one")
-        keyframes[frame] = prompt
+        _add_keyframe(keyframes, marker, frame, _prompt_text(raw))
     return sorted(keyframes.items())
 
 

@@ -37,6 +37,27 @@ def test_parse_schedule_plain_prompts_and_details():
     assert pt.parse_schedule('0: "hello" sign, a cat\n8: b') == [(0, '"hello" sign, a cat'), (8, "b")]
 
 
+def test_the_fizznodes_form_reads_as_json():
+    """FizzNodes reads its schedule as a JSON object: a quoted prompt is one prompt whatever it holds, also a comma
+    followed by ``<int>:`` (which starts a keyframe in the plain form) and escaped quotes."""
+    assert pt.parse_schedule('"0": "a clock, 12: 30 pm", "8": "a dog"') == [(0, "a clock, 12: 30 pm"), (8, "a dog")]
+    assert pt.parse_schedule('"0": "a \\"big\\", 4: cat", "8": "dog"') == [(0, 'a "big", 4: cat'), (8, "dog")]
+    assert pt.parse_schedule('{"8": "b",\n "0": "a, 4: c",\n}') == [(0, "a, 4: c"), (8, "b")]
+    assert pt.parse_schedule('"0": "a",') == [(0, "a")]  # a trailing comma, as FizzNodes allows
+
+
+@pytest.mark.parametrize("text,match", [
+    ('"0": "a", "8": "b", "8": "c, 2: d"', r"frame 8 has two keyframes \('\"8\":'"),
+    ('"0": "a", "-4": "b"', "keyframe '\"-4\":': frame numbers start at 0"),
+    ('"0": "a", "1.5": "b"', "keyframe '\"1.5\":': frame numbers must be whole numbers"),
+    ('"0": "a", "2000000": "b"', "frame numbers go up to 1000000"),
+    ('"0": "a", "8": "  "', "keyframe '\"8\":' has no prompt"),
+])
+def test_the_fizznodes_form_checks_its_keyframes(text, match):
+    with pytest.raises(KinemaError, match=match):
+        pt.parse_schedule(text)
+
+
 @pytest.mark.parametrize("text,match", [
     ("", "the prompt schedule is empty"),
     ("   \n ", "the prompt schedule is empty"),
