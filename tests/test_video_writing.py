@@ -1,0 +1,201 @@
+"""Writing videos: what Save Video (Kinema) does with its frames and prefix, models/video_io.py's channel handling,
+metadata, mp4 layout and argument bounds, and models/demo_media.py's clip and image. Files are read back with
+Pillow, imageio-ffmpeg and the pack's own metadata reader."""
+import json
+import logging
+import os
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from kinema.models import demo_media, video_io
+from kinema.models.errors import KinemaError
+from kinema.nodes import host, video_output
+from PIL import Image
+
+#: three keys: ComfyUI's prompt and workflow, and one more extra_pnginfo key after them
+METADATA3 = {"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}},
+             "workflow": {"nodes": [{"id": 3}], "links": []},
+             "extra": {"note": "a third key"}}
+
+
+@pytest.fixture
+def output_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("KINEMA_DISABLE_METADATA", raising=False)
+    host.set_output_dir(str(tmp_path / "output"))
+    yield tmp_path / "output"
+    host.set_output_dir(None)
+
+
+def _read_rgb(path) -> np.ndarray:
+    """Every frame of an animated gif/webp as uint8 RGB [f, h, w, 3] (Pillow)."""
+    with Image.open(path) as im:
+        frames = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            frames.append(np.asarray(im.convert("RGB")))
+    return np.stack(frames)
+
+
+def _saved(output_dir, out) -> str:
+    entry = out["ui"]["images"][0]
+    return str(output_dir / entry["subfolder"] / entry["filename"])
+
+
+def _noise(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+# -- Save Video (Kinema) -------------------------------------------------------------------------------------------
+
+def test_the_prefix_gets_the_frames_width_and_height_in_that_order(output_dir):
+    """%width% and %height% (ComfyUI's prefix variables) are the frames' width and height: 24 wide, 16 high."""
+    out = video_output.KinemaSaveVideo().save(torch.rand(2, 16, 24, 3), 8.0, "gif", 0, "%width%x%height%/v")
+    assert out["ui"]["images"][0]["subfolder"] == "24x16"
+    assert out["ui"]["images"][0]["filename"] == "v_00001_.gif"
+    assert os.path.isfile(output_dir / "24x16" / "v_00001_.gif")
+
+
+def test_rgba_and_gray_frames_are_saved_as_rgb(output_dir):
+    """An IMAGE with alpha (a Load Image of a PNG) is saved with the alpha dropped and the colours kept; a
+    1-channel IMAGE is saved as gray. Flat colours, so the gif's palette holds them exactly."""
+    rgba = torch.zeros(2, 8, 8, 4)
+    rgba[..., 0], rgba[..., 3] = 1.0, 0.5  # opaque-half red
+    rgba[1, :, :4, 2] = 1.0  # magenta on the left of frame 2
+    node = video_output.KinemaSaveVideo()
+    got = _read_rgb(_saved(output_dir, node.save(rgba, 8.0, "gif", 0, "rgba")))
+    assert np.array_equal(got, video_io.to_uint8(rgba)[..., :3])
+    assert got[1, 0, 0].tolist() == [255, 0, 255] and got[0, 0, 0].tolist() == [255, 0, 0]
+    gray = torch.zeros(2, 8, 8, 1)
+    gray[1] = 0.4
+    got = _read_rgb(_saved(output_dir, node.save(gray, 8.0, "gif", 0, "gray")))
+    assert got.shape == (2, 8, 8, 3) and np.array_equal(got, np.repeat(video_io.to_uint8(gray), 3, axis=-1))
+
+
+def test_nan_frames_are_saved_with_a_warning(output_dir, caplog):
+    """NaN pixels (an fp16 decode gone wrong) are saved as black, and the log says where to look; clean frames
+    save without it."""
+    node = video_output.KinemaSaveVideo()
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        node.save(torch.rand(2, 8, 8, 3), 8.0, "gif", 0, "clean")
+    assert "NaN" not in caplog.text
+    frames = torch.rand(2, 8, 8, 3)
+    frames[1, 2, 3] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = node.save(frames, 8.0, "gif", 0, "nan")
+    assert "Save Video (Kinema): the frames hold NaN or infinite values" in caplog.text
+    assert os.path.isfile(_saved(output_dir, out))
+
+
+# -- video_io.write_video: channels --------------------------------------------------------------------------------
+
+def test_write_video_drops_alpha_and_expands_gray_exactly(tmp_path):
+    """Lossless webp reads back the very pixels: RGBA keeps R, G and B (the alpha, not the red, is dropped); one
+    channel is repeated into three."""
+    rgba = _noise((2, 8, 8, 4), seed=1)
+    p = video_io.write_video(str(tmp_path / "rgba.webp"), rgba, 8, "webp", lossless=True)
+    assert np.array_equal(_read_rgb(p), rgba[..., :3])
+    gray = _noise((2, 8, 8, 1), seed=2)
+    p = video_io.write_video(str(tmp_path / "gray.webp"), gray, 8, "webp", lossless=True)
+    assert np.array_equal(_read_rgb(p), np.repeat(gray, 3, axis=-1))
+
+
+# -- metadata ------------------------------------------------------------------------------------------------------
+
+def test_webp_metadata_with_a_third_key_round_trips(tmp_path):
+    """ComfyUI's EXIF layout: prompt at 0x0110, then the other keys from 0x010F downwards (workflow 0x010F, the
+    next 0x010E): a third key lands below the workflow, never on the prompt's tag."""
+    p = video_io.write_video(str(tmp_path / "m.webp"), _noise((2, 8, 8, 3)), 8, "webp", metadata=METADATA3)
+    assert video_io.read_video_metadata(p) == METADATA3
+    with Image.open(p) as im:
+        exif = im.getexif()
+    assert exif[0x010E] == "extra:" + json.dumps(METADATA3["extra"])
+
+
+def test_mp4_metadata_has_a_comment_and_a_tag_per_key(tmp_path):
+    """The mp4 holds the whole dict as JSON in its comment (how every key, the third too, comes back) and one tag
+    per key besides, like ComfyUI's SaveVideo (custom mp4 tags are kept only with +use_metadata_tags)."""
+    p = video_io.write_video(str(tmp_path / "m.mp4"), _noise((2, 8, 8, 3)), 8, "mp4", metadata=METADATA3)
+    assert video_io.read_video_metadata(p) == METADATA3
+    text = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", p, "-f", "ffmetadata", "-"],
+                          capture_output=True, check=True).stdout.decode("utf-8")
+    tags = video_io._parse_ffmetadata(text)
+    assert {k: json.loads(tags[k]) for k in ("prompt", "workflow", "extra")} == METADATA3
+    assert json.loads(tags["comment"]) == METADATA3
+
+
+# -- mp4 layout ----------------------------------------------------------------------------------------------------
+
+def test_mp4_is_yuv420p_and_pads_only_the_odd_side(tmp_path):
+    """4:2:0 (what every player decodes; libx264 would pick 4:4:4 for RGB input) needs even sizes: frames 15 wide
+    and 20 high are padded to 16x20, the height left as it is."""
+    p = video_io.write_video(str(tmp_path / "odd.mp4"), torch.rand(2, 20, 15, 3), 8, "mp4")
+    frames = imageio_ffmpeg.read_frames(p)
+    meta = next(frames)
+    frames.close()
+    assert meta["pix_fmt"].split("(")[0] == "yuv420p"
+    assert tuple(meta["size"]) == (16, 20)  # width, height
+
+
+# -- write_video's bounds ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt, images, kwargs, match", [
+    ("webp", np.zeros((1, 1, 16384, 3), np.uint8), {}, r"WebP frames can be at most 16383 pixels a side, got 16384x1"),
+    ("mp4", np.zeros((1, 8, 8, 3), np.uint8), {"crf": 60}, r"crf must be in 0\.\.51, got 60"),
+    ("mp4", np.zeros((1, 8, 8, 3), np.uint8), {"crf": -1}, r"crf must be in 0\.\.51, got -1"),
+    ("webp", np.zeros((1, 8, 8, 3), np.uint8), {"quality": 150}, r"quality must be in 0\.\.100, got 150"),
+    ("gif", np.zeros((2, 0, 8, 3), np.uint8), {}, r"Frames have no pixels \(shape \(2, 0, 8, 3\)\)"),
+    ("webp", np.zeros((2, 8, 0, 3), np.uint8), {}, r"Frames have no pixels \(shape \(2, 8, 0, 3\)\)"),
+])
+def test_write_video_refuses_out_of_range_settings_before_encoding(tmp_path, fmt, images, kwargs, match):
+    with pytest.raises(KinemaError, match=match):
+        video_io.write_video(str(tmp_path / f"x.{fmt}"), images, 8, fmt, **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fmt", ["gif", "mp4"])
+def test_a_keyboard_interrupt_during_the_write_leaves_no_file(tmp_path, fmt):
+    """Ctrl+C (not an Exception) while frames are handed over: the hidden .part file is removed all the same."""
+    def interrupt(done, total):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        video_io.write_video(str(tmp_path / f"k.{fmt}"), _noise((3, 8, 8, 3)), 8, fmt, on_frame=interrupt)
+    assert os.listdir(tmp_path) == []
+
+
+# -- models/demo_media.py ------------------------------------------------------------------------------------------
+
+def test_write_demo_clip_is_lossless_and_loops_forever(tmp_path):
+    """The written clip decodes to the generator's pixels exactly and plays forever at the demo fps."""
+    p = demo_media.write_demo_clip(str(tmp_path / "demo.webp"), frames=4, size=32)
+    assert p == str(tmp_path / "demo.webp")
+    assert np.array_equal(_read_rgb(p), demo_media.demo_clip_frames(4, 32))
+    with Image.open(p) as im:
+        assert im.info["loop"] == 0
+        durations = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            im.load()  # Pillow reads a WebP frame's duration with its pixels
+            durations.append(im.info["duration"])
+    assert durations == [1000 / demo_media.DEMO_CLIP_FPS] * 4
+
+
+def test_demo_image_is_the_bundled_png():
+    """The bundled init image is the clip's first frame drawn at 512 and centre-cropped to 512x288."""
+    with Image.open(os.path.join(ROOT, "workflows", "inputs", demo_media.DEMO_IMAGE_NAME)) as im:
+        bundled = np.asarray(im.convert("RGB"))
+    image = demo_media.demo_image()
+    assert image.shape == (288, 512, 3) and np.array_equal(image, bundled)
+    assert np.array_equal(image, demo_media.demo_clip_frames(1, 512)[0, 112:400])
+
+
+@pytest.mark.parametrize("frames, size", [(1, 8), (1, 15), (0, 64)])
+def test_the_demo_clip_needs_a_frame_and_16_pixels(frames, size):
+    with pytest.raises(ValueError, match="at least 1 frame and 16 pixels a side"):
+        demo_media.demo_clip_frames(frames, size)
+    assert demo_media.demo_clip_frames(1, 16).shape == (1, 16, 16, 3)
