@@ -67,6 +67,8 @@ def test_the_fizznodes_form_checks_its_keyframes(text, match):
     ("0: a cat, 8: a dog, -4: a bird", "keyframe '-4:': frame numbers start at 0"),
     ("0: a cat\n8: a dog\n8: a bird", r"frame 8 has two keyframes \('8:'"),
     ("0: a cat\n1.5: a dog", "keyframe '1.5:': frame numbers must be whole numbers, got '1.5'"),
+    ("0: a cat\n8.: a dog", "keyframe '8.:': frame numbers must be whole numbers, got '8.'"),
+    ("0: a cat\n-1: a dog", "keyframe '-1:': frame numbers start at 0, got -1"),
     ("0: a cat\n8; a dog", "line '8; a dog' starts like a keyframe but is not one"),
     ("0: a cat\n8a: a dog", "line '8a: a dog' starts like a keyframe"),
     ("0: a cat\n1e3: a dog", "line '1e3: a dog' starts like a keyframe"),
@@ -204,6 +206,7 @@ def test_frame_contexts_keeps_the_dtype():
     ([0, 4], 3, 8, "lerp", "2 keyframes but 3 encodings"),
     ([4, 0, 8], 3, 8, "lerp", "increasing"),
     ([0, 4, 4], 3, 8, "lerp", "increasing"),
+    ([-4, 4], 2, 8, "lerp", r"increasing frame numbers from 0, got \[-4, 4\]"),
     ([0, 4, 8], 3, 8, "cubic", "unknown interpolation 'cubic'"),
     ([0, 4, 8], 3, 0, "lerp", "at least 1 frame"),
 ])
@@ -368,6 +371,7 @@ def test_sampler_passes_per_frame_contexts_to_the_pipeline(conditioning_nodes, c
     (lambda c: [[c[0][0], {**c[0][1], "mask": torch.ones(1, 8, 8)}]], "a mask \\(ConditioningSetMask\\)"),
     (lambda c: [[c[0][0], {**c[0][1], "strength": 2.0}]], "a strength other than 1"),
     (lambda c: [[c[0][0], {**c[0][1], "start_percent": 0.5, "end_percent": 1.0}]], "a timestep range"),
+    (lambda c: [[c[0][0], {**c[0][1], "gligen": ("position", None, [])}]], "GLIGEN boxes"),
     (lambda c: [[c[0][0], {**c[0][1], "concat_latent_image": torch.zeros(1, 4, 8, 8)}]],
      "SVD_img2vid_Conditioning.*SVD Image Conditioning \\(Kinema\\)"),
     (lambda c: [[c[0][0].repeat(2, 1, 1), c[0][1]]], "holds 2 prompts but no keyframes"),
@@ -412,3 +416,110 @@ def test_svd_conditioning_changed_by_a_core_node_is_refused():
     assert sampler.image_conditioning([[context.clone(), {sampler.IMAGE_CONDITIONING: cond}]], "positive") is cond
     with pytest.raises(KinemaError, match="image conditioning was changed by a conditioning node"):
         sampler.image_conditioning([[torch.zeros_like(context), {sampler.IMAGE_CONDITIONING: cond}]], "positive")
+
+
+# ---------------------------------------------------------------- edges the tests above leave open
+
+def test_frame_numbers_go_up_to_max_frame_inclusive():
+    """1000000 is the largest frame a keyframe may name (the error says "up to 1000000"): it is accepted, the next
+    one is refused."""
+    assert pt.parse_schedule("0: a\n1000000: b") == [(0, "a"), (1000000, "b")]
+    with pytest.raises(KinemaError, match="keyframe '1000001:': frame numbers go up to 1000000, got 1000001"):
+        pt.parse_schedule("0: a\n1000001: b")
+
+
+def test_a_quoted_prompt_that_is_not_json_loses_its_quotes():
+    """An invalid JSON escape makes the FizzNodes form fall back to the keyframe parser: the quoted prompt is still
+    read without its quotes (and keeps the backslash as written), not as '"a \\q cat"'."""
+    assert pt.parse_schedule('"0": "a \\q cat", "8": "b"') == [(0, "a \\q cat"), (8, "b")]
+
+
+def test_stack_encodings_takes_2d_encodings_of_different_lengths():
+    """Encodings [n_i, d] (no batch axis) are stacked as [k, n, d], as its docstring promises, also when their
+    lengths differ and the shorter one is repeated along the tokens."""
+    short = _encodings(k=1, n=77)[0]
+    long = _encodings(k=1, n=154, seed=1)[0]
+    out = pt.stack_encodings([short, long])
+    assert out.shape == (2, 154, 8)
+    assert torch.equal(out[0], torch.cat([short, short])) and torch.equal(out[1], long)
+
+
+def test_slerp_of_a_short_vector_follows_the_arc():
+    """Only vectors of norm up to 1e-6 have no direction: a short one (norm 5e-4) still turns on the great circle,
+    the norm moving linearly from 5e-4 to 1, instead of taking the straight line."""
+    a = torch.tensor([[5e-4, 0.0]])
+    b = torch.tensor([[0.0, 1.0]])
+    out = pt.interpolate(a, b, torch.tensor([0.5]), "slerp")
+    half = (5e-4 + 1) / 2 * math.sqrt(0.5)  # about 0.3537; the chord's midpoint is [0.00025, 0.5]
+    torch.testing.assert_close(out, torch.tensor([[[half, half]]]), atol=1e-6, rtol=0)
+
+
+def test_resolve_conditioning_lerps_when_no_interpolation_is_named():
+    """A conditioning with keyframes but no ``kinema_interpolation`` (the node's default, lerp) blends the
+    keyframes rather than holding one."""
+    enc = _encodings(k=2)
+    out = pt.resolve_conditioning(enc, {"kinema_keyframes": [0, 4]}, 5)
+    assert torch.equal(out, pt.frame_contexts([0, 4], enc, 5, "lerp"))
+    torch.testing.assert_close(out[1], 0.75 * enc[0] + 0.25 * enc[1])
+
+
+def test_node_refuses_text_inputs_that_are_not_text(conditioning_nodes, clip):
+    """pre_text and app_text are checked like text: a number or None from a broken workflow is a KinemaError
+    naming the input, not an AttributeError from deep inside (or a None silently read as empty)."""
+    node = conditioning_nodes.KinemaPromptSchedule()
+    with pytest.raises(KinemaError, match=r"Prompt Schedule \(Kinema\): 'pre_text' must be text, got int"):
+        node.encode(clip, "0: a cat", "lerp", pre_text=5)
+    with pytest.raises(KinemaError, match=r"Prompt Schedule \(Kinema\): 'app_text' must be text, got NoneType"):
+        node.encode(clip, "0: a cat", "lerp", app_text=None)
+
+
+def test_sampler_passes_per_frame_negative_contexts_to_the_pipeline(conditioning_nodes, clip, monkeypatch):
+    """A Prompt Schedule as the negative travels over the frames as the positive does: the model gets [frames, n, d]
+    with frame f the schedule's value at f."""
+    from kinema.nodes import sampler
+
+    seen = {}
+
+    def spy(model, positive, negative, latent, opts, **kwargs):
+        seen["positive"], seen["negative"] = positive, negative
+        return latent
+
+    monkeypatch.setattr(sampler.pipelines, "sample_video", spy)
+    (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
+    (negative,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: blurry, 4: dark", "lerp")
+    latent = {"samples": torch.zeros(5, 4, 8, 8)}
+    sampler.KinemaVideoSampler().sample(types.SimpleNamespace(beta_schedule="linear"), positive, negative, latent,
+                                        0, 1, 7.5, "euler", "normal", 1.0)
+    enc = negative[0][0]
+    assert seen["negative"].shape == (5, 77, 64) and seen["positive"] is positive[0][0]
+    assert torch.equal(seen["negative"][0], enc[0]) and torch.equal(seen["negative"][4], enc[1])
+    for f in range(1, 4):
+        torch.testing.assert_close(seen["negative"][f], enc[0] + (enc[1] - enc[0]) * f / 4)
+
+
+def test_the_sampler_refuses_an_image_to_video_conditioning_for_a_text_model():
+    """SVD Image Conditioning's output on a text-to-video model would sample from its bare context tensor: refused,
+    naming image-to-video conditioning and what to connect."""
+    from kinema.nodes import sampler
+
+    context = torch.randn(1, 1, 16)
+    cond = [[context, {sampler.IMAGE_CONDITIONING: {"context": context, "concat": torch.zeros(1, 4, 8, 8)}}]]
+    with pytest.raises(KinemaError, match=r"^Video Sampler \(Kinema\): the negative conditioning is an image-to-video "
+                                          r"conditioning, but the model is a text-to-video model: connect Text Encode"):
+        sampler.conditioning_tensor(cond, "negative", 3)
+
+
+def test_the_sampler_takes_core_attention_masks_without_a_warning(conditioning_nodes, clip, monkeypatch, caplog):
+    """Core's text encodings may carry ``attention_mask``, which holds nothing for SD1.5's 77-token chunks: honoured
+    quietly, no "is ignored" warning that would send users looking for a problem."""
+    import logging
+
+    from kinema.nodes import sampler
+
+    monkeypatch.setattr(sampler.pipelines, "sample_video", lambda model, positive, negative, latent, opts, **kw: latent)
+    (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
+    masked = [[positive[0][0], {**positive[0][1], "attention_mask": torch.ones(1, 77)}]]
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        sampler.KinemaVideoSampler().sample(types.SimpleNamespace(beta_schedule="linear"), masked, masked,
+                                            {"samples": torch.zeros(3, 4, 8, 8)}, 0, 1, 7.5, "euler", "normal", 1.0)
+    assert "ignored" not in caplog.text
