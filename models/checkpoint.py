@@ -333,6 +333,11 @@ def sub_state_dict(sd: dict, prefix: str) -> dict[str, torch.Tensor]:
     return {k[n:]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+def _same_but_unit_dims(a: torch.Size, b: torch.Size) -> bool:
+    """Whether two shapes differ only by dimensions of size 1 (a linear weight [o, i] and a 1x1 conv's [o, i, 1, 1])."""
+    return [n for n in a if n != 1] == [n for n in b if n != 1]
+
+
 def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name: str,
                   strict: bool = False) -> nn.Module:
     """Make ``factory()`` on the meta device and assign the state dict's tensors (cast to dtype).
@@ -360,9 +365,9 @@ def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name:
     for k, ref in expected.items():
         t = sd[k]
         if t.shape != ref.shape:
-            if t.numel() == ref.numel():  # e.g. VAE attention stored as linear instead of 1x1 conv
+            if _same_but_unit_dims(t.shape, ref.shape):  # e.g. VAE attention stored as linear, not 1x1 conv
                 t = t.reshape(ref.shape)
-            else:
+            else:  # a transposed or mislaid weight of the same size included: never reshaped into place
                 raise KinemaError(
                     f"'{name}': {what} weight '{k}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
                 )

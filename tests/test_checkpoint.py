@@ -238,6 +238,17 @@ def test_build_on_meta_assigns_without_copy(motion_sd):
     assert not any(p.is_meta for p in module.parameters())
 
 
+def test_build_on_meta_reshapes_only_across_unit_dimensions():
+    """A 1x1 conv's weight stored as a linear one (VAE attention in some files) is the same numbers and is put into
+    shape; a weight of the same size in another shape (transposed, or another layer's) is refused, not reshaped."""
+    conv = checkpoint.build_on_meta(lambda: torch.nn.Conv2d(2, 3, 1), {"weight": torch.arange(6.).reshape(3, 2),
+                                                                       "bias": torch.zeros(3)}, None, "VAE", "v")
+    assert torch.equal(conv.weight, torch.arange(6.).reshape(3, 2, 1, 1))
+    with pytest.raises(KinemaError, match=r"'v': VAE weight 'weight' has shape \(2, 3\), expected \(3, 2\)"):
+        checkpoint.build_on_meta(lambda: torch.nn.Linear(2, 3), {"weight": torch.zeros(2, 3), "bias": torch.zeros(3)},
+                                 None, "VAE", "v")
+
+
 def test_demo_checkpoint_uses_the_published_key_names():
     """Names every real SD1.5 single file and motion module has (read off the published files)."""
     sd = demo.sd15_state_dict()
