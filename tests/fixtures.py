@@ -277,3 +277,27 @@ def cross_frame_resnet_norms(model, frames: int) -> int:
             count += 2
     model.conv_norm_out = CrossFrameGroupNorm(model.conv_norm_out, frames)
     return count + 1
+
+
+class OutOfMemoryAbove:
+    """A VAE that raises the allocator's error when a call holds more than ``frames`` frames or ``pixels`` latent
+    pixels, and records the calls."""
+
+    def __init__(self, vae, frames=99, pixels=10**9):
+        self.vae, self.frames, self.pixels, self.calls = vae, frames, pixels, []
+
+    def __getattr__(self, name):
+        return getattr(self.vae, name)
+
+    def _check(self, x):
+        self.calls.append(tuple(x.shape))
+        if x.shape[0] > self.frames or x.shape[-2] * x.shape[-1] > self.pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    def decode(self, z):
+        self._check(z)
+        return self.vae.decode(z)
+
+    def encode(self, x):  # pixels counted in image pixels
+        self._check(x)
+        return self.vae.encode(x)

@@ -512,3 +512,107 @@ def test_a_motion_module_saved_from_a_ddp_wrapper_loads(tmp_path, motion_sd):
     a = checkpoint.load_motion_module(str(tmp_path / "ddp.safetensors")).state_dict()
     b = checkpoint.load_motion_module(str(tmp_path / "plain.safetensors")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- headers, extensions and errors that pass through -------------------------------------------------------------
+
+@pytest.mark.parametrize("offsets", [b"[-4, 4]", b"[false, 4]", b"[4]", b"[0, 4, 8]"])
+def test_safetensors_data_offsets_must_be_two_whole_numbers_from_zero(tmp_path, offsets):
+    """An entry's data_offsets are exactly two non-negative integers (a JSON false is no 0): anything else is the
+    header's damage named, not safetensors' own error or an IndexError from reading the end offset."""
+    header = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": ' + offsets + b"}}"
+    path = _raw_safetensors(tmp_path / "odd.safetensors", header)
+    with pytest.raises(KinemaError, match=r"^'odd\.safetensors' has a corrupt safetensors header \(its entry 'a' is "
+                                          r"not a tensor description\): the file is damaged, download it again$"):
+        checkpoint.load_state_dict(path)
+
+
+def test_safetensors_header_length_past_100_mib_or_past_the_file_is_named(tmp_path):
+    """A header length over 100 MiB is a bad header, not a file cut short (a large checkpoint's header is a few
+    hundred KB: no download is that far from done); a file cut within its header's last 8 bytes is named truncated,
+    not a header that fails to parse."""
+    import struct
+
+    big = tmp_path / "big.safetensors"
+    big.write_bytes(struct.pack("<Q", 2**30) + b"{}" * 10)
+    with pytest.raises(KinemaError, match=r"^'big\.safetensors' is not a valid safetensors file \(bad header "
+                                          r"length\)$"):
+        checkpoint.load_state_dict(str(big))
+    path = tmp_path / "cut.safetensors"
+    save_file({"a": torch.ones(10)}, str(path))
+    data = path.read_bytes()
+    end = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:end - 5])
+    with pytest.raises(KinemaError, match=rf"^'cut\.safetensors' is truncated: {end - 5} bytes on disk, its header "
+                                          rf"alone is {end}\. Download the file again\.$"):
+        checkpoint.load_state_dict(str(path))
+
+
+def test_running_out_of_memory_while_loading_is_not_called_a_damaged_file(tmp_path, monkeypatch):
+    """Out of memory in torch.load or in building a model passes as itself (ComfyUI frees memory on it), never as
+    'download it again', which would send the user after a file that is fine."""
+    path = tmp_path / "model.ckpt"
+    torch.save({"a": torch.ones(3)}, str(path))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def load(*args, **kwargs):
+        raise oom
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        checkpoint.load_state_dict(str(path))
+    assert info.value is oom
+    with pytest.raises(torch.OutOfMemoryError) as info, checkpoint.damaged_file("x.safetensors", "a VAE"):
+        raise oom
+    assert info.value is oom
+
+
+def test_upper_case_and_sft_extensions_load(tmp_path):
+    """Extensions are matched in any case, and ``.sft`` is safetensors (as ComfyUI's ``load_torch_file`` reads)."""
+    sd = {"a": torch.arange(3.0)}
+    for name in ("model.sft", "MODEL.SafeTensors", "model.SFT"):
+        save_file(sd, str(tmp_path / name))
+    torch.save(sd, str(tmp_path / "model.CKPT"))
+    for name in ("model.sft", "MODEL.SafeTensors", "model.SFT", "model.CKPT"):
+        loaded = checkpoint.load_state_dict(str(tmp_path / name))
+        assert loaded.keys() == {"a"} and torch.equal(loaded["a"], sd["a"]), name
+
+
+# -- formats ------------------------------------------------------------------------------------------------------
+
+def test_svd_is_known_by_its_time_mixer_keys_too():
+    """sgm's video UNet blends its spatial and temporal paths with ``time_mixer`` weights: beside a conditioner
+    they make the file SVD, as ``time_stack`` does; without either it is SDXL."""
+    sdxl = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(1),
+            _UNET + "input_blocks.0.0.weight": torch.zeros(1)}
+    assert checkpoint.detect_format(sdxl) == "sdxl"
+    svd = {**sdxl, _UNET + "input_blocks.1.1.time_mixer.mix_factor": torch.zeros(1)}
+    assert checkpoint.detect_format(svd) == "svd"
+
+
+def test_an_sd_lora_is_not_taken_for_a_motion_lora():
+    """One wanted format is compared whole: an SD LoRA ("lora", a part of "motion_lora") is refused where a
+    MotionLoRA is wanted, with where it belongs."""
+    sd = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}
+    with pytest.raises(KinemaError, match=r"^'x\.safetensors' is a LoRA, not an AnimateDiff MotionLoRA\. It belongs in "
+                                          r"models/loras with the Load LoRA \(Kinema\) node\.$"):
+        checkpoint.expect_format(sd, "motion_lora", "x.safetensors", "an AnimateDiff MotionLoRA")
+    checkpoint.expect_format(sd, ("motion_lora", "lora"), "x.safetensors", "a LoRA")  # one of several: accepted
+
+
+# -- building -----------------------------------------------------------------------------------------------------
+
+def test_build_on_meta_casts_only_floating_tensors_and_returns_eval_mode():
+    """``dtype`` casts the weights, not integer buffers (indices, step counts); the model comes back in eval mode
+    (dropout off) with no gradients."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)
+            self.register_buffer("ids", torch.zeros(4, dtype=torch.int64))
+
+    sd = {"lin.weight": torch.ones(2, 2), "lin.bias": torch.ones(2), "ids": torch.arange(4)}
+    net = checkpoint.build_on_meta(Net, sd, torch.float16, "test net", "n")
+    assert net.lin.weight.dtype == torch.float16 and net.ids.dtype == torch.int64
+    assert torch.equal(net.ids, torch.arange(4))
+    assert not net.training and not net.drop.training and not net.lin.weight.requires_grad

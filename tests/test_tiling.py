@@ -4,6 +4,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import OutOfMemoryAbove
 from fixtures import vae as sd_vae
 from fixtures_svd_pipeline import svd_state_dict
 from kinema.models import checkpoint, memory, tiling
@@ -137,30 +138,6 @@ def test_encode_tiles_must_be_whole_latent_pixels():
 
 
 # -- out of memory ---------------------------------------------------------------------------------------------
-
-class OutOfMemoryAbove:
-    """A VAE that raises the allocator's error when a call holds more than ``frames`` frames or ``pixels`` latent
-    pixels, and records the calls."""
-
-    def __init__(self, vae, frames=99, pixels=10**9):
-        self.vae, self.frames, self.pixels, self.calls = vae, frames, pixels, []
-
-    def __getattr__(self, name):
-        return getattr(self.vae, name)
-
-    def _check(self, x):
-        self.calls.append(tuple(x.shape))
-        if x.shape[0] > self.frames or x.shape[-2] * x.shape[-1] > self.pixels:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
-
-    def decode(self, z):
-        self._check(z)
-        return self.vae.decode(z)
-
-    def encode(self, x):  # pixels counted in image pixels
-        self._check(x)
-        return self.vae.encode(x)
-
 
 def test_decode_out_of_memory_retries_with_half_the_frames(caplog):
     latent = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(4))

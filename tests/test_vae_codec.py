@@ -4,6 +4,7 @@ import contextlib
 import logging
 
 import torch
+from fixtures import OutOfMemoryAbove
 from fixtures import vae as sd_vae
 from kinema.models import vae as vae_ops
 from kinema.models.patching import replace_parameters
@@ -115,3 +116,176 @@ def test_decode_and_encode_frames_without_a_chunk_take_the_default_for_the_frame
     latent = encode_frames(sd_vae(), frames, on_chunk=lambda n, total: done.append((n, total)))
     assert done == [(2, 3), (3, 3)]
     torch.testing.assert_close(latent, encode_frames(sd_vae(), frames, chunk=3), rtol=0, atol=1e-5)
+
+
+# -- out-of-memory retries: what the retry tries (the allocator's error simulated as in test_tiling.py) ---------------
+
+def _out_of_memory_above(vae, **limits):
+    """``test_tiling.OutOfMemoryAbove``: ``vae`` raising the allocator's error on a call above ``limits`` (frames,
+    latent or image pixels), recording every call's shape."""
+
+    return OutOfMemoryAbove(vae, **limits)
+
+
+def test_an_odd_chunk_that_runs_out_of_memory_retries_with_the_smaller_half(caplog):
+    """Half of a 3-frame chunk is 1 frame (rounded down), not 2: a retry with 2 would be nearly the chunk that just
+    failed. The 1-frame chunk then holds for the rest, and the frames come out as decoded whole."""
+    vae = _out_of_memory_above(sd_vae(), frames=1)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae, LATENT, chunk=3)
+    assert [c[0] for c in vae.calls] == [3, 1, 1, 1]
+    assert "ran out of memory with 3 frame(s) a chunk; retrying once with 1 frame(s) a chunk" in caplog.text
+    torch.testing.assert_close(out, decode_frames(sd_vae(), LATENT, chunk=3), rtol=0, atol=1e-5)
+
+
+def test_a_last_short_chunk_that_runs_out_of_memory_goes_to_tiles(caplog):
+    """3 frames at a chunk of 2: the last chunk holds 1 frame. When that one runs out of memory the retry counts
+    the frames left (1, nothing to halve) and tiles it; it never repeats the same 1-frame call."""
+    latent = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(13))
+    latent[2, 0, 0, 0] = 7.0  # marks the last frame
+
+
+    class LastFrameTooLargeWhole(OutOfMemoryAbove):
+        def _check(self, x):
+            self.calls.append(tuple(x.shape))
+            if x.shape[-2:] == (16, 16) and bool((x == 7.0).any()):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    vae = LastFrameTooLargeWhole(sd_vae())
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae, latent, chunk=2)
+    assert out.shape == (3, 128, 128, 3) and bool(torch.isfinite(out).all())
+    assert vae.calls[:3] == [(2, 4, 16, 16), (1, 4, 16, 16), (1, 4, 8, 8)]
+    assert "retrying once with 2 frame(s) a chunk, tiles of 8 overlapping 1" in caplog.text
+
+
+def test_a_tile_as_large_as_the_latent_is_no_tiling_on_retry(caplog):
+    """A tile equal to the latent's side covers it: the retry starts tiling (half the side, overlapping a
+    sixteenth at least 1), not the asked-for tiling halved (which would keep its overlap of 0: hard seams)."""
+    from kinema.models.tiling import TileOptions
+
+    vae = _out_of_memory_above(sd_vae(), pixels=100)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        decode_frames(vae, LATENT[:1].repeat(1, 1, 2, 2), chunk=1, tiles=TileOptions(16, 0))
+    assert vae.calls[0] == (1, 4, 16, 16) and set(vae.calls[1:]) == {(1, 4, 8, 8)}
+    assert "tiles of 16 overlapping 0; retrying once with 1 frame(s) a chunk, tiles of 8 overlapping 1" in caplog.text
+
+
+def test_a_tiled_encode_that_runs_out_of_memory_retries_in_tiles_of_whole_latent_pixels(caplog):
+    """Encode tiles of 136 overlapping 40 that run out of memory are halved to multiples of 8 (64 overlapping 16),
+    not to 68 overlapping 17, which the encoder cannot take (8 pixels to a latent pixel): the retry succeeds."""
+    from kinema.models.tiling import TileOptions
+
+    images = torch.rand(1, 160, 160, 3, generator=torch.Generator().manual_seed(14))
+    vae = _out_of_memory_above(sd_vae(), pixels=100 * 100)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = encode_frames(vae, images, chunk=1, tiles=TileOptions(136, 40))
+    assert out.shape == (1, 4, 20, 20) and bool(torch.isfinite(out).all())
+    assert vae.calls[0] == (1, 3, 136, 136) and set(vae.calls[1:]) == {(1, 3, 64, 64)}
+    assert "tiles of 136 overlapping 40; retrying once with 1 frame(s) a chunk, tiles of 64 overlapping 16" \
+        in caplog.text
+
+
+def test_an_8x8_latent_that_runs_out_of_memory_names_the_setting_instead():
+    """Decode tiles are at least 8 latent pixels (the decoder needs some context): a 1-frame 8x8 latent that runs
+    out of memory has nothing smaller to retry with, so it is named after one call, not retried in 4x4 tiles."""
+    import pytest
+    from kinema.models.errors import KinemaOutOfMemoryError
+
+    vae = _out_of_memory_above(sd_vae(), pixels=63)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"^VAE decoding ran out of memory and there is nothing smaller "
+                                                     r"to retry with: lower frame_chunk or set a tile size on VAE "
+                                                     r"Decode Frames \(Kinema\)$"):
+        decode_frames(vae, LATENT[:1], chunk=1)
+    assert vae.calls == [(1, 4, 8, 8)]
+
+
+def test_encode_pixels_encodes_one_frame_a_call():
+    """``encode_pixels`` (SVD's init image) takes frames in [-1, 1] and encodes them a frame at a time, as
+    ``encode_frames`` with a chunk of 1 does from [0, 1]."""
+    from kinema.models.vae import encode_pixels
+
+    vae = _out_of_memory_above(sd_vae())
+    pixels = IMAGES.permute(0, 3, 1, 2) * 2 - 1
+    out = encode_pixels(vae, torch.cat([pixels, pixels[:1]]), "SVD init image encoding", "lower the size")
+    assert vae.calls == [(1, 3, 64, 64)] * 3
+    torch.testing.assert_close(out, encode_frames(sd_vae(), torch.cat([IMAGES, IMAGES[:1]]), chunk=1),
+                               rtol=0, atol=1e-5)
+
+
+# -- dtypes and the fp32 fallback --------------------------------------------------------------------------------
+
+def test_an_fp16_encode_returns_float32_latents():
+    """An fp16 VAE's latents come back float32 (what the samplers and latent nodes take), close to the fp32 VAE's."""
+    vae16 = cast_weights(sd_vae(), torch.float16)
+    out = encode_frames(vae16, IMAGES)
+    assert out.dtype == torch.float32
+    assert (out - encode_frames(cast_weights(vae16, torch.float32), IMAGES)).abs().max() < 2e-2
+
+
+def test_a_bf16_vae_whose_output_is_not_finite_is_not_run_again_in_fp32(caplog):
+    """Only fp16 output that is not finite means fp16 overflowed: bf16 has fp32's range, so an inf from a bf16 VAE
+    would be an inf in fp32 too; the call is not repeated in fp32 (nor the job switched to it)."""
+    vae = _scaled(cast_weights(sd_vae(), torch.bfloat16), 1e30, "post_quant_conv.weight")
+    latent = LATENT[:1] * 1e6
+    assert not torch.isfinite(cast_weights(vae, torch.float32).decode(latent)).all()  # fp32 does not help
+    with _dtypes_seen(vae.post_quant_conv) as seen, caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae, latent)
+    assert seen == [torch.bfloat16]
+    assert not torch.isfinite(out).all() and "overflowed" not in caplog.text
+
+
+# -- what the codecs refuse ----------------------------------------------------------------------------------------
+
+def test_an_empty_batch_and_a_chunk_of_true_are_refused():
+    """No frames is named (not torch.cat's error on an empty list); True is no frame count (a bool is an int to
+    Python: it would pass as a chunk of 1)."""
+    import pytest
+    from kinema.models.errors import KinemaError
+
+    with pytest.raises(KinemaError, match="^no frames to encode: the image batch is empty$"):
+        encode_frames(sd_vae(), torch.rand(0, 64, 64, 3))
+    for codec, frames in ((decode_frames, LATENT), (encode_frames, IMAGES)):
+        with pytest.raises(KinemaError, match=r"^frame_chunk must be a whole number of frames, 1 or more \(0 on the "
+                                              r"nodes: the default\), got True$"):
+            codec(sd_vae(), frames, chunk=True)
+
+
+# -- config inference --------------------------------------------------------------------------------------------
+
+def test_an_encoder_config_reads_its_latent_width():
+    """An encoder with 16 latent channels (its conv_out gives mean and log-variance: 32) reads as 16, not SD's 4."""
+    from fixtures_temporal_vae import meta_state_dict
+    from kinema.models.vae import VAEConfig, infer_encoder_config
+
+    with torch.device("meta"):
+        sd = meta_state_dict(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), z_channels=16)))
+    assert infer_encoder_config(sd) == VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=16)
+
+
+def test_the_temporal_vae_config_reads_time_mix_conv_attention_and_quant_conv():
+    """SVD's temporal decoder is known by its ``time_stack`` or its ``time_mix_conv`` keys (one without the other is
+    named incomplete, not a plain decoder); temporal attention (``time_mix_block``) is refused; a ``quant_conv``
+    beside the encoder is read into the config."""
+    import pytest
+    from fixtures_temporal_vae import svd_state_dict
+    from kinema.models import checkpoint
+    from kinema.models.errors import KinemaError
+    from kinema.models.vae import (
+        SVD_VAE_PREFIX,
+        infer_temporal_vae_config,
+        is_temporal_vae,
+    )
+
+    fs = checkpoint.sub_state_dict(svd_state_dict(), SVD_VAE_PREFIX)
+    only_mix = {k: v for k, v in fs.items() if ".time_stack." not in k}
+    assert is_temporal_vae(only_mix)
+    with pytest.raises(KinemaError, match=r"^incomplete SVD temporal decoder: 'decoder\.mid\.block_1\.time_stack"):
+        infer_temporal_vae_config(only_mix)
+    with pytest.raises(KinemaError, match=r"^this SVD decoder has temporal attention \('time_mix_block', sgm "
+                                          r"time_mode 'all' or 'attn-only'\): Kinema supports the published SVD "
+                                          r"decoder \(time_mode 'conv-only'\)$"):
+        infer_temporal_vae_config({**fs, "decoder.mid.attn_1.time_mix_block.norm.weight": torch.ones(4)})
+    assert infer_temporal_vae_config(fs).quant_conv is False
+    quant = {"quant_conv.weight": torch.zeros(8, 8, 1, 1), "quant_conv.bias": torch.zeros(8)}
+    assert infer_temporal_vae_config({**fs, **quant}).quant_conv is True
