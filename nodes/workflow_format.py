@@ -20,8 +20,11 @@
   ``"image"``), also never sent;
 * a link into an input replaces the widget value of the same name;
 * muted nodes (mode 2) are dropped and inputs linked to them removed; bypassed
-  nodes (mode 4) are skipped by wiring their consumer to the bypassed node's
-  first input of the consumer's type; ``Reroute`` is followed, a ``PrimitiveNode``
+  nodes (mode 4) are skipped by wiring their consumer to one of the bypassed
+  node's inputs, picked as the frontend picks it: the input of the same index if
+  its type connects to the output's and the consumer's, else the first of the
+  consumer's exact type, else the first that connects to both (LiteGraph's rule:
+  ``*`` connects to anything, ``A,B`` to A or B, case aside); ``Reroute`` is followed, a ``PrimitiveNode``
   passes its value; ``Note``/``MarkdownNote`` are ignored;
 * list values are sent wrapped as ``{"__value__": [...]}``.
 
@@ -103,9 +106,7 @@ class InputSpec:
             return 1 if cag else 0
         if self.is_combo and cag and not self.opts.get("multi_select"):
             return 2  # control + filter list
-        if self.is_combo and cag:
-            return 1
-        return 0
+        return 0  # a multi-select combo is its own widget, without a control
 
     def control_default(self):
         cag = self.opts.get("control_after_generate")
@@ -250,6 +251,34 @@ def _id_key(node_id):
 
 
 # ----------------------------------------------------------------- UI -> API
+def _connectable(a, b) -> bool:
+    """LiteGraph's ``isValidConnection``: an empty, missing or ``*`` type connects to any; ``A,B`` lists connect
+    when a member does; names compare without case."""
+    if a in (None, "", "*", 0) or b in (None, "", "*", 0) or a == b:
+        return True
+    a, b = str(a).lower(), str(b).lower()
+    if "," not in a and "," not in b:
+        return a == b
+    return any(_connectable(x, y) for x in a.split(",") for y in b.split(","))
+
+
+def _bypass_slot(node: dict, slot: int, want) -> int:
+    """The input of a bypassed ``node`` that stands in for its output ``slot`` to a consumer wanting type ``want``,
+    as the frontend's ``getBypassSlotIndex`` picks it; -1 for none (the consumer's input is then not sent)."""
+    ins, outs = node.get("inputs") or [], node.get("outputs") or []
+    out_type = outs[slot].get("type") if 0 <= slot < len(outs) else None
+    if want in ("*", ""):
+        return slot if len(ins) > slot else 0
+
+    def fits(i: int) -> bool:
+        return _connectable(ins[i].get("type"), out_type) and _connectable(ins[i].get("type"), want)
+
+    if 0 <= slot < len(ins) and fits(slot):
+        return slot
+    exact = [i for i, s in enumerate(ins) if s.get("type") == want]
+    return exact[0] if exact else next((i for i in range(len(ins)) if fits(i)), -1)
+
+
 def api_from_ui(ui, node_classes=None, display_names=None):
     """The API prompt the frontend would queue for the UI workflow ``ui``."""
     if not is_ui_format(ui):
@@ -318,7 +347,7 @@ def api_from_ui(ui, node_classes=None, display_names=None):
             if src is None:
                 continue
             parent = nodes.get(src[0])
-            link = src
+            link, want = src, slot.get("type")
             primitive_value = _MISSING
             while parent is not None and (parent.get("mode") == MODE_BYPASSED or is_virtual(parent)):
                 found = False
@@ -334,13 +363,12 @@ def api_from_ui(ui, node_classes=None, display_names=None):
                         found = parent is not None
                 elif link is not None:
                     ins = parent.get("inputs") or []
-                    for c in [link[1]] + list(range(len(ins))):
-                        if c < len(ins) and ins[c].get("type") == slot.get("type"):
-                            link = link_of(ins[c])
-                            if link is not None:
-                                parent = nodes.get(link[0])
-                            found = True
-                            break
+                    c = _bypass_slot(parent, link[1], want)
+                    if 0 <= c < len(ins):
+                        want, link = ins[c].get("type"), link_of(ins[c])
+                        if link is not None:
+                            parent = nodes.get(link[0])
+                        found = True
                 if not found:
                     break
             if link is not None:

@@ -400,3 +400,76 @@ def test_seed_control_is_for_seeds_a_combos_control_stays_randomize():
     node = _node(ui_from_api(full_api(), CLASSES, seed_control="fixed"), 4)
     values = node["widgets_values"]
     assert values[1] == "fixed" and values[values.index("sqrt") + 1] == "randomize"
+
+
+class Tags:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"tags": (["a", "b", "c"], {"multi_select": True, "control_after_generate": True}),
+                             "steps": ("INT", {"default": 20})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "go"
+
+
+def test_a_multi_select_combo_has_no_control_widget():
+    """The frontend makes a multi-select combo its own widget (``addMultiSelectWidget``), with no "control after
+    generate" even when the option asks for one: the value after it is the next input's."""
+    assert [(s.name, extra) for s, extra in widget_specs(input_specs(Tags))] == [("tags", 0), ("steps", 0)]
+    ui = {"nodes": [{"id": 1, "type": "Tags", "mode": 0, "widgets_values": [["a", "c"], 30]}], "links": []}
+    assert api_from_ui(ui, {"Tags": Tags})["1"]["inputs"] == {"tags": {"__value__": ["a", "c"]}, "steps": 30}
+
+
+def _bypassed_graph(inputs, consumer_type="LATENT", output_type="LATENT"):
+    """Loader-like sources 1 (LATENT) and 2 (IMAGE) into a bypassed node 3 whose output 0 feeds Save 4.
+    ``inputs``: the bypassed node's input slots as (type, source node)."""
+    links, slots = [[9, 3, 0, 4, 0, consumer_type]], []
+    for i, (typ, src) in enumerate(inputs):
+        links.append([10 + i, src, 0, 3, i, typ])
+        slots.append({"name": f"in{i}", "type": typ, "link": 10 + i})
+    nodes = [
+        {"id": 1, "type": "Src", "mode": 0, "outputs": [{"name": "LATENT", "type": "LATENT", "links": []}]},
+        {"id": 2, "type": "Src", "mode": 0, "outputs": [{"name": "LATENT", "type": "LATENT", "links": []}]},
+        {"id": 3, "type": "Any", "mode": 4, "inputs": slots,
+         "outputs": [{"name": "out", "type": output_type, "links": [9]}]},
+        {"id": 4, "type": "Save", "mode": 0, "inputs": [{"name": "latent", "type": consumer_type, "link": 9}],
+         "widgets_values": ["v"]},
+    ]
+    return {"nodes": nodes, "links": links, "version": 0.4}
+
+
+class Src:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "go"
+
+
+class Any:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {f"in{i}": ("*",) for i in range(3)}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "go"
+
+
+@pytest.mark.parametrize("inputs, consumer_type, output_type, source", [
+    ([("*", 1)], "LATENT", "LATENT", "1"),                       # a wildcard input connects to anything
+    ([("IMAGE,LATENT", 1)], "LATENT", "LATENT", "1"),            # a type list connects to a member
+    ([("latent", 1)], "LATENT", "LATENT", "1"),                  # without case
+    ([("IMAGE", 2), ("LATENT", 1)], "LATENT", "LATENT", "1"),    # not the output's index: the exact type's
+    ([("*", 2), ("LATENT", 1)], "LATENT", "LATENT", "2"),        # the output's index first when it connects
+    ([("IMAGE", 2), ("*", 1)], "LATENT", "LATENT", "1"),         # else the first that connects
+    ([("IMAGE", 2), ("MASK", 1)], "LATENT", "LATENT", None),     # none: the input is not sent
+    ([("IMAGE", 2), ("LATENT", 1)], "*", "LATENT", "2"),         # a wildcard consumer takes the output's index
+])
+def test_a_bypassed_node_is_resolved_as_the_frontend_resolves_it(inputs, consumer_type, output_type, source):
+    """The frontend's ``getBypassSlotIndex`` with LiteGraph's connection rule: the bypassed node's input of the
+    output's index if it connects to the output's type and the consumer's, else the first of the consumer's exact
+    type, else the first that connects to both; none, and the consumer's input is not sent."""
+    classes = {"Src": Src, "Any": Any, "Save": Save}
+    api = api_from_ui(_bypassed_graph(inputs, consumer_type, output_type), classes)
+    assert api["4"]["inputs"].get("latent") == (None if source is None else [source, 0])
