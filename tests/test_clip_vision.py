@@ -260,7 +260,7 @@ def test_unsupported_variant_and_incomplete_towers_raise():
 
 # ---------------------------------------------------------------- preprocessing
 
-@pytest.mark.parametrize("shape", [(2, 40, 72), (1, 480, 300), (1, 1000, 230)])
+@pytest.mark.parametrize("shape", [(2, 40, 72), (1, 480, 300), (1, 1000, 230), (1, 300, 480)])
 def test_preprocessing_matches_the_svd_original(shape):
     images = _images(*shape)
     got = clip_vision.preprocess_images(images, 224)
@@ -286,3 +286,21 @@ def test_preprocessing_constants_and_identity_at_224():
 def test_bad_images_raise(bad):
     with pytest.raises(KinemaError):
         clip_vision.preprocess_images(bad)
+
+
+def _patches_14x16(sd):
+    key = "vision_model.embeddings.patch_embedding.weight"
+    return {**sd, key: torch.zeros(*sd[key].shape[:3], 16)}
+
+
+@pytest.mark.parametrize("edit, num_heads, message", [
+    (dict, 3, "a CLIP vision tower of width 64 cannot have 3 attention heads"),  # 64 channels do not split in 3
+    (dict, 0, "a CLIP vision tower of width 64 cannot have 0 attention heads"),
+    (_patches_14x16, None, "the CLIP vision patches are 14x16: only square patches are supported"),
+], ids=["3 heads", "0 heads", "14x16 patches"])
+def test_a_config_the_weights_cannot_have_is_refused_with_the_packs_message(edit, num_heads, message):
+    """A head count that does not divide the width, or non-square patches, is refused by Kinema, saying what is
+    wrong, before transformers' own check or a shape mismatch on loading speaks."""
+    sd = edit(transformers_tower(seed=14).state_dict())
+    with pytest.raises(KinemaError, match=f"^{message}$"):
+        load_image_encoder(sd, num_heads=num_heads)

@@ -533,3 +533,89 @@ def test_incomplete_state_dict_raises(reference_model):
     sd[key] = sd[key][:1000]  # a text encoder of another tokenizer
     with pytest.raises(KinemaError, match="the CLIP text encoder has 1000 tokens, the SD1.5 tokenizer needs 49408"):
         encoders.TextEncoder.from_state_dict(sd)
+
+
+def _tiny_text_model(layers, vocab=49408, seed=0):
+    """A transformers CLIPTextModel 64 wide (1 head) with ``layers`` layers and ``vocab`` tokens, weights as
+    ``reference_model``'s."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=layers,
+                            num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=S, eos_token_id=E, pad_token_id=E)
+    torch.manual_seed(seed)
+    model = CLIPTextModel(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def four_layer_model():
+    return _tiny_text_model(4)
+
+
+@pytest.mark.parametrize("clip_skip", [2, 3, 4])
+def test_clip_skip_k_is_the_kth_hidden_state_from_the_end_through_final_norm(four_layer_model, clip_skip):
+    """ComfyUI's CLIPSetLastLayer -k: the hidden state k from the end (``hidden_states[-k]``, counting the
+    embeddings as the first) through ``final_layer_norm``, on a model deep enough that -k differs from the k-th
+    from the start and from the penultimate one."""
+    encoder = encoders.TextEncoder.from_state_dict(_sd15_layout(four_layer_model))
+    text = "a photo of a cat"
+    cond, _ = encoder.encode(text, clip_skip=clip_skip)
+    with torch.no_grad():
+        hidden = four_layer_model(input_ids=_ids(text), output_hidden_states=True).hidden_states
+        expected = encoders._transformer(four_layer_model).final_layer_norm(hidden[-clip_skip])
+    assert len(hidden) == 5
+    assert torch.equal(cond, expected)
+
+
+def test_a_larger_token_table_loads_and_encodes_as_transformers():
+    """A text encoder with more rows than the SD1.5 tokenizer's 49408 (extra tokens appended) is accepted: only
+    fewer rows are refused. Its prompts encode as transformers encodes them."""
+    model = _tiny_text_model(1, vocab=49410)
+    encoder = encoders.TextEncoder.from_state_dict(_sd15_layout(model))
+    assert encoder.model.config.vocab_size == 49410
+    cond, pooled = encoder.encode("a photo of a cat")
+    with torch.no_grad():
+        ref = model(input_ids=_ids("a photo of a cat"))
+    assert torch.equal(cond, ref.last_hidden_state) and torch.equal(pooled, ref.pooler_output)
+
+
+def test_token_and_position_counts_are_read_from_the_weights():
+    """The config comes from the tensors' shapes, including the vocabulary and the number of positions (248 for a
+    long-context CLIP), not SD1.5's usual 49408 and 77."""
+    def t(*shape):
+        return torch.empty(*shape, device="meta")
+
+    sd = {"embeddings.token_embedding.weight": t(49410, 64), "embeddings.position_embedding.weight": t(248, 64),
+          "encoder.layers.0.mlp.fc1.weight": t(256, 64), "encoder.layers.2.mlp.fc1.weight": t(256, 64)}
+    cfg = encoders.infer_text_config(sd)
+    assert (cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size, cfg.num_hidden_layers) == \
+        (49410, 248, 64, 3)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_a_half_file_with_float32_parts_computes_in_float32(reference_model, clip_skip):
+    """A file with fp16 weights and some fp32 ones (layer norms kept in fp32, as some checkpoints store them) loads
+    as stored and still computes everything in fp32: a module with any half-precision weight is cast for the call."""
+    sd = {k: v if "norm" in k else v.half() for k, v in _sd15_layout(reference_model).items()}
+    mixed = encoders.TextEncoder.from_state_dict(sd)
+    dtypes = {p.dtype for p in mixed.model.parameters()}
+    assert dtypes == {torch.float16, torch.float32}
+    rounded = encoders.TextEncoder.from_state_dict({k: v.float() for k, v in sd.items()})
+    for got, want in zip(mixed.encode("a (red:1.2) cat", clip_skip=clip_skip),
+                         rounded.encode("a (red:1.2) cat", clip_skip=clip_skip)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_tokenizer_folder_is_named(tmp_path, monkeypatch):
+    """Tokenizer files that load but do not give CLIP's start and end tokens their ids (49406, 49407) are
+    refused, naming the folder, instead of encoding every prompt wrong."""
+    (tmp_path / "vocab.json").write_text('{"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}')
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    monkeypatch.setattr(encoders, "TOKENIZER_DIR", str(tmp_path))
+    with pytest.raises(KinemaError, match=f"CLIP tokenizer files in '{re.escape(str(tmp_path))}' .*reinstall"):
+        encoders.clip_tokenizer.__wrapped__()  # the loader itself: the cached tokenizer is not touched

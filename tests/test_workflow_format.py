@@ -473,3 +473,133 @@ def test_a_bypassed_node_is_resolved_as_the_frontend_resolves_it(inputs, consume
     classes = {"Src": Src, "Any": Any, "Save": Save}
     api = api_from_ui(_bypassed_graph(inputs, consumer_type, output_type), classes)
     assert api["4"]["inputs"].get("latent") == (None if source is None else [source, 0])
+
+
+def test_dict_links_keep_their_origin_slot():
+    """Links saved as objects (newer frontends) name the source output by ``origin_slot``: the clip comes from the
+    loader's output 1, not its first output."""
+    ui = frontend_ui()
+    ui["links"] = [{"id": l[0], "origin_id": l[1], "origin_slot": l[2], "target_id": l[3],
+                    "target_slot": l[4], "type": l[5]} for l in ui["links"]]
+    api = api_from_ui(ui, CLASSES)
+    assert api["2"]["inputs"]["clip"] == ["1", 1] and api["3"]["inputs"]["clip"] == ["1", 1]
+    assert api["4"]["inputs"]["model"] == ["1", 0]
+
+
+class NoiseSeed:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"noise_seed": ("INT", {"default": 0}), "steps": ("INT", {"default": 20})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "go"
+
+
+def test_noise_seed_without_the_option_has_a_control_widget():
+    """The frontend gives an INT named ``noise_seed`` (like ``seed``) a "control after generate" widget when the
+    option is absent: the value after the seed is the control's, not the next input's."""
+    assert [(s.name, extra) for s, extra in widget_specs(input_specs(NoiseSeed))] == [("noise_seed", 1), ("steps", 0)]
+    ui = {"nodes": [{"id": 1, "type": "NoiseSeed", "mode": 0, "widgets_values": [5, "randomize", 7]}], "links": []}
+    assert api_from_ui(ui, {"NoiseSeed": NoiseSeed})["1"]["inputs"] == {"noise_seed": 5, "steps": 7}
+
+
+class LoadClip:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"video": (["a.mp4", "b.mp4"], {"video_upload": True})},
+                "optional": {"fps": ("FLOAT", {"default": 8.0})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "go"
+
+
+class MaybePicture:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"frames": ("INT", {"default": 1})},
+                "optional": {"image": (["x.png", "y.png"], {"image_upload": True}),
+                             "strength": ("FLOAT", {"default": 0.5})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "go"
+
+
+@pytest.mark.parametrize("cls, values, widgets, inputs", [
+    # a video upload combo gets the upload button after the required inputs, like an image one
+    (LoadClip, ["b.mp4", "image", 12.0], ["video", "upload", "fps"], {"video": "b.mp4", "fps": 12.0}),
+    # an optional upload combo gets none: the button is added for required ones only
+    (MaybePicture, [2, "y.png", 0.7], ["frames", "image", "strength"], {"frames": 2, "image": "y.png",
+                                                                        "strength": 0.7}),
+])
+def test_an_upload_button_follows_a_required_upload_combo_of_any_kind(cls, values, widgets, inputs):
+    assert [s.name if s else "upload" for s, _ in widget_specs(input_specs(cls))] == widgets
+    ui = {"nodes": [{"id": 1, "type": cls.__name__, "mode": 0, "widgets_values": values}], "links": []}
+    assert api_from_ui(ui, {cls.__name__: cls})["1"]["inputs"] == inputs
+
+
+def test_the_users_title_wins_over_the_display_name():
+    """A node the user renamed is sent under its title; an unnamed one under the pack's display name."""
+    ui = frontend_ui()
+    _node(ui, 4)["title"] = "my sampler"
+    assert api_from_ui(ui, CLASSES, display_names=NAMES)["4"]["_meta"] == {"title": "my sampler"}
+
+
+def test_a_title_equal_to_the_display_name_is_not_written():
+    """``ui_from_api`` writes a node's title only when it differs from what the editor shows anyway (the display
+    name, else the class name); the round trip still sends the display name."""
+    api = full_api()
+    api["4"]["_meta"]["title"] = "Video Sampler (Kinema)"
+    ui = ui_from_api(api, CLASSES, display_names=NAMES)
+    assert "title" not in _node(ui, 4)
+    assert api_from_ui(ui, CLASSES, display_names=NAMES)["4"]["_meta"] == {"title": "Video Sampler (Kinema)"}
+
+
+def test_non_numeric_api_ids_get_fresh_ui_ids_past_the_numeric_ones():
+    """Numeric API ids are kept as UI ids; others get new numbers above the largest, never one already taken."""
+    api = {"1": {"class_type": "LoadPicture", "inputs": {"image": "x.png", "frames": 4, "strength": 0.5}},
+           "3": {"class_type": "Passthrough", "inputs": {"latent": ["1", 0], "amount": 0.0}},
+           "save": {"class_type": "Save", "inputs": {"latent": ["3", 0], "filename_prefix": "k"}}}
+    ui = ui_from_api(api, CLASSES)
+    assert sorted(n["id"] for n in ui["nodes"]) == [1, 3, 4] and ui["last_node_id"] == 4
+    assert _node(ui, 4)["type"] == "Save"
+    assert ui["links"] == [[1, 1, 0, 3, 0, "LATENT"], [2, 3, 0, 4, 0, "LATENT"]]
+
+
+def test_check_value_refuses_a_bool_for_an_int_and_takes_the_bounds():
+    """JSON ``true`` is no integer (Python's bool is an int); ``min`` and ``max`` are allowed values themselves."""
+    from kinema.nodes.workflow_format import check_value
+
+    spec = input_specs(Sampler)[2]
+    assert (spec.name, spec.opts["min"], spec.opts["max"]) == ("steps", 1, 100)
+    with pytest.raises(ValueError, match="expected an integer, got bool True"):
+        check_value(spec, True, False)
+    assert check_value(spec, 100, True) == 100 and check_value(spec, 100.0, True) == 100
+    assert check_value(spec, 1, True) == 1
+
+
+def test_an_unknown_seed_control_is_refused():
+    with pytest.raises(KinemaError, match="seed_control must be one of .* not 'bogus'"):
+        ui_from_api(full_api(), CLASSES, seed_control="bogus")
+
+
+def test_a_primitives_list_value_is_sent_wrapped():
+    """A list value is sent as ``{"__value__": [...]}`` (the server would read a bare list as a link), from a
+    primitive node as from a widget."""
+    ui = frontend_ui()
+    _node(ui, 11)["widgets_values"] = [[1, 2], "fixed"]
+    assert api_from_ui(ui, CLASSES)["4"]["inputs"]["steps"] == {"__value__": [1, 2]}
+
+
+def test_a_pair_ending_in_a_bool_is_not_a_link():
+    """``[id, true]`` is a value, not a link to output 1: given to a socket it is refused as a value."""
+    api = full_api()
+    api["2"]["inputs"]["clip"] = ["1", True]
+    with pytest.raises(KinemaError, match="input 'clip' is a CLIP socket and needs a link, not a value"):
+        ui_from_api(api, CLASSES)
+
+
+def test_a_linked_input_the_node_no_longer_has_is_dropped():
+    """A saved graph can keep a linked input slot that the node class no longer declares: it is not sent."""
+    ui = frontend_ui()
+    _node(ui, 2)["inputs"].append({"name": "old_input", "type": "CLIP", "link": 3})
+    assert api_from_ui(ui, CLASSES)["2"]["inputs"] == {"clip": ["1", 1], "text": "a dog"}
