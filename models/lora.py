@@ -122,12 +122,12 @@ def merge(module: nn.Module, patches: Iterable[tuple[Patch, float]]) -> nn.Modul
     time (the fp32 work of one weight at once, not of all). A copy made here remembers its unpatched module and
     patches: merging more onto it merges them all onto that module in one go, so LoRAs stacked by chained nodes
     round to an fp16/bf16 weight once, as in one call and as ComfyUI's patching does, in any order, and a copy that
-    only feeds another merge never computes its own weights. With no non-zero strength, ``module`` itself is
-    returned.
+    only feeds another merge never computes its own weights. With no non-zero strength of a patch naming a weight,
+    ``module`` itself is returned, untouched.
     """
     patches = [(patch, finite_number(strength, "a LoRA strength")) for patch, strength in patches]
-    patches = [(patch, strength) for patch, strength in patches if strength != 0.0]
-    if not patches:
+    patches = [(patch, strength) for patch, strength in patches if strength != 0.0 and len(patch) > 0]
+    if not patches:  # nothing to change (e.g. the v3 adapter's LoRA, which has no text-encoder weights)
         return module
     merged_from = module.__dict__.get(_MERGED_FROM)
     if merged_from is not None:

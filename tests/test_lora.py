@@ -106,6 +106,8 @@ def test_merge_is_copy_on_write_and_merges_in_fp32():
     assert merged[0] is base[0] and merged[1][1] is base[1][1]  # untouched branches are the same modules
     assert merged[1][0].bias is base[1][0].bias
     assert lora.merge(base, [({"1.0.weight": pair}, 0.0)]) is base  # strength 0: the same object
+    # a patch naming no weight (the v3 adapter's LoRA for the text encoder): the same object, left as it was
+    assert lora.merge(base, [({}, 1.0)]) is base and not [k for k in vars(base) if k.startswith("_kinema")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
