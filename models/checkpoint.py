@@ -339,12 +339,14 @@ def _same_but_unit_dims(a: torch.Size, b: torch.Size) -> bool:
 
 
 def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name: str,
-                  strict: bool = False) -> nn.Module:
+                  strict: bool | str = False) -> nn.Module:
     """Make ``factory()`` on the meta device and assign the state dict's tensors (cast to dtype).
 
     ``strict``: also refuse a state dict holding weights the built module does not use (for files that hold one
     module and nothing else, as a motion module: an unused weight means the structure was read wrong off a damaged
-    file). Off by default: loaders pass sub-dicts of files with parts they deliberately leave out.
+    file); ``"warn"``: load, and say in the log which weights are left out (a UNet's part of a checkpoint, which
+    ComfyUI loads the same way: a structure read too small shows there instead of as a worse video). Off by
+    default: loaders pass sub-dicts of files with parts they deliberately leave out.
     """
     with torch.device("meta"):
         module = factory()
@@ -356,7 +358,10 @@ def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name:
             "(download it again) or not the format its loader expects"
         )
     unused = [k for k in sd if k not in expected] if strict else []
-    if unused:
+    if unused and strict == "warn":
+        logger.warning("'%s': %d %s weight(s) that the structure read from the file does not use were left out "
+                       "(first: '%s')", name, len(unused), what, unused[0])
+    elif unused:
         raise KinemaError(
             f"'{name}' has {len(unused)} weights the {what} does not use (first: '{unused[0]}'): the file is "
             "damaged or not the format its loader expects: download it again"
@@ -414,7 +419,7 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
             raise KinemaError(f"'{name}' is {kind} SD1.5 checkpoint (its UNet takes {ucfg.in_channels} latent "
                               f"channels, gives {ucfg.out_channels}): Kinema animates standard text-to-image SD1.5 "
                               "checkpoints (4 latent channels); choose one of those")
-        unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name)
+        unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name, strict="warn")
         vcfg = infer_vae_config(vae_sd)
         vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
         clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=text_dtype or dtype)
@@ -526,7 +531,7 @@ def load_svd(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtype
                 f"{ucfg.adm_in_channels}-wide conditioning vector where SVD's takes {SVD_ADM_CHANNELS} (fps, motion "
                 "bucket, augmentation). SV3D files (orbital views of an object: 256 or 1280) are of this kind; "
                 "Kinema does not run them. Use svd, svd_xt or their 1.1 / image-decoder releases.")
-        unet = build_on_meta(lambda: SVDUNet(ucfg), unet_sd, dtype, "UNet", name)
+        unet = build_on_meta(lambda: SVDUNet(ucfg), unet_sd, dtype, "UNet", name, strict="warn")
 
         first = sub_state_dict(sd, SVD_VAE_PREFIX)
         if not first:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from einops import repeat
 from torch import nn
 
 from .errors import KinemaError
@@ -212,11 +211,6 @@ class UNetModel(nn.Module):
         if temporal is not None:
             h = temporal.apply(("middle", 0), h, opts)
         return mid[2](h, emb, opts)
-
-
-def expand_context(context: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Per-video conditioning to per-frame: [b, n, d] -> [(b f), n, d]; [(b f), n, d] passes."""
-    return repeat(context, "b n d -> (b f) n d", f=num_frames)
 
 
 def scan_input_blocks(get) -> tuple[list[int], list[int], list[tuple[int, str]]]:

@@ -616,3 +616,22 @@ def test_build_on_meta_casts_only_floating_tensors_and_returns_eval_mode():
     assert net.lin.weight.dtype == torch.float16 and net.ids.dtype == torch.int64
     assert torch.equal(net.ids, torch.arange(4))
     assert not net.training and not net.drop.training and not net.lin.weight.requires_grad
+
+
+def test_unet_weights_a_checkpoint_has_beyond_its_structure_are_named_in_the_log(tmp_path, caplog):
+    """A UNet whose structure was read too small (here a second transformer block the config does not know) loads,
+    as ComfyUI loads it, and the log names what was left out, instead of a silently worse video; a file with
+    nothing left over logs nothing."""
+    sd = dict(demo.sd15_state_dict())
+    path = tmp_path / "ok.safetensors"
+    save_file(sd, str(path))
+    with caplog.at_level("WARNING", logger="kinema"):
+        checkpoint.load_sd15(str(path))
+    assert "left out" not in caplog.text
+    extra = "model.diffusion_model.input_blocks.1.1.transformer_blocks.1.attn1.to_q.weight"
+    sd[extra] = sd[extra.replace("blocks.1.attn1", "blocks.0.attn1")].clone()
+    save_file(sd, str(tmp_path / "deeper.safetensors"))
+    with caplog.at_level("WARNING", logger="kinema"):
+        checkpoint.load_sd15(str(tmp_path / "deeper.safetensors"))
+    assert ("'deeper.safetensors': 1 UNet weight(s) that the structure read from the file does not use were left "
+            "out (first: 'input_blocks.1.1.transformer_blocks.1.attn1.to_q.weight')") in caplog.text
