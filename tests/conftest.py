@@ -60,6 +60,17 @@ def demo_models_dir(tmp_path_factory):
 
 
 @pytest.fixture()
+def output_dir(tmp_path, monkeypatch):
+    """A fresh output folder for saving nodes, with the workflow metadata on; restored afterwards."""
+    from kinema.nodes import host
+
+    monkeypatch.delenv("KINEMA_DISABLE_METADATA", raising=False)
+    host.set_output_dir(str(tmp_path / "output"))
+    yield tmp_path / "output"
+    host.set_output_dir(None)
+
+
+@pytest.fixture()
 def host_dirs(demo_models_dir, tmp_path):
     """Point the host adapter at the demo models and a fresh output folder; restore afterwards."""
     from kinema.nodes import host

@@ -409,14 +409,6 @@ def test_ffmetadata_parser_handles_escapes():
 
 
 # --- the node -------------------------------------------------------------------------------
-@pytest.fixture
-def output_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv("KINEMA_DISABLE_METADATA", raising=False)
-    host.set_output_dir(str(tmp_path / "output"))
-    yield tmp_path / "output"
-    host.set_output_dir(None)
-
-
 def test_node_declaration():
     cls = video_output.KinemaSaveVideo
     assert video_output.NODE_CLASS_MAPPINGS == {"KinemaSaveVideo": cls}

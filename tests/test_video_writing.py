@@ -13,21 +13,13 @@ import torch
 from conftest import ROOT
 from kinema.models import demo_media, video_io
 from kinema.models.errors import KinemaError
-from kinema.nodes import host, video_output
+from kinema.nodes import video_output
 from PIL import Image
 
 #: three keys: ComfyUI's prompt and workflow, and one more extra_pnginfo key after them
 METADATA3 = {"prompt": {"3": {"class_type": "KSampler", "inputs": {"seed": 1}}},
              "workflow": {"nodes": [{"id": 3}], "links": []},
              "extra": {"note": "a third key"}}
-
-
-@pytest.fixture
-def output_dir(tmp_path, monkeypatch):
-    monkeypatch.delenv("KINEMA_DISABLE_METADATA", raising=False)
-    host.set_output_dir(str(tmp_path / "output"))
-    yield tmp_path / "output"
-    host.set_output_dir(None)
 
 
 def _read_rgb(path) -> np.ndarray:
