@@ -271,6 +271,8 @@ def test_content_tokens_from_clip_vision():
     (faceid_state_dict, "FaceID"),
     (faceid_plus_state_dict, "FaceID Plus"),
     (sdxl_state_dict, "SDXL"),
+    # ip-adapter-plus_sdxl_vit-h: the Resampler's output is SDXL's 2048-wide context
+    (lambda: {**plus_state_dict(), "image_proj.proj_out.weight": torch.zeros(2048, 64)}, "IP-Adapter Plus for SDXL"),
 ])
 def test_unsupported_variants_are_named(make, variant, tmp_path):
     path = save_safetensors(make(), str(tmp_path / "variant.safetensors"))
@@ -332,3 +334,38 @@ def test_truncated_files(tmp_path):
         Path(path).write_bytes(data[: len(data) * 2 // 3])
         with pytest.raises(KinemaError, match="truncated|damaged"):
             load_ip_adapter(path)
+
+
+def _misnumbered(sd: dict) -> dict:
+    """The layers numbered 0, 2, 4, ... (each one below the file's number)."""
+    out = {}
+    for key, t in sd.items():
+        if key.startswith("ip_adapter."):
+            _, n, rest = key.split(".", 2)
+            key = f"ip_adapter.{int(n) - 1}.{rest}"
+        out[key] = t
+    return out
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda sd: {**sd, "image_proj.proj.weight": torch.zeros(4 * 64 + 8, 64), "image_proj.proj.bias": torch.zeros(264)},
+     "the image projection gives 264 values, not a whole number of 64-wide tokens"),
+    (_misnumbered, r"the cross-attention layers are numbered \[0, 2, 4, 6\]\.\.\., not 1, 3, 5"),
+    (lambda sd: {**sd, "ip_adapter.1.to_v_ip.weight": torch.zeros(64, 64)},  # its to_k_ip is 32 wide
+     r"'ip_adapter.1.to_v_ip.weight' has shape \(64, 64\), expected \[width, 64\]"),
+], ids=["projection-rows", "layer-numbers", "to_v_ip-width"])
+def test_damaged_basic_adapters_are_named(damage, message):
+    """A basic IP-Adapter file whose shapes or layer numbers do not fit together is named as damaged, with what is
+    wrong, when it is read: not built into a model that fails (or maps the layers wrongly) in the middle of a run."""
+    with pytest.raises(KinemaError, match="'damaged.safetensors': " + message):
+        build_ip_adapter(damage(basic_state_dict()), name="damaged.safetensors")
+
+
+def test_image_tokens_of_another_width_are_refused():
+    """``cross_extra`` checks the image tokens against the adapter's context width when it is made, not when the UNet
+    reaches the first cross-attention."""
+    adapter = ip_adapter()
+    with pytest.raises(KinemaError, match=r"takes image tokens \[batch, tokens, 64\], got \(1, 4, 32\)"):
+        adapter.cross_extra(unet().cfg, torch.zeros(1, 4, 32))
+    with pytest.raises(KinemaError, match=r"got \(4, 64\)"):
+        adapter.cross_extra(unet().cfg, adapter.uncond_tokens()[0])
