@@ -599,3 +599,145 @@ def test_depth_graph_runs_headless(nodes, host_dirs):
     image, depth = out["1"]["result"][0], out["4"]["result"][0]
     assert depth.shape == image.shape and 0.0 <= float(depth.min()) and float(depth.max()) <= 1.0
     assert out["5"]["ui"]["images"]
+
+
+# --- preprocessing settings, prediction edge cases, batching ---------------------------------------
+def test_nearest_resampling_matches_the_processor():
+    """resample 0 (PIL's NEAREST) is torch's "nearest-exact", which picks the source pixel under each output pixel's
+    centre as PIL does, not "nearest" (the pixel at its top-left): nothing is rounded, so the pixels are the
+    processor's on the same 8-bit frame."""
+    from transformers import DPTImageProcessor
+
+    frames = smooth_frames(1, 48, 80, seed=7)
+    cfg = {"size": {"height": 64, "width": 64}, "resample": 0}
+    arrays = [(f * 255).round().to(torch.uint8).numpy() for f in frames]
+    ref = DPTImageProcessor(**cfg)(images=arrays, return_tensors="pt")["pixel_values"]
+    assert torch.allclose(DepthPreprocess.from_config(cfg)(frames), ref, rtol=0, atol=1e-6)
+
+
+def test_a_preprocessor_config_without_keys_takes_the_processor_class_defaults():
+    """Keys missing from preprocessor_config.json take DPTImageProcessor's class defaults, as transformers does:
+    normalised, no aspect ratio kept (square 384x384 inputs from any frame), bicubic. resample may be written as
+    PIL's filter name, in any case."""
+    from transformers import DPTImageProcessor
+
+    processor = DPTImageProcessor()
+    pre = DepthPreprocess.from_config({})
+    assert (pre.do_normalize, pre.keep_aspect_ratio, pre.do_resize, pre.multiple, pre.resample) == (
+        processor.do_normalize, processor.keep_aspect_ratio, processor.do_resize, processor.ensure_multiple_of,
+        int(processor.resample))
+    x = pre(torch.zeros(1, 8, 16, 3))
+    assert x.shape == (1, 3, 384, 384) and torch.equal(x, torch.full_like(x, -1.0))  # (0 - 0.5) / 0.5
+    for name, code in (("BICUBIC", 3), ("Bilinear", 2), ("nearest", 0)):
+        assert DepthPreprocess.from_config({"resample": name}).resample == code, name
+
+
+class _Predicting(torch.nn.Module):
+    """A stand-in depth network: ``predicted_depth`` is ``fn(pixel_values)`` (a parameter gives device and dtype)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, pixel_values):
+        return type("Output", (), {"predicted_depth": self.fn(pixel_values) + self.unused})()
+
+
+def _object_before_background(pixel_values, near, far):
+    """[f, h, w] metres: an object ``near`` metres away (per frame, [f]) before a background ``far`` times as far."""
+    f, _, h, w = pixel_values.shape
+    metres = torch.full((f, h, w), float(far))
+    metres[:, h // 4:3 * h // 4, w // 3:2 * w // 3] = 1.0
+    return metres * near.view(f, 1, 1)
+
+
+_SMALL_DA = DepthPreprocess(56, 56, keep_aspect_ratio=True, multiple=14, mean=(0.485, 0.456, 0.406),
+                            std=(0.229, 0.224, 0.225))
+
+
+def test_metric_inverse_depth_is_clipped_to_each_frames_own_range():
+    """A metric model's inverse depth is clipped, after the resize, to each frame's own range at the network's
+    resolution: the nearest surface is the maximum exactly (no bicubic overshoot above it), and a far frame is not
+    clipped to the range of a nearer one in its batch (the result does not depend on the batch size)."""
+    def scene(pixel_values):  # a dark frame: 1 m and 20 m; a bright one the same scene twice as far
+        return _object_before_background(pixel_values, torch.where(pixel_values.mean(dim=(1, 2, 3)) < 0, 1.0, 2.0), 20)
+
+    info = DepthModelInfo("scene", "depth_anything", metric=True, patch=14)
+    est = DepthEstimator(_Predicting(scene), _SMALL_DA, info)
+    frames = torch.cat([torch.zeros(1, 100, 180, 3), torch.ones(1, 100, 180, 3)])  # 56x98 inputs, resized up
+    together = est.predict(frames, batch_size=2, inverse=True)
+    assert [float(d.max()) for d in together] == [1.0, 0.5]
+    assert [float(d.min()) for d in together] == pytest.approx([1 / 20, 1 / 40])
+    assert torch.equal(est.predict(frames, batch_size=1, inverse=True), together)
+
+
+def test_a_metric_prediction_of_zero_metres_stays_finite():
+    """A metric model may predict 0 m (a sigmoid head saturating): its inverse is taken of at least 1e-6 m, so the
+    depth map stays finite with that surface the brightest, instead of an infinity that fails the normalisation."""
+    def touching(pixel_values):  # the top half of the frame at 0 m, the rest at 10 m
+        f, _, h, w = pixel_values.shape
+        metres = torch.full((f, h, w), 10.0)
+        metres[:, :h // 2] = 0.0
+        return metres
+
+    est = DepthEstimator(_Predicting(touching), DepthPreprocess(56, 56, multiple=14),
+                         DepthModelInfo("touching", "depth_anything", metric=True, patch=14))
+    frames = torch.rand(1, 56, 56, 3)
+    assert float(est.predict(frames, inverse=True).max()) == pytest.approx(1e6)
+    depth = est.estimate(frames)
+    assert float(depth[0, 0, 0]) == 1.0 and float(depth[0, -1, -1]) == 0.0
+
+
+def test_non_finite_predictions_are_named():
+    """A prediction holding NaN or infinity (damaged weights; an fp16 overflow) is a KinemaError naming the model
+    and the fix, not a NaN or black depth map."""
+    est = DepthEstimator(_Predicting(lambda pixel_values: pixel_values.mean(1) * float("nan")),
+                         DepthPreprocess(56, 56, multiple=14), DepthModelInfo("broken", "dpt", patch=14))
+    with pytest.raises(KinemaError, match="^Depth model 'broken' predicted non-finite values: its weights may be "
+                                          "damaged, download the folder again$"):
+        est.estimate(torch.rand(1, 56, 56, 3))
+    with pytest.raises(KinemaError, match="'half' predicted non-finite values in fp16: load it with precision fp32"):
+        normalize_depth(torch.tensor([[[0.0, float("inf")]]]), "half", torch.float16)
+
+
+def test_batch_size_one_runs_one_frame_at_a_time(estimators):
+    """batch_size 1, the setting that needs the least memory, gives the network one frame per call."""
+    est = estimators["dpt"]
+    single = DepthEstimator(OutOfMemoryAbove(est.model, 1), est.preprocess, est.info)
+    done = []
+    single.predict(smooth_frames(3, 32, 32), batch_size=1, on_batch=lambda n, total: done.append(n))
+    assert single.model.calls == [1, 1, 1] and done == [1, 2, 3]
+
+
+def test_out_of_memory_on_the_last_frame_has_nothing_smaller_to_retry(estimators):
+    """Memory that runs out on a batch holding only the last frame (5 frames, batch_size 4) has no smaller batch
+    to retry with: the error names batch_size at once instead of running the same one frame again."""
+    est = estimators["dpt"]
+    tight = DepthEstimator(OutOfMemoryAbove(est.model, 4), est.preprocess, est.info)
+
+    def memory_fills_up(done, total):
+        tight.model.frames = 0
+
+    with pytest.raises(KinemaOutOfMemoryError, match="^depth estimation ran out of memory and there is nothing "
+                                                     "smaller to retry with: lower batch_size on Depth Estimate"):
+        tight.predict(smooth_frames(5, 32, 32), batch_size=4, on_batch=memory_fills_up)
+    assert tight.model.calls == [4, 1]
+
+
+def test_a_dpt_on_a_dinov2_backbone_takes_the_backbones_patch(tmp_path):
+    """A DPT head on another backbone (DPT-DINOv2, e.g. facebook/dpt-dinov2-small-nyu) takes inputs down to the
+    backbone's patch (DINOv2: 14 pixels), not DPTConfig's own patch_size (16, its ViT's)."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    dinov2 = {"model_type": "dinov2", "image_size": 56, "patch_size": 14, "hidden_size": 32, "num_hidden_layers": 4,
+              "num_attention_heads": 2, "mlp_ratio": 2, "out_features": ["stage1", "stage2", "stage3", "stage4"],
+              "reshape_hidden_states": False}
+    cfg = DPTConfig(backbone_config=dinov2, hidden_size=32, neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                    reassemble_factors=[4, 2, 1, 0.5], image_size=56, architectures=["DPTForDepthEstimation"])
+    assert cfg.patch_size == 16 and not cfg.is_hybrid
+    folder = tmp_path / "dpt_dinov2"
+    DPTForDepthEstimation(cfg).save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"do_resize": False}))
+    est = load_depth_model(str(folder))
+    assert est.info.patch == 14 and est.input_size(14, 56) == (14, 56)

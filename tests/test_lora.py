@@ -400,8 +400,10 @@ def test_other_unet_lora_layouts_equal_the_kohya_one(layout):
     assert any(not torch.equal(pa[k], dict(unet().named_parameters())[k]) for k in pa)
 
 
-def test_a_peft_text_encoder_lora_equals_the_kohya_one():
-    """diffusers' peft layout for the text encoder: text_encoder.text_model.<path>.lora_A/lora_B."""
+@pytest.mark.parametrize("prefix", ["text_encoder.text_model.", "text_encoder."])
+def test_a_peft_text_encoder_lora_equals_the_kohya_one(prefix):
+    """diffusers' peft layout for the text encoder: text_encoder.text_model.<path>.lora_A/lora_B, or without the
+    text_model. (the names of the CLIPTextModel's inner text_model, as some conversions write them)."""
     sd = demo.sd15_lora_state_dict()
     te = text_encoder()
     by_kohya = {n.removeprefix("text_model.").replace(".", "_"): n.removeprefix("text_model.")
@@ -412,7 +414,7 @@ def test_a_peft_text_encoder_lora_equals_the_kohya_one():
         base, _, rest = k.partition(".")
         if base.startswith("lora_te_text_model_"):
             kohya[k] = v
-            peft[f"text_encoder.text_model.{by_kohya[base[len('lora_te_text_model_'):]]}.{roles[rest]}"] = v
+            peft[f"{prefix}{by_kohya[base[len('lora_te_text_model_'):]]}.{roles[rest]}"] = v
     assert kohya and len(peft) == len(kohya)
     _, a = lora.apply_sd15_loras(unet(), te, [(kohya, 1.0, 0.7, "kohya")])
     _, b = lora.apply_sd15_loras(unet(), te, [(peft, 1.0, 0.7, "peft")])
@@ -740,3 +742,59 @@ def test_nodes_refuse_the_wrong_files(nodes, host_dirs):
     finally:
         for p in made:
             os.remove(p)
+
+
+# -- shape checks, what is counted and recorded ------------------------------------------------------------------
+
+def test_updates_of_another_shape_with_the_same_count_are_refused():
+    """A LoRA update fits a layer only in its shape, not just its number of values: a LoCon up half must be 1x1
+    (the kernel is down's), down's kernel must be the layer's, and a whole difference of a linear layer must not be
+    its transpose; each is refused with the file's KinemaError instead of merging scrambled weights."""
+    base = unet()  # input_blocks.0.0 (conv_in): a [32, 4, 3, 3] conv; time_embed.0: a [128, 32] linear
+    conv, k = dict(base.named_parameters())["input_blocks.0.0.weight"], "lora_unet_conv_in"
+    assert conv.shape == (32, 4, 3, 3)
+    kernel_up = {f"{k}.lora_down.weight": torch.zeros(2, 4, 3, 3), f"{k}.lora_up.weight": torch.zeros(32, 2, 3, 3)}
+    with pytest.raises(KinemaError, match=r"'up3' does not fit this SD1.5 model: it changes 'lora_unet_conv_in' "
+                                          r"with up \(32, 2, 3, 3\) @ down \(2, 4, 3, 3\)"):
+        lora.sd15_lora_patch(kernel_up, base, None, "up3")
+    flat_kernel = {f"{k}.lora_down.weight": torch.zeros(2, 4, 1, 9), f"{k}.lora_up.weight": torch.zeros(32, 2, 1, 1)}
+    with pytest.raises(KinemaError, match=r"'1x9' does not fit this SD1.5 model: .*down \(2, 4, 1, 9\), the layer's "
+                                          r"weight is \(32, 4, 3, 3\)"):
+        lora.sd15_lora_patch(flat_kernel, base, None, "1x9")
+    transposed = {"diffusion_model.time_embed.0.diff": torch.zeros(32, 128)}
+    with pytest.raises(KinemaError, match=r"'t' does not fit this SD1.5 model: it changes 'time_embed.0.weight' by a "
+                                          r"difference of shape \(32, 128\), the parameter is \(128, 32\)"):
+        lora.sd15_lora_patch(transposed, base, None, "t")
+
+
+def test_a_motion_lora_for_a_layer_the_motion_module_lacks_is_refused():
+    """A MotionLoRA update for a layer that a motion module it has lacks (here a fused to_qkv) names that weight
+    and the cause: a MotionLoRA for another motion module family."""
+    sd = {k.replace("down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0."
+                    "processor.to_q_lora", "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0."
+                    "attention_blocks.0.processor.to_qkv_lora"): v for k, v in motion_lora_sd().items()}
+    with pytest.raises(KinemaError, match=r"^'fused' changes 'down_blocks\.0\.motion_modules\.0\.temporal_transformer\."
+                                          r"transformer_blocks\.0\.attention_blocks\.0\.to_qkv\.weight', which the "
+                                          r"motion module does not have: the MotionLoRA was made for another motion "
+                                          r"module family$"):
+        lora.apply_motion_loras(motion_modules("v2"), [(sd, 1.0, "fused")])
+
+
+def test_whole_differences_that_apply_are_not_counted_unmatched(caplog):
+    """A LoRA of only ComfyUI differences (.diff, .diff_b) reports none it applies as naming no layer (no warning);
+    a difference for a parameter the model lacks is the one counted."""
+    base = unet()
+    params = dict(base.named_parameters())
+    sd = {"diffusion_model.out.2.diff": torch.zeros_like(params["out.2.weight"]),
+          "diffusion_model.out.2.diff_b": torch.zeros_like(params["out.2.bias"])}
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        assert lora.sd15_lora_patch(sd, base, None, "full").unmatched == ()
+    assert "name no layer" not in caplog.text
+    sd["diffusion_model.out.9.diff_b"] = torch.zeros(4)
+    assert lora.sd15_lora_patch(sd, base, None, "full").unmatched == ("diffusion_model.out.9.diff_b",)
+
+
+def test_a_motion_lora_at_strength_zero_is_not_recorded():
+    """The copy's .loras lists the MotionLoRAs that change it: one given at strength 0 is left out."""
+    loras = [(motion_lora_sd(0), 0.8, "a"), (motion_lora_sd(1), 0.0, "b")]
+    assert lora.apply_motion_loras(motion_modules("v2"), loras).loras == (("a", 0.8),)
