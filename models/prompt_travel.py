@@ -134,18 +134,18 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
             _add_keyframe(keyframes, marker, _frame_number(marker, key.strip()), prompt.strip())
         return sorted(keyframes.items())
     markers = list(_MARKER.finditer(body))
+    starts = {m.start() for m in markers}
+    for broken in _BROKEN_MARKER.finditer(body):  # also with no keyframe at all ("frame 0: a cat\nframe 16: ...")
+        if broken.start() not in starts and not _MARKER.match(body, broken.start()):
+            raise KinemaError(f"the prompt schedule line {_quote(broken.group(0))} starts like a keyframe but is not "
+                              "one: write '<frame>: <prompt>' (a whole number, then a colon), or join the line to "
+                              "the prompt above it")
     if not markers:
         return [(0, body)]
     head = body[:markers[0].start()].strip()
     if head:
         raise KinemaError(f"the prompt schedule has text before its first keyframe: {_quote(head)}; start it with "
                           f"a frame number, e.g. '0: {head[:30]}'")
-    starts = {m.start() for m in markers}
-    for broken in _BROKEN_MARKER.finditer(body):
-        if broken.start() not in starts and not _MARKER.match(body, broken.start()):
-            raise KinemaError(f"the prompt schedule line {_quote(broken.group(0))} starts like a keyframe but is not "
-                              "one: write '<frame>: <prompt>' (a whole number, then a colon), or join the line to "
-                              "the prompt above it")
     keyframes = {}
     for i, m in enumerate(markers):
         marker = m.group(0).strip()

@@ -461,6 +461,13 @@ def _expand_prefix_vars(prefix: str, width: int, height: int) -> str:
     return prefix
 
 
+NAME_MAX = 255  # bytes of one file or folder name (Linux, macOS; Windows: 255 UTF-16 characters)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
+
+
 def _split_prefix(filename_prefix: str, output_dir: str) -> tuple[str, str]:
     """(subfolder, name) of a prefix; KinemaError if it leaves the output folder."""
     if not isinstance(filename_prefix, str) or filename_prefix.strip() in ("", ".", "/"):
@@ -469,6 +476,11 @@ def _split_prefix(filename_prefix: str, output_dir: str) -> tuple[str, str]:
         raise KinemaError("filename_prefix contains a NUL character")
     norm = os.path.normpath(filename_prefix.replace("\\", "/"))
     subfolder, name = os.path.dirname(norm), os.path.basename(norm)
+    # the longest name a file system takes is 255 bytes; the saved file adds its counter and extension
+    long = [part for part in (*norm.split(os.sep)[:-1], f"{name}_00000_.webp") if len(part.encode()) > NAME_MAX]
+    if long:
+        raise KinemaError(f"filename_prefix has a folder or file name too long for the file system "
+                          f"({_shorten(long[0])}, {len(long[0].encode())} bytes; at most {NAME_MAX}): shorten it")
     folder = os.path.abspath(os.path.join(output_dir, subfolder))
     if os.path.isabs(norm) or not _inside(folder, os.path.abspath(output_dir)) or name in ("", ".", ".."):
         raise KinemaError(

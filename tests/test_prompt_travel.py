@@ -77,6 +77,9 @@ def test_the_fizznodes_form_checks_its_keyframes(text, match):
     ('"0": "a cat,\n"16": "a dog"', "keyframe '\"0\":': its prompt '\"a cat' opens a quote it does not close"),
     ("0: a\n99999999999999999999999: b", "frame numbers go up to 1000000"),
     ("a lovely cat\n0: a cat\n8: a dog", "text before its first keyframe: 'a lovely cat'"),
+    # lines that all start like keyframes without being one: refused, not encoded as one prompt with the markers
+    ("frame 0: a cat\nframe 16: a dog", "line 'frame 0: a cat' starts like a keyframe but is not one"),
+    ("0; a cat\n16; a dog", "line '0; a cat' starts like a keyframe"),
 ])
 def test_parse_schedule_errors(text, match):
     with pytest.raises(KinemaError, match=match):

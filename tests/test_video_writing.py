@@ -191,3 +191,15 @@ def test_the_demo_clip_needs_a_frame_and_16_pixels(frames, size):
     with pytest.raises(ValueError, match="at least 1 frame and 16 pixels a side"):
         demo_media.demo_clip_frames(frames, size)
     assert demo_media.demo_clip_frames(1, 16).shape == (1, 16, 16, 3)
+
+
+def test_a_prefix_too_long_for_the_file_system_is_refused_and_one_that_fits_saves(output_dir):
+    """A file or folder name is at most 255 bytes: a longer prefix is refused naming the limit (not the file
+    system's raw error), and the longest that fits with its counter and extension saves (its temporary file's
+    name is kept short enough too)."""
+    frames = torch.rand(2, 16, 16, 3)
+    for prefix in ("x" * 300, "sub/" + "y" * 250, "é" * 125):
+        with pytest.raises(KinemaError, match=r"filename_prefix has a folder or file name too long .* at most 255"):
+            video_output.KinemaSaveVideo().save(frames, 8.0, "webp", 0, prefix)
+    saved = video_output.KinemaSaveVideo().save(frames, 8.0, "webp", 0, "z" * 242)["ui"]["images"][0]
+    assert saved["filename"] == "z" * 242 + "_00001_.webp" and os.listdir(output_dir) == [saved["filename"]]
