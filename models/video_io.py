@@ -136,8 +136,8 @@ def _as_rgb(frames: np.ndarray) -> np.ndarray:
 def _temp_path(path: str) -> str:
     """Create an empty hidden file next to ``path`` (normal permissions) and return its name."""
     folder, name = os.path.split(os.path.abspath(path))
+    short = name.encode()[:200].decode(errors="ignore")  # the name plus 15 bytes must fit the file system's 255
     while True:
-        short = name.encode()[:200].decode(errors="ignore")  # the name plus 15 bytes must fit the file system's 255
         tmp = os.path.join(folder, f".{short}.{secrets.token_hex(4)}.part")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
