@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from ..models.compiling import COMPILE_BACKENDS, COMPILE_MODES, CompileOptions
 from ..models.errors import KinemaError
-from ..models.motion import MotionModel
-from ..models.svd_model import SVDModel
 from ..models.vae import AutoencoderKL, TemporalAutoencoder, with_compiled_decode
 
 
@@ -54,9 +52,6 @@ class KinemaCompileModel:
         }
 
     def apply(self, model, backend="inductor", mode="default"):
-        if not isinstance(model, (MotionModel, SVDModel)):
-            raise KinemaError("Compile Model (Kinema) takes a video model: connect Apply Motion Module (Kinema), "
-                              "Load SVD Checkpoint (Kinema) or Memory Policy (Kinema)")
         return (model.with_options(compile=_options(backend, mode)),)
 
 

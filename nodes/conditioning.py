@@ -4,16 +4,7 @@ from __future__ import annotations
 import functools
 
 from ..models import embeddings, prompt_travel
-from ..models.errors import KinemaError
 from . import host
-
-
-def _check_text(value, name: str, node: str) -> None:
-    """KinemaError unless the STRING input ``name`` is a string (None or a number reaches here from broken
-    workflows and API calls)."""
-    if not isinstance(value, str):
-        raise KinemaError(f"{node}: '{name}' must be text, got {type(value).__name__}: type a prompt (an empty "
-                          "one is fine) or connect a STRING")
 
 
 def embedding_lookup(clip):
@@ -55,7 +46,6 @@ class KinemaTextEncode:
         }
 
     def encode(self, clip, text, clip_skip=1):
-        _check_text(text, "text", "Text Encode (Kinema)")
         cond, pooled = clip.encode(text, clip_skip=clip_skip, embeddings=embedding_lookup(clip))
         return ([[cond, {"pooled_output": pooled}]],)
 
@@ -104,8 +94,6 @@ class KinemaPromptSchedule:
         }
 
     def encode(self, clip, text, interpolation="lerp", pre_text="", app_text="", clip_skip=1):
-        for name, value in (("text", text), ("pre_text", pre_text), ("app_text", app_text)):
-            _check_text(value, name, "Prompt Schedule (Kinema)")
         keyframes = prompt_travel.parse_schedule(text)
         lookup = embedding_lookup(clip)
         cond, pooled = prompt_travel.encode_schedule(lambda p: clip.encode(p, clip_skip=clip_skip, embeddings=lookup),

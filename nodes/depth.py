@@ -6,11 +6,9 @@ from typing import ClassVar
 from ..models import memory
 from ..models.depth import (
     MAX_FIDELITY_STEPS,
-    DepthEstimator,
     load_depth_model,
     structure_fidelity,
 )
-from ..models.errors import KinemaError
 from ..models.video_io import check_finite, check_images
 from . import host
 
@@ -76,8 +74,6 @@ class KinemaDepthEstimate:
         }
 
     def estimate(self, images, depth_model, batch_size=4):
-        if not isinstance(depth_model, DepthEstimator):
-            raise KinemaError("Depth Estimate (Kinema) needs a depth model: connect Load Depth Model (Kinema)")
         check_images(images, "Depth estimation")
         host.check_interrupt()
         bar = host.ProgressBar(images.shape[0], "Kinema depth")

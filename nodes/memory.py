@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 from ..models import memory, placement
-from ..models.errors import KinemaError
-from ..models.motion import MotionModel
 from ..models.offload import OFFLOAD_MODES, OffloadOptions
-from ..models.svd_model import SVDModel
 from . import host
 
 KEEP = "keep"
@@ -66,9 +63,6 @@ class KinemaMemoryPolicy:
         }
 
     def apply(self, model, offload="auto", resident_blocks=2, attention_chunk=0, batch_cond=True, precision=KEEP):
-        if not isinstance(model, (MotionModel, SVDModel)):
-            raise KinemaError("Memory Policy (Kinema) takes a video model: connect Apply Motion Module (Kinema) or "
-                              "Load SVD Checkpoint (Kinema)")
         default, _ = host.memory_defaults()
         mode = default.mode if offload == "auto" else offload
         resident = int(resident_blocks) if offload != "auto" else min(int(resident_blocks), default.resident)

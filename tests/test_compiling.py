@@ -154,7 +154,7 @@ def test_compile_options_are_checked(opts, match):
 
 
 def test_the_compile_node_takes_video_models_only():
-    with pytest.raises(KinemaError, match="takes a video model"):
+    with pytest.raises(KinemaError, match="input 'model' takes a KINEMA_MODEL, got str"):
         load_pack().nodes.compiling.KinemaCompileModel().apply("not a model")
 
 

@@ -133,3 +133,54 @@ def test_save_video_refuses_values_outside_its_ranges_before_saving(fps, loop_co
     finally:
         host.set_output_dir(None)
     assert not (tmp_path / "output").exists()
+
+
+# -- the pack's sockets ------------------------------------------------------------------------------------------
+
+def test_every_socket_of_the_pack_is_checked():
+    """Each KINEMA_* type a node takes has the classes it carries (a new socket type without them would pass any
+    value on to the node unchecked)."""
+    from conftest import load_pack
+    from kinema.nodes import inputs
+    from kinema.nodes import workflow_format as wf
+
+    taken = {s.type for cls in load_pack().NODE_CLASS_MAPPINGS.values() for s in wf.input_specs(cls)
+             if isinstance(s.type, str) and s.type.startswith("KINEMA_")}
+    assert taken and taken <= set(inputs._socket_kinds())
+
+
+def test_a_wrong_object_in_a_socket_is_named_before_the_node_runs(host_dirs):
+    """What an any-type node of another pack (or a call from Python) hands a Kinema socket is checked: the node
+    names the input, what it got and what to connect, instead of failing inside with an AttributeError."""
+    from conftest import load_pack
+    from kinema.models import demo
+
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    model, clip, vae = nodes["KinemaCheckpointLoader"]().load(demo.DEMO_CHECKPOINT, "fp32")
+    (mm,) = nodes["KinemaMotionModuleLoader"]().load(demo.DEMO_MOTION["v2"], "fp32")
+    with pytest.raises(KinemaError, match=r"Apply Motion Module \(Kinema\): input 'motion_module' takes a "
+                                          r"KINEMA_MOTION_MODULE, got AutoencoderKL: connect Load Motion Module"):
+        nodes["KinemaApplyMotionModule"]().apply(model, vae, 1.0, "linear")
+    with pytest.raises(KinemaError, match=r"input 'clip' takes a KINEMA_CLIP, got nothing: connect the clip output"):
+        nodes["KinemaTextEncode"]().encode(None, "a cat")
+    with pytest.raises(KinemaError, match=r"input 'model' takes a KINEMA_MODEL, got TextEncoder"):
+        nodes["KinemaApplyMotionModule"]().apply(clip, mm, 1.0, "linear")
+    with pytest.raises(KinemaError, match=r"Text Encode \(Kinema\): 'text' must be text, got int"):
+        nodes["KinemaTextEncode"]().encode(clip, 5)
+    (video,) = nodes["KinemaApplyMotionModule"]().apply(model, mm, 1.0, "linear")  # the right objects pass
+    assert video.motion is mm
+    # what a switch of another pack passes on from core nodes: an IMAGE tensor, a core LATENT dict
+    with pytest.raises(KinemaError, match=r"VAE Decode Frames \(Kinema\): input 'vae' takes a KINEMA_VAE, got Tensor"):
+        nodes["KinemaVAEDecodeFrames"]().decode(torch.zeros(1, 8, 8, 3), {"samples": torch.zeros(1, 4, 8, 8)}, 0)
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(2, 64, 64)
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "a cat")
+    with pytest.raises(KinemaError, match=r"input 'context_options' takes a KINEMA_CONTEXT_OPTIONS, got dict: "
+                                          r"connect Context Options \(Kinema\)"):
+        nodes["KinemaVideoSampler"]().sample(video, pos, pos, latent, 0, 1, 1.0, "euler", "normal", 1.0,
+                                             context_options={"context_length": 16})
+    # CONDITIONING is a core type: the node checks it itself
+    with pytest.raises(KinemaError, match=r"the positive conditioning is empty or not a CONDITIONING"):
+        nodes["KinemaVideoSampler"]().sample(video, None, pos, latent, 0, 1, 1.0, "euler", "normal", 1.0)
+    (out,) = nodes["KinemaVideoSampler"]().sample(video, pos, pos, latent, 0, 1, 1.0, "euler", "normal", 1.0,
+                                                  context_options=None)  # an optional socket left empty
+    assert out["samples"].shape == latent["samples"].shape

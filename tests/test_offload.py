@@ -136,7 +136,7 @@ def test_memory_policy_node():
     node = load_pack().nodes.memory.KinemaMemoryPolicy()
     (model,) = node.apply(motion_model("v2"), "block", 3)
     assert model.offload.mode == "block" and model.offload.resident == 3 and motion_model("v2").offload.mode == "none"
-    with pytest.raises(KinemaError, match="video model"):
+    with pytest.raises(KinemaError, match="input 'model' takes a KINEMA_MODEL, got object"):
         node.apply(object(), "block", 2)
 
 

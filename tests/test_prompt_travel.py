@@ -251,15 +251,16 @@ def conditioning_nodes():
     return conditioning
 
 
-class _CountingClip:
-    def __init__(self, clip):
-        self.clip, self.prompts = clip, []
+def _counting(clip, monkeypatch):
+    """``clip`` with its encode calls recorded in the returned list (prompt, clip_skip)."""
+    prompts, encode = [], clip.encode
 
-    width = property(lambda self: self.clip.width)
+    def counted(prompt, clip_skip=1, embeddings=None):
+        prompts.append((prompt, clip_skip))
+        return encode(prompt, clip_skip=clip_skip, embeddings=embeddings)
 
-    def encode(self, prompt, clip_skip=1, embeddings=None):
-        self.prompts.append((prompt, clip_skip))
-        return self.clip.encode(prompt, clip_skip=clip_skip, embeddings=embeddings)
+    monkeypatch.setattr(clip, "encode", counted)
+    return prompts
 
 
 def test_node_is_registered_and_documented(conditioning_nodes):
@@ -276,13 +277,13 @@ def test_node_is_registered_and_documented(conditioning_nodes):
     assert len(pt.parse_schedule(spec["required"]["text"][1]["default"])) == 3
 
 
-def test_node_encodes_each_keyframe_once(conditioning_nodes, clip):
-    counting = _CountingClip(clip)
+def test_node_encodes_each_keyframe_once(conditioning_nodes, clip, monkeypatch):
+    prompts = _counting(clip, monkeypatch)
     text = "0: a cat walking\n8: a cat running, 16: a cat jumping, (motion blur:1.2)"
-    (cond,) = conditioning_nodes.KinemaPromptSchedule().encode(counting, text, "slerp", "photo", "best quality", 2)
+    (cond,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, text, "slerp", "photo", "best quality", 2)
     expected = ["photo, a cat walking, best quality", "photo, a cat running, best quality",
                 "photo, a cat jumping, (motion blur:1.2), best quality"]
-    assert counting.prompts == [(p, 2) for p in expected]
+    assert prompts == [(p, 2) for p in expected]
     assert len(cond) == 1
     tensor, options = cond[0]
     assert tensor.shape == (3, 77, 64) and options["pooled_output"].shape == (3, 64)
@@ -291,9 +292,9 @@ def test_node_encodes_each_keyframe_once(conditioning_nodes, clip):
         c, pooled = clip.encode(p, clip_skip=2)
         assert torch.equal(tensor[i], c[0]) and torch.equal(options["pooled_output"][i], pooled[0])
     # a held prompt is encoded once
-    counting.prompts.clear()
-    conditioning_nodes.KinemaPromptSchedule().encode(counting, "0: a cat, 8: a cat, 16: a dog", "lerp")
-    assert [p for p, _ in counting.prompts] == ["a cat", "a dog"]
+    prompts.clear()
+    conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a cat, 8: a cat, 16: a dog", "lerp")
+    assert [p for p, _ in prompts] == ["a cat", "a dog"]
 
 
 def test_node_plain_prompt_and_bad_inputs(conditioning_nodes, clip):
@@ -359,7 +360,7 @@ def test_sampler_passes_per_frame_contexts_to_the_pipeline(conditioning_nodes, c
     (positive,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: a cat, 3: a dog", "none")
     (negative,) = conditioning_nodes.KinemaTextEncode().encode(clip, "")
     latent = {"samples": torch.zeros(5, 4, 8, 8)}
-    model = types.SimpleNamespace(beta_schedule="linear")  # the spy samples; the node reads the schedule only
+    model = fixtures.motion_model("v2")  # the spy samples
     sampler.KinemaVideoSampler().sample(model, positive, negative, latent, 0, 1, 7.5, "euler", "normal", 1.0)
     assert seen["positive"].shape == (5, 77, 64)
     for f in range(5):
@@ -386,7 +387,7 @@ def test_the_sampler_refuses_what_core_conditioning_nodes_add_and_it_cannot_do(c
     from kinema.nodes import sampler
 
     (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
-    model = types.SimpleNamespace(beta_schedule="linear")
+    model = fixtures.motion_model("v2")
     with pytest.raises(KinemaError, match="^Video Sampler \\(Kinema\\): the positive conditioning .*" + message):
         sampler.KinemaVideoSampler().sample(model, change(positive), positive, {"samples": torch.zeros(3, 4, 8, 8)},
                                             0, 1, 7.5, "euler", "normal", 1.0)
@@ -403,7 +404,7 @@ def test_the_sampler_takes_neutral_core_keys_and_names_the_ones_it_ignores(condi
     neutral = [[positive[0][0], {**positive[0][1], "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0,
                                  "unclip_conditioning": [{}]}]]
     with caplog.at_level(logging.WARNING, logger="kinema"):
-        sampler.KinemaVideoSampler().sample(types.SimpleNamespace(beta_schedule="linear"), neutral, positive,
+        sampler.KinemaVideoSampler().sample(fixtures.motion_model("v2"), neutral, positive,
                                             {"samples": torch.zeros(3, 4, 8, 8)}, 0, 1, 7.5, "euler", "normal", 1.0)
     assert "the positive conditioning's unclip_conditioning is ignored" in caplog.text
 
@@ -491,7 +492,7 @@ def test_sampler_passes_per_frame_negative_contexts_to_the_pipeline(conditioning
     (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
     (negative,) = conditioning_nodes.KinemaPromptSchedule().encode(clip, "0: blurry, 4: dark", "lerp")
     latent = {"samples": torch.zeros(5, 4, 8, 8)}
-    sampler.KinemaVideoSampler().sample(types.SimpleNamespace(beta_schedule="linear"), positive, negative, latent,
+    sampler.KinemaVideoSampler().sample(fixtures.motion_model("v2"), positive, negative, latent,
                                         0, 1, 7.5, "euler", "normal", 1.0)
     enc = negative[0][0]
     assert seen["negative"].shape == (5, 77, 64) and seen["positive"] is positive[0][0]
@@ -523,6 +524,6 @@ def test_the_sampler_takes_core_attention_masks_without_a_warning(conditioning_n
     (positive,) = conditioning_nodes.KinemaTextEncode().encode(clip, "a cat")
     masked = [[positive[0][0], {**positive[0][1], "attention_mask": torch.ones(1, 77)}]]
     with caplog.at_level(logging.WARNING, logger="kinema"):
-        sampler.KinemaVideoSampler().sample(types.SimpleNamespace(beta_schedule="linear"), masked, masked,
+        sampler.KinemaVideoSampler().sample(fixtures.motion_model("v2"), masked, masked,
                                             {"samples": torch.zeros(3, 4, 8, 8)}, 0, 1, 7.5, "euler", "normal", 1.0)
     assert "ignored" not in caplog.text

@@ -184,5 +184,5 @@ def test_temporal_guidance_node():
     assert model.temporal_scale == 1.5 and motion_model("v2").temporal_scale == 1.0
     with pytest.raises(KinemaError, match="no motion module"):
         node.apply(motion_model("v2").with_options(motion=None), 1.5)
-    with pytest.raises(KinemaError, match="video model"):
+    with pytest.raises(KinemaError, match="input 'model' takes a KINEMA_MODEL, got object"):
         node.apply(object(), 1.5)
