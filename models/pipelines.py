@@ -111,6 +111,26 @@ def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, 
     return (out / latent_scale).float().cpu()
 
 
+def _check_conditioning(what: str, tensors) -> None:
+    """KinemaError if a conditioning tensor holds NaN or infinity: every step would, and the video be blank."""
+    if any(t is not None and not bool(torch.isfinite(t).all()) for t in tensors):
+        raise KinemaError(f"the {what} conditioning holds NaN or infinite values: the node that made it (a text or "
+                          "image encode, a conditioning edit given a NaN strength) produced them; check its inputs")
+
+
+def _check_sampled(latent: torch.Tensor, model) -> torch.Tensor:
+    """``latent`` unless the sampling (from finite inputs) made NaN or infinity, which decode to blank frames: then a
+    KinemaError with the likely cause, an fp16 model's overflow or otherwise the weights and add-ons."""
+    if bool(torch.isfinite(latent).all()):
+        return latent
+    if model.unet.dtype == torch.float16:
+        cause = "the model overflowed in fp16: set the loader's precision to bf16 or fp32"
+    else:
+        cause = (f"the {str(model.unet.dtype).removeprefix('torch.')} model made them from finite inputs: check "
+                 "the checkpoint and its add-ons (a LoRA or ControlNet at a high strength, a high cfg)")
+    raise KinemaError(f"sampling produced NaN or infinite values, which decode to blank frames: {cause}")
+
+
 def with_memory_policy(model, opts: SampleOptions) -> SampleOptions:
     """The sampling options with the model's memory policy (Memory Policy (Kinema)) where the sampler leaves them
     at their defaults: the sampler's nonzero attention chunk wins; cond/uncond are batched only if both allow."""
@@ -186,6 +206,8 @@ def sample_video(
     """
     frames = _check_latent(latent, opts, model)
     opts = with_memory_policy(model, opts)
+    _check_conditioning("positive", (positive,))
+    _check_conditioning("negative", (negative,))
     ctx_dim = model.unet.cfg.context_dim
     for what, c in (("positive", positive), ("negative", negative)):
         if c is not None and c.shape[-1] != ctx_dim:
@@ -205,7 +227,8 @@ def sample_video(
         temporal_scale=model.temporal_scale,
     )
     with video_model_on_device(model):
-        return _run_sampler(denoiser, latent, schedule, SD15_LATENT_SCALE, opts, device, callback, on_window)
+        out = _run_sampler(denoiser, latent, schedule, SD15_LATENT_SCALE, opts, device, callback, on_window)
+    return _check_sampled(out, model)
 
 
 SVD_CONDITIONING_KEYS = ("context", "concat", "y")
@@ -250,6 +273,8 @@ def sample_img2vid(
     """
     frames = _check_latent(latent, opts, model)
     opts = with_memory_policy(model, opts)
+    for what, c in (("positive", cond), ("negative", uncond or {})):
+        _check_conditioning(what, [v for v in c.values() if isinstance(v, torch.Tensor)])
     device = model.compute_device
     cfg = per_frame_cfg(model.cfg_mode, model.guidance_min, opts.cfg, frames, model.cfg_period)
     _check_fits(model, latent, opts, runs_uncond(uncond, cfg, model.temporal_scale), device)
@@ -262,4 +287,5 @@ def sample_img2vid(
     )
     schedule = noise_schedule(model)
     with video_model_on_device(model):
-        return _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)
+        out = _run_sampler(denoiser, latent, schedule, SVD_LATENT_SCALE, opts, device, callback, on_window)
+    return _check_sampled(out, model)

@@ -610,8 +610,9 @@ def decode_frames(
             "use the VAE of the model that made the latent"
         )
     if not bool(torch.isfinite(latent).all()):
-        raise KinemaError("the latent holds NaN or infinite values, which decode to blank frames: the sampling that "
-                          "made it overflowed (an fp16 model: set the loader's precision to bf16 or fp32)")
+        raise KinemaError("the latent holds NaN or infinite values, which decode to blank frames: the node that made "
+                          "it produced them (a sampler whose fp16 model overflowed: set the loader's precision to bf16 "
+                          "or fp32; a latent edit: check its inputs)")
     tiles.validate("VAE decode tiling")
     if chunk is None:
         chunk = default_decode_chunk(vae, latent.shape[-2] * 8, latent.shape[-1] * 8)

@@ -84,6 +84,35 @@ def test_sample_video_refuses_mismatched_inputs_before_sampling(bad, match):
         pipelines.sample_video(motion_model("v2"), args["positive"], args["negative"], args["latent"], opts)
 
 
+@pytest.mark.parametrize("which", ["positive", "negative"])
+def test_a_conditioning_holding_nan_is_refused_before_sampling(monkeypatch, which):
+    """A NaN in the conditioning (a conditioning edit of another pack given a NaN strength) would make every step
+    NaN: the sampler names the input instead of running."""
+    monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: pytest.fail("sampled"))
+    conds = dict(zip(("positive", "negative"), _conds()))
+    conds[which][0, 2, 5] = float("inf" if which == "negative" else "nan")
+    with pytest.raises(KinemaError, match=f"the {which} conditioning holds NaN or infinite values"):
+        pipelines.sample_video(motion_model("v2"), conds["positive"], conds["negative"], torch.zeros(2, 4, 4, 4),
+                               pipelines.SampleOptions(steps=1))
+
+
+@pytest.mark.parametrize("dtype, cause", [
+    (torch.float16, "the model overflowed in fp16: set the loader's precision to bf16 or fp32"),
+    (torch.float32, "the float32 model made them from finite inputs: check the checkpoint and its add-ons"),
+])
+def test_a_sampling_that_makes_nan_says_why_at_the_sampler(monkeypatch, dtype, cause):
+    """NaN out of finite inputs is named where it happened, with the cause the model's precision points at (fp16
+    overflow is the usual one; an fp32 model cannot overflow that way), not left for the decode to blame."""
+    model = motion_model("v2")
+    monkeypatch.setattr(type(model.unet), "dtype", property(lambda self: dtype))
+    monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: torch.tensor([0.0, float("nan")]))
+    with pytest.raises(KinemaError, match=f"sampling produced NaN or infinite values.*: {cause}"):
+        pipelines.sample_video(model, *_conds(), torch.zeros(2, 4, 4, 4), pipelines.SampleOptions(steps=1))
+    monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: torch.ones(2))
+    out = pipelines.sample_video(model, *_conds(), torch.zeros(2, 4, 4, 4), pipelines.SampleOptions(steps=1))
+    assert torch.equal(out, torch.ones(2))
+
+
 def test_an_empty_video_latent_needs_a_frame():
     with pytest.raises(KinemaError, match="frames must be at least 1"):
         pipelines.empty_video_latent(0, 64, 64)

@@ -288,6 +288,26 @@ def test_a_conditioning_for_another_size_is_refused(bundle):
                                  pipelines.SampleOptions(steps=1))
 
 
+@pytest.mark.parametrize("which, key", [("positive", "context"), ("negative", "concat"), ("positive", "y")])
+def test_an_image_conditioning_holding_nan_is_refused_before_sampling(bundle, monkeypatch, which, key):
+    cond, uncond = _conditioning(bundle)
+    bad = dict(cond if which == "positive" else uncond)
+    bad[key] = bad[key].clone().flatten().index_fill(0, torch.tensor([1]), float("nan")).view_as(bad[key])
+    cond, uncond = (bad, uncond) if which == "positive" else (cond, bad)
+    monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(KinemaError, match=f"the {which} conditioning holds NaN or infinite values"):
+        pipelines.sample_img2vid(bundle.model, cond, uncond, pipelines.empty_video_latent(FRAMES, W, H),
+                                 pipelines.SampleOptions(steps=1))
+
+
+def test_an_svd_sampling_that_makes_nan_is_named_at_the_sampler(bundle, monkeypatch):
+    cond, uncond = _conditioning(bundle)
+    monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: torch.full((2,), float("inf")))
+    with pytest.raises(KinemaError, match="sampling produced NaN or infinite values"):
+        pipelines.sample_img2vid(bundle.model, cond, uncond, pipelines.empty_video_latent(FRAMES, W, H),
+                                 pipelines.SampleOptions(steps=1))
+
+
 # -- nodes ---------------------------------------------------------------------------------------------------------
 
 def _node(name):
