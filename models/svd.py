@@ -53,7 +53,6 @@ from .layers import (
 from .offload import BlockStreamer, call_directly, stream_blocks
 from .unet import ldm_blocks, scan_input_blocks, transformer_depth
 
-MERGE_STRATEGIES = ("learned_with_images", "learned", "fixed")
 _PER_FRAME = RunOptions()  # the spatial ResBlocks of SVD always normalize each frame on its own
 
 
@@ -74,7 +73,6 @@ class SVDUNetConfig:
     extra_ff_mix_layer: temporal blocks start with a feed-forward (``norm_in``, ``ff_in``).
     use_spatial_context: the temporal cross-attention attends to the first frame's ``context``
         (else it attends to its own input, as sgm does without a ``time_context``).
-    merge_strategy: how ``time_mixer.mix_factor`` becomes the blend weight (see the module doc).
     """
 
     in_channels: int = 8
@@ -90,7 +88,6 @@ class SVDUNetConfig:
     video_kernel_size: tuple = (3, 1, 1)
     extra_ff_mix_layer: bool = True
     use_spatial_context: bool = True
-    merge_strategy: str = "learned_with_images"
     use_linear_in_transformer: bool = True
     max_time_embed_period: int = 10000
 
@@ -111,27 +108,19 @@ class SVDUNetConfig:
 # -- blending ------------------------------------------------------------------------------------------------------
 
 class AlphaBlender(nn.Module):
-    """sgm's AlphaBlender: ``alpha * spatial + (1 - alpha) * temporal`` with one learned (or fixed) factor."""
+    """sgm's AlphaBlender with SVD's strategy, "learned_with_images": ``alpha * spatial + (1 - alpha) * temporal``
+    with ``alpha = sigmoid(mix_factor)``, or 1 for the frames marked still images. (sgm's other strategies, a fixed
+    or a learned factor without images, are in no published SVD file, and no key tells them apart.)"""
 
-    def __init__(self, merge_strategy: str = "learned_with_images", alpha: float = 0.5):
+    def __init__(self):
         super().__init__()
-        if merge_strategy not in MERGE_STRATEGIES:
-            raise KinemaError(f"unknown SVD merge strategy '{merge_strategy}' (one of {', '.join(MERGE_STRATEGIES)})")
-        self.merge_strategy = merge_strategy
-        factor = torch.full((1,), float(alpha))
-        if merge_strategy == "fixed":
-            self.register_buffer("mix_factor", factor)
-        else:
-            self.mix_factor = nn.Parameter(factor)
+        self.mix_factor = nn.Parameter(torch.full((1,), 0.5))
 
     def alpha(self, image_only_indicator: torch.Tensor | None, n: int) -> torch.Tensor:
         """image_only_indicator [b, f] (None: no still image) -> alpha [n = (b f)] (in the dtype of
         ``mix_factor``, as sgm)"""
-        factor = self.mix_factor
-        if self.merge_strategy == "fixed":
-            return factor.expand(n)
-        learned = torch.sigmoid(factor).expand(n)
-        if self.merge_strategy == "learned" or image_only_indicator is None:
+        learned = torch.sigmoid(self.mix_factor).expand(n)
+        if image_only_indicator is None:
             return learned
         ind = rearrange(image_only_indicator, "b f -> (b f)")
         return torch.where(ind.bool(), torch.ones_like(learned), learned)
@@ -140,8 +129,7 @@ class AlphaBlender(nn.Module):
         """True when every frame is a still image and the temporal path is blended out entirely (alpha = 1):
         computing it can be skipped without changing the result. No indicator (a video) is known without
         looking at the device (no synchronisation)."""
-        return (image_only_indicator is not None and self.merge_strategy == "learned_with_images"
-                and bool(image_only_indicator.bool().all()))
+        return image_only_indicator is not None and bool(image_only_indicator.bool().all())
 
     def forward(self, x_spatial: torch.Tensor, x_temporal: torch.Tensor,
                 image_only_indicator: torch.Tensor | None) -> torch.Tensor:
@@ -187,7 +175,7 @@ class VideoResBlock(ResBlock):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, cfg: SVDUNetConfig):
         super().__init__(channels, emb_channels, out_channels)
         self.time_stack = TemporalResBlock(out_channels, emb_channels, tuple(cfg.video_kernel_size))
-        self.time_mixer = AlphaBlender(cfg.merge_strategy)
+        self.time_mixer = AlphaBlender()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, num_frames: int,
                 image_only_indicator: torch.Tensor | None) -> torch.Tensor:
@@ -266,7 +254,7 @@ class SpatialVideoTransformer(SpatialTransformer):
         self.time_pos_embed = nn.Sequential(
             nn.Linear(channels, channels * 4), nn.SiLU(), nn.Linear(channels * 4, channels)
         )
-        self.time_mixer = AlphaBlender(cfg.merge_strategy)
+        self.time_mixer = AlphaBlender()
         self.use_spatial_context = cfg.use_spatial_context
         self.max_time_embed_period = cfg.max_time_embed_period
 
@@ -414,8 +402,8 @@ def micro_conditioning(fps_id: float, motion_bucket_id: float, cond_aug: float, 
 def infer_svd_unet_config(sd: dict, prefix: str = "") -> SVDUNetConfig:
     """Read an SVDUNetConfig off the tensor shapes of an SVD VideoUNet state dict (keys after ``prefix``).
 
-    The number of heads is not in the weights: ``num_head_channels`` is the published 64, and
-    ``merge_strategy`` the published "learned_with_images".
+    The number of heads is not in the weights: ``num_head_channels`` is the published 64 (and the blend the
+    published "learned_with_images", see ``AlphaBlender``).
     """
 
     def get(key):
@@ -471,6 +459,5 @@ def infer_svd_unet_config(sd: dict, prefix: str = "") -> SVDUNetConfig:
         video_kernel_size=tuple(int(k) for k in kernel),
         extra_ff_mix_layer=ff_in,
         use_spatial_context=spatial_context,
-        merge_strategy="learned_with_images",
         use_linear_in_transformer=linear,
     )

@@ -101,10 +101,6 @@ class SVDModel:
         """
         indicator = None
         if not temporal:
-            if self.unet.cfg.merge_strategy != "learned_with_images":
-                raise KinemaError(f"this SVD UNet blends its temporal layers with the fixed strategy "
-                                  f"'{self.unet.cfg.merge_strategy}': it has no image model, so temporal guidance "
-                                  "cannot be used with it (set the temporal guidance scale to 1)")
             indicator = x.new_ones(x.shape[0] // num_frames, num_frames)
         return compiling.run_unet(self.unet, self.offload, self.compile, x, timesteps, context, y, num_frames,
                                   RunOptions(num_frames=num_frames, attn_chunk=attn_chunk),

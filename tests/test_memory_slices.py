@@ -121,7 +121,7 @@ def test_svd_unet_in_slices_gives_the_same_output(monkeypatch):
 
 
 def test_alpha_blender_in_place_is_the_blend():
-    blender = AlphaBlender("learned_with_images")
+    blender = AlphaBlender()
     with torch.no_grad():
         blender.mix_factor.fill_(0.3)
     xs, xt = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
