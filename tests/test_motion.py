@@ -62,8 +62,9 @@ def test_per_frame_motion_scale_applies_frame_by_frame_to_each_video_of_a_batch(
     other = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         both = video(torch.cat([x, other]), torch.cat([t, t]), torch.cat([ctx, ctx]), F)  # 2 videos of F frames
-    assert torch.allclose(both[:F], _run(video, x, t, ctx), atol=1e-5)
-    assert torch.allclose(both[F:], _run(video, other, t, ctx), atol=1e-5)
+    # a batch of two runs other fp32 kernels than one video (on an AVX-512 machine up to 1.3e-4 apart at values ~2)
+    torch.testing.assert_close(both[:F], _run(video, x, t, ctx), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(both[F:], _run(video, other, t, ctx), rtol=1e-3, atol=1e-3)
     assert not torch.allclose(both[:F], _run(video.with_options(scale=1.0), x, t, ctx), atol=1e-3)
 
 
