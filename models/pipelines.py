@@ -251,6 +251,11 @@ def _svd_per_frame(cond: dict, frames: int, latent: torch.Tensor, what: str, con
         raise KinemaError(
             f"the {what} image conditioning is for a {concat.shape[-1] * 8}x{concat.shape[-2] * 8} video but the "
             f"latent is {latent.shape[-1] * 8}x{latent.shape[-2] * 8}: use the latent of the same conditioning node")
+    for k in SVD_CONDITIONING_KEYS:
+        if cond[k].shape[0] not in (1, frames):
+            raise KinemaError(f"the {what} image conditioning's '{k}' has {cond[k].shape[0]} entries for a video of "
+                              f"{frames} frames (one image, or one per frame): connect SVD Image Conditioning "
+                              "(Kinema) and its latent")
     return {k: (v.expand(frames, *v.shape[1:]) if v.shape[0] == 1 else v) for k, v in cond.items()
             if k in SVD_CONDITIONING_KEYS}
 

@@ -300,6 +300,19 @@ def test_an_image_conditioning_holding_nan_is_refused_before_sampling(bundle, mo
                                  pipelines.SampleOptions(steps=1))
 
 
+@pytest.mark.parametrize("key", ["context", "concat", "y"])
+def test_an_image_conditioning_for_another_frame_count_is_refused(bundle, monkeypatch, key):
+    """One image (batch 1, spread over the frames) or one entry per frame; any other batch (a conditioning built by
+    hand, or edited by another pack) is named before sampling instead of failing in the UNet."""
+    cond, uncond = _conditioning(bundle)
+    cond = {**cond, key: torch.cat([cond[key]] * 2)}
+    monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(KinemaError, match=f"the positive image conditioning's '{key}' has 2 entries for a video of "
+                                          f"{FRAMES} frames"):
+        pipelines.sample_img2vid(bundle.model, cond, uncond, pipelines.empty_video_latent(FRAMES, W, H),
+                                 pipelines.SampleOptions(steps=1))
+
+
 def test_an_svd_sampling_that_makes_nan_is_named_at_the_sampler(bundle, monkeypatch):
     cond, uncond = _conditioning(bundle)
     monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: torch.full((2,), float("inf")))
