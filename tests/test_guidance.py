@@ -118,3 +118,56 @@ def test_the_attention_chunk_retry_always_chunks_smaller():
 
     sizes = [AttentionChunk(q).smaller() for q in (0, 4096, 1 << 20, 1024, 200, 128, 127)]
     assert [s.queries if s else None for s in sizes] == [1024, 1024, 1024, 512, 100, 64, None]
+
+
+class RecordingUncond:
+    """A video model that records the ``uncond`` flags of each call (one per video of the batch)."""
+
+    def __init__(self, model):
+        self.model, self.flags = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, x, t, ctx, num_frames, **kw):
+        self.flags.append(tuple(kw["uncond"]))
+        return self.model(x, t, ctx, num_frames, **kw)
+
+
+def test_one_conditioning_at_a_time_flags_only_the_uncond_call_as_unconditional():
+    """With cond and uncond one after the other, each call says which side it is: an IP-Adapter then gives its
+    zero image's tokens to the uncond call only, and the guided x0 is the batched one."""
+    from fixtures_ip_adapter import ip_adapter
+    from kinema.models.addons import ImageContent
+
+    adapter = ip_adapter()
+    with torch.no_grad():
+        tokens = adapter.image_tokens(torch.randn(1, adapter.cfg.clip_dim, generator=torch.Generator().manual_seed(1)))
+        content = ImageContent(adapter, tokens, adapter.uncond_tokens(1))
+    model = motion_model("v2").with_options(contents=(content,))
+    single, batched = RecordingUncond(model), RecordingUncond(model)
+    got, _ = _cfg(single, False)
+    want, _ = _cfg(batched, True)
+    assert single.flags == [(True,), (False,)]  # uncond first, as CFGDenoiser passes them
+    assert batched.flags == [(True, False)]
+    assert _close(got, want)
+
+
+def test_the_eps_denoiser_predicts_x0_as_x_less_sigma_times_eps():
+    """An eps model sees ``x / sqrt(sigma^2 + 1)`` at the timestep of sigma; its x0 is ``x - sigma * eps``."""
+    schedule = DiscreteSchedule("linear")
+    x, sigma, cond, _ = _inputs()
+    eps = torch.randn(F, 4, HW, HW, generator=torch.Generator().manual_seed(9))
+    net, seen = motion_model("v2"), {}
+
+    class KnownEps:
+        unet = net.unet
+
+        def __call__(self, xin, t, ctx, num_frames, **kw):
+            seen.update(xin=xin, t=t)
+            return eps
+
+    x0 = EpsVideoDenoiser(KnownEps(), schedule)(x, sigma, [cond])[0]
+    torch.testing.assert_close(x0, x - float(sigma) * eps)
+    torch.testing.assert_close(seen["xin"], x / (float(sigma) ** 2 + 1) ** 0.5)
+    torch.testing.assert_close(seen["t"], schedule.timestep(sigma.reshape(1)).expand(F))

@@ -150,7 +150,8 @@ def test_svd_block_and_model_offload_give_the_same_video():
     opts = pipelines.SampleOptions(seed=1, steps=2, cfg=2.5, scheduler="karras")
     plain = pipelines.sample_img2vid(bundle.model, cond, uncond, latent, opts)
     watch = Residency()
-    streamed = pipelines.sample_img2vid(bundle.model.with_options(offload=cpu_block_offload(2, watch)), cond, uncond, latent, opts)
+    streamed = pipelines.sample_img2vid(bundle.model.with_options(offload=cpu_block_offload(2, watch)), cond, uncond,
+                                        latent, opts)
     # moved weights are fresh copies: the CPU kernels may round differently, and EDM sampling amplifies it
     assert float((streamed - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
     assert watch.most == 2 and watch.moves > 0 and not watch.on
@@ -239,3 +240,27 @@ def test_after_use_the_storage_copies_come_back_and_what_was_on_the_device_goes_
     after = list(net.parameters())
     assert all(a.data_ptr() == s.data_ptr() and torch.equal(a, v) for a, (s, v) in zip(after, before))
     assert not on_device(net.table) and torch.equal(net.table, torch.arange(3.0))
+
+
+def test_a_model_computes_on_the_offload_device_when_one_is_named():
+    """``compute_device``: the options' device when they name one (model and block offload, or none on a chosen
+    device), else where the weights are."""
+    net = torch.nn.Linear(1, 1)
+    for mode in ("none", "model", "block"):
+        assert offload.compute_device(net, OffloadOptions(mode=mode, device="cuda:0")) == torch.device("cuda:0")
+    assert offload.compute_device(net, offload.NO_OFFLOAD) == torch.device("cpu")
+
+
+def test_the_least_recently_used_block_is_evicted():
+    """A block used again becomes the most recently used: with two resident, using a, b, a, then c evicts b (the
+    least recently used), not a (the first brought)."""
+    watch = Residency()
+    streamer = BlockStreamer(cpu_block_offload(2, watch))
+    a, b, c = (torch.nn.Linear(2, 2) for _ in range(3))
+    for block in (a, b, a):
+        streamer.use(block)
+    assert streamer.on_device == [b, a] and watch.moves == 2  # the second use of a moved nothing
+    streamer.use(c)
+    assert streamer.on_device == [a, c] and watch.on == {id(a), id(c)}
+    streamer.close()
+    assert not watch.on

@@ -6,7 +6,7 @@ import pytest
 import torch
 from fixtures import motion_model
 from kinema.models import guidance, pipelines, sampling
-from kinema.models.context import ContextOptions, context_windows
+from kinema.models.context import ContextOptions, context_windows, freenoise
 from kinema.models.errors import KinemaError
 
 SCALE = pipelines.SD15_LATENT_SCALE
@@ -183,3 +183,32 @@ def test_the_svd_memory_check_sizes_the_batch_its_per_frame_guidance_runs(monkey
         pipelines.sample_img2vid(model, cond, uncond, latent, pipelines.SampleOptions(steps=1, cfg=cfg))
         assert seen == [(3, 1), *wanted]  # every frame's cfg 1: no uncond evaluation to batch
         seen.clear()
+
+
+def test_controlnet_hints_are_fitted_to_a_video_that_is_not_square():
+    """A latent of 6x10 is a video 48 pixels high and 80 wide: its hints (40x24, the same aspect) are resized to
+    that, height by width."""
+    from fixtures_controlnet import controlnet
+    from kinema.models import addons
+
+    hint = addons.control_hint(controlnet(), torch.rand(1, 24, 40, 3, generator=torch.Generator().manual_seed(0)))
+    model = pipelines.prepare_addons(motion_model("v2").with_options(controls=(hint,)), torch.zeros(2, 4, 6, 10))
+    (prepared,) = model.controls
+    assert prepared.hints_for(range(2)).shape == (2, 3, 48, 80)
+
+
+def test_freenoise_reschedules_the_seeds_noise_with_the_same_seed(monkeypatch):
+    """With FreeNoise the starting noise is the seed's noise of the whole video shuffled by window, the shuffle
+    drawn from the same seed."""
+    _identity_sampling(monkeypatch)
+    started = []
+    real = pipelines.noise_latent
+    monkeypatch.setattr(pipelines, "noise_latent", lambda x, noise, *a: started.append(noise) or real(x, noise, *a))
+    ctx = ContextOptions(context_length=4, overlap=1, freenoise=True)
+    latent = torch.zeros(12, 4, 4, 4)
+    opts = pipelines.SampleOptions(seed=3, steps=2, cfg=1.0, context=ctx)
+    pipelines.sample_video(motion_model("v2"), _conds()[0], None, latent, opts)
+    plain = sampling.initial_noise(3, tuple(latent.shape))
+    want = freenoise(plain, ctx, 3)
+    assert len(started) == 1 and torch.equal(started[0], want)
+    assert not torch.equal(want, plain)  # the frames past the first window are shuffled

@@ -415,3 +415,79 @@ def test_the_default_model_offload_gives_the_same_video_and_every_model_rests_in
     for k, m in enumerate(models):  # each one came in for its work (the UNet once for the run) and went back
         trail = [d for i, d in watch.log if i == id(placement.weights_of(m))]
         assert trail[-2:] == ["cpu", "cpu:1"] and (k > 1 or trail.count("cpu") == 1)
+
+
+def test_a_move_that_fails_for_another_reason_is_not_retried_nor_reported_as_memory(monkeypatch, caplog):
+    """Only out-of-memory errors are retried: a bug (ValueError) while bringing a model in passes unchanged after
+    one try, with no retry in the log; one at the retry (after an out-of-memory error) passes unchanged too."""
+    tries, asked = [], []
+    monkeypatch.setattr(placement, "_make_room", lambda size, device: asked.append(size))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    bug = ValueError("a bug, not memory")
+
+    def bring(module, device, oom=0):  # as on a GPU, without moving anything
+        tries.append(str(device))
+        if len(tries) <= oom:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise bug
+
+    monkeypatch.setattr(placement, "bring", bring)
+    net = torch.nn.Linear(4, 4)
+    net.kinema_placement = Placement(device="cuda", offload=True)
+    with caplog.at_level(logging.WARNING, logger="kinema"), pytest.raises(ValueError) as caught, \
+            placement.on_device(net):
+        pass
+    assert caught.value is bug and tries == ["cuda"] and "trying once more" not in caplog.text
+    assert placement.ALL_BYTES not in asked and not placement._users
+
+    tries.clear()
+    monkeypatch.setattr(placement, "bring", lambda m, d: bring(m, d, oom=1))
+    with caplog.at_level(logging.WARNING, logger="kinema"), pytest.raises(ValueError) as caught, \
+            placement.on_device(net):
+        pass
+    assert caught.value is bug and not isinstance(caught.value, KinemaOutOfMemoryError)
+    assert tries == ["cuda", "cuda"] and "trying once more" in caplog.text and not placement._users
+
+
+def test_placing_a_model_a_call_is_using_waits_for_the_call():
+    """``place`` while a call uses the model (a node re-placing it mid-run) attaches the placement but moves
+    nothing: the running call keeps its weights on the device; they go back to storage when it ends, and a later
+    ``place`` moves them again."""
+    watch = Moves()
+    net = placement.place(torch.nn.Linear(3, 3), _sub(watch))
+    with placement.on_device(net):
+        assert watch.where(net) == "cpu"
+        again = Placement(device="cpu", offload=True, storage="cpu:2", on_move=watch)
+        assert placement.place(net, again) is net and placement.placement_of(net) is again
+        assert watch.where(net) == "cpu" and watch.count(net) == 2  # not moved mid-call
+    assert watch.where(net) == "cpu:1" and watch.count(net) == 3
+    placement.place(net, again)
+    assert watch.where(net) == "cpu:2" and watch.count(net) == 4
+
+
+def test_resting_a_video_model_that_is_sampling_waits_for_the_run():
+    """``rest`` (the loaders, the Memory Policy node) leaves the UNet and motion module of a running sampling call
+    where they are; the run itself sends them back to storage after, and a later ``rest`` moves them."""
+    watch = Moves()
+    model = motion_model("v2").with_options(offload=_video_opts("model", watch))
+    with placement.video_model_on_device(model):
+        placement.rest(model, model.offload)
+        for m in (model.unet, model.motion):
+            assert [d for i, d in watch.log if i == id(m)] == ["cpu"]  # still on the device, moved once
+    for m in (model.unet, model.motion):
+        assert [d for i, d in watch.log if i == id(m)] == ["cpu", "cpu:1"]
+    placement.rest(model, model.offload)
+    for m in (model.unet, model.motion):
+        assert [d for i, d in watch.log if i == id(m)] == ["cpu", "cpu:1", "cpu:1"]
+
+
+def test_resting_under_none_with_a_device_moves_the_video_model_there():
+    """Under none a named device is where the UNet and motion module live (--highvram: loaded there once), so
+    ``rest`` moves them there; with no device they stay where they are."""
+    watch = Moves()
+    model = motion_model("v2")
+    placement.rest(model, OffloadOptions(mode="none", on_move=watch))
+    assert watch.log == []
+    placement.rest(model, OffloadOptions(mode="none", device="cpu", on_move=watch))
+    assert [d for i, d in watch.log if i == id(model.unet)] == ["cpu"]
+    assert [d for i, d in watch.log if i == id(model.motion)] == ["cpu"]

@@ -278,3 +278,21 @@ def test_vae_nodes_take_tile_sizes_in_pixels():
     assert torch.equal(tiled, decode_frames(sd_vae(), latent, tiles=TileOptions(12, 4)))
     (enc,) = nodes.KinemaVAEEncodeFrames().encode(sd_vae(), plain, 8, 96, 32)
     assert torch.equal(enc["samples"], encode_frames(sd_vae(), plain, tiles=TileOptions(96, 32)))
+
+
+def test_three_tiles_overlapping_at_one_pixel_are_normalised_by_their_summed_weights():
+    """Where three tiles overlap (113 wide in tiles of 64 overlapping 16: starts 0, 24 and 49, the first and the last
+    share pixels 49..63), the ramps no longer add up to 1: the blend divides by the summed weights, so an identity
+    function comes back exact."""
+    assert tile_starts(113, 64, 16) == [0, 24, 49]
+    x = torch.randn(2, 3, 113, 113, generator=torch.Generator().manual_seed(10))
+    assert torch.allclose(run_tiled(lambda t: t, x, TileOptions(64, 16), 1), x, atol=1e-6)
+
+
+def test_encode_overlaps_must_be_whole_latent_pixels():
+    """An encoder's tiles start on whole latent pixels: an overlap that is not a multiple of 8 is refused (as an
+    unaligned tile size is), naming the multiple, by VAE encode and by the tiling itself."""
+    with pytest.raises(KinemaError, match="tile size and overlap must be multiples of 8 pixels, got 32 and 4"):
+        encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), tiles=TileOptions(32, 4))
+    with pytest.raises(KinemaError, match="tiles of 32 overlapping 4 on 64x64 pixels: all must be multiples of 8"):
+        run_tiled(lambda t: t[..., ::8, ::8], torch.zeros(1, 3, 64, 64), TileOptions(32, 4), 1 / 8)
