@@ -108,8 +108,9 @@ def test_model_offload_brings_the_unet_and_motion_module_for_the_sampling_run_on
     assert model.compute_device == torch.device("cpu")
 
 
-def test_block_offload_brings_the_addons_for_the_run():
-    from kinema.models.addons import ControlHint
+@pytest.mark.parametrize("addon", ["controlnet", "ip_adapter"])
+def test_block_offload_brings_the_addons_for_the_run(addon):
+    from kinema.models.addons import ControlHint, ImageContent
 
     # after the run each goes back where its own placement keeps it (an unplaced one: the video model's storage):
     # one kept on the device (--highvram) must be there for a later run that moves nothing
@@ -119,9 +120,12 @@ def test_block_offload_brings_the_addons_for_the_run():
         net = torch.nn.Linear(1, 1)  # not run: only placed
         if own is not None:
             setattr(net, placement.ATTR, own)
-        hint = ControlHint(controlnet=net, hints=torch.zeros(1, 3, 8, 8))
+        if addon == "controlnet":
+            extra = {"controls": (ControlHint(controlnet=net, hints=torch.zeros(1, 3, 8, 8)),)}
+        else:
+            extra = {"contents": (ImageContent(net, torch.zeros(1, 4, 8), torch.zeros(1, 4, 8)),)}
         watch = Moves()
-        model = motion_model("v2").with_options(controls=(hint,), offload=_video_opts("block", watch))
+        model = motion_model("v2").with_options(**extra, offload=_video_opts("block", watch))
         with placement.video_model_on_device(model):
             assert watch.where(net) == "cpu" and watch.where(model.unet) is None  # the UNet is streamed per block
         assert watch.where(net) == after, own
