@@ -517,3 +517,51 @@ def test_load_image_node_reads_the_input_folder_and_the_bundled_image(input_dir,
         from kinema.models.video_io import read_image
 
         read_image(str(tmp_path / "bad.png"))
+
+
+def test_the_guidance_period_reaches_the_sampler(bundle, monkeypatch):
+    """Per-frame Guidance's period is part of the guidance the sampler runs with, not only an attribute of the
+    model: the per-frame scales handed to CFG are the triangle of that period."""
+    from kinema.models.guidance import per_frame_cfg
+
+    seen = []
+
+    def capture(denoiser, cond, uncond, cfg, temporal_scale=1.0):
+        seen.append(cfg)
+        raise KeyboardInterrupt  # stop before sampling
+
+    monkeypatch.setattr(pipelines, "CFGDenoiser", capture)
+    cond, uncond = _conditioning(bundle)
+    for period in (1.0, 0.5):
+        with pytest.raises(KeyboardInterrupt):
+            pipelines.sample_img2vid(bundle.model.with_options(cfg_mode="triangle", min_cfg=1.0, cfg_period=period),
+                                     cond, uncond, pipelines.empty_video_latent(FRAMES, W, H),
+                                     pipelines.SampleOptions(steps=1, cfg=3.0))
+    torch.testing.assert_close(seen[0], per_frame_cfg("triangle", 1.0, 3.0, FRAMES, 1.0))
+    torch.testing.assert_close(seen[1], per_frame_cfg("triangle", 1.0, 3.0, FRAMES, 0.5))
+    assert not torch.allclose(seen[0], seen[1])
+
+
+def test_the_conditioning_node_takes_the_content_image(bundle):
+    """SVD Image Conditioning's content_image gives the CLIP image context (the init image still gives the first
+    frame's latent), as image_conditioning does."""
+    content = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(2))
+    positive, _, _ = _node("KinemaSVDConditioning").encode(
+        bundle.image_encoder, bundle.vae, _image(), W, H, FRAMES, 7, 127, 0.0, 0, content_image=content)
+    cond = positive[0][1]["kinema_image_conditioning"]
+    opts = svd_model.ImageConditioningOptions(width=W, height=H, frames=FRAMES, fps=7, motion_bucket_id=127,
+                                              augmentation_level=0.0, seed=0)
+    want, _ = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, _image(), opts, content_image=content)
+    plain, _ = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, _image(), opts)
+    assert torch.equal(cond["context"], want["context"]) and not torch.equal(cond["context"], plain["context"])
+    assert torch.equal(cond["concat"], plain["concat"])
+
+
+@pytest.mark.parametrize("h, w, ok", [(1, 5, False), (5, 1, False), (2, 2, True)])
+def test_an_init_image_of_one_pixel_row_or_column_is_refused(h, w, ok):
+    image = torch.rand(1, h, w, 3)
+    if ok:
+        assert svd_model.fit_image(image, 16, 16).shape == (1, 16, 16, 3)
+        return
+    with pytest.raises(KinemaError, match=f"the init image is {w}x{h}: too small to start a video from"):
+        svd_model.fit_image(image, 16, 16)

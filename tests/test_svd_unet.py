@@ -26,7 +26,13 @@ from fixtures_svd_unet import ADD_TIME_DIM, PREFIX, TINY, svd_unet, svd_unet_sta
 from kinema.models import checkpoint
 from kinema.models.errors import KinemaError
 from kinema.models.layers import RunOptions, timestep_embedding
-from kinema.models.svd import SVDUNet, SVDUNetConfig, infer_svd_unet_config, micro_conditioning
+from kinema.models.svd import (
+    SpatialVideoTransformer,
+    SVDUNet,
+    SVDUNetConfig,
+    infer_svd_unet_config,
+    micro_conditioning,
+)
 
 VIDEOS, FRAMES, HW, TOKENS = 2, 5, 16, 3
 
@@ -176,6 +182,46 @@ def test_image_only_frames_are_independent():
         video = _run_ours(model, x, c_noise, context, y)
     assert_net_close(together[:, :2], torch.cat(alone, dim=1), "image-only frames vs one at a time")
     assert float((video - together).abs().max()) > 1e-3  # the temporal layers do act on a video
+
+
+def test_the_temporal_cross_attention_attends_to_each_videos_first_frame_context():
+    """sgm's temporal blocks cross-attend to the first frame's context of each video: with a context per frame (which
+    the sampler accepts), the others' reach the output only through the spatial cross-attention, here switched off."""
+    model = svd_unet(16)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SpatialVideoTransformer):
+                for block in m.transformer_blocks:
+                    block.attn2.to_out[0].weight.zero_()
+                    block.attn2.to_out[0].bias.zero_()
+    x, c_noise, _, y = _inputs()
+    ctx = torch.randn(VIDEOS, FRAMES, TOKENS, TINY.context_dim, generator=torch.Generator().manual_seed(3))
+
+    def run(context):
+        out = model(rearrange(x, "b f c h w -> (b f) c h w"), repeat(c_noise, "b -> (b f)", f=FRAMES),
+                    rearrange(context, "b f n d -> (b f) n d"), repeat(y, "b e -> (b f) e", f=FRAMES), FRAMES)
+        return rearrange(out, "(b f) c h w -> b f c h w", f=FRAMES)
+
+    with torch.no_grad():
+        base = run(ctx)
+        later, first = ctx.clone(), ctx.clone()
+        later[:, 1:] += 1.0  # every frame's context but the first of each video
+        first[1, 0] += 1.0  # the second video's first frame
+        assert_net_close(run(later), base, "contexts of frames after the first")
+        moved = run(first)
+    assert_net_close(moved[0], base[0], "the other video")
+    assert float((moved[1] - base[1]).abs().max()) > 1e-3
+
+
+def test_a_video_with_some_still_frames_keeps_its_temporal_layers():
+    """Only when every frame is a still image are the temporal paths skipped: one marked frame among video frames
+    blends them out for that frame alone (alpha 1), the others still mix across frames."""
+    model = svd_unet(16)
+    x, c_noise, context, y = _inputs(videos=1)
+    with torch.no_grad():
+        still = _run_ours(model, x, c_noise, context, y, indicator=torch.ones(1, FRAMES))
+        mixed = _run_ours(model, x, c_noise, context, y, indicator=torch.tensor([[1.0] + [0.0] * (FRAMES - 1)]))
+    assert float((mixed[:, 1:] - still[:, 1:]).abs().max()) > 1e-3
 
 
 # -- parity with diffusers -----------------------------------------------------------------------------------------
