@@ -276,8 +276,10 @@ def test_the_compile_vae_node_takes_vaes_with_a_decoder():
     for model in (vae(), temporal_vae()):
         (compiled,) = node.apply(model, "eager", "default")
         assert decode_compile(compiled) == EAGER and compiled is not model
-    for wrong in (cond_encoder(), motion_model("v2"), "not a vae"):
-        with pytest.raises(KinemaError, match="takes a VAE with a decoder"):
+    with pytest.raises(KinemaError, match="takes a VAE with a decoder"):  # SVD's encoder-only VAE: a KINEMA_VAE
+        node.apply(cond_encoder())
+    for wrong, got in ((motion_model("v2"), "MotionModel"), ("not a vae", "str")):
+        with pytest.raises(KinemaError, match=f"input 'vae' takes a KINEMA_VAE, got {got}"):
             node.apply(wrong)
     with pytest.raises(KinemaError, match="unknown compile backend"):
         decode_compile(node.apply(vae(), "eager")[0]).__class__(backend="cudagraphs").validate()
