@@ -526,14 +526,17 @@ def test_the_guidance_period_reaches_the_sampler(bundle, monkeypatch):
 
     seen = []
 
+    class Stop(Exception):
+        pass
+
     def capture(denoiser, cond, uncond, cfg, temporal_scale=1.0):
         seen.append(cfg)
-        raise KeyboardInterrupt  # stop before sampling
+        raise Stop  # before sampling
 
     monkeypatch.setattr(pipelines, "CFGDenoiser", capture)
     cond, uncond = _conditioning(bundle)
     for period in (1.0, 0.5):
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Stop):
             pipelines.sample_img2vid(bundle.model.with_options(cfg_mode="triangle", min_cfg=1.0, cfg_period=period),
                                      cond, uncond, pipelines.empty_video_latent(FRAMES, W, H),
                                      pipelines.SampleOptions(steps=1, cfg=3.0))
