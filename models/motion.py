@@ -215,12 +215,16 @@ class MotionModuleSet(nn.Module):
     def check_unet(self, unet_cfg: UNetConfig) -> None:
         """Raise KinemaError unless this motion module fits the UNet."""
         unet_channels = tuple(unet_cfg.model_channels * m for m in unet_cfg.channel_mult)
-        if tuple(self.cfg.down_channels) != unet_channels[: len(self.cfg.down_channels)] or (
-            self.cfg.modules_per_down != unet_cfg.num_res_blocks
-        ):
+        fix = "use an SD1.5 motion module with an SD1.5 checkpoint"
+        if tuple(self.cfg.down_channels) != unet_channels[: len(self.cfg.down_channels)]:
             raise KinemaError(
                 f"this motion module was made for a UNet with channels {tuple(self.cfg.down_channels)}, "
-                f"the checkpoint's UNet has {unet_channels}: use an SD1.5 motion module with an SD1.5 checkpoint"
+                f"the checkpoint's UNet has {unet_channels}: {fix}"
+            )
+        if self.cfg.modules_per_down != unet_cfg.num_res_blocks:
+            raise KinemaError(
+                f"this motion module has {self.cfg.modules_per_down} temporal modules a down block, the "
+                f"checkpoint's UNet {unet_cfg.num_res_blocks} ResBlocks a block: {fix}"
             )
 
 

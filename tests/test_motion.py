@@ -253,3 +253,47 @@ def test_the_motion_modules_of_a_whole_diffusers_unet_motion_model_file_are_load
     assert got.keys() == want.keys() and ours.version == "v3"
     for key, value in want.items():
         torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6 if key.endswith(".pe") else 0.0, msg=key)
+
+
+# -- audit: structure checks the other tests leave open ------------------------------------------------------------
+
+def test_a_motion_module_with_another_module_count_a_block_is_refused_for_the_unet(unet):
+    """``check_unet`` compares a down block's module count with the UNet's res blocks a level, not only the channels:
+    a module set with the UNet's channels but one module a block more is refused; the matching one is accepted."""
+    from kinema.models.motion import MotionConfig
+
+    nrb = unet.cfg.num_res_blocks
+    chans = tuple(unet.cfg.model_channels * m for m in unet.cfg.channel_mult)
+    with torch.device("meta"):
+        extra = MotionModuleSet(MotionConfig(down_channels=chans, modules_per_down=nrb + 1, modules_per_up=nrb + 2,
+                                             has_mid=False, max_len=32))
+        fits = MotionModuleSet(MotionConfig(down_channels=chans, modules_per_down=nrb, modules_per_up=nrb + 1,
+                                            has_mid=False, max_len=32))
+    wanted = f"has {nrb + 1} temporal modules a down block, the checkpoint.s UNet {nrb} ResBlocks"
+    with pytest.raises(KinemaError, match=wanted):
+        extra.check_unet(unet.cfg)
+    fits.check_unet(unet.cfg)
+
+
+@pytest.mark.parametrize("depth,num_attn", [(2, 2), (1, 3)])
+def test_the_transformer_depth_and_attention_count_are_read_off_the_keys(depth, num_attn):
+    """``infer_motion_config`` reads the transformer blocks a module (depth) and the attentions a block off the key
+    indices: a file with two blocks a module is built with two, never as a one-block network."""
+    from kinema.models.motion import MotionConfig
+
+    cfg = MotionConfig(down_channels=(32, 64), modules_per_down=2, modules_per_up=3, has_mid=False, max_len=32,
+                       depth=depth, num_attn=num_attn)
+    with torch.device("meta"):
+        sd = MotionModuleSet(cfg).state_dict()
+    assert infer_motion_config(sd) == cfg
+
+
+def test_a_down_level_without_norm_or_projection_weights_is_named_as_damaged():
+    """A down level whose modules all lack their norm/proj_in/proj_out weights (the keys its channels are read from)
+    is a KinemaError naming that level, not a KeyError."""
+    sd = demo.motion_state_dict("v3")
+    gone = ("norm.", "proj_in.", "proj_out.")
+    sd = {k: v for k, v in sd.items()
+          if not (k.startswith("down_blocks.1.") and k.split(".temporal_transformer.")[1].startswith(gone))}
+    with pytest.raises(KinemaError, match="no norm/proj_in/proj_out weights for 'down_blocks.1.motion_modules'"):
+        infer_motion_config(sd)

@@ -287,3 +287,21 @@ def test_a_lora_after_a_precision_cast_merges_onto_the_cast_weights():
     assert all(p.dtype == torch.float16 for p in again.parameters())
     want = (half[0].weight.float() + _pairs(8)["0.weight"].delta((8, 8))).half()
     assert torch.equal(again[0].weight, want)
+
+
+def test_changing_a_copys_buffers_or_hooks_leaves_the_original_as_it_is():
+    """A structural copy owns its tables of buffers and hooks on the copied path (``_own_tables``): replacing a
+    buffer of the copy, or registering a hook on it, changes neither the original module nor its buffers."""
+    base = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4))
+    mean = base[0].running_mean
+    copy = replace_parameters(base, {"0.weight": torch.full((4,), 2.0)})
+    assert copy[0] is not base[0] and copy[0].running_mean is mean
+    copy[0].running_mean = torch.ones(4)
+    copy[0].register_forward_hook(lambda module, args, out: out * 0)
+    copy.register_forward_pre_hook(lambda module, args: None)
+    assert base[0].running_mean is mean and torch.equal(mean, torch.zeros(4))
+    assert len(base[0]._forward_hooks) == 0 and len(base._forward_pre_hooks) == 0
+    x = torch.randn(3, 4)
+    base.eval()
+    copy.eval()
+    assert torch.equal(copy[0](x), torch.zeros(3, 4)) and not torch.equal(base[0](x), torch.zeros(3, 4))
