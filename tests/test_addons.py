@@ -116,3 +116,82 @@ def test_a_hint_is_not_used_before_it_is_fitted():
     assert fitted.hints_for([0, 3]).shape == (2, 3, 32, 32)
     assert torch.equal(fitted.hints_for([1]), fitted.hints[[0]]) and torch.equal(fitted.hints_for([2]),
                                                                                  fitted.hints[[1]])
+
+
+def test_rgba_hint_images_are_taken_with_their_alpha_channel_dropped():
+    """An IMAGE with an alpha channel (a PNG loaded with it, [n, h, w, 4]) is a valid hint: it is accepted and the
+    ControlNet gets its RGB channels only, in [n, 3, h, w]."""
+    rgba = torch.rand(2, 16, 16, 4, generator=torch.Generator().manual_seed(5))
+    hint = addons.control_hint(torch.nn.Identity(), rgba)
+    assert torch.equal(hint.hints, rgba[..., :3].permute(0, 3, 1, 2))
+
+
+def test_a_step_range_outside_0_to_1_is_refused():
+    """start_percent below 0 or end_percent above 1 is refused, not only start > end."""
+    for start, end in ((-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(KinemaError, match="0 <= start <= end <= 1"):
+            addons.StepRange(start, end).validate("ControlNet")
+
+
+def test_a_control_hint_built_directly_is_checked_when_fitted_to_the_video():
+    """``ControlHint.prepared`` (what the sampler calls) validates the range and refuses an empty hint list,
+    also for a ControlHint not made by ``control_hint``."""
+    bad = addons.ControlHint(torch.nn.Identity(), torch.rand(1, 3, 16, 16), steps=addons.StepRange(0.8, 0.2),
+                             name="d")
+    with pytest.raises(KinemaError, match="ControlNet 'd': start_percent"):
+        bad.prepared(4, 16, 16)
+    with pytest.raises(KinemaError, match="no hint images"):
+        addons.ControlHint(torch.nn.Identity(), torch.rand(0, 3, 16, 16)).prepared(4, 16, 16)
+
+
+class _FixedEncoder:
+    """A CLIP vision stand-in: each image's embedding is a distinct constant vector."""
+
+    def __init__(self, dim):
+        self.embed_dim = dim
+
+    def encode(self, images, style="svd"):
+        return torch.arange(1, images.shape[0] + 1, dtype=torch.float32)[:, None].expand(-1, self.embed_dim) / 10
+
+
+def test_non_finite_ip_adapter_weight_is_refused():
+    """An IP-Adapter weight of NaN or infinity is refused where it enters, naming the adapter."""
+    from fixtures_ip_adapter import ip_adapter
+
+    adapter = ip_adapter()
+    with pytest.raises(KinemaError, match="IP-Adapter 'c': weight must be a finite number, got inf"):
+        addons.image_content(adapter, _FixedEncoder(adapter.cfg.clip_dim), torch.rand(1, 16, 16, 3),
+                             weight=float("inf"), name="c")
+
+
+def test_image_content_concat_puts_the_images_tokens_side_by_side():
+    """``image_content(combine="concat")`` gives each image's tokens side by side (and n zero-image token sets on
+    the uncond side); "mean" gives one image's worth of tokens."""
+    from fixtures_ip_adapter import ip_adapter
+    from kinema.models.ip_adapter import content_tokens
+
+    adapter = ip_adapter()
+    enc = _FixedEncoder(adapter.cfg.clip_dim)
+    images = torch.rand(2, 16, 16, 3)
+    cat = addons.image_content(adapter, enc, images, combine="concat")
+    mean = addons.image_content(adapter, enc, images)
+    t, d = adapter.cfg.tokens, adapter.cfg.cross_dim
+    assert cat.tokens.shape == (1, 2 * t, d) and cat.uncond_tokens.shape == (1, 2 * t, d)
+    assert mean.tokens.shape == (1, t, d)
+    want, _ = content_tokens(adapter, enc.encode(images), "concat")
+    assert torch.allclose(cat.tokens, want.float())
+
+
+def test_control_reuse_keeps_its_sides_residuals_from_the_first_batch_that_has_it():
+    """``ControlReuse(side)`` keeps, from the first batch holding its side, that side's slice of the residuals
+    (wherever the side sits in the batch), and hands exactly those to a later batch of that side alone."""
+    frames = 2
+    reuse = addons.ControlReuse(side=True)
+    first = [torch.arange(8.0).reshape(4, 2), torch.arange(8.0, 16.0).reshape(4, 1, 2)]  # (cond, uncond) x 2 frames
+    assert reuse.residuals_for(lambda: first, (False, True), frames) is first
+    later = [torch.full((4, 2), -1.0), torch.full((4, 1, 2), -1.0)]
+    assert reuse.residuals_for(lambda: later, (True, False), frames) is later  # computed, not kept
+    calls = []
+    kept = reuse.residuals_for(lambda: calls.append(1), (True,), frames)
+    assert calls == [] and len(kept) == 2
+    assert torch.equal(kept[0], first[0][2:4]) and torch.equal(kept[1], first[1][2:4])

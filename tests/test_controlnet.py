@@ -380,3 +380,13 @@ def test_a_truncated_file_is_named(suffix, match, tmp_path):
     with pytest.raises(KinemaError, match=match) as err:
         load_controlnet(str(cut))
     assert f"control_cut{suffix}" in str(err.value)
+
+
+@pytest.mark.parametrize("field,value", [("in_channels", 9), ("transformer_depth", 2)])
+def test_a_controlnet_for_another_unet_input_or_depth_is_refused(field, value, tmp_path):
+    """``check_unet`` compares the latent channels (an inpainting-style 9-channel ControlNet) and the transformer
+    depth too, naming the field, not only widths and attention levels."""
+    cfg = ControlNetConfig.for_unet(replace(unet().cfg, **{field: value}), (8, 8))
+    net = load_controlnet(_zeros_file(cfg, tmp_path / "other.safetensors"))
+    with pytest.raises(KinemaError, match=rf"another UNet: its {field} {value} \(the model's: "):
+        net.check_unet(unet().cfg)

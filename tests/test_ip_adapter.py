@@ -369,3 +369,42 @@ def test_image_tokens_of_another_width_are_refused():
         adapter.cross_extra(unet().cfg, torch.zeros(1, 4, 32))
     with pytest.raises(KinemaError, match=r"got \(4, 64\)"):
         adapter.cross_extra(unet().cfg, adapter.uncond_tokens()[0])
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda sd: {k: v for k, v in sd.items() if k != "image_proj.norm.weight"},
+     "lacks 'image_proj.norm.weight': the IP-Adapter file is incomplete"),
+    (lambda sd: {**sd, "ip_adapter.1.to_out_ip.weight": torch.zeros(32, 64)},
+     "'ip_adapter.1.to_out_ip.weight' is not a weight of the basic IP-Adapter"),
+    (lambda sd: {**sd, "ip_adapter.1.to_k_lora.down.weight": torch.zeros(4, 64)}, "is an IP-Adapter FaceID"),
+], ids=["missing-projection-tensor", "unknown-layer-weight", "lora-layers"])
+def test_incomplete_or_unknown_basic_adapter_files_are_named(damage, message):
+    """A basic IP-Adapter file lacking a projection tensor, with a layer weight the basic adapter has not, or with
+    LoRA weights in its layers (FaceID) is refused with what is wrong, naming the file."""
+    with pytest.raises(KinemaError, match="'odd.safetensors'.*" + message):
+        build_ip_adapter(damage(basic_state_dict()), name="odd.safetensors")
+
+
+def test_image_embeddings_that_are_not_a_2d_batch_are_refused():
+    """``image_tokens`` takes CLIP image embeddings [count, width]; a [1, 1, width] tensor is a KinemaError
+    naming the expected shape, not an einops error from the projection."""
+    adapter = ip_adapter()
+    with pytest.raises(KinemaError, match=r"takes CLIP image embeddings \[count, width\], got \(1, 1, 64\)"):
+        adapter.image_tokens(torch.zeros(1, 1, adapter.cfg.clip_dim))
+
+
+def test_a_half_precision_adapter_takes_the_float32_tokens_an_image_content_keeps():
+    """``ImageContent`` keeps its tokens in float32 on the CPU; ``cross_extra`` moves them to the adapter's device
+    and dtype, so an fp16 adapter gives fp16 keys/values (not a dtype error at the first cross-attention)."""
+    from fixtures import unet
+    from fixtures_ip_adapter import ip_adapter_state_dict
+
+    half = build_ip_adapter(dict(ip_adapter_state_dict()), torch.float16, "demo")
+    with torch.no_grad():
+        tokens = ip_adapter().image_tokens(torch.randn(2, 64, generator=torch.Generator().manual_seed(4))).float()
+        layers = half.check_unet(unet().cfg)
+        (slot, j), key = next(iter(layers.items()))
+        ((k, v, scale),) = half.cross_extra(unet().cfg, tokens, 0.5)(slot, j)
+        want_k, want_v = half.ip_adapter[key](tokens.half())
+    assert k.dtype == v.dtype == torch.float16 and scale == 0.5
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
