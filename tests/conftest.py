@@ -49,6 +49,19 @@ def load_pack():
 import pytest  # noqa: E402
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (``-n``), each worker takes its share of the cores for torch's threads: every worker
+    with all of them would oversubscribe the cores (the CI machine has two, and runs two workers)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+
+
+_share_the_cores()
+
+
 @pytest.fixture(scope="session")
 def demo_models_dir(tmp_path_factory):
     """The pack's demo models (tiny, real layouts) written once per session, ComfyUI folder names."""
