@@ -527,3 +527,149 @@ def test_demo_stand_ins_keep_the_model_kind_and_version(kind, name, stand_in):
     files = {"svd_xt": demo.DEMO_SVD["svd_xt"], "svd": demo.DEMO_SVD["svd"], "sd15": demo.DEMO_CHECKPOINT,
              "clip_vision": demo.DEMO_CLIP_VISION, **{v: demo.DEMO_MOTION[v] for v in ("v1", "v2", "v3")}, None: None}
     assert demo.substitute(kind, name) == files[stand_in]
+
+
+def test_main_set_keeps_text_after_the_first_equals_sign_and_combo_values_as_text(cli, tmp_path, capsys):
+    """--set splits at the FIRST '=' (a value may itself hold '='), and a list (combo) input keeps the text as
+    given even when it parses as JSON (``null``, ``5``), as a STRING input does."""
+    _, path = cli
+    prompt = base_prompt()
+    prompt["8"] = {"class_type": "Options", "inputs": {"x": ["1", 0], "mode": "sum", "flag": True, "label": "",
+                                                       "frames": 8}}
+    path.write_text(json.dumps(prompt))
+    rc = runner.main([str(path), "--print-api", "--set", "5.prefix=a=b", "--set", "8.mode=null",
+                      "--set", "8.label=5"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    printed = json.loads(captured.out)
+    assert printed["5"]["inputs"]["prefix"] == "a=b"
+    assert printed["8"]["inputs"]["mode"] == "null"
+    assert printed["8"]["inputs"]["label"] == "5"
+
+
+def test_main_usage_errors_exit_1(cli, capsys):
+    """An unknown option or a missing workflow argument is a usage error: status 1 (argparse's message on
+    stderr), while --help is status 0."""
+    assert runner.main(["--no-such-option"]) == 1
+    assert runner.main([]) == 1
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_main_models_dir_that_is_not_a_folder_is_refused_before_anything_runs(cli, tmp_path, capsys):
+    """--models-dir naming no folder: status 1, a message naming the option and the path, the host untouched
+    and no node run."""
+    host, path = cli
+    missing = tmp_path / "no_models"
+    assert runner.main([str(path), "--models-dir", str(missing), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --models-dir ") and str(missing) in err and "not a directory" in err
+    assert host.calls == [] and not CALLS
+
+
+def test_main_print_api_neither_makes_nor_sets_the_output_folder(cli, tmp_path, capsys):
+    """--print-api only prints the prompt: an --output-dir given with it is not created nor handed to the host."""
+    host, path = cli
+    out = tmp_path / "not_made"
+    assert runner.main([str(path), "--print-api", "--output-dir", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["5"]["class_type"] == "Sink"
+    assert not out.exists() and ("output", str(out)) not in host.calls
+    assert runner.main([str(path), "--output-dir", str(out), "-q"]) == 0  # a run makes it and hands it on
+    assert out.is_dir() and ("output", str(out)) in host.calls
+
+
+def test_main_falls_back_to_demo_models_only_when_no_models_folder_is_configured(cli, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """The demo-model fallback runs (its notes on stderr, not stdout) only with no --models-dir, no
+    KINEMA_MODELS_DIR and outside ComfyUI; any of those configured and the prompt is run as written."""
+    host, path = cli
+    models = tmp_path / "models"
+    models.mkdir()
+    seen = []
+
+    def fake_demo(prompt, node_classes, h):
+        seen.append(h)
+        return ["demo note"]
+
+    monkeypatch.setattr(runner, "use_demo_models", fake_demo)
+    monkeypatch.delenv("KINEMA_MODELS_DIR", raising=False)
+    assert runner.main([str(path), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert seen == [host] and "demo note" in captured.err and "demo note" not in captured.out
+    seen.clear()
+    assert runner.main([str(path), "-q", "--models-dir", str(models)]) == 0
+    monkeypatch.setenv("KINEMA_MODELS_DIR", str(models))
+    assert runner.main([str(path), "-q"]) == 0
+    monkeypatch.delenv("KINEMA_MODELS_DIR")
+    host.IN_COMFYUI = True
+    assert runner.main([str(path), "-q"]) == 0
+    assert seen == []
+
+
+def test_main_prints_temp_files_under_the_hosts_temp_folder_not_the_output_dir(cli, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A file an output node reports with type "temp" (a preview) is printed under the host's temp folder, not
+    under --output-dir, which holds only the "output" files; an output node reporting no files says so."""
+    host, path = cli
+
+    class TempSink:
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {"x": ("NUMBER",)}}
+
+        RETURN_TYPES = ()
+        FUNCTION = "show"
+        OUTPUT_NODE = True
+
+        def show(self, x):
+            return {"ui": {"images": [{"filename": "preview.png", "subfolder": "", "type": "temp"}]}}
+
+    monkeypatch.setattr(runner, "_registry", lambda classes: {**CLASSES, "TempSink": TempSink})
+    host.get_temp_directory = lambda: str(tmp_path / "temp")
+    path.write_text(json.dumps({"1": {"class_type": "Number", "inputs": {"value": 2}},
+                                "2": {"class_type": "TempSink", "inputs": {"x": ["1", 0]}}}))
+    out_dir = tmp_path / "out"
+    assert runner.main([str(path), "--output-dir", str(out_dir), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert os.path.join(str(tmp_path / "temp"), "preview.png") in printed
+    assert str(out_dir) not in printed
+    path.write_text(json.dumps({"1": {"class_type": "Number", "inputs": {"value": 2}},
+                                "2": {"class_type": "AnySink", "inputs": {"anything": ["1", 0]}}}))
+    assert runner.main([str(path), "-q"]) == 0
+    assert "reported no files" in capsys.readouterr().out
+
+
+def test_main_a_workflow_that_is_not_json_names_the_file(cli, tmp_path, capsys):
+    """A workflow file that does not parse: status 1 and a message naming the file (a JSON parser's message
+    alone, "Expecting value: line 1 column 1", does not say which file)."""
+    bad = tmp_path / "broken_wf.json"
+    bad.write_text("{not json")
+    assert runner.main([str(bad), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {bad}")
+
+
+def test_main_set_errors_list_the_nodes_and_inputs_to_choose_from(cli, capsys):
+    """A --set naming no node lists the prompt's node ids; one naming no input of the node lists its inputs
+    (the fix), and a hidden input (PROMPT, UNIQUE_ID, ...) is not one that can be set."""
+    _, path = cli
+    assert runner.main([str(path), "-q", "--set", "9.value=1"]) == 1
+    assert "(nodes: 1, 2, 3, 4, 5, 6, 7)" in capsys.readouterr().err
+    assert runner.main([str(path), "-q", "--set", "5.nope=1"]) == 1
+    assert "(inputs: x, prefix)" in capsys.readouterr().err
+    assert runner.main([str(path), "-q", "--set", "5.unique_id=3"]) == 1
+    assert "has no input 'unique_id'" in capsys.readouterr().err
+
+
+def test_demo_models_point_the_host_at_the_demo_folder(host_dirs, demo_models_dir, tmp_path, monkeypatch):
+    """The demo-model fallback swaps in a demo file AND points the host's models folder at the folder the demo
+    models were written to (else the loader looks for the stand-in where it is not)."""
+    from conftest import load_pack
+    from kinema.models import demo
+
+    monkeypatch.setattr(demo, "default_cache_dir", lambda: demo_models_dir)
+    host_dirs.set_models_dir(str(tmp_path / "elsewhere"))
+    prompt = {"1": {"class_type": "KinemaCheckpointLoader",
+                    "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors", "precision": "auto"}}}
+    notes = runner.use_demo_models(prompt, load_pack().NODE_CLASS_MAPPINGS, host_dirs)
+    assert os.path.samefile(host_dirs.get_models_dir(), demo_models_dir)
+    assert prompt["1"]["inputs"]["ckpt_name"] == demo.DEMO_CHECKPOINT and len(notes) == 2

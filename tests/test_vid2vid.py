@@ -561,3 +561,31 @@ def test_vid2vid_lower_denoise_stays_closer_to_the_input(video_latent):
 def test_vid2vid_denoise_zero_returns_the_input(video_latent):
     out = _sample(video_latent, 0.0)
     assert torch.equal(out, video_latent.float())
+
+
+def test_frames_too_small_for_an_8x8_block_are_refused_as_such_on_either_side(tmp_path):
+    """A clip under 8 pixels on just one side (wide and flat) is refused with the size and the fix, not read as
+    frames 0 pixels high, and not reported as an unreadable file."""
+    for name, (h, w) in (("flat", (4, 64)), ("thin", (64, 4))):
+        path = _write(tmp_path, "gif", np.zeros((2, h, w, 3), np.uint8), name=name)
+        with pytest.raises(KinemaError) as info:
+            video_io.read_video(path)
+        msg = str(info.value)
+        assert msg.startswith(f"'{name}.gif' is {w}x{h}") and "bigger custom width/height" in msg
+        assert "Cannot read" not in msg
+
+
+def test_frame_options_refuse_booleans(tmp_path):
+    """A boolean is no frame count (True would silently mean 1): refused like any non-whole number."""
+    path = _write(tmp_path, "gif")
+    for kwargs in ({"frame_load_cap": True}, {"select_every_nth": True}, {"width": False}):
+        with pytest.raises(KinemaError, match="whole number"):
+            video_io.read_video(path, **kwargs)
+
+
+def test_no_path_and_a_zero_rate_are_handled_as_the_pack_says(tmp_path):
+    """An empty path is the pack's own error (ComfyUI shows its message), and a file announcing 0 fps is read at
+    the default rate rather than reported as 0 fps."""
+    with pytest.raises(KinemaError, match="No video file given"):
+        video_io.read_video("")
+    assert video_io._fps_or_default(0) == video_io._fps_or_default(float("nan")) == video_io.DEFAULT_FPS
