@@ -266,6 +266,8 @@ def diffusers_to_original(sd: dict, name: str = "the ControlNet") -> dict[str, t
 def _original_layout(sd: dict, name: str, path: str) -> dict[str, torch.Tensor]:
     """The ControlNet's tensors in the original names without prefix, or KinemaError saying what the file is."""
     keys = sd.keys()
+    if any("lora_controlnet" in k for k in keys):  # first: a Control-LoRA holds its hint block and zero convs whole
+        raise KinemaError(f"'{name}' is a Control-LoRA (an SDXL ControlNet stored as a LoRA); {USE_INSTEAD}")
     if any(k.startswith(PREFIX) for k in keys):
         sd = sub_state_dict(sd, PREFIX)  # the v1.0 .pth files also hold the SD1.5 model: ignored
     elif "controlnet_cond_embedding.conv_in.weight" in sd:
@@ -279,8 +281,6 @@ def _original_layout(sd: dict, name: str, path: str) -> dict[str, torch.Tensor]:
         if any(k.startswith(("body.", "adapter.body.")) for k in keys):
             raise KinemaError(f"'{name}' is a T2I-Adapter, not a ControlNet: Kinema does not run T2I-Adapters; "
                               f"{USE_INSTEAD}")
-        if any("lora_controlnet" in k for k in keys):
-            raise KinemaError(f"'{name}' is a Control-LoRA (an SDXL ControlNet stored as a LoRA); {USE_INSTEAD}")
         expect_format(sd, "controlnet", path, "an SD1.5 ControlNet")  # says what it is and where it belongs
         raise KinemaError(f"'{name}' is not a ControlNet Kinema reads; {USE_INSTEAD}")
     if any(k.startswith("label_emb.") for k in sd):

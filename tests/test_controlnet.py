@@ -390,3 +390,88 @@ def test_a_controlnet_for_another_unet_input_or_depth_is_refused(field, value, t
     net = load_controlnet(_zeros_file(cfg, tmp_path / "other.safetensors"))
     with pytest.raises(KinemaError, match=rf"another UNet: its {field} {value} \(the model's: "):
         net.check_unet(unet().cfg)
+
+
+# -- mutation audit: gaps -------------------------------------------------------------------------------------------
+
+def test_a_diffusers_layout_controlnet_with_keys_kinema_does_not_know_is_refused(tmp_path):
+    """``diffusers_to_original`` refuses a diffusers-layout file holding modules it has no original name for (e.g.
+    ControlNet-Union's ``task_embedding``/``spatial_ch_projs``), naming the first: such a file is not run as a plain
+    SD1.5 ControlNet with those weights silently dropped."""
+    sd = {**original_to_diffusers(controlnet_state_dict()), "spatial_ch_projs.weight": torch.zeros(32, 32)}
+    path = _save(sd, tmp_path / "union.safetensors")
+    with pytest.raises(KinemaError, match=r"'union.safetensors' is a diffusers-layout ControlNet with keys Kinema "
+                                          r"does not know \(first: 'spatial_ch_projs.weight'\)"):
+        load_controlnet(path)
+
+
+def test_the_hint_channel_count_is_read_off_the_file(tmp_path):
+    """``hint_in_channels`` comes from the file's first hint convolution, not assumed to be 3: a ControlNet made
+    for 1-channel hints loads and checks its hints against 1 channel."""
+    cfg = replace(ControlNetConfig.for_unet(unet().cfg, (8, 8)), hint_in_channels=1)
+    net = load_controlnet(_zeros_file(cfg, tmp_path / "gray.safetensors"))
+    assert net.cfg.hint_in_channels == 1
+    x, _, t, ctx = _inputs(frames=2, h=8, w=8)
+    with torch.no_grad():
+        assert len(net(x, torch.rand(2, 1, 16, 16), t, ctx)) == 13
+    with pytest.raises(KinemaError, match=r"expected \(2, 1, 16, 16\)"):
+        net(x, torch.rand(2, 3, 16, 16), t, ctx)
+
+
+def test_a_batch_of_no_whole_number_of_videos_does_not_share_the_hints():
+    """A hint of ``num_frames`` images is shared only by a batch of whole videos: 3 latents for videos of 2 frames
+    are refused as a KinemaError naming the expected hint, not a shape error inside the network."""
+    x, hint, t, ctx = _inputs(frames=3)
+    with pytest.raises(KinemaError, match=r"expected \(3, 3, 128, 128\)"):
+        controlnet()(x, hint[:2], t, ctx, RunOptions(num_frames=2))
+
+
+@pytest.mark.parametrize("what,match", [
+    ("adapter_body", "T2I-Adapter"),
+    ("control_lora", "Control-LoRA"),
+    ("control_lora_whole_hint_block", "Control-LoRA"),
+    ("class_embedding", "SDXL ControlNet"),
+])
+def test_more_files_that_are_not_sd15_controlnets_are_named(what, match, tmp_path):
+    """The other layouts ``_original_layout`` tells apart: T2I-Adapters saved with an ``adapter.`` prefix,
+    Control-LoRAs (``lora_controlnet``; Stability's files also hold the hint block, the zero convs and
+    ``label_emb`` whole, so the marker is looked at first) and diffusers ControlNets with a ``class_embedding``
+    are named as what they are, not as unknown files, SDXL ControlNets or unknown diffusers keys."""
+    if what == "adapter_body":
+        bad = {"adapter.conv_in.weight": torch.zeros(8, 192, 3, 3),
+               "adapter.body.0.block1.weight": torch.zeros(8, 8, 3, 3)}
+    elif what == "control_lora":
+        bad = {"lora_controlnet": torch.zeros(1), "input_blocks.1.0.in_layers.2.up": torch.zeros(8, 4)}
+    elif what == "control_lora_whole_hint_block":
+        bad = {**controlnet_state_dict(), "label_emb.0.0.weight": torch.zeros(8, 8), "lora_controlnet": torch.zeros(1),
+               "input_blocks.1.0.in_layers.2.up": torch.zeros(8, 4)}
+    else:
+        bad = {**original_to_diffusers(controlnet_state_dict()), "class_embedding.linear_1.weight": torch.zeros(8, 8)}
+    path = _save(bad, tmp_path / f"{what}.safetensors")
+    with pytest.raises(KinemaError, match=match) as err:
+        load_controlnet(path)
+    assert f"{what}.safetensors" in str(err.value)
+
+
+def test_a_half_precision_controlnet_runs_on_float32_inputs():
+    """A ControlNet loaded in bf16 (an fp16 repack loaded as stored, or a dtype asked for) takes fp32 latents,
+    hints (images) and timestep embeddings in its own precision and gives fp32 residuals close to the fp32 net's."""
+    from kinema.models.controlnet import controlnet_from_state_dict
+
+    net = controlnet_from_state_dict(controlnet_state_dict(), "demo_controlnet", torch.bfloat16)
+    x, hint, t, ctx = _inputs(frames=2)
+    with torch.no_grad():
+        got = net(x, hint, t, ctx)
+        want = controlnet()(x, hint, t, ctx)
+    for r, w in zip(got, want):
+        assert r.dtype == torch.float32
+        assert float((r - w).abs().max()) <= 0.1 * max(1.0, float(w.abs().max()))
+
+
+def test_a_controlnet_with_a_malformed_tensor_is_named_as_damaged(tmp_path):
+    """A tensor of the wrong rank where the config is read (a 1-D hint convolution) is a KinemaError naming the file
+    as damaged (``damaged_file``), not a raw IndexError."""
+    sd = {**bare(controlnet_state_dict()), "input_hint_block.0.weight": torch.zeros(8)}
+    path = _save(sd, tmp_path / "control_bad.safetensors")
+    with pytest.raises(KinemaError, match=r"'control_bad.safetensors' is damaged or not an SD1.5 ControlNet"):
+        load_controlnet(path)
