@@ -287,7 +287,9 @@ EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
 def find_embedding(name: str) -> str | None:
     """The file of the textual-inversion embedding ``name`` (``embedding:name`` in a prompt), looked up as ComfyUI
     does: in each ``embeddings`` folder, the name as written, then with .safetensors, .pt, .bin. None when there
-    is none, or the name would leave the folders (ComfyUI skips those too)."""
+    is none, or the name would leave the folders (ComfyUI skips those too); KinemaError for a file found there that
+    is a link leading outside every embeddings folder (as the model loaders refuse one, unless
+    ``KINEMA_ALLOW_SYMLINKS``)."""
     try:
         clean = _clean_name("embeddings", name)
         folders = model_folders("embeddings")

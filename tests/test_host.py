@@ -499,3 +499,82 @@ def test_save_path_gives_comfyui_the_prefix_it_read(monkeypatch, tmp_path):
     full, sub, name = host.save_path("Kinema\\%width%x%height%\\video", "mp4", 64, 48)
     assert seen == [os.path.join("Kinema", "64x48", "video")]
     assert (sub, name) == ("Kinema/64x48", "video_00001_.mp4") and full == os.path.join(out, "Kinema", "64x48", name)
+
+
+# --- mutation audit of nodes/host.py: behaviour the tests above left open ----------------------------------------
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_an_embedding_linking_out_of_the_embeddings_folder_is_refused(tmp_path):
+    """find_embedding applies the same link check as resolve_model: a file in models/embeddings that links
+    outside every embeddings folder is never returned (a name that stays inside is found, with its extension)."""
+    secret = _touch(tmp_path / "secret" / "fox.safetensors")
+    folder = tmp_path / "models" / "embeddings"
+    inside = _touch(folder / "cat.pt")
+    os.symlink(secret, folder / "fox.safetensors")
+    assert os.path.samefile(host.find_embedding("cat"), inside)
+    with pytest.raises(KinemaError, match="outside the embeddings folder"):
+        host.find_embedding("fox")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_a_folder_link_looping_back_is_walked_once(tmp_path):
+    """A link to a parent folder inside the models folder does not make list_models loop or list the same
+    file again under loop/loop/...: each real folder is walked once."""
+    root = tmp_path / "models" / "loras"
+    _touch(root / "sub" / "a.safetensors")
+    os.symlink(root, root / "sub" / "loop")
+    assert host.list_models("loras") == ["sub/a.safetensors"]
+
+
+def test_a_name_in_several_folders_is_listed_once_and_the_first_folder_wins(tmp_path):
+    """The same file name in the default folder and an added folder: list_models shows it once, and
+    resolve_model takes the default folder's file (search order, as ComfyUI does)."""
+    first = _touch(tmp_path / "models" / "vae" / "same.safetensors", b"first")
+    extra = tmp_path / "shared_vae"
+    _touch(extra / "same.safetensors", b"second")
+    host.add_model_folder("vae", str(extra))
+    assert host.list_models("vae") == ["same.safetensors"]
+    assert os.path.samefile(host.resolve_model("vae", "same.safetensors"), first)
+
+
+def test_model_extensions_are_matched_in_any_case(tmp_path):
+    """Files saved with upper-case extensions (Windows downloads: MODEL.SAFETENSORS) are listed too."""
+    _touch(tmp_path / "models" / "loras" / "STYLE.SAFETENSORS")
+    _touch(tmp_path / "models" / "loras" / "Old.Ckpt")
+    assert host.list_models("loras") == ["Old.Ckpt", "STYLE.SAFETENSORS"]
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="no symlinks")
+def test_allow_symlinks_lets_an_input_link_out_and_takes_true_or_yes(tmp_path, monkeypatch):
+    """resolve_input refuses an input that links out of the input folder unless KINEMA_ALLOW_SYMLINKS is set;
+    the switch takes 1, true or yes, in any case, for inputs and models alike."""
+    secret = _touch(tmp_path / "private" / "holiday.mp4")
+    folder = tmp_path / "input"
+    folder.mkdir()
+    os.symlink(secret, folder / "link.mp4")
+    host.set_input_dir(str(folder))
+    with pytest.raises(KinemaError, match="outside the input folder"):
+        host.resolve_input("link.mp4")
+    for value in ("true", "Yes"):
+        monkeypatch.setenv("KINEMA_ALLOW_SYMLINKS", value)
+        assert host.resolve_input("link.mp4") == str(folder / "link.mp4")
+        assert host.stays_inside(str(folder / "link.mp4"), [str(folder)])
+
+
+def test_save_path_counter_ignores_longer_names_that_start_with_the_prefix(tmp_path):
+    """The counter of prefix 'v' reads only v_<n>_ files: v2024_00001_.gif (another prefix) does not push it
+    to 2025."""
+    _touch(tmp_path / "output" / "v2024_00001_.gif")
+    _touch(tmp_path / "output" / "v_00003_.gif")
+    assert host.save_path("v", "gif")[2] == "v_00004_.gif"
+    assert host.save_path("w", "gif")[2] == "w_00001_.gif"
+
+
+def test_save_path_refuses_names_too_long_in_bytes(tmp_path):
+    """A file or folder name of the prefix longer than 255 bytes (counted in UTF-8, not in characters) is a
+    KinemaError naming the limit, before anything is made; a name just under it is fine."""
+    with pytest.raises(KinemaError, match="too long for the file system.*at most 255"):
+        host.save_path("\u00e9" * 125, "webp")  # 125 characters, 250 bytes, +12 for the counter
+    with pytest.raises(KinemaError, match="too long for the file system"):
+        host.save_path("\u00e9" * 150 + "/clip", "webp")  # a 300-byte folder name
+    assert not os.path.exists(tmp_path / "output" / ("\u00e9" * 150))
+    assert host.save_path("a" * 243, "webp")[2] == "a" * 243 + "_00001_.webp"
