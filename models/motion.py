@@ -224,7 +224,7 @@ class MotionModuleSet(nn.Module):
         if self.cfg.modules_per_down != unet_cfg.num_res_blocks:
             raise KinemaError(
                 f"this motion module has {self.cfg.modules_per_down} temporal modules a down block, the "
-                f"checkpoint's UNet {unet_cfg.num_res_blocks} ResBlocks a block: {fix}"
+                f"checkpoint's UNet has {unet_cfg.num_res_blocks} ResBlocks a block: {fix}"
             )
 
 

@@ -269,7 +269,7 @@ def test_a_motion_module_with_another_module_count_a_block_is_refused_for_the_un
                                              has_mid=False, max_len=32))
         fits = MotionModuleSet(MotionConfig(down_channels=chans, modules_per_down=nrb, modules_per_up=nrb + 1,
                                             has_mid=False, max_len=32))
-    wanted = f"has {nrb + 1} temporal modules a down block, the checkpoint.s UNet {nrb} ResBlocks"
+    wanted = f"has {nrb + 1} temporal modules a down block, the checkpoint.s UNet has {nrb} ResBlocks"
     with pytest.raises(KinemaError, match=wanted):
         extra.check_unet(unet.cfg)
     fits.check_unet(unet.cfg)
