@@ -5,6 +5,7 @@ folder registration and model resolution.
 """
 import logging
 import os
+import time
 import types
 
 import pytest
@@ -578,3 +579,52 @@ def test_save_path_refuses_names_too_long_in_bytes(tmp_path):
         host.save_path("\u00e9" * 150 + "/clip", "webp")  # a 300-byte folder name
     assert not os.path.exists(tmp_path / "output" / ("\u00e9" * 150))
     assert host.save_path("a" * 243, "webp")[2] == "a" * 243 + "_00001_.webp"
+
+
+def test_a_model_name_holding_a_nul_character_is_a_clear_error(tmp_path):
+    _touch(tmp_path / "models" / "loras" / "a.safetensors")
+    with pytest.raises(KinemaError, match="NUL character"):
+        host.resolve_model("loras", "a\x00.safetensors")
+
+
+def test_a_file_where_a_model_folder_is_asked_for_is_not_found(tmp_path):
+    _touch(tmp_path / "models" / "depth_models" / "model.safetensors")
+    with pytest.raises(KinemaError, match="model folder 'model.safetensors' not found"):
+        host.resolve_model_dir("depth_models", "model.safetensors")
+
+
+def test_folders_given_relative_are_kept_absolute(tmp_path, monkeypatch):
+    """A relative folder is taken from the working directory at the call, not at each later use."""
+    monkeypatch.chdir(tmp_path)
+    host.add_model_folder("vae", "extra_vae")
+    host.set_temp_dir("tmp_previews")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert host.model_folders("vae")[1] == str(tmp_path / "extra_vae")
+    assert host.get_temp_directory() == str(tmp_path / "tmp_previews")
+
+
+def test_date_variables_of_a_save_prefix_have_two_digits(monkeypatch):
+    stamp = time.struct_time((2026, 3, 4, 5, 6, 7, 2, 63, 0))
+    monkeypatch.setattr(host.time, "localtime", lambda *a: stamp)
+    _, sub, name = host.save_path("%year%-%month%-%day%/%hour%%minute%%second%", "webp")
+    assert (sub, name) == ("2026-03-04", "050607_00001_.webp")
+
+
+def test_a_progress_bar_of_a_negative_total_counts_from_zero():
+    bar = host.ProgressBar(-3)
+    assert bar.total == 0
+    bar.update_absolute(2, total=-1)
+    assert (bar.current, bar.total) == (2, 0)
+
+
+def test_a_progress_log_outside_a_terminal_says_a_line_at_most_every_five_seconds(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(host.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="kinema")
+    bar = host.ProgressBar(10, desc="steps")
+    for at in (0.0, 4.5, 6.0, 10.0):  # seconds after the start
+        clock[0] = 100.0 + at
+        bar.update()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("steps:")]
+    assert [line.split()[1] for line in lines] == ["2/10", "4/10"]
