@@ -1,6 +1,7 @@
 """models/video_io.py and the KinemaSaveVideo node: files read back with Pillow / imageio."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -401,6 +402,8 @@ def test_an_error_of_ours_while_feeding_ffmpeg_stops_it_and_leaves_nothing(tmp_p
                                                    metadata={"a": 1}))
     assert len(errors) == 1 and isinstance(errors[0], MemoryError)
     assert os.listdir(tmp_path) == [] and procs[0].returncode is not None
+    if os.name == "posix":  # killed, not left to finish the file
+        assert procs[0].returncode == -signal.SIGKILL
 
 
 def test_ffmetadata_parser_handles_escapes():

@@ -203,3 +203,160 @@ def test_a_prefix_too_long_for_the_file_system_is_refused_and_one_that_fits_save
             video_output.KinemaSaveVideo().save(frames, 8.0, "webp", 0, prefix)
     saved = video_output.KinemaSaveVideo().save(frames, 8.0, "webp", 0, "z" * 242)["ui"]["images"][0]
     assert saved["filename"] == "z" * 242 + "_00001_.webp" and os.listdir(output_dir) == [saved["filename"]]
+
+
+# -- what a mutation audit of the writers slipped past -------------------------------------------------------------
+
+def test_the_temp_file_never_takes_over_a_file_already_there(tmp_path, monkeypatch):
+    """The hidden .part name is created exclusively: a file of that name (another write's) is left alone and the
+    next random name is taken."""
+    names = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(video_io.secrets, "token_hex", lambda n: next(names))
+    other = tmp_path / ".v.gif.aaaaaaaa.part"
+    other.write_bytes(b"another write's")
+    video_io.write_video(str(tmp_path / "v.gif"), _noise((2, 8, 8, 3)), 8, "gif")
+    assert other.read_bytes() == b"another write's"
+    assert sorted(os.listdir(tmp_path)) == [".v.gif.aaaaaaaa.part", "v.gif"]
+
+
+def test_a_webp_faster_than_1000_fps_shows_every_frame_for_a_millisecond_at_least():
+    """Delays are whole milliseconds: at 2000 fps frames start 0.5 ms apart, and none is given no time at all."""
+    assert video_io._frame_durations(6, 2000.0, 1) == [1, 1, 1, 1, 1, 1]
+    assert video_io._frame_durations(4, 250.0, 10) == [10, 10, 10, 10]
+
+
+def test_webp_quality_and_method_reach_the_encoder(tmp_path):
+    """A lossy webp at quality 10 is much smaller than at 95; method 0 (fast) and 6 (small) give different files."""
+    frames = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+
+    def write(name, **kwargs):
+        with open(video_io.write_video(str(tmp_path / name), frames, 8, "webp", **kwargs), "rb") as f:
+            return f.read()
+
+    assert 2 * len(write("q10.webp", quality=10)) < len(write("q95.webp", quality=95))
+    assert write("m0.webp", webp_method=0) != write("m6.webp", webp_method=6)
+
+
+def _ffmetadata(path) -> dict:
+    text = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                          capture_output=True, check=True).stdout.decode("utf-8")
+    return video_io._parse_ffmetadata(text)
+
+
+def test_mp4_tag_names_keep_underscores_and_hyphens(tmp_path):
+    """A key's letters, digits, '_' and '-' make its tag name; other characters are dropped."""
+    p = video_io.write_video(str(tmp_path / "m.mp4"), _noise((2, 8, 8, 3)), 8, "mp4",
+                             metadata={"my_key-1": 5, "a b!": [1]})
+    tags = _ffmetadata(p)
+    assert tags["my_key-1"] == "5" and tags["ab"] == "[1]"
+
+
+def _fake_ffmpeg(tmp_path, monkeypatch, script: str):
+    exe = tmp_path / "fake_ffmpeg"
+    exe.write_text("#!/bin/sh\n" + script + "\n")
+    exe.chmod(0o755)
+    monkeypatch.setattr(video_io, "_ffmpeg_exe", lambda: str(exe))
+    out = tmp_path / "out"
+    out.mkdir()
+    return out
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a shell script stands in for ffmpeg")
+def test_ffmpeg_failing_before_it_reads_the_frames_is_reported_with_its_message(tmp_path, monkeypatch):
+    """ffmpeg that exits at once (the pipe breaks under frames larger than its buffer) is reported with its exit
+    code and its last words, not as a broken pipe; no file is left."""
+    out = _fake_ffmpeg(tmp_path, monkeypatch, "echo \"Unknown encoder 'libx264'\" >&2; exit 3")
+    with pytest.raises(KinemaError, match=r"ffmpeg failed to write the mp4 \(exit code 3\): Unknown encoder 'libx264'"):
+        video_io.write_video(str(out / "x.mp4"), _noise((4, 256, 256, 3)), 8, "mp4")
+    assert os.listdir(out) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a shell script stands in for ffmpeg")
+def test_ffmpeg_killed_by_a_signal_is_reported_as_failed(tmp_path, monkeypatch):
+    """A negative exit code (ffmpeg killed: out of memory, a crash) is a failure too, named as such."""
+    out = _fake_ffmpeg(tmp_path, monkeypatch, "kill -9 $$")
+    with pytest.raises(KinemaError, match=r"ffmpeg failed to write the mp4 \(exit code -9\): no message"):
+        video_io.write_video(str(out / "x.mp4"), _noise((2, 8, 8, 3)), 8, "mp4")
+    assert os.listdir(out) == []
+
+
+def test_mp4_crf_reaches_pyav(tmp_path, monkeypatch):
+    """Without imageio-ffmpeg the crf still sets the quality: lossless noise is several times crf 40's size."""
+    av = pytest.importorskip("av")
+    monkeypatch.setattr(video_io, "_mp4_backend", lambda: ("av", av))
+    frames = _noise((4, 32, 48, 3))
+    sizes = [os.path.getsize(video_io.write_video(str(tmp_path / f"crf{crf}.mp4"), frames, 8, "mp4", crf=crf))
+             for crf in (0, 40)]
+    assert sizes[0] > 3 * sizes[1]
+
+
+@pytest.mark.parametrize("fmt", [".GIF", "WebP", "Mp4"])
+def test_the_format_may_have_a_dot_and_any_case(tmp_path, fmt):
+    p = video_io.write_video(str(tmp_path / "v.x"), _noise((2, 8, 8, 3)), 8, fmt)
+    assert os.path.getsize(p) > 0 and os.listdir(tmp_path) == ["v.x"]
+
+
+@pytest.mark.parametrize("fmt, kwargs, match", [
+    ("mp4", {"crf": 52}, r"crf must be in 0\.\.51, got 52"),
+    ("webp", {"quality": 101}, r"quality must be in 0\.\.100, got 101"),
+])
+def test_crf_and_quality_are_refused_just_past_their_ends(tmp_path, fmt, kwargs, match):
+    with pytest.raises(KinemaError, match=match):
+        video_io.write_video(str(tmp_path / f"x.{fmt}"), _noise((1, 8, 8, 3)), 8, fmt, **kwargs)
+    assert os.listdir(tmp_path) == []
+    extreme = {"crf": 51} if fmt == "mp4" else {"quality": 100}
+    assert os.path.isfile(video_io.write_video(str(tmp_path / f"x.{fmt}"), _noise((1, 8, 8, 3)), 8, fmt, **extreme))
+
+
+def test_a_gif_comment_that_is_no_json_object_is_read_as_a_comment(tmp_path):
+    """A GIF comment written by another tool is no dict of ours: it comes back under "comment"."""
+    for name, comment, want in (("t.gif", b"made by hand", "made by hand"), ("l.gif", b"[1, 2]", [1, 2])):
+        Image.new("RGB", (4, 4)).save(tmp_path / name, comment=comment)
+        assert video_io.read_video_metadata(str(tmp_path / name)) == {"comment": want}
+
+
+def test_webp_metadata_stops_at_the_first_missing_tag_below_the_prompt(tmp_path):
+    """ComfyUI's layout fills the tags from 0x010F downwards without a gap: a tag further down, past one missing,
+    is someone else's."""
+    exif = Image.Exif()
+    exif[0x010F] = 'workflow:{"nodes": []}'
+    exif[0x010D] = "stray:1"
+    Image.new("RGB", (4, 4)).save(tmp_path / "s.webp", exif=exif)
+    assert video_io.read_video_metadata(str(tmp_path / "s.webp")) == {"workflow": {"nodes": []}}
+
+
+def test_mp4_prompt_and_workflow_tags_are_read_without_a_comment(tmp_path):
+    """An mp4 with ComfyUI SaveVideo's tags (prompt, workflow) and no comment: those two keys, no other tag."""
+    plain = video_io.write_video(str(tmp_path / "plain.mp4"), _noise((2, 8, 8, 3)), 8, "mp4")
+    tagged = str(tmp_path / "tagged.mp4")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", plain, "-c", "copy",
+                    "-metadata", 'prompt={"1": {"inputs": {}}}', "-metadata", 'workflow={"nodes": []}',
+                    "-metadata", "title=not ours", "-movflags", "+use_metadata_tags", tagged], check=True)
+    assert video_io.read_video_metadata(tagged) == {"prompt": {"1": {"inputs": {}}}, "workflow": {"nodes": []}}
+
+
+def test_ffmetadata_values_keep_an_unescaped_equals_sign():
+    assert video_io._parse_ffmetadata(";FFMETADATA1\na=b=c\n") == {"a": "b=c"}
+
+
+@pytest.mark.parametrize("ext", [".mov", ".m4v"])
+def test_mov_and_m4v_metadata_is_read_like_an_mp4s(tmp_path, ext):
+    p = video_io.write_video(str(tmp_path / "m.mp4"), _noise((2, 8, 8, 3)), 8, "mp4", metadata=METADATA3)
+    os.rename(p, tmp_path / f"m{ext}")
+    assert video_io.read_video_metadata(str(tmp_path / f"m{ext}")) == METADATA3
+
+
+def test_mp4_colours_survive_pyav(tmp_path, monkeypatch):
+    """PyAV converts with the BT.709 matrix the file is tagged with: flat patches read back within 3 levels."""
+    av = pytest.importorskip("av")
+    monkeypatch.setattr(video_io, "_mp4_backend", lambda: ("av", av))
+    if video_io._av_bt709(av)[1] != 1:
+        pytest.skip("this PyAV converts with BT.601 only")
+    colours = torch.tensor([[0.8, 0.2, 0.4], [0.1, 0.9, 0.3], [0.95, 0.95, 0.1], [0.2, 0.3, 0.9]])
+    imgs = colours[:, None, None, :].repeat_interleave(32, 1).repeat_interleave(32, 2)
+    imgs = torch.cat([imgs[:2], imgs[2:]], dim=2).repeat(3, 1, 1, 1)  # 6 frames of 32x64, two patches each
+    p = video_io.write_video(str(tmp_path / "c.mp4"), imgs, 8, "mp4")
+    got = video_io.to_uint8(video_io.read_video(p)[0]).astype(int)
+    want = video_io.to_uint8(imgs).astype(int)
+    centre = (slice(None), slice(8, 24), slice(8, 56))
+    assert np.abs(got[centre] - want[centre]).mean() < 3
