@@ -304,3 +304,46 @@ def test_a_config_the_weights_cannot_have_is_refused_with_the_packs_message(edit
     sd = edit(transformers_tower(seed=14).state_dict())
     with pytest.raises(KinemaError, match=f"^{message}$"):
         load_image_encoder(sd, num_heads=num_heads)
+
+
+def test_a_fused_projection_of_no_whole_three_widths_and_a_missing_q_k_or_v_are_refused():
+    """An in_proj whose rows are no multiple of 3 cannot be split into q, k and v; a transformers tower lacking one
+    of q/k/v cannot be fused into in_proj: both are KinemaErrors naming the weight."""
+    with pytest.raises(KinemaError, match=r"'visual.transformer.resblocks.0.attn.in_proj_weight' has shape \(10, 4\)"):
+        clip_vision.open_clip_to_transformers(
+            {"visual.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(10, 4)}, "visual.")
+    sd = dict(transformers_tower(seed=3).state_dict())
+    del sd["vision_model.encoder.layers.1.self_attn.k_proj.weight"]
+    with pytest.raises(KinemaError, match=r"lack 'vision_model.encoder.layers.1.self_attn.k_proj.weight'$"):
+        clip_vision.transformers_to_open_clip(sd)
+
+
+def test_a_conv1_and_class_embedding_without_attention_blocks_are_no_tower():
+    """Only a conv1 and a class_embedding next to the residual blocks' fused attention make an open_clip tower:
+    two such stray keys beside a transformers tower are not taken for a second tower."""
+    sd = {**transformers_tower(seed=3).state_dict(), "visual.conv1.weight": torch.zeros(1),
+          "visual.class_embedding": torch.zeros(1)}
+    assert clip_vision.find_image_tower(sd) == ("transformers", "")
+
+
+def test_prefix_chooses_one_of_two_transformers_towers():
+    """With two transformers towers under prefixes of the same length, prefix= loads the chosen one's weights, none
+    of the other's."""
+    one, two = transformers_tower(seed=3).state_dict(), transformers_tower(seed=4).state_dict()
+    sd = {**{"a." + k: v for k, v in one.items()}, **{"b." + k: v for k, v in two.items()}}
+    for prefix, want in (("a.", one), ("b.", two)):
+        got = clip_vision.load_image_encoder(sd, prefix=prefix).model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items() if k in got), prefix
+
+
+def test_the_alpha_channel_is_dropped_before_preprocessing():
+    """RGBA images are encoded as their RGB channels: the fourth channel is the one dropped."""
+    rgba = torch.rand(1, 40, 72, 4, generator=torch.Generator().manual_seed(6))
+    for style in clip_vision.RESIZE_STYLES:
+        assert torch.equal(clip_vision.preprocess_images(rgba, 224, style),
+                           clip_vision.preprocess_images(rgba[..., :3].contiguous(), 224, style)), style
+
+
+def test_an_unknown_resize_style_is_refused():
+    with pytest.raises(KinemaError, match="unknown CLIP resize style 'crop': one of svd, clip"):
+        clip_vision.preprocess_images(torch.rand(1, 8, 8, 3), 224, "crop")

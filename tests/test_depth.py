@@ -741,3 +741,77 @@ def test_a_dpt_on_a_dinov2_backbone_takes_the_backbones_patch(tmp_path):
     (folder / "preprocessor_config.json").write_text(json.dumps({"do_resize": False}))
     est = load_depth_model(str(folder))
     assert est.info.patch == 14 and est.input_size(14, 56) == (14, 56)
+
+
+def test_a_non_square_preprocessor_size_is_height_by_width():
+    """size as {'height': .., 'width': ..} or [height, width] makes inputs that many rows by that many columns, as
+    DPTImageProcessor makes them from the same config."""
+    from transformers import DPTImageProcessor
+
+    frames = smooth_frames(1, 30, 50, seed=2)
+    ref = DPTImageProcessor(size={"height": 40, "width": 60})(
+        images=[(frames[0] * 255).round().to(torch.uint8).numpy()], return_tensors="pt")["pixel_values"]
+    assert ref.shape == (1, 3, 40, 60)
+    for size in ({"height": 40, "width": 60}, [40, 60]):
+        pre = DepthPreprocess.from_config({"size": size})
+        assert (pre.height, pre.width) == (40, 60) and pre(frames).shape == ref.shape, size
+
+
+@pytest.mark.parametrize("cfg", [{"size": True}, {"size": {"height": 0, "width": 64}}, {"size": [64, 0]},
+                                 {"image_std": [0.5, 0.0, 0.5]}, {"image_mean": [0.5, 0.5]},
+                                 {"image_std": [0.5] * 4}])
+def test_preprocessor_values_no_processor_can_use_are_refused(cfg):
+    """A bool size, a side of 0 pixels, one zero std (a division by zero) or a mean/std of other than 3 values is a
+    KinemaError naming the file, not a model input of 1x1 pixels, infinities or a broadcasting error later."""
+    with pytest.raises(KinemaError, match="^preprocessor_config.json: "):
+        DepthPreprocess.from_config(cfg)
+
+
+def test_lanczos_box_and_hamming_resample_as_bicubic():
+    """PIL's lanczos (1), box (4) and hamming (5), by code or name, are done as bicubic, as transformers' torch
+    backend does them."""
+    frames = smooth_frames(1, 48, 80, seed=3)
+    bicubic = DepthPreprocess.from_config({"size": [64, 64], "resample": 3})(frames)
+    for code in (1, 4, 5, "LANCZOS", "box", "Hamming"):
+        assert torch.equal(DepthPreprocess.from_config({"size": [64, 64], "resample": code})(frames), bicubic), code
+
+
+def test_a_fixed_input_size_is_height_by_width():
+    """A DPT-Hybrid of a non-square image_size [height, width] takes inputs of that height and width, not the
+    transposed ones."""
+    info = DepthModelInfo("hybrid", "dpt", fixed_size=(64, 96))
+    est = DepthEstimator(_Predicting(lambda pixel_values: pixel_values.mean(1)), DepthPreprocess(64, 96), info)
+    assert est.input_size(30, 30) == (64, 96)
+    transposed = DepthEstimator(_Predicting(lambda pixel_values: pixel_values.mean(1)), DepthPreprocess(96, 64), info)
+    with pytest.raises(KinemaError, match="takes exactly 64x96 inputs, but its preprocessor_config.json makes 96x64"):
+        transposed.input_size(30, 30)
+
+
+def test_a_sharded_folder_loads_and_a_missing_or_unreadable_index_is_named(folders, estimators, tmp_path):
+    """Weights split into shards by model.safetensors.index.json load as one file does; a shard the index lists
+    that is not there, or an index that is no JSON, is a KinemaError naming it."""
+    from transformers import DPTForDepthEstimation
+
+    folder = _copy(folders, "dpt", tmp_path, "sharded")
+    os.remove(folder / "model.safetensors")
+    DPTForDepthEstimation.from_pretrained(folders["dpt"]).save_pretrained(str(folder), max_shard_size="20KB")
+    shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1
+    frames = smooth_frames(1, 64, 64)
+    assert torch.equal(load_depth_model(str(folder)).predict(frames), estimators["dpt"].predict(frames))
+    os.remove(folder / shards[-1])
+    with pytest.raises(KinemaError, match=f"lacks the weight shards {shards[-1]} that model.safetensors.index.json"):
+        load_depth_model(str(folder))
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(KinemaError, match="model.safetensors.index.json is unreadable"):
+        load_depth_model(str(folder))
+
+
+def test_one_fidelity_step_is_the_binomial_blur_then_the_mean_of_each_2x2_block():
+    """One step of structure fidelity on an even-sized map: the 5x5 binomial blur [1, 4, 6, 4, 1] / 16 per axis
+    (borders replicated), the mean of each 2x2 block, bilinear back to the size (pixel centres)."""
+    depth = torch.rand(2, 12, 16, generator=torch.Generator().manual_seed(5))
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
+    blurred = F.conv2d(F.pad(depth.unsqueeze(1), (2, 2, 2, 2), mode="replicate"), torch.outer(k, k)[None, None])
+    want = F.interpolate(F.avg_pool2d(blurred, 2), size=(12, 16), mode="bilinear", align_corners=False).squeeze(1)
+    assert torch.allclose(structure_fidelity(depth, 1), want, atol=1e-6)

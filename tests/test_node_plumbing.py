@@ -131,3 +131,16 @@ def test_temporal_guidance_node_passes_its_scale_and_refuses_a_negative_one():
     assert model.temporal_scale == 1.75
     with pytest.raises(KinemaError, match="temporal_scale.*(smaller than the minimum 0|must be 0 or more)"):
         KinemaTemporalGuidance().apply(motion_model("v2"), -0.5)
+
+
+def test_depth_and_clip_vision_loaders_load_in_their_parts_precision(host_dirs, monkeypatch):
+    """With precision auto, the depth model takes the diffusion weights' dtype and the CLIP vision model the
+    encoders' (ComfyUI's --bf16-unet and --fp16-text-enc can make them differ)."""
+    from kinema.models import demo
+    from kinema.nodes.content import KinemaCLIPVisionLoader
+    from kinema.nodes.depth import KinemaDepthModelLoader
+
+    parts = host.LoadDtypes(weights=torch.bfloat16, vae=torch.float32, encoders=torch.float16)
+    monkeypatch.setattr(host, "load_dtypes", lambda precision, device=None: parts)
+    assert KinemaDepthModelLoader().load(demo.DEMO_DEPTH, "auto")[0].dtype == torch.bfloat16
+    assert KinemaCLIPVisionLoader().load(demo.DEMO_CLIP_VISION, "auto")[0].dtype == torch.float16
