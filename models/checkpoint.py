@@ -220,7 +220,8 @@ def detect_format(sd: dict) -> str:
         return "sd15_adapter_lora"
     if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_down." in k or ".lora_up." in k
            or "_lora.down." in k or ".lora_A." in k or ".lora.down." in k
-           or k.startswith(("diffusion_model.", "text_encoders.")) and k.endswith((".diff", ".diff_b")) for k in keys):
+           or k.startswith(("diffusion_model.", "model.diffusion_model.", "text_encoders."))
+           and k.endswith((".diff", ".diff_b")) for k in keys):
         return "lora"
     if any(k.startswith("conditioner.embedders.") for k in keys):
         if any(".time_stack." in k or "time_mixer" in k for k in keys):

@@ -46,9 +46,10 @@ def test_truncated_safetensors_is_named(tmp_path, motion_sd):
             checkpoint.load_state_dict(str(path))
     path.write_bytes(data)
     assert checkpoint.load_state_dict(str(path)).keys() == motion_sd.keys()
-    path.write_bytes(b"\x01\x02")
-    with pytest.raises(KinemaError, match="not a safetensors file"):
-        checkpoint.load_state_dict(str(path))
+    for head in (b"\x01\x02", b"\x01" * 7):  # shorter than the header's 8-byte length
+        path.write_bytes(head)
+        with pytest.raises(KinemaError, match="not a safetensors file"):
+            checkpoint.load_state_dict(str(path))
 
 
 def test_truncated_ckpt_is_named(tmp_path, motion_sd):
@@ -635,3 +636,39 @@ def test_unet_weights_a_checkpoint_has_beyond_its_structure_are_named_in_the_log
         checkpoint.load_sd15(str(tmp_path / "deeper.safetensors"))
     assert ("'deeper.safetensors': 1 UNet weight(s) that the structure read from the file does not use were left "
             "out (first: 'input_blocks.1.1.transformer_blocks.1.attn1.to_q.weight')") in caplog.text
+
+
+def test_a_unet_that_gives_other_than_4_latent_channels_is_refused_at_load(tmp_path):
+    """4 latent channels in but 8 out (a learned-variance UNet) is no standard SD1.5 checkpoint either."""
+    sd = dict(demo.sd15_state_dict())
+    for key in ("model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.bias"):
+        sd[key] = torch.cat([sd[key], sd[key]], dim=0)
+    path = tmp_path / "eight_out.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match="'eight_out.safetensors' is a special-purpose SD1.5 checkpoint .*takes 4 "
+                                          "latent channels, gives 8"):
+        checkpoint.load_sd15(str(path))
+
+
+def test_an_sd15_checkpoint_without_its_vae_or_text_encoder_is_named_incomplete(tmp_path):
+    sd = demo.sd15_state_dict()
+    path = tmp_path / "unet_only.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith("first_stage_model.")}, str(path))
+    with pytest.raises(KinemaError, match="'unet_only.safetensors' has no VAE .*not a full SD1.5 checkpoint"):
+        checkpoint.load_sd15(str(path))
+    save_file({k: v for k, v in sd.items() if not k.startswith("cond_stage_model.")}, str(path))
+    with pytest.raises(KinemaError, match="'unet_only.safetensors' has no CLIP text encoder"):
+        checkpoint.load_sd15(str(path))
+
+
+def test_an_svd_conditioning_encoder_of_another_shape_than_its_vae_encoder_is_refused(tmp_path):
+    from kinema.models.vae import SVD_COND_ENCODER_PREFIX
+
+    sd = demo.svd_state_dict()
+    down = f"{SVD_COND_ENCODER_PREFIX}encoder.down."
+    last = max(int(k[len(down):].split(".")[0]) for k in sd if k.startswith(down))
+    path = tmp_path / "svd_mixed.safetensors"
+    save_file({k: v for k, v in sd.items() if not k.startswith(f"{down}{last}.")}, str(path))
+    with pytest.raises(KinemaError, match="'svd_mixed.safetensors': the conditioning encoder and the VAE encoder "
+                                          "have different shapes"):
+        checkpoint.load_svd(str(path))

@@ -469,6 +469,7 @@ def test_a_lora_from_comfyuis_extract_and_save_lora_merges_whole():
     assert not torch.equal(got_te[te_name], wt)
     # only differences (ComfyUI's "full_diff" type) is a LoRA too; one that fits no parameter is refused
     only = {k: v for k, v in sd.items() if k.endswith((".diff", ".diff_b"))}
+    assert checkpoint.detect_format(only) == "lora"
     assert lora.sd15_lora_patch(only, base_unet, te.model, "full").unet.keys() == {
         p for part, p in changes.values() if part == "unet"}
     with pytest.raises(KinemaError, match="changes 'out.2.weight' by a difference of shape"):
@@ -572,6 +573,9 @@ def test_damaged_pairs_are_refused_before_any_merge():
              f"{k}.alpha": torch.tensor(4.0)}
     with pytest.raises(KinemaError, match="'x.safetensors'.*inconsistent halves"):
         lora.read_pairs(rank0, "x.safetensors")
+    ranks_apart = {f"{k}.lora_down.weight": torch.zeros(4, 64), f"{k}.lora_up.weight": torch.zeros(64, 3)}
+    with pytest.raises(KinemaError, match="'x.safetensors'.*inconsistent halves"):
+        lora.read_pairs(ranks_apart, "x.safetensors")
 
 
 def test_unmatched_keys_are_counted_in_a_warning(caplog):
@@ -798,3 +802,46 @@ def test_a_motion_lora_at_strength_zero_is_not_recorded():
     """The copy's .loras lists the MotionLoRAs that change it: one given at strength 0 is left out."""
     loras = [(motion_lora_sd(0), 0.8, "a"), (motion_lora_sd(1), 0.0, "b")]
     assert lora.apply_motion_loras(motion_modules("v2"), loras).loras == (("a", 0.8),)
+
+
+@pytest.mark.parametrize("extra,kind", [
+    ("lora_mid.weight", "LoCon with Tucker decomposition"), ("dora_scale", "DoRA")])
+def test_dora_and_tucker_locons_are_refused_not_merged_without_their_extra_part(extra, kind):
+    """A LoRA with a part Kinema does not merge (LoCon's Tucker 'lora_mid', DoRA's 'dora_scale') is refused by
+    name: its down and up halves alone would merge into a wrong update."""
+    k = "lora_unet_conv_in"
+    sd = {f"{k}.lora_down.weight": torch.zeros(2, 4, 3, 3), f"{k}.lora_up.weight": torch.zeros(32, 2, 1, 1),
+          f"{k}.{extra}": torch.zeros(2, 2, 3, 3)}
+    with pytest.raises(KinemaError, match=f"'tucker' is a {kind}.* LoRA, which Kinema does not merge yet"):
+        lora.sd15_lora_patch(sd, unet(), None, "tucker")
+
+
+def test_a_text_encoder_lora_named_without_text_model_equals_the_kohya_one():
+    """'lora_te_encoder_layers_...' (the kohya name without its 'text_model_') names the same layers."""
+    sd = {k: v for k, v in demo.sd15_lora_state_dict().items() if k.startswith("lora_te_text_model_")}
+    short = {k.replace("lora_te_text_model_", "lora_te_", 1): v for k, v in sd.items()}
+    te = text_encoder().model
+    want = lora.sd15_lora_patch(sd, unet(), te, "kohya").clip
+    assert want and lora.sd15_lora_patch(short, unet(), te, "short").clip == want
+
+
+def test_a_whole_difference_under_the_checkpoints_prefix_applies():
+    """A ``.diff`` / ``.diff_b`` key under a checkpoint's 'model.diffusion_model.' changes the same parameter as one
+    under ComfyUI's 'diffusion_model.'."""
+    base = unet()
+    bias = dict(base.named_parameters())["out.2.bias"]
+    sd = {"model.diffusion_model.out.2.diff_b": torch.ones_like(bias)}
+    patch = lora.sd15_lora_patch(sd, base, None, "prefixed")
+    assert patch.unet.keys() == {"out.2.bias"} and patch.unmatched == ()
+    assert checkpoint.detect_format(sd) == "lora"  # a file of such keys alone is a LoRA too
+
+
+@pytest.mark.parametrize("key", [
+    "lora_unet_label_emb_0_0.lora_down.weight", "unet.add_embedding.linear_1.lora_A.weight",
+    "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"])
+def test_an_sdxl_lora_is_named_by_any_of_its_sdxl_only_keys(key):
+    """SDXL's UNet-only LoRAs (its label / add embedding) and diffusers' second text encoder name an SDXL LoRA,
+    even beside weights that SD1.5 layers would take."""
+    sd = {**demo.sd15_lora_state_dict(), key: torch.zeros(4, 8)}
+    with pytest.raises(KinemaError, match=f"'xl' is an SDXL LoRA \\(key '{key}'\\)"):
+        lora.sd15_lora_patch(sd, unet(), None, "xl")
