@@ -469,6 +469,7 @@ def test_weighted_prompt_follows_comfyui_formula(encoder, reference_model):
     unweighted, _ = encoder.encode("a red cat, blue")
     changed = (cond[0] - unweighted[0]).abs().amax(dim=-1) > 1e-4
     assert changed.tolist() == (weights != 1.0).tolist()
+    assert torch.equal(cond[0][weights == 1.0], unweighted[0][weights == 1.0])  # as ComfyUI: weight 1 is left as is
 
 
 def test_long_prompt_concatenates_chunks(encoder, reference_model):
@@ -619,3 +620,47 @@ def test_a_damaged_tokenizer_folder_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(encoders, "TOKENIZER_DIR", str(tmp_path))
     with pytest.raises(KinemaError, match=f"CLIP tokenizer files in '{re.escape(str(tmp_path))}' .*reinstall"):
         encoders.clip_tokenizer.__wrapped__()  # the loader itself: the cached tokenizer is not touched
+
+
+def test_a_name_with_leading_commas_finds_the_embedding_without_them():
+    """ComfyUI strips commas on both sides of a name it does not find (``name.strip(',')``), not only trailing ones."""
+    known = {"foo": [900001, 900002]}
+    assert prompt.take_embedding("embedding:,foo dog", known.get)[0] == [900001, 900002]
+
+
+def test_chunks_are_padded_with_the_pad_token_not_the_end_token():
+    """``pad`` fills the rest of every chunk, also of one closed early for a short segment; the end token once."""
+    groups = [[(i, 1.0) for i in range(70)], [(1000 + i, 1.0) for i in range(7)]]
+    chunks = prompt.chunk_tokens(groups, S, E, 0)
+    assert [t for t, _ in chunks[0]] == [S] + list(range(70)) + [E] + [0] * 5
+    assert [t for t, _ in chunks[1]] == [S] + [1000 + i for i in range(7)] + [E] + [0] * 68
+
+
+def test_a_segment_filling_the_chunk_exactly_stays_one_chunk():
+    chunks = prompt.chunk_tokens([[(i, 1.0) for i in range(75)]], S, E, E)
+    assert len(chunks) == 1 and [t for t, _ in chunks[0]] == [S] + list(range(75)) + [E]
+
+
+def test_an_embedding_after_a_newline_is_a_word_of_its_own():
+    assert prompt.split_words("a cat\nembedding:foo dog") == ["a cat", "embedding:foo dog"]
+
+
+def test_weights_below_one_alone_make_a_weighted_prompt(encoder):
+    """A prompt whose only weights are below 1 is weighted too: its tokens move towards the empty prompt."""
+    assert prompt.has_weights(_chunks("a (cat:0.5)"))
+    weighted, _ = encoder.encode("a (cat:0.5)")
+    plain, _ = encoder.encode("a cat")
+    assert not torch.allclose(weighted, plain)
+
+
+@pytest.mark.parametrize("tensor,shown", [
+    (torch.zeros(0, HIDDEN), r"shape \[0, 128\]"),
+    (torch.ones(2, HIDDEN, dtype=torch.int64), r"shape \[2, 128\] \(torch.int64\)"),
+], ids=["empty", "integer"])
+def test_embedding_files_with_empty_or_integer_vectors_are_refused(tmp_path, tensor, shown):
+    from kinema.models.embeddings import load_embedding
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": tensor}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(KinemaError, match=f"the embedding 'bad.safetensors' holds a tensor of {shown}.*: not"):
+        load_embedding(str(tmp_path / "bad.safetensors"), HIDDEN)

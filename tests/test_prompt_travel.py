@@ -210,6 +210,7 @@ def test_frame_contexts_keeps_the_dtype():
     ([4, 0, 8], 3, 8, "lerp", "increasing"),
     ([0, 4, 4], 3, 8, "lerp", "increasing"),
     ([-4, 4], 2, 8, "lerp", r"increasing frame numbers from 0, got \[-4, 4\]"),
+    ([-1, 4], 2, 8, "lerp", r"increasing frame numbers from 0, got \[-1, 4\]"),
     ([0, 4, 8], 3, 8, "cubic", "unknown interpolation 'cubic'"),
     ([0, 4, 8], 3, 0, "lerp", "at least 1 frame"),
 ])
