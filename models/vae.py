@@ -702,22 +702,12 @@ def _encode(vae, pixels: torch.Tensor, signed: bool, setting: CodecSetting, what
 
 
 def infer_vae_config(sd: dict, prefix: str = "") -> VAEConfig:
-    """Read a VAEConfig off the shapes of an LDM AutoencoderKL state dict."""
+    """Read a VAEConfig off the shapes of an LDM AutoencoderKL state dict (the latent width off the decoder)."""
     conv_in = sd.get(prefix + "decoder.conv_in.weight")
     enc_in = sd.get(prefix + "encoder.conv_in.weight")
     if conv_in is None or enc_in is None:
         raise KinemaError(f"no VAE found: '{prefix}encoder.conv_in.weight' / '{prefix}decoder.conv_in.weight' missing")
-    ch = enc_in.shape[0]
-    mults, i = [], 0
-    while sd.get(f"{prefix}encoder.down.{i}.block.0.conv1.weight") is not None:
-        mults.append(sd[f"{prefix}encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch)
-        i += 1
-    nrb = 0
-    while sd.get(f"{prefix}encoder.down.0.block.{nrb}.conv1.weight") is not None:
-        nrb += 1
-    return VAEConfig(
-        ch=ch, ch_mult=tuple(mults), num_res_blocks=nrb, z_channels=conv_in.shape[1], in_channels=enc_in.shape[1]
-    )
+    return VAEConfig(**{**_encoder_fields(sd, prefix), "z_channels": conv_in.shape[1]})
 
 
 def _encoder_fields(sd: dict, prefix: str) -> dict:

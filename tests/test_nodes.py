@@ -267,6 +267,8 @@ def test_vae_tiling_is_checked_in_the_pixels_entered(nodes, host_dirs):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 96, 64)
     with pytest.raises(KinemaError, match=r"multiples of 8 pixels.*got 100 and 16"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 100, 16)
+    with pytest.raises(KinemaError, match=r"multiples of 8 pixels.*got 96 and 12"):
+        nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 96, 12)
     with pytest.raises(KinemaError, match=r"VAE Encode Frames \(Kinema\): tile_overlap \(32 pixels\)"):
         nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.rand(1, 64, 64, 3), 1, 64, 32)
     with pytest.raises(KinemaError, match=r"tile_size must be 0 \(off\) or at least 64 pixels, got 32"):

@@ -296,3 +296,24 @@ def test_cpu_decode_keeps_channels_last_through_the_temporal_layers():
             h.remove()
     assert any(name == "FrameConv" for name, _, _ in layouts)
     assert all(kept for _, _, kept in layouts), [entry for entry in layouts if not entry[2]]
+
+
+def test_a_first_stage_with_a_quant_conv_encodes_through_it():
+    """A first stage that has a ``quant_conv`` (the published files have none) is read as such also under its
+    prefix in a whole checkpoint, and encodes the mean of the quant_conv's output, as sgm's AutoencodingEngine."""
+    from dataclasses import replace
+
+    sd = dict(svd_state_dict())
+    for leaf in ("weight", "bias"):
+        sd[f"{SVD_VAE_PREFIX}quant_conv.{leaf}"] = sd[f"{SVD_COND_ENCODER_PREFIX}quant_conv.{leaf}"]
+    cfg = infer_temporal_vae_config(sd, SVD_VAE_PREFIX)
+    assert cfg == replace(TINY, quant_conv=True)
+    vae = checkpoint.build_on_meta(lambda: TemporalAutoencoder(cfg), checkpoint.sub_state_dict(sd, SVD_VAE_PREFIX),
+                                   torch.float32, "VAE", "tiny svd with a quant_conv")
+    x = torch.rand(2, 3, 32, 32, generator=_gen(7)) * 2 - 1
+    with torch.no_grad():
+        moments = vae.encoder(x)
+        want = vae.quant_conv(moments)[:, :4]
+        got = vae.encode(x)
+    assert float((want - moments[:, :4]).abs().max()) > 1e-3  # the quant_conv changes the latent
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

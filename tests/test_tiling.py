@@ -296,3 +296,30 @@ def test_encode_overlaps_must_be_whole_latent_pixels():
         encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), tiles=TileOptions(32, 4))
     with pytest.raises(KinemaError, match="tiles of 32 overlapping 4 on 64x64 pixels: all must be multiples of 8"):
         run_tiled(lambda t: t[..., ::8, ::8], torch.zeros(1, 3, 64, 64), TileOptions(32, 4), 1 / 8)
+
+
+def test_the_codecs_refuse_another_kind_of_vae_that_has_decode_and_encode():
+    """ComfyUI's own VAE object has ``decode`` and ``encode`` methods but no Kinema config: it is named, not met as
+    an AttributeError on ``cfg``."""
+
+    class VAE:
+        def decode(self, samples):
+            return samples
+
+        def encode(self, pixels):
+            return pixels
+
+    with pytest.raises(KinemaError, match=r"^decoding needs a VAE with a decoder .*, not a VAE$"):
+        decode_frames(VAE(), torch.zeros(2, 4, 8, 8))
+    with pytest.raises(KinemaError, match=r"^encoding needs a VAE .*, not a VAE$"):
+        encode_frames(VAE(), torch.rand(1, 64, 64, 3))
+
+
+def test_frames_not_a_multiple_of_8_are_refused_with_a_size_to_resize_to():
+    """The refusal names the size width first and one the VAE takes (each side rounded down to a multiple of 8, at
+    least 8); frames without rows are refused the same way, not met as a convolution error."""
+    for h, w, to in ((60, 4, "8x56"), (4, 60, "56x8"), (0, 64, "64x8")):
+        with pytest.raises(KinemaError, match=rf"^the frames are {w}x{h}; the VAE needs both sides a multiple of 8\. "
+                                              rf"Resize or crop them first \(Load Video \(Kinema\) does; e\.g\. to "
+                                              rf"{to}\)$"):
+            encode_frames(sd_vae(), torch.rand(1, h, w, 3))

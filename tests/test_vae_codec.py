@@ -100,8 +100,8 @@ def test_cpu_decode_and_encode_run_in_channels_last():
 def test_the_default_chunk_holds_four_frames_of_512x512():
     """SD VAE: 4 frames a call at 512x512 (8 measured 4.45 GiB on a GPU, over AnimateDiff's 4 GB default), more for
     smaller frames up to 8, at least 1; SVD's temporal decoder keeps its 14 (the chunk is part of its output)."""
-    assert [default_decode_chunk(AutoencoderKL, h, w) for h, w in ((512, 512), (256, 256), (384, 384), (768, 768),
-                                                                  (1024, 576), (64, 64))] == [4, 8, 7, 1, 1, 8]
+    sizes = ((512, 512), (256, 256), (384, 384), (768, 768), (1024, 576), (64, 64), (2048, 1024))
+    assert [default_decode_chunk(AutoencoderKL, h, w) for h, w in sizes] == [4, 8, 7, 1, 1, 8, 1]
     assert default_decode_chunk(TemporalAutoencoder, 576, 1024) == 14
 
 
@@ -289,3 +289,35 @@ def test_the_temporal_vae_config_reads_time_mix_conv_attention_and_quant_conv():
     assert infer_temporal_vae_config(fs).quant_conv is False
     quant = {"quant_conv.weight": torch.zeros(8, 8, 1, 1), "quant_conv.bias": torch.zeros(8)}
     assert infer_temporal_vae_config({**fs, **quant}).quant_conv is True
+
+
+def test_the_default_decode_chunk_counts_both_sides_of_a_wide_frame(monkeypatch):
+    """The default chunk holds as many frames as ``CHUNK_PIXELS`` of their height times width: 2 frames of 64x128,
+    not 4 (as many 64x64 frames fit)."""
+    monkeypatch.setattr(vae_ops, "CHUNK_PIXELS", 2 * 64 * 128)
+    done = []
+    decode_frames(sd_vae(), LATENT.repeat(1, 1, 1, 2), on_chunk=lambda n, total: done.append((n, total)))
+    assert done == [(2, 3), (3, 3)]
+
+
+def test_a_vae_config_reads_its_image_channels_and_latent_width():
+    """An AutoencoderKL of 4 image channels and 16 latent ones reads as such (the latent width off the decoder)."""
+    from fixtures_temporal_vae import meta_state_dict
+    from kinema.models.vae import VAEConfig, infer_vae_config
+
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=2, z_channels=16, in_channels=4)
+    with torch.device("meta"):
+        sd = meta_state_dict(AutoencoderKL(cfg))
+    assert infer_vae_config(sd) == cfg
+    assert infer_vae_config({"first_stage_model." + k: v for k, v in sd.items()}, "first_stage_model.") == cfg
+
+
+def test_temporal_attention_keys_outside_the_vae_do_not_refuse_it():
+    """Only a 'time_mix_block' key of the VAE's own decoder is temporal attention: one elsewhere in a whole
+    checkpoint (another model's) leaves the VAE as it is."""
+    from fixtures_temporal_vae import svd_state_dict
+    from kinema.models.vae import SVD_VAE_PREFIX, infer_temporal_vae_config
+
+    sd = svd_state_dict()
+    stray = {"model.diffusion_model.x.time_mix_block.norm.weight": torch.ones(4)}
+    assert infer_temporal_vae_config({**sd, **stray}, SVD_VAE_PREFIX) == infer_temporal_vae_config(sd, SVD_VAE_PREFIX)

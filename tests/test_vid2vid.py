@@ -589,3 +589,51 @@ def test_no_path_and_a_zero_rate_are_handled_as_the_pack_says(tmp_path):
     with pytest.raises(KinemaError, match="No video file given"):
         video_io.read_video("")
     assert video_io._fps_or_default(0) == video_io._fps_or_default(float("nan")) == video_io.DEFAULT_FPS
+
+
+def test_vae_decode_frames_reports_progress_and_stops_on_interrupt(host_dirs, monkeypatch):
+    """VAE Decode Frames moves the bar after each chunk and stops on Cancel between chunks, and before the first
+    chunk without decoding it (a chunk can take a while)."""
+    from fixtures import vae
+    from kinema.nodes import host
+    from kinema.nodes.vae import KinemaVAEDecodeFrames
+
+    seen = []
+    real = host.ProgressBar.update_absolute
+
+    def spy(self, value, total=None, preview=None):
+        seen.append((value, total))
+        if value >= 4:
+            host.request_interrupt()
+        real(self, value, total, preview)
+
+    monkeypatch.setattr(host.ProgressBar, "update_absolute", spy)
+    latent = {"samples": torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(21))}
+    with pytest.raises(host.KinemaInterrupted):
+        KinemaVAEDecodeFrames().decode(vae(), latent, frame_chunk=2)
+    assert seen == [(2, 6), (4, 6)]  # stopped after the second chunk
+    seen.clear()
+    host.request_interrupt()
+    with pytest.raises(host.KinemaInterrupted):
+        KinemaVAEDecodeFrames().decode(vae(), latent, frame_chunk=2)
+    assert seen == []  # stopped before the first chunk
+
+
+def test_vae_encode_frames_takes_rgba_as_its_rgb_and_stops_on_cancel_before_encoding(host_dirs, monkeypatch):
+    """RGBA frames (a PNG sequence with alpha) are encoded as their RGB; Cancel before the node runs stops it
+    before the first chunk is encoded."""
+    from fixtures import vae
+    from kinema.models import vae as vae_ops
+    from kinema.nodes import host
+    from kinema.nodes.vae import KinemaVAEEncodeFrames
+
+    frames = torch.rand(2, 32, 32, 4, generator=torch.Generator().manual_seed(22))
+    rgba = KinemaVAEEncodeFrames().encode(vae(), frames, 1)[0]["samples"]
+    rgb = KinemaVAEEncodeFrames().encode(vae(), frames[..., :3].contiguous(), 1)[0]["samples"]
+    assert torch.equal(rgba, rgb)
+    calls = []
+    monkeypatch.setattr(vae_ops, "encode_frames", lambda *a, **k: calls.append(a))
+    host.request_interrupt()
+    with pytest.raises(host.KinemaInterrupted):
+        KinemaVAEEncodeFrames().encode(vae(), frames, 1)
+    assert calls == []
