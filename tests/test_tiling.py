@@ -278,6 +278,12 @@ def test_vae_nodes_take_tile_sizes_in_pixels():
     assert torch.equal(tiled, decode_frames(sd_vae(), latent, tiles=TileOptions(12, 4)))
     (enc,) = nodes.KinemaVAEEncodeFrames().encode(sd_vae(), plain, 8, 96, 32)
     assert torch.equal(enc["samples"], encode_frames(sd_vae(), plain, tiles=TileOptions(96, 32)))
+    # an overlap that changes where the tiles start (tiles of 64 pixels: 5 a row at overlap 24, 4 at 8)
+    assert len(tile_starts(24, 8, 3)) == 5 and len(tile_starts(24, 8, 1)) == 4
+    (tiled,) = nodes.KinemaVAEDecodeFrames().decode(sd_vae(), {"samples": latent}, 0, 64, 24)
+    assert torch.equal(tiled, decode_frames(sd_vae(), latent, tiles=TileOptions(8, 3)))
+    (enc,) = nodes.KinemaVAEEncodeFrames().encode(sd_vae(), plain, 8, 64, 24)
+    assert torch.equal(enc["samples"], encode_frames(sd_vae(), plain, tiles=TileOptions(64, 24)))
 
 
 def test_three_tiles_overlapping_at_one_pixel_are_normalised_by_their_summed_weights():
