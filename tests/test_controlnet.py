@@ -344,6 +344,8 @@ def test_a_unet_refuses_residuals_of_another_layout():
         residuals = controlnet()(x, hint, t, ctx)
         with pytest.raises(KinemaError, match="the ControlNet gives 12 residuals, the UNet takes 13"):
             unet()(x, t, ctx, control=residuals[1:])
+        with pytest.raises(KinemaError, match="the ControlNet gives 14 residuals, the UNet takes 13"):
+            unet()(x, t, ctx, control=(*residuals, residuals[-1]))
 
 
 def test_a_hint_of_the_wrong_size_names_the_expected_size():

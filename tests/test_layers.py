@@ -222,3 +222,44 @@ def test_frame_conv_of_a_large_video_runs_a_band_of_rows_at_a_time(monkeypatch, 
     torch.testing.assert_close(banded, _conv3d_twin(conv)(x), rtol=1e-5, atol=1e-5)
     # the output keeps the input's layout: the temporal decoder's (b c f h w -> (b f) c h w) stays a view
     assert banded.stride() == x.stride()
+
+
+def _query_sizes(monkeypatch) -> list:
+    """The number of queries of every SDPA call from here on (the real SDPA still computes)."""
+    sizes, real = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda q, *args, **kwargs: sizes.append(q.shape[2]) or real(q, *args, **kwargs))
+    return sizes
+
+
+def test_query_chunks_are_of_the_given_size_and_the_last_partial_chunk_is_attended(monkeypatch):
+    q, k, v = torch.randn(2, 11, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
+    whole = attention(q, k, v, 2)
+    sizes = _query_sizes(monkeypatch)
+    for chunk, want in ((4, [4, 4, 3]), (6, [6, 5]), (11, [11]), (12, [11])):
+        sizes.clear()
+        torch.testing.assert_close(attention(q, k, v, 2, chunk=chunk), whole, rtol=0, atol=1e-6)
+        assert sizes == want, chunk
+
+
+def test_the_attention_chunk_reaches_every_attention_of_every_transformer_block(monkeypatch):
+    """Self-attention, cross-attention and its extra (IP-Adapter) keys/values, in each block, in query chunks."""
+    torch.manual_seed(0)
+    block = layers.SpatialTransformer(32, heads=2, depth=2, context_dim=24, linear_proj=False).eval()
+    x, context = torch.randn(2, 32, 4, 4), torch.randn(2, 3, 24)  # 16 queries a frame
+    k, v = torch.randn(2, 4, 32), torch.randn(2, 4, 32)
+    with torch.no_grad():
+        whole = block(x, context, RunOptions(), lambda j: ((k, v, 0.5),))
+        sizes = _query_sizes(monkeypatch)
+        chunked = block(x, context, RunOptions(attn_chunk=5), lambda j: ((k, v, 0.5),))
+    assert sizes == [5, 5, 5, 1] * 6  # three attentions in each of the two blocks
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_an_odd_timestep_embedding_width_is_padded_with_a_zero_column():
+    """As LDM's and diffusers' ``timestep_embedding``: the cos/sin halves of the even width below, then zeros."""
+    t = torch.tensor([0.0, 1.0, 500.0, 999.0])
+    odd = layers.timestep_embedding(t, 7)
+    assert odd.shape == (4, 7)
+    torch.testing.assert_close(odd[:, :6], layers.timestep_embedding(t, 6), rtol=0, atol=0)
+    assert torch.equal(odd[:, 6], torch.zeros(4))

@@ -264,3 +264,20 @@ def test_the_least_recently_used_block_is_evicted():
     assert streamer.on_device == [a, c] and watch.on == {id(a), id(c)}
     streamer.close()
     assert not watch.on
+
+
+def test_the_time_embedding_and_the_output_layers_are_made_resident_before_they_run():
+    """Besides the blocks, the UNet brings its ``time_embed`` (first) and ``out`` (last) to the compute device."""
+    model = motion_model("v2").unet
+    brought = []  # the modules moved to the compute device ("cpu", storage "cpu:1"), in order
+    stream = BlockStreamer(OffloadOptions(mode="block", device="cpu", storage="cpu:1", resident=1,
+                                          on_move=lambda m, device: device.index is None and brought.append(m)))
+    g = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            model(torch.randn(2, 4, HW, HW, generator=g), torch.tensor([500.0, 500.0]),
+                  torch.randn(2, 77, 64, generator=g), stream=stream)
+    finally:
+        stream.close()
+    assert brought[0] is model.time_embed and brought[-1] is model.out
+    assert len(brought) == len(model.input_blocks) + 1 + len(model.output_blocks) + 2

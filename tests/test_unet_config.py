@@ -10,7 +10,7 @@ import torch
 from kinema.models import demo
 from kinema.models.errors import KinemaError
 from kinema.models.ip_adapter import cross_attention_layers
-from kinema.models.layers import ResBlock
+from kinema.models.layers import ResBlock, SharedContext
 from kinema.models.unet import UNetConfig, UNetModel, infer_unet_config
 
 
@@ -91,3 +91,58 @@ def test_cross_extra_is_asked_for_every_transformer_block():
     want = [(slot, j) for slot, j, _ in cross_attention_layers(cfg)]
     assert len(want) == 14 and {j for _, j in want} == {0, 1}
     assert sorted(asked) == sorted(want)
+
+
+def test_an_inpainting_unet_keeps_its_four_output_channels():
+    """SD1.5 inpainting takes 9 input channels (latent, mask, masked latent) and gives 4: ``out_channels`` is read
+    off ``out.2``, not taken from ``input_blocks.0.0``; a ControlNet (no ``out``) has as many as it takes."""
+    inpaint = UNetConfig(in_channels=9, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                         attention_levels=(0, 1), context_dim=48)  # 2 transformers a level: each level named once
+    sd = _meta_state_dict(inpaint)
+    assert infer_unet_config(sd) == inpaint
+    no_out = {k: v for k, v in sd.items() if not k.startswith("out.")}
+    assert infer_unet_config(no_out).out_channels == 9
+
+
+def test_a_state_dict_without_a_unet_names_the_missing_key():
+    key = r"'model\.diffusion_model\.input_blocks\.0\.0\.weight'"
+    with pytest.raises(KinemaError, match=f"no UNet found: the key {key} is missing"):
+        infer_unet_config({"first_stage_model.x": torch.zeros(1)}, "model.diffusion_model.")
+
+
+def test_the_keys_and_values_of_one_prompt_for_many_frames_are_projected_once(monkeypatch):
+    """The UNet shares a per-frame context whose frames repeat: each cross-attention projects the keys and values of
+    each distinct prompt once (2 prompts of 3 frames: 2 rows, not 6), with the output of the per-frame projection."""
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                     context_dim=16)
+    torch.manual_seed(0)
+    model = UNetModel(cfg).eval()
+    rows = []
+    model.input_blocks[1][1].transformer_blocks[0].attn2.to_k.register_forward_hook(
+        lambda _module, args, _out: rows.append(args[0].shape[0]))
+    x, t = torch.randn(6, 4, 8, 8), torch.full((6,), 10.0)
+    context = torch.randn(2, 5, 16).repeat_interleave(3, dim=0)
+    with torch.no_grad():
+        shared = model(x, t, context)
+        assert rows == [2]
+        monkeypatch.setattr(SharedContext, "of", staticmethod(lambda c: c))  # every frame projected
+        per_frame = model(x, t, context)
+    assert rows == [2, 6]
+    torch.testing.assert_close(shared, per_frame, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_unet_takes_float32_timesteps_and_control_residuals():
+    """The timestep embedding (float32) and a ControlNet's residuals in another precision are cast to the UNet's
+    dtype: every block computes in bfloat16 (zero residuals, broadcast, change nothing)."""
+    cfg = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                     context_dim=16)
+    torch.manual_seed(0)
+    model = UNetModel(cfg).eval().to(torch.bfloat16)
+    x, ctx = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16), torch.randn(2, 3, 16, dtype=torch.bfloat16)
+    t = torch.tensor([999.0, 10.0])
+    control = [torch.zeros(1, 1, 1, 1)] * (len(model.input_blocks) + 1)
+    with torch.no_grad():
+        plain = model(x, t, ctx)
+        controlled = model(x, t, ctx, control=control)
+    assert plain.dtype == controlled.dtype == torch.bfloat16
+    assert torch.equal(controlled, plain)
