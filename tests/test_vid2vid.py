@@ -504,22 +504,30 @@ def test_vae_encode_frames_node(host_dirs):
         KinemaVAEEncodeFrames().encode(vae(), torch.rand(2, 30, 48, 3), 8)
 
 
+def _cancel_at(monkeypatch, value: int) -> list:
+    """Cancel requested when the progress bar reaches ``value``; the (value, total) of each update, in a list."""
+    from kinema.nodes import host
+
+    seen = []
+    real = host.ProgressBar.update_absolute
+
+    def spy(self, at, total=None, preview=None):
+        seen.append((at, total))
+        if at >= value:
+            host.request_interrupt()
+        real(self, at, total, preview)
+
+    monkeypatch.setattr(host.ProgressBar, "update_absolute", spy)
+    return seen
+
+
 def test_vae_encode_frames_reports_progress_and_stops_on_interrupt(host_dirs, monkeypatch):
     from fixtures import vae
 
     from kinema.nodes import host
     from kinema.nodes.vae import KinemaVAEEncodeFrames
 
-    seen = []
-    real = host.ProgressBar.update_absolute
-
-    def spy(self, value, total=None, preview=None):
-        seen.append((value, total))
-        if value >= 2:
-            host.request_interrupt()
-        real(self, value, total, preview)
-
-    monkeypatch.setattr(host.ProgressBar, "update_absolute", spy)
+    seen = _cancel_at(monkeypatch, 2)
     with pytest.raises(host.KinemaInterrupted):
         KinemaVAEEncodeFrames().encode(vae(), torch.rand(6, 16, 16, 3), frame_chunk=2)
     assert seen == [(2, 6)]  # stopped after the first chunk
@@ -598,16 +606,7 @@ def test_vae_decode_frames_reports_progress_and_stops_on_interrupt(host_dirs, mo
     from kinema.nodes import host
     from kinema.nodes.vae import KinemaVAEDecodeFrames
 
-    seen = []
-    real = host.ProgressBar.update_absolute
-
-    def spy(self, value, total=None, preview=None):
-        seen.append((value, total))
-        if value >= 4:
-            host.request_interrupt()
-        real(self, value, total, preview)
-
-    monkeypatch.setattr(host.ProgressBar, "update_absolute", spy)
+    seen = _cancel_at(monkeypatch, 4)
     latent = {"samples": torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(21))}
     with pytest.raises(host.KinemaInterrupted):
         KinemaVAEDecodeFrames().decode(vae(), latent, frame_chunk=2)
