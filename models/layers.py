@@ -344,14 +344,15 @@ class FrameConv(nn.Conv3d):
             and self.groups == 1 and self.padding_mode == "zeros" and self.padding[1:] == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """b c f h w -> b c' f h w"""
+        """b c f h w -> b c' f' h w (f' = f with SVD's padding)"""
         if not self._across_frames_only():
             return super().forward(x)
         b, _, f, h, w = x.shape
         if b * f * h * w <= SLICE_POSITIONS or h < 2 or x.device.type in UNBANDED_DEVICES:
             return self._conv(x)
         rows = max(1, SLICE_POSITIONS // (b * f * w))
-        out = torch.empty_like(x) if self.out_channels == x.shape[1] else x.new_empty((b, self.out_channels, f, h, w))
+        shape = (b, self.out_channels, f + 2 * self.padding[0] - self.kernel_size[0] + 1, h, w)  # frames: padded
+        out = torch.empty_like(x) if shape == x.shape else x.new_empty(shape)
         for r in range(0, h, rows):
             out[:, :, :, r:r + rows] = self._conv(x[:, :, :, r:r + rows])
         return out
@@ -359,9 +360,8 @@ class FrameConv(nn.Conv3d):
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
-        b, _, f, h, w = x.shape
         y = F.conv2d(flatten_hw(x), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
-        return y.view(b, y.shape[1], f, h, w)
+        return y.unflatten(-1, x.shape[-2:])  # b c' f' (h w) -> b c' f' h w
 
 
 class Downsample(nn.Module):

@@ -196,6 +196,7 @@ def test_per_frame_slices_is_the_whole_call(monkeypatch, layout):
     with torch.no_grad():
         per_frame_slices(fn, x)
     assert seen == [1] * 7
+    assert per_frame_slices(lambda t: t.double(), x).dtype == torch.float64  # the slices' dtype, not the input's
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "frames of a channels_last batch"])
@@ -263,3 +264,44 @@ def test_an_odd_timestep_embedding_width_is_padded_with_a_zero_column():
     assert odd.shape == (4, 7)
     torch.testing.assert_close(odd[:, :6], layers.timestep_embedding(t, 6), rtol=0, atol=0)
     assert torch.equal(odd[:, 6], torch.zeros(4))
+
+
+@pytest.mark.parametrize("kernel,options", [
+    ((3, 3, 3), {"padding": (1, 0, 0)}), ((3, 1, 1), {"padding": (1, 1, 1)}),
+    ((3, 1, 1), {"padding": (1, 0, 0), "stride": (1, 2, 2)}),
+    ((3, 1, 1), {"padding": (2, 0, 0), "dilation": (2, 1, 1)}),
+    ((3, 1, 1), {"padding": (1, 0, 0), "padding_mode": "replicate"}), ((5, 1, 1), {"padding": (2, 0, 0)}),
+    ((3, 1, 1), {}), ((3, 1, 1), {"padding": (2, 0, 0)}),
+], ids=["3x3x3 unpadded in space", "padded in space", "strided in space", "dilated", "replicate padding",
+        "(5, 1, 1)", "fewer frames out", "more frames out"])
+def test_frame_conv_across_frames_with_other_options_is_a_conv3d(kernel, options):
+    """Only a plain (k, 1, 1) kernel takes the 2D form (with its own padding across frames): other shapes, padding,
+    strides, dilation and padding modes are the Conv3d's own."""
+    torch.manual_seed(0)
+    conv = FrameConv(8, 8, kernel, **options)
+    twin = torch.nn.Conv3d(8, 8, kernel, **options)
+    twin.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 8, 5, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), twin(x))
+
+
+@pytest.mark.parametrize("pad", [1, 0, 2], ids=["as many frames", "fewer frames", "more frames"])
+def test_frame_conv_bands_of_two_videos_into_more_channels(monkeypatch, pad):
+    """A band's rows count the positions of every video, and an output of other channels (and frames, with other
+    padding than SVD's) than the input is made for the bands."""
+    torch.manual_seed(0)
+    conv = FrameConv(8, 12, (3, 1, 1), padding=(pad, 0, 0))
+    twin = torch.nn.Conv3d(8, 12, (3, 1, 1), padding=(pad, 0, 0))
+    twin.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 8, 5, 7, 6)
+    bands = []
+    with torch.no_grad():
+        whole = twin(x)
+        monkeypatch.setattr(layers, "SLICE_POSITIONS", 2 * 5 * 2 * 6)  # two rows of every frame of both videos
+        monkeypatch.setattr(layers, "UNBANDED_DEVICES", frozenset())  # as on a GPU
+        original = FrameConv._conv
+        monkeypatch.setattr(FrameConv, "_conv", lambda self, t: bands.append(t.shape[3]) or original(self, t))
+        banded = conv(x)
+    assert bands == [2, 2, 2, 1]
+    torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)

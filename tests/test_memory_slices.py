@@ -157,3 +157,45 @@ def test_temporal_decoder_in_slices_of_groups_is_unchanged(monkeypatch):
         monkeypatch.setattr(vae, "GN_FP32_SLICE_BYTES", 4096)
         sliced = model.decode(z, 3).float()
     torch.testing.assert_close(sliced, whole, rtol=0, atol=2e-3)
+
+
+def test_feed_forward_narrower_budget_than_one_token_runs_a_token_at_a_time(monkeypatch):
+    torch.manual_seed(0)
+    ff = FeedForward(16).eval()
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        whole = ff(x)
+        monkeypatch.setattr(layers, "FF_SLICE_BYTES", 1)  # less than one token's projection: still one token
+        with _count_calls(ff.net[0]) as calls:
+            sliced = ff(x)
+    assert len(calls) == 6
+    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6)
+
+
+def test_attention_chunk_caps_the_pixel_positions_of_a_motion_module_slice():
+    """attn_chunk caps the positions a motion module takes at once, far below ``ROW_SLICE_BYTES``'s bound."""
+    model = motion_model("v2")
+    frames = 4
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(frames, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, 64, generator=g).repeat_interleave(frames, dim=0)
+    t = torch.full((frames,), 400.0)
+    module = next(m for m in model.motion.modules() if type(m).__name__ == "TemporalTransformer")
+    with torch.no_grad(), _count_calls(module.proj_in) as calls:
+        model(x, t, ctx, frames, attn_chunk=5)
+    assert len(calls) == 13  # its 64 positions, 5 at a time
+
+
+def test_attention_chunk_caps_the_pixel_positions_of_an_svd_temporal_block_slice():
+    """RunOptions.attn_chunk caps the positions SVD's temporal blocks take at once, far below ``ROW_SLICE_BYTES``."""
+    model = svd_unet()
+    frames = 3
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(frames, TINY.in_channels, 16, 16, generator=g)
+    t = torch.full((frames,), 0.5)
+    ctx = torch.randn(1, 1, TINY.context_dim, generator=g).repeat_interleave(frames, dim=0)
+    y = torch.randn(1, TINY.adm_in_channels, generator=g).repeat_interleave(frames, dim=0)
+    block = next(m for m in model.modules() if type(m).__name__ == "VideoTransformerBlock")
+    with torch.no_grad(), _count_calls(block.attn1) as calls:
+        model(x, t, ctx, y, frames, RunOptions(num_frames=frames, attn_chunk=7))
+    assert len(calls) > 1

@@ -313,6 +313,7 @@ def test_edm_table_is_comfyuis_1000_log_spaced_levels():
     want = [level(999), level(749), level(499), level(249), 0.0]
     assert sampling.simple_scheduler(edm, 4).tolist() == pytest.approx(want, rel=2e-5)
     assert edm.percent_to_sigma(0.25) == pytest.approx(math.exp(math.log(0.002) + 0.75 * span), rel=1e-5)
+    assert edm.percent_to_sigma(1e-17) == pytest.approx(700.0, rel=1e-5)  # the table's top level, not past it
 
 
 def test_ancestral_noise_is_comfyuis_default_noise_sampler():
@@ -368,3 +369,51 @@ def test_euler_ancestral_steps_as_comfyuis():
     x = sampling.initial_noise(3, (2, 4, 3, 3)) * 700.0
     out = sampling.sample_euler_ancestral(denoiser, x, far, seed=9)
     assert torch.equal(out, denoiser(denoiser(x, far[0]), far[1]))
+
+
+@pytest.mark.parametrize("name", list(sampling.SAMPLERS))
+def test_callback_is_given_each_steps_prediction(name):
+    """The progress callback (the preview) gets step i of n and that step's prediction x0, not the latent."""
+    sig = sampling.calculate_sigmas(sampling.DiscreteSchedule("linear"), "karras", 4)
+    preds, seen = [], []
+
+    def denoiser(x, sigma):
+        preds.append(torch.tanh(x) * 0.5 + float(sigma) * 1e-3)
+        return preds[-1]
+
+    x = sampling.initial_noise(2, (2, 3)) * float(sig[0])
+    sampling.get_sampler(name)(denoiser, x, sig, callback=lambda i, n, x0: seen.append((i, n, x0)), seed=1)
+    assert [(i, n) for i, n, _ in seen] == [(i, 4) for i in range(4)]
+    assert all(torch.equal(x0, pred) for (_, _, x0), pred in zip(seen, preds))
+
+
+def test_karras_scheduler_is_rho_7_between_the_tables_ends():
+    """ComfyUI's karras: rho 7 from the model's sigma_max down to its sigma_min."""
+    s = sampling.DiscreteSchedule("linear")
+    lo, hi = float(s.sigma_min) ** (1 / 7), float(s.sigma_max) ** (1 / 7)
+    want = [(hi + i / 5 * (lo - hi)) ** 7 for i in range(6)] + [0.0]
+    assert torch.allclose(sampling.calculate_sigmas(s, "karras", 6), torch.tensor(want), rtol=1e-5)
+
+
+def test_simple_scheduler_of_steps_that_do_not_divide_the_table_is_comfyuis():
+    """ComfyUI's simple: a float stride len / steps, each index truncated (12 steps: 1000 / 12 = 83.33 levels)."""
+    s = sampling.DiscreteSchedule("linear")
+    want = [float(s.sigmas[-(1 + int(i * 1000 / 12))]) for i in range(12)] + [0.0]
+    assert sampling.calculate_sigmas(s, "simple", 12).tolist() == want
+    assert float(sampling.calculate_sigmas(s, "simple", 12)[3]) == float(s.sigmas[-251])
+
+
+def test_sigma_at_a_fractional_timestep_is_log_linear_between_the_two_levels():
+    """normal and sgm_uniform read sigmas between the table's levels: log-linear, nearer the nearer level."""
+    s = sampling.DiscreteSchedule("linear")
+    want = math.exp(0.75 * float(s.log_sigmas[10]) + 0.25 * float(s.log_sigmas[11]))
+    assert float(s.sigma(torch.tensor(10.25))) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [[0, 1.5], [0, True], [0, math.inf], [0, -1], [0, sampling.MAX_BATCH_INDEX + 1],
+                                 [0], (0, 1, 2), "01"], ids=["fraction", "bool", "inf", "negative", "too large",
+                                                            "too few", "too many", "a string"])
+def test_a_batch_index_other_than_whole_numbers_one_a_frame_is_refused(bad):
+    with pytest.raises(KinemaError, match="batch_index must list 2 whole numbers"):
+        sampling.check_batch_index(bad, 2)
+    assert sampling.check_batch_index([0, 2.0], 2) == [0, 2]
