@@ -672,3 +672,36 @@ def test_an_svd_conditioning_encoder_of_another_shape_than_its_vae_encoder_is_re
     with pytest.raises(KinemaError, match="'svd_mixed.safetensors': the conditioning encoder and the VAE encoder "
                                           "have different shapes"):
         checkpoint.load_svd(str(path))
+
+
+def test_the_demo_tensors_do_not_depend_on_the_processs_string_hashing():
+    """The demo files are the same on every machine and in every process (a key's seed is no ``hash()``, which
+    Python salts per process)."""
+    import subprocess
+
+    code = ("import conftest\nfrom kinema.models import demo\n"
+            "print(demo._fill('model.diffusion_model.out.2.weight', (3, 4), 0).tolist())")
+    here = os.path.dirname(os.path.abspath(__file__))
+    outs = {subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(outs) == 1 and outs.pop().strip() == str(demo._fill("model.diffusion_model.out.2.weight", (3, 4), 0)
+                                                        .tolist())
+
+
+def test_current_demo_files_are_kept_and_the_others_written_again(tmp_path):
+    """The demo files are written once: kept while they are this version's, written again when asked
+    (``overwrite``) or when a part of the depth folder is missing."""
+    paths = demo.write_demo_models(str(tmp_path))
+    files = [p for key, p in paths.items() if key != "depth_model"]
+    files += [os.path.join(paths["depth_model"], name) for name in ("model.safetensors", "preprocessor_config.json")]
+    for p in files:
+        os.utime(p, ns=(0, 0))
+    config = os.path.join(paths["depth_model"], "config.json")
+    os.remove(config)
+    assert demo.write_demo_models(str(tmp_path)) == paths
+    assert os.path.isfile(config)
+    assert [os.stat(p).st_mtime_ns for p in files[:-2]] == [0] * (len(files) - 2)  # current: kept
+    for p in files:
+        os.utime(p, ns=(0, 0))
+    demo.write_demo_models(str(tmp_path), overwrite=True)
+    assert [p for p in files if os.stat(p).st_mtime_ns == 0] == []

@@ -513,6 +513,7 @@ def test_v3_adapter_style_lora_matches_diffusers():
 
     sd = demo.adapter_lora_state_dict()
     assert checkpoint.detect_format(sd) == "sd15_adapter_lora"
+    assert {k.partition(".processor.")[0][-5:] for k in sd} == {"attn1", "attn2"}  # self- and cross-attention
     te = text_encoder()
     new_unet, new_te = lora.apply_sd15_loras(unet(), te, [(sd, 0.75, 1.0, "adapter")])
     assert new_te is te  # no text-encoder weights: the encoder is returned as it was

@@ -32,11 +32,11 @@ def test_video_sampler_node_passes_every_setting(monkeypatch, host_dirs):
     context = ContextOptions(context_length=8, overlap=2)
     text = [[torch.zeros(1, 77, 64), {}]]
     latent = {"samples": torch.zeros(12, 4, 8, 8), "batch_index": list(range(3, 15))}
-    KinemaVideoSampler().sample(motion_model("v2"), text, text, latent, 1234, 7, 4.5, "euler_ancestral", "karras",
-                                0.6, attention_chunk=64, context_options=context, batch_cond=False)
+    KinemaVideoSampler().sample(motion_model("v2"), text, text, latent, 2**40 + 1234, 7, 4.5, "euler_ancestral",
+                                "karras", 0.6, attention_chunk=64, context_options=context, batch_cond=False)
     (opts,) = seen
     assert (opts.seed, opts.steps, opts.cfg, opts.sampler, opts.scheduler, opts.denoise) == \
-        (1234, 7, 4.5, "euler_ancestral", "karras", 0.6)
+        (2**40 + 1234, 7, 4.5, "euler_ancestral", "karras", 0.6)  # a seed of 64 bits, whole
     assert (opts.attn_chunk, opts.batch_cond, opts.context) == (64, False, context)
     assert tuple(opts.batch_index) == tuple(range(3, 15))  # the frames of core Latent From Batch keep their noise
 

@@ -44,6 +44,10 @@ def test_every_node_is_a_documented_v1_class(nodes):
     ("KinemaContextOptions", "context_overlap", "min", 0),
     ("KinemaContextOptions", "context_stride", "max", 8),
     ("KinemaContextOptions", "freenoise", "default", True),
+    # KSampler's: 20 steps, 64-bit seeds, denoise at most 1
+    ("KinemaVideoSampler", "steps", "default", 20),
+    ("KinemaVideoSampler", "seed", "max", 0xFFFFFFFFFFFFFFFF),
+    ("KinemaVideoSampler", "denoise", "max", 1.0),
 ])
 def test_input_defaults_and_ranges_that_matter(nodes, node_id, name, key, want):
     assert nodes[node_id].INPUT_TYPES()["required"][name][1][key] == want
@@ -318,3 +322,31 @@ def test_frames_holding_nan_are_refused_where_they_enter(nodes):
         nodes["KinemaStructureFidelity"]().apply(torch.rand(3, 16, 16, 4), 1)
     with pytest.raises(KinemaError, match="divide 8-bit images by 255"):
         addons.control_hint(None, (frames.nan_to_num() * 255).to(torch.uint8))
+
+
+def test_an_interrupt_before_the_sampler_starts_runs_no_step(nodes, host_dirs, monkeypatch):
+    """Cancel pressed while the nodes before it ran: the sampler stops before its first model call."""
+    model, clip, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (pos,) = nodes["KinemaTextEncode"]().encode(clip, "x")
+    (latent,) = nodes["KinemaEmptyVideoLatent"]().make(2, 16, 16)
+    calls = []
+    real_call = type(model).__call__
+    monkeypatch.setattr(type(model), "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    host_dirs.request_interrupt()
+    try:
+        with pytest.raises(host_dirs.KinemaInterrupted):
+            nodes["KinemaVideoSampler"]().sample(model, pos, pos, latent, 0, 3, 1.0, "euler", "normal", 1.0)
+    finally:
+        host_dirs.request_interrupt(False)
+    assert calls == []
+
+
+def test_the_samplers_optional_inputs_default_to_their_widgets(nodes):
+    """A prompt that leaves out an optional input (an API workflow, one saved before the input existed) gets the
+    widget's default, not another value of the function's own."""
+    import inspect
+
+    cls = nodes["KinemaVideoSampler"]
+    params = inspect.signature(cls.sample).parameters
+    for name, (_, spec) in cls.INPUT_TYPES()["optional"].items():
+        assert params[name].default == spec.get("default"), name

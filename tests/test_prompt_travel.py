@@ -528,3 +528,20 @@ def test_the_sampler_takes_core_attention_masks_without_a_warning(conditioning_n
         sampler.KinemaVideoSampler().sample(fixtures.motion_model("v2"), masked, masked,
                                             {"samples": torch.zeros(3, 4, 8, 8)}, 0, 1, 7.5, "euler", "normal", 1.0)
     assert "ignored" not in caplog.text
+
+
+def test_the_sampler_refuses_an_empty_conditioning_and_takes_an_entry_without_options(caplog):
+    """An empty CONDITIONING list is named as such (not an IndexError); an entry of a tensor alone has no options.
+    Several ignored keys are named together, "are ignored"."""
+    import logging
+
+    from kinema.nodes import sampler
+
+    with pytest.raises(KinemaError, match=r"^Video Sampler \(Kinema\): the negative conditioning is empty or not a "
+                                          r"CONDITIONING"):
+        sampler.conditioning_tensor([], "negative", 3)
+    context = torch.randn(1, 77, 64)
+    assert sampler.conditioning_tensor([[context]], "positive", 3) is context
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        sampler.conditioning_tensor([[context, {"unclip_conditioning": [], "hooks": None}]], "positive", 3)
+    assert "the positive conditioning's hooks, unclip_conditioning are ignored" in caplog.text

@@ -568,3 +568,23 @@ def test_an_init_image_of_one_pixel_row_or_column_is_refused(h, w, ok):
         return
     with pytest.raises(KinemaError, match=f"the init image is {w}x{h}: too small to start a video from"):
         svd_model.fit_image(image, 16, 16)
+
+
+def test_the_sampler_hands_the_svd_pipeline_each_side_and_its_hooks(bundle, monkeypatch):
+    """Positive and negative image conditionings reach the image-to-video pipeline on their own sides, with the
+    step callback and the per-window hook (progress and Cancel under context windows)."""
+    from kinema.nodes.sampler import IMAGE_CONDITIONING
+
+    seen = {}
+
+    def spy(model, positive, negative, latent, opts, callback=None, on_window=None):
+        seen.update(positive=positive, negative=negative, callback=callback, on_window=on_window)
+        return latent
+
+    monkeypatch.setattr(pipelines, "sample_img2vid", spy)
+    sides = [{"context": torch.randn(1, 1, 64), "concat": torch.zeros(1, 4, H // 8, W // 8)} for _ in range(2)]
+    positive, negative = ([[c["context"], {IMAGE_CONDITIONING: c}]] for c in sides)
+    latent = {"samples": pipelines.empty_video_latent(2, W, H)}
+    _node("KinemaVideoSampler").sample(bundle.model, positive, negative, latent, 0, 1, 2.5, "euler", "karras", 1.0)
+    assert seen["positive"] is sides[0] and seen["negative"] is sides[1]
+    assert callable(seen["callback"]) and callable(seen["on_window"])
