@@ -151,6 +151,8 @@ def test_compile_and_block_offload_go_together_in_either_order():
 def test_compile_options_are_checked(opts, match):
     with pytest.raises(KinemaError, match=match):
         opts.validate()
+    with pytest.raises(KinemaError, match=match):
+        compiling.compiled_call.__wrapped__(opts)  # checked before torch.compile, which would take cudagraphs
 
 
 def test_the_compile_node_takes_video_models_only():
@@ -341,3 +343,66 @@ def test_more_sizes_than_dynamos_default_stay_compiled(dynamo, caplog):
             compiling.run(net, EAGER, torch.randn((1,) * (rank - 1) + (3,)))
     assert dynamo["stats"]["unique_graphs"] == 10
     assert not [r for r in caplog.records if "uncompiled" in r.getMessage()]
+
+
+def test_the_log_names_what_compiles_the_unet_whole_block_by_block_or_a_decoder(monkeypatch, caplog):
+    """The same input sizes to the whole net, to it block by block and to a decoder: three compiles, each said."""
+    monkeypatch.setattr(compiling, "_seen", set())
+    monkeypatch.setattr(compiling, "compiled_call", lambda opts: compiling._call)
+    monkeypatch.setattr(compiling, "compiled_block_call", lambda opts: compiling._call_block)
+    monkeypatch.setattr(compiling, "compiled_decode_call", lambda opts: compiling._call_decode)
+    net, x = _Blocks(), torch.ones(1, 3)
+    net.decode = net.forward
+    with caplog.at_level("INFO", logger="kinema"):
+        compiling.run(net, EAGER, x)
+        compiling.run(net, EAGER, x, stream=object())
+        compiling.run_decode(net, EAGER, x)
+    said = [r.getMessage() for r in caplog.records if "torch.compile (eager) of the" in r.getMessage()]
+    assert [s.split(" for inputs")[0].removeprefix("Kinema: torch.compile (eager) of the ") for s in said] == [
+        "_Blocks", "_Blocks block by block (block offload)", "_Blocks decoder"], said
+
+
+def test_under_block_offload_the_blocks_keep_more_graphs_than_the_whole_unet(dynamo, monkeypatch):
+    """Block by block, the limit is BLOCK_GRAPHS, not UNET_GRAPHS: here 2 blocks, 2 graphs past a whole-UNet limit
+    of 1."""
+    monkeypatch.setattr(compiling, "UNET_GRAPHS", 1)
+    net, x = _Blocks(), torch.ones(1, 3)
+    torch.testing.assert_close(compiling.run(net, EAGER, x, stream=object()), net(x))
+    assert dynamo["stats"]["unique_graphs"] == 2, dict(dynamo["stats"])
+
+
+def test_the_unet_and_a_decoder_past_their_limits_are_each_said_in_the_log(dynamo, monkeypatch, caplog):
+    monkeypatch.setattr(compiling, "UNET_GRAPHS", 1)
+    monkeypatch.setattr(compiling, "DECODE_GRAPHS", 1)
+    net = torch.nn.Linear(3, 3)
+    net.decode = net.forward
+    with caplog.at_level("WARNING", logger="kinema"):
+        for rank in (2, 3):
+            compiling.run(net, EAGER, torch.randn((2,) * (rank - 1) + (3,)))
+        for rank in (2, 3):
+            compiling.run_decode(net, EAGER, torch.randn((2,) * (rank - 1) + (3,)))
+    said = [r.getMessage() for r in caplog.records if "calls that need another run uncompiled" in r.getMessage()]
+    assert len(said) == 2 and "of the Linear (" in said[0] and "of the Linear decoder (" in said[1], said
+
+
+def test_a_decode_that_fails_is_not_run_again_uncompiled(dynamo, caplog):
+    """An error of the decoder itself (not dynamo's limit) passes unchanged, after one call."""
+    calls = []
+
+    class Failing(torch.nn.Module):
+        def decode(self, x):
+            calls.append(x.shape)
+            raise ValueError("out of range")
+
+    with caplog.at_level("WARNING", logger="kinema"), pytest.raises(ValueError, match="out of range"):
+        compiling.run_decode(Failing(), EAGER, torch.ones(1, 3))
+    assert len(calls) == 1 and "uncompiled" not in caplog.text
+
+
+def test_the_blocks_and_the_decoders_compile_static_sizes(monkeypatch):
+    """A graph per block and per chunk or tile size (``dynamic=False``); the whole UNet's, dynamo's automatic ones."""
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: asked.append((fn, kwargs.get("dynamic", "auto"))) or fn)
+    for compiled in (compiling.compiled_call, compiling.compiled_block_call, compiling.compiled_decode_call):
+        compiled.__wrapped__(EAGER)  # past functools.cache: a fresh torch.compile
+    assert asked == [(compiling._call, "auto"), (compiling._call_block, False), (compiling._call_decode, False)]

@@ -341,12 +341,15 @@ def test_an_interrupt_before_the_sampler_starts_runs_no_step(nodes, host_dirs, m
     assert calls == []
 
 
-def test_the_samplers_optional_inputs_default_to_their_widgets(nodes):
-    """A prompt that leaves out an optional input (an API workflow, one saved before the input existed) gets the
-    widget's default, not another value of the function's own."""
+def test_the_functions_defaults_are_the_widgets_defaults(nodes):
+    """A Python or API caller that leaves an input out (an API workflow, one saved before the input existed) gets
+    the widget's default, not another value of the function's own; an optional link, None."""
     import inspect
 
-    cls = nodes["KinemaVideoSampler"]
-    params = inspect.signature(cls.sample).parameters
-    for name, (_, spec) in cls.INPUT_TYPES()["optional"].items():
-        assert params[name].default == spec.get("default"), name
+    for node_id, cls in nodes.items():
+        params = inspect.signature(getattr(cls, cls.FUNCTION)).parameters
+        for section in ("required", "optional"):
+            for name, (_, spec) in cls.INPUT_TYPES().get(section, {}).items():
+                default = params[name].default
+                if section == "optional" or ("default" in spec and default is not inspect.Parameter.empty):
+                    assert default == spec.get("default"), f"{node_id}.{name}"

@@ -373,6 +373,7 @@ def test_memory_policy_node_modes_and_precision():
     assert float((out - plain).abs().max()) <= 0.1 * float(plain.abs().max())  # bf16: close, not equal
     (same,) = node.apply(source, "none", precision="fp32")
     assert same.unet is source.unet  # nothing to convert: no copy
+    assert node.apply(half, "none", precision="fp32")[0].unet.dtype == torch.float32  # bf16 back to fp32
 
 
 def test_weights_are_not_copied_back_from_the_device(monkeypatch):
