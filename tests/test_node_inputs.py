@@ -184,3 +184,36 @@ def test_a_wrong_object_in_a_socket_is_named_before_the_node_runs(host_dirs):
     (out,) = nodes["KinemaVideoSampler"]().sample(video, pos, pos, latent, 0, 1, 1.0, "euler", "normal", 1.0,
                                                   context_options=None)  # an optional socket left empty
     assert out["samples"].shape == latent["samples"].shape
+
+
+def test_the_latent_batch_index_is_checked_and_given_as_ints():
+    """Latent From Batch's ``batch_index``: one whole number a frame, handed on as ints (a JSON 1.0 as 1)."""
+    samples = torch.zeros(2, 4, 8, 8)
+    index = checks.latent_batch_index({"samples": samples, "batch_index": [1.0, 0]}, samples)
+    assert index == (1, 0) and all(type(i) is int for i in index)
+    assert checks.latent_batch_index({"samples": samples}, samples) is None
+    with pytest.raises(KinemaError, match="batch_index must list 2 whole numbers"):
+        checks.latent_batch_index({"samples": samples, "batch_index": [0]}, samples)
+
+
+def test_a_model_name_outside_the_list_gets_the_loaders_own_error(host_dirs):
+    """A loader's file list is not checked as a choice (the list is the one of when ComfyUI started): a missing
+    file's error says where it was looked for and how to add a folder."""
+    from conftest import load_pack
+
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    with pytest.raises(KinemaError, match=r"checkpoints model 'missing.safetensors' not found. Searched: "):
+        nodes["KinemaCheckpointLoader"]().load("missing.safetensors", "fp32")
+    with pytest.raises(KinemaError, match=r"clip_vision model 'gone.safetensors' not found. Searched: "):
+        nodes["KinemaCLIPVisionLoader"]().load("gone.safetensors")
+
+
+def test_svds_conditioning_frame_encoder_is_a_vae_to_encode_with():
+    """SVD's conditioning-frame encoder (``ImageEncoderKL``, no decoder) passes the KINEMA_VAE socket of VAE Encode
+    Frames (Kinema) for a Python caller that built it."""
+    from conftest import load_pack
+    from fixtures_temporal_vae import cond_encoder
+
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    (latent,) = nodes["KinemaVAEEncodeFrames"]().encode(cond_encoder(), torch.rand(2, 16, 16, 3))
+    assert latent["samples"].shape[:2] == (2, 4)

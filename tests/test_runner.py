@@ -104,14 +104,16 @@ class Boom:
 
 
 class Picky:
-    """A class with its own VALIDATE_INPUTS, which takes over the range check of `value`."""
+    """A class with its own VALIDATE_INPUTS, which takes over the range check of `value` and the list of `mode`
+    (as Load Video (Kinema) for a file uploaded after the list was read)."""
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 10}), "src": ("NUMBER",)}}
+        return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 10}), "src": ("NUMBER",)},
+                "optional": {"mode": (["up", "down"],)}}
 
     @classmethod
-    def VALIDATE_INPUTS(cls, value, src):
+    def VALIDATE_INPUTS(cls, value, src, mode="up"):
         Picky.validated = (value, src)
         return True if value != 13 else "13 is unlucky"
 
@@ -122,7 +124,7 @@ class Picky:
     RETURN_TYPES = ("NUMBER",)
     FUNCTION = "go"
 
-    def go(self, value, src):
+    def go(self, value, src, mode="up"):
         return (value + src,)
 
 
@@ -224,6 +226,8 @@ def test_validate_inputs_and_is_changed_need_nothing_special():
          "3": {"class_type": "Sink", "inputs": {"x": ["2", 0], "prefix": "p"}}}
     assert run(p)["3"]["ui"]["images"][0]["filename"] == "p_51.png"
     assert Picky.validated == (50, None)
+    p["2"]["inputs"]["mode"] = "sideways"  # not in the list: Picky decides
+    assert run(p)["3"]["ui"]["images"][0]["filename"] == "p_51.png"
     p["2"]["inputs"]["value"] = 13
     with pytest.raises(KinemaError, match=r"node 2 \(Picky\).*13 is unlucky"):
         run(p)
@@ -513,6 +517,7 @@ def test_the_output_folder_is_made_only_for_a_workflow_that_reads(cli, tmp_path,
     ("animatediff_models", "mm_sd_v15_v2.ckpt", "v2"),
     ("animatediff_models", "mm_sd_v15.ckpt", "v1"),
     ("animatediff_models", "mm_sd_v14.ckpt", "v1"),
+    ("animatediff_models", "animatediff_v1.5.ckpt", "v1"),
     ("animatediff_models", "some_finetune.safetensors", "v2"),
     ("clip_vision", "(none)", None),
     ("clip_vision", "clip_vision_h.safetensors", "clip_vision"),
@@ -673,3 +678,35 @@ def test_demo_models_point_the_host_at_the_demo_folder(host_dirs, demo_models_di
     notes = runner.use_demo_models(prompt, load_pack().NODE_CLASS_MAPPINGS, host_dirs)
     assert os.path.samefile(host_dirs.get_models_dir(), demo_models_dir)
     assert prompt["1"]["inputs"]["ckpt_name"] == demo.DEMO_CHECKPOINT and len(notes) == 2
+
+
+def test_default_cache_dir_is_kinema_cache_dir_or_the_users_cache(monkeypatch, tmp_path):
+    """``KINEMA_CACHE_DIR`` (when set and not empty) holds the demo models in its ``demo_models`` folder, else
+    ~/.cache/kinema does."""
+    from kinema.models import demo
+
+    monkeypatch.setenv("KINEMA_CACHE_DIR", str(tmp_path / "cache"))
+    assert demo.default_cache_dir() == os.path.join(str(tmp_path / "cache"), "demo_models")
+    monkeypatch.setenv("KINEMA_CACHE_DIR", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert demo.default_cache_dir() == os.path.join(str(tmp_path / "home"), ".cache", "kinema", "demo_models")
+
+
+def test_demo_files_carry_their_seed_and_dtype_and_are_rewritten_when_they_differ(demo_models_dir, tmp_path):
+    """The written files' metadata names the demo version, seed and dtype: a file with other metadata, or one that
+    cannot be read, is not current (it is written again)."""
+    import torch
+    from kinema.models import demo
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(demo_models_dir, "checkpoints", demo.DEMO_CHECKPOINT), framework="pt") as f:
+        meta = f.metadata()
+    assert meta == {"kinema_demo": demo.DEMO_VERSION, "seed": "0", "dtype": "torch.float32",
+                    "note": demo.UNTRAINED_NOTE}
+    path = str(tmp_path / "x.safetensors")
+    demo._save({"w": torch.zeros(2)}, path, meta)
+    assert demo._is_current(path, meta)
+    assert not demo._is_current(path, {**meta, "seed": "1"})
+    assert not demo._is_current(path, {**meta, "dtype": "torch.float16"})
+    (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
+    assert not demo._is_current(path, meta)

@@ -282,6 +282,7 @@ def test_demo_clip_is_deterministic_and_moves():
     a, b = demo_media.demo_clip_frames(8, 64), demo_media.demo_clip_frames(8, 64)
     assert np.array_equal(a, b)
     assert all(not np.array_equal(a[i], a[i + 1]) for i in range(7))
+    assert max(demo_media._triangle(t, 5, 10) for t in range(5)) == 10  # an odd period reaches its top, not past
 
 
 # -- Load Video node -------------------------------------------------------------------------------------------------

@@ -360,3 +360,12 @@ def test_mp4_colours_survive_pyav(tmp_path, monkeypatch):
     want = video_io.to_uint8(imgs).astype(int)
     centre = (slice(None), slice(8, 24), slice(8, 56))
     assert np.abs(got[centre] - want[centre]).mean() < 3
+
+
+def test_write_demo_clip_takes_its_fps(tmp_path):
+    """The fps argument sets the frames' durations: at 4 fps each frame shows for 250 ms."""
+    p = demo_media.write_demo_clip(str(tmp_path / "slow.webp"), frames=2, size=16, fps=4.0)
+    with Image.open(p) as im:
+        im.seek(1)
+        im.load()
+        assert im.info["duration"] == 250

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kinema.models.errors import KinemaError
-from kinema.nodes.workflow_format import (api_from_ui, complete_api, input_specs, is_ui_format,
+from kinema.nodes.workflow_format import (_id_key, _is_link, api_from_ui, complete_api, input_specs, is_ui_format,
                                           load_workflow, strip_meta, ui_from_api, widget_specs)
 
 
@@ -184,6 +184,10 @@ def test_layout_left_to_right():
     gx, gy, gw, gh = ui["groups"][0]["bounding"]
     assert all(gx <= n["pos"][0] and n["pos"][0] + n["size"][0] <= gx + gw for n in nodes.values())
     assert nodes[2]["size"][0] > nodes[1]["size"][0]  # multiline text gets a wider node
+    assert nodes[2]["size"] == [400.0, 154.0]  # its text box counted once, not as a widget row too
+    assert nodes[2]["pos"][1] < nodes[3]["pos"][1] < nodes[7]["pos"][1]  # a column in the order of its sources
+    assert x[4] >= x[2] + nodes[2]["size"][0] + 90  # a column right of its widest node
+    assert min(n["pos"][1] for n in nodes.values()) - gy == 30 + 50  # the group's margin above the title bars
 
 
 def test_round_trip():
@@ -465,6 +469,10 @@ class Any:
     ([("IMAGE", 2), ("*", 1)], "LATENT", "LATENT", "1"),         # else the first that connects
     ([("IMAGE", 2), ("MASK", 1)], "LATENT", "LATENT", None),     # none: the input is not sent
     ([("IMAGE", 2), ("LATENT", 1)], "*", "LATENT", "2"),         # a wildcard consumer takes the output's index
+    ([("IMAGE", 2), ("LATENT", 1)], "", "LATENT", "2"),          # so does an untyped one
+    ([("", 1)], "LATENT", "LATENT", "1"),                        # an untyped input connects to anything
+    ([("IMAGE", 2), ("*", 2), ("LATENT", 1)], "LATENT", "LATENT", "1"),  # the exact type before a wildcard
+    ([("LATENT", 1), ("IMAGE", 2)], "LATENT,IMAGE", "IMAGE", "2"),  # the output's index: its input fits the output
 ])
 def test_a_bypassed_node_is_resolved_as_the_frontend_resolves_it(inputs, consumer_type, output_type, source):
     """The frontend's ``getBypassSlotIndex`` with LiteGraph's connection rule: the bypassed node's input of the
@@ -596,6 +604,8 @@ def test_a_pair_ending_in_a_bool_is_not_a_link():
     api["2"]["inputs"]["clip"] = ["1", True]
     with pytest.raises(KinemaError, match="input 'clip' is a CLIP socket and needs a link, not a value"):
         ui_from_api(api, CLASSES)
+    assert not _is_link(["1", 1, 0])  # three items: a value
+    assert _id_key("-2") < _id_key("1")  # negative node ids (the frontend's virtual nodes) are numbers too
 
 
 def test_a_linked_input_the_node_no_longer_has_is_dropped():
@@ -603,3 +613,71 @@ def test_a_linked_input_the_node_no_longer_has_is_dropped():
     ui = frontend_ui()
     _node(ui, 2)["inputs"].append({"name": "old_input", "type": "CLIP", "link": 3})
     assert api_from_ui(ui, CLASSES)["2"]["inputs"] == {"clip": ["1", 1], "text": "a dog"}
+
+
+class LoadAnimation:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": (["a.webp", "b.gif"], {"animated_image_upload": True})},
+                "optional": {"fps": ("FLOAT", {"default": 8.0})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "go"
+
+
+def test_an_animated_image_upload_combo_gets_the_upload_button_too():
+    """``animated_image_upload`` adds the upload button like ``image_upload``: its value is skipped, not read as
+    the next input's."""
+    assert [s.name if s else "upload" for s, _ in widget_specs(input_specs(LoadAnimation))] == ["image", "upload",
+                                                                                               "fps"]
+    ui = {"nodes": [{"id": 1, "type": "LoadAnimation", "mode": 0, "widgets_values": ["b.gif", "image", 12.0]}],
+          "links": []}
+    assert api_from_ui(ui, {"LoadAnimation": LoadAnimation})["1"]["inputs"] == {"image": "b.gif", "fps": 12.0}
+
+
+SHARED_DEFAULT = [1, 2]
+
+
+class ListDefault:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"values": ("FLOAT", {"default": SHARED_DEFAULT})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "go"
+
+
+def test_a_list_default_is_sent_wrapped_and_copied():
+    """A list default is filled in wrapped (a bare list would be read as a link), and editing it leaves the
+    class's default (a list kept at module level) as it was."""
+    api = complete_api({"1": {"class_type": "ListDefault", "inputs": {}}}, {"ListDefault": ListDefault})
+    assert api["1"]["inputs"]["values"] == {"__value__": [1, 2]}
+    api["1"]["inputs"]["values"]["__value__"].append(3)
+    assert SHARED_DEFAULT == [1, 2]
+
+
+def test_a_bypassed_output_past_the_inputs_falls_back_to_the_first_input_for_a_wildcard_consumer():
+    """A wildcard consumer of a bypassed node's output 1 gets the node's input 0 when it has no input 1 (the
+    frontend's ``getBypassSlotIndex``)."""
+    ui = _bypassed_graph([("LATENT", 1)], consumer_type="*")
+    ui["links"][0][2] = 1  # link 9 leaves node 3 from its output 1
+    ui["nodes"][2]["outputs"] = [{"name": "a", "type": "LATENT", "links": []},
+                                 {"name": "b", "type": "LATENT", "links": [9]}]
+    api = api_from_ui(ui, {"Src": Src, "Any": Any, "Save": Save})
+    assert api["4"]["inputs"]["latent"] == ["1", 0]
+
+
+def test_a_wildcard_socket_may_hold_a_value():
+    """A ``*`` input takes a literal (as the runner passes it on), so it is not refused as a socket without a
+    link."""
+    ui = ui_from_api({"1": {"class_type": "Any", "inputs": {"in0": 5}}}, {"Any": Any})
+    assert [(i["name"], i["link"]) for i in ui["nodes"][0]["inputs"]] == [("in0", None), ("in1", None), ("in2", None)]
+
+
+def test_dump_workflow_writes_utf8_with_a_trailing_newline(tmp_path):
+    """As the frontend saves a file: indented by 2, non-ASCII text as it is, a newline at the end."""
+    from kinema.nodes.workflow_format import dump_workflow
+
+    path = tmp_path / "w.json"
+    dump_workflow({"title": "café"}, str(path))
+    assert path.read_bytes() == '{\n  "title": "café"\n}\n'.encode()
