@@ -263,3 +263,17 @@ def test_apply_nodes_refuse_bad_inputs(image_encoder):
         nodes.structure.KinemaApplyControlNet().apply(object(), controlnet(), _hints(1))
     with pytest.raises(KinemaError, match="input 'model' takes a KINEMA_MODEL, got object"):
         nodes.content.KinemaApplyIPAdapter().apply(object(), ip_adapter(), image_encoder, _hints(1))
+
+
+def test_apply_ip_adapter_node_refuses_an_ip_adapter_for_another_unet(image_encoder):
+    """Refused where it is attached, naming the file, not as a shape error in the middle of sampling."""
+    from dataclasses import replace
+
+    from kinema.models.ip_adapter import IPAdapter
+
+    with torch.device("meta"):
+        sd21 = IPAdapter(replace(ip_adapter().cfg, cross_dim=1024), "ip-adapter_sd21.bin")
+    model = motion_model("v2")
+    with pytest.raises(KinemaError, match=r"'ip-adapter_sd21.bin' was made for a UNet with 1024-wide text context"):
+        _nodes().content.KinemaApplyIPAdapter().apply(model, sd21, image_encoder, _hints(1))
+    assert model.contents == ()

@@ -144,3 +144,63 @@ def test_depth_and_clip_vision_loaders_load_in_their_parts_precision(host_dirs, 
     monkeypatch.setattr(host, "load_dtypes", lambda precision, device=None: parts)
     assert KinemaDepthModelLoader().load(demo.DEMO_DEPTH, "auto")[0].dtype == torch.bfloat16
     assert KinemaCLIPVisionLoader().load(demo.DEMO_CLIP_VISION, "auto")[0].dtype == torch.float16
+
+
+def test_apply_motion_module_node_refuses_a_motion_module_for_another_unet():
+    """Refused where it is attached, not as a shape error in the middle of sampling."""
+    from dataclasses import replace
+
+    from kinema.models.errors import KinemaError
+    from kinema.models.motion import MotionModuleSet
+    from kinema.nodes.animatediff import KinemaApplyMotionModule
+
+    cfg = motion_modules("v2").cfg
+    with torch.device("meta"):
+        wide = MotionModuleSet(replace(cfg, down_channels=tuple(2 * c for c in cfg.down_channels)))
+    with pytest.raises(KinemaError, match="motion module was made for a UNet with channels"):
+        KinemaApplyMotionModule().apply(motion_model(None), wide, 1.0, "linear", "")
+
+
+def test_controlnet_and_ip_adapter_loaders_load_in_the_weights_precision_and_place_what_they_load(host_dirs,
+                                                                                                  monkeypatch):
+    from kinema.models import demo
+    from kinema.nodes.content import KinemaIPAdapterLoader
+    from kinema.nodes.structure import KinemaControlNetLoader
+
+    parts = host.LoadDtypes(weights=torch.bfloat16, vae=torch.float32, encoders=torch.float16)
+    monkeypatch.setattr(host, "load_dtypes", lambda precision, device=None: parts)
+    placed = []
+    monkeypatch.setattr(host, "placed", lambda obj: placed.append(obj) or obj)
+    (controlnet,) = KinemaControlNetLoader().load(demo.DEMO_CONTROLNET, "auto")
+    (ip_adapter,) = KinemaIPAdapterLoader().load(demo.DEMO_IP_ADAPTER, "auto")
+    assert controlnet.dtype == torch.bfloat16 and ip_adapter.dtype == torch.bfloat16
+    assert len(placed) == 2 and placed[0] is controlnet and placed[1] is ip_adapter  # placed after the host's defaults
+
+
+def test_checkpoint_loader_loads_each_part_in_its_precision(host_dirs, monkeypatch):
+    """UNet, VAE and text encoder each take their own dtype (ComfyUI's --bf16-unet, --fp32-vae, --fp16-text-enc)."""
+    from kinema.models import demo
+    from kinema.nodes.loaders import KinemaCheckpointLoader
+
+    parts = host.LoadDtypes(weights=torch.bfloat16, vae=torch.float32, encoders=torch.float16)
+    monkeypatch.setattr(host, "load_dtypes", lambda precision, device=None: parts)
+    model, clip, vae = KinemaCheckpointLoader().load(demo.DEMO_CHECKPOINT, "auto")
+    assert (model.unet.dtype, vae.dtype, clip.dtype) == (torch.bfloat16, torch.float32, torch.float16)
+
+
+def test_the_video_model_loaders_put_the_model_where_the_hosts_policy_keeps_it(host_dirs, monkeypatch):
+    """Load Checkpoint and Load SVD Checkpoint (Kinema) move the UNet where the host's memory policy keeps it
+    between runs (with ComfyUI's --gpu-only, the GPU), with that policy on the model."""
+    from kinema.models import demo, placement
+    from kinema.models.offload import OffloadOptions
+    from kinema.nodes.loaders import KinemaCheckpointLoader
+    from kinema.nodes.svd import KinemaSVDLoader
+
+    policy = OffloadOptions(mode="none", device="cpu")
+    others = host.memory_defaults()[1]
+    monkeypatch.setattr(host, "memory_defaults", lambda: (policy, others))
+    rested = []
+    monkeypatch.setattr(placement, "rest", lambda model, opts: rested.append((model, opts)))
+    (model, _, _) = KinemaCheckpointLoader().load(demo.DEMO_CHECKPOINT, "fp32")
+    (svd, _, _) = KinemaSVDLoader().load(demo.DEMO_SVD["svd"], "fp32")
+    assert rested == [(model, policy), (svd, policy)] and model.offload == svd.offload == policy

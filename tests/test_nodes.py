@@ -353,3 +353,34 @@ def test_the_functions_defaults_are_the_widgets_defaults(nodes):
                 default = params[name].default
                 if section == "optional" or ("default" in spec and default is not inspect.Parameter.empty):
                     assert default == spec.get("default"), f"{node_id}.{name}"
+
+
+def test_apply_controlnet_and_ip_adapter_refuse_an_svd_model(nodes, host_dirs):
+    """Named at the node, not a raw AttributeError (an SVD model has no controls / contents) or a silent attach."""
+    svd_model, _, _ = nodes["KinemaSVDLoader"]().load("kinema_demo_svd.safetensors", "fp32")
+    (controlnet,) = nodes["KinemaControlNetLoader"]().load("kinema_demo_controlnet_depth.safetensors", "fp32")
+    (ip_adapter,) = nodes["KinemaIPAdapterLoader"]().load("kinema_demo_ip_adapter_sd15.safetensors", "fp32")
+    (clip_vision,) = nodes["KinemaCLIPVisionLoader"]().load("kinema_demo_clip_vision.safetensors", "fp32")
+    image = torch.zeros(1, 64, 64, 3)
+    with pytest.raises(KinemaError, match=r"Apply ControlNet \(Kinema\) works on SD1.5 models.*Stable Video Diff"):
+        nodes["KinemaApplyControlNet"]().apply(svd_model, controlnet, image)
+    with pytest.raises(KinemaError, match=r"Apply IP-Adapter \(Kinema\) works on SD1.5 models.*SVD Image Cond"):
+        nodes["KinemaApplyIPAdapter"]().apply(svd_model, ip_adapter, clip_vision, image)
+
+
+def test_apply_ip_adapter_stops_on_cancel_before_encoding_the_image(nodes, host_dirs, monkeypatch):
+    """Cancel pressed before it runs: the CLIP vision encoder (the node's cost) is not run."""
+    from kinema.models import addons
+
+    model, _, _ = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
+    (ip_adapter,) = nodes["KinemaIPAdapterLoader"]().load("kinema_demo_ip_adapter_sd15.safetensors", "fp32")
+    (clip_vision,) = nodes["KinemaCLIPVisionLoader"]().load("kinema_demo_clip_vision.safetensors", "fp32")
+    encoded = []
+    monkeypatch.setattr(addons, "image_content", lambda *a, **k: encoded.append(a))
+    host_dirs.request_interrupt()
+    try:
+        with pytest.raises(host_dirs.KinemaInterrupted):
+            nodes["KinemaApplyIPAdapter"]().apply(model, ip_adapter, clip_vision, torch.zeros(1, 64, 64, 3))
+    finally:
+        host_dirs.request_interrupt(False)
+    assert encoded == []

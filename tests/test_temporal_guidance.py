@@ -186,3 +186,12 @@ def test_temporal_guidance_node():
         node.apply(motion_model("v2").with_options(motion=None), 1.5)
     with pytest.raises(KinemaError, match="input 'model' takes a KINEMA_MODEL, got object"):
         node.apply(object(), 1.5)
+
+
+def test_temporal_guidance_node_takes_an_svd_model_and_changes_no_input(svd):
+    node = load_pack().nodes.guidance.KinemaTemporalGuidance()
+    base = motion_model("v2")
+    (model,) = node.apply(base, 1.5)
+    assert model is not base and base.temporal_scale == 1.0  # a new model: the input keeps its scale
+    (guided,) = node.apply(svd.model, 0.5)  # an SVD model has no motion module: its temporal layers are its own
+    assert guided.temporal_scale == 0.5 and svd.model.temporal_scale == 1.0
