@@ -77,12 +77,16 @@ def _s(value, fmt: str = ".3f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def _video_peak(run: dict, key: str) -> int | None:
-    return run.get(key) or run.get("peak_rss_kib")
+def _video_peaks(k: dict, d: dict, key: str) -> tuple[int | None, int | None]:
+    """Both runs' peak while making the video (``key``), or, where either run lacks it, both whole-process peaks:
+    one quantity on both sides of the ratio."""
+    if k.get(key) is None or d.get(key) is None:
+        key = "peak_rss_kib"
+    return k.get(key), d.get(key)
 
 
 def _row(name: str, scale: str, setting: str, k: dict, d: dict, peak_key: str, diff: float | None) -> str:
-    kp, dp = _video_peak(k, peak_key), _video_peak(d, peak_key)
+    kp, dp = _video_peaks(k, d, peak_key)
     return (f"| {name} | {scale} | {setting} | {_s(k['median'])} | {_s(d['median'])} "
             f"| {ratio(k['median'], d['median'])} | {k['total']:.2f} | {d['total']:.2f} "
             f"| {ratio(k['total'], d['total'])} | {mib(kp)} | {mib(dp)} | {ratio(kp, dp)} | {_s(diff, '.1e')} |")

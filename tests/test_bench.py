@@ -238,6 +238,8 @@ def test_real_size_animatediff_fits_4_gb_by_default():
     phases = w.phases["model"]
     activations = phases["sample"] - w.weights["UNet"] - w.weights["motion module"]
     assert max(phases.values()) < 4e9 and activations < 1.25 * 2**30, phases
+    # and no part left out (the estimate's figures: 3.46, 1.02 and 2.28 GiB)
+    assert phases["sample"] > 3.3 * 2**30 and activations > 0.9 * 2**30 and phases["decode"] > 2.2 * 2**30, phases
 
 
 def test_real_size_svd_xt_fits_16_gb_by_default_and_6_gb_with_block_offload_and_tiles():
@@ -330,7 +332,7 @@ def test_the_whole_process_peak_survives_the_reset_of_the_peak_mark():
     """Resetting VmHWM (/proc/self/clear_refs) resets ru_maxrss as well: the process's peak is kept aside."""
     import resource
 
-    from _measure import process_peak_rss_kib, reset_peak_rss
+    from _measure import process_peak_rss_kib, reset_peak_rss, rss_kib
 
     block = bytearray(256 * 1024 * 1024)
     for i in range(0, len(block), 4096):  # touch every page: resident
@@ -339,6 +341,7 @@ def test_the_whole_process_peak_survives_the_reset_of_the_peak_mark():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if not reset_peak_rss():
         pytest.skip("the kernel does not let this process reset its peak RSS")
+    assert rss_kib("VmHWM") < before  # the mark is reset
     if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >= before:
         pytest.skip("ru_maxrss is not reset with VmHWM on this kernel")
     assert process_peak_rss_kib() >= before >= 256 * 1024
@@ -361,7 +364,8 @@ def test_bad_options_are_refused_before_any_work(script, argv, message, capsys):
 def test_bench_gpu_refuses_bad_options_before_looking_for_a_gpu(capsys):
     for argv, message in ((["--peak-tflops", "0"], "--peak-tflops must be above 0"),
                           (["--frames", "0"], "--frames must be at least 1"),
-                          (["--tile", "0"], "--tile must be at least 1")):
+                          (["--tile", "0"], "--tile must be at least 1"),
+                          (["--steps", "1"], "--steps must be at least 2")):
         with pytest.raises(SystemExit):
             bench_gpu.main(argv)
         assert message in capsys.readouterr().err
@@ -372,3 +376,118 @@ def test_bench_context_runs_frame_counts_smallest_first():
     import bench_context
 
     assert bench_context.parse_args(["--frames", "64", "16", "32", "16"]).frames == [16, 32, 64]
+
+
+def test_the_step_median_leaves_out_the_warm_up_step_alone():
+    """Per-step time: the median of the steps after the first (the mean, all steps or two left out all differ)."""
+    from _measure import median_after_warmup
+
+    steps = [9.0, 1.0, 2.0, 6.0]  # median after the first 2; mean 3; median of all 4; after two left out 4
+    assert median_after_warmup(steps) == 2.0 and median_after_warmup([5.0]) == 5.0 and median_after_warmup([]) is None
+    assert bench_gpu.Run("Kinema", "none", steps=steps).median == 2.0
+    assert bench_gpu.Run("Kinema", "none", steps=[5.0]).median == 5.0
+
+
+def test_bench_gpu_run_peak_is_its_larger_phase_and_steps_are_the_gaps_between_callbacks(monkeypatch):
+    assert bench_gpu.Run("Kinema", "none", peak_sampling=3, peak_decode=5).peak == 5
+    assert bench_gpu.Run("Kinema", "none", peak_sampling=3).peak == 3
+    stamps = iter([10.0, 11.0, 13.0, 16.0])
+    monkeypatch.setattr(bench_gpu.time, "perf_counter", lambda: next(stamps))
+    clock = bench_gpu.StepClock(bench_gpu.Meter(torch.device("cpu")))
+    clock.start()
+    for _ in range(3):
+        clock.tick()
+    assert clock.steps() == [1.0, 2.0, 3.0]
+
+
+def test_bench_gpu_cpu_meter_resets_the_peak_mark_and_reports_bytes(monkeypatch):
+    resets = []
+    monkeypatch.setattr(bench_gpu, "reset_peak_rss", lambda: resets.append(True) or True)
+    monkeypatch.setattr(bench_gpu, "rss_kib", {"VmRSS": 3, "VmHWM": 5}.get)
+    meter = bench_gpu.Meter(torch.device("cpu"))
+    meter.reset()
+    assert resets == [True] and meter.now() == 3 * 1024 and meter.peak() == 5 * 1024
+
+
+def test_rss_kib_reads_kib():
+    from _measure import rss_kib
+
+    block = bytearray(64 * 1024 * 1024)
+    for i in range(0, len(block), 4096):  # touch every page: resident
+        block[i] = 1
+    kib = rss_kib("VmRSS")
+    if kib is None:
+        pytest.skip("no /proc/self/status")
+    assert kib >= len(block) // 1024
+
+
+def test_bench_gpu_report_rows_give_the_figures_of_each_run():
+    """TFLOP/s from Kinema's count and the run's median step, its fraction of --peak-tflops, GiB of 2**30, the
+    latents relative to diffusers plain's (not to another diffusers run, nor to the run's own)."""
+    from types import SimpleNamespace
+
+    args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--peak-tflops", "100"])
+    plain = torch.tensor([[1.0, -2.0]])
+    runs = [bench_gpu.Run("diffusers", "chunked", steps=[9.0, 2.0], latent=torch.tensor([[1.0, -2.5]])),
+            bench_gpu.Run("Kinema", "none", steps=[9.0, 2.0, 4.0, 3.0], sampling=6.0, decode=1.0, total=7.5,
+                          peak_sampling=2**30, peak_decode=3 * 2**29, start_memory=2**29,
+                          latent=torch.tensor([[1.0, -2.2]])),
+            bench_gpu.Run("diffusers", "plain", steps=[9.0, 4.0], latent=plain)]
+    res = {"workload": SimpleNamespace(title="t", weights_note="w"), "runs": runs,
+           "flops": {"Kinema": 6e14, "diffusers": 5e10}}
+    lines = bench_gpu.workload_report(res, args, bench_gpu.Meter(torch.device("cpu")))
+    assert "Kinema 600.00 TFLOP, diffusers 50.000 GFLOP" in "\n".join(lines)
+    assert "| Kinema | none | 3.000 | 6.00 | 1.00 | 7.50 | 1.00 | 1.50 | 1.50 | 0.50 | 200 | 2 | 1.0e-01 |" in lines
+    assert "| diffusers | plain | 4.000 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 150 | 1.5 | 0.0e+00 |" in lines
+
+
+def test_the_animatediff_summary_row_compares_the_sampling_peaks_and_gives_the_latent_difference():
+    import argparse
+
+    kinema = {"median": 1.0, "total": 30.0, "sampling_peak_rss_kib": 1024 * 300, "peak_rss_kib": 1024 * 900}
+    diffusers = {"median": 4.0, "total": 40.0, "sampling_peak_rss_kib": 1024 * 600, "peak_rss_kib": 1024 * 1000}
+    args = argparse.Namespace(motion="v2", frames=16, size=128, steps=10, scale="tiny")
+    (row,) = bench_all.summary_rows("animatediff-tiny", args, {"kinema": kinema, "diffusers": diffusers, "rel": 2e-6})
+    assert row.startswith("| AnimateDiff | tiny | v2, 16 frames 128x128, 10 steps |")
+    assert row.endswith("| 300 | 600 | 0.50 | 2.0e-06 |")
+    del kinema["sampling_peak_rss_kib"]  # one run without the sampling peak: both sides' whole-process peaks
+    (row,) = bench_all.summary_rows("animatediff-tiny", args, {"kinema": kinema, "diffusers": diffusers, "rel": 2e-6})
+    assert row.endswith("| 900 | 1000 | 0.90 | 2.0e-06 |")
+
+
+def test_bench_all_report_exits_1_when_a_section_failed_whatever_the_context_verdict(monkeypatch):
+    import bench_context
+
+    monkeypatch.setattr(bench_context, "report", lambda args, plan, res: ["command", "", "table"])
+    outcomes = {"svd-tiny": (None, None, "svd-tiny failed (exit 1):"),
+                "context": (None, {"flat": False, "threads": 2}, None)}
+    lines, status = bench_all.build_report([], bench_all.PLANS["quick"], outcomes, 60.0)
+    assert status == 1 and "| svd-tiny | | failed: svd-tiny failed (exit 1): | | | | | | | | | | |" in lines
+    _, status = bench_all.build_report([], bench_all.PLANS["quick"], {"context": outcomes["context"]}, 60.0)
+    assert status == 2  # memory not flat under context windows
+
+
+def test_bench_all_gives_each_section_its_plan_threads_and_repeat(monkeypatch, capsys):
+    pytest.importorskip("diffusers")
+    seen = {}
+
+    def run_section(section, argv):
+        seen[section] = argv
+        return None, None, "not run"
+
+    monkeypatch.setattr(bench_all, "run_section", run_section)
+    monkeypatch.setattr(bench_all, "build_report", lambda argv, plan, outcomes, seconds: (["report"], 1))
+    assert bench_all.main(["--quick", "--threads", "3", "--repeat", "2", "--sections", "svd-tiny", "context"]) == 1
+    assert seen == {"svd-tiny": [*bench_all.PLANS["quick"]["svd-tiny"], "--threads", "3", "--repeat", "2"],
+                    "context": [*bench_all.PLANS["quick"]["context"], "--threads", "3"]}
+    bench_all.main(["--threads", "1", "--sections", "animatediff-tiny"])
+    assert seen["animatediff-tiny"] == [*bench_all.PLANS["full"]["animatediff-tiny"], "--threads", "1"]
+
+
+def test_estimate_vram_report_gives_gib_and_the_largest_phase():
+    import estimate_vram as ev
+
+    phases = {p.name: {"encode": 2**30, "sample": 3 * 2**30, "decode": 7 * 2**29} for p in ev.POLICIES}
+    lines = ev.report([ev.Workload("t", {"UNet": 2**31}, phases)], [], 1.0)
+    assert "Weights: UNet 2.00 GiB." in lines
+    assert "| Kinema model | default | 1.00 | 3.00 | 3.50 | 3.50 |" in lines
