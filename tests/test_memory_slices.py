@@ -88,17 +88,21 @@ def test_motion_model_in_slices_gives_the_same_noise(monkeypatch, chunk):
 
 
 def test_motion_model_with_attention_chunks_gives_the_same_noise():
-    """attn_chunk splits the spatial attention's queries and the motion modules' pixel positions: same result."""
+    """attn_chunk splits the spatial attention's queries and the motion modules' pixel positions: same result.
+    It caps the positions a motion module takes at once, far below ``ROW_SLICE_BYTES``'s bound."""
     model = motion_model("v2")
     frames = 4
     g = torch.Generator().manual_seed(5)
     x = torch.randn(frames, 4, 8, 8, generator=g)
     ctx = torch.randn(1, 77, 64, generator=g).repeat_interleave(frames, dim=0)
     t = torch.full((frames,), 400.0)
+    module = next(m for m in model.motion.modules() if type(m).__name__ == "TemporalTransformer")
     with torch.no_grad():
         whole = model(x, t, ctx, frames)
-        chunked = model(x, t, ctx, frames, attn_chunk=5)
+        with _count_calls(module.proj_in) as calls:
+            chunked = model(x, t, ctx, frames, attn_chunk=5)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 13  # the first module's 64 positions, 5 at a time
 
 
 def test_svd_unet_in_slices_gives_the_same_output(monkeypatch):
@@ -170,20 +174,6 @@ def test_feed_forward_narrower_budget_than_one_token_runs_a_token_at_a_time(monk
             sliced = ff(x)
     assert len(calls) == 6
     torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6)
-
-
-def test_attention_chunk_caps_the_pixel_positions_of_a_motion_module_slice():
-    """attn_chunk caps the positions a motion module takes at once, far below ``ROW_SLICE_BYTES``'s bound."""
-    model = motion_model("v2")
-    frames = 4
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(frames, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 64, generator=g).repeat_interleave(frames, dim=0)
-    t = torch.full((frames,), 400.0)
-    module = next(m for m in model.motion.modules() if type(m).__name__ == "TemporalTransformer")
-    with torch.no_grad(), _count_calls(module.proj_in) as calls:
-        model(x, t, ctx, frames, attn_chunk=5)
-    assert len(calls) == 13  # its 64 positions, 5 at a time
 
 
 def test_attention_chunk_caps_the_pixel_positions_of_an_svd_temporal_block_slice():
