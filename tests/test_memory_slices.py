@@ -46,16 +46,20 @@ def test_row_step_and_by_rows(monkeypatch):
     assert firsts == [0, 3, 6, 9]
 
 
-def test_feed_forward_in_slices_of_tokens(monkeypatch):
+@pytest.mark.parametrize("tokens, budget, n_calls", [
+    ((3, 50), 128 * 4 * 7, 22),  # 7 tokens of the 128-wide GEGLU projection: 150 tokens, 7 at a time
+    ((2, 3), 1, 6),  # less than one token's projection: still one token at a time
+], ids=["7 tokens", "under one token"])
+def test_feed_forward_in_slices_of_tokens(monkeypatch, tokens, budget, n_calls):
     torch.manual_seed(0)
     ff = FeedForward(16).eval()
-    x = torch.randn(3, 50, 16)
+    x = torch.randn(*tokens, 16)
     with torch.no_grad():
         whole = ff(x)
-        monkeypatch.setattr(layers, "FF_SLICE_BYTES", 128 * 4 * 7)  # 7 tokens of the 128-wide GEGLU projection
+        monkeypatch.setattr(layers, "FF_SLICE_BYTES", budget)
         with _count_calls(ff.net[0]) as calls:
             sliced = ff(x)
-    assert len(calls) == 22  # 150 tokens, 7 at a time
+    assert len(calls) == n_calls
     assert sliced.shape == whole.shape and torch.allclose(sliced, whole, atol=1e-6)
 
 
@@ -161,19 +165,6 @@ def test_temporal_decoder_in_slices_of_groups_is_unchanged(monkeypatch):
         monkeypatch.setattr(vae, "GN_FP32_SLICE_BYTES", 4096)
         sliced = model.decode(z, 3).float()
     torch.testing.assert_close(sliced, whole, rtol=0, atol=2e-3)
-
-
-def test_feed_forward_narrower_budget_than_one_token_runs_a_token_at_a_time(monkeypatch):
-    torch.manual_seed(0)
-    ff = FeedForward(16).eval()
-    x = torch.randn(2, 3, 16)
-    with torch.no_grad():
-        whole = ff(x)
-        monkeypatch.setattr(layers, "FF_SLICE_BYTES", 1)  # less than one token's projection: still one token
-        with _count_calls(ff.net[0]) as calls:
-            sliced = ff(x)
-    assert len(calls) == 6
-    torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-6)
 
 
 def test_attention_chunk_caps_the_pixel_positions_of_an_svd_temporal_block_slice():
