@@ -710,3 +710,73 @@ def test_demo_files_carry_their_seed_and_dtype_and_are_rewritten_when_they_diffe
     assert not demo._is_current(path, {**meta, "dtype": "torch.float16"})
     (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
     assert not demo._is_current(path, meta)
+
+
+#: what the demo files of each DEMO_VERSION hold: per file, a hash of its tensors' names, shapes and dtypes, and a sum
+#: of each tensor's mean and RMS weighted by its name (``_demo_fingerprint``)
+DEMO_FINGERPRINTS = {"4": {
+    "animatediff_models/kinema_demo_mm_v1.safetensors": ("8dbb6ce11b681cfe", 362.94810576575156),
+    "animatediff_models/kinema_demo_mm_v2.safetensors": ("a302174c3ea2e9bf", 381.4646278895505),
+    "animatediff_models/kinema_demo_mm_v3.safetensors": ("3074d252729025a7", 361.48259168345845),
+    "animatediff_motion_lora/kinema_demo_motion_lora_v2.safetensors": ("0c24bb67e910c299", 46.80074101817469),
+    "checkpoints/kinema_demo_sd15.safetensors": ("0d666b84a31c9555", 561.3066635624709),
+    "checkpoints/kinema_demo_svd.safetensors": ("b1e852c0ff14f878", 1130.8872373244722),
+    "checkpoints/kinema_demo_svd_xt.safetensors": ("b1e852c0ff14f878", 1130.8872373244722),
+    "clip_vision/kinema_demo_clip_vision.safetensors": ("296aafbb281c0432", 20.285737283258815),
+    "controlnet/kinema_demo_controlnet_depth.safetensors": ("8e9cefbebe614df2", 169.45993507156453),
+    "depth_models/kinema_demo_dpt/model.safetensors": ("1f0dfbe697c0f1df", 41.81233999184825),
+    "ipadapter/kinema_demo_ip_adapter_sd15.safetensors": ("a369b4d8ad2cee5b", 9.831700941962172),
+    "loras/kinema_demo_lora_sd15.safetensors": ("aed92ac4831ffaa9", 1545.6941934122303),
+    "loras/kinema_demo_v3_adapter.safetensors": ("06386bc548e1c705", 35.334440997276175),
+}}
+
+
+def _demo_fingerprint(path: str) -> tuple[str, float]:
+    import hashlib
+    import zlib
+
+    from safetensors import safe_open
+
+    names, value = [], 0.0
+    with safe_open(path, framework="pt") as f:
+        for key in sorted(f.keys()):
+            t = f.get_tensor(key).double()
+            names.append(f"{key}:{tuple(t.shape)}:{f.get_slice(key).get_dtype()}")
+            weight = 1 + (zlib.crc32(key.encode()) % 1000) / 1000
+            value += weight * (t.mean().item() + t.square().mean().sqrt().item())
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16], value
+
+
+def test_demo_tensors_change_only_with_the_demo_version(demo_models_dir):
+    """Users keep the demo files of a DEMO_VERSION cached and only rewrite them when it changes: a change to what the
+    demo files hold (names, shapes, values, the depth model's folder) must come with a new DEMO_VERSION. On a
+    failure, bump ``models.demo.DEMO_VERSION`` and record the new fingerprints here."""
+    from kinema.models import demo
+
+    assert demo.DEMO_VERSION in DEMO_FINGERPRINTS, f"record the fingerprints of DEMO_VERSION {demo.DEMO_VERSION}"
+    expected = DEMO_FINGERPRINTS[demo.DEMO_VERSION]
+    found = {}
+    for folder, _, files in os.walk(demo_models_dir):
+        for name in files:
+            if name.endswith(".safetensors"):
+                path = os.path.join(folder, name)
+                found[os.path.relpath(path, demo_models_dir).replace(os.sep, "/")] = _demo_fingerprint(path)
+    assert sorted(found) == sorted(expected)
+    for name, (names_hash, value) in expected.items():
+        assert found[name][0] == names_hash, name
+        assert found[name][1] == pytest.approx(value, rel=1e-6), name  # ulps of randn differ between CPUs
+    folder = os.path.join(demo_models_dir, "depth_models", demo.DEMO_DEPTH)
+    with open(os.path.join(folder, "preprocessor_config.json"), encoding="utf-8") as f:
+        assert json.load(f) == {
+            "do_normalize": True, "do_rescale": True, "do_resize": True, "ensure_multiple_of": 1,
+            "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "DPTImageProcessor", "image_std": [0.5, 0.5, 0.5],
+            "keep_aspect_ratio": False, "resample": 3, "rescale_factor": 1 / 255, "size": {"height": 64, "width": 64},
+        }
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert {k: config[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                   "image_size", "patch_size", "backbone_out_indices", "neck_hidden_sizes",
+                                   "fusion_hidden_size", "architectures")} == {
+        "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64,
+        "image_size": 64, "patch_size": 16, "backbone_out_indices": [0, 1, 2, 3], "neck_hidden_sizes": [8, 16, 32, 32],
+        "fusion_hidden_size": 16, "architectures": ["DPTForDepthEstimation"]}
