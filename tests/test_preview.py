@@ -35,6 +35,11 @@ def test_contact_sheet_refuses_what_is_not_a_video_latent():
         contact_sheet(torch.zeros(1, 4, 2, 3, 3))
 
 
+def test_contact_sheet_shows_one_frame_at_least():
+    x0 = _video(5)
+    assert torch.equal(contact_sheet(x0, frames=0), x0[:1])
+
+
 def test_a_failing_previewer_is_logged_once_and_sampling_goes_on(caplog):
     from kinema.nodes import host
 

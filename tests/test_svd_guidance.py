@@ -208,6 +208,7 @@ def test_the_cpu_allocators_error_is_out_of_memory():
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
                        "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
     assert memory.is_out_of_memory(cpu) and not memory.is_out_of_memory(RuntimeError("shape mismatch"))
+    assert not memory.is_out_of_memory(ValueError("out of memory"))  # an allocator raises a RuntimeError
     with pytest.raises(RuntimeError, match="DefaultCPUAllocator"), damaged_file("sd15.safetensors", "a model"):
         raise cpu  # not "damaged: download it again"
     with pytest.raises(KinemaError, match="is damaged"), damaged_file("sd15.safetensors", "a model"):
