@@ -423,7 +423,7 @@ def build_svd(sc: Scale, args, dtype, vae_dtype, gen_device) -> Workload:
     vae_cfg = replace(infer_temporal_vae_config(vae_sd), quant_conv=True)
     vae = checkpoint.build_on_meta(lambda: TemporalAutoencoder(vae_cfg), vae_sd, vae_dtype, "VAE", name)
     encoder = load_image_encoder(vision_sd, None, dtype, name)
-    model = svd_model.SVDModel(unet=unet, variant="svd_xt", cfg_mode="linear", name=name)
+    model = svd_model.SVDModel(unet=unet, variant="svd_xt", cfg_mode="linear", min_cfg=SVD_MIN_CFG, name=name)
     big = torch.from_numpy(demo_image()).float().div(255)[None]
     image_u8 = (svd_model.fit_image(big, width, height)[0] * 255).round().to(torch.uint8)
     return Workload(

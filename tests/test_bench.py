@@ -1,6 +1,7 @@
 """The benchmark scripts (bench/): their plans parse, and the GPU bench's CPU smoke mode runs."""
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -491,3 +492,335 @@ def test_estimate_vram_report_gives_gib_and_the_largest_phase():
     lines = ev.report([ev.Workload("t", {"UNet": 2**31}, phases)], [], 1.0)
     assert "Weights: UNet 2.00 GiB." in lines
     assert "| Kinema model | default | 1.00 | 3.00 | 3.50 | 3.50 |" in lines
+
+
+# -- the model-running halves: both sides given the same video, the options reaching the engine --------------------
+
+def _in_process_children(monkeypatch, module):
+    """``module.run_child`` replaced by the child's ``main`` in this process (torch's thread count restored): the
+    command lines the parent built, in order."""
+    cmds = []
+
+    def run_child(cmd, threads, what):
+        cmds.append(cmd)
+        before = torch.get_num_threads()
+        try:
+            assert module.main(cmd[2:]) == 0, what
+        finally:
+            torch.set_num_threads(before)
+
+    monkeypatch.setattr(module, "run_child", run_child)
+    return cmds
+
+
+def _child_args(module, cmd):
+    return vars(module.parse_args(cmd[2:]))
+
+
+def test_bench_animatediff_children_sample_the_same_video_with_the_options_given(monkeypatch):
+    """Kinema and diffusers on the same noise, prompts, cfg, seed and schedule: the final latents agree in fp32 (4
+    steps: identical schedules), each child got the parent's options, and every step was timed."""
+    pytest.importorskip("diffusers")
+    import bench_animatediff
+    from _measure import reset_peak_rss
+
+    cmds = _in_process_children(monkeypatch, bench_animatediff)
+    args = bench_animatediff.parse_args(["--frames", "2", "--steps", "4", "--size", "64", "--threads", "1",
+                                         "--cfg", "5.0", "--seed", "3", "--motion", "v3"])
+    res = bench_animatediff.collect(args)
+    assert [_child_args(bench_animatediff, c)["child"] for c in cmds] == ["kinema", "diffusers"]
+    for cmd in cmds:
+        child = _child_args(bench_animatediff, cmd)
+        assert {k: child[k] for k in ("frames", "steps", "size", "cfg", "seed", "motion", "scale", "threads")} == {
+            k: vars(args)[k] for k in ("frames", "steps", "size", "cfg", "seed", "motion", "scale", "threads")}
+    k, d = res["kinema"], res["diffusers"]
+    assert k["latent"].shape == d["latent"].shape == (2, 4, 8, 8)
+    assert res["rel"] < 1e-4, res["rel"]
+    assert res["rel"] == pytest.approx(float((k["latent"] - d["latent"]).abs().max() / d["latent"].abs().max()))
+    assert float(k["latent"].abs().max()) > 0.01  # in the sampler's scaled space, as diffusers' latents
+    for run in (k, d):
+        assert len(run["steps"]) == args.steps and run["steps"][0] > 0
+        assert (run["sampling_peak_rss_kib"] is not None) == reset_peak_rss()
+
+
+def test_bench_svd_configurations_make_the_same_video_with_their_own_memory_settings(monkeypatch):
+    """The four configurations sample the same latents as diffusers' (fp32: ~1e-5), each child gets the parent's
+    options, and each low-mem setting reaches its engine: Kinema cond/uncond apart with attention chunks, diffusers'
+    feed-forward chunking, each side decoding its own chunk of frames."""
+    pytest.importorskip("diffusers")
+    import bench_svd
+    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+    from kinema.models import pipelines, vae
+
+    cmds = _in_process_children(monkeypatch, bench_svd)
+    seen = []
+    sample, decode = pipelines.sample_img2vid, vae.decode_frames
+
+    def spy_sample(model, cond, uncond, latent, opts, **kw):
+        seen.append(("sample", model.cfg_mode, model.min_cfg, opts.cfg, opts.batch_cond, opts.attn_chunk,
+                     opts.scheduler, opts.seed, opts.steps))
+        return sample(model, cond, uncond, latent, opts, **kw)
+
+    def spy_decode(model, latent, chunk=None, **kw):
+        seen.append(("kinema decode", chunk))
+        return decode(model, latent, chunk=chunk, **kw)
+
+    d_decode = StableVideoDiffusionPipeline.decode_latents
+    d_chunking = UNetSpatioTemporalConditionModel.enable_forward_chunking
+
+    def spy_d_decode(self, latents, num_frames, decode_chunk_size=14):
+        seen.append(("diffusers decode", decode_chunk_size))
+        return d_decode(self, latents, num_frames, decode_chunk_size=decode_chunk_size)
+
+    def spy_chunking(self, *a, **kw):
+        seen.append(("forward chunking",))
+        return d_chunking(self, *a, **kw)
+
+    monkeypatch.setattr(pipelines, "sample_img2vid", spy_sample)
+    monkeypatch.setattr(vae, "decode_frames", spy_decode)
+    monkeypatch.setattr(StableVideoDiffusionPipeline, "decode_latents", spy_d_decode)
+    monkeypatch.setattr(UNetSpatioTemporalConditionModel, "enable_forward_chunking", spy_chunking)
+    args = bench_svd.parse_args(["--frames", "2", "--steps", "2", "--width", "64", "--height", "64", "--threads", "1",
+                                 "--seed", "5", "--low-decode-chunk", "1", "--attn-chunk", "16"])
+    res = bench_svd.collect(args)
+    names = ["kinema", "kinema low-mem", "diffusers", "diffusers low-mem"]
+    assert [_child_args(bench_svd, c)["child"] for c in cmds[1:]] == names
+    keys = ("frames", "steps", "width", "height", "seed", "threads", "decode_chunk", "low_decode_chunk", "attn_chunk",
+            "scale")
+    for cmd in cmds[1:]:
+        assert {k: _child_args(bench_svd, cmd)[k] for k in keys} == {k: vars(args)[k] for k in keys}
+    common = ("linear", bench_svd.MIN_CFG, bench_svd.MAX_CFG)
+    assert seen == [("sample", *common, True, 0, "karras", 5, 2), ("kinema decode", 2),
+                    ("sample", *common, False, 16, "karras", 5, 2), ("kinema decode", 1),
+                    ("diffusers decode", 2), ("forward chunking",), ("diffusers decode", 1)]
+    assert {n: r["decode_chunk"] for n, r in res["results"].items()} == dict(zip(names, [2, 1, 2, 1]))
+    for name in names:
+        assert res["latent_diff"][name] < 1e-4, res["latent_diff"]
+        assert len(res["results"][name]["steps"]) == args.steps
+    assert set(res["latent_diff_pair"]) == {"kinema", "kinema low-mem"}
+    assert max(res["latent_diff_pair"].values()) < 1e-4 and res["latent_diff"]["diffusers"] == 0.0
+
+
+def test_bench_svd_latent_differences_are_relative_to_each_pairs_diffusers_run(monkeypatch):
+    """latent_diff: max |x - diffusers| / max |diffusers|; the pair's: against the diffusers run it is paired with."""
+    import bench_svd
+
+    latents = {"kinema": torch.tensor([1.0, -4.0]), "kinema low-mem": torch.tensor([2.0, -4.0]),
+               "diffusers": torch.tensor([1.0, -2.0]), "diffusers low-mem": torch.tensor([2.0, -5.0])}
+
+    def run_child(cmd, threads, what):
+        if "--child" not in cmd:
+            return
+        name = cmd[cmd.index("--child") + 1]
+        torch.save(latents[name], cmd[cmd.index("--latent-out") + 1])
+        with open(cmd[cmd.index("--result") + 1], "w") as f:
+            f.write('{"median": 1.0, "total": 2.0, "threads": 1}')
+
+    monkeypatch.setattr(bench_svd, "run_child", run_child)
+    res = bench_svd.collect(bench_svd.parse_args(["--threads", "1"]))
+    assert res["latent_diff"] == {"kinema": 1.0, "kinema low-mem": 1.0, "diffusers": 0.0, "diffusers low-mem": 1.5}
+    assert res["latent_diff_pair"] == {"kinema": 1.0, "kinema low-mem": 0.2}
+
+
+def test_bench_context_child_samples_the_frames_asked_with_the_context_options(monkeypatch, tmp_path):
+    """The child samples ``--child-frames`` frames with CONTEXT's windows and counts the windows run; the parent
+    reads the last run against the first: time per window and the sampling peak (the whole-process one only
+    without it)."""
+    import json
+
+    import bench_context
+    from kinema.models import pipelines
+    from kinema.models.context import ContextOptions
+
+    seen = []
+
+    def fake_sample(model, positive, negative, latent, opts, on_window=None, **kw):
+        seen.append((tuple(latent.shape), opts.context, opts.steps, opts.cfg))
+        for _ in range(3):
+            on_window()
+        return latent
+
+    monkeypatch.setattr(pipelines, "sample_video", fake_sample)
+    result = tmp_path / "r.json"
+    before = torch.get_num_threads()
+    try:
+        bench_context.main(["--child-frames", "20", "--result", str(result), "--steps", "2", "--size", "64",
+                            "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [((20, 4, 8, 8), ContextOptions(**bench_context.CONTEXT), 2, 7.5)]
+    assert json.loads(result.read_text())["windows"] == 3 and json.loads(result.read_text())["frames"] == 20
+
+    fake = {16: {"frames": 16, "windows": 4, "total": 8.0, "sampling_peak_rss_kib": 100, "peak_rss_kib": 1000,
+                 "threads": 1},
+            64: {"frames": 64, "windows": 16, "total": 64.0, "sampling_peak_rss_kib": 150, "peak_rss_kib": 1100,
+                 "threads": 1}}
+    cmds = []
+
+    def run_child(cmd, threads, what):
+        cmds.append(cmd)
+        frames = int(cmd[cmd.index("--child-frames") + 1])
+        with open(cmd[cmd.index("--result") + 1], "w") as f:
+            json.dump(fake[frames], f)
+
+    monkeypatch.setattr(bench_context, "run_child", run_child)
+    args = bench_context.parse_args(["--frames", "64", "16", "--steps", "2", "--size", "64", "--threads", "1"])
+    res = bench_context.collect(args)
+    assert [bench_context.parse_args(c[2:]).steps for c in cmds] == [2, 2]
+    assert res["per_window_ratio"] == 2.0 and res["peak_ratio"] == 1.5 and res["flat"] is False
+    fake[64]["sampling_peak_rss_kib"] = 120
+    assert bench_context.collect(args)["flat"] is True  # 1.2x: within the target
+
+
+def test_bench_gen1_gives_each_configuration_its_guidance_and_times_steps_after_the_warm_up(monkeypatch, capsys):
+    """Each Kinema configuration samples with its temporal guidance, ControlNet and IP-Adapter (and the cfg asked),
+    diffusers' ControlNet row with the ControlNet pipeline and the hints; the table's median leaves out each run's
+    warm-up step and the ratio is Kinema / diffusers."""
+    pytest.importorskip("diffusers")
+    import bench_gen1
+    from diffusers import AnimateDiffControlNetPipeline, AnimateDiffPipeline
+    from kinema.models import pipelines
+
+    seen = {}
+
+    def fake_sample(model, positive, negative, latent, opts, callback=None, **kw):
+        seen.setdefault("kinema", []).append((model.temporal_scale, len(model.controls), len(model.contents),
+                                              opts.cfg, opts.seed, opts.steps))
+
+    def fake_pipe(name):
+        def call(self, **kw):
+            seen.setdefault(name, []).append((kw["guidance_scale"], kw["num_inference_steps"],
+                                              len(kw.get("conditioning_frames") or ())))
+        return call
+
+    monkeypatch.setattr(pipelines, "sample_video", fake_sample)
+    monkeypatch.setattr(AnimateDiffPipeline, "__call__", fake_pipe("plain"))
+    monkeypatch.setattr(AnimateDiffControlNetPipeline, "__call__", fake_pipe("controlnet"))
+    args = SimpleNamespace(frames=2, size=32, steps=3, cfg=5.0, seed=4)
+    runs = bench_gen1.build(args)
+    for run in runs.values():
+        run(lambda: None)
+    assert dict(zip([name for impl, name in runs if impl == "Kinema"], seen["kinema"])) == {
+        "plain": (1.0, 0, 0, 5.0, 4, 3), "temporal guidance (w_t 1.5)": (1.5, 0, 0, 5.0, 4, 3),
+        "ControlNet": (1.0, 1, 0, 5.0, 4, 3), "ControlNet + temporal guidance": (1.5, 1, 0, 5.0, 4, 3),
+        "IP-Adapter": (1.0, 0, 1, 5.0, 4, 3), "ControlNet + IP-Adapter + temporal guidance": (1.5, 1, 1, 5.0, 4, 3)}
+    assert seen["plain"] == [(5.0, 3, 0)] and seen["controlnet"] == [(5.0, 3, 2)]
+
+    clock = [0.0]
+    step_times = {"Kinema": [9.0, 1.0, 2.0], "diffusers": [9.0, 4.0, 4.0]}  # medians after the warm-up: 1.5, 4
+
+    def fake_build(args):
+        def run(impl):
+            def go(on_step):
+                for dt in step_times[impl]:
+                    clock[0] += dt
+                    on_step()
+            return go
+        return {(impl, name): run(impl) for impl, name in [("Kinema", "plain"), ("Kinema", "ControlNet"),
+                                                             ("diffusers", "plain"), ("diffusers", "ControlNet")]}
+
+    monkeypatch.setattr(bench_gen1, "build", fake_build)
+    monkeypatch.setattr(bench_gen1.time, "perf_counter", lambda: clock[0])
+    before = torch.get_num_threads()
+    try:
+        assert bench_gen1.main(["--repeat", "1", "--threads", str(before)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "| Kinema | plain | 1.500 | 1.00 |" in out and "| diffusers | ControlNet | 4.000 | 1.00 |" in out
+    assert "Kinema / diffusers, step time: plain 0.38, ControlNet 0.38." in out
+
+
+@pytest.mark.parametrize("model", ["animatediff", "svd"])
+def test_profile_step_times_kinema_and_diffusers_on_the_same_call(model):
+    """The two profiled calls compute the same thing (same weights, inputs, timestep, context): Kinema's noise
+    prediction equals diffusers' in fp32."""
+    pytest.importorskip("diffusers")
+    import profile_step
+
+    args = SimpleNamespace(scale="tiny", frames=2, size=32, no_diffusers=False)
+    _, calls, _ = (profile_step.svd_calls if model == "svd" else profile_step.animatediff_calls)(args)
+    with torch.no_grad():
+        ours, theirs = calls["Kinema"](), calls["diffusers"]()
+    theirs = theirs.flatten(0, 1) if model == "svd" else theirs.transpose(1, 2).flatten(0, 1)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_profile_step_ratio_column_is_kinema_over_diffusers(monkeypatch, capsys):
+    pytest.importorskip("diffusers")
+    import profile_step
+
+    monkeypatch.setattr(profile_step, "fastest", lambda calls, repeat: {n: 2.0 if n == "Kinema" else 8.0
+                                                                         for n in calls})
+    before = torch.get_num_threads()
+    try:
+        profile_step.main(["--model", "animatediff", "--scale", "tiny", "--frames", "2", "--size", "32", "--repeat",
+                           "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    assert "| one call (s) | 2.000 | 8.000 | 0.25 |" in capsys.readouterr().out
+
+
+def test_bench_gpu_policies_give_the_engine_their_offload_options():
+    args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--resident", "3", "--attn-chunk", "16"])
+    opts = {p: bench_gpu.policy_options(p, args, torch.device("cpu")) for p in bench_gpu.POLICIES}
+    assert {p: o.mode for p, o in opts.items()} == {"none": "none", "compiled": "none", "model": "model",
+                                                    "block": "block", "block-chunk": "block",
+                                                    "block-compiled": "block"}
+    assert {p: o.attn_chunk for p, o in opts.items()} == {p: 16 if p == "block-chunk" else 0 for p in opts}
+    assert {(o.device, o.storage, o.resident) for o in opts.values()} == {("cpu", "cpu", 3)}
+
+
+@pytest.mark.parametrize("model", ["animatediff", "svd"])
+def test_bench_gpu_kinema_and_diffusers_make_the_same_latents_in_fp32(model, capsys, monkeypatch):
+    """On the CPU in fp32 every row's latents match diffusers plain's (the same video: seeds, noise, cfg,
+    schedule and conditioning alike on both sides); block-chunk decodes in Kinema's tiles, diffusers chunked with
+    its feed-forward chunking and (AnimateDiff) the same tiles, LOW_DECODE_CHUNK frames a call."""
+    pytest.importorskip("diffusers")
+    from diffusers import AnimateDiffPipeline, StableVideoDiffusionPipeline
+    from kinema.models import vae
+
+    decodes = []
+    decode = vae.decode_frames
+
+    def spy_decode(model_, latent, chunk=None, tiles=None, **kw):
+        decodes.append(("Kinema", tiles))
+        return decode(model_, latent, chunk=chunk, tiles=tiles, **kw)
+
+    pipe_cls = AnimateDiffPipeline if model == "animatediff" else StableVideoDiffusionPipeline
+    d_decode = pipe_cls.decode_latents
+
+    def spy_d_decode(self, latents, *a, **kw):
+        chunking = {getattr(m, "_chunk_size", None) for m in self.unet.modules() if hasattr(m, "_chunk_size")}
+        tiling = (getattr(self.vae, "use_tiling", None), getattr(self.vae, "tile_sample_min_size", None),
+                  getattr(self.vae, "tile_overlap_factor", None))
+        decodes.append(("diffusers", chunking, tiling, a, kw))
+        return d_decode(self, latents, *a, **kw)
+
+    monkeypatch.setattr(vae, "decode_frames", spy_decode)
+    monkeypatch.setattr(pipe_cls, "decode_latents", spy_d_decode)
+    argv = ["--device", "cpu", "--scale", "tiny", "--models", model, "--policies", "none", "block-chunk",
+            "--diffusers", "plain", "chunked", "--frames", "2", "--steps", "4", "--dtype", "fp32", "--tile", "32",
+            "--tile-overlap", "8"]
+    assert bench_gpu.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip() for line in out.splitlines()
+            if line.startswith(("| Kinema |", "| diffusers |"))}
+    assert set(rows) == {("Kinema", "none"), ("Kinema", "block-chunk"), ("diffusers", "plain"),
+                         ("diffusers", "chunked")}
+    # 4 steps: AnimateDiff's schedules are the same only where steps - 1 divides 999 (bench/README.md); with 2, SVD's
+    # Euler step from sigma 700 to 0.002 cancels two float32 terms of ~700 (ulp 6e-5), and the two implementations'
+    # roundings of it leave their latents 2.5e-4 apart (the image conditioning agrees to 3e-7)
+    assert all(float(v) < 1e-4 for v in rows.values()), rows
+    from kinema.models.tiling import TileOptions
+
+    kinema = [d[1] for d in decodes if d[0] == "Kinema"]
+    assert kinema[-2:] == [TileOptions(), TileOptions(4, 1)]  # the none row's decode, then block-chunk's in tiles
+    plain, chunked = [d for d in decodes if d[0] == "diffusers"][-2:]
+    assert plain[1] <= {None} and chunked[1] == {1}  # feed-forward chunks of 1 (enable_forward_chunking's default)
+    if model == "animatediff":
+        assert plain[2][0] is False and chunked[2] == (True, 32, 0.25)
+        assert chunked[3] == (bench_gpu.LOW_DECODE_CHUNK,)
+    else:
+        assert chunked[4] == {"decode_chunk_size": bench_gpu.LOW_DECODE_CHUNK}
