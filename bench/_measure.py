@@ -114,3 +114,16 @@ def median_after_warmup(steps: list[float]) -> float | None:
 def command_line(script: str, argv: list[str]) -> str:
     """How the benchmark was run, as a shell command from the repository root."""
     return "python " + " ".join(shlex.quote(a) for a in [script, *argv])
+
+
+#: why Kinema's and diffusers' AnimateDiff latents differ slightly at a step count where ``integer_schedule`` is False
+SCHEDULE_NOTE = ("with this step count the schedules differ slightly: ComfyUI's normal schedule rounds the timestep "
+                 "given to the UNet and interpolates log sigma, diffusers' linspace spacing gives fractional "
+                 "timesteps and interpolates sigma; steps with (steps - 1) dividing 999, e.g. 4 or 10, give identical "
+                 "schedules")
+
+
+def integer_schedule(steps: int) -> bool:
+    """ComfyUI's normal schedule and diffusers' linspace spacing give the same timesteps (``steps - 1`` divides
+    999)."""
+    return steps == 1 or 999 % (steps - 1) == 0

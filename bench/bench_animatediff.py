@@ -34,10 +34,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
+    SCHEDULE_NOTE,
     BenchError,
     check_at_least,
     command_line,
     cpu_name,
+    integer_schedule,
     median_after_warmup,
     mib,
     process_peak_rss_kib,
@@ -167,11 +169,6 @@ def collect(args) -> dict:
     return {"kinema": k, "diffusers": d, "rel": rel, "threads": k["threads"]}
 
 
-def integer_schedule(steps: int) -> bool:
-    """Both schedulers give the same timesteps (``steps - 1`` divides 999)."""
-    return steps == 1 or 999 % (steps - 1) == 0
-
-
 def report(args, argv: list[str], res: dict) -> list[str]:
     """The markdown report of ``collect``'s results."""
     import diffusers
@@ -210,11 +207,7 @@ def report(args, argv: list[str], res: dict) -> list[str]:
         ("Step times (s): Kinema " + ", ".join(f"{s:.3f}" for s in k["steps"])
          + "; diffusers " + ", ".join(f"{s:.3f}" for s in d["steps"]) + "."),
         (f"Final latents: max |Kinema - diffusers| / max |diffusers| = {rel:.2e}"
-         + ("." if integer_schedule(args.steps) else
-            " (with this step count the schedules differ slightly: ComfyUI's normal schedule rounds the timestep "
-            "given to the UNet and interpolates log sigma, diffusers' linspace spacing gives fractional timesteps "
-            "and interpolates sigma; steps with (steps - 1) dividing 999, e.g. 4 or 10, give identical "
-            "schedules).")),
+         + ("." if integer_schedule(args.steps) else f" ({SCHEDULE_NOTE}).")),
     ]
     return lines
 

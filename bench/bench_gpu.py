@@ -58,9 +58,11 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
+    SCHEDULE_NOTE,
     check_at_least,
     command_line,
     cpu_name,
+    integer_schedule,
     register_pack,
     reset_peak_rss,
     rss_kib,
@@ -890,6 +892,8 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
             f"| {r.impl} | {r.config} | {_s(r.median, '.3f')} | {_s(r.sampling)} | {_s(r.decode)} | {_s(r.total)} "
             f"| {_gib(r.peak_sampling)} | {_gib(r.peak_decode)} | {_gib(r.peak)} | {_gib(r.start_memory)} "
             f"| {_s(rate, '.3g')} | {_s(rate and rate / args.peak_tflops, '.3g')} | {_s(diff, '.1e')} |")
+    if w.kind == "animatediff" and ref is not None and not integer_schedule(w.steps):
+        lines += ["", f"Latents vs diffusers plain: {SCHEDULE_NOTE}."]
     for impl, rows in res.get("profile", {}).items():
         where = "kernels by device time" if meter.cuda else "operators by self CPU time"
         title = (f"{impl}, one UNet call of the warm-up step under torch.profiler: the {len(rows)} first {where} "

@@ -422,11 +422,12 @@ def test_rss_kib_reads_kib():
     assert kib >= len(block) // 1024
 
 
-def test_bench_gpu_report_rows_give_the_figures_of_each_run():
+@pytest.mark.parametrize("kind, steps, schedules_differ", [("animatediff", 20, True), ("animatediff", 10, False),
+                                                         ("svd", 25, False)])
+def test_bench_gpu_report_rows_give_the_figures_of_each_run(kind, steps, schedules_differ):
     """TFLOP/s from Kinema's count and the run's median step, its fraction of --peak-tflops, GiB of 2**30, the
-    latents relative to diffusers plain's (not to another diffusers run, nor to the run's own)."""
-    from types import SimpleNamespace
-
+    latents relative to diffusers plain's (not to another diffusers run, nor to the run's own); for AnimateDiff at a
+    step count whose schedules differ (bench/README.md), a line that says so."""
     args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--peak-tflops", "100"])
     plain = torch.tensor([[1.0, -2.0]])
     runs = [bench_gpu.Run("diffusers", "chunked", steps=[9.0, 2.0], latent=torch.tensor([[1.0, -2.5]])),
@@ -434,12 +435,13 @@ def test_bench_gpu_report_rows_give_the_figures_of_each_run():
                           peak_sampling=2**30, peak_decode=3 * 2**29, start_memory=2**29,
                           latent=torch.tensor([[1.0, -2.2]])),
             bench_gpu.Run("diffusers", "plain", steps=[9.0, 4.0], latent=plain)]
-    res = {"workload": SimpleNamespace(title="t", weights_note="w"), "runs": runs,
+    res = {"workload": SimpleNamespace(title="t", weights_note="w", kind=kind, steps=steps), "runs": runs,
            "flops": {"Kinema": 6e14, "diffusers": 5e10}}
     lines = bench_gpu.workload_report(res, args, bench_gpu.Meter(torch.device("cpu")))
     assert "Kinema 600.00 TFLOP, diffusers 50.000 GFLOP" in "\n".join(lines)
     assert "| Kinema | none | 3.000 | 6.00 | 1.00 | 7.50 | 1.00 | 1.50 | 1.50 | 0.50 | 200 | 2 | 1.0e-01 |" in lines
     assert "| diffusers | plain | 4.000 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 150 | 1.5 | 0.0e+00 |" in lines
+    assert any("the schedules differ slightly" in line for line in lines) == schedules_differ
 
 
 def test_the_animatediff_summary_row_compares_the_sampling_peaks_and_gives_the_latent_difference():
