@@ -104,6 +104,23 @@ def check_at_least(parser, args, minimum, *names: str) -> None:
                 parser.error(f"--{name.replace('_', '-')} must be at least {minimum:g}, not {v:g}")
 
 
+def run_bench(args, argv: list[str], is_child: bool, run_child, collect, report, status=None) -> int:
+    """The command of a bench whose implementations run in child processes: in a child (``is_child``), run it
+    (``run_child(args)``, which writes its result file); in the parent, ``collect(args)`` the children's results and
+    print ``report(args, argv, results)``. Exit status: 1 after a ``BenchError`` (printed), else
+    ``status(results)`` (0 by default)."""
+    if is_child:
+        run_child(args)
+        return 0
+    try:
+        res = collect(args)
+    except BenchError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print("\n".join(report(args, argv, res)))
+    return status(res) if status else 0
+
+
 def median_after_warmup(steps: list[float]) -> float | None:
     """The median of the step times after the first (warm-up) one; None without steps."""
     if not steps:

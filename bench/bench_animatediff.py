@@ -35,7 +35,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
     SCHEDULE_NOTE,
-    BenchError,
     check_at_least,
     command_line,
     cpu_name,
@@ -47,6 +46,7 @@ from _measure import (
     register_pack,
     reset_peak_rss,
     rss_kib,
+    run_bench,
     run_child,
 )
 
@@ -246,16 +246,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.child:
-        run_child_process(args)
-        return 0
-    try:
-        res = collect(args)
-    except BenchError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print("\n".join(report(args, argv, res)))
-    return 0
+    return run_bench(args, argv, bool(args.child), run_child_process, collect, report)
 
 
 if __name__ == "__main__":

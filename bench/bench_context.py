@@ -25,7 +25,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
-    BenchError,
     check_at_least,
     command_line,
     cpu_name,
@@ -35,6 +34,7 @@ from _measure import (
     register_pack,
     reset_peak_rss,
     rss_kib,
+    run_bench,
     run_child,
 )
 
@@ -177,16 +177,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.child_frames:
-        run_child_process(args)
-        return 0
-    try:
-        res = collect(args)
-    except BenchError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print("\n".join(report(args, argv, res)))
-    return 0 if res["flat"] else 2
+    return run_bench(args, argv, bool(args.child_frames), run_child_process, collect, report,
+                     status=lambda res: 0 if res["flat"] else 2)  # 2: memory grew with the frame count
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
-    BenchError,
     check_at_least,
     command_line,
     cpu_name,
@@ -50,6 +49,7 @@ from _measure import (
     register_pack,
     reset_peak_rss,
     rss_kib,
+    run_bench,
     run_child,
 )
 
@@ -296,16 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare:
         prepare_checkpoint(args)
         return 0
-    if args.child:
-        run_child_process(args)
-        return 0
-    try:
-        res = collect(args)
-    except BenchError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print("\n".join(report(args, argv, res)))
-    return 0
+    return run_bench(args, argv, bool(args.child), run_child_process, collect, report)
 
 
 if __name__ == "__main__":

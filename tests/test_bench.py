@@ -389,6 +389,33 @@ def test_the_step_median_leaves_out_the_warm_up_step_alone():
     assert bench_gpu.Run("Kinema", "none", steps=[5.0]).median == 5.0
 
 
+def test_a_bench_command_runs_its_child_or_reports_what_the_children_gave(capsys):
+    """The child/parent benches' shared command (``run_bench``): a child runs and only runs; the parent prints the
+    report of what ``collect`` gave and exits with the status of the results; a failed child is a message and 1."""
+    from _measure import BenchError, run_bench
+
+    ran = []
+    assert run_bench("args", ["--child"], True, ran.append, None, None) == 0 and ran == ["args"]
+    assert capsys.readouterr().out == ""
+
+    def failing(args):
+        raise BenchError("the diffusers child failed: see its log")
+
+    assert run_bench("args", [], False, None, failing, None) == 1
+    assert "the diffusers child failed" in capsys.readouterr().err
+
+    def report(args, argv, res):
+        return [f"{args} {argv}", f"flat {res['flat']}"]
+
+    def flat(res):
+        return 0 if res["flat"] else 2
+
+    assert run_bench("args", ["-v"], False, None, lambda a: {"flat": False}, report, status=flat) == 2
+    assert capsys.readouterr().out == "args ['-v']\nflat False\n"
+    assert run_bench("args", [], False, None, lambda a: {"flat": True}, report, status=flat) == 0
+    assert run_bench("args", [], False, None, lambda a: {"flat": False}, report) == 0  # no status: 0
+
+
 def test_bench_gpu_run_peak_is_its_larger_phase_and_steps_are_the_gaps_between_callbacks(monkeypatch):
     assert bench_gpu.Run("Kinema", "none", peak_sampling=3, peak_decode=5).peak == 5
     assert bench_gpu.Run("Kinema", "none", peak_sampling=3).peak == 3
@@ -672,6 +699,10 @@ def test_bench_context_child_samples_the_frames_asked_with_the_context_options(m
     assert res["per_window_ratio"] == 2.0 and res["peak_ratio"] == 1.5 and res["flat"] is False
     fake[64]["sampling_peak_rss_kib"] = 120
     assert bench_context.collect(args)["flat"] is True  # 1.2x: within the target
+    argv = ["--frames", "16", "64", "--steps", "2", "--size", "64", "--threads", "1"]
+    assert bench_context.main(argv) == 0  # the command's status: 0 flat, 2 memory growing with the frame count
+    fake[64]["sampling_peak_rss_kib"] = 121
+    assert bench_context.main(argv) == 2
 
 
 def test_bench_gen1_gives_each_configuration_its_guidance_and_times_steps_after_the_warm_up(monkeypatch, capsys):
