@@ -2,15 +2,16 @@
 FLOPs (``torch.utils.flop_counter``), the FLOP rate reached, and the operators' self CPU time under
 ``torch.profiler``; then Kinema's call with the weights and input in channels_last.
 
-    python bench/profile_step.py [--model animatediff|svd] [--scale medium] [--frames 16] [--size 128]
+    python bench/profile_step.py [--model animatediff|svd] [--scale tiny|medium|real] [--frames 16] [--size 128]
                                  [--threads 2] [--repeat 4]
     python bench/profile_step.py --no-diffusers        # Kinema alone
 
 AnimateDiff: one call on cond + uncond (2 x frames) of the demo v3 model at ``--scale`` (tiny or medium, as
-bench_animatediff), the prompt's embedding repeated per frame (as AnimateDiffPipeline gives it to diffusers'
-UNetMotionModel). SVD: one call of the demo SVD UNet (tiny or medium, as bench_svd) on two videos (cond + uncond)
-of ``--frames`` frames, with a one-token image context and micro-conditioning per video, as
-StableVideoDiffusionPipeline gives them to diffusers' UNetSpatioTemporalConditionModel. The calls are timed
+bench_animatediff; real: SD1.5's published widths), the prompt's embedding repeated per frame (as
+AnimateDiffPipeline gives it to diffusers' UNetMotionModel). SVD: one call of the demo SVD UNet (tiny or medium,
+as bench_svd; real: SVD's widths) on two videos (cond + uncond) of ``--frames`` frames, with a one-token image
+context and micro-conditioning per video, as StableVideoDiffusionPipeline gives them to diffusers'
+UNetSpatioTemporalConditionModel. The calls are timed
 alternately, ``--repeat`` times each after a warm-up; the fastest of each is reported.
 """
 from __future__ import annotations
@@ -74,8 +75,8 @@ def animatediff_calls(args):
     import torch
     from einops import rearrange
 
-    if args.scale == "medium":
-        fixtures.use_sizes(fixtures.MEDIUM)
+    if args.scale != "tiny":
+        fixtures.use_sizes(getattr(fixtures, args.scale.upper()))
     f, lat = args.frames, args.size // 8
     model = fixtures.motion_model("v3", beta_schedule="linear")
     x = torch.randn(2 * f, 4, lat, lat)
@@ -107,8 +108,8 @@ def svd_calls(args):
     from kinema.models import checkpoint
     from kinema.models.svd import micro_conditioning
 
-    if args.scale == "medium":
-        fixtures_svd_pipeline.use_sizes(fixtures_svd_pipeline.MEDIUM)
+    if args.scale != "tiny":
+        fixtures_svd_pipeline.use_sizes(getattr(fixtures_svd_pipeline, args.scale.upper()))
     with tempfile.TemporaryDirectory() as tmp:
         path = fixtures_svd_pipeline.write_svd(os.path.join(tmp, "svd.safetensors"))
         bundle = checkpoint.load_svd(path)
@@ -147,7 +148,8 @@ def svd_calls(args):
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("animatediff", "svd"), default="animatediff")
-    p.add_argument("--scale", choices=("tiny", "medium"), default="medium")
+    p.add_argument("--scale", choices=("tiny", "medium", "real"), default="medium",
+                   help="network widths: the demo's, the real block structure at reduced width, the published ones")
     p.add_argument("--frames", type=int, default=None, help="frames a video (default: 16, SVD 14)")
     p.add_argument("--size", type=int, default=128, help="pixels (latent is size/8)")
     p.add_argument("--threads", type=int, default=2)

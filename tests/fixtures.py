@@ -43,6 +43,9 @@ SIZES = demo.DemoSizes()
 #: the real SD1.5 / AnimateDiff block structure at half the width (the bench's medium size)
 MEDIUM = demo.DemoSizes(model_channels=160, channel_mult=(1, 2, 4, 4), clip_hidden=384, vae_ch=64,
                         vae_mult=(1, 2, 4, 4))
+#: the published SD1.5 widths (UNet 320 channels, a 12-layer CLIP text model 768 wide, VAE 128): the benches' real size
+REAL = demo.DemoSizes(model_channels=320, channel_mult=(1, 2, 4, 4), clip_hidden=768, clip_layers=12, vae_ch=128,
+                      vae_mult=(1, 2, 4, 4))
 
 
 def use_sizes(sizes: demo.DemoSizes) -> None:

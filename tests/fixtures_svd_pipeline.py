@@ -29,6 +29,9 @@ TINY = demo.DemoSizes()
 #: stays the demo's (it runs once a video).
 MEDIUM = demo.DemoSizes(model_channels=128, channel_mult=(1, 2, 4, 4), clip_hidden=512, vae_ch=64,
                         vae_mult=(1, 2, 4, 4))
+#: the published SVD widths (VideoUNet 320 channels, context 1024, VAE 128); the CLIP image tower stays the demo's
+REAL = demo.DemoSizes(model_channels=320, channel_mult=(1, 2, 4, 4), clip_hidden=1024, vae_ch=128,
+                      vae_mult=(1, 2, 4, 4))
 #: the sizes ``svd_state_dict`` builds at (``use_sizes`` changes them)
 SIZES = TINY
 

@@ -270,6 +270,45 @@ def test_profile_step_runs_kinema_beside_diffusers(model, capsys):
     assert "Kinema in channels_last" in out
 
 
+@pytest.mark.parametrize("model, fixture_module, unet_params", [
+    ("animatediff", "fixtures", 859.52e6),  # SD1.5's UNet (v1-5-pruned-emaonly: 859,520,964 parameters)
+    ("svd", "fixtures_svd_pipeline", 1524.62e6),  # SVD's VideoUNet (svd_xt: 1,524,623,082)
+])
+def test_profile_step_real_scale_builds_the_published_widths(monkeypatch, model, fixture_module, unet_params):
+    """``--scale real`` switches the fixtures to their REAL sizes, whose UNet has the published parameter count
+    (counted on the meta device)."""
+    import importlib
+
+    import profile_step
+    from kinema.models import demo
+    from kinema.models.svd import SVDUNet
+    from kinema.models.unet import UNetModel
+
+    fixtures_module = importlib.import_module(fixture_module)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def use_sizes(sizes):
+        seen.append(sizes)
+        raise Stop  # before anything is built at that size
+
+    monkeypatch.setattr(fixtures_module, "use_sizes", use_sizes)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(Stop):
+            profile_step.main(["--model", model, "--scale", "real", "--no-diffusers", "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [fixtures_module.REAL]
+    make = {"animatediff": lambda: UNetModel(demo.demo_unet_config(seen[0])),
+            "svd": lambda: SVDUNet(demo.demo_svd_unet_config(seen[0]))}[model]
+    with torch.device("meta"):
+        unet = make()
+    assert sum(p.numel() for p in unet.parameters()) == pytest.approx(unet_params, abs=0.01e6)
+
+
 def test_probe_vae_memory_replays_the_trace_to_its_peak():
     root = probe_vae_memory.ROOT
     ours = [{"filename": os.path.join(root, "models", "vae.py"), "line": 7, "name": "decode"},
