@@ -144,3 +144,20 @@ def integer_schedule(steps: int) -> bool:
     """ComfyUI's normal schedule and diffusers' linspace spacing give the same timesteps (``steps - 1`` divides
     999)."""
     return steps == 1 or 999 % (steps - 1) == 0
+
+
+#: why Kinema's and diffusers' SVD latents differ by more than usual when ``edm_leap`` gives a sigma
+EDM_LEAP_NOTE = ("with this step count the first Euler step goes from sigma 700 to {to:g} at once: x + dt (x - "
+                 "denoised) / sigma, with x a few times 700, leaves float32 rounding of about 1e-4 (absolute) in "
+                 "either result, and the difference between them is that rounding, not a different computation "
+                 "(8.7e-4 at the real SVD-XT sizes with 2 steps, 1.7e-5 with 3; README, Performance)")
+
+
+def edm_leap(steps: int) -> float | None:
+    """The sigma on which the first step of SVD's karras schedule (EDM, sigma 700 to 0.002) lands when it comes
+    down to under 1/1000 of sigma_max at once (1 or 2 steps), else None."""
+    register_pack()
+    from kinema.models.sampling import ContinuousEDMSchedule, calculate_sigmas
+
+    sigmas = calculate_sigmas(ContinuousEDMSchedule(), "karras", steps)
+    return float(sigmas[1]) if sigmas[1] < 1e-3 * sigmas[0] else None

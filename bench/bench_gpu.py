@@ -58,10 +58,12 @@ from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
+    EDM_LEAP_NOTE,
     SCHEDULE_NOTE,
     check_at_least,
     command_line,
     cpu_name,
+    edm_leap,
     integer_schedule,
     register_pack,
     reset_peak_rss,
@@ -894,6 +896,8 @@ def workload_report(res: dict, args, meter: Meter) -> list[str]:
             f"| {_s(rate, '.3g')} | {_s(rate and rate / args.peak_tflops, '.3g')} | {_s(diff, '.1e')} |")
     if w.kind == "animatediff" and ref is not None and not integer_schedule(w.steps):
         lines += ["", f"Latents vs diffusers plain: {SCHEDULE_NOTE}."]
+    if w.kind == "svd" and ref is not None and (leap := edm_leap(w.steps)) is not None:
+        lines += ["", f"Latents vs diffusers plain: {EDM_LEAP_NOTE.format(to=leap)}."]
     for impl, rows in res.get("profile", {}).items():
         where = "kernels by device time" if meter.cuda else "operators by self CPU time"
         title = (f"{impl}, one UNet call of the warm-up step under torch.profiler: the {len(rows)} first {where} "

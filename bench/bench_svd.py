@@ -39,9 +39,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _measure import (
+    EDM_LEAP_NOTE,
     check_at_least,
     command_line,
     cpu_name,
+    edm_leap,
     median_after_warmup,
     mib,
     process_peak_rss_kib,
@@ -249,6 +251,8 @@ def report(args, argv: list[str], res: dict) -> list[str]:
     lines += ["", ("latents vs diffusers: max |latents - diffusers'| / max |diffusers'| (the same video: ~1e-5 in "
                    "fp32; n/a without the diffusers configuration). The first step of diffusers also holds its "
                    "image conditioning; the median leaves it out.")]
+    if (leap := edm_leap(args.steps)) is not None:
+        lines[-1] += f" Latents vs diffusers: {EDM_LEAP_NOTE.format(to=leap)}."
     return lines
 
 

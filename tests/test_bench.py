@@ -488,12 +488,14 @@ def test_rss_kib_reads_kib():
     assert kib >= len(block) // 1024
 
 
-@pytest.mark.parametrize("kind, steps, schedules_differ", [("animatediff", 20, True), ("animatediff", 10, False),
-                                                         ("svd", 25, False)])
-def test_bench_gpu_report_rows_give_the_figures_of_each_run(kind, steps, schedules_differ):
+@pytest.mark.parametrize("kind, steps, schedules_differ, leap", [
+    ("animatediff", 20, True, False), ("animatediff", 10, False, False), ("animatediff", 2, False, False),
+    ("svd", 25, False, False), ("svd", 2, False, True)])
+def test_bench_gpu_report_rows_give_the_figures_of_each_run(kind, steps, schedules_differ, leap):
     """TFLOP/s from Kinema's count and the run's median step, its fraction of --peak-tflops, GiB of 2**30, the
     latents relative to diffusers plain's (not to another diffusers run, nor to the run's own); for AnimateDiff at a
-    step count whose schedules differ (bench/README.md), a line that says so."""
+    step count whose schedules differ (bench/README.md), a line that says so, and for SVD at one whose first step
+    leaps from sigma 700 to 0.002 (float32 rounding), a line that says that."""
     args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--peak-tflops", "100"])
     plain = torch.tensor([[1.0, -2.0]])
     runs = [bench_gpu.Run("diffusers", "chunked", steps=[9.0, 2.0], latent=torch.tensor([[1.0, -2.5]])),
@@ -508,6 +510,30 @@ def test_bench_gpu_report_rows_give_the_figures_of_each_run(kind, steps, schedul
     assert "| Kinema | none | 3.000 | 6.00 | 1.00 | 7.50 | 1.00 | 1.50 | 1.50 | 0.50 | 200 | 2 | 1.0e-01 |" in lines
     assert "| diffusers | plain | 4.000 | n/a | n/a | n/a | n/a | n/a | n/a | n/a | 150 | 1.5 | 0.0e+00 |" in lines
     assert any("the schedules differ slightly" in line for line in lines) == schedules_differ
+    assert any("from sigma 700 to 0.002 at once" in line for line in lines) == leap
+
+
+def test_edm_leap_is_where_svd_s_first_step_lands_when_it_drops_from_sigma_700_at_once():
+    """1 step: to 0; 2 steps: to sigma_min 0.002; 3 steps or more come down gradually (15.6 first at 3): None."""
+    from _measure import edm_leap
+
+    assert edm_leap(1) == 0.0
+    assert edm_leap(2) == pytest.approx(0.002, rel=1e-5)  # float32
+    assert edm_leap(3) is None and edm_leap(25) is None
+
+
+@pytest.mark.parametrize("steps, leap", [(2, True), (3, False)])
+def test_bench_svd_report_says_when_the_first_step_leaps_to_the_last_sigma(steps, leap):
+    import bench_svd
+
+    args = bench_svd.parse_args(["--steps", str(steps), "--configs", "kinema", "diffusers"])
+    row = {"decode_chunk": 14, "median": 1.0, "sampling": 2.0, "decode": 1.0, "total": 3.0,
+           "video_peak_rss_kib": 1024, "peak_rss_kib": 2048}
+    res = {"results": {"kinema": row, "diffusers": row}, "latent_diff": {"kinema": 8e-4, "diffusers": 0.0},
+           "threads": 1}
+    lines = bench_svd.report(args, [], res)
+    assert "| kinema | 14 | 1.000 |" in "\n".join(lines)
+    assert ("goes from sigma 700 to 0.002 at once" in lines[-1]) == leap
 
 
 def test_the_animatediff_summary_row_compares_the_sampling_peaks_and_gives_the_latent_difference():
