@@ -3,8 +3,9 @@ FLOPs (``torch.utils.flop_counter``), the FLOP rate reached, and the operators' 
 ``torch.profiler``; then Kinema's call with the weights and input in channels_last.
 
     python bench/profile_step.py [--model animatediff|svd] [--scale tiny|medium|real] [--frames 16] [--size 128]
-                                 [--threads 2] [--repeat 4]
+                                 [--threads 2] [--repeat 4] [--timing-only]
     python bench/profile_step.py --no-diffusers        # Kinema alone
+    python bench/profile_step.py --model svd --scale real --frames 2 --size 1024x576 --repeat 6 --timing-only
 
 AnimateDiff: one call on cond + uncond (2 x frames) of the demo v3 model at ``--scale`` (tiny or medium, as
 bench_animatediff; real: SD1.5's published widths), the prompt's embedding repeated per frame (as
@@ -12,13 +13,17 @@ AnimateDiffPipeline gives it to diffusers' UNetMotionModel). SVD: one call of th
 as bench_svd; real: SVD's widths) on two videos (cond + uncond) of ``--frames`` frames, with a one-token image
 context and micro-conditioning per video, as StableVideoDiffusionPipeline gives them to diffusers'
 UNetSpatioTemporalConditionModel. The calls are timed
-alternately, ``--repeat`` times each after a warm-up; the fastest of each is reported.
+alternately, ``--repeat`` times each after a warm-up; the fastest of each is reported, with the median of each and the
+median of the rounds' Kinema / diffusers ratios (each round's two calls run back to back, so a slow spell of a shared
+machine weighs on both sides of a ratio alike). ``--timing-only`` stops there (no FLOP count, profiler or
+channels_last rounds: at the published widths each call takes a minute or more on two cores).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 
@@ -56,17 +61,34 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def fastest(calls: dict, repeat: int) -> dict[str, float]:
-    """Each call's fastest time over ``repeat`` alternating rounds (after one warm-up call each)."""
+def timings(calls: dict, repeat: int) -> dict[str, list[float]]:
+    """Each call's seconds in ``repeat`` alternating rounds (after one warm-up call each), round by round."""
     for fn in calls.values():
         fn()
-    times = {name: [] for name in calls}
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
         for name, fn in calls.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
+    return times
+
+
+def fastest(calls: dict, repeat: int) -> dict[str, float]:
+    """Each call's fastest time over ``repeat`` alternating rounds (after one warm-up call each)."""
+    return {name: min(t) for name, t in timings(calls, repeat).items()}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``--size``: ``N`` (N x N pixels) or ``WxH``, each a positive multiple of 8."""
+    parts = text.lower().split("x")
+    try:
+        width, height = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        width = height = 0
+    if width < 8 or height < 8 or width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"'{text}': give N or WxH pixels, multiples of 8 (e.g. 512 or 1024x576)")
+    return width, height
 
 
 def animatediff_calls(args):
@@ -77,9 +99,9 @@ def animatediff_calls(args):
 
     if args.scale != "tiny":
         fixtures.use_sizes(getattr(fixtures, args.scale.upper()))
-    f, lat = args.frames, args.size // 8
+    f, (width, height) = args.frames, args.size
     model = fixtures.motion_model("v3", beta_schedule="linear")
-    x = torch.randn(2 * f, 4, lat, lat)
+    x = torch.randn(2 * f, 4, height // 8, width // 8)
     context = torch.randn(2, 77, fixtures.SIZES.clip_hidden).repeat_interleave(f, dim=0)
     t = torch.full((2 * f,), 500.0)
     calls = {"Kinema": lambda: model(x, t, context, f)}
@@ -115,10 +137,10 @@ def svd_calls(args):
         bundle = checkpoint.load_svd(path)
         sd = None if args.no_diffusers else checkpoint.load_state_dict(path)
     unet = bundle.model.unet
-    cfg, f, lat = unet.cfg, args.frames, args.size // 8
+    cfg, f, (width, height) = unet.cfg, args.frames, args.size
     ids = torch.tensor([[6.0, 127.0, 0.0]] * 2)  # fps id, motion bucket, augmentation: per video
     y = torch.cat([micro_conditioning(*row.tolist(), frames=1, dim_each=cfg.adm_in_channels // 3) for row in ids])
-    x = torch.randn(2, f, cfg.in_channels, lat, lat)
+    x = torch.randn(2, f, cfg.in_channels, height // 8, width // 8)
     context = torch.randn(2, 1, cfg.context_dim)
     t = torch.full((2,), 0.25)  # c_noise of sigma e
 
@@ -145,21 +167,27 @@ def svd_calls(args):
     return f"SVD UNet, {args.scale}, 2 videos (cond, uncond) of {f} frames", calls, in_layout
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("animatediff", "svd"), default="animatediff")
     p.add_argument("--scale", choices=("tiny", "medium", "real"), default="medium",
                    help="network widths: the demo's, the real block structure at reduced width, the published ones")
     p.add_argument("--frames", type=int, default=None, help="frames a video (default: 16, SVD 14)")
-    p.add_argument("--size", type=int, default=128, help="pixels (latent is size/8)")
+    p.add_argument("--size", type=parse_size, default=(128, 128), metavar="N|WxH",
+                   help="pixels, N (square) or WxH (latent is a size/8)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=4, help="timed rounds (fastest reported)")
+    p.add_argument("--repeat", type=int, default=4, help="timed rounds (the fastest and the median reported)")
     p.add_argument("--no-diffusers", action="store_true", help="profile Kinema alone")
     p.add_argument("--top", type=int, default=10, help="operators listed")
+    p.add_argument("--timing-only", action="store_true",
+                   help="time the calls only (no FLOP count, profiler or channels_last rounds)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     check_at_least(p, args, 1, "frames", "threads", "repeat", "top")
-    if args.size % 8 or args.size < 8:
-        p.error("--size must be a multiple of 8 pixels")
     args.frames = args.frames or (14 if args.model == "svd" else 16)
 
     import torch
@@ -173,14 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     title, calls, in_layout = (svd_calls if args.model == "svd" else animatediff_calls)(args)
 
     with torch.no_grad():
-        seconds = fastest(calls, args.repeat)
-        counts = {name: flops(fn) for name, fn in calls.items()}
-        ops = profile(calls, args.repeat)
-        layouts = fastest({"default": calls["Kinema"], "last": in_layout(torch.channels_last)}, args.repeat)
+        rounds = timings(calls, args.repeat)
+        if not args.timing_only:
+            counts = {name: flops(fn) for name, fn in calls.items()}
+            ops = profile(calls, args.repeat)
+            layouts = fastest({"default": calls["Kinema"], "last": in_layout(torch.channels_last)}, args.repeat)
 
-    names = list(calls)
-    print(f"{title} at {args.size}x{args.size}, fp32, {args.threads} threads ({cpu_name()}); torch "
-          f"{torch.__version__}; fastest of {args.repeat} alternating calls\n")
+    names, (width, height) = list(calls), args.size
+    print(f"{title} at {width}x{height}, fp32, {args.threads} threads ({cpu_name()}); torch "
+          f"{torch.__version__}; {args.repeat} alternating rounds, the fastest and the median of each\n")
     print("| | " + " | ".join(names) + (" | Kinema / diffusers |" if len(names) > 1 else " |"))
     print("|---|" + "---:|" * (len(names) + (len(names) > 1)))
 
@@ -190,12 +219,23 @@ def main(argv: list[str] | None = None) -> None:
             cells.append(f"{values[0] / values[1]:.2f}")
         print(f"| {label} | " + " | ".join(cells) + " |")
 
-    row("one call (s)", [seconds[n] for n in names], ".3f")
-    row("GFLOP a call (convolutions, matrix products)", [counts[n] / 1e9 for n in names], ".1f")
-    gemm = {n: sum(ops[n].get(k, 0.0) for k in GEMM_OPS) for n in names}
-    row("their self CPU time (s)", [gemm[n] for n in names], ".3f")
-    row("their GFLOP/s", [counts[n] / 1e9 / gemm[n] for n in names], ".0f")
-    row("everything else (s)", [sum(ops[n].values()) - gemm[n] for n in names], ".3f")
+    row("one call (s)", [min(rounds[n]) for n in names], ".3f")
+    row("one call, median (s)", [statistics.median(rounds[n]) for n in names], ".3f")
+    if not args.timing_only:
+        row("GFLOP a call (convolutions, matrix products)", [counts[n] / 1e9 for n in names], ".1f")
+        gemm = {n: sum(ops[n].get(k, 0.0) for k in GEMM_OPS) for n in names}
+        row("their self CPU time (s)", [gemm[n] for n in names], ".3f")
+        row("their GFLOP/s", [counts[n] / 1e9 / gemm[n] for n in names], ".0f")
+        row("everything else (s)", [sum(ops[n].values()) - gemm[n] for n in names], ".3f")
+    print()
+    for n in names:
+        print(f"{n}, seconds a call, round by round: " + ", ".join(f"{t:.3f}" for t in rounds[n]))
+    if len(names) > 1:
+        pairs = [k / d for k, d in zip(rounds["Kinema"], rounds["diffusers"])]
+        print("Kinema / diffusers, round by round: " + ", ".join(f"{r:.2f}" for r in pairs)
+              + f"; median {statistics.median(pairs):.2f}")
+    if args.timing_only:
+        return
     for n in names:
         total = sum(ops[n].values())
         top = sorted(ops[n].items(), key=lambda kv: -kv[1])[: args.top]

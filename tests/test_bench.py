@@ -836,12 +836,12 @@ def test_profile_step_times_kinema_and_diffusers_on_the_same_call(model):
     pytest.importorskip("diffusers")
     import profile_step
 
-    args = SimpleNamespace(scale="tiny", frames=2, size=32, no_diffusers=False)
+    args = SimpleNamespace(scale="tiny", frames=2, size=(48, 32), no_diffusers=False)
     _, calls, _ = (profile_step.svd_calls if model == "svd" else profile_step.animatediff_calls)(args)
     with torch.no_grad():
         ours, theirs = calls["Kinema"](), calls["diffusers"]()
     theirs = theirs.flatten(0, 1) if model == "svd" else theirs.transpose(1, 2).flatten(0, 1)
-    assert ours.shape == theirs.shape
+    assert ours.shape == theirs.shape and ours.shape[-2:] == (4, 6)  # --size W x H: latent H/8 x W/8
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
@@ -849,15 +849,37 @@ def test_profile_step_ratio_column_is_kinema_over_diffusers(monkeypatch, capsys)
     pytest.importorskip("diffusers")
     import profile_step
 
-    monkeypatch.setattr(profile_step, "fastest", lambda calls, repeat: {n: 2.0 if n == "Kinema" else 8.0
-                                                                         for n in calls})
+    rounds = {"Kinema": [3.0, 2.0, 6.0], "diffusers": [4.0, 8.0, 5.0]}
+    monkeypatch.setattr(profile_step, "timings", lambda calls, repeat: {n: rounds[n] for n in calls})
     before = torch.get_num_threads()
     try:
         profile_step.main(["--model", "animatediff", "--scale", "tiny", "--frames", "2", "--size", "32", "--repeat",
-                           "1", "--threads", "1"])
+                           "3", "--threads", "1", "--timing-only"])
     finally:
         torch.set_num_threads(before)
-    assert "| one call (s) | 2.000 | 8.000 | 0.25 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| one call (s) | 2.000 | 4.000 | 0.50 |" in out  # the fastest of each
+    assert "| one call, median (s) | 3.000 | 5.000 | 0.60 |" in out
+    assert "Kinema, seconds a call, round by round: 3.000, 2.000, 6.000" in out
+    # each round's pair: 0.75, 0.25, 1.20 -> median 0.75 (not the ratio of the medians, 0.60)
+    assert "Kinema / diffusers, round by round: 0.75, 0.25, 1.20; median 0.75" in out
+    assert "GFLOP" not in out and "self CPU time" not in out and "channels_last" not in out  # --timing-only
+
+
+@pytest.mark.parametrize("text, size", [("128", (128, 128)), ("1024x576", (1024, 576)), ("64X32", (64, 32))])
+def test_profile_step_size_is_square_or_width_by_height(text, size):
+    import profile_step
+
+    assert profile_step.build_parser().parse_args(["--size", text]).size == size
+
+
+@pytest.mark.parametrize("text", ["100", "0", "1024x", "x576", "64x32x8", "big", "-8"])
+def test_profile_step_rejects_sizes_that_are_not_multiples_of_8(text, capsys):
+    import profile_step
+
+    with pytest.raises(SystemExit):
+        profile_step.build_parser().parse_args(["--size", text])
+    assert "multiples of 8" in capsys.readouterr().err
 
 
 def test_bench_gpu_policies_give_the_engine_their_offload_options():
