@@ -36,6 +36,10 @@ PLANS = {
     "full": {
         "animatediff-tiny": ["--scale", "tiny", "--frames", "16", "--size", "256", "--steps", "10"],
         "animatediff-medium": ["--scale", "medium", "--frames", "16", "--size", "128", "--steps", "10"],
+        "animatediff-tiny-low-mem": ["--scale", "tiny", "--frames", "16", "--size", "256", "--steps", "10",
+                                     "--low-mem"],
+        "animatediff-medium-low-mem": ["--scale", "medium", "--frames", "16", "--size", "128", "--steps", "10",
+                                       "--low-mem"],
         "svd-tiny": ["--scale", "tiny", "--frames", "14", "--width", "256", "--height", "256", "--steps", "10"],
         "svd-medium": ["--scale", "medium", "--frames", "14", "--width", "128", "--height", "128", "--steps", "10"],
         "context": ["--frames", "16", "32", "64", "--size", "128", "--steps", "3"],
@@ -43,6 +47,9 @@ PLANS = {
     "quick": {
         "animatediff-tiny": ["--scale", "tiny", "--frames", "8", "--size", "128", "--steps", "4"],
         "animatediff-medium": ["--scale", "medium", "--frames", "4", "--size", "64", "--steps", "2"],
+        "animatediff-tiny-low-mem": ["--scale", "tiny", "--frames", "8", "--size", "128", "--steps", "4", "--low-mem"],
+        "animatediff-medium-low-mem": ["--scale", "medium", "--frames", "4", "--size", "64", "--steps", "2",
+                                       "--low-mem"],
         "svd-tiny": ["--scale", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "3",
                      "--configs", "kinema", "diffusers"],
         "svd-medium": ["--scale", "medium", "--frames", "4", "--width", "64", "--height", "64", "--steps", "3",
@@ -96,7 +103,8 @@ def summary_rows(section: str, args, res: dict) -> list[str]:
     """The summary table's rows for one Kinema vs diffusers section."""
     if _module(section) == "animatediff":
         setting = f"{args.motion}, {args.frames} frames {args.size}x{args.size}, {args.steps} steps"
-        return [_row("AnimateDiff", args.scale, setting, res["kinema"], res["diffusers"], "sampling_peak_rss_kib",
+        label = "AnimateDiff low-mem" if args.low_mem else "AnimateDiff"
+        return [_row(label, args.scale, setting, res["kinema"], res["diffusers"], "sampling_peak_rss_kib",
                      res["rel"])]
     rows = []
     results, diffs = res["results"], res["latent_diff"]
@@ -155,8 +163,8 @@ def build_report(argv: list[str], plan: dict, outcomes: dict, seconds: float) ->
          "image conditioning + sampling + temporal VAE decode. peak RSS: the process's peak while making the video "
          "(VmHWM reset just before; weights and libraries included). K/D: Kinema / diffusers (below 1: Kinema "
          "faster or smaller). latents vs diffusers: max |Kinema - diffusers| / max |diffusers| of the final "
-         "latents (the same video: ~1e-5 or less in fp32). SVD low-mem: Kinema cond/uncond one at a time and "
-         "chunked attention vs diffusers' forward chunking; both decode 2 frames at a time."),
+         "latents (the same video: ~1e-5 or less in fp32). low-mem: Kinema cond/uncond one at a time and "
+         "chunked attention vs diffusers' forward chunking (SVD: both decode 2 frames at a time)."),
     ]
     if "context" in outcomes:
         args, res, error = outcomes["context"]

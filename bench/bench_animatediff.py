@@ -1,7 +1,7 @@
 """AnimateDiff text-to-video sampling: Kinema vs diffusers on the same weights, CPU, fp32.
 
     python bench/bench_animatediff.py [--frames 16] [--steps 10] [--size 256] [--threads N] [--motion v3]
-                                      [--scale tiny|medium]
+                                      [--scale tiny|medium] [--low-mem [--attn-chunk 256]]
 
 Both implementations sample one video from the pack's demo weights
 (``kinema.models.demo``: real SD1.5 / AnimateDiff layouts, random weights; tiny, or
@@ -12,6 +12,9 @@ and ``linspace`` spacing). Kinema runs ``sample_video``; diffusers runs
 ``AnimateDiffPipeline`` on ``UNetMotionModel.from_unet2d`` with its motion
 GroupNorm patched to per frame (as the original AnimateDiff and Kinema; see
 ``tests/fixtures.py``). Each runs in its own subprocess, so its peak RSS is its own.
+With ``--low-mem`` each uses its low-memory setting: Kinema cond and uncond one
+after the other (``batch_cond=False``) and attention queries in chunks of
+``--attn-chunk``; diffusers ``unet.enable_forward_chunking()``.
 
 Reported per implementation: the median step time after one warm-up step, the
 total sampling time (the whole sampling call), the peak RSS of the child
@@ -78,7 +81,8 @@ def run_child_process(args) -> None:
         model = fixtures.motion_model(args.motion, beta_schedule="linear")
 
         def sample(on_step):
-            opts = SampleOptions(seed=args.seed, steps=args.steps, cfg=args.cfg, sampler="euler", scheduler="normal")
+            opts = SampleOptions(seed=args.seed, steps=args.steps, cfg=args.cfg, sampler="euler", scheduler="normal",
+                                 batch_cond=not args.low_mem, attn_chunk=args.attn_chunk if args.low_mem else 0)
             out = sample_video(model, positive, negative, torch.zeros(frames, 4, lat, lat), opts,
                                callback=lambda i, n, x0: on_step())
             return out * LATENT_SCALE
@@ -95,6 +99,8 @@ def run_child_process(args) -> None:
         pipe = AnimateDiffPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, motion_adapter=None,
                                    scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
+        if args.low_mem:
+            unet.enable_forward_chunking()
         # ComfyUI's start sqrt(1 + sigma_max^2) * noise; diffusers multiplies by its init_noise_sigma
         scheduler.set_timesteps(args.steps)
         sigma_max = float(scheduler.sigmas.max())
@@ -156,7 +162,8 @@ def collect(args) -> dict:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--result", result,
                    "--latent-out", latent, "--frames", str(args.frames), "--steps", str(args.steps),
                    "--size", str(args.size), "--threads", str(args.threads), "--cfg", str(args.cfg),
-                   "--seed", str(args.seed), "--motion", args.motion, "--scale", args.scale]
+                   "--seed", str(args.seed), "--motion", args.motion, "--scale", args.scale,
+                   "--attn-chunk", str(args.attn_chunk), *(["--low-mem"] if args.low_mem else [])]
             run_child(cmd, args.threads, f"AnimateDiff {args.scale} {impl} ({rep + 1}/{args.repeat})")
             with open(result) as f:
                 run = json.load(f)
@@ -167,6 +174,15 @@ def collect(args) -> dict:
     k, d = (min(runs[impl], key=lambda r: r["median"]) for impl in ("kinema", "diffusers"))
     rel = float((k["latent"] - d["latent"]).abs().max() / d["latent"].abs().max())
     return {"kinema": k, "diffusers": d, "rel": rel, "threads": k["threads"]}
+
+
+def _setting(args) -> str:
+    """How each implementation ran its UNet calls: the plain batch or its low-memory setting (``--low-mem``)."""
+    if args.low_mem:
+        return (f"low-memory settings: Kinema cond and uncond one after the other, {args.frames} UNet images a call, "
+                f"attention queries in chunks of {args.attn_chunk}; diffusers cond and uncond in one batch with its "
+                "feed-forward chunking")
+    return f"cond and uncond in one batch: {2 * args.frames} UNet images a step"
 
 
 def report(args, argv: list[str], res: dict) -> list[str]:
@@ -182,8 +198,8 @@ def report(args, argv: list[str], res: dict) -> list[str]:
         "```",
         "",
         (f"AnimateDiff {args.motion} on the Kinema demo weights ({args.scale}, random), {args.frames} frames at "
-         f"{args.size}x{args.size} (latent {lat}x{lat}), {args.steps} Euler steps, cfg {args.cfg} (cond and uncond "
-         f"in one batch: {2 * args.frames} UNet images a step), fp32 on CPU, {k['threads']} threads "
+         f"{args.size}x{args.size} (latent {lat}x{lat}), {args.steps} Euler steps, cfg {args.cfg} ({_setting(args)}), "
+         f"fp32 on CPU, {k['threads']} threads "
          f"({cpu_name()}, {os.cpu_count()} cores); torch {torch.__version__}, diffusers {diffusers.__version__}."
          + (f" Each implementation ran {args.repeat} times, alternating; its run with the fastest median step is "
             "shown." if args.repeat > 1 else "")),
@@ -227,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "channels, half SD1.5's 320, context 384); --width is the older name")
     p.add_argument("--repeat", type=int, default=1,
                    help="run each implementation this many times (alternating) and report its fastest run")
+    p.add_argument("--low-mem", action="store_true",
+                   help="each implementation's low-memory setting: Kinema cond and uncond one after the other and "
+                        "attention queries in chunks of --attn-chunk; diffusers its feed-forward chunking "
+                        "(unet.enable_forward_chunking())")
+    p.add_argument("--attn-chunk", type=int, default=256, help="--low-mem (Kinema): attention queries at once")
     p.add_argument("--child", choices=("kinema", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--latent-out", help=argparse.SUPPRESS)
@@ -239,7 +260,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.size % 8 or args.size < 64:
         p.error("--size must be a multiple of 8, at least 64")
     check_at_least(p, args, 2, "steps")  # the first is the warm-up step, left out of the median
-    check_at_least(p, args, 1, "frames", "threads", "repeat")
+    check_at_least(p, args, 1, "frames", "threads", "repeat", "attn_chunk")
     return args
 
 

@@ -21,6 +21,8 @@ def test_bench_all_plans_are_valid_options_of_each_bench(plan):
         args = bench_all.MODULES[bench_all._module(section)].parse_args([*argv, "--threads", "1"])
         if section.startswith(("animatediff", "svd")):
             assert args.scale == section.split("-")[1]
+        if section.startswith("animatediff"):
+            assert args.low_mem == section.endswith("-low-mem")
 
 
 def test_bench_animatediff_keeps_width_as_an_alias_of_scale():
@@ -541,13 +543,17 @@ def test_the_animatediff_summary_row_compares_the_sampling_peaks_and_gives_the_l
 
     kinema = {"median": 1.0, "total": 30.0, "sampling_peak_rss_kib": 1024 * 300, "peak_rss_kib": 1024 * 900}
     diffusers = {"median": 4.0, "total": 40.0, "sampling_peak_rss_kib": 1024 * 600, "peak_rss_kib": 1024 * 1000}
-    args = argparse.Namespace(motion="v2", frames=16, size=128, steps=10, scale="tiny")
+    args = argparse.Namespace(motion="v2", frames=16, size=128, steps=10, scale="tiny", low_mem=False)
     (row,) = bench_all.summary_rows("animatediff-tiny", args, {"kinema": kinema, "diffusers": diffusers, "rel": 2e-6})
     assert row.startswith("| AnimateDiff | tiny | v2, 16 frames 128x128, 10 steps |")
     assert row.endswith("| 300 | 600 | 0.50 | 2.0e-06 |")
     del kinema["sampling_peak_rss_kib"]  # one run without the sampling peak: both sides' whole-process peaks
     (row,) = bench_all.summary_rows("animatediff-tiny", args, {"kinema": kinema, "diffusers": diffusers, "rel": 2e-6})
     assert row.endswith("| 900 | 1000 | 0.90 | 2.0e-06 |")
+    args.low_mem = True
+    (row,) = bench_all.summary_rows("animatediff-tiny-low-mem", args,
+                                    {"kinema": kinema, "diffusers": diffusers, "rel": 2e-6})
+    assert row.startswith("| AnimateDiff low-mem | tiny | v2, 16 frames 128x128, 10 steps |")
 
 
 def test_bench_all_report_exits_1_when_a_section_failed_whatever_the_context_verdict(monkeypatch):
@@ -611,22 +617,43 @@ def _child_args(module, cmd):
     return vars(module.parse_args(cmd[2:]))
 
 
-def test_bench_animatediff_children_sample_the_same_video_with_the_options_given(monkeypatch):
+@pytest.mark.parametrize("low_mem", [False, True])
+def test_bench_animatediff_children_sample_the_same_video_with_the_options_given(monkeypatch, low_mem):
     """Kinema and diffusers on the same noise, prompts, cfg, seed and schedule: the final latents agree in fp32 (4
-    steps: identical schedules), each child got the parent's options, and every step was timed."""
+    steps: identical schedules), each child got the parent's options, and every step was timed; with --low-mem,
+    each side's low-memory setting reaches its engine (Kinema cond/uncond apart with attention chunks, diffusers'
+    feed-forward chunking)."""
     pytest.importorskip("diffusers")
     import bench_animatediff
     from _measure import reset_peak_rss
+    from diffusers import UNetMotionModel
+    from kinema.models import pipelines
 
     cmds = _in_process_children(monkeypatch, bench_animatediff)
+    seen = []
+    sample, d_chunking = pipelines.sample_video, UNetMotionModel.enable_forward_chunking
+
+    def spy_sample(model, positive, negative, latent, opts, **kw):
+        seen.append(("sample", opts.batch_cond, opts.attn_chunk))
+        return sample(model, positive, negative, latent, opts, **kw)
+
+    def spy_chunking(self, *a, **kw):
+        seen.append(("forward chunking",))
+        return d_chunking(self, *a, **kw)
+
+    monkeypatch.setattr(pipelines, "sample_video", spy_sample)
+    monkeypatch.setattr(UNetMotionModel, "enable_forward_chunking", spy_chunking)
     args = bench_animatediff.parse_args(["--frames", "2", "--steps", "4", "--size", "64", "--threads", "1",
-                                         "--cfg", "5.0", "--seed", "3", "--motion", "v3"])
+                                         "--cfg", "5.0", "--seed", "3", "--motion", "v3", "--attn-chunk", "16",
+                                         *(["--low-mem"] if low_mem else [])])
     res = bench_animatediff.collect(args)
     assert [_child_args(bench_animatediff, c)["child"] for c in cmds] == ["kinema", "diffusers"]
+    keys = ("frames", "steps", "size", "cfg", "seed", "motion", "scale", "threads", "low_mem", "attn_chunk")
     for cmd in cmds:
         child = _child_args(bench_animatediff, cmd)
-        assert {k: child[k] for k in ("frames", "steps", "size", "cfg", "seed", "motion", "scale", "threads")} == {
-            k: vars(args)[k] for k in ("frames", "steps", "size", "cfg", "seed", "motion", "scale", "threads")}
+        assert {k: child[k] for k in keys} == {k: vars(args)[k] for k in keys}
+    assert seen == ([("sample", False, 16), ("forward chunking",)] if low_mem else [("sample", True, 0)])
+    assert ("low-memory settings" in "\n".join(bench_animatediff.report(args, [], res))) == low_mem
     k, d = res["kinema"], res["diffusers"]
     assert k["latent"].shape == d["latent"].shape == (2, 4, 8, 8)
     assert res["rel"] < 1e-4, res["rel"]
