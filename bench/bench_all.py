@@ -47,7 +47,8 @@ PLANS = {
     "quick": {
         "animatediff-tiny": ["--scale", "tiny", "--frames", "8", "--size", "128", "--steps", "4"],
         "animatediff-medium": ["--scale", "medium", "--frames", "4", "--size", "64", "--steps", "2"],
-        "animatediff-tiny-low-mem": ["--scale", "tiny", "--frames", "8", "--size", "128", "--steps", "4", "--low-mem"],
+        "animatediff-tiny-low-mem": ["--scale", "tiny", "--frames", "8", "--size", "128", "--steps", "4",
+                                     "--low-mem"],
         "animatediff-medium-low-mem": ["--scale", "medium", "--frames", "4", "--size", "64", "--steps", "2",
                                        "--low-mem"],
         "svd-tiny": ["--scale", "tiny", "--frames", "4", "--width", "64", "--height", "64", "--steps", "3",
