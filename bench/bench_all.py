@@ -1,7 +1,7 @@
 """Every CPU benchmark in one command: Kinema vs diffusers, AnimateDiff and SVD at tiny and medium width, and the
 frame-count scaling under context windows; one combined markdown report.
 
-    python bench/bench_all.py --threads 2            # about 10-15 minutes on 2 threads
+    python bench/bench_all.py --threads 2            # about 9-15 minutes on 2 threads
     python bench/bench_all.py --quick --threads 2    # a smoke run of a few minutes: small sizes, few steps
 
 Runs, in one invocation, the benchmarks of ``bench_animatediff.py`` (tiny, medium), ``bench_svd.py`` (tiny,
