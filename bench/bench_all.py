@@ -4,8 +4,8 @@ frame-count scaling under context windows; one combined markdown report.
     python bench/bench_all.py --threads 2            # about 9-15 minutes on 2 threads
     python bench/bench_all.py --quick --threads 2    # a smoke run of a few minutes: small sizes, few steps
 
-Runs, in one invocation, the benchmarks of ``bench_animatediff.py`` (tiny, medium), ``bench_svd.py`` (tiny,
-medium) and ``bench_context.py`` by calling their ``collect`` functions: each implementation (and each SVD
+Runs, in one invocation, the benchmarks of ``bench_animatediff.py`` (tiny, medium, each plain and with both sides'
+low-memory settings), ``bench_svd.py`` (tiny, medium) and ``bench_context.py`` by calling their ``collect`` functions: each implementation (and each SVD
 configuration, each frame count) still samples in its own subprocess, so every peak RSS is that process's own.
 The report starts with the command line and the machine, then one summary table (per-step time, time per
 video, peak RSS while making the video, each for Kinema and diffusers, with the ratios Kinema / diffusers and
