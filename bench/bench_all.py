@@ -5,8 +5,9 @@ frame-count scaling under context windows; one combined markdown report.
     python bench/bench_all.py --quick --threads 2    # a smoke run of a few minutes: small sizes, few steps
 
 Runs, in one invocation, the benchmarks of ``bench_animatediff.py`` (tiny, medium, each plain and with both sides'
-low-memory settings), ``bench_svd.py`` (tiny, medium) and ``bench_context.py`` by calling their ``collect`` functions: each implementation (and each SVD
-configuration, each frame count) still samples in its own subprocess, so every peak RSS is that process's own.
+low-memory settings), ``bench_svd.py`` (tiny, medium) and ``bench_context.py`` by calling their ``collect``
+functions: each implementation (and each SVD configuration, each frame count) still samples in its own subprocess,
+so every peak RSS is that process's own.
 The report starts with the command line and the machine, then one summary table (per-step time, time per
 video, peak RSS while making the video, each for Kinema and diffusers, with the ratios Kinema / diffusers and
 how far apart the final latents are), the context-window table, and then each benchmark's own report with the
