@@ -3,7 +3,7 @@ FLOPs (``torch.utils.flop_counter``), the FLOP rate reached, and the operators' 
 ``torch.profiler``; then Kinema's call with the weights and input in channels_last.
 
     python bench/profile_step.py [--model animatediff|svd] [--scale tiny|medium|real] [--frames 16] [--size 128]
-                                 [--threads 2] [--repeat 4] [--timing-only]
+                                 [--threads 2] [--repeat 4] [--timing-only] [--low-mem [--attn-chunk 256]]
     python bench/profile_step.py --no-diffusers        # Kinema alone
     python bench/profile_step.py --model svd --scale real --frames 2 --size 1024x576 --repeat 6 --timing-only
 
@@ -16,7 +16,9 @@ UNetSpatioTemporalConditionModel. The calls are timed
 alternately, ``--repeat`` times each after a warm-up; the fastest of each is reported, with the median of each and the
 median of the rounds' Kinema / diffusers ratios (each round's two calls run back to back, so a slow spell of a shared
 machine weighs on both sides of a ratio alike). ``--timing-only`` stops there (no FLOP count, profiler or
-channels_last rounds: at the published widths each call takes a minute or more on two cores).
+channels_last rounds: at the published widths each call takes a minute or more on two cores). ``--low-mem``: each
+side's low-memory setting (Kinema cond and uncond in two calls with attention queries in chunks of
+``--attn-chunk``, diffusers one call with ``enable_forward_chunking()``), no channels_last rounds.
 """
 from __future__ import annotations
 
@@ -105,8 +107,13 @@ def animatediff_calls(args):
     context = torch.randn(2, 77, fixtures.SIZES.clip_hidden).repeat_interleave(f, dim=0)
     t = torch.full((2 * f,), 500.0)
     calls = {"Kinema": lambda: model(x, t, context, f)}
+    if args.low_mem:
+        calls["Kinema"] = lambda: one_then_other(
+            lambda s: model(x[s], t[s], context[s], f, attn_chunk=args.attn_chunk), f)
     if not args.no_diffusers:
         unet = fixtures.diffusers_motion_unet("v3")
+        if args.low_mem:
+            unet.enable_forward_chunking()
         x_d = rearrange(x, "(b f) c h w -> b c f h w", f=f)
         calls["diffusers"] = lambda: unet(x_d, t[0], encoder_hidden_states=context).sample
 
@@ -128,6 +135,7 @@ def svd_calls(args):
     import torch
     from einops import rearrange, repeat
     from kinema.models import checkpoint
+    from kinema.models.layers import RunOptions
     from kinema.models.svd import micro_conditioning
 
     if args.scale != "tiny":
@@ -144,16 +152,22 @@ def svd_calls(args):
     context = torch.randn(2, 1, cfg.context_dim)
     t = torch.full((2,), 0.25)  # c_noise of sigma e
 
-    def per_frame(x_flat, model=unet):
-        return model(x_flat, repeat(t, "b -> (b f)", f=f), repeat(context, "b n d -> (b f) n d", f=f),
-                     repeat(y, "b e -> (b f) e", f=f), f)
+    t_f, context_f, y_f = repeat(t, "b -> (b f)", f=f), repeat(context, "b n d -> (b f) n d", f=f), repeat(
+        y, "b e -> (b f) e", f=f)
+
+    def per_frame(x_flat, model=unet, rows=slice(None), chunk=0):
+        return model(x_flat[rows], t_f[rows], context_f[rows], y_f[rows], f, RunOptions(num_frames=f, attn_chunk=chunk))
 
     x_flat = rearrange(x, "b f c h w -> (b f) c h w")
     calls = {"Kinema": lambda: per_frame(x_flat)}
+    if args.low_mem:
+        calls["Kinema"] = lambda: one_then_other(lambda s: per_frame(x_flat, rows=s, chunk=args.attn_chunk), f)
     if not args.no_diffusers:
         from fixtures_svd_pipeline import diffusers_svd_pipeline
 
         d_unet = diffusers_svd_pipeline(bundle, sd).unet.eval()
+        if args.low_mem:
+            d_unet.enable_forward_chunking()
         calls["diffusers"] = lambda: d_unet(x, t, context, added_time_ids=ids).sample
 
     def in_layout(fmt):
@@ -165,6 +179,14 @@ def svd_calls(args):
         return lambda: per_frame(x_last, last)
 
     return f"SVD UNet, {args.scale}, 2 videos (cond, uncond) of {f} frames", calls, in_layout
+
+
+def one_then_other(call, frames: int):
+    """A low-memory sampler's cond and uncond one after the other: ``call(rows)`` on the first video's rows of the
+    folded batch, then on the second's, the outputs in one batch."""
+    import torch
+
+    return torch.cat([call(slice(0, frames)), call(slice(frames, 2 * frames))])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=4, help="timed rounds (the fastest and the median reported)")
     p.add_argument("--no-diffusers", action="store_true", help="profile Kinema alone")
     p.add_argument("--top", type=int, default=10, help="operators listed")
+    p.add_argument("--low-mem", action="store_true",
+                   help="each side's low-memory setting: Kinema cond and uncond in two calls with attention queries "
+                        "in chunks of --attn-chunk, diffusers one call with its feed-forward chunking")
+    p.add_argument("--attn-chunk", type=int, default=256, help="--low-mem (Kinema): attention queries at once")
     p.add_argument("--timing-only", action="store_true",
                    help="time the calls only (no FLOP count, profiler or channels_last rounds)")
     return p
@@ -187,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     args = p.parse_args(argv)
-    check_at_least(p, args, 1, "frames", "threads", "repeat", "top")
+    check_at_least(p, args, 1, "frames", "threads", "repeat", "top", "attn_chunk")
     args.frames = args.frames or (14 if args.model == "svd" else 16)
 
     import torch
@@ -205,11 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         if not args.timing_only:
             counts = {name: flops(fn) for name, fn in calls.items()}
             ops = profile(calls, args.repeat)
-            layouts = fastest({"default": calls["Kinema"], "last": in_layout(torch.channels_last)}, args.repeat)
+            if not args.low_mem:  # channels_last: the plain call's layouts
+                layouts = fastest({"default": calls["Kinema"], "last": in_layout(torch.channels_last)}, args.repeat)
 
     names, (width, height) = list(calls), args.size
+    low = (f". Low-memory settings: Kinema cond and uncond in two calls, attention queries in chunks of "
+           f"{args.attn_chunk}; diffusers one call with its feed-forward chunking" if args.low_mem else "")
     print(f"{title} at {width}x{height}, fp32, {args.threads} threads ({cpu_name()}); torch "
-          f"{torch.__version__}; {args.repeat} alternating rounds, the fastest and the median of each\n")
+          f"{torch.__version__}; {args.repeat} alternating rounds, the fastest and the median of each{low}\n")
     print("| | " + " | ".join(names) + (" | Kinema / diffusers |" if len(names) > 1 else " |"))
     print("|---|" + "---:|" * (len(names) + (len(names) > 1)))
 
@@ -243,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| operator | s | share |\n|---|---:|---:|")
         for key, s in top:
             print(f"| {key} | {s:.3f} | {100 * s / total:.1f} % |")
+    if args.low_mem:
+        return
     print(f"\nKinema in channels_last: {layouts['last']:.3f} s a call, in the default layout {layouts['default']:.3f} s "
           f"({layouts['last'] / layouts['default']:.2f}x; alternating, fastest of {args.repeat})")
 

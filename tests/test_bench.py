@@ -856,20 +856,42 @@ def test_bench_gen1_gives_each_configuration_its_guidance_and_times_steps_after_
     assert "Kinema / diffusers, step time: plain 0.38, ControlNet 0.38." in out
 
 
+@pytest.mark.parametrize("low_mem", [False, True])
 @pytest.mark.parametrize("model", ["animatediff", "svd"])
-def test_profile_step_times_kinema_and_diffusers_on_the_same_call(model):
+def test_profile_step_times_kinema_and_diffusers_on_the_same_call(monkeypatch, model, low_mem):
     """The two profiled calls compute the same thing (same weights, inputs, timestep, context): Kinema's noise
-    prediction equals diffusers' in fp32."""
+    prediction equals diffusers' in fp32; with --low-mem too, Kinema's attention then in chunks (its two calls,
+    cond and uncond) and diffusers' feed-forward chunking on."""
     pytest.importorskip("diffusers")
     import profile_step
+    from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
+    from kinema.models import layers, motion
 
-    args = SimpleNamespace(scale="tiny", frames=2, size=(48, 32), no_diffusers=False)
+    chunks, chunking = [], []
+
+    def spy_attention(q, k, v, heads, chunk=0):
+        chunks.append(chunk)
+        return attention(q, k, v, heads, chunk)
+
+    attention = layers.attention
+    monkeypatch.setattr(layers, "attention", spy_attention)
+    monkeypatch.setattr(motion, "attention", spy_attention)
+    for cls in (UNetMotionModel, UNetSpatioTemporalConditionModel):
+        monkeypatch.setattr(cls, "enable_forward_chunking", lambda self, *a, _c=cls.enable_forward_chunking, **kw: (
+            chunking.append(type(self).__name__), _c(self, *a, **kw))[1])
+    args = SimpleNamespace(scale="tiny", frames=2, size=(48, 32), no_diffusers=False, low_mem=low_mem, attn_chunk=8)
+    # one fixed draw of the inputs: on about one draw in 40 this random tiny network amplifies fp32 rounding to
+    # ~2e-4 in both settings (a throwaway count), and the draw would otherwise depend on the tests run before
+    torch.manual_seed(3)
     _, calls, _ = (profile_step.svd_calls if model == "svd" else profile_step.animatediff_calls)(args)
     with torch.no_grad():
         ours, theirs = calls["Kinema"](), calls["diffusers"]()
     theirs = theirs.flatten(0, 1) if model == "svd" else theirs.transpose(1, 2).flatten(0, 1)
     assert ours.shape == theirs.shape and ours.shape[-2:] == (4, 6)  # --size W x H: latent H/8 x W/8
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    # the spatial attention gets the query chunk (the temporal one is split by positions, its 2 frames unchunked)
+    assert chunks and set(chunks) == ({0, 8} if low_mem else {0})
+    assert chunking == ([{"svd": "UNetSpatioTemporalConditionModel"}.get(model, "UNetMotionModel")] if low_mem else [])
 
 
 def test_profile_step_ratio_column_is_kinema_over_diffusers(monkeypatch, capsys):
