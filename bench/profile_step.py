@@ -152,11 +152,13 @@ def svd_calls(args):
     context = torch.randn(2, 1, cfg.context_dim)
     t = torch.full((2,), 0.25)  # c_noise of sigma e
 
-    t_f, context_f, y_f = repeat(t, "b -> (b f)", f=f), repeat(context, "b n d -> (b f) n d", f=f), repeat(
-        y, "b e -> (b f) e", f=f)
+    t_f, y_f = repeat(t, "b -> (b f)", f=f), repeat(y, "b e -> (b f) e", f=f)
+    context_f = repeat(context, "b n d -> (b f) n d", f=f)
 
     def per_frame(x_flat, model=unet, rows=slice(None), chunk=0):
-        return model(x_flat[rows], t_f[rows], context_f[rows], y_f[rows], f, RunOptions(num_frames=f, attn_chunk=chunk))
+        """The UNet on the frames ``rows`` of the folded batch (all: cond and uncond at once)."""
+        opts = RunOptions(num_frames=f, attn_chunk=chunk)
+        return model(x_flat[rows], t_f[rows], context_f[rows], y_f[rows], f, opts)
 
     x_flat = rearrange(x, "b f c h w -> (b f) c h w")
     calls = {"Kinema": lambda: per_frame(x_flat)}
