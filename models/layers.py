@@ -304,6 +304,9 @@ SLICE_POSITIONS = 1 << 20
 #: and a band of rows of its channels_last video is not dense for oneDNN (bands made the SVD demo decoder's
 #: 4-frame 1024x1024 decode 1.5x slower).
 UNBANDED_DEVICES = frozenset({"cpu"})
+#: Devices where ``FrameConv`` runs a kernel across frames only as a 2D convolution over ``b c f (h w)`` (elsewhere
+#: as Conv3d). On CUDA which of the two holds less memory is measured by ``bench/probe_vae_memory.py``.
+FRAME_CONV_2D_DEVICES = frozenset({"cpu"})
 
 
 def per_frame_slices(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grow: int = 1) -> torch.Tensor:
@@ -327,11 +330,12 @@ def per_frame_slices(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
 class FrameConv(nn.Conv3d):
     """A Conv3d over ``b c f h w`` (SVD's temporal convolutions; the parameters and names of ``nn.Conv3d``).
 
-    On the CPU a kernel ``(k, 1, 1)`` (SVD's: across frames only) runs as a 2D convolution with kernel ``(k, 1)``
-    over ``b c f (h w)``: the same sums. PyTorch sends such a Conv3d to its slow reference kernel at small sizes
-    (e.g. the temporal decoder's 2-frame chunks: 0.65-0.78x the time of the whole decode in the 2D form) and its
-    oneDNN 3D kernel is no faster than the 2D one elsewhere (``bench/bench_frame_conv.py``). Other kernels, and
-    other devices (cuDNN has its own 3D kernels, not measured here against the 2D form), run as Conv3d.
+    On the CPU (``FRAME_CONV_2D_DEVICES``) a kernel ``(k, 1, 1)`` (SVD's: across frames only) runs as a 2D
+    convolution with kernel ``(k, 1)`` over ``b c f (h w)``: the same sums. PyTorch sends such a Conv3d to its slow
+    reference kernel at small sizes (e.g. the temporal decoder's 2-frame chunks: 0.65-0.78x the time of the whole
+    decode in the 2D form) and its oneDNN 3D kernel is no faster than the 2D one elsewhere
+    (``bench/bench_frame_conv.py``). Other kernels, and other devices (cuDNN has its own 3D kernels; which form
+    holds less memory there is for ``bench/probe_vae_memory.py`` to measure), run as Conv3d.
 
     Such a kernel treats each pixel on its own: off the CPU (``UNBANDED_DEVICES``) a video of more than
     ``SLICE_POSITIONS`` positions is convolved a band of rows at a time into one output in the input's memory layout
@@ -358,7 +362,7 @@ class FrameConv(nn.Conv3d):
         return out
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
+        if x.device.type not in FRAME_CONV_2D_DEVICES:
             return super().forward(x)
         y = F.conv2d(flatten_hw(x), self.weight.squeeze(-1), self.bias, padding=(self.padding[0], 0))
         return y.unflatten(-1, x.shape[-2:])  # b c' f' (h w) -> b c' f' h w

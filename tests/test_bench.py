@@ -325,12 +325,38 @@ def test_probe_vae_memory_replays_the_trace_to_its_peak():
               {"action": "alloc", "addr": 4, "size": 60, "frames": other}]  # 140, not a peak
     peak, alive = probe_vae_memory.peak_allocations(events)
     assert peak == 180 and sorted(alive) == [1, 3]
-    assert probe_vae_memory.by_source(alive) == [(os.path.join("models", "vae.py") + ":7 (decode)", 180, 2)]
+    # the group's bytes, its blocks and its largest block
+    assert probe_vae_memory.by_source(alive) == [(os.path.join("models", "vae.py") + ":7 (decode)", 180, 2, 100)]
 
 
-def test_probe_vae_memory_cpu_check(capsys):
+def test_probe_vae_memory_cpu_check(monkeypatch, capsys, tmp_path):
+    """Both forms of the temporal convolution decode, in turn, the same frames, and the device set is restored
+    after: here with the CPU left out of it, as CUDA is by default, then with the CPU's own set."""
+    from kinema.models import layers
+
+    forms, real = [], layers.FrameConv._conv
+    monkeypatch.setattr(layers.FrameConv, "_conv", lambda self, x: forms.append(
+        "2d" if x.device.type in layers.FRAME_CONV_2D_DEVICES else "conv3d") or real(self, x))
+    own = layers.FRAME_CONV_2D_DEVICES
+    monkeypatch.setattr(layers, "FRAME_CONV_2D_DEVICES", frozenset())
     assert probe_vae_memory.main(["--device", "cpu"]) == 0
-    assert "the decode ran" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the decode ran" in out
+    assert layers.FRAME_CONV_2D_DEVICES == frozenset()
+    half = len(forms) // 2
+    assert half and forms == ["conv3d"] * half + ["2d"] * half
+    assert "as conv3d (the pack's default here)\n" in out and "### Temporal convolutions as 2d\n" in out
+    gap = float(out.split("Largest difference between the two decodes (frames in [0, 1]): ")[1].split()[0][:-1])
+    assert gap < 1e-4
+    monkeypatch.setattr(layers, "FRAME_CONV_2D_DEVICES", own)
+    forms.clear()
+    report = tmp_path / "probe.md"
+    assert probe_vae_memory.main(["--device", "cpu", "--frame-conv", "conv3d", "--output", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert report.read_text().strip() == out.strip()
+    assert set(forms) == {"conv3d"} and "Largest difference" not in out
+    assert "### Temporal convolutions as conv3d\n" in out  # not the CPU's default
+    assert layers.FRAME_CONV_2D_DEVICES == own  # the CPU's 2D form again after the Conv3d decode
 
 
 def test_bench_gpu_names_dtypes_as_its_options_do():

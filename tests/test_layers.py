@@ -132,6 +132,22 @@ def test_frame_conv_is_the_conv3d_across_frames(layout):
     assert conv.weight.shape == (48, 32, 3, 1, 1)
 
 
+@pytest.mark.parametrize("devices,conv3d_calls", [(frozenset({"cpu"}), 0), (frozenset(), 1)],
+                         ids=["2d form on the cpu", "conv3d where the device is not listed"])
+def test_frame_conv_form_follows_the_device_set(monkeypatch, devices, conv3d_calls):
+    """``FRAME_CONV_2D_DEVICES`` decides the form (``bench/probe_vae_memory.py`` measures both on CUDA)."""
+    torch.manual_seed(0)
+    conv = FrameConv(8, 8, (3, 1, 1), padding=(1, 0, 0))
+    x = torch.randn(1, 8, 5, 4, 6)
+    monkeypatch.setattr(layers, "FRAME_CONV_2D_DEVICES", devices)
+    calls, real = [], torch.nn.functional.conv3d
+    monkeypatch.setattr(torch.nn.functional, "conv3d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out = conv(x)
+    assert len(calls) == conv3d_calls
+    torch.testing.assert_close(out, _conv3d_twin(conv)(x), rtol=1e-5, atol=1e-5)
+
+
 def test_frame_conv_avoids_the_slow_reference_kernel():
     """PyTorch runs this Conv3d (a 2-frame chunk of the tiny temporal decoder) with its slow reference kernel on
     the CPU; the frame conv runs a oneDNN 2D convolution."""
@@ -199,9 +215,13 @@ def test_per_frame_slices_is_the_whole_call(monkeypatch, layout):
     assert per_frame_slices(lambda t: t.double(), x).dtype == torch.float64  # the slices' dtype, not the input's
 
 
+@pytest.mark.parametrize("form", ["2d", "conv3d"])
 @pytest.mark.parametrize("layout", ["contiguous", "frames of a channels_last batch"])
-def test_frame_conv_of_a_large_video_runs_a_band_of_rows_at_a_time(monkeypatch, layout):
+def test_frame_conv_of_a_large_video_runs_a_band_of_rows_at_a_time(monkeypatch, layout, form):
+    """The bands in either form of the convolution (the CPU's 2D form, or Conv3d as on CUDA by default)."""
     torch.manual_seed(0)
+    if form == "conv3d":
+        monkeypatch.setattr(layers, "FRAME_CONV_2D_DEVICES", frozenset())
     conv = FrameConv(8, 8, (3, 1, 1), padding=(1, 0, 0))
     frames = torch.randn(5, 8, 7, 6)
     if layout != "contiguous":
