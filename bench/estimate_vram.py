@@ -191,7 +191,7 @@ def measure(fn, base: int = 0) -> int:
     devices = vae.NATIVE_HALF_GROUP_NORM
     vae.NATIVE_HALF_GROUP_NORM = devices | {DEVICE}
     try:
-        assert DEVICE not in layers.UNBANDED_DEVICES
+        assert DEVICE not in layers.UNBANDED_DEVICES | layers.FRAME_CONV_2D_DEVICES  # bands and Conv3d, as on CUDA
         with torch.no_grad(), CudaKernels(), LiveBytes(base=base) as live:
             fn(live)
     finally:
