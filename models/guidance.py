@@ -49,8 +49,22 @@ def match_token_lengths(contexts: list[torch.Tensor]) -> list[torch.Tensor] | No
     return [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
 
 
-SAMPLING_REMEDY = ("lower the frame count or the size, connect Context Options (Kinema) to sample in windows, set "
-                   "attention_chunk on the Video Sampler, or use Memory Policy (Kinema) with block offload")
+def sampling_remedy(model, attn_chunk: int, windowed: bool) -> str:
+    """What is left to change after a model call ran out of memory twice, the first time with ``attn_chunk``
+    queries at once (0: all): the settings already at their least (block offload with one resident block, the
+    smallest attention chunk) are not named."""
+    left = ["lower the frame count or the size",
+            "a shorter context_length on Context Options (Kinema)" if windowed
+            else "connect Context Options (Kinema) to sample in windows"]
+    retried = AttentionChunk(attn_chunk).smaller()
+    if retried is not None and retried.smaller() is not None:
+        left.append(f"set attention_chunk on the Video Sampler below {retried.queries}")
+    offload = getattr(model, "offload", None)
+    if getattr(offload, "mode", "none") != "block":
+        left.append("use Memory Policy (Kinema) with block offload")
+    elif getattr(offload, "resident", 1) > 1:
+        left.append("set resident_blocks to 1 on Memory Policy (Kinema)")
+    return ", ".join(left[:-1]) + ", or " + left[-1]
 
 
 @dataclass(frozen=True)
@@ -132,8 +146,9 @@ class _BatchedDenoiser:
             self.attn_chunk = chunking.queries
             return self._predict(x, sigma, group, window, flags, temporal, reuse)
 
+        remedy = sampling_remedy(self.model, self.attn_chunk, window is not None)
         out, used = run_with_oom_retry(run, AttentionChunk(self.attn_chunk), AttentionChunk.smaller, "sampling",
-                                       SAMPLING_REMEDY)
+                                       remedy)
         self.attn_chunk = used.queries
         return out
 

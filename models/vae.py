@@ -42,7 +42,9 @@ one short video, which is what sgm does (``decoding_t`` frames a call in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+import numbers
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -459,13 +461,17 @@ class ImageEncoderKL(nn.Module):
 
 @dataclass(frozen=True)
 class CodecSetting:
-    """How much a VAE call takes at once: ``chunk`` frames, spatial ``tiles`` (in the call's input units)."""
+    """How much a VAE call takes at once: ``chunk`` frames, spatial ``tiles`` (in the call's input units);
+    ``pixels``: image pixels a tile unit is (8 for a decode's latent tiles), so that the log and the errors give
+    tiles in the pixels the nodes take."""
 
     chunk: int
     tiles: TileOptions = NO_TILES
+    pixels: int = 1
 
     def __str__(self) -> str:
-        tiles = f", tiles of {self.tiles.tile} overlapping {self.tiles.overlap}" if self.tiles.tile else ""
+        tile, overlap = self.tiles.tile * self.pixels, self.tiles.overlap * self.pixels
+        tiles = f", tiles of {tile} overlapping {overlap} pixels" if tile else ""
         return f"{self.chunk} frame(s) a chunk{tiles}"
 
 
@@ -476,12 +482,12 @@ def _smaller(setting: CodecSetting, frames: int, size: int, min_tile: int, unit:
     larger side, ``size``; a tile that covers that side is no tiling)."""
     frames = min(setting.chunk, frames)
     if frames > 1 and not chunk_changes_output:
-        return CodecSetting(frames // 2, setting.tiles)
+        return replace(setting, chunk=frames // 2)
     if 0 < setting.tiles.tile < size:
         tiles = setting.tiles.smaller(min_tile, unit)
     else:
         tiles = TileOptions.first(size, min_tile, unit)
-    return None if tiles is None else CodecSetting(setting.chunk, tiles)
+    return None if tiles is None else replace(setting, tiles=tiles)
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
@@ -495,20 +501,28 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
 class Fp32Fallback:
     """Runs codec calls on ``vae``; a call whose fp16 output is not finite (fp16 overflowed inside the VAE) is
     run again on an fp32 copy of the VAE, which then serves the rest of the job (said once in the log). The
-    input VAE is never changed (``memory.cast_weights`` copies)."""
+    input VAE is never changed (``memory.cast_weights`` copies). An output still not finite (in fp32 or bf16,
+    whose range is fp32's: an input far outside what a sampler or an image gives) is a KinemaError, not blank
+    frames."""
 
     def __init__(self, vae: nn.Module, what: str):
         self.vae, self.what = vae, what
 
     def __call__(self, fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         out = fn(self.vae, x)
-        if self.vae.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+        if bool(torch.isfinite(out).all()):
+            return out
+        if self.vae.dtype == torch.float16:
             logger.warning("%s overflowed in fp16 (inf/NaN in the output); running it in fp32 from here on",
                            self.what)
             del out
             self.vae = cast_weights(self.vae, torch.float32)
             out = fn(self.vae, x)
-        return out
+            if bool(torch.isfinite(out).all()):
+                return out
+        raise KinemaError(f"{self.what} gave NaN or infinite values in {str(self.vae.dtype).removeprefix('torch.')} "
+                          f"(its input's largest magnitude is {x.abs().max().item():.3g}; a sampler's latents and "
+                          "images stay within a few tens): check the node that made the input, or the VAE file")
 
 
 def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, what: str, remedy: str,
@@ -536,7 +550,8 @@ def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, 
 
 def _check_chunk(chunk) -> None:
     """``chunk``: None (the default) or a whole number of frames, at least 1."""
-    if chunk is not None and (isinstance(chunk, bool) or int(chunk) != chunk or chunk < 1):
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Real)
+                              or not math.isfinite(chunk) or int(chunk) != chunk or chunk < 1):
         raise KinemaError(f"frame_chunk must be a whole number of frames, 1 or more (0 on the nodes: the default), "
                           f"got {chunk!r}")
 
@@ -629,7 +644,7 @@ def decode_frames(
     precision = Fp32Fallback(vae, "VAE decoding")
 
     with torch.inference_mode(), on_device(vae):
-        out = _run_chunks(call, latent, CodecSetting(int(chunk), tiles), 8, "VAE decoding",
+        out = _run_chunks(call, latent, CodecSetting(int(chunk), tiles, pixels=8), 8, "VAE decoding",
                           "lower frame_chunk or set a tile size on VAE Decode Frames (Kinema)", temporal, 8, on_chunk)
     return rearrange(torch.cat(out), "f c h w -> f h w c")
 

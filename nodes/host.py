@@ -664,19 +664,26 @@ def _guarded_preview(make: Callable) -> Callable:
 # --- devices --------------------------------------------------------------------------------
 def compute_device() -> torch.device:
     """Where models run: ComfyUI's torch device, else ``KINEMA_DEVICE``, the CPU for ``KINEMA_VRAM=cpu``, CUDA
-    or CPU."""
+    or CPU. A CUDA device always with its index (``cuda:0``, as a tensor's ``.device`` says it): a bare ``cuda``
+    would never equal where the weights already are, and every run would treat them as elsewhere."""
     if _comfy_mm is not None:
-        return _comfy_mm.get_torch_device()
+        return _with_index(_comfy_mm.get_torch_device())
     env = os.environ.get("KINEMA_DEVICE")
     if env:
         try:
-            return torch.device(env)
+            return _with_index(torch.device(env))
         except RuntimeError as e:
             raise KinemaError(f"KINEMA_DEVICE='{env}' is not a torch device ({e}): set it to cpu, cuda or "
                               "cuda:N, or unset it") from None
     if _env_vram() == "cpu":
         return torch.device("cpu")
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return _with_index(torch.device("cuda")) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _with_index(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _env_vram() -> str:

@@ -37,7 +37,9 @@ class KinemaMemoryPolicy:
                                "while sampling; block: blocks streamed in."}),
                 "resident_blocks": ("INT", {"default": 2, "min": 1, "max": 64,
                                             "tooltip": "block offload: blocks kept on the GPU at once (2 lets the "
-                                                       "next one load while one runs)."}),
+                                                       "next one load while one runs). With offload auto, at most "
+                                                       "the VRAM mode's own (2 under --lowvram, 1 under "
+                                                       "--novram)."}),
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                             "tooltip": "Attention in chunks: this many queries (spatial) or pixel "
                                                        "positions (temporal) at once; 0 = all. The same video, "
@@ -45,7 +47,8 @@ class KinemaMemoryPolicy:
                 "batch_cond": ("BOOLEAN", {"default": True,
                                            "tooltip": "Run cond and uncond in one batch (faster) or one after the "
                                                       "other (about half the activation memory). Off here or on "
-                                                      "the sampler: one after the other."}),
+                                                      "the sampler: one after the other; offload auto under "
+                                                      "--novram: one after the other too."}),
             },
             "optional": {
                 "precision": ([KEEP, "fp32", "fp16", "bf16"], {

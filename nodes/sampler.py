@@ -128,12 +128,15 @@ class KinemaVideoSampler:
             "optional": {
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                             "tooltip": "Split attention queries into chunks of this size to save "
-                                                       "memory (0 = off)."}),
+                                                       "memory (the same video). 0 = the model's Memory Policy "
+                                                       "(Kinema) chunk, off without one; a nonzero value here "
+                                                       "wins."}),
                 "batch_cond": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "On: the positive and negative passes run together (faster). Off: one after the "
                                "other, which needs less memory (the result is the same). On runs out of memory: "
-                               "the sampler switches to one after the other by itself."}),
+                               "the sampler switches to one after the other by itself. A Memory Policy (Kinema) "
+                               "with batch_cond off (or --novram) runs them one after the other either way."}),
                 "context_options": ("KINEMA_CONTEXT_OPTIONS", {
                     "tooltip": "Context Options (Kinema): sample long videos in overlapping windows of frames."}),
             },

@@ -22,13 +22,15 @@ def _tile_inputs(what: str) -> dict:
                                          "start on small GPUs. An out-of-memory error starts tiling by itself."}),
         "tile_overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 8,
                                  "tooltip": "Pixels neighbouring tiles share and blend over (less than half the tile "
-                                            "size)."}),
+                                            "size; one that is not is lowered to a quarter of the tile, as "
+                                            "ComfyUI's tiled VAE nodes do, and the log says so)."}),
     }
 
 
 def _pixel_tiles(tile_size, tile_overlap, node: str) -> tuple[int, int]:
-    """Check the tile inputs in the pixels the user entered (multiples of 8, overlap under half the tile):
-    (tile_size, tile_overlap) as ints, or KinemaError naming ``node``."""
+    """Check the tile inputs in the pixels the user entered (multiples of 8): (tile_size, tile_overlap) as ints,
+    or KinemaError naming ``node``. An overlap of half the tile or more (the default 64 with a tile under 136) is
+    lowered to a quarter of the tile, a multiple of 8, and the log says so."""
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v for v in (tile_size, tile_overlap)):
         raise KinemaError(f"{node}: tile_size and tile_overlap must be whole numbers of pixels, got {tile_size!r} and "
                           f"{tile_overlap!r}")
@@ -44,8 +46,10 @@ def _pixel_tiles(tile_size, tile_overlap, node: str) -> tuple[int, int]:
         raise KinemaError(f"{node}: tile_size and tile_overlap must be multiples of 8 pixels (a latent pixel is 8 "
                           f"image pixels), got {tile} and {overlap}")
     if overlap * 2 >= tile:
-        raise KinemaError(f"{node}: tile_overlap ({overlap} pixels) must be less than half of tile_size ({tile} "
-                          "pixels): lower tile_overlap or raise tile_size")
+        lowered = tile // 4 // 8 * 8
+        host.logger.warning("%s: tile_overlap %d pixels is not under half of tile_size %d; using %d", node, overlap,
+                            tile, lowered)
+        overlap = lowered
     return tile, overlap
 
 

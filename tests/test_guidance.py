@@ -80,6 +80,34 @@ def test_other_errors_and_single_video_out_of_memory_are_not_swallowed():
     assert len(oom.calls) == 2
 
 
+@pytest.mark.parametrize("offload,chunk,windowed,named,not_named", [
+    (None, 0, False, ["connect Context Options", "attention_chunk on the Video Sampler below 1024",
+                      "Memory Policy (Kinema) with block offload"], ["resident_blocks", "context_length"]),
+    (("block", 2), 256, True, ["a shorter context_length", "below 128", "set resident_blocks to 1"],
+     ["block offload", "connect Context Options"]),
+    (("block", 1), 128, False, ["lower the frame count or the size"], ["attention_chunk", "resident_blocks",
+                                                                       "block offload"]),
+], ids=["defaults", "block of 2 in windows", "every setting at its least"])
+def test_the_out_of_memory_error_names_only_the_settings_left_to_change(offload, chunk, windowed, named, not_named):
+    """A second out-of-memory error names what is left: not block offload where the model has it, not
+    resident_blocks at 1, not an attention chunk that the retry took to its least (64)."""
+    from kinema.models.errors import KinemaOutOfMemoryError
+    from kinema.models.offload import OffloadOptions
+
+    x, sigma, cond, _ = _inputs()
+    oom = OutOfMemoryAboveOneVideo(motion_model("v2"), torch.OutOfMemoryError("out of memory"), above=0)
+    if offload is not None:
+        oom.offload = OffloadOptions(mode=offload[0], device="cpu", resident=offload[1])
+    den = EpsVideoDenoiser(oom, DiscreteSchedule("linear"), attn_chunk=chunk)
+    window = object() if windowed else None
+    with pytest.raises(KinemaOutOfMemoryError) as err:
+        den._predict_one(x, sigma, [cond], window, (False,), True, None)
+    for text in named:
+        assert text in str(err.value)
+    for text in not_named:
+        assert text not in str(err.value)
+
+
 class OutOfMemoryUnchunked:
     """A video model that runs out of memory unless its attention is chunked."""
 

@@ -263,18 +263,33 @@ def test_sd15_only_nodes_refuse_an_svd_model(nodes, host_dirs):
         nodes["KinemaLoRALoader"]().apply(svd_model, clip, "kinema_demo_lora_sd15.safetensors", 1.0, 1.0)
 
 
-def test_vae_tiling_is_checked_in_the_pixels_entered(nodes, host_dirs):
+def test_vae_tiling_is_checked_in_the_pixels_entered(nodes, host_dirs, caplog):
     _, _, vae = nodes["KinemaCheckpointLoader"]().load("kinema_demo_sd15.safetensors", "fp32")
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
-    with pytest.raises(KinemaError, match=r"VAE Decode Frames \(Kinema\): tile_overlap \(64 pixels\) must be less "
-                                          r"than half of tile_size \(96 pixels\)"):
-        nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 96, 64)
+    # an overlap of half the tile or more (the default 64 with a small tile) is lowered to a quarter of the tile
+    decode = nodes["KinemaVAEDecodeFrames"]().decode
+    latent_big = {"samples": torch.randn(1, 4, 32, 16, generator=torch.Generator().manual_seed(0))}
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        (lowered,) = decode(vae, latent_big, 0, 96, 64)
+    assert "VAE Decode Frames (Kinema): tile_overlap 64 pixels is not under half of tile_size 96; using 24" \
+        in caplog.text
+    (explicit,) = decode(vae, latent_big, 0, 96, 24)
+    (other,) = decode(vae, latent_big, 0, 96, 8)
+    assert torch.equal(lowered, explicit) and not torch.equal(lowered, other)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        (small,) = decode(vae, latent_big, 0, 64)  # the node's default overlap, 64
+    assert "tile_overlap 64 pixels is not under half of tile_size 64; using 16" in caplog.text
+    assert torch.equal(small, decode(vae, latent_big, 0, 64, 16)[0])
     with pytest.raises(KinemaError, match=r"multiples of 8 pixels.*got 100 and 16"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 100, 16)
     with pytest.raises(KinemaError, match=r"multiples of 8 pixels.*got 96 and 12"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 96, 12)
-    with pytest.raises(KinemaError, match=r"VAE Encode Frames \(Kinema\): tile_overlap \(32 pixels\)"):
-        nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.rand(1, 64, 64, 3), 1, 64, 32)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        (encoded,) = nodes["KinemaVAEEncodeFrames"]().encode(vae, torch.rand(1, 64, 64, 3), 1, 64, 32)
+    assert "VAE Encode Frames (Kinema): tile_overlap 32 pixels is not under half of tile_size 64; using 16" \
+        in caplog.text and encoded["samples"].shape == (1, 4, 8, 8)
     with pytest.raises(KinemaError, match=r"tile_size must be 0 \(off\) or at least 64 pixels, got 32"):
         nodes["KinemaVAEDecodeFrames"]().decode(vae, latent, 0, 32, 8)
     with pytest.raises(KinemaError, match=r"input 'tile_size': expected an integer, got 64.5"):

@@ -335,6 +335,26 @@ def test_the_host_reads_comfyuis_vram_state(monkeypatch):
         host.compute_device()
 
 
+@pytest.mark.parametrize("env,comfy", [(None, None), ("cuda", None), (None, "cuda"), ("cuda:1", None)],
+                         ids=["default", "KINEMA_DEVICE=cuda", "ComfyUI's bare cuda", "KINEMA_DEVICE=cuda:1"])
+def test_the_compute_device_names_its_cuda_index(monkeypatch, env, comfy):
+    """A bare ``cuda`` never equals a tensor's ``cuda:0``: the weights already there would count as elsewhere on
+    every run. The compute device carries the current device's index (an index given stays)."""
+    from kinema.nodes import host
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("KINEMA_VRAM", raising=False)
+    if env is None:
+        monkeypatch.delenv("KINEMA_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("KINEMA_DEVICE", env)
+    fake = None if comfy is None else type("FakeComfy", (), {"get_torch_device": staticmethod(
+        lambda: torch.device(comfy))})
+    monkeypatch.setattr(host, "_comfy_mm", fake)
+    assert host.compute_device() == torch.device("cuda:1" if env == "cuda:1" else "cuda:0")
+
+
 def test_none_moves_a_model_whose_shared_buffers_another_policy_moved(monkeypatch):
     """A Memory Policy precision copy shares the motion module's positional tables (buffers) with the loaded
     model; when another policy moved them away, a run under none brings the model back whole."""

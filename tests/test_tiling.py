@@ -1,6 +1,7 @@
 """VAE tiling (feathered overlaps) and the out-of-memory retry of VAE encode/decode."""
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,7 +157,7 @@ def test_temporal_decode_out_of_memory_retries_with_tiles_not_fewer_frames(tempo
         out = decode_frames(vae, latent, chunk=3)
     assert out.shape == (3, 128, 128, 3)
     assert all(c[0] == 3 for c in vae.calls) and vae.calls[0][-2:] == (16, 16) and vae.calls[1][-2:] == (8, 8)
-    assert "tiles of 8" in caplog.text
+    assert "tiles of 64 overlapping 8 pixels" in caplog.text  # in image pixels, as the node takes them
 
 
 def test_out_of_memory_with_a_tile_covering_the_frame_retries_in_real_tiles(temporal_vae, caplog):
@@ -166,7 +167,8 @@ def test_out_of_memory_with_a_tile_covering_the_frame_retries_in_real_tiles(temp
     vae = OutOfMemoryAbove(temporal_vae, pixels=100)
     with caplog.at_level(logging.WARNING, logger="kinema"):
         decode_frames(vae, latent, chunk=3, tiles=TileOptions(64, 8))
-    assert vae.calls[0][-2:] == (16, 16) and vae.calls[1][-2:] == (8, 8) and "tiles of 8" in caplog.text
+    assert vae.calls[0][-2:] == (16, 16) and vae.calls[1][-2:] == (8, 8) \
+        and "tiles of 64 overlapping 8 pixels" in caplog.text
 
 
 def test_a_second_out_of_memory_names_the_settings_to_change():
@@ -247,6 +249,10 @@ def test_the_codecs_refuse_what_is_not_a_vae_and_chunks_below_one():
         encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), chunk=2.5)
     with pytest.raises(KinemaError, match="frame_chunk must be a whole number of frames, 1 or more"):
         encode_frames(sd_vae(), torch.rand(1, 64, 64, 3), chunk=0)
+    for chunk in (float("nan"), float("inf"), "4"):  # not a ValueError / OverflowError from int()
+        with pytest.raises(KinemaError, match="frame_chunk must be a whole number of frames, 1 or more"):
+            decode_frames(sd_vae(), torch.zeros(2, 4, 8, 8), chunk=chunk)
+    assert decode_frames(sd_vae(), torch.zeros(2, 4, 8, 8), chunk=np.int64(1)).shape == (2, 64, 64, 3)
 
 
 def test_the_codecs_refuse_bad_latents_and_frames():

@@ -156,7 +156,7 @@ def test_a_last_short_chunk_that_runs_out_of_memory_goes_to_tiles(caplog):
         out = decode_frames(vae, latent, chunk=2)
     assert out.shape == (3, 128, 128, 3) and bool(torch.isfinite(out).all())
     assert vae.calls[:3] == [(2, 4, 16, 16), (1, 4, 16, 16), (1, 4, 8, 8)]
-    assert "retrying once with 2 frame(s) a chunk, tiles of 8 overlapping 1" in caplog.text
+    assert "retrying once with 2 frame(s) a chunk, tiles of 64 overlapping 8 pixels" in caplog.text
 
 
 def test_a_tile_as_large_as_the_latent_is_no_tiling_on_retry(caplog):
@@ -168,7 +168,8 @@ def test_a_tile_as_large_as_the_latent_is_no_tiling_on_retry(caplog):
     with caplog.at_level(logging.WARNING, logger="kinema"):
         decode_frames(vae, LATENT[:1].repeat(1, 1, 2, 2), chunk=1, tiles=TileOptions(16, 0))
     assert vae.calls[0] == (1, 4, 16, 16) and set(vae.calls[1:]) == {(1, 4, 8, 8)}
-    assert "tiles of 16 overlapping 0; retrying once with 1 frame(s) a chunk, tiles of 8 overlapping 1" in caplog.text
+    assert ("tiles of 128 overlapping 0 pixels; retrying once with 1 frame(s) a chunk, tiles of 64 overlapping 8 "
+            "pixels") in caplog.text
 
 
 def test_a_tiled_encode_that_runs_out_of_memory_retries_in_tiles_of_whole_latent_pixels(caplog):
@@ -182,8 +183,8 @@ def test_a_tiled_encode_that_runs_out_of_memory_retries_in_tiles_of_whole_latent
         out = encode_frames(vae, images, chunk=1, tiles=TileOptions(136, 40))
     assert out.shape == (1, 4, 20, 20) and bool(torch.isfinite(out).all())
     assert vae.calls[0] == (1, 3, 136, 136) and set(vae.calls[1:]) == {(1, 3, 64, 64)}
-    assert "tiles of 136 overlapping 40; retrying once with 1 frame(s) a chunk, tiles of 64 overlapping 16" \
-        in caplog.text
+    assert ("tiles of 136 overlapping 40 pixels; retrying once with 1 frame(s) a chunk, tiles of 64 overlapping 16 "
+            "pixels") in caplog.text  # an encoder's tiles: in pixels already
 
 
 def test_an_8x8_latent_that_runs_out_of_memory_names_the_setting_instead():
@@ -225,14 +226,37 @@ def test_an_fp16_encode_returns_float32_latents():
 
 def test_a_bf16_vae_whose_output_is_not_finite_is_not_run_again_in_fp32(caplog):
     """Only fp16 output that is not finite means fp16 overflowed: bf16 has fp32's range, so an inf from a bf16 VAE
-    would be an inf in fp32 too; the call is not repeated in fp32 (nor the job switched to it)."""
+    would be an inf in fp32 too; the call is not repeated in fp32 (nor the job switched to it), and the job stops
+    with the pack's error instead of returning blank (NaN) frames."""
+    import pytest
+    from kinema.models.errors import KinemaError
+
     vae = _scaled(cast_weights(sd_vae(), torch.bfloat16), 1e30, "post_quant_conv.weight")
     latent = LATENT[:1] * 1e6
     assert not torch.isfinite(cast_weights(vae, torch.float32).decode(latent)).all()  # fp32 does not help
-    with _dtypes_seen(vae.post_quant_conv) as seen, caplog.at_level(logging.WARNING, logger="kinema"):
-        out = decode_frames(vae, latent)
+    with _dtypes_seen(vae.post_quant_conv) as seen, caplog.at_level(logging.WARNING, logger="kinema"), \
+            pytest.raises(KinemaError, match=r"^VAE decoding gave NaN or infinite values in bfloat16 \(its input's "
+                                             r"largest magnitude is .*check the node that made the input"):
+        decode_frames(vae, latent)
     assert seen == [torch.bfloat16]
-    assert not torch.isfinite(out).all() and "overflowed" not in caplog.text
+    assert "overflowed" not in caplog.text
+
+
+def test_output_not_finite_in_fp32_either_is_an_error_after_the_fp16_retry(caplog):
+    """An fp16 VAE whose output stays not finite in fp32 (an input far out of range: finite latents of 1e20) is
+    run once in fp32, then stops with the pack's error naming the input's size, for a decode and an encode."""
+    import pytest
+    from kinema.models.errors import KinemaError
+
+    vae = cast_weights(sd_vae(), torch.float16)
+    with caplog.at_level(logging.WARNING, logger="kinema"), \
+            pytest.raises(KinemaError, match=r"^VAE decoding gave NaN or infinite values in float32 \(its input's "
+                                             r"largest magnitude is 1e\+20"):
+        decode_frames(vae, torch.full((1, 4, 8, 8), 1e20))
+    assert "VAE decoding overflowed in fp16" in caplog.text
+    huge = _scaled(sd_vae(), 1e30, "encoder.conv_in.weight")
+    with pytest.raises(KinemaError, match=r"^VAE encoding gave NaN or infinite values in float32"):
+        encode_frames(huge, IMAGES[:1])
 
 
 # -- what the codecs refuse ----------------------------------------------------------------------------------------
