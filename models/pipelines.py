@@ -21,6 +21,7 @@ from .sampling import (
     DiscreteSchedule,
     StepCallback,
     calculate_sigmas,
+    check_batch_index,
     get_sampler,
     initial_noise,
     noise_latent,
@@ -89,6 +90,20 @@ def windows_per_step(frames: int, context: ContextOptions, steps: int) -> int:
     return max(1, *(len(context_windows(frames, context, i, steps)) for i in range(steps)))
 
 
+def _starting_noise(opts: SampleOptions, shape: tuple) -> torch.Tensor:
+    """``initial_noise``, rescheduled by FreeNoise under context windows that ask for it. A part of a video
+    (``batch_index``, from Latent From Batch) gets each frame's noise in a video of its largest index + 1 frames,
+    FreeNoise included: the noise it had in the whole where the whole was that long (FreeNoise's last block depends
+    on a video's length, which a part does not know)."""
+    if opts.context is None or not opts.context.freenoise:
+        return initial_noise(opts.seed, shape, opts.batch_index)
+    if opts.batch_index is None:
+        return freenoise(initial_noise(opts.seed, shape), opts.context, opts.seed)
+    index = check_batch_index(opts.batch_index, shape[0])
+    whole = initial_noise(opts.seed, (max(index) + 1, *shape[1:]))
+    return freenoise(whole, opts.context, opts.seed)[index]
+
+
 def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, opts: SampleOptions,
                  device: torch.device, callback: StepCallback | None, on_window: Callable[[], None] | None
                  ) -> torch.Tensor:
@@ -101,10 +116,7 @@ def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, 
     if len(sigmas) < 2:
         return latent.float().cpu()
     x = latent.float() * latent_scale
-    noise = initial_noise(opts.seed, tuple(latent.shape), opts.batch_index)
-    if opts.context is not None and opts.context.freenoise:
-        noise = freenoise(noise, opts.context, opts.seed)
-    x = noise_latent(x, noise, sigmas, schedule)
+    x = noise_latent(x, _starting_noise(opts, tuple(latent.shape)), sigmas, schedule)
     if opts.context is not None:
         denoiser = WindowedDenoiser(denoiser, opts.context, sigmas, on_window=on_window)
     out = sampler(denoiser, x.to(device), sigmas.to(device), callback=callback, seed=opts.seed)

@@ -48,11 +48,12 @@ INTERPOLATIONS = ("lerp", "slerp", "none")
 # loosely (signs, decimals, optional quotes) so that wrong frame numbers are reported instead of being read
 # as prompt text.
 _MARKER = re.compile(r'(?:^|(?<=[\n,]))[ \t\r]*(?P<q>"?)(?P<num>[+-]?\d+(?:\.\d*)?)(?P=q)[ \t]*:')
-# A line that starts like a keyframe but is not one ("8; a dog", "8a: a dog", "1e3: a dog", "frame 8: a dog"):
-# reported, not read as more of the previous keyframe's prompt. (Lines like "style: anime" or "4k photo" stay
-# prompt text.)
+# A line that starts like a keyframe but is not one ("8; a dog", "8a: a dog", "1e3: a dog", "frame 8: a dog",
+# "1,200: a dog", "'8': a dog", "8： a dog" with a full-width colon): reported, not read as more of the previous
+# keyframe's prompt (or, after a comma, as another keyframe). (Lines like "style: anime" or "4k photo" stay prompt
+# text.)
 _BROKEN_MARKER = re.compile(
-    r'(?:^|(?<=\n))[ \t\r]*"?(?:[+-]?\d[\w.+-]*|[A-Za-z_]+[ \t]*\d+)"?[ \t]*[:;][^\n]*')
+    r'(?:^|(?<=\n))[ \t\r]*["\']?(?:[+-]?\d[\w.,+-]*|[A-Za-z_]+[ \t]*\d+)["\']?[ \t]*[:;\uff1a\uff1b][^\n]*')
 # A quoted key inside a quoted keyframe's prompt: the comma before it is missing ('"0": "a cat" "16": "a dog"')
 _INNER_QUOTED_KEY = re.compile(r'"[ \t]*"[+-]?\d+(?:\.\d*)?"[ \t]*:')
 #: the largest frame number a keyframe may name
@@ -89,12 +90,15 @@ def _frame_number(marker: str, num: str) -> int:
     return frame
 
 
-def _add_keyframe(keyframes: dict[int, str], marker: str, frame: int, prompt: str) -> None:
+def _add_keyframe(keyframes: dict[int, tuple[str, str]], marker: str, frame: int, prompt: str) -> None:
+    """``keyframes[frame] = (marker, prompt)``, or KinemaError for no prompt or a frame named twice (both quoted)."""
     if not prompt:
         raise KinemaError(f"keyframe {_quote(marker)} has no prompt: write one after the colon or remove it")
     if frame in keyframes:
-        raise KinemaError(f"frame {frame} has two keyframes ({_quote(marker)} appears twice): keep one")
-    keyframes[frame] = prompt
+        first = keyframes[frame][0]
+        named = f"{_quote(marker)} appears twice" if first == marker else f"{_quote(first)} and {_quote(marker)}"
+        raise KinemaError(f"frame {frame} has two keyframes ({named}): keep one")
+    keyframes[frame] = (marker, prompt)
 
 
 def _json_schedule(body: str) -> list[tuple[str, str]] | None:
@@ -128,18 +132,19 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
         raise KinemaError("the prompt schedule is empty: write one keyframe a line, e.g. '0: a cat walking'")
     pairs = _json_schedule(body)
     if pairs is not None:
-        keyframes: dict[int, str] = {}
+        keyframes: dict[int, tuple[str, str]] = {}
         for key, prompt in pairs:
             marker = json.dumps(key) + ":"
             _add_keyframe(keyframes, marker, _frame_number(marker, key.strip()), prompt.strip())
-        return sorted(keyframes.items())
+        return [(frame, prompt) for frame, (_, prompt) in sorted(keyframes.items())]
     markers = list(_MARKER.finditer(body))
     starts = {m.start() for m in markers}
     for broken in _BROKEN_MARKER.finditer(body):  # also with no keyframe at all ("frame 0: a cat\nframe 16: ...")
         if broken.start() not in starts and not _MARKER.match(body, broken.start()):
+            hint = " without separators (1200, not 1,200)" if re.match(r"\s*[\"']?\d+,\d", broken.group(0)) else ""
             raise KinemaError(f"the prompt schedule line {_quote(broken.group(0))} starts like a keyframe but is not "
-                              "one: write '<frame>: <prompt>' (a whole number, then a colon), or join the line to "
-                              "the prompt above it")
+                              f"one: write '<frame>: <prompt>' (a whole number{hint}, then a colon), or join the "
+                              "line to the prompt above it")
     if not markers:
         return [(0, body)]
     head = body[:markers[0].start()].strip()
@@ -162,7 +167,7 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
                 raise KinemaError(f"keyframe {_quote(marker)}: its prompt {_quote(text)} opens a quote it does not "
                                   "close")
         _add_keyframe(keyframes, marker, frame, _prompt_text(raw))
-    return sorted(keyframes.items())
+    return [(frame, prompt) for frame, (_, prompt) in sorted(keyframes.items())]
 
 
 def join_prompt(prompt: str, pre_text: str = "", app_text: str = "") -> str:

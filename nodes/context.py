@@ -36,7 +36,9 @@ class KinemaContextOptions:
                 "context_stride": ("INT", {
                     "default": 1, "min": 1, "max": 8,
                     "tooltip": "Uniform schedules: 1 = contiguous windows only; 2 also adds windows of every "
-                               "2nd frame, 3 of every 4th, ... (ties distant frames together; more windows)."}),
+                               "2nd frame, 3 of every 4th, ... (ties distant frames together; more windows). A "
+                               "spacing is used only where its window fits: every 2nd frame needs twice the "
+                               "context length in frames, every 4th four times."}),
                 "fuse_method": (list(FUSE_METHODS), {
                     "default": "pyramid",
                     "tooltip": "How overlapping windows are blended per frame: pyramid (weights rise towards a "

@@ -114,7 +114,8 @@ class KinemaVideoSampler:
                                    "tooltip": "Denoising steps (the references: AnimateDiff 25 with ddim + "
                                               "ddim_uniform; SVD 25, SVD-XT 30 with euler + karras)."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                                  "tooltip": "Classifier-free guidance scale (1 = no negative pass). Image-to-video: "
+                                  "tooltip": "Classifier-free guidance scale (1 = no negative pass, unless Temporal "
+                                             "Guidance (Kinema) with w_t other than 1 needs it). Image-to-video: "
                                              "the largest per-frame scale (2.5 for SVD, 3.0 for SVD-XT)."}),
                 "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling method. lcm is for consistency-distilled models "
                                   "(AnimateLCM, an LCM-LoRA): 4 to 8 steps, scheduler sgm_uniform, cfg 1 to 2."}),

@@ -47,6 +47,27 @@ def test_the_frames_of_a_batch_index_get_the_noise_they_have_in_the_whole_video(
     assert not torch.allclose(part, whole[:2] - latent[:2] + latent[2:], atol=1e-3)  # not the first frames' noise
 
 
+def test_a_batch_index_part_gets_its_freenoise_noise_of_the_whole_video(monkeypatch):
+    """With FreeNoise on (Context Options' default) a part of a video gets each frame's noise in a video of its
+    largest index + 1 frames, rescheduled as there: the whole's own noise for a part that reaches its end."""
+    _identity_sampling(monkeypatch)
+    latent = torch.randn(20, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    context = ContextOptions(context_length=8, overlap=2, schedule="static", freenoise=True)
+    opts = pipelines.SampleOptions(seed=5, steps=3, cfg=1.0, sampler="euler", denoise=0.5, context=context)
+    whole = pipelines.sample_video(motion_model("v2"), *_conds(), latent, opts)
+    part = pipelines.sample_video(motion_model("v2"), *_conds(), latent[10:],
+                                  replace(opts, batch_index=tuple(range(10, 20))))
+    assert torch.allclose(part, whole[10:], atol=1e-6)
+    start = pipelines.sample_video(motion_model("v2"), *_conds(), latent[:10],
+                                   replace(opts, batch_index=tuple(range(10))))
+    short = pipelines.sample_video(motion_model("v2"), *_conds(), latent[:10], opts)  # a 10-frame video
+    assert torch.allclose(start, short, atol=1e-6)
+    plain = pipelines.sample_video(motion_model("v2"), *_conds(), latent[10:],
+                                   replace(opts, batch_index=tuple(range(10, 20)),
+                                           context=replace(context, freenoise=False)))
+    assert not torch.allclose(part, plain, atol=1e-3)  # FreeNoise did reschedule this part's noise
+
+
 @pytest.mark.parametrize("scheduler, steps, denoise, calls", [
     ("normal", 3, 1.0, 3), ("ddim_uniform", 3, 1.0, 3), ("ddim_uniform", 6, 1.0, 7),  # ComfyUI's: 7 for 6
     ("normal", 4, 0.5, 4), ("normal", 3, 0.0, 0)])  # a partial denoise keeps the steps

@@ -80,6 +80,11 @@ def test_the_fizznodes_form_checks_its_keyframes(text, match):
     # lines that all start like keyframes without being one: refused, not encoded as one prompt with the markers
     ("frame 0: a cat\nframe 16: a dog", "line 'frame 0: a cat' starts like a keyframe but is not one"),
     ("0; a cat\n16; a dog", "line '0; a cat' starts like a keyframe"),
+    # a thousands separator: not keyframe 200 with '1' added to the prompt above
+    ("0: a cat\n1,200: a dog", r"line '1,200: a dog' starts like a keyframe.*without separators \(1200, not 1,200\)"),
+    ("0: a cat\n'16': a dog", "line \"'16': a dog\" starts like a keyframe"),  # single quotes
+    ("0: a cat\n16\uff1a a dog", "line '16\uff1a a dog' starts like a keyframe"),  # a full-width colon
+    ("0: a cat\n00: a dog", r"frame 0 has two keyframes \('0:' and '00:'\)"),  # both markers quoted
 ])
 def test_parse_schedule_errors(text, match):
     with pytest.raises(KinemaError, match=match):
