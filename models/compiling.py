@@ -66,7 +66,11 @@ def _compiled(fn: Callable, opts: CompileOptions, **kwargs) -> Callable:
     """``fn`` through ``torch.compile`` with ``opts`` (and ``kwargs``, e.g. ``dynamic``)."""
     opts.validate()
     mode = opts.mode if opts.backend == "inductor" and opts.mode != "default" else None
-    return torch.compile(fn, backend=opts.backend, mode=mode, **kwargs)
+    try:
+        return torch.compile(fn, backend=opts.backend, mode=mode, **kwargs)
+    except Exception as e:  # torch.compile refusing this Python, platform or build before any graph is made
+        raise KinemaError(f"torch.compile cannot run here ({type(e).__name__}: {e}): remove Compile Model (Kinema) "
+                          "and Compile VAE (Kinema) from the graph, which run the same without them") from e
 
 
 def _call(net: nn.Module, *args, **kwargs):

@@ -92,10 +92,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, chu
 class SharedContext:
     """A cross-attention context ``[(b f), m, d]`` whose consecutive frames repeat (one prompt for many frames):
     kept once per run of equal entries (``values`` [u, m, d]) with each frame's entry in ``index`` [(b f)], so the
-    keys and values are projected once per distinct prompt instead of once per frame."""
+    keys and values are projected once per distinct prompt instead of once per frame. ``index`` None: every frame
+    its own entry, checked (``checked``)."""
 
     values: torch.Tensor
-    index: torch.Tensor
+    index: torch.Tensor | None
 
     @staticmethod
     def of(context: torch.Tensor | SharedContext) -> torch.Tensor | SharedContext:
@@ -109,9 +110,17 @@ class SharedContext:
         starts = torch.cat([same.new_ones(1), ~same])
         return SharedContext(context[starts], starts.long().cumsum(0) - 1)
 
+    @staticmethod
+    def checked(context: torch.Tensor | SharedContext) -> SharedContext:
+        """``of(context)``, always as a SharedContext (no repeats: ``index`` None), so that a compiled UNet, whose
+        ``of`` then passes it on, has no data-dependent branch to break its graph at."""
+        shared = SharedContext.of(context)
+        return shared if isinstance(shared, SharedContext) else SharedContext(shared, None)
+
     def project(self, linear: nn.Module) -> torch.Tensor:
         """``linear`` of every frame's context: [(b f), m, c], computed once per distinct entry."""
-        return linear(self.values)[self.index]
+        out = linear(self.values)
+        return out if self.index is None else out[self.index]
 
 
 class CrossAttention(nn.Module):

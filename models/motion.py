@@ -515,6 +515,6 @@ class MotionModel:
                                                                                              num_frames)
             cross_extra = content_cross_extra(self.contents, self.unet.cfg, num_frames, flags, sigma, schedule)
         if self.compile is not None:  # found here: inside the UNet it is a data-dependent branch, a graph break
-            context = SharedContext.of(context)
+            context = SharedContext.checked(context)
         return compiling.run_unet(self.unet, self.offload, self.compile, x, timesteps, context, opts, binding,
                                   control=control, cross_extra=cross_extra)

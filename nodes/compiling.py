@@ -33,7 +33,9 @@ class KinemaCompileModel:
         "later runs with the same sizes reuse it until ComfyUI restarts. The same video, to rounding. Needs a "
         "working Triton (Linux with an NVIDIA GPU; on Windows, triton-windows) or a C++ compiler on the CPU, "
         "where it gains nothing. With block offload (Memory Policy) each UNet block is compiled on its own and "
-        "runs between the moves (the speed of this low-memory path is not measured yet)."
+        "runs between the moves (the speed of this low-memory path is not measured yet). Attention in chunks "
+        "(Memory Policy, the Video Sampler) is compiled chunk by chunk: small chunks make the first compile much "
+        "longer (several times over at 64), so leave attention_chunk at 0 or large with this node."
     )
     CATEGORY = "Kinema/sampling"
     RETURN_TYPES = ("KINEMA_MODEL",)
@@ -61,7 +63,8 @@ class KinemaCompileVAE:
         "normalisations, activations and (SVD's temporal decoder) frame blends fused into fewer GPU kernels. The "
         "first decode with new sizes compiles first (the log says so), later ones reuse it until ComfyUI "
         "restarts; other tile or chunk sizes compile again. The same frames, to rounding. Encoding is not "
-        "compiled. Needs what Compile Model (Kinema) needs; for a GPU: on a CPU the decode was slower compiled."
+        "compiled. Needs what Compile Model (Kinema) needs. Meant for a GPU: on a CPU the decode was slower "
+        "compiled."
     )
     CATEGORY = "Kinema/vae"
     RETURN_TYPES = ("KINEMA_VAE",)

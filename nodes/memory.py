@@ -43,7 +43,9 @@ class KinemaMemoryPolicy:
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                             "tooltip": "Attention in chunks: this many queries (spatial) or pixel "
                                                        "positions (temporal) at once; 0 = all. The same video, "
-                                                       "less memory. A nonzero value on the Video Sampler wins."}),
+                                                       "less memory. A nonzero value on the Video Sampler wins. "
+                                                       "With Compile Model (Kinema), small chunks make the first "
+                                                       "compile much longer."}),
                 "batch_cond": ("BOOLEAN", {"default": True,
                                            "tooltip": "Run cond and uncond in one batch (faster) or one after the "
                                                       "other (about half the activation memory). Off here or on "

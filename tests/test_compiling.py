@@ -65,6 +65,21 @@ def test_a_compiled_animatediff_model_makes_the_same_video_from_one_graph(dynamo
     assert "forward" not in vars(model.unet)  # nothing patched into the model
 
 
+def test_a_compiled_animatediff_model_with_a_prompt_per_frame_is_one_graph(dynamo):
+    """No two neighbouring frames share a prompt (prompt travel, one uncond video): checked before the compiled
+    call too, so the UNet's own check has no data-dependent branch left to break the graph at."""
+    g = torch.Generator().manual_seed(4)
+    pos, neg = torch.randn(4, 77, 64, generator=g), torch.randn(4, 77, 64, generator=g)
+    opts = pipelines.SampleOptions(seed=7, steps=2, cfg=5.0)
+    latent = torch.zeros(4, 4, 8, 8)
+    with torch.no_grad():
+        plain = pipelines.sample_video(motion_model("v2"), pos, neg, latent, opts)
+        dynamo.clear()
+        compiled = pipelines.sample_video(motion_model("v2").with_options(compile=EAGER), pos, neg, latent, opts)
+    assert float((compiled - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
+    _captured_once(dynamo)
+
+
 @pytest.mark.parametrize("batch_cond", [True, False])
 def test_a_compiled_svd_model_makes_the_same_video_from_one_graph(dynamo, tmp_path, batch_cond):
     """Also with cond and uncond one after the other: one video a call, whose 1x1 deepest level (the fixture's 64
@@ -169,6 +184,23 @@ class _Blocks(torch.nn.Module):
 
     def forward(self, x, stream=None, call_block=offload.call_directly):
         return call_block(self.second, call_block(self.first, x))
+
+
+def test_torch_compile_refusing_to_run_is_a_kinema_error_naming_the_nodes(monkeypatch, dynamo):
+    """torch.compile itself raising (its check of the Python version, say) before any graph: the pack's error."""
+    def refuses(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on Python 3.15+")
+
+    monkeypatch.setattr(torch, "compile", refuses)
+    compiling.compiled_call.cache_clear()
+    compiling.compiled_decode_call.cache_clear()
+    try:
+        with pytest.raises(KinemaError, match=r"torch.compile cannot run here \(RuntimeError: torch.compile is not "
+                                              r"supported.*remove Compile Model \(Kinema\) and Compile VAE"):
+            compiling.run(_Blocks(), EAGER, torch.ones(1, 3))
+    finally:
+        compiling.compiled_call.cache_clear()
+        compiling.compiled_decode_call.cache_clear()
 
 
 @pytest.mark.parametrize("by_block", [False, True])
