@@ -257,7 +257,7 @@ def test_real_size_svd_xt_fits_16_gb_by_default_and_6_gb_with_block_offload_and_
 
 @pytest.mark.parametrize("model", ["animatediff", "svd"])
 def test_profile_step_runs_kinema_beside_diffusers(model, capsys):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import profile_step
 
     threads = torch.get_num_threads()
@@ -595,7 +595,7 @@ def test_bench_all_report_exits_1_when_a_section_failed_whatever_the_context_ver
 
 
 def test_bench_all_gives_each_section_its_plan_threads_and_repeat(monkeypatch, capsys):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     seen = {}
 
     def run_section(section, argv):
@@ -649,7 +649,7 @@ def test_bench_animatediff_children_sample_the_same_video_with_the_options_given
     steps: identical schedules), each child got the parent's options, and every step was timed; with --low-mem,
     each side's low-memory setting reaches its engine (Kinema cond/uncond apart with attention chunks, diffusers'
     feed-forward chunking)."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import bench_animatediff
     from _measure import reset_peak_rss
     from diffusers import UNetMotionModel
@@ -694,7 +694,7 @@ def test_bench_svd_configurations_make_the_same_video_with_their_own_memory_sett
     """The four configurations sample the same latents as diffusers' (fp32: ~1e-5), each child gets the parent's
     options, and each low-mem setting reaches its engine: Kinema cond/uncond apart with attention chunks, diffusers'
     feed-forward chunking, each side decoding its own chunk of frames."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import bench_svd
     from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
     from kinema.models import pipelines, vae
@@ -827,7 +827,7 @@ def test_bench_gen1_gives_each_configuration_its_guidance_and_times_steps_after_
     """Each Kinema configuration samples with its temporal guidance, ControlNet and IP-Adapter (and the cfg asked),
     diffusers' ControlNet row with the ControlNet pipeline and the hints; the table's median leaves out each run's
     warm-up step and the ratio is Kinema / diffusers."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import bench_gen1
     from diffusers import AnimateDiffControlNetPipeline, AnimateDiffPipeline
     from kinema.models import pipelines
@@ -888,7 +888,7 @@ def test_profile_step_times_kinema_and_diffusers_on_the_same_call(monkeypatch, m
     """The two profiled calls compute the same thing (same weights, inputs, timestep, context): Kinema's noise
     prediction equals diffusers' in fp32; with --low-mem too, Kinema's attention then in chunks (its two calls,
     cond and uncond) and diffusers' feed-forward chunking on."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import profile_step
     from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
     from kinema.models import layers, motion
@@ -927,7 +927,7 @@ def test_profile_step_times_kinema_and_diffusers_on_the_same_call(monkeypatch, m
 
 
 def test_profile_step_ratio_column_is_kinema_over_diffusers(monkeypatch, capsys):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import profile_step
 
     rounds = {"Kinema": [3.0, 2.0, 6.0], "diffusers": [4.0, 8.0, 5.0]}
@@ -978,7 +978,7 @@ def test_bench_gpu_kinema_and_diffusers_make_the_same_latents_in_fp32(model, cap
     """On the CPU in fp32 every row's latents match diffusers plain's (the same video: seeds, noise, cfg,
     schedule and conditioning alike on both sides); block-chunk decodes in Kinema's tiles, diffusers chunked with
     its feed-forward chunking and (AnimateDiff) the same tiles, LOW_DECODE_CHUNK frames a call."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from diffusers import AnimateDiffPipeline, StableVideoDiffusionPipeline
     from kinema.models import vae
 

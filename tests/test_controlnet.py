@@ -31,7 +31,7 @@ from kinema.models.errors import KinemaError
 from kinema.models.layers import RunOptions
 from kinema.models.sampling import DiscreteSchedule
 
-pytest.importorskip("diffusers")
+pytest.importorskip("diffusers", exc_type=ImportError)
 
 
 def _inputs(frames: int = 3, h: int = 16, w: int = 16, seed: int = 1):

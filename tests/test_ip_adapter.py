@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_net_close
 
-pytest.importorskip("diffusers")
+pytest.importorskip("diffusers", exc_type=ImportError)
 
 from fixtures import diffusers_unet2d, unet
 from fixtures_clip_vision import transformers_tower

@@ -194,8 +194,8 @@ def test_motion_lora_strengths_and_stacking():
 
 
 def test_motion_lora_matches_diffusers():
-    pytest.importorskip("peft")
-    pytest.importorskip("diffusers")
+    pytest.importorskip("peft", exc_type=ImportError)
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
     from fixtures import diffusers_motion_unet
 
@@ -223,13 +223,13 @@ def test_a_motion_lora_saved_from_a_ddp_wrapper_loads_as_the_plain_one(tmp_path)
 def test_a_motion_lora_in_diffusers_layout_equals_the_published_one(tmp_path, layout):
     """A MotionLoRA converted for diffusers: diffusers' renames with ``unet.`` before every key (what its conversion
     script writes: processor halves), or the peft halves diffusers holds after loading it (``lora_A/lora_B``)."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
 
     sd, strength = motion_lora_sd(), 0.8
     renamed = convert_animatediff_checkpoint_to_diffusers(dict(sd))
     if layout == "peft":
-        pytest.importorskip("peft")
+        pytest.importorskip("peft", exc_type=ImportError)
         from fixtures import diffusers_motion_unet
         from peft import get_peft_model_state_dict
 
@@ -283,7 +283,7 @@ def _value_key(t):
 def independent_diffusers_to_ldm():
     """diffusers UNet module path -> our LDM parameter name, found by matching tensor values between the demo UNet
     and diffusers' own conversion of the same checkpoint (independent of the engine's mapping)."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures import diffusers_unet2d
 
     ours = {}
@@ -477,8 +477,8 @@ def test_a_lora_from_comfyuis_extract_and_save_lora_merges_whole():
 
 
 def test_kohya_lora_matches_diffusers():
-    pytest.importorskip("peft")
-    pytest.importorskip("diffusers")
+    pytest.importorskip("peft", exc_type=ImportError)
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from diffusers.loaders.lora_base import fuse_text_encoder_lora
     from fixtures import diffusers_unet2d
@@ -507,8 +507,8 @@ def test_kohya_lora_matches_diffusers():
 
 
 def test_v3_adapter_style_lora_matches_diffusers():
-    pytest.importorskip("peft")
-    pytest.importorskip("diffusers")
+    pytest.importorskip("peft", exc_type=ImportError)
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures import diffusers_unet2d
 
     sd = demo.adapter_lora_state_dict()

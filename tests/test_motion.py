@@ -173,7 +173,7 @@ def _state(module):
 def test_a_diffusers_motion_adapter_file_loads_as_the_published_file(tmp_path, version):
     """A MotionAdapter's ``diffusion_pytorch_model.safetensors`` as diffusers writes it (``save_pretrained`` of the
     demo weights, converted by diffusers' own converter) gives the module the published file gives."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures import motion_adapter, motion_state_dict
     from safetensors.torch import save_file
 
@@ -237,7 +237,7 @@ def test_published_layout_renames_diffusers_keys_and_keeps_the_published_ones():
 
 
 def test_the_motion_modules_of_a_whole_diffusers_unet_motion_model_file_are_loaded(tmp_path, caplog):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     import logging
 
     from fixtures import diffusers_motion_unet, motion_modules

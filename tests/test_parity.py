@@ -21,7 +21,7 @@ import torch
 from conftest import assert_net_close
 from einops import rearrange
 
-pytest.importorskip("diffusers")
+pytest.importorskip("diffusers", exc_type=ImportError)
 
 from fixtures import (  # noqa: E402
     cross_frame_resnet_norms,

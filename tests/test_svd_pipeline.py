@@ -221,7 +221,7 @@ def test_conditioning_options_at_their_bounds_are_taken():
 # -- a whole video against diffusers ------------------------------------------------------------------------------
 
 def _diffusers_pipeline(bundle):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures_svd_pipeline import diffusers_svd_pipeline
 
     return diffusers_svd_pipeline(bundle)
@@ -456,7 +456,7 @@ def test_fp16_file_loads_as_published(tmp_path):
 def test_the_image_decoder_release_decodes_every_frame_with_the_sd_vae(tmp_path, bundle):
     """svd_image_decoder / svd_xt_image_decoder: the same UNet and conditioning, and sgm's AutoencoderKL as the first
     stage: the frames are decoded one by one as diffusers' AutoencoderKL decodes them, on the file's weights."""
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from fixtures import diffusers_vae_config

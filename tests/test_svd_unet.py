@@ -228,7 +228,7 @@ def test_a_video_with_some_still_frames_keeps_its_temporal_layers():
 
 @pytest.mark.parametrize("num_head_channels", [64, 16])
 def test_unet_matches_diffusers_given_the_same_y(num_head_channels):
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures_svd_unet import diffusers_svd_unet
 
     ref_model = diffusers_svd_unet(num_head_channels)
@@ -240,7 +240,7 @@ def test_unet_matches_diffusers_given_the_same_y(num_head_channels):
 
 
 def test_unet_matches_diffusers_from_micro_conditioning_ids():
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures_svd_unet import diffusers_svd_unet
 
     ids = torch.tensor([[6.0, 127.0, 0.02], [24.0, 30.0, 0.5]])  # fps_id, motion_bucket_id, cond_aug
@@ -253,7 +253,7 @@ def test_unet_matches_diffusers_from_micro_conditioning_ids():
 
 
 def test_single_frame_matches_diffusers():
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from fixtures_svd_unet import diffusers_svd_unet
 
     x, c_noise, context, y = _inputs(frames=1)
@@ -270,7 +270,7 @@ def test_micro_conditioning_matches_sgm_order_and_diffusers():
     # sgm: each scalar through the cos-first sinusoidal embedding, in the order fps_id, motion_bucket_id, cond_aug
     for i, value in enumerate((6.0, 127.0, 0.02)):
         torch.testing.assert_close(y[0, 256 * i : 256 * (i + 1)], timestep_embedding(torch.tensor([value]), 256)[0])
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     from diffusers.models.embeddings import Timesteps
 
     ids = torch.tensor([[6.0, 127.0, 0.02]])

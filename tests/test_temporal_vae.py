@@ -124,7 +124,7 @@ def test_the_latent_width_is_read_off_the_decoder():
 # -- parity with diffusers -----------------------------------------------------------------------------------------
 
 def test_decode_matches_diffusers():
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     z = torch.randn(FRAMES, 4, HW, HW, generator=_gen(1))
     with torch.no_grad():
         ours = temporal_vae().decode(z, num_frames=FRAMES)
@@ -134,7 +134,7 @@ def test_decode_matches_diffusers():
 
 
 def test_encode_matches_diffusers():
-    pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers", exc_type=ImportError)
     x = torch.rand(2, 3, 64, 64, generator=_gen(2)) * 2 - 1
     with torch.no_grad():
         ours = temporal_vae().encode(x)
