@@ -436,10 +436,11 @@ class ImageEncoder:
         return preprocess_images(images.to(self.device), self.image_size, style)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, style: str = "svd") -> torch.Tensor:
+    def encode(self, images: torch.Tensor, style: str = "svd", remedy: str = ENCODE_REMEDY) -> torch.Tensor:
         """IMAGE [b, h, w, 3] in [0, 1] -> image_embeds [b, proj_dim], float32 on the CPU (not L2-normalised);
-        ``style``: how the images are resized, SVD's conditioner's or CLIPImageProcessor's (``preprocess_images``)."""
-        with on_device(self), remedy_for_out_of_memory("CLIP vision encoding", ENCODE_REMEDY):
+        ``style``: how the images are resized, SVD's conditioner's or CLIPImageProcessor's (``preprocess_images``);
+        ``remedy``: what the out-of-memory error tells the user to change."""
+        with on_device(self), remedy_for_out_of_memory("CLIP vision encoding", remedy):
             pixels = self.preprocess(images, style).to(self.dtype)
             out = self.model(pixel_values=pixels)
             return out.image_embeds.float().cpu()

@@ -168,12 +168,12 @@ def remedy_for_out_of_memory(what: str, remedy: str) -> Iterator[None]:
 
 
 def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S], S | None], what: str,
-                       remedy: str) -> tuple[R, S]:
+                       remedy: str | Callable[[S], str]) -> tuple[R, S]:
     """``run(setting)``; on an out-of-memory error, once more with ``smaller(setting)`` (said in the log).
 
     Returns the result and the setting that worked (callers keep it for the rest of the job). A second
     out-of-memory error, or none smaller to try, is a ``KinemaOutOfMemoryError`` naming ``remedy`` (the setting
-    to change). Other errors pass unchanged.
+    to change; a callable: of the last setting tried). Other errors pass unchanged.
     """
     try:
         return run(setting), setting
@@ -183,7 +183,8 @@ def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S],
     release_cached_memory()  # outside the except block: the failed attempt's tensors are gone
     retry = smaller(setting)
     if retry is None:
-        raise KinemaOutOfMemoryError(f"{what} ran out of memory and there is nothing smaller to retry with: {remedy}")
+        raise KinemaOutOfMemoryError(f"{what} ran out of memory and there is nothing smaller to retry with: "
+                                     f"{_remedy(remedy, setting)}")
     logger.warning("%s ran out of memory with %s; retrying once with %s", what, setting, retry)
     try:
         return run(retry), retry
@@ -191,4 +192,8 @@ def run_with_oom_retry(run: Callable[[S], R], setting: S, smaller: Callable[[S],
         if not is_out_of_memory(exc):
             raise
     release_cached_memory()
-    raise KinemaOutOfMemoryError(f"{what} ran out of memory, also with {retry}: {remedy}")
+    raise KinemaOutOfMemoryError(f"{what} ran out of memory, also with {retry}: {_remedy(remedy, retry)}")
+
+
+def _remedy(remedy: str | Callable[[S], str], setting: S) -> str:
+    return remedy(setting) if callable(remedy) else remedy

@@ -152,6 +152,14 @@ def fit_image(image: torch.Tensor, width: int, height: int, what: str = "the ini
     return rearrange(px.clamp(0, 1), "b c h w -> b h w c").contiguous()
 
 
+def _image_encode_remedy(image_encoder) -> str:
+    """What to change when the CLIP image encoding of SVD's one init (or content) image runs out of memory: the
+    loader's precision where the encoder is in fp32 (half the memory in fp16), and free GPU memory."""
+    half = getattr(image_encoder, "dtype", None) == torch.float32
+    return "free GPU memory (other programs using it)" + (
+        ", or set precision to fp16 on Load SVD Checkpoint (Kinema)" if half else "")
+
+
 def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageConditioningOptions,
                        content_image: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Init image -> (cond, uncond), each ``{"context": [1, 1, d], "concat": [1, 4, h, w], "y": [1, adm]}``.
@@ -164,12 +172,12 @@ def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageCondi
     frame = fit_image(image, opts.width, opts.height)
     content = frame if content_image is None else fit_image(content_image, opts.width, opts.height, "the content image")
     with torch.inference_mode():
-        embeds = image_encoder.encode(content).float()
+        embeds = image_encoder.encode(content, remedy=_image_encode_remedy(image_encoder)).float()
         gen = torch.Generator().manual_seed(int(opts.seed))
         pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
         noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)
         concat = encode_pixels(vae, noised, "encoding the init image",
-                               "lower width and height on SVD Conditioning (Kinema), or free GPU memory")
+                               "lower width and height on SVD Image Conditioning (Kinema), or free GPU memory")
     y = micro_conditioning(opts.fps - 1, opts.motion_bucket_id, opts.augmentation_level, 1)
     context = rearrange(embeds, "b d -> b 1 d")
     cond = {"context": context, "concat": concat, "y": y}

@@ -36,19 +36,20 @@ class TileOptions:
                               f"({self.tile}); lower the overlap or raise the tile size")
 
     def smaller(self, minimum: int, unit: int = 1) -> TileOptions | None:
-        """The next smaller tiling for an out-of-memory retry (half the tile; tile and overlap multiples of
-        ``unit``), None below ``minimum``."""
-        tile = self.tile // 2 // unit * unit
-        if tile < minimum:
+        """The next smaller tiling for an out-of-memory retry: half the tile, or ``minimum`` where half is less
+        (tile and overlap multiples of ``unit``); None when the tile is ``minimum`` already."""
+        tile = max(-(-minimum // unit) * unit, self.tile // 2 // unit * unit)
+        if tile >= self.tile:
             return None
         return TileOptions(tile, min(self.overlap, tile // 4 // unit * unit))
 
     @staticmethod
     def first(size: int, minimum: int, unit: int = 1) -> TileOptions | None:
         """The tiling an out-of-memory retry starts with on an untiled image whose larger side is ``size``: tiles
-        of half that side overlapping a sixteenth (multiples of ``unit``), None below ``minimum``."""
-        tile = size // 2 // unit * unit
-        if tile < minimum:
+        of half that side, or ``minimum`` where half is less, overlapping a sixteenth (multiples of ``unit``); None
+        when a ``minimum`` tile covers the side."""
+        tile = max(-(-minimum // unit) * unit, size // 2 // unit * unit)
+        if tile >= size:
             return None
         return TileOptions(tile, max(unit, tile // 16 // unit * unit))
 

@@ -475,6 +475,31 @@ class CodecSetting:
         return f"{self.chunk} frame(s) a chunk{tiles}"
 
 
+#: the smallest tile, in image pixels, that codec calls are tiled in (as ComfyUI's tiled VAE nodes): below it the
+#: tiles' results drift from the untiled one and seams show
+MIN_TILE_PIXELS = 64
+
+
+def node_remedy(node: str, side: int, temporal: bool = False) -> Callable[[CodecSetting], str]:
+    """What is left to change on ``node`` (VAE Decode / Encode Frames) once a codec call with a setting ran out of
+    memory for good: a lower frame_chunk (above 1 frame; ``temporal``: it changes the video), tiles (frames whose
+    larger side, ``side`` pixels, is above ``MIN_TILE_PIXELS``) or smaller ones (down to it), and always freeing
+    GPU memory."""
+    def remedy(setting: CodecSetting) -> str:
+        left = []
+        if setting.chunk > 1:
+            left.append("lower frame_chunk" + (" (fewer frames decoded together change the video a little)"
+                                               if temporal else ""))
+        tile = setting.tiles.tile * setting.pixels
+        if not tile and side > MIN_TILE_PIXELS:
+            left.append("set tile_size (512 to start)")
+        elif tile > MIN_TILE_PIXELS:
+            left.append(f"lower tile_size below {tile} ({MIN_TILE_PIXELS} at least)")
+        on_node = f"{', or '.join(left)} on {node}, or " if left else ""
+        return f"{on_node}free GPU memory (other models or programs using it)"
+    return remedy
+
+
 def _smaller(setting: CodecSetting, frames: int, size: int, min_tile: int, unit: int, chunk_changes_output: bool
              ) -> CodecSetting | None:
     """The next smaller setting after a chunk of ``frames`` frames ran out of memory: half those frames a chunk
@@ -525,7 +550,7 @@ class Fp32Fallback:
                           "images stay within a few tens): check the node that made the input, or the VAE file")
 
 
-def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, what: str, remedy: str,
+def _run_chunks(call, items: torch.Tensor, setting: CodecSetting, scale: float, what: str, remedy,
                 chunk_changes_output: bool, min_tile: int, on_chunk) -> list[torch.Tensor]:
     """``call`` on chunks of ``items`` [f, c, h, w] (tiled as ``setting`` says), retrying a chunk that runs out of
     memory once with a smaller setting, which then holds for the rest."""
@@ -645,7 +670,8 @@ def decode_frames(
 
     with torch.inference_mode(), on_device(vae):
         out = _run_chunks(call, latent, CodecSetting(int(chunk), tiles, pixels=8), 8, "VAE decoding",
-                          "lower frame_chunk or set a tile size on VAE Decode Frames (Kinema)", temporal, 8, on_chunk)
+                          node_remedy("VAE Decode Frames (Kinema)", max(latent.shape[-2:]) * 8, temporal), temporal, MIN_TILE_PIXELS // 8,
+                          on_chunk)
     return rearrange(torch.cat(out), "f c h w -> f h w c")
 
 
@@ -688,7 +714,7 @@ def encode_frames(
     if chunk is None:
         chunk = frames_per_call(h, w)
     return _encode(vae, pixels, False, CodecSetting(int(chunk), tiles), "VAE encoding",
-                   "lower frame_chunk or set a tile size on VAE Encode Frames (Kinema)", on_chunk)
+                   node_remedy("VAE Encode Frames (Kinema)", max(h, w)), on_chunk)
 
 
 def encode_pixels(vae: AutoencoderKL | TemporalAutoencoder | ImageEncoderKL, pixels: torch.Tensor, what: str,
@@ -699,8 +725,8 @@ def encode_pixels(vae: AutoencoderKL | TemporalAutoencoder | ImageEncoderKL, pix
     return _encode(vae, pixels, True, CodecSetting(1), what, remedy, None)
 
 
-def _encode(vae, pixels: torch.Tensor, signed: bool, setting: CodecSetting, what: str, remedy: str,
-            on_chunk) -> torch.Tensor:
+def _encode(vae, pixels: torch.Tensor, signed: bool, setting: CodecSetting, what: str,
+            remedy: str | Callable[[CodecSetting], str], on_chunk) -> torch.Tensor:
     """``pixels`` [f, 3, H, W] in [-1, 1] (``signed``) or [0, 1] -> latent, chunked and tiled as ``setting`` says."""
     def encode(model, px: torch.Tensor) -> torch.Tensor:
         px = px.to(model.device, model.dtype)
@@ -712,7 +738,7 @@ def _encode(vae, pixels: torch.Tensor, signed: bool, setting: CodecSetting, what
     precision = Fp32Fallback(vae, what)
 
     with torch.inference_mode(), on_device(vae):
-        out = _run_chunks(call, pixels, setting, 1 / 8, what, remedy, False, 64, on_chunk)
+        out = _run_chunks(call, pixels, setting, 1 / 8, what, remedy, False, MIN_TILE_PIXELS, on_chunk)
     return torch.cat(out)
 
 

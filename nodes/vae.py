@@ -4,13 +4,10 @@ from __future__ import annotations
 from ..models import vae as vae_ops
 from ..models.errors import KinemaError
 from ..models.tiling import TileOptions
+from ..models.vae import MIN_TILE_PIXELS
 from ..models.video_io import check_images
 from . import host
 from .checks import latent_samples
-
-#: the smallest tile the nodes take (as ComfyUI's tiled VAE nodes): below it the tiles' results drift from the
-#: untiled one and seams show
-MIN_TILE_PIXELS = 64
 
 
 def _tile_inputs(what: str) -> dict:

@@ -6,6 +6,7 @@ weights). diffusers gets the same tensors through the tests' own key mappings (`
 ``fixtures_temporal_vae``), with sgm's ResBlock GroupNorm eps (diffusers' differs, see fixtures_svd_unet).
 """
 import copy
+from types import SimpleNamespace
 import os
 import logging
 
@@ -186,7 +187,7 @@ def test_the_init_image_encode_retries_in_tiles_then_names_the_size(bundle, capl
     assert cond["concat"].shape == (1, 4, 16, 16) and bool(torch.isfinite(cond["concat"]).all())
     assert vae.calls[0] == (1, 3, 128, 128) and vae.calls[1] == (1, 3, 64, 64)
     assert "encoding the init image ran out of memory" in caplog.text and "tiles of 64" in caplog.text
-    with pytest.raises(KinemaOutOfMemoryError, match="lower width and height on SVD Conditioning"):
+    with pytest.raises(KinemaOutOfMemoryError, match="lower width and height on SVD Image Conditioning"):
         svd_model.image_conditioning(bundle.image_encoder, OutOfMemoryAbove(bundle.vae, 0), _image(), opts)
     encoder = copy.copy(bundle.image_encoder)  # its tower runs out of memory (the bundle's stays as it is)
     encoder.model = copy.copy(encoder.model)
@@ -195,8 +196,13 @@ def test_the_init_image_encode_retries_in_tiles_then_names_the_size(bundle, capl
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     encoder.model.forward = out_of_memory
-    with pytest.raises(KinemaOutOfMemoryError, match="CLIP vision encoding ran out of memory: give it fewer"):
+    # SVD encodes one image: the remedy is the loader's precision (its encoder is fp32 here) or free memory
+    with pytest.raises(KinemaOutOfMemoryError, match=r"CLIP vision encoding ran out of memory: free GPU memory \(other "
+                                                     r"programs using it\), or set precision to fp16 on Load SVD "
+                                                     r"Checkpoint \(Kinema\)$"):
         svd_model.image_conditioning(encoder, bundle.vae, _image(), opts)
+    assert svd_model._image_encode_remedy(SimpleNamespace(dtype=torch.float16)) == \
+        "free GPU memory (other programs using it)"  # in fp16 already
 
 
 @pytest.mark.parametrize("kw,match", [({"width": 60}, "multiple of 8"), ({"height": 4}, "multiple of 8"),

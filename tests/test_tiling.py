@@ -173,8 +173,9 @@ def test_out_of_memory_with_a_tile_covering_the_frame_retries_in_real_tiles(temp
 
 def test_a_second_out_of_memory_names_the_settings_to_change():
     vae = OutOfMemoryAbove(sd_vae(), frames=0)
-    with pytest.raises(KinemaOutOfMemoryError, match="frame_chunk or set a tile size") as err:
-        decode_frames(vae, torch.zeros(4, 4, 8, 8), chunk=4)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"also with 2 frame\(s\) a chunk: lower frame_chunk on VAE "
+                                                     r"Decode Frames \(Kinema\), or free GPU memory") as err:
+        decode_frames(vae, torch.zeros(4, 4, 8, 8), chunk=4)  # 64x64 pixels: no tile smaller than the frame
     assert len(vae.calls) == 2  # the first try and one retry, no more
     # the pack's error, and an out-of-memory error to a host (ComfyUI unloads its models then), never retried again
     assert isinstance(err.value, KinemaError) and isinstance(err.value, torch.OutOfMemoryError)
@@ -195,12 +196,50 @@ def test_encode_out_of_memory_retries_in_tiles_of_whole_latent_pixels(height, wi
 
 
 def test_an_encode_too_small_to_tile_names_the_setting_instead():
-    """Encode tiles are at least 64 pixels: a 96x96 frame that runs out of memory whole (its half, 48, is below
-    that) is not retried in tiles the encoder would see too little of, but named."""
+    """Encode tiles are at least 64 pixels: a 64x64 frame that runs out of memory whole is not retried in tiles the
+    encoder would see too little of, but named; a 96x96 one (half its side, 48, is below 64) is retried in tiles of
+    64, the smallest the nodes take, and then named with nothing on the node left to lower."""
     vae = OutOfMemoryAbove(sd_vae(), pixels=0)
-    with pytest.raises(KinemaOutOfMemoryError, match="nothing smaller to retry with"):
-        encode_frames(vae, torch.rand(1, 96, 96, 3), chunk=1)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"nothing smaller to retry with: free GPU memory \(other"):
+        encode_frames(vae, torch.rand(1, 64, 64, 3), chunk=1)
     assert len(vae.calls) == 1
+    vae = OutOfMemoryAbove(sd_vae(), pixels=0)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"also with 1 frame\(s\) a chunk, tiles of 64 overlapping 8 "
+                                                     r"pixels: free GPU memory \(other"):
+        encode_frames(vae, torch.rand(1, 96, 96, 3), chunk=1)
+    assert vae.calls == [(1, 3, 96, 96), (1, 3, 64, 64)]
+
+
+def test_a_tile_whose_half_is_below_the_smallest_retries_at_the_smallest(temporal_vae, caplog):
+    """A 120-pixel decode tile that runs out of memory is retried in 64-pixel tiles (half of it, 60, is below the
+    smallest), which fit, instead of giving up; what the error names depends on what is left to change."""
+    latent = torch.randn(3, 4, 24, 24, generator=torch.Generator().manual_seed(6))
+    vae = OutOfMemoryAbove(temporal_vae, pixels=100)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        out = decode_frames(vae, latent, chunk=3, tiles=TileOptions(15, 4))
+    assert out.shape == (3, 192, 192, 3) and bool(torch.isfinite(out).all())
+    assert vae.calls[0][-2:] == (15, 15) and set(c[-2:] for c in vae.calls[1:]) == {(8, 8)}
+    assert "tiles of 120 overlapping 32 pixels; retrying once with 3 frame(s) a chunk, tiles of 64 overlapping 16 " \
+        "pixels" in caplog.text
+    never = OutOfMemoryAbove(temporal_vae, pixels=0)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"tiles of 64 overlapping 16 pixels: lower frame_chunk \(fewer "
+                                                     r"frames decoded together change the video a little\) on VAE "
+                                                     r"Decode Frames \(Kinema\), or free GPU memory"):
+        decode_frames(never, latent, chunk=3, tiles=TileOptions(15, 4))
+    with pytest.raises(KinemaOutOfMemoryError, match=r"nothing smaller to retry with: lower frame_chunk \(fewer "
+                                                     r"frames"):
+        decode_frames(OutOfMemoryAbove(temporal_vae, pixels=0), latent, chunk=3, tiles=TileOptions(8, 2))
+    big = OutOfMemoryAbove(sd_vae(), frames=0)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"also with 1 frame\(s\) a chunk, tiles of 192 overlapping 8 "
+                                                     r"pixels: lower tile_size below 192 \(64 at least\) on VAE Decode"):
+        decode_frames(big, torch.zeros(1, 4, 48, 48), chunk=1)
+    unset = OutOfMemoryAbove(sd_vae(), frames=0)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"also with 2 frame\(s\) a chunk: lower frame_chunk, or set "
+                                                     r"tile_size \(512 to start\) on VAE Decode Frames"):
+        decode_frames(unset, torch.zeros(4, 4, 16, 16), chunk=4)
+    with pytest.raises(KinemaOutOfMemoryError, match=r"also with 1 frame\(s\) a chunk: set tile_size \(512 to "
+                                                     r"start\) on VAE Decode Frames"):
+        decode_frames(OutOfMemoryAbove(sd_vae(), frames=0), torch.zeros(2, 4, 16, 16), chunk=2)
 
 
 def test_a_short_chunk_retries_with_fewer_frames_than_it_has():
@@ -217,8 +256,12 @@ def test_a_short_chunk_retries_with_fewer_frames_than_it_has():
 
 def test_tiles_are_whole_latent_pixels_or_refused():
     assert TileOptions(200, 48).smaller(64, 8) == TileOptions(96, 24)
-    assert TileOptions(136, 40).smaller(64, 8) == TileOptions(64, 16) and TileOptions(120, 8).smaller(64, 8) is None
-    assert TileOptions.first(136, 64, 8) == TileOptions(64, 8) and TileOptions.first(100, 64, 8) is None
+    assert TileOptions(136, 40).smaller(64, 8) == TileOptions(64, 16)
+    # half a tile below the smallest: the smallest; none smaller than that, nor a smallest tile covering the side
+    assert TileOptions(120, 8).smaller(64, 8) == TileOptions(64, 8) and TileOptions(64, 8).smaller(64, 8) is None
+    assert TileOptions(15, 4).smaller(8) == TileOptions(8, 2) and TileOptions(8, 2).smaller(8) is None
+    assert TileOptions.first(136, 64, 8) == TileOptions(64, 8) and TileOptions.first(100, 64, 8) == TileOptions(64, 8)
+    assert TileOptions.first(64, 64, 8) is None and TileOptions.first(12, 8) == TileOptions(8, 1)
     assert TileOptions.first(40, 8) == TileOptions(20, 1)  # a decoder's latent pixels: any size
     with pytest.raises(KinemaError, match="multiples of 8"):
         run_tiled(lambda t: t[..., ::8, ::8], torch.zeros(1, 3, 64, 64), TileOptions(36, 8), 1 / 8)
