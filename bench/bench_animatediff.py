@@ -47,6 +47,7 @@ from _measure import (
     process_peak_rss_kib,
     ratio,
     register_pack,
+    release_heap,
     reset_peak_rss,
     rss_kib,
     run_bench,
@@ -122,9 +123,7 @@ def run_child_process(args) -> None:
     # drop the caches of the state dicts and conversion sources: keep only what sampling uses
     for name in ("sd15_state_dict", "motion_state_dict", "diffusers_unet2d", "diffusers_vae"):
         getattr(fixtures, name).cache_clear()
-    import gc
-
-    gc.collect()
+    release_heap()
     rss_before = rss_kib("VmRSS")
     reset = reset_peak_rss()
 

@@ -32,6 +32,7 @@ from _measure import (
     process_peak_rss_kib,
     ratio,
     register_pack,
+    release_heap,
     reset_peak_rss,
     rss_kib,
     run_bench,
@@ -42,7 +43,6 @@ CONTEXT = {"context_length": 16, "overlap": 4, "schedule": "uniform_standard", "
 
 
 def run_child_process(args) -> None:
-    import gc
 
     import torch
 
@@ -60,7 +60,7 @@ def run_child_process(args) -> None:
     model = fixtures.motion_model("v2", beta_schedule="linear")
     for name in ("sd15_state_dict", "motion_state_dict"):
         getattr(fixtures, name).cache_clear()
-    gc.collect()
+    release_heap()
     lat = args.size // 8
     opts = SampleOptions(seed=0, steps=args.steps, cfg=7.5, sampler="euler", scheduler="normal",
                          context=ContextOptions(**CONTEXT))

@@ -46,7 +46,6 @@ Without a CUDA device and without ``--device cpu`` the script says so and exits 
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import math
 import os
@@ -66,6 +65,7 @@ from _measure import (
     edm_leap,
     integer_schedule,
     register_pack,
+    release_heap,
     reset_peak_rss,
     rss_kib,
 )
@@ -143,7 +143,7 @@ class Meter:
             self.torch.cuda.synchronize(self.device)
 
     def clear(self) -> None:
-        gc.collect()
+        release_heap()
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
             self.torch.cuda.empty_cache()

@@ -49,6 +49,7 @@ from _measure import (
     process_peak_rss_kib,
     ratio,
     register_pack,
+    release_heap,
     reset_peak_rss,
     rss_kib,
     run_bench,
@@ -78,7 +79,6 @@ def prepare_checkpoint(args) -> None:
 
 def run_child_process(args) -> None:
     """Child: one configuration makes one video from ``--checkpoint``; results to ``--result``."""
-    import gc
 
     import torch
 
@@ -145,7 +145,7 @@ def run_child_process(args) -> None:
                 pipe.decode_latents(latent[None], frames, decode_chunk_size=decode_chunk)
             return latent
 
-    gc.collect()
+    release_heap()
     rss_before = rss_kib("VmRSS")
     reset = reset_peak_rss()
     t0 = time.perf_counter()

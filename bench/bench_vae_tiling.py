@@ -25,6 +25,7 @@ from _measure import (
     cpu_name,
     mib,
     register_pack,
+    release_heap,
     reset_peak_rss,
     rss_kib,
     thread_env,
@@ -59,6 +60,7 @@ def child(args) -> None:
     lat = args.size // 8
     latent = torch.randn(args.frames, 4, lat, lat, generator=torch.Generator().manual_seed(0))
     tiles = TileOptions(args.tile // 8, args.overlap // 8) if args.tile else TileOptions()
+    release_heap()
     reset_peak_rss()
     before = rss_kib("VmRSS")
     t0 = time.perf_counter()
