@@ -52,6 +52,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
@@ -749,10 +750,8 @@ def _attempt(make, impl: str, config: str) -> Run:
         print(f"  {impl} {config}: out of memory", file=sys.stderr)
         return Run(impl, config, note="out of memory: " + str(e).splitlines()[0][:120])
     except Exception as e:  # noqa: BLE001 -- a broken configuration is reported; the others still run
-        import traceback
-
         traceback.print_exc()
-        return Run(impl, config, note=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        return Run(impl, config, note=f"failed: {_first_line(e)}")
 
 
 def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype, on_run=None,
@@ -762,34 +761,47 @@ def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype, on
 
     ``on_run(out)`` is called after each run (the caller rewrites the report: a run cut off later keeps what it
     measured). ``deadline`` (``time.monotonic()``): a run that would likely end after it, judged by the longest
-    run so far, is skipped with a note instead of being started."""
+    run so far (at first the warm-up's), is skipped with a note instead of being started; diffusers' pipeline is
+    not built where twice the warm-up's time is not left. A FLOP count, profile or pipeline build that fails is
+    printed and the runs go on. ``out["setup_s"]``: the seconds before the first run."""
     out = {"workload": w, "runs": [], "flops": {}, "profile": {}}
     recorders = []
+    began = time.monotonic()
 
     def record(unet):
         recorders.append(CallRecorder(unet))
         return recorders[-1]
 
     print(f"{w.title}: Kinema warm-up and FLOP count ...", file=sys.stderr, flush=True)
+    start = time.monotonic()
     warm = _attempt(lambda: kinema_video(w, "none", args, device, meter, steps=1, decode=True, recorder_for=record),
                     "Kinema", "warm-up")
+    warm_s = time.monotonic() - start
     if not warm.note and recorders and recorders[-1].calls:
         from kinema.models import placement
 
         model = w.model.with_options(offload=policy_options("none", args, device))
         placement.rest(model, model.offload)
-        a, k = recorders[-1].calls[0]
-        out["flops"]["Kinema"] = count_flops(model.unet, a, k) * len(recorders[-1].calls)
-        if args.profile:
-            out["profile"]["Kinema"] = profile_call(model.unet, a, k, device, args.profile)
-        recorders.clear()
+        _measure_call(out, "Kinema", model.unet, recorders, args, device)
         _park(w, device)
         meter.clear()
-    pipe = _diffusers_pipeline(w, args, device, meter, dtype, vae_dtype, out, record, recorders) \
-        if args.diffusers else None
+    pipe = None
+    if args.diffusers and deadline is not None and time.monotonic() + 2 * warm_s >= deadline:
+        out["runs"].append(Run("diffusers", "-", note="skipped: the time budget (--time-budget) would run out "
+                                                      "building its pipeline"))
+    elif args.diffusers:
+        try:
+            pipe = _diffusers_pipeline(w, args, device, meter, dtype, vae_dtype, out, record, recorders)
+        except Exception as e:  # noqa: BLE001 -- Kinema's runs are still worth making and reporting
+            traceback.print_exc()
+            out["runs"].append(Run("diffusers", "-", note=f"failed: building its pipeline: {_first_line(e)}"))
+            meter.clear()
     kinema = [("Kinema", policy) for policy in args.policies]
     theirs = [("diffusers", config) for config in args.diffusers] if pipe is not None else []
-    longest, compiling = 0.0, args.compile_allowance  # the longest run without its compile; a compile's length
+    # the longest run so far without its compile (at first the one-step warm-up: a run takes at least that long);
+    # a compile's length
+    longest, compiling = warm_s, args.compile_allowance
+    out["setup_s"] = time.monotonic() - began
     for impl, config in kinema[:1] + theirs[:1] + kinema[1:] + theirs[1:]:
         compiled = impl == "Kinema" and config in COMPILED
         if deadline is not None and time.monotonic() + longest + (compiling if compiled else 0.0) > deadline:
@@ -837,14 +849,28 @@ def _diffusers_pipeline(w: Workload, args, device, meter: Meter, dtype, vae_dtyp
                     "diffusers", "warm-up")
     if not warm.note and recorders and recorders[-1].calls:
         pipe.to(device)
-        a, k = recorders[-1].calls[0]
-        out["flops"]["diffusers"] = count_flops(pipe.unet, a, k) * len(recorders[-1].calls)
-        if args.profile:
-            out["profile"]["diffusers"] = profile_call(pipe.unet, a, k, device, args.profile)
-        recorders.clear()
+        _measure_call(out, "diffusers", pipe.unet, recorders, args, device)
         pipe.to("cpu")
         meter.clear()
     return pipe
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def _measure_call(out: dict, impl: str, unet, recorders: list, args, device) -> None:
+    """FLOPs of ``impl``'s warm-up step (its first recorded UNet call, times the calls) into ``out["flops"]`` and,
+    with --profile, that call's profile; a failure is printed and leaves them out, the runs still go on."""
+    try:
+        a, k = recorders[-1].calls[0]
+        out["flops"][impl] = count_flops(unet, a, k) * len(recorders[-1].calls)
+        if args.profile:
+            out["profile"][impl] = profile_call(unet, a, k, device, args.profile)
+    except Exception:  # noqa: BLE001 -- a FLOP count or profile is not worth the runs
+        traceback.print_exc()
+    finally:
+        recorders.clear()
 
 
 # -- report --------------------------------------------------------------------------------------------------------
@@ -935,7 +961,8 @@ DIFFUSERS_NOTES = {
 }
 
 
-def report(args, argv: list[str], results: list[dict], device, meter: Meter, dtype, vae_dtype) -> list[str]:
+def report(args, argv: list[str], results: list[dict], device, meter: Meter, dtype, vae_dtype,
+           pending: str = "") -> list[str]:
     import torch
 
     try:
@@ -970,8 +997,10 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
     ]
     for res in results:
         lines += workload_report(res, args, meter) + [""]
-    lines += [f"Not run: {kind} (the time budget, --time-budget, ran out before it).\n"
-              for kind in getattr(args, "not_run", [])]
+    lines += [f"Not run: {kind} ({why}).\n" for kind, why in getattr(args, "not_run", [])]
+    if pending:
+        lines.append(f"In progress: this report was written after a run; {pending} to come (a report cut short "
+                     "here is missing them).\n")
     return lines
 
 
@@ -1035,11 +1064,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def budget_deadline(budget: float | None, started: float) -> float | None:
+    """The ``time.monotonic()`` by which ``budget`` seconds are up (None: no budget), counted from the device
+    command's start where ``gpu_run.sh`` exported it (``KINEMA_BENCH_STARTED``, seconds since the epoch: the
+    wheels and the tests before the bench count), else from ``started`` (the bench's own start, monotonic)."""
+    if not budget:
+        return None
+    since = os.environ.get("KINEMA_BENCH_STARTED")
+    if since:
+        try:
+            started -= max(0.0, time.time() - float(since))
+        except ValueError:
+            raise ValueError(f"KINEMA_BENCH_STARTED must be the seconds since the epoch (date +%s), not "
+                             f"{since!r}") from None
+    return started + budget
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     p = build_parser()
     args = p.parse_args(argv)
+    try:
+        deadline = budget_deadline(args.time_budget, started)
+    except ValueError as e:
+        p.error(str(e))
+    # diffusers' sequential offload leaves its weights on the meta device, hooked: it must run last
+    args.diffusers = sorted(dict.fromkeys(args.diffusers), key=DIFFUSERS_CONFIGS.index)
     check_at_least(p, args, 2, "steps")  # the first is the warm-up step, left out of the median
     check_at_least(p, args, 1, "frames", "resident", "attn_chunk", "tile")
     if not args.peak_tflops > 0:
@@ -1072,31 +1123,45 @@ def main(argv: list[str] | None = None) -> int:
     meter = Meter(device)
     gen_device = device  # random weights drawn where they compute (fast on a GPU), kept on the CPU
     results = []
-    deadline = started + args.time_budget if args.time_budget else None
 
-    def write(partial: list[dict]) -> str:
-        text = "\n".join(report(args, argv, partial, device, meter, dtype, vae_dtype)).rstrip() + "\n"
+    def write(partial: list[dict], pending: str = "") -> str:
+        text = "\n".join(report(args, argv, partial, device, meter, dtype, vae_dtype, pending)).rstrip() + "\n"
         if args.output:  # after each run: a run cut off later keeps what it measured
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text)
         return text
 
     args.not_run = []
-    for kind in args.models:
-        if deadline is not None and time.monotonic() > deadline:
-            args.not_run.append(kind)
+    setup = 0.0  # the last workload's setup (weights, warm-ups, FLOP counts): the next one's is likely alike
+    for i, kind in enumerate(args.models):
+        later = args.models[i + 1:]
+        if deadline is not None and time.monotonic() + setup > deadline:
+            args.not_run.append((kind, "the time budget, --time-budget, ran out before it"))
             continue
         print(f"building the {kind} weights ({args.scale}) ...", file=sys.stderr, flush=True)
-        build = build_animatediff if kind == "animatediff" else build_svd
-        w = build(sc, args, dtype, vae_dtype, gen_device)
-        results.append(bench_workload(w, args, device, meter, dtype, vae_dtype, deadline=deadline,
-                                      on_run=lambda out: write([*results, out])))
-        w.state_dicts.clear()
+        start = time.monotonic()
+
+        def on_run(out, later=later):
+            write([*results, out], pending="more runs" + (f" and workloads ({', '.join(later)})" if later else ""))
+
+        try:
+            build = build_animatediff if kind == "animatediff" else build_svd
+            w = build(sc, args, dtype, vae_dtype, gen_device)
+            built = time.monotonic() - start
+            try:
+                results.append(bench_workload(w, args, device, meter, dtype, vae_dtype, deadline=deadline,
+                                              on_run=on_run))
+                setup = built + results[-1]["setup_s"]
+            finally:
+                w.state_dicts.clear()
+        except Exception as e:  # noqa: BLE001 -- one workload failing outside its runs keeps the others
+            traceback.print_exc()
+            args.not_run.append((kind, f"failed: {_first_line(e)}"))
         meter.clear()
     text = write(results)
     print(text, end="")
     failed = [r for res in results for r in res["runs"] if r.note.startswith("failed")]
-    return 1 if failed else 0
+    return 1 if failed or any(why.startswith("failed") for _, why in args.not_run) else 0
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from einops import rearrange
 from . import context
 from .addons import ControlReuse
 from .errors import KinemaError
+from .layers import fused_attention
 from .memory import is_out_of_memory, release_cached_memory, run_with_oom_retry
 from .sampling import DiscreteSchedule
 
@@ -49,15 +50,16 @@ def match_token_lengths(contexts: list[torch.Tensor]) -> list[torch.Tensor] | No
     return [c.repeat(1, lcm // c.shape[1], 1) for c in contexts]
 
 
-def sampling_remedy(model, attn_chunk: int, windowed: bool) -> str:
-    """What is left to change after a model call ran out of memory twice, the first time with ``attn_chunk``
+def sampling_remedy(model, attn_chunk: int, windowed: bool, chunks_help: bool = True) -> str:
+    """What is left to change after a model call ran out of memory for good, the first time with ``attn_chunk``
     queries at once (0: all): the settings already at their least (block offload with one resident block, the
-    smallest attention chunk) are not named."""
+    smallest attention chunk) are not named, nor attention chunks where they save nothing (``chunks_help``
+    False: ``layers.fused_attention``)."""
     left = ["lower the frame count or the size",
             "a shorter context_length on Context Options (Kinema)" if windowed
             else "connect Context Options (Kinema) to sample in windows"]
     retried = AttentionChunk(attn_chunk).smaller()
-    if retried is not None and retried.smaller() is not None:
+    if chunks_help and retried is not None and retried.smaller() is not None:
         left.append(f"set attention_chunk on the Video Sampler below {retried.queries}")
     offload = getattr(model, "offload", None)
     if getattr(offload, "mode", "none") != "block":
@@ -141,14 +143,17 @@ class _BatchedDenoiser:
 
     def _predict_one(self, x, sigma, group, window, flags, temporal, reuse) -> list[torch.Tensor]:
         """One conditioning; out of memory: once more with attention in (smaller) chunks, which gives the same
-        prediction and holds for the rest of the run; a second time: a KinemaError naming the settings."""
+        prediction and holds for the rest of the run, where chunks save memory (``layers.fused_attention``:
+        not on CUDA or the CPU, whose attention kernels never hold the score matrix); a second time, or where
+        they would not: a KinemaError naming the settings."""
         def run(chunking: AttentionChunk):
             self.attn_chunk = chunking.queries
             return self._predict(x, sigma, group, window, flags, temporal, reuse)
 
-        remedy = sampling_remedy(self.model, self.attn_chunk, window is not None)
-        out, used = run_with_oom_retry(run, AttentionChunk(self.attn_chunk), AttentionChunk.smaller, "sampling",
-                                       remedy)
+        chunks_help = not fused_attention(self._device_dtype(self.model.unet)[0])
+        remedy = sampling_remedy(self.model, self.attn_chunk, window is not None, chunks_help)
+        smaller = AttentionChunk.smaller if chunks_help else lambda chunking: None
+        out, used = run_with_oom_retry(run, AttentionChunk(self.attn_chunk), smaller, "sampling", remedy)
         self.attn_chunk = used.queries
         return out
 

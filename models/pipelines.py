@@ -130,13 +130,38 @@ def _check_conditioning(what: str, tensors) -> None:
                           "image encode, a conditioning edit given a NaN strength) produced them; check its inputs")
 
 
+def _half_networks(model) -> list[tuple[str, str]]:
+    """The networks of a sampling run whose weights are fp16, each with where its precision is set: the UNet and
+    the motion module (Memory Policy (Kinema) converts both; else their loaders), each ControlNet and IP-Adapter
+    (its loader)."""
+    policy = "precision on Memory Policy (Kinema) (placed after Apply Motion Module) or on its loader"
+    nets = [("the UNet", model.unet, policy), ("the motion module", getattr(model, "motion", None), policy)]
+    nets += [("a ControlNet", c.controlnet, "precision on Load ControlNet (Kinema)")
+             for c in getattr(model, "controls", ())]
+    nets += [("an IP-Adapter", c.adapter, "precision on Load IP-Adapter (Kinema)")
+             for c in getattr(model, "contents", ())]
+    half = []
+    for name, net, where in nets:
+        weight = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+        if weight is not None and weight.dtype == torch.float16 and (name, where) not in half:
+            half.append((name, where))
+    return half
+
+
 def _check_sampled(latent: torch.Tensor, model) -> torch.Tensor:
     """``latent`` unless the sampling (from finite inputs) made NaN or infinity, which decode to blank frames: then a
-    KinemaError with the likely cause, an fp16 model's overflow or otherwise the weights and add-ons."""
+    KinemaError with the likely cause, the overflow of the networks in fp16 (named, with where their precision is
+    set), or otherwise the weights and add-ons."""
     if bool(torch.isfinite(latent).all()):
         return latent
-    if model.unet.dtype == torch.float16:
-        cause = "the model overflowed in fp16: set the loader's precision to bf16 or fp32"
+    half = _half_networks(model)
+    if half:
+        groups: dict[str, list[str]] = {}
+        for name, where in half:
+            groups.setdefault(where, []).append(name)
+        fixes = next(iter(groups)) if len(groups) == 1 else "; ".join(
+            f"{' and '.join(names)}: {where}" for where, names in groups.items())
+        cause = f"{' and '.join(name for name, _ in half)} in fp16 likely overflowed: set bf16 or fp32 ({fixes})"
     else:
         cause = (f"the {str(model.unet.dtype).removeprefix('torch.')} model made them from finite inputs: check "
                  "the checkpoint and its add-ons (a LoRA or ControlNet at a high strength, a high cfg)")

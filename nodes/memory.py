@@ -42,8 +42,10 @@ class KinemaMemoryPolicy:
                                                        "--novram)."}),
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                             "tooltip": "Attention in chunks: this many queries (spatial) or pixel "
-                                                       "positions (temporal) at once; 0 = all. The same video, "
-                                                       "less memory. A nonzero value on the Video Sampler wins. "
+                                                       "positions (temporal) at once; 0 = all. The same video; less "
+                                                       "memory only where PyTorch's attention holds the whole "
+                                                       "score matrix (e.g. Apple MPS), not on CUDA or the CPU. A "
+                                                       "nonzero value on the Video Sampler wins. "
                                                        "With Compile Model (Kinema), small chunks make the first "
                                                        "compile much longer."}),
                 "batch_cond": ("BOOLEAN", {"default": True,

@@ -128,10 +128,12 @@ class KinemaVideoSampler:
             },
             "optional": {
                 "attention_chunk": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
-                                            "tooltip": "Split attention queries into chunks of this size to save "
-                                                       "memory (the same video). 0 = the model's Memory Policy "
-                                                       "(Kinema) chunk, off without one; a nonzero value here "
-                                                       "wins."}),
+                                            "tooltip": "Split attention queries into chunks of this size (the same "
+                                                       "video). It saves memory only where PyTorch's attention "
+                                                       "holds the whole score matrix (e.g. Apple MPS); on CUDA and "
+                                                       "the CPU it never does, and chunks only cost time. 0 = the "
+                                                       "model's Memory Policy (Kinema) chunk, off without one; a "
+                                                       "nonzero value here wins."}),
                 "batch_cond": ("BOOLEAN", {
                     "default": True,
                     "tooltip": "On: the positive and negative passes run together (faster). Off: one after the "

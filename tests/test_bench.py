@@ -64,9 +64,10 @@ def test_bench_gpu_cpu_smoke_svd(capsys, tmp_path):
         assert len(rows) == 4 and "aten::mkldnn_convolution" in section.split("\n\n")[1]
 
 
-def _budgeted_bench(monkeypatch, argv, compile_s=0.0):
+def _budgeted_bench(monkeypatch, argv, compile_s=0.0, deadline=45.0, runs=False):
     """bench_workload with fake runs of 10 s each (a compiled policy's ``compile_s`` of them its compile) and a
-    deadline at 45 s: (the runs made, the runs skipped for the budget with their notes, the report's writes)."""
+    deadline at 45 s: (the runs made, the runs skipped for the budget with their notes, the report's writes, or
+    with ``runs`` every run)."""
     from types import SimpleNamespace
 
     clock = [0.0]
@@ -84,15 +85,16 @@ def _budgeted_bench(monkeypatch, argv, compile_s=0.0):
     monkeypatch.setattr(bench_gpu, "kinema_video", video("Kinema"))
     monkeypatch.setattr(bench_gpu, "diffusers_video", lambda w, pipe, config, *a, **k: video("diffusers")(w, config,
                                                                                                           **k))
-    monkeypatch.setattr(bench_gpu, "_diffusers_pipeline", lambda *a: object())
+    if not runs:
+        monkeypatch.setattr(bench_gpu, "_diffusers_pipeline", lambda *a: object())
     args = bench_gpu.build_parser().parse_args(["--device", "cpu", "--policies", *bench_gpu.POLICIES, *argv])
     written = []
     out = bench_gpu.bench_workload(SimpleNamespace(title="t"), args, torch.device("cpu"),
-                                   SimpleNamespace(clear=lambda: None), None, None, deadline=45.0,
+                                   SimpleNamespace(clear=lambda: None), None, None, deadline=deadline,
                                    on_run=lambda res: written.append(len(res["runs"])))
     ran = [(r.impl, r.config) for r in out["runs"] if not r.note]
     skipped = {(r.impl, r.config): r.note for r in out["runs"] if "time budget" in r.note}
-    return ran, skipped, written
+    return ran, skipped, out["runs"] if runs else written
 
 
 def test_bench_gpu_runs_the_speed_pair_first_and_skips_what_the_time_budget_cannot_hold(monkeypatch):
@@ -1043,3 +1045,80 @@ def test_release_heap_hands_freed_heap_back_before_a_peak_is_measured():
     before = rss_kib("VmRSS")
     release_heap()
     assert before - rss_kib("VmRSS") > 32 * 1024 and float(kept.sum()) == 16384
+
+
+def test_bench_gpu_budget_counts_from_the_device_commands_start(monkeypatch):
+    """gpu_run.sh exports its start: the wheels and the tests before the bench use up the budget too."""
+    import time
+
+    monkeypatch.delenv("KINEMA_BENCH_STARTED", raising=False)
+    assert bench_gpu.budget_deadline(None, 50.0) is None and bench_gpu.budget_deadline(480, 50.0) == 530.0
+    monkeypatch.setenv("KINEMA_BENCH_STARTED", str(time.time() - 100))
+    assert bench_gpu.budget_deadline(480, 50.0) == pytest.approx(430.0, abs=2)
+    monkeypatch.setenv("KINEMA_BENCH_STARTED", "soon")
+    with pytest.raises(ValueError, match="date \\+%s"):
+        bench_gpu.budget_deadline(480, 50.0)
+
+
+def test_bench_gpu_judges_the_first_run_by_the_warm_up_and_keeps_kinema_when_diffusers_fails(monkeypatch):
+    """A workload's first run is judged by its one-step warm-up (10 s here), not as free: after the warm-up, at 10 s
+    of 15, neither diffusers' pipeline (twice the warm-up) nor a run is started. A diffusers pipeline that fails to
+    build is a failed row; Kinema's runs are still made."""
+    ran, skipped, _ = _budgeted_bench(monkeypatch, ["--policies", "none", "model"], deadline=15.0)
+    assert ran == [] and list(skipped) == [("diffusers", "-"), ("Kinema", "none"), ("Kinema", "model")]
+
+    def broken(*a):
+        raise RuntimeError("no such converter")
+
+    monkeypatch.setattr(bench_gpu, "_diffusers_pipeline", broken)
+    ran, skipped, out = _budgeted_bench(monkeypatch, ["--policies", "none"], deadline=35.0, runs=True)
+    assert [(r.impl, r.config, r.note) for r in out if r.note.startswith("failed")] == \
+        [("diffusers", "-", "failed: building its pipeline: RuntimeError: no such converter")]
+    assert [(r.impl, r.config) for r in out if not r.note] == [("Kinema", "none")]
+
+
+def test_bench_gpu_a_failing_workload_keeps_the_others_and_sequential_offload_runs_last(monkeypatch, tmp_path):
+    """A workload that fails outside its runs (building its weights) is reported as not run, failed; the next one
+    still runs and the report is written; diffusers' sequential offload is moved last whatever the order given."""
+    seen = {}
+
+    def build_svd(*a):
+        raise RuntimeError("boom")
+
+    def bench_workload(w, args, *a, **k):
+        seen["diffusers"] = list(args.diffusers)
+        return {"workload": w, "runs": [], "flops": {}, "profile": {}, "setup_s": 1.0}
+
+    monkeypatch.setattr(bench_gpu, "build_svd", build_svd)
+    monkeypatch.setattr(bench_gpu, "build_animatediff", lambda *a: SimpleNamespace(state_dicts={}))
+    monkeypatch.setattr(bench_gpu, "bench_workload", bench_workload)
+    monkeypatch.setattr(bench_gpu, "workload_report", lambda res, args, meter: ["the animatediff section"])
+    report = tmp_path / "report.md"
+    rc = bench_gpu.main(["--device", "cpu", "--scale", "tiny", "--models", "svd", "animatediff", "--policies", "none",
+                         "--diffusers", "sequential-offload", "plain", "--output", str(report)])
+    text = report.read_text()
+    assert rc == 1 and "the animatediff section" in text and "Not run: svd (failed: RuntimeError: boom)." in text
+    assert seen["diffusers"] == ["plain", "sequential-offload"] and "In progress" not in text
+
+
+@pytest.mark.parametrize("grown_mib,flat", [(30, True), (40, True), (120, False)])
+def test_bench_context_judges_what_sampling_itself_grew(monkeypatch, grown_mib, flat):
+    """The whole process's peak (libraries and weights) hides a sampling part that grows: a 64-frame run whose
+    sampling grew 120 MiB against 30 MiB at 16 frames is not flat, though its whole peak is only 1.2x."""
+    import json
+
+    import bench_context
+
+    def child(cmd, threads, what):
+        frames = int(cmd[cmd.index("--child-frames") + 1])
+        grown = 30 if frames == 16 else grown_mib
+        with open(cmd[cmd.index("--result") + 1], "w") as f:
+            json.dump({"frames": frames, "windows": frames // 4, "total": frames / 8.0, "peak_rss_kib": 600 << 10,
+                       "rss_before_sampling_kib": 450 << 10, "sampling_peak_rss_kib": (450 + grown) << 10,
+                       "threads": 1}, f)
+
+    monkeypatch.setattr(bench_context, "run_child", child)
+    res = bench_context.collect(bench_context.parse_args(["--frames", "16", "64"]))
+    assert res["flat"] is flat and res["peak_ratio"] == pytest.approx((450 + grown_mib) / 480)
+    assert f"sampling itself grew the RSS by {grown_mib} MiB against 30 MiB" in "\n".join(
+        bench_context.report(bench_context.parse_args(["--frames", "16", "64"]), [], res))

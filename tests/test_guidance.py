@@ -68,16 +68,30 @@ def test_out_of_memory_in_a_batch_falls_back_to_one_context_at_a_time(error, cap
     assert model.calls[3:] == [1, 1]
 
 
-def test_other_errors_and_single_video_out_of_memory_are_not_swallowed():
+@pytest.fixture
+def chunks_save_memory(monkeypatch):
+    """Attention as on a device whose SDPA holds the score matrix (e.g. MPS), where query chunks save memory: the
+    CPU's flash kernel never holds it, so there the out-of-memory retry leaves chunks out."""
+    from kinema.models import guidance
+
+    monkeypatch.setattr(guidance, "fused_attention", lambda device: False)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["chunks save memory", "fused attention"])
+def test_other_errors_and_single_video_out_of_memory_are_not_swallowed(fused, monkeypatch):
+    from kinema.models import guidance
+
     model = OutOfMemoryAboveOneVideo(motion_model("v2"), ValueError("shape"))
     with pytest.raises(ValueError):
         _cfg(model, True)
     x, sigma, cond, _ = _inputs()
     oom = OutOfMemoryAboveOneVideo(motion_model("v2"), torch.OutOfMemoryError("out of memory"), above=0)
     den = EpsVideoDenoiser(oom, DiscreteSchedule("linear"))
-    with pytest.raises(KinemaError, match="attention_chunk"):  # one retry with chunked attention, then the settings
+    monkeypatch.setattr(guidance, "fused_attention", lambda device: fused)
+    with pytest.raises(KinemaError, match="connect Context Options") as err:
         den(x, sigma, [cond])
-    assert len(oom.calls) == 2
+    # where chunks save memory, one retry with chunked attention, then the settings; where not, the settings at once
+    assert len(oom.calls) == (1 if fused else 2) and ("attention_chunk" in str(err.value)) is not fused
 
 
 @pytest.mark.parametrize("offload,chunk,windowed,named,not_named", [
@@ -88,7 +102,8 @@ def test_other_errors_and_single_video_out_of_memory_are_not_swallowed():
     (("block", 1), 128, False, ["lower the frame count or the size"], ["attention_chunk", "resident_blocks",
                                                                        "block offload"]),
 ], ids=["defaults", "block of 2 in windows", "every setting at its least"])
-def test_the_out_of_memory_error_names_only_the_settings_left_to_change(offload, chunk, windowed, named, not_named):
+def test_the_out_of_memory_error_names_only_the_settings_left_to_change(offload, chunk, windowed, named, not_named,
+                                                                       chunks_save_memory):
     """A second out-of-memory error names what is left: not block offload where the model has it, not
     resident_blocks at 1, not an attention chunk that the retry took to its least (64)."""
     from kinema.models.errors import KinemaOutOfMemoryError
@@ -124,7 +139,7 @@ class OutOfMemoryUnchunked:
         return self.model(x, t, ctx, num_frames, attn_chunk=attn_chunk, **kw)
 
 
-def test_out_of_memory_of_one_video_retries_with_chunked_attention(caplog):
+def test_out_of_memory_of_one_video_retries_with_chunked_attention(caplog, chunks_save_memory):
     import logging
 
     x, sigma, cond, _ = _inputs()

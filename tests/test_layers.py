@@ -325,3 +325,36 @@ def test_frame_conv_bands_of_two_videos_into_more_channels(monkeypatch, pad):
         banded = conv(x)
     assert bands == [2, 2, 2, 1]
     torch.testing.assert_close(banded, whole, rtol=0, atol=1e-6)
+
+
+def test_query_chunks_hold_one_chunk_beside_the_output():
+    """Chunks are written into the output as they come: at the peak the output and one chunk's attention, not the
+    list of chunks and their concatenation (which held three outputs' worth); the result is the unchunked one."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    import estimate_vram as ev
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1024, 64, generator=g) for _ in range(3))
+    peaks, outs = {}, {}
+    for chunk in (0, 128):
+        with ev.LiveBytes(device="cpu") as live:
+            outs[chunk] = layers.attention(q, k, v, 4, chunk)
+        peaks[chunk] = live.peak
+    output = q.numel() * 4
+    # the output and one chunk (an eighth) with its log-sum-exp; the old list and concatenation held two outputs
+    assert peaks[128] <= min(peaks[0], output) + output / 4
+    torch.testing.assert_close(outs[128], outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_attention_says_where_query_chunks_save_nothing(monkeypatch):
+    """The CPU's flash kernel and CUDA's flash / memory-efficient kernels never hold the score matrix; other
+    devices, and CUDA with both kernels off, may."""
+    assert layers.fused_attention("cpu") is hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    assert not layers.fused_attention("mps") and not layers.fused_attention(torch.device("meta"))
+    for flash, efficient in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.backends.cuda, "flash_sdp_enabled", lambda flash=flash: flash)
+        monkeypatch.setattr(torch.backends.cuda, "mem_efficient_sdp_enabled", lambda efficient=efficient: efficient)
+        assert layers.fused_attention("cuda:0") is (flash or efficient)

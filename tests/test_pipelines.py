@@ -1,6 +1,9 @@
 """The sampling entry points (``models/pipelines.py``): what they check before sampling, how the latent is scaled
 and noised, the memory pre-check's batch and window, and the step count context windows are scheduled over."""
+import copy
+import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -117,15 +120,46 @@ def test_a_conditioning_holding_nan_is_refused_before_sampling(monkeypatch, whic
                                pipelines.SampleOptions(steps=1))
 
 
+class _Net(torch.nn.Linear):
+    dtype = property(lambda self: self.weight.dtype)
+
+
+@pytest.mark.parametrize("half, cause", [
+    ((), "the float32 model made them from finite inputs: check the checkpoint and its add-ons"),
+    (("unet",), "the UNet in fp16 likely overflowed: set bf16 or fp32 (precision on Memory Policy (Kinema) (placed "
+                "after Apply Motion Module) or on its loader)"),
+    (("motion",), "the motion module in fp16 likely overflowed: set bf16 or fp32 (precision on Memory Policy"),
+    (("controlnet",), "a ControlNet in fp16 likely overflowed: set bf16 or fp32 (precision on Load ControlNet "
+                      "(Kinema))"),
+    (("unet", "motion", "controlnet", "adapter"),
+     "the UNet and the motion module and a ControlNet and an IP-Adapter in fp16 likely overflowed: set bf16 or fp32 "
+     "(the UNet and the motion module: precision on Memory Policy (Kinema) (placed after Apply Motion Module) or on "
+     "its loader; a ControlNet: precision on Load ControlNet (Kinema); an IP-Adapter: precision on Load IP-Adapter "
+     "(Kinema))"),
+])
+def test_the_nan_error_names_every_network_in_fp16_and_where_its_precision_is_set(half, cause):
+    """An fp16 motion module, ControlNet or IP-Adapter beside an fp32 UNet overflows too: each is named, with the
+    node whose precision fixes it, not only the UNet's loader."""
+    def net(name):
+        return _Net(2, 2).to(torch.float16 if name in half else torch.float32)
+
+    model = SimpleNamespace(unet=net("unet"), motion=net("motion"),
+                            controls=(SimpleNamespace(controlnet=net("controlnet")),) * 2,
+                            contents=(SimpleNamespace(adapter=net("adapter")),))
+    with pytest.raises(KinemaError, match=r"^sampling produced NaN or infinite values, which decode to blank frames: "
+                                          + re.escape(cause)):
+        pipelines._check_sampled(torch.tensor([float("nan")]), model)
+
+
 @pytest.mark.parametrize("dtype, cause", [
-    (torch.float16, "the model overflowed in fp16: set the loader's precision to bf16 or fp32"),
+    (torch.float16, "the UNet in fp16 likely overflowed: set bf16 or fp32"),
     (torch.float32, "the float32 model made them from finite inputs: check the checkpoint and its add-ons"),
 ])
 def test_a_sampling_that_makes_nan_says_why_at_the_sampler(monkeypatch, dtype, cause):
     """NaN out of finite inputs is named where it happened, with the cause the model's precision points at (fp16
     overflow is the usual one; an fp32 model cannot overflow that way), not left for the decode to blame."""
     model = motion_model("v2")
-    monkeypatch.setattr(type(model.unet), "dtype", property(lambda self: dtype))
+    model = model.with_options(unet=copy.deepcopy(model.unet).to(dtype))
     monkeypatch.setattr(pipelines, "_run_sampler", lambda *a, **k: torch.tensor([0.0, float("nan")]))
     with pytest.raises(KinemaError, match=f"sampling produced NaN or infinite values.*: {cause}"):
         pipelines.sample_video(model, *_conds(), torch.zeros(2, 4, 4, 4), pipelines.SampleOptions(steps=1))

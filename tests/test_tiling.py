@@ -218,7 +218,7 @@ def test_a_tile_whose_half_is_below_the_smallest_retries_at_the_smallest(tempora
     with caplog.at_level(logging.WARNING, logger="kinema"):
         out = decode_frames(vae, latent, chunk=3, tiles=TileOptions(15, 4))
     assert out.shape == (3, 192, 192, 3) and bool(torch.isfinite(out).all())
-    assert vae.calls[0][-2:] == (15, 15) and set(c[-2:] for c in vae.calls[1:]) == {(8, 8)}
+    assert vae.calls[0][-2:] == (15, 15) and {c[-2:] for c in vae.calls[1:]} == {(8, 8)}
     assert "tiles of 120 overlapping 32 pixels; retrying once with 3 frame(s) a chunk, tiles of 64 overlapping 16 " \
         "pixels" in caplog.text
     never = OutOfMemoryAbove(temporal_vae, pixels=0)
