@@ -161,7 +161,8 @@ def report(args, argv: list[str], res: dict) -> list[str]:
     lines += [
         "",
         (f"Memory {'flat' if res['flat'] else 'NOT flat'}: {last['frames']} frames peak at {res['peak_ratio']:.2f}x "
-         f"the {base['frames']}-frame peak (target <= 1.2x){_growth(res)}. Time per window at {last['frames']} frames is "
+         f"the {base['frames']}-frame peak (target <= 1.2x){_growth(res)}. Time per window at {last['frames']} "
+         "frames is "
          f"{res['per_window_ratio']:.2f}x that at {base['frames']} (target: about 1, time grows with the windows)."),
     ]
     return lines

@@ -670,8 +670,8 @@ def decode_frames(
 
     with torch.inference_mode(), on_device(vae):
         out = _run_chunks(call, latent, CodecSetting(int(chunk), tiles, pixels=8), 8, "VAE decoding",
-                          node_remedy("VAE Decode Frames (Kinema)", max(latent.shape[-2:]) * 8, temporal), temporal, MIN_TILE_PIXELS // 8,
-                          on_chunk)
+                          node_remedy("VAE Decode Frames (Kinema)", max(latent.shape[-2:]) * 8, temporal), temporal,
+                          MIN_TILE_PIXELS // 8, on_chunk)
     return rearrange(torch.cat(out), "f c h w -> f h w c")
 
 

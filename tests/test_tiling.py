@@ -231,7 +231,8 @@ def test_a_tile_whose_half_is_below_the_smallest_retries_at_the_smallest(tempora
         decode_frames(OutOfMemoryAbove(temporal_vae, pixels=0), latent, chunk=3, tiles=TileOptions(8, 2))
     big = OutOfMemoryAbove(sd_vae(), frames=0)
     with pytest.raises(KinemaOutOfMemoryError, match=r"also with 1 frame\(s\) a chunk, tiles of 192 overlapping 8 "
-                                                     r"pixels: lower tile_size below 192 \(64 at least\) on VAE Decode"):
+                                                     r"pixels: lower tile_size below 192 \(64 at least\) on VAE "
+                                                     r"Decode"):
         decode_frames(big, torch.zeros(1, 4, 48, 48), chunk=1)
     unset = OutOfMemoryAbove(sd_vae(), frames=0)
     with pytest.raises(KinemaOutOfMemoryError, match=r"also with 2 frame\(s\) a chunk: lower frame_chunk, or set "
