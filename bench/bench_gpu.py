@@ -984,7 +984,7 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
          f"{_dtype_name(vae_dtype)}. One process; every run starts with the models in system memory except what "
          f"its policy keeps resident (the '{meter.what} at start' column), after a warm-up video of one step. "
          f"Peak memory: {'torch.cuda.max_memory_allocated' if meter.cuda else 'the process peak RSS (VmHWM)'} after "
-         f"a reset at the start of each phase. Step: median after the first step (which also holds the "
+         f"a reset at the start of each phase{CPU_RSS_NOTE if not meter.cuda else ''}. Step: median after the first step (which also holds the "
          f"conditioning of diffusers' SVD). Sampling: SVD with the image conditioning. Peak FLOP/s: "
          f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)."),
         "",
@@ -1005,6 +1005,10 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
+
+#: on the CPU one process holds both implementations' weights, so its peak RSS does not tell them apart
+CPU_RSS_NOTE = (" (one process holds both implementations' weights and diffusers' pipeline, so on the CPU these "
+                "columns do not separate the two: bench_all.py's, one process each, do)")
 
 NO_CUDA = ("bench_gpu.py measures the real-size models on a CUDA GPU and there is none here ({why}). For a smoke "
            "run on the CPU: python bench/bench_gpu.py --device cpu --scale tiny")
