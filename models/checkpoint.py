@@ -89,6 +89,9 @@ def _check_pickle_container(path: str) -> None:
     if head.lstrip().startswith(b"<"):
         raise KinemaError(f"'{name}' is a web page (HTML), not a model: the download saved an error or login page; "
                           "download the file again from its direct download link")
+    if len(head) > 8 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        raise KinemaError(f"'{name}' is a safetensors file under a {os.path.splitext(name)[1]} name: rename it to "
+                          f"'{os.path.splitext(name)[0]}.safetensors'")
     if not head.startswith(b"\x80"):  # every pickle protocol >= 2 (torch.save's legacy format) starts so
         raise KinemaError(f"'{name}' is not a PyTorch checkpoint (neither a zip archive nor a pickle): the file is "
                           "damaged or another kind of file saved under this name; download it again")
@@ -171,7 +174,18 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise KinemaError(
             f"'{name}' is not a model file Kinema reads: use .safetensors (or .ckpt/.pt/.pth holding only tensors)"
         )
-    return unwrap_state_dict(sd, name)
+    return _detached(unwrap_state_dict(sd, name))
+
+
+def _detached(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict's tensors as copies in memory of their own. safetensors and ``torch.load(mmap=True)`` give
+    tensors that read the file's pages, and the loaders assign them into the models as they are (where no
+    precision change copies them): a file rewritten in place later (a download over it) would change a model that
+    ComfyUI keeps between runs, and one truncated would kill the process at its next read (SIGBUS). Each tensor is
+    copied on its own; the file's pages are the kernel's to drop once they are read."""
+    for k in list(sd):
+        sd[k] = sd[k].clone()
+    return sd
 
 
 def unwrap_state_dict(sd, name: str = "the file") -> dict[str, torch.Tensor]:
@@ -377,6 +391,10 @@ def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name:
                 raise KinemaError(
                     f"'{name}': {what} weight '{k}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
                 )
+        if ref.is_floating_point() and not t.is_floating_point():
+            raise KinemaError(f"'{name}': {what} weight '{k}' holds {str(t.dtype).removeprefix('torch.')} values "
+                              "where the model has floating-point ones: the file is damaged or not this kind of "
+                              "model; download it again")
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         loaded[k] = t
@@ -423,7 +441,10 @@ def load_sd15(path: str, dtype: torch.dtype | None = None, vae_dtype: torch.dtyp
         unet = build_on_meta(lambda: UNetModel(ucfg), unet_sd, dtype, "UNet", name, strict="warn")
         vcfg = infer_vae_config(vae_sd)
         vae = build_on_meta(lambda: AutoencoderKL(vcfg), vae_sd, vae_dtype or dtype, "VAE", name)
-        clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=text_dtype or dtype)
+        try:
+            clip = TextEncoder.from_state_dict(sd, prefix="cond_stage_model.transformer.", dtype=text_dtype or dtype)
+        except KinemaError as e:  # the text encoder's errors name the weights, not the file
+            raise KinemaError(f"'{name}': {e}") from e
     return SD15Bundle(unet=unet, vae=vae, clip=clip, name=name)
 
 

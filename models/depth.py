@@ -440,6 +440,9 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
                           f"DPT-Large, DPT-Hybrid/MiDaS) and Depth Anything v1/v2 ('depth_anything'). {_HINT}")
     class_name = DEPTH_MODEL_CLASSES[model_type]
     architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise KinemaError(f"'{folder}': its config.json's 'architectures' is {architectures!r}, not a list of class "
+                          f"names: the file is damaged; download the model folder again. {_HINT}")
     if architectures and class_name not in architectures:
         raise KinemaError(f"'{folder}' holds a {', '.join(map(str, architectures))}, not a depth estimator "
                           f"({class_name}): pick the depth version of the model (e.g. Intel/dpt-large, not "

@@ -187,8 +187,13 @@ class TextEncoder:
                 f"the CLIP text encoder is missing {len(missing)} weights (first: '{prefix}text_model.{missing[0]}'): "
                 "the checkpoint is incomplete or not SD1.5")
         loaded = {}
+        reference = model.state_dict()
         for k, bare in expected.items():
             t = weights[bare]
+            if reference[k].is_floating_point() and not t.is_floating_point():
+                raise KinemaError(f"the CLIP text encoder weight '{prefix}text_model.{bare}' holds "
+                                  f"{str(t.dtype).removeprefix('torch.')} values where the model has floating-point "
+                                  "ones: the checkpoint is damaged; download it again")
             loaded[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
         try:
             model.load_state_dict(loaded, strict=True, assign=True)

@@ -206,6 +206,10 @@ def read_pairs(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, LoR
             raise KinemaError(f"'{name}': the LoRA weight '{target}' has an alpha of {p['alpha'].numel()} values "
                               "where it takes one: the file is damaged, download it again")
         alpha = float(p["alpha"].float().reshape(-1)[0]) if "alpha" in p else None
+        if not (p["down"].is_floating_point() and p["up"].is_floating_point()):
+            raise KinemaError(f"'{name}': the LoRA weight '{target}' holds {p['down'].dtype} / {p['up'].dtype} "
+                              "values where a LoRA has floating-point ones: the file is damaged or not a LoRA, "
+                              "download it again")
         pair = LoRAPair(p["down"], p["up"], alpha)
         if pair.up.ndim < 2 or pair.down.ndim < 2 or pair.up.shape[1] != pair.down.shape[0] or not pair.rank:
             raise KinemaError(f"'{name}': the LoRA weight '{target}' has inconsistent halves "

@@ -1,6 +1,7 @@
 """Safe loading and format detection: every bad file gives a clear KinemaError."""
 import os
 import pickle
+import re
 import sys
 import types
 
@@ -25,6 +26,44 @@ def test_safetensors_and_ckpt_load_the_same_tensors(tmp_path, motion_sd):
     a, b = checkpoint.load_state_dict(str(st)), checkpoint.load_state_dict(str(ck))
     assert a.keys() == b.keys() == motion_sd.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "ckpt"])
+def test_a_loaded_model_does_not_read_its_file_again(tmp_path, motion_sd, ext):
+    """safetensors and torch.load(mmap=True) give tensors backed by the file's pages, which the loaders assign
+    into the model as they are at the file's own precision: a file rewritten in place afterwards (a download over
+    it) must not change the model ComfyUI keeps between runs (a truncated one would kill the process)."""
+    path = tmp_path / f"mm.{ext}"
+    if ext == "safetensors":
+        save_file(motion_sd, str(path))
+    else:
+        torch.save(motion_sd, str(path))
+    module = checkpoint.load_motion_module(str(path), dtype=torch.float32)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:  # every byte of the file zeroed in place, as an overwrite of the same size
+        f.write(bytes(size))
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_integer_weights_where_the_model_has_floats_are_named(tmp_path, motion_sd):
+    """A file whose tensors have the right shapes but integer values (the positional encoding as int64, a weight
+    as int32) is refused naming the weight, not loaded as garbage or failed with torch's requires_grad error."""
+    for key in (next(k for k in motion_sd if k.endswith("pos_encoder.pe")),
+                next(k for k in motion_sd if k.endswith("proj_in.weight"))):
+        path = tmp_path / "int.safetensors"
+        save_file({k: (v.long() if k == key else v) for k, v in motion_sd.items()}, str(path))
+        with pytest.raises(KinemaError, match=f"'int.safetensors': motion module weight '{re.escape(key)}' holds "
+                                              "int64 values where the model has floating-point ones"):
+            checkpoint.load_motion_module(str(path), dtype=torch.float32)
+
+
+def test_a_safetensors_file_under_a_pickle_name_is_told_to_be_renamed(tmp_path, motion_sd):
+    path = tmp_path / "mm.ckpt"
+    save_file(motion_sd, str(path))
+    with pytest.raises(KinemaError, match=r"'mm.ckpt' is a safetensors file under a .ckpt name: rename it to "
+                                          r"'mm.safetensors'"):
+        checkpoint.load_state_dict(str(path))
 
 
 def test_fp16_file_loads_into_fp32_model(tmp_path, motion_sd):
@@ -314,6 +353,24 @@ def test_motion_module_missing_a_whole_module_or_with_extra_weights_is_refused(t
         save_file({**motion_sd, extra: torch.zeros(3)}, str(path))
         with pytest.raises(KinemaError, match=f"1 weights the motion module does not use.*'{extra}'.*download it"):
             checkpoint.load_motion_module(str(path))
+
+
+@pytest.mark.parametrize("change,match", [
+    ("drop", r"'te.safetensors': the CLIP text encoder weights lack 'encoder.layers.0.mlp.fc1.weight'"),
+    ("int", r"'te.safetensors': the CLIP text encoder weight '.*fc1.weight' holds int32 values where the model has "
+            r"floating-point ones"),
+])
+def test_the_text_encoders_errors_name_the_file(tmp_path, change, match):
+    sd = dict(demo.sd15_state_dict())
+    key = next(k for k in sd if k.startswith("cond_stage_model.") and k.endswith("layers.0.mlp.fc1.weight"))
+    if change == "drop":
+        del sd[key]
+    else:
+        sd[key] = sd[key].to(torch.int32)
+    path = tmp_path / "te.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match=match):
+        checkpoint.load_sd15(str(path))
 
 
 @pytest.mark.parametrize("dropped,cause", [

@@ -345,6 +345,16 @@ def test_a_dpt_that_is_not_a_depth_estimator(folders, tmp_path):
         load_depth_model(str(folder))
 
 
+@pytest.mark.parametrize("architectures", [5, [5], "DPTForDepthEstimation"])
+def test_architectures_that_are_not_a_list_of_names(folders, tmp_path, architectures):
+    folder = _copy(folders, "dpt", tmp_path, "badarch")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = architectures
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(KinemaError, match="'architectures' is .*, not a list of class names"):
+        load_depth_model(str(folder))
+
+
 def test_bad_preprocessor_config(folders, tmp_path):
     folder = _copy(folders, "dpt", tmp_path, "badpre")
     (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 384}}))

@@ -577,6 +577,11 @@ def test_damaged_pairs_are_refused_before_any_merge():
     ranks_apart = {f"{k}.lora_down.weight": torch.zeros(4, 64), f"{k}.lora_up.weight": torch.zeros(64, 3)}
     with pytest.raises(KinemaError, match="'x.safetensors'.*inconsistent halves"):
         lora.read_pairs(ranks_apart, "x.safetensors")
+    for dtype in (torch.int32, torch.bool):  # numbers that are not a LoRA's: never merged as if they were
+        ints = {**pair, f"{k}.lora_up.weight": torch.zeros(64, 4, dtype=dtype)}
+        with pytest.raises(KinemaError, match=f"'x.safetensors'.*holds torch.float32 / {dtype} values where a LoRA "
+                                              "has floating-point ones"):
+            lora.read_pairs(ints, "x.safetensors")
 
 
 def test_unmatched_keys_are_counted_in_a_warning(caplog):
