@@ -79,6 +79,16 @@ class DiscreteSchedule(SigmaTable):
         # other neighbour, and the UNet gets another timestep than ComfyUI gives it
         self.sigmas, self.log_sigmas = sigmas.float(), sigmas.log().float()
 
+    def percent_to_sigma(self, percent: float) -> float:
+        """As ComfyUI's discrete models: ``sigma`` (float32, as a step's own sigma) at the timestep ``percent`` of
+        the way down the table, so that a step whose sigma falls on the boundary counts as inside (the float64 of
+        the table's interpolation put it one rounding step outside at e.g. 25 steps, end 0.5)."""
+        if percent <= 0.0:
+            return math.inf
+        if percent >= 1.0:
+            return 0.0
+        return float(self.sigma(torch.tensor((1.0 - float(percent)) * (len(self.sigmas) - 1))))
+
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The nearest discrete timestep of each sigma (what the UNet is given)."""
         dists = sigma.float().log().to(self.log_sigmas.device).reshape(-1)[None] - self.log_sigmas[:, None]

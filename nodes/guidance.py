@@ -27,9 +27,9 @@ class KinemaTemporalGuidance:
                 "model": ("KINEMA_MODEL", {"tooltip": "An AnimateDiff model (Apply Motion Module) or an SVD model."}),
                 "temporal_scale": ("FLOAT", {
                     "default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05, "round": 0.01,
-                    "tooltip": "w_t: 1 = the plain video model; 0 = frames made independently (at cfg 1; above it the "
-                               "cfg term still comes from the video model); 1.2-2 = smoother, more consistent "
-                               "motion."}),
+                    "tooltip": "w_t: 1 = the plain video model; 0 = the negative side from the image model (frames "
+                               "independent only without a negative: the cfg term, also at cfg 1, comes from the "
+                               "video model); 1.2-2 = smoother, more consistent motion."}),
             }
         }
 

@@ -35,6 +35,22 @@ def test_percent_to_sigma_follows_the_schedule():
     assert edm.percent_to_sigma(0.5) == pytest.approx(mid, rel=1e-4)
 
 
+@pytest.mark.parametrize("beta", ["linear", "scaled_linear"])
+@pytest.mark.parametrize("steps,percent,inside", [(25, 0.5, 13), (3, 0.5, 2), (5, 0.25, 2), (11, 0.6, 7)])
+def test_a_step_on_the_boundary_is_inside_as_in_comfyui(beta, steps, percent, inside):
+    """ComfyUI's cut-off is its float32 sigma at (1 - percent) * 999, the arithmetic a step's own sigma comes
+    from, so a step on the boundary (25 steps, end 0.5: the 13th step at timestep 499.5) is inside; the float64
+    interpolation before put it one rounding step outside (12 steps)."""
+    from kinema.models.sampling import normal_scheduler
+
+    s = DiscreteSchedule(beta)
+    cut = s.percent_to_sigma(percent)
+    assert cut == float(s.sigma(torch.tensor((1 - percent) * 999)))
+    sigmas = [float(x) for x in normal_scheduler(s, steps)[:-1]]
+    assert sum(addons.StepRange(0.0, percent).active(x, s) for x in sigmas) == inside
+    assert sum(addons.StepRange(percent, 1.0).active(x, s) for x in sigmas) == steps - inside + 1  # the shared one
+
+
 def test_step_range_is_active_between_start_and_end():
     s = DiscreteSchedule("linear")
     r = addons.StepRange(0.25, 0.75)
