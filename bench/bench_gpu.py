@@ -984,7 +984,7 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
          f"{_dtype_name(vae_dtype)}. One process; every run starts with the models in system memory except what "
          f"its policy keeps resident (the '{meter.what} at start' column), after a warm-up video of one step. "
          f"Peak memory: {'torch.cuda.max_memory_allocated' if meter.cuda else 'the process peak RSS (VmHWM)'} after "
-         f"a reset at the start of each phase{CPU_RSS_NOTE if not meter.cuda else ''}. Step: median after the first step (which also holds the "
+         f"a reset at the start of each phase{'' if meter.cuda else CPU_RSS_NOTE}. Step: median after the first step (which also holds the "
          f"conditioning of diffusers' SVD). Sampling: SVD with the image conditioning. Peak FLOP/s: "
          f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)."),
         "",

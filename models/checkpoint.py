@@ -174,18 +174,16 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise KinemaError(
             f"'{name}' is not a model file Kinema reads: use .safetensors (or .ckpt/.pt/.pth holding only tensors)"
         )
-    return _detached(unwrap_state_dict(sd, name))
+    return unwrap_state_dict(sd, name)
 
 
-def _detached(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict's tensors as copies in memory of their own. safetensors and ``torch.load(mmap=True)`` give
-    tensors that read the file's pages, and the loaders assign them into the models as they are (where no
-    precision change copies them): a file rewritten in place later (a download over it) would change a model that
-    ComfyUI keeps between runs, and one truncated would kill the process at its next read (SIGBUS). Each tensor is
-    copied on its own; the file's pages are the kernel's to drop once they are read."""
-    for k in list(sd):
-        sd[k] = sd[k].clone()
-    return sd
+def own_copies(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict's tensors as copies in memory of their own, for the small files a node's output keeps as
+    tensors (LoRAs, embeddings). ``load_state_dict`` gives tensors that read the file's pages (safetensors and
+    ``torch.load(mmap=True)`` map it): a file rewritten in place later (a download over it) would change what
+    ComfyUI keeps between runs, and one truncated would kill the process at its next read (SIGBUS). The models
+    get copies where they are built (``build_on_meta``), of the weights they use only."""
+    return {k: v.clone() for k, v in sd.items()}
 
 
 def unwrap_state_dict(sd, name: str = "the file") -> dict[str, torch.Tensor]:
@@ -397,6 +395,8 @@ def build_on_meta(factory, sd: dict, dtype: torch.dtype | None, what: str, name:
                               "model; download it again")
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
+        else:  # a copy of its own, not the file's mapped pages (``own_copies``)
+            t = t.clone()
         loaded[k] = t
     module.load_state_dict(loaded, strict=True, assign=True)
     return module.eval().requires_grad_(False)

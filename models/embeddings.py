@@ -30,7 +30,7 @@ KNOWN_KEYS = ("string_to_param.*", "emb_params", "clip_l")
 def load_embedding(path: str, width: int) -> torch.Tensor:
     """The vectors of the embedding file at ``path``: [n, width] float32 (see the module doc)."""
     name = os.path.basename(path)
-    tensors = checkpoint.load_state_dict(path)
+    tensors = checkpoint.own_copies(checkpoint.load_state_dict(path))
     found = next((tensors[k] for k in KNOWN_KEYS if k in tensors), None)
     if found is None:
         if len(tensors) != 1:

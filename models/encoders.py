@@ -194,7 +194,8 @@ class TextEncoder:
                 raise KinemaError(f"the CLIP text encoder weight '{prefix}text_model.{bare}' holds "
                                   f"{str(t.dtype).removeprefix('torch.')} values where the model has floating-point "
                                   "ones: the checkpoint is damaged; download it again")
-            loaded[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+            moved = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+            loaded[k] = moved.clone() if moved is t else moved  # not the file's mapped pages (``own_copies``)
         try:
             model.load_state_dict(loaded, strict=True, assign=True)
         except RuntimeError as e:

@@ -286,9 +286,9 @@ class CFGDenoiser:
     model exactly (the image model is not run); 0 takes the unconditional side from the image model, while the
     guidance term ``w (x0_vid(c) - x0_vid(u))`` still comes from the video model, also at cfg 1 (then
     ``x0_img(u) + x0_vid(c) - x0_vid(u)``): every frame is made on its own only without an uncond; above 1 it
-    pushes temporal consistency past the video model's. Model evaluations per step: 1 (no uncond), 2 (with one), plus 1 image-model evaluation
-    when ``w_t != 1`` (cheaper than a video one: no temporal layers). The uncond is skipped where cfg is 1 for
-    every frame and ``w_t`` is 1 (the first formula is then ``x0_vid(c)``); with ``w_t != 1`` it is kept, so the
+    pushes temporal consistency past the video model's. Model evaluations per step: 1 (no uncond), 2 (with
+    one), plus 1 image-model evaluation when ``w_t != 1`` (cheaper than a video one: no temporal layers). The
+    uncond is skipped where cfg is 1 for every frame and ``w_t`` is 1 (the first formula is then ``x0_vid(c)``); with ``w_t != 1`` it is kept, so the
     result moves smoothly with cfg through 1.
     """
 

@@ -222,7 +222,7 @@ def read_pairs(sd: Mapping[str, torch.Tensor], name: str) -> tuple[dict[str, LoR
 
 def load_motion_lora(path: str) -> dict[str, torch.Tensor]:
     """Read a MotionLoRA file safely; KinemaError (naming the file and the node to use) for any other kind."""
-    sd = checkpoint.load_state_dict(path)
+    sd = checkpoint.own_copies(checkpoint.load_state_dict(path))
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     checkpoint.expect_format(sd, "motion_lora", path, "an AnimateDiff MotionLoRA")
     return published_layout(sd)
@@ -465,7 +465,7 @@ def sd15_lora_patch(sd: Mapping[str, torch.Tensor], unet, text_model: nn.Module 
 
 def load_sd15_lora(path: str) -> dict[str, torch.Tensor]:
     """Read an SD1.5 LoRA file safely; KinemaError (naming the file and the node to use) for any other kind."""
-    sd = checkpoint.load_state_dict(path)
+    sd = checkpoint.own_copies(checkpoint.load_state_dict(path))
     checkpoint.expect_format(sd, ("lora", "sd15_adapter_lora"), path, "an SD1.5 LoRA")
     return sd
 

@@ -28,22 +28,36 @@ def test_safetensors_and_ckpt_load_the_same_tensors(tmp_path, motion_sd):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("ext", ["safetensors", "ckpt"])
-def test_a_loaded_model_does_not_read_its_file_again(tmp_path, motion_sd, ext):
-    """safetensors and torch.load(mmap=True) give tensors backed by the file's pages, which the loaders assign
-    into the model as they are at the file's own precision: a file rewritten in place afterwards (a download over
-    it) must not change the model ComfyUI keeps between runs (a truncated one would kill the process)."""
-    path = tmp_path / f"mm.{ext}"
+def _loaded_tensors(kind, path):
+    from kinema.models import lora
+
+    if kind == "motion module":
+        return checkpoint.load_motion_module(str(path), dtype=torch.float32).state_dict()
+    if kind == "checkpoint":  # the UNet and VAE (build_on_meta) and the CLIP text encoder (its own loading)
+        b = checkpoint.load_sd15(str(path), dtype=torch.float32)
+        return {**b.unet.state_dict(), **b.vae.state_dict(), **b.clip.model.state_dict()}
+    return lora.load_motion_lora(str(path))
+
+
+@pytest.mark.parametrize("kind,ext", [("motion module", "safetensors"), ("motion module", "ckpt"),
+                                      ("checkpoint", "safetensors"), ("MotionLoRA", "safetensors")])
+def test_a_loaded_model_does_not_read_its_file_again(tmp_path, motion_sd, kind, ext):
+    """safetensors and torch.load(mmap=True) give tensors backed by the file's pages, which the loaders would
+    assign into the model as they are at the file's own precision: a file rewritten in place afterwards (a
+    download over it) must not change the model or LoRA ComfyUI keeps between runs (a truncated one would kill
+    the process)."""
+    sd = {"motion module": motion_sd, "checkpoint": demo.sd15_state_dict(),
+          "MotionLoRA": demo.motion_lora_state_dict()}[kind]
+    path = tmp_path / f"model.{ext}"
     if ext == "safetensors":
-        save_file(motion_sd, str(path))
+        save_file(sd, str(path))
     else:
-        torch.save(motion_sd, str(path))
-    module = checkpoint.load_motion_module(str(path), dtype=torch.float32)
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    size = os.path.getsize(path)
+        torch.save(sd, str(path))
+    tensors = _loaded_tensors(kind, path)
+    before = {k: v.clone() for k, v in tensors.items()}
     with open(path, "r+b") as f:  # every byte of the file zeroed in place, as an overwrite of the same size
-        f.write(bytes(size))
-    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+        f.write(bytes(os.path.getsize(path)))
+    assert all(torch.equal(v, before[k]) for k, v in tensors.items())
 
 
 def test_integer_weights_where_the_model_has_floats_are_named(tmp_path, motion_sd):
@@ -268,13 +282,16 @@ def test_incomplete_motion_module_names_the_missing_weight(tmp_path, motion_sd):
         checkpoint.load_motion_module(str(path))
 
 
-def test_build_on_meta_assigns_without_copy(motion_sd):
+def test_build_on_meta_gives_the_model_weights_of_its_own(motion_sd):
+    """The state dict's tensors may be the file's mapped pages: the model gets copies (one each, of the weights it
+    uses), never the file's memory (``test_a_loaded_model_does_not_read_its_file_again``)."""
     from kinema.models.motion import MotionModuleSet, infer_motion_config
 
     module = checkpoint.build_on_meta(lambda: MotionModuleSet(infer_motion_config(motion_sd)), motion_sd, None,
                                       "motion module", "x")
     key = "down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"
-    assert module.state_dict()[key].data_ptr() == motion_sd[key].data_ptr()
+    assert module.state_dict()[key].data_ptr() != motion_sd[key].data_ptr()
+    assert torch.equal(module.state_dict()[key], motion_sd[key])
     assert not any(p.is_meta for p in module.parameters())
 
 

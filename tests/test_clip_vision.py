@@ -95,15 +95,18 @@ def test_open_clip_file_with_text_tower():
         assert _relative_error(encoder.model(pixel_values=pixels).image_embeds, tower(pixels)) < 1e-5
 
 
-def test_open_clip_conversion_shares_the_file_tensors():
+def test_open_clip_conversion_splits_the_fused_projection_into_weights_of_its_own():
+    """open_clip's fused in_proj becomes q/k/v (its thirds, in order); the model holds copies, not the file's
+    (possibly mapped) memory."""
     sd = _svd_file(open_clip_tower(seed=6, width=64))
     encoder = load_image_encoder(sd)
     in_proj = sd[SVD_PREFIX + "transformer.resblocks.0.attn.in_proj_weight"]
     attn = encoder.model.vision_model.encoder.layers[0].self_attn
     ptr = in_proj.untyped_storage().data_ptr()
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == ptr
-    assert attn.v_proj.weight.untyped_storage().data_ptr() == ptr
-    assert torch.equal(attn.k_proj.weight, in_proj[64:128])
+    assert attn.q_proj.weight.untyped_storage().data_ptr() != ptr
+    assert attn.v_proj.weight.untyped_storage().data_ptr() != ptr
+    assert torch.equal(attn.q_proj.weight, in_proj[:64]) and torch.equal(attn.k_proj.weight, in_proj[64:128])
+    assert torch.equal(attn.v_proj.weight, in_proj[128:])
     assert torch.equal(encoder.model.visual_projection.weight, sd[SVD_PREFIX + "proj"].t())
     assert not any(t.is_meta for t in encoder.model.state_dict().values())
     assert torch.equal(encoder.model.vision_model.embeddings.position_ids, torch.arange(17).expand(1, -1))
