@@ -773,10 +773,9 @@ def bench_workload(w: Workload, args, device, meter: Meter, dtype, vae_dtype, on
         return recorders[-1]
 
     print(f"{w.title}: Kinema warm-up and FLOP count ...", file=sys.stderr, flush=True)
-    start = time.monotonic()
     warm = _attempt(lambda: kinema_video(w, "none", args, device, meter, steps=1, decode=True, recorder_for=record),
                     "Kinema", "warm-up")
-    warm_s = time.monotonic() - start
+    warm_s = time.monotonic() - began
     if not warm.note and recorders and recorders[-1].calls:
         from kinema.models import placement
 
@@ -984,8 +983,8 @@ def report(args, argv: list[str], results: list[dict], device, meter: Meter, dty
          f"{_dtype_name(vae_dtype)}. One process; every run starts with the models in system memory except what "
          f"its policy keeps resident (the '{meter.what} at start' column), after a warm-up video of one step. "
          f"Peak memory: {'torch.cuda.max_memory_allocated' if meter.cuda else 'the process peak RSS (VmHWM)'} after "
-         f"a reset at the start of each phase{'' if meter.cuda else CPU_RSS_NOTE}. Step: median after the first step (which also holds the "
-         f"conditioning of diffusers' SVD). Sampling: SVD with the image conditioning. Peak FLOP/s: "
+         f"a reset at the start of each phase{'' if meter.cuda else CPU_RSS_NOTE}. Step: median after the first "
+         f"step (which also holds the conditioning of diffusers' SVD). Sampling: SVD with the image conditioning. Peak FLOP/s: "
          f"{args.peak_tflops:g} TFLOP/s (--peak-tflops)."),
         "",
         "Kinema memory policies: " + "; ".join(
