@@ -56,6 +56,8 @@ _BROKEN_MARKER = re.compile(
     r'(?:^|(?<=\n))[ \t\r]*["\']?(?:[+-]?\d[\w.,+-]*|[A-Za-z_]+[ \t]*\d+)["\']?[ \t]*[:;\uff1a\uff1b][^\n]*')
 # A quoted key inside a quoted keyframe's prompt: the comma before it is missing ('"0": "a cat" "16": "a dog"')
 _INNER_QUOTED_KEY = re.compile(r'"[ \t]*"[+-]?\d+(?:\.\d*)?"[ \t]*:')
+# One quoted string: no quote inside but escaped ones ('"a \\"big\\" cat"')
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 #: the largest frame number a keyframe may name
 MAX_FRAME = 1_000_000
 _SLERP_EPS = 1e-6  # below this the great circle is undefined: parallel, opposite or zero vectors
@@ -67,14 +69,16 @@ def _quote(text: str, limit: int = 60) -> str:
 
 
 def _prompt_text(raw: str) -> str:
-    """A keyframe's prompt: whitespace and separating commas stripped, JSON quotes removed."""
+    """A keyframe's prompt: whitespace and separating commas stripped, the quotes of a prompt that is one quoted
+    string removed (its JSON escapes read). A prompt that only starts and ends with a quote ('"STOP" sign, "EXIT"')
+    keeps its quotes, as Text Encode reads it."""
     text = raw.strip().rstrip(",").strip()
-    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+    if _QUOTED.fullmatch(text):
         try:
             value = json.loads(text)
         except ValueError:
             value = text[1:-1]
-        text = value.strip() if isinstance(value, str) else text[1:-1].strip()
+        text = value.strip()
     return text
 
 
@@ -121,13 +125,17 @@ def parse_schedule(text: str) -> list[tuple[int, str]]:
 
     Raises ``KinemaError`` quoting the offending part for: an empty schedule, a
     keyframe without a prompt, negative, duplicate or non-integer frame numbers,
-    and text before the first keyframe. Text with no keyframe is ``[(0, text)]``.
+    text before the first keyframe, and a ``{`` before the first keyframe that is not closed. Text with no
+    keyframe is ``[(0, text)]``.
     """
     body = (text or "").strip()
     if body.startswith("{") and body.endswith("}"):  # the JSON form; "{red|blue} cat" stays a prompt
         inner = body[1:-1].strip()
         if not inner or _MARKER.search(inner):
             body = inner
+    elif body.startswith("{") and _MARKER.match(body[1:].lstrip()):  # not a prompt that starts with '{'
+        raise KinemaError(f"the prompt schedule opens a '{{' it does not close: {_quote(body)}; end it with '}}' "
+                          "or remove the '{'")
     if not body:
         raise KinemaError("the prompt schedule is empty: write one keyframe a line, e.g. '0: a cat walking'")
     pairs = _json_schedule(body)

@@ -550,3 +550,19 @@ def test_the_sampler_refuses_an_empty_conditioning_and_takes_an_entry_without_op
     with caplog.at_level(logging.WARNING, logger="kinema"):
         sampler.conditioning_tensor([[context, {"unclip_conditioning": [], "hooks": None}]], "positive", 3)
     assert "the positive conditioning's hooks, unclip_conditioning are ignored" in caplog.text
+
+
+def test_a_prompt_that_only_starts_and_ends_with_a_quote_keeps_its_quotes():
+    """Only a prompt that is one quoted string loses its quotes: '"STOP" sign, "EXIT"' is read as written (as Text
+    Encode reads it), not as 'STOP" sign, "EXIT', in either form."""
+    assert pt.parse_schedule('0: "STOP" sign, "EXIT"\n8: a dog') == [(0, '"STOP" sign, "EXIT"'), (8, "a dog")]
+    assert pt.parse_schedule('0: a cat, 8: "a dog" and "a bird"') == [(0, "a cat"), (8, '"a dog" and "a bird"')]
+    assert pt.parse_schedule('0: "a \\"big\\" cat"\n8: "b"') == [(0, 'a "big" cat'), (8, "b")]
+
+
+@pytest.mark.parametrize("text", ['{"0": "a cat"', '{"0": "a cat", "16": "a dog"', "{0: a cat} in the snow"])
+def test_a_schedule_that_opens_a_brace_it_does_not_close_is_refused(text):
+    """A FizzNodes schedule missing its closing brace is named, not encoded as the prompt '{"0": "a cat"'."""
+    with pytest.raises(KinemaError, match="opens a '{' it does not close"):
+        pt.parse_schedule(text)
+    assert pt.parse_schedule("{red|blue} cat {big|small}") == [(0, "{red|blue} cat {big|small}")]
