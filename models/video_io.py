@@ -698,13 +698,15 @@ def _open_frames(path: str, ext: str):
         from PIL import Image
 
         fps, copies = constant_rate(_frame_delays(path))
-        if iio is not None:
+        with Image.open(path) as image:
+            deep = image.mode.startswith(("I", "F"))  # 16-bit gray (an APNG depth pass): convert("RGB") clips it
+        if iio is not None and not deep:
             frames = iio.imiter(path, plugin="pillow", mode="RGB")
             return _fps_or_default(fps), _repeated(frames, copies), frames.close, sum(copies)
         from PIL import ImageSequence
 
         image = Image.open(path)
-        frames = (np.asarray(fr.convert("RGB")) for fr in ImageSequence.Iterator(image))
+        frames = (_pillow_rgb(fr) for fr in ImageSequence.Iterator(image))
         return _fps_or_default(fps), _repeated(frames, copies), image.close, sum(copies)
     if iio is not None and _have("imageio_ffmpeg"):
         meta = iio.immeta(path, plugin="FFMPEG")
@@ -721,11 +723,26 @@ def _open_frames(path: str, ext: str):
             container.close()
             raise KinemaError(f"'{os.path.basename(path)}' has no video stream") from None
         fps = stream.average_rate or stream.guessed_rate
-        frames = (frame.to_ndarray(format="rgb24") for frame in container.decode(stream))
+        frames = (_upright(frame) for frame in container.decode(stream))
         seconds = None if stream.duration is None or stream.time_base is None else stream.duration * stream.time_base
         return _fps_or_default(fps), frames, container.close, stream.frames or _announced(seconds, fps)
     raise KinemaError("reading mp4/webm/mov/mkv needs ffmpeg: install the Python packages 'imageio' and "
                       "'imageio-ffmpeg' (pip install imageio imageio-ffmpeg) or 'av', or use a gif/webp/png clip")
+
+
+def _pillow_rgb(frame) -> np.ndarray:
+    """One Pillow frame as ``[h, w, 3]``: uint8, or floats in [0, 1] for 16-bit and float grayscale."""
+    if frame.mode.startswith(("I", "F")):
+        return _high_depth_gray(np.asarray(frame), frame.mode)[0].numpy()
+    return np.asarray(frame.convert("RGB"))
+
+
+def _upright(frame) -> np.ndarray:
+    """A PyAV frame as uint8 ``[h, w, 3]``, turned by its display matrix as ffmpeg shows it (a phone's portrait
+    video is stored sideways with a rotation: PyAV, unlike the ffmpeg binary, does not apply it)."""
+    arr = frame.to_ndarray(format="rgb24")
+    turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # degrees counter-clockwise
+    return np.ascontiguousarray(np.rot90(arr, turns)) if turns else arr
 
 
 def _floor8(v: int) -> int:

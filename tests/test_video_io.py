@@ -550,3 +550,59 @@ def test_read_image_scales_16_bit_and_float_grayscale_by_their_depth(tmp_path):
     Image.fromarray(np.array([[0.0, 0.25, 1.0]], dtype=np.float32)).save(tmp_path / "depth.tiff")
     img = video_io.read_image(str(tmp_path / "depth.tiff"))
     assert torch.allclose(img[0, 0, :, 1], torch.tensor([0.0, 0.25, 1.0]))
+
+
+def _without_imageio(monkeypatch):
+    """Reading as a bare ComfyUI does: Pillow and PyAV, no imageio."""
+    for name in [m for m in sys.modules if m == "imageio" or m.startswith("imageio.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "imageio", None)
+    monkeypatch.setitem(sys.modules, "imageio.v3", None)
+
+
+@pytest.mark.parametrize("imageio", [True, False])
+def test_a_16_bit_grayscale_animated_png_is_read_by_its_depth_not_as_white(tmp_path, monkeypatch, imageio):
+    """A depth pass saved as a 16-bit gray APNG (PIL mode I;16) reads as its levels, as Load Image reads a still
+    one; convert('RGB') clipped every value above 255 to white."""
+    import imageio_ffmpeg
+
+    levels = np.array([0, 16384, 32768, 65535], dtype="<u2")
+    raw = tmp_path / "depth.raw"
+    raw.write_bytes(np.repeat(levels, 16 * 24).tobytes())  # four constant 24x16 frames
+    path = tmp_path / "depth.png"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "rawvideo",
+                    "-pix_fmt", "gray16le", "-s", "24x16", "-r", "10", "-i", str(raw), "-pix_fmt", "gray16be",
+                    "-plays", "0", "-f", "apng", str(path)], check=True)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I") and im.n_frames == 4
+    if not imageio:
+        _without_imageio(monkeypatch)
+    images, fps = video_io.read_video(str(path))
+    assert images.shape == (4, 16, 24, 3) and fps == pytest.approx(10.0)
+    want = torch.tensor(np.round(levels / 65535 * 255) / 255, dtype=torch.float32)
+    assert torch.allclose(images.mean(dim=(1, 2, 3)), want, atol=1e-6)
+
+
+def test_a_rotated_phone_video_reads_upright_without_imageio(tmp_path, monkeypatch):
+    """A portrait phone video is stored sideways with a display rotation; ffmpeg turns it, PyAV (a bare ComfyUI's
+    reader) hands it on as stored: both must give the same upright frames."""
+    pytest.importorskip("av")
+    import imageio_ffmpeg
+
+    frames = torch.zeros(4, 32, 48, 3)
+    frames[:, :, :24, 0] = 1.0  # red left half, green bottom half: any turn or flip shows
+    frames[:, 16:, :, 1] = 1.0
+    base = video_io.write_video(str(tmp_path / "base.mp4"), frames, 10, "mp4")
+    want_turned = {}
+    for degrees in (90, 180, 270):
+        rotated = tmp_path / f"rotated{degrees}.mp4"
+        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error",
+                               "-display_rotation", str(degrees), "-i", base, "-c", "copy", str(rotated)], check=False)
+        if done.returncode != 0:
+            pytest.skip("this ffmpeg cannot set a display rotation")
+        want_turned[degrees] = video_io.read_video(str(rotated))[0]
+    assert want_turned[90].shape == (4, 48, 32, 3)  # ffmpeg turns it upright
+    _without_imageio(monkeypatch)
+    for degrees, want in want_turned.items():
+        got, fps = video_io.read_video(str(tmp_path / f"rotated{degrees}.mp4"))
+        assert got.shape == want.shape and (got - want).abs().mean() < 0.02 and fps == pytest.approx(10.0)
