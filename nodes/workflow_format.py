@@ -279,10 +279,41 @@ def _bypass_slot(node: dict, slot: int, want) -> int:
     return exact[0] if exact else next((i for i in range(len(ins)) if fits(i)), -1)
 
 
+def _slot_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_ui_entries(ui) -> None:
+    """KinemaError naming the first node, input slot or link of ``ui`` that is not shaped as the frontend saves it
+    (a hand-edited or damaged file), before the conversion trips over it."""
+    fix = "open the workflow in ComfyUI and save it again, or export it with Save (API)"
+    for k, n in enumerate(ui["nodes"]):
+        if not isinstance(n, dict) or not (_slot_number(n.get("id")) or isinstance(n.get("id"), str)):
+            raise KinemaError(f"nodes[{k}] of the workflow is not a node object with an 'id': {fix}")
+        for key in ("inputs", "outputs"):
+            slots = n.get(key)
+            if slots is not None and not (isinstance(slots, list) and all(isinstance(x, dict) for x in slots)):
+                raise KinemaError(f"node {n['id']}: '{key}' is not a list of slot objects: {fix}")
+        if not isinstance(n.get("widgets_values"), (list, dict, type(None))):
+            raise KinemaError(f"node {n['id']}: 'widgets_values' is not a list of values: {fix}")
+    links = ui.get("links")
+    if not isinstance(links, (list, type(None))):
+        raise KinemaError(f"the workflow's 'links' is not a list of links: {fix}")
+    for k, link in enumerate(links or []):
+        if isinstance(link, dict):
+            ok = "id" in link and "origin_id" in link and _slot_number(link.get("origin_slot"))
+        else:
+            ok = isinstance(link, list) and len(link) >= 3 and _slot_number(link[2])
+        if not ok:
+            raise KinemaError(f"links[{k}] of the workflow is not a link [id, origin node, origin slot, target node, "
+                              f"target slot, type]: {fix}")
+
+
 def api_from_ui(ui, node_classes=None, display_names=None):
     """The API prompt the frontend would queue for the UI workflow ``ui``."""
     if not is_ui_format(ui):
         raise KinemaError("not a UI-format workflow: expected a JSON object with 'nodes' and 'links'")
+    _check_ui_entries(ui)
     node_classes, display_names = _default_registry(node_classes, display_names)
     if (ui.get("definitions") or {}).get("subgraphs"):
         raise KinemaError("the workflow uses subgraphs, which Kinema cannot convert; "

@@ -681,3 +681,19 @@ def test_dump_workflow_writes_utf8_with_a_trailing_newline(tmp_path):
     path = tmp_path / "w.json"
     dump_workflow({"title": "café"}, str(path))
     assert path.read_bytes() == '{\n  "title": "café"\n}\n'.encode()
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    (lambda ui: ui["nodes"].__setitem__(0, 5), r"nodes\[0\] of the workflow is not a node object with an 'id'"),
+    (lambda ui: ui["nodes"][0].pop("id"), r"nodes\[0\] of the workflow is not a node object with an 'id'"),
+    (lambda ui: ui["nodes"][1].__setitem__("inputs", ["clip"]), r"node 2: 'inputs' is not a list of slot objects"),
+    (lambda ui: ui["nodes"][0].__setitem__("widgets_values", 5), r"node 1: 'widgets_values' is not a list"),
+    (lambda ui: ui["links"].__setitem__(0, [1, 1]), r"links\[0\] of the workflow is not a link"),
+    (lambda ui: ui["links"].__setitem__(0, {"id": 1, "origin_id": 1}), r"links\[0\] of the workflow is not a link"),
+    (lambda ui: ui.__setitem__("links", {"1": [1, 1, 0, 2, 0, "CLIP"]}), r"'links' is not a list of links"),
+])
+def test_a_damaged_ui_workflow_is_a_kinema_error_naming_the_entry(damage, pattern):
+    ui = frontend_ui()
+    damage(ui)
+    with pytest.raises(KinemaError, match=pattern + ".*save it again"):
+        api_from_ui(ui, CLASSES)
