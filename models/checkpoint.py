@@ -231,7 +231,7 @@ def detect_format(sd: dict) -> str:
     if any(".processor." in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys):
         return "sd15_adapter_lora"
     if any(k.startswith(("lora_unet_", "lora_te_")) or ".lora_down." in k or ".lora_up." in k
-           or "_lora.down." in k or ".lora_A." in k or ".lora.down." in k
+           or "_lora.down." in k or ".lora_A." in k or ".lora.down." in k or ".lora_linear_layer.down." in k
            or k.startswith(("diffusion_model.", "model.diffusion_model.", "text_encoders."))
            and k.endswith((".diff", ".diff_b")) for k in keys):
         return "lora"

@@ -14,7 +14,9 @@ Formats read
   3x3 convs (LoCon: ``up [o, r, 1, 1] @ down [r, i, kh, kw]``).
 - **diffusers attention-processor style** (the AnimateDiff v3 domain adapter ``v3_sd15_adapter.ckpt``):
   ``<diffusers UNet path>.processor.{to_q|to_k|to_v|to_out}_lora.{down|up}.weight``, no alpha.
-- diffusers / peft style (``unet.<path>.lora_A.weight`` / ``lora_B``, ``text_encoder.<path>...``) is read too.
+- diffusers / peft style (``unet.<path>.lora_A.weight`` / ``lora_B``, ``text_encoder.<path>...``) is read too,
+  and diffusers' earlier text-encoder names (``...q_proj.lora_linear_layer.down.weight``; before that
+  ``...self_attn.to_q_lora.down.weight``).
 
 Applying
 --------
@@ -157,19 +159,23 @@ _ROLE_SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),  # diffusers 0.18-0.21
     (".alpha", "alpha"),
 )
 _PROCESSOR_SUFFIXES = (("_lora.down.weight", "down"), ("_lora.up.weight", "up"))
+_PROCESSOR_PROJECTIONS = (".to_q", ".to_k", ".to_v", ".to_out")
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
     """``key`` -> (target module name as written in the file, role) or None when it is not a LoRA tensor.
 
-    Processor style (``X.processor.to_q_lora.down.weight``) becomes ``X.to_q`` (``to_out`` -> ``to_out.0``).
+    Processor style (``X.processor.to_q_lora.down.weight``; diffusers' early text-encoder LoRAs without the
+    ``processor.``) becomes ``X.to_q`` (``to_out`` -> ``to_out.0``).
     """
     for suffix, role in _PROCESSOR_SUFFIXES:
-        if key.endswith(suffix) and ".processor." in key:
-            base = key[: -len(suffix)].replace(".processor.", ".")
+        base = key[: -len(suffix)]
+        if key.endswith(suffix) and (".processor." in key or base.endswith(_PROCESSOR_PROJECTIONS)):
+            base = base.replace(".processor.", ".")
             if base.endswith(".to_out"):
                 base += ".0"
             return base, role
@@ -367,7 +373,15 @@ def text_encoder_lora_targets(model: nn.Module) -> dict[str, str]:
         table[f"text_encoder.text_model.{bare}"] = param
         table[f"text_encoder.{bare}"] = param
         table[f"{COMFY_TEXT_ENCODER}{bare}"] = param
+        head, _, leaf = bare.rpartition(".")
+        if head.endswith(".self_attn") and leaf in _EARLY_DIFFUSERS_TEXT_ATTENTION:  # diffusers <= 0.17
+            early = f"{head}.{_EARLY_DIFFUSERS_TEXT_ATTENTION[leaf]}"
+            table[f"text_encoder.text_model.{early}"] = table[f"text_encoder.{early}"] = param
     return table
+
+
+#: diffusers' early text-encoder LoRAs (attention processors): ``self_attn.to_q_lora`` ... for ``q_proj`` ...
+_EARLY_DIFFUSERS_TEXT_ATTENTION = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out.0"}
 
 
 #: ComfyUI's name of an SD1.5 text encoder's layers in the LoRAs it extracts (its CLIP model's state dict keys)

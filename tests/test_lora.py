@@ -423,6 +423,38 @@ def test_a_peft_text_encoder_lora_equals_the_kohya_one(prefix):
     assert any(not torch.equal(pa[k], p) for k, p in te.model.named_parameters())
 
 
+@pytest.mark.parametrize("layout", ["lora_linear_layer", "attention_processor"])
+def test_an_earlier_diffusers_text_encoder_lora_equals_the_kohya_one(layout):
+    """diffusers' text-encoder LoRA names before peft: ``text_encoder.text_model.<path>.lora_linear_layer.{down,up}``
+    (0.18 to 0.21), and before that ``self_attn.{to_q,to_k,to_v,to_out}_lora.{down,up}`` with the MLP in
+    ``lora_linear_layer`` names (what diffusers' own conversion reads). Neither carries an alpha."""
+    sd = demo.sd15_lora_state_dict()
+    te = text_encoder()
+    by_kohya = {n.removeprefix("text_model.").replace(".", "_"): n.removeprefix("text_model.")
+                for n, m in te.model.named_modules() if isinstance(m, nn.Linear)}
+    early = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
+    kohya, diffusers = {}, {}
+    for k, v in sd.items():
+        base, _, rest = k.partition(".")
+        if not base.startswith("lora_te_text_model_") or rest == "alpha":
+            continue
+        kohya[k] = v
+        path, role = by_kohya[base[len("lora_te_text_model_"):]], rest.removeprefix("lora_").removesuffix(".weight")
+        head, _, leaf = path.rpartition(".")
+        if layout == "attention_processor" and leaf in early:
+            diffusers[f"text_encoder.text_model.{head}.{early[leaf]}_lora.{role}.weight"] = v
+        else:
+            diffusers[f"text_encoder.text_model.{path}.lora_linear_layer.{role}.weight"] = v
+    assert kohya and len(diffusers) == len(kohya)
+    assert checkpoint.detect_format({k: v for k, v in diffusers.items() if "lora_linear_layer" in k}) == "lora"
+    _, a = lora.apply_sd15_loras(unet(), te, [(kohya, 1.0, 0.7, "kohya")])
+    _, b = lora.apply_sd15_loras(unet(), te, [(diffusers, 1.0, 0.7, layout)])
+    assert lora.sd15_lora_patch(diffusers, unet(), te.model, layout).unmatched == ()
+    pa, pb = dict(materialize(a.model).named_parameters()), dict(materialize(b.model).named_parameters())
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], p) for k, p in te.model.named_parameters())
+
+
 def test_an_alpha_without_halves_is_skipped_not_refused():
     """Some trainers leave the alpha of a layer they did not train: the rest of the LoRA merges."""
     sd = demo.sd15_lora_state_dict()
