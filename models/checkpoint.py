@@ -211,6 +211,7 @@ def detect_format(sd: dict) -> str:
     """Name the kind of model a state dict holds (key sniffing).
 
     One of: ``sd15``, ``sd2``, ``sdxl``, ``svd``, ``motion_module``, ``motion_module_sdxl``, ``motion_lora``,
+    ``hotshotxl`` (HotshotXL's temporal layers, ``...temporal_attentions.j...``),
     ``sparsectrl`` (AnimateDiff's SparseCtrl: a ControlNet with motion modules), ``lora`` (an SD LoRA in the kohya /
     LDM / diffusers-peft layouts; whether it fits SD1.5 is checked against the
     model's shapes when applied), ``sd15_adapter_lora`` (an SD1.5 UNet LoRA in the diffusers attention-processor
@@ -226,6 +227,8 @@ def detect_format(sd: dict) -> str:
         if not any(k.startswith("down_blocks.3.") for k in keys):
             return "motion_module_sdxl"
         return "motion_module"
+    if any(".temporal_attentions." in k for k in keys):  # HotshotXL's temporal layers (SDXL)
+        return "hotshotxl"
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         return "sdxl_lora"
     if any(".processor." in k and k.endswith(("_lora.down.weight", "_lora.up.weight")) for k in keys):
@@ -269,6 +272,7 @@ FORMAT_NAMES = {
     "motion_module": "an AnimateDiff motion module",
     "motion_module_sdxl": "an SDXL AnimateDiff motion module",
     "motion_lora": "an AnimateDiff MotionLoRA",
+    "hotshotxl": "a HotshotXL temporal-layers file (a motion model for SDXL)",
     "sparsectrl": "an AnimateDiff SparseCtrl model (a ControlNet with motion modules, for sparse keyframe hints)",
     "lora": "a LoRA",
     "sd15_adapter_lora": "an SD1.5 UNet LoRA in the diffusers attention-processor layout (like the AnimateDiff v3 "
@@ -306,6 +310,8 @@ def expect_format(sd: dict, wanted: str | tuple[str, ...], path: str, what: str)
     hint = f" It belongs in {where}." if where else ""
     if found == "motion_module_sdxl":
         hint = " SDXL motion modules are not supported yet: use an SD1.5 motion module (v1, v2 or v3)."
+    elif found == "hotshotxl":
+        hint = " Kinema runs SD1.5 motion modules only: use an AnimateDiff SD1.5 motion module (v1, v2 or v3)."
     elif found == "sdxl_lora":
         hint = " Kinema runs SD1.5 models: use a LoRA made for SD1.5."
     elif found == "unknown":

@@ -297,3 +297,19 @@ def test_a_down_level_without_norm_or_projection_weights_is_named_as_damaged():
           if not (k.startswith("down_blocks.1.") and k.split(".temporal_transformer.")[1].startswith(gone))}
     with pytest.raises(KinemaError, match="no norm/proj_in/proj_out weights for 'down_blocks.1.motion_modules'"):
         infer_motion_config(sd)
+
+
+def test_a_hotshotxl_file_is_named_and_refused_for_sdxl(tmp_path):
+    """HotshotXL's temporal layers (``down_blocks.i.temporal_attentions.j...pos_encoder.positional_encoding``) are
+    an SDXL motion model: the motion-module loader says so, not "an unrecognised model"."""
+    from safetensors.torch import save_file
+
+    sd = {}
+    for key, value in demo.motion_state_dict("v2").items():
+        key = key.replace(".motion_modules.", ".temporal_attentions.").replace(".temporal_transformer.", ".")
+        sd[key.replace("pos_encoder.pe", "pos_encoder.positional_encoding")] = value.clone()
+    path = tmp_path / "hsxl_temporal_layers.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(KinemaError, match=r"'hsxl_temporal_layers.safetensors' is a HotshotXL .*SDXL.* use an "
+                                          r"AnimateDiff SD1\.5 motion module"):
+        checkpoint.load_motion_module(str(path))
