@@ -17,7 +17,9 @@ Frames arrive as ComfyUI ``IMAGE`` (``[f, h, w, 3]`` float in [0, 1]);
 
 Every format is written to a hidden temporary file next to the target and moved
 into place with ``os.replace``: a reader never sees half a file, and on any
-error the temporary file is removed.
+error the temporary file is removed. Given ``next_path``, the move never replaces
+a file another writer (a second ComfyUI on the same output folder) put at the
+target while this one wrote: the file goes to the next free name instead.
 
 ``read_video`` reads frames back (imageio's v3 API): animated GIF / WebP / PNG
 (APNG) through Pillow, MP4 / WebM / MOV / MKV through imageio-ffmpeg (or PyAV).
@@ -422,7 +424,8 @@ def _write_mp4_av(av, tmp, frames, fps, metadata, crf, preset, on_frame=None):
 
 def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, metadata: dict | None = None,
                 quality: int = 90, lossless: bool = False, crf: int = 19, webp_method: int = 4,
-                preset: str = "medium", on_frame: Callable[[int, int], None] | None = None) -> str:
+                preset: str = "medium", on_frame: Callable[[int, int], None] | None = None,
+                next_path: Callable[[], str] | None = None) -> str:
     """Write frames ``[f, h, w, 3]`` uint8 (float [0, 1] is converted) to ``path``; return the path.
 
     fmt: ``gif``, ``webp`` or ``mp4``. fps: frames per second (> 0).
@@ -432,6 +435,8 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
     crf / preset: libx264 (crf 0 lossless - 51 worst; 17-23 is visually good).
     on_frame(done, total): called before each frame is handed to the encoder (progress); what it raises (an
     interrupt) stops the write, and no file is left.
+    next_path(): a new free name, asked for when ``path`` was created by another writer while this one wrote; the
+    path written is returned. None: a file at ``path`` is replaced.
     """
     fmt = str(fmt).lower().lstrip(".")
     if fmt not in FORMATS:
@@ -481,13 +486,34 @@ def write_video(path: str, images_uint8, fps: float, fmt: str, loop: int = 0, me
             _write_mp4_av(backend[1], tmp, frames, fps, metadata, crf, preset, on_frame)
         if os.path.getsize(tmp) == 0:
             raise KinemaError(f"Writing '{os.path.basename(path)}' produced an empty file")
-        os.replace(tmp, path)
+        path = _place(tmp, path, next_path)
     except BaseException:
         try:
             os.remove(tmp)
         except OSError:
             pass
         raise
+    return path
+
+
+def _place(tmp: str, path: str, next_path: Callable[[], str] | None) -> str:
+    """Move the finished ``tmp`` to ``path`` (or, given ``next_path``, to the first of its names no file holds: a
+    hard link claims a name only where none is, so two writers never replace each other's files); the path."""
+    while next_path is not None:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            path = os.path.abspath(next_path())
+            continue
+        except OSError:  # no hard links on this file system (FAT, some network shares): check, then replace
+            if os.path.lexists(path):
+                path = os.path.abspath(next_path())
+                continue
+            break
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        return path
+    os.replace(tmp, path)
     return path
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -71,8 +72,12 @@ class KinemaSaveVideo:
         full_path, subfolder, filename = host.save_path(filename_prefix, format, width, height)
         bar = host.ProgressBar(frames.shape[0], "Kinema save")
         # the bar checks for Cancel: it stops the write between frames (no file is left)
-        video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata,
-                             on_frame=bar.update_absolute)
+        # a file another writer saved under this name meanwhile (a second ComfyUI on the same output folder) is
+        # kept: this one takes the next counter
+        full_path = video_io.write_video(full_path, frames, fps, format, loop=loop_count, metadata=metadata,
+                                         on_frame=bar.update_absolute,
+                                         next_path=lambda: host.save_path(filename_prefix, format, width, height)[0])
+        filename = os.path.basename(full_path)
         logger.info("Kinema: saved %d frames (%dx%d, %g fps) to %s", frames.shape[0], width, height, fps, full_path)
 
         result = {"filename": filename, "subfolder": subfolder, "type": "output"}

@@ -84,6 +84,53 @@ def test_nan_frames_are_saved_with_a_warning(output_dir, caplog):
 
 # -- video_io.write_video: channels --------------------------------------------------------------------------------
 
+def test_a_file_another_writer_saves_under_the_same_name_meanwhile_is_kept(output_dir, monkeypatch):
+    """A second ComfyUI on the same output folder saves race_00001_.gif while this Save Video encodes under that
+    name: its file stays as it was, and this one lands at the next counter, the UI result naming it."""
+    from kinema.nodes import host
+
+    other = output_dir / "race_00001_.gif"
+
+    class Bar:  # the progress bar the node reports each frame to: the other writer saves at the first frame
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update_absolute(self, done, total=None):
+            if not other.exists():
+                other.parent.mkdir(parents=True, exist_ok=True)
+                other.write_bytes(b"the other writer's video")
+
+    monkeypatch.setattr(host, "ProgressBar", Bar)
+    frames = torch.rand(3, 8, 8, 3)
+    out = video_output.KinemaSaveVideo().save(frames, 8.0, "gif", 0, "race")
+    assert other.read_bytes() == b"the other writer's video"
+    assert out["ui"]["images"][0]["filename"] == "race_00002_.gif"
+    assert _read_rgb(_saved(output_dir, out)).shape == (3, 8, 8, 3)
+    assert sorted(os.listdir(output_dir)) == ["race_00001_.gif", "race_00002_.gif"]  # no temporary file left
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_write_video_with_next_path_never_replaces_a_file(tmp_path, monkeypatch, links):
+    """With ``next_path``, a file that appears at the target during the write is kept (a hard link claims the
+    name; where the file system has none, a check before the move); without it the target is replaced."""
+    if not links:
+        def no_links(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+        monkeypatch.setattr(os, "link", no_links)
+    target, spare = tmp_path / "v.gif", tmp_path / "v2.gif"
+
+    def appear(done, total):
+        if not target.exists():
+            target.write_bytes(b"other")
+
+    got = video_io.write_video(str(target), _noise((2, 8, 8, 3)), 8, "gif", on_frame=appear,
+                               next_path=lambda: str(spare))
+    assert got == str(spare) and target.read_bytes() == b"other" and spare.stat().st_size > 0
+    assert sorted(os.listdir(tmp_path)) == ["v.gif", "v2.gif"]
+    assert video_io.write_video(str(target), _noise((2, 8, 8, 3)), 8, "gif") == str(target)
+    assert target.read_bytes() != b"other"
+
+
 def test_write_video_drops_alpha_and_expands_gray_exactly(tmp_path):
     """Lossless webp reads back the very pixels: RGBA keeps R, G and B (the alpha, not the red, is dropped); one
     channel is repeated into three."""
