@@ -175,7 +175,8 @@ def image_conditioning(image_encoder, vae, image: torch.Tensor, opts: ImageCondi
         embeds = image_encoder.encode(content, remedy=_image_encode_remedy(image_encoder)).float()
         gen = torch.Generator().manual_seed(int(opts.seed))
         pixels = rearrange(frame, "b h w c -> b c h w") * 2 - 1
-        noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen)
+        # drawn on the CPU (the same noise on every device), added where the image is (a GPU IMAGE of another node)
+        noised = pixels + opts.augmentation_level * torch.randn(pixels.shape, generator=gen).to(pixels.device)
         concat = encode_pixels(vae, noised, "encoding the init image",
                                "lower width and height on SVD Image Conditioning (Kinema), or free GPU memory")
     y = micro_conditioning(opts.fps - 1, opts.motion_bucket_id, opts.augmentation_level, 1)

@@ -8,6 +8,7 @@
 - half precision: a finite video close to fp32's, and SVD's temporal decoder in fp16 (CUDA's own GroupNorm kernel:
   float32 statistics);
 - a real out-of-memory error during decode (the process's GPU memory capped): retried once with fewer frames;
+- an SVD init image already on the GPU (another node's IMAGE): the conditioning of the same image on the CPU;
 - ancestral samplers' fresh noise drawn from a generator on the GPU, as ComfyUI's; ComfyUI's --cpu-vae: sampling on
   the GPU, the decode on the CPU.
 
@@ -261,3 +262,17 @@ def test_a_compiled_temporal_decoder_gives_the_plain_frames():
     assert float((first - plain).abs().max()) < tolerance
     assert all(p.device.type == "cpu" for p in vae.parameters())  # back in storage
 
+
+def test_an_svd_init_image_on_the_gpu_conditions_as_on_the_cpu(tmp_path):
+    """An init IMAGE that another node left on the GPU: the same conditioning as that image on the CPU (the
+    augmentation noise, drawn on the CPU, was added to it on the CPU: a device mismatch)."""
+    from fixtures_svd_pipeline import tiny_img2vid
+    from kinema.models import svd_model
+
+    bundle = tiny_img2vid(str(tmp_path), frames=2, size=32)[0]
+    image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(2))
+    opts = svd_model.ImageConditioningOptions(width=32, height=32, frames=2, augmentation_level=0.1)
+    want = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image, opts)[0]
+    got = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image.to(DEVICE), opts)[0]
+    for key in ("context", "concat", "y"):
+        assert torch.allclose(got[key].cpu(), want[key].cpu(), rtol=1e-4, atol=1e-5), key
