@@ -149,7 +149,8 @@ def image_content(adapter, image_encoder, images: torch.Tensor, weight: float = 
     steps = StepRange(float(start), float(end))
     steps.validate(what)
     _image_batch(images, what)
-    adapter.check_image_encoder(image_encoder.embed_dim)
+    adapter.check_image_encoder(image_encoder.embed_dim, getattr(image_encoder, "has_projection", True),
+                                getattr(image_encoder, "source", ""))
     embeds = clip_image_embeds(image_encoder, images[..., :3])
     tokens, uncond = content_tokens(adapter, embeds.to(adapter.device, adapter.dtype), combine)
     return ImageContent(adapter, tokens.float().cpu(), uncond.float().cpu(), finite_number(weight, f"{what}: weight"),

@@ -151,9 +151,19 @@ class IPAdapter(nn.Module):
     def device(self) -> torch.device:
         return self.image_proj.proj.weight.device
 
-    def check_image_encoder(self, embed_dim: int) -> None:
-        """KinemaError unless a CLIP vision model giving ``embed_dim``-wide image embeddings fits this adapter."""
+    def check_image_encoder(self, embed_dim: int, projected: bool = True, source: str = "") -> None:
+        """KinemaError unless a CLIP vision model giving ``embed_dim``-wide image embeddings fits this adapter.
+
+        ``projected`` False: the tower has no ``visual_projection`` (its embeddings are the pooled output), which
+        no IP-Adapter takes, whatever the width (a ViT-L/14 tower's pooled output is 1024 wide, as ViT-H/14's
+        projected ``image_embeds``); ``source``: the CLIP vision file, for the message."""
         want = self.cfg.clip_dim
+        if not projected:
+            what = f"'{source}'" if source else "the CLIP vision model"
+            need = CLIP_ENCODERS.get(want, f"a CLIP vision model with {want}-wide image embeddings")
+            raise KinemaError(f"{what} has no visual projection ('visual_projection.weight'), so it gives no CLIP "
+                              f"image embeddings for {self._what}: load a complete CLIP vision file in Load CLIP "
+                              f"Vision ({need})")
         if embed_dim == want:
             return
         need = CLIP_ENCODERS.get(want, f"a CLIP vision model with {want}-wide image embeddings")

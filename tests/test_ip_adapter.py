@@ -311,6 +311,24 @@ def test_clip_vision_of_the_wrong_width_is_refused():
     assert "ViT-bigG" in str(err.value)
 
 
+def test_a_clip_vision_tower_without_its_projection_is_refused():
+    """A tower saved without ``visual_projection`` gives its pooled output, not CLIP image embeddings: refused by
+    Apply IP-Adapter even where the widths agree (ViT-L/14's pooled output is 1024 wide, as ViT-H/14's
+    ``image_embeds``), naming the file; the same tower with its projection is taken."""
+    from kinema.models import addons
+
+    adapter = ip_adapter()  # takes 64-wide embeddings
+    tower = transformers_tower(seed=1, projection_dim=32)  # hidden width 64: its pooled output is 64 wide
+    bare = {k: v for k, v in tower.state_dict().items() if not k.startswith("visual_projection")}
+    encoder = load_image_encoder(bare, name="vision_tower.safetensors")
+    assert not encoder.has_projection and encoder.embed_dim == adapter.cfg.clip_dim
+    images = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(KinemaError, match="'vision_tower.safetensors' has no visual projection.*Load CLIP Vision"):
+        addons.image_content(adapter, encoder, images)
+    projected = ImageEncoder(transformers_tower(seed=1, projection_dim=64))
+    assert addons.image_content(adapter, projected, images).tokens.shape == (1, 4, 64)
+
+
 def test_files_that_are_not_ip_adapters(tmp_path):
     vision = save_safetensors(demo.clip_vision_state_dict(0), str(tmp_path / "clip.safetensors"))
     with pytest.raises(KinemaError, match="'clip.safetensors' is not an IP-Adapter.*CLIP vision.*models/clip_vision"):
