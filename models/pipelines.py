@@ -115,7 +115,9 @@ def _run_sampler(denoiser, latent: torch.Tensor, schedule, latent_scale: float, 
     sampler = get_sampler(opts.sampler)
     if len(sigmas) < 2:
         return latent.float().cpu()
-    x = latent.float() * latent_scale
+    # on the CPU, where the noise is drawn: a LATENT from another node may be on the GPU (ComfyUI's --gpu-only puts
+    # EmptyLatentImage's and VAEEncode's there), and ComfyUI's KSampler takes it on any device
+    x = latent.float().cpu() * latent_scale
     x = noise_latent(x, _starting_noise(opts, tuple(latent.shape)), sigmas, schedule)
     if opts.context is not None:
         denoiser = WindowedDenoiser(denoiser, opts.context, sigmas, on_window=on_window)

@@ -276,3 +276,18 @@ def test_an_svd_init_image_on_the_gpu_conditions_as_on_the_cpu(tmp_path):
     got = svd_model.image_conditioning(bundle.image_encoder, bundle.vae, image.to(DEVICE), opts)[0]
     for key in ("context", "concat", "y"):
         assert torch.allclose(got[key].cpu(), want[key].cpu(), rtol=1e-4, atol=1e-5), key
+
+
+@pytest.mark.parametrize("denoise", [1.0, 0.5])
+def test_a_latent_on_the_gpu_samples_as_on_the_cpu(denoise):
+    """A LATENT another node left on the GPU (ComfyUI's --gpu-only puts EmptyLatentImage's and VAEEncode's there):
+    the video of the same latent on the CPU (the starting noise, drawn on the CPU, was added to it on the GPU: a
+    device mismatch)."""
+    model = _model()
+    g = torch.Generator().manual_seed(3)
+    pos = torch.randn(1, 77, 64, generator=g)
+    latent = torch.randn(4, 4, 16, 16, generator=g)
+    opts = pipelines.SampleOptions(seed=7, steps=2, cfg=1.0, sampler="euler", denoise=denoise)
+    want = pipelines.sample_video(model, pos, None, latent, opts)
+    got = pipelines.sample_video(model, pos, None, latent.to(DEVICE), opts)
+    assert got.device.type == "cpu" and torch.equal(got, want)
