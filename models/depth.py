@@ -10,7 +10,8 @@ under ``models/depth_models/<name>/``: ``config.json``, ``model.safetensors`` (o
   relative or metric.
 
 The weights are loaded by transformers itself (``from_pretrained`` on the folder, local files
-only, safetensors only: a pickle-only ``pytorch_model.bin`` is refused). Everything around the
+only, safetensors only: a pickle-only ``pytorch_model.bin`` is refused), then copied out of the file's mapped
+pages (a file rewritten or truncated later leaves the loaded model alone). Everything around the
 network is done here in torch, batched, on the model's device:
 
 - **preprocessing** reproduces transformers' ``DPTImageProcessor`` (the torch backend) with the
@@ -413,6 +414,16 @@ def _weights_absent(cls, folder: str) -> list[str]:
     return sorted(wanted - held)
 
 
+@torch.no_grad()
+def _own_memory(model: torch.nn.Module) -> None:
+    """Every weight of ``model`` in memory of its own, in place. transformers loads a safetensors file at its own
+    precision as tensors that read the file's mapped pages: a file rewritten in place later (a download over it)
+    would change the model ComfyUI keeps between runs, and one truncated would kill the process at its next read
+    (SIGBUS), as ``checkpoint.own_copies`` says of the pack's own loaders. One tensor copied at a time."""
+    for t in (*model.parameters(), *model.buffers()):
+        t.data = t.data.clone()
+
+
 def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEstimator:
     """Load a transformers depth model folder (``dpt`` or ``depth_anything``) as a ``DepthEstimator``.
 
@@ -479,6 +490,7 @@ def load_depth_model(folder: str, dtype: torch.dtype | None = None) -> DepthEsti
     if unexpected:
         logger.warning("Depth model '%s': %d weights that %s does not use were ignored", name, len(unexpected),
                        class_name)
+    _own_memory(model)
 
     cfg = model.config
     backbone = getattr(cfg, "backbone_config", None)

@@ -255,6 +255,23 @@ def test_a_half_precision_folder_loads_in_float32_by_default(tmp_path):
     assert {p.dtype for p in est.model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("kind", ["dpt", "depth_anything"])
+def test_a_loaded_depth_model_does_not_read_its_file_again(folders, tmp_path, kind):
+    """transformers loads model.safetensors at the file's own precision as tensors that read the file's mapped
+    pages: a file rewritten in place afterwards (a download over it) must not change the model ComfyUI keeps
+    between runs, and one truncated must not kill the process (SIGBUS) at the next estimate."""
+    folder = _copy(folders, kind, tmp_path, f"{kind}_rewritten")
+    est = load_depth_model(str(folder))
+    frames = smooth_frames(1, *NATIVE[kind])
+    before, depth = {k: v.clone() for k, v in est.model.state_dict().items()}, est.predict(frames)
+    path = folder / "model.safetensors"
+    with open(path, "r+b") as f:  # every byte of the file zeroed in place, as an overwrite of the same size
+        f.write(bytes(os.path.getsize(path)))
+    assert all(torch.equal(v, before[k]) for k, v in est.model.state_dict().items())
+    os.truncate(path, 0)
+    assert torch.equal(est.predict(frames), depth)
+
+
 def test_a_flat_depth_map_normalises_to_zeros():
     assert torch.equal(normalize_depth(torch.full((2, 4, 4), 3.0)), torch.zeros(2, 4, 4))
 
