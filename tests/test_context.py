@@ -398,3 +398,18 @@ def test_bad_options_are_clear_errors():
     ContextOptions().validate(1)
     ContextOptions(context_length=1, overlap=0).validate(500)
     assert ContextOptions() == ContextOptions(16, 4, 1, "uniform_standard", "pyramid", False)
+
+
+def test_freenoise_shuffles_follow_randperm_seeded_with_the_seed():
+    # the documented rule, written plainly: one torch.randperm per block, in block order, from a CPU generator
+    # seeded with the seed itself (ComfyUI's seed reproduces the noise of another run or tool)
+    length, overlap, frames, seed = 6, 2, 23, 1234
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    want = list(range(length))
+    for start in (6, 10, 14, 18, 22):
+        size = min(length - overlap, frames - start)
+        perm = torch.randperm(size, generator=gen).tolist()
+        want += [want[start - length + p] for p in perm]
+    opts = ContextOptions(length, overlap, 1, "static", freenoise=True)
+    assert freenoise_sources(frames, opts, seed) == want
+    assert freenoise_sources(frames, opts, seed + 2**64) == want, "seeds wrap modulo 2**64"

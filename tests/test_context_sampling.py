@@ -191,3 +191,27 @@ def test_the_progress_bar_of_windowed_sampling_never_moves_back(host_dirs, monke
         "ddim_uniform", 1.0, context_options=ContextOptions(context_length=8, overlap=2, schedule="static"))
     done, totals = [v for v, _ in values], {t for _, t in values}
     assert done == sorted(done) and totals == {8 * 3} and values[-1] == (24, 24)
+
+
+def test_each_sampling_step_runs_the_windows_of_its_own_step():
+    """The uniform schedules move their windows from step to step: the windowed denoiser finds the step of the sigma
+    it is called at in the schedule (step i at sigmas[i], and the nearest one between two) and runs that step's
+    windows, in order, each on its own frames."""
+    from kinema.models.guidance import WindowedDenoiser
+
+    seen = []
+
+    def denoiser(x, sigma, window=None):
+        seen.append(window.sub_idxs)
+        assert torch.equal(x[:, 0, 0, 0], torch.tensor(window.sub_idxs, dtype=x.dtype))
+        return x
+
+    frames, opts = 20, ContextOptions(context_length=8, overlap=2, schedule="uniform_standard")
+    sigmas = torch.tensor([14.6, 7.0, 3.1, 1.2, 0.4, 0.0])
+    den = WindowedDenoiser(denoiser, opts, sigmas)
+    x = torch.arange(frames, dtype=torch.float32)[:, None, None, None].expand(frames, 4, 2, 2)
+    for step, sigma in [(0, 14.6), (1, 7.0), (2, 3.1), (3, 1.2), (4, 0.4), (2, 3.0), (1, 6.0)]:
+        seen.clear()
+        assert torch.equal(den(x, torch.tensor(sigma)), x)
+        assert seen == [w.sub_idxs for w in context_windows(frames, opts, step)], (step, sigma)
+    assert context_windows(frames, opts, 0) != context_windows(frames, opts, 1)  # the steps differ

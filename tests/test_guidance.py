@@ -5,7 +5,7 @@ import pytest
 import torch
 from fixtures import motion_model
 from kinema.models.errors import KinemaError
-from kinema.models.guidance import CFGDenoiser, EpsVideoDenoiser
+from kinema.models.guidance import CFGDenoiser, EpsVideoDenoiser, match_token_lengths
 from kinema.models.sampling import DiscreteSchedule
 
 F, HW = 4, 8
@@ -214,3 +214,20 @@ def test_the_eps_denoiser_predicts_x0_as_x_less_sigma_times_eps():
     torch.testing.assert_close(x0, x - float(sigma) * eps)
     torch.testing.assert_close(seen["xin"], x / (float(sigma) ** 2 + 1) ** 0.5)
     torch.testing.assert_close(seen["t"], schedule.timestep(sigma.reshape(1)).expand(F))
+
+
+def test_prompts_of_different_token_lengths_batch_by_repeating_their_tokens():
+    """77 and 154 tokens (a long prompt in two chunks) batch as 154: the short one's tokens twice over; 77 and 231
+    as 231; 154 and 231 as 462; lengths with no small common multiple (77 and 78) are not batched (None)."""
+    a, b = torch.randn(2, 77, 4), torch.randn(2, 154, 4)
+    got = match_token_lengths([a, b])
+    assert got is not None and got[0].shape == (2, 154, 4) and torch.equal(got[1], b)
+    assert torch.equal(got[0][:, :77], a) and torch.equal(got[0][:, 77:], a)
+    c = torch.randn(2, 231, 4)
+    got = match_token_lengths([c, a])
+    assert got[1].shape == (2, 231, 4) and torch.equal(got[1], torch.cat([a, a, a], dim=1))
+    two, three = torch.randn(2, 154, 4), torch.randn(2, 231, 4)  # prompts of 2 and 3 chunks: 462 tokens each
+    got = match_token_lengths([two, three])
+    assert got is not None and torch.equal(got[0], torch.cat([two] * 3, dim=1))
+    assert torch.equal(got[1], torch.cat([three] * 2, dim=1))
+    assert match_token_lengths([a, torch.randn(2, 78, 4)]) is None

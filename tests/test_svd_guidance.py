@@ -154,6 +154,32 @@ def test_v_edm_batches_cond_and_uncond():
                                                                                    c["context"])
 
 
+class _VFromConditioning(_ConstantV):
+    """A network whose v depends on each video's conditioning: context + concat + y, per batch entry."""
+
+    def __call__(self, x, timesteps, context, y, num_frames, attn_chunk=0, window=None, temporal=True):
+        self.calls.append((x, timesteps, context, y, num_frames))
+        return x[:, 4:] + context.mean(dim=(1, 2))[:, None, None, None] + y.mean(dim=1)[:, None, None, None]
+
+
+def test_v_edm_batched_predictions_come_back_in_the_order_of_the_conditionings():
+    """Batched, each conditioning gets the x0 it gets when run alone (uncond first, cond second)."""
+    frames, sigma = 2, 1.7
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(frames, 4, 2, 2, generator=g)
+    c = {"context": torch.randn(frames, 1, 8, generator=g), "concat": torch.randn(frames, 4, 2, 2, generator=g),
+         "y": torch.randn(frames, 6, generator=g)}
+    u = {k: torch.zeros_like(t) for k, t in c.items()}
+    model = _VFromConditioning(torch.zeros(1))
+    x0_u, x0_c = VEDMVideoDenoiser(model, batch_cond=True)(x, torch.tensor(sigma), [u, c])
+    assert len(model.calls) == 1
+    c_skip, c_out = 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+    for got, cond in ((x0_u, u), (x0_c, c)):  # v by hand from the stand-in's rule
+        v = cond["concat"] + cond["context"].mean(dim=(1, 2))[:, None, None, None] + cond["y"].mean(dim=1)[
+            :, None, None, None]
+        torch.testing.assert_close(got, c_skip * x + c_out * v)
+
+
 # -- memory, inputs -----------------------------------------------------------------------------------------------
 
 def test_a_latent_that_cannot_fit_is_refused_before_allocation():

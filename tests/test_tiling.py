@@ -379,3 +379,12 @@ def test_frames_not_a_multiple_of_8_are_refused_with_a_size_to_resize_to():
                                               rf"Resize or crop them first \(Load Video \(Kinema\) does; e\.g\. to "
                                               rf"{to}\)$"):
             encode_frames(sd_vae(), torch.rand(1, h, w, 3))
+
+
+def test_a_smaller_tiling_never_goes_below_the_smallest_tile():
+    """Halving a tile stops at ``minimum`` rounded up to a whole ``unit``: tiles of 32 with a smallest of 20 in units
+    of 8 become 24 (not 16, under the smallest), the overlap at most a quarter of it; a tile at that least is final."""
+    assert TileOptions(32, 8).smaller(20, 8) == TileOptions(24, 0)
+    assert TileOptions(64, 16).smaller(20, 8) == TileOptions(32, 8)
+    assert TileOptions(24, 0).smaller(20, 8) is None
+    assert TileOptions.first(40, 20, 8) == TileOptions(24, 8)
