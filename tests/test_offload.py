@@ -65,6 +65,20 @@ def test_prefetch_never_evicts_the_block_in_use():
     assert streamer.on_device == [] and not watch.on
 
 
+def test_prefetching_a_resident_block_again_moves_nothing_and_evicts_nothing():
+    """A block already on the device is not brought again by a prefetch: no move, no eviction of the block in use
+    (a second bring would also find its tensors on the device and lose their storage copies)."""
+    watch = Residency()
+    streamer = BlockStreamer(cpu_block_offload(2, watch))
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    streamer.use(a)
+    streamer.prefetch(b)
+    streamer.prefetch(b)
+    assert streamer.on_device == [a, b] and watch.moves == 2 and watch.on == {id(a), id(b)}
+    streamer.close()
+    assert not watch.on
+
+
 def test_with_one_resident_block_prefetch_waits_for_the_block_in_use():
     """--novram keeps one block on the device: a prefetch then would evict the block about to run."""
     watch = Residency()

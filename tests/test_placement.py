@@ -191,6 +191,11 @@ def test_a_models_size_counts_its_buffers_and_the_cpu_needs_no_room(monkeypatch)
     assert asked == []
     placement.make_room(1 << 20, torch.device("cuda"))
     assert asked == [(1 << 20, torch.device("cuda"))]
+    asked.clear()  # after an out-of-memory error on the CPU: ComfyUI is not asked to unload its models either
+    placement.make_room_all(torch.device("cpu"))
+    assert asked == []
+    placement.make_room_all(torch.device("cuda", 0))
+    assert asked == [(placement.ALL_BYTES, torch.device("cuda", 0))]
 
 
 def test_errors_other_than_out_of_memory_pass_unchanged(monkeypatch):
@@ -516,3 +521,17 @@ def test_resting_under_none_with_a_device_moves_the_video_model_there():
     placement.rest(model, OffloadOptions(mode="none", device="cpu", on_move=watch))
     assert [d for i, d in watch.log if i == id(model.unet)] == ["cpu"]
     assert [d for i, d in watch.log if i == id(model.motion)] == ["cpu"]
+
+
+def test_a_run_under_none_leaves_the_weights_a_running_call_is_using_where_they_are(monkeypatch):
+    """A model whose UNet and motion module another call (model offload) is using is not moved by a nested run of
+    the same weights under none on another device: the outer call computes with them; they go back after it."""
+    watch, moved = Moves(), []
+    outer = motion_model("v2").with_options(offload=_video_opts("model", watch))
+    inner = outer.with_options(offload=OffloadOptions(mode="none", device="cuda:0"))
+    with placement.video_model_on_device(outer):
+        monkeypatch.setattr(placement, "_move", lambda m, device, on_move: moved.append((m, device)))
+        with placement.video_model_on_device(inner):
+            assert moved == []
+    for m in (outer.unet, outer.motion):
+        assert [d for i, d in watch.log if i == id(m)] == ["cpu", "cpu:1"]
