@@ -1,5 +1,7 @@
 """The shortcuts of the shared layers give what the plain computation gives: the attention shortcuts what full
 attention gives, the frame convolution what a Conv3d gives."""
+import math
+
 import pytest
 import torch
 from einops import rearrange
@@ -257,7 +259,7 @@ def test_query_chunks_are_of_the_given_size_and_the_last_partial_chunk_is_attend
     q, k, v = torch.randn(2, 11, 16), torch.randn(2, 7, 16), torch.randn(2, 7, 16)
     whole = attention(q, k, v, 2)
     sizes = _query_sizes(monkeypatch)
-    for chunk, want in ((4, [4, 4, 3]), (6, [6, 5]), (11, [11]), (12, [11])):
+    for chunk, want in ((4, [4, 4, 3]), (6, [6, 5]), (10, [10, 1]), (11, [11]), (12, [11])):
         sizes.clear()
         torch.testing.assert_close(attention(q, k, v, 2, chunk=chunk), whole, rtol=0, atol=1e-6)
         assert sizes == want, chunk
@@ -275,6 +277,35 @@ def test_the_attention_chunk_reaches_every_attention_of_every_transformer_block(
         chunked = block(x, context, RunOptions(attn_chunk=5), lambda j: ((k, v, 0.5),))
     assert sizes == [5, 5, 5, 1] * 6  # three attentions in each of the two blocks
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_the_timestep_embedding_is_ldms_cos_half_then_sin_half():
+    """LDM's ``timestep_embedding``: frequencies ``10000 ** (-i / half)``, the cosines first, then the sines."""
+    emb = layers.timestep_embedding(torch.tensor([0.0, 1.0, 100.0]), 4)
+    want = torch.tensor([[1.0, 1.0, 0.0, 0.0],
+                         [math.cos(1.0), math.cos(0.01), math.sin(1.0), math.sin(0.01)],
+                         [math.cos(100.0), math.cos(1.0), math.sin(100.0), math.sin(1.0)]])
+    torch.testing.assert_close(emb, want, rtol=0, atol=1e-5)
+
+
+def test_the_feed_forward_runs_in_slices_of_tokens_past_its_byte_budget(monkeypatch):
+    """A feed-forward whose widest intermediate (the GEGLU projection, 2 x 4 x dim) would exceed
+    ``FF_SLICE_BYTES`` runs on slices of that many tokens: one token over the budget makes two slices; each
+    token's result is the plain ``net``'s."""
+    ff = layers.FeedForward(4).eval()  # the projection: 32 floats a token
+    monkeypatch.setattr(layers, "FF_SLICE_BYTES", 3 * 32 * 4)  # 3 tokens at once
+    rows = []
+    ff.net[0].register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    x = torch.randn(2, 2, 4)  # 4 tokens
+    with torch.no_grad():
+        out = ff(x)
+        whole = torch.cat([ff.net(t) for t in x.reshape(4, 1, 4)]).view(2, 2, 4)
+    assert rows[:2] == [3, 1]
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
+    rows.clear()
+    with torch.no_grad():
+        ff(torch.randn(3, 4))  # 3 tokens: within the budget, one piece
+    assert rows == [3]
 
 
 def test_an_odd_timestep_embedding_width_is_padded_with_a_zero_column():

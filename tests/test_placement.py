@@ -256,6 +256,76 @@ def test_after_an_out_of_memory_error_the_host_is_asked_to_unload_its_idle_model
     assert calls == ["big", "released", "small"]
 
 
+def test_an_out_of_memory_retry_that_fails_names_the_remedy_for_the_last_setting_tried(monkeypatch, caplog):
+    """The retry is said in the log; a second out-of-memory error names the remedy of the smaller setting, and one
+    with nothing smaller to try that of the first."""
+    calls = []
+    monkeypatch.setattr(memory, "release_cached_memory", lambda: calls.append("released"))
+
+    def run(setting):
+        calls.append(setting)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with caplog.at_level(logging.WARNING, logger="kinema"), pytest.raises(KinemaOutOfMemoryError) as caught:
+        memory.run_with_oom_retry(run, "big", lambda s: "small", "decoding", lambda s: f"make {s} smaller")
+    assert calls == ["big", "released", "small", "released"]
+    assert str(caught.value) == "decoding ran out of memory, also with small: make small smaller"
+    assert "decoding ran out of memory with big; retrying once with small" in caplog.text
+    calls.clear()
+    with pytest.raises(KinemaOutOfMemoryError) as caught:
+        memory.run_with_oom_retry(run, "big", lambda s: None, "decoding", lambda s: f"make {s} smaller")
+    assert calls == ["big", "released"]
+    assert str(caught.value).endswith("nothing smaller to retry with: make big smaller")
+
+
+def test_auto_precision_is_fp16_on_cuda_and_fp32_elsewhere():
+    assert memory.pick_dtype("auto", "cuda") == memory.pick_dtype("auto", torch.device("cuda", 1)) == torch.float16
+    assert memory.pick_dtype("auto", "cpu") == memory.pick_dtype("auto", "mps") == torch.float32
+    assert [memory.pick_dtype(p, "cuda") for p in ("fp32", "fp16", "bf16")] == [torch.float32, torch.float16,
+                                                                                 torch.bfloat16]
+    with pytest.raises(KinemaError, match="unknown precision 'fp8'"):
+        memory.pick_dtype("fp8", "cpu")
+
+
+def test_the_host_is_asked_for_the_faster_ways_memory_but_only_the_needed_memory_is_required(monkeypatch):
+    """``check_fits(needed, wanted=...)``: where the free memory is short of what batching cond and uncond wants,
+    the host is asked to free that much; the work goes on when what it needs at the least is free."""
+    asked = []
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 3 << 29)  # 1.5 GiB, the host frees nothing
+    monkeypatch.setattr(placement, "_make_room", lambda nbytes, device: asked.append((nbytes, device.type)))
+    memory.check_fits(1 << 30, "cuda", "sampling", "lower it", wanted=2 << 30)
+    assert asked == [(2 << 30, "cuda")]
+    asked.clear()
+    memory.check_fits(1 << 30, "cuda", "sampling", "lower it", wanted=1 << 29)  # both fit: nothing asked
+    assert asked == []
+    with pytest.raises(KinemaOutOfMemoryError, match="sampling needs about 2.00 GiB but cuda has 1.50 GiB free"):
+        memory.check_fits(2 << 30, "cuda", "sampling", "lower it", wanted=4 << 30)
+    assert asked == [(4 << 30, "cuda")]
+
+
+def test_the_cpus_available_memory_is_read_in_bytes_from_meminfo(monkeypatch):
+    import io
+
+    meminfo = "MemTotal:       16384 kB\nMemFree:         1024 kB\nMemAvailable:    4096 kB\n"
+    monkeypatch.setattr(memory, "open", lambda path: io.StringIO(meminfo), raising=False)
+    assert memory.available_bytes("cpu") == 4096 * 1024
+
+    def unreadable(path):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(memory, "open", unreadable, raising=False)
+    assert memory.available_bytes("cpu") is None
+
+
+def test_a_precision_cast_leaves_integer_parameters_and_returns_a_module_with_nothing_to_cast():
+    net = torch.nn.Linear(2, 2).half()
+    net.steps = torch.nn.Parameter(torch.arange(3), requires_grad=False)  # an integer parameter: not a weight
+    assert memory.cast_weights(net, torch.float16) is net
+    full = memory.cast_weights(net, torch.float32)
+    assert full.weight.dtype == torch.float32 and full.steps.dtype == torch.int64
+    assert net.weight.dtype == torch.float16  # the input is never changed
+
+
 def test_a_move_that_runs_out_of_memory_half_way_leaves_nothing_on_the_device(monkeypatch):
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     before = [t.data_ptr() for t in net.parameters()]

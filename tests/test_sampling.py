@@ -314,6 +314,32 @@ def test_edm_table_is_comfyuis_1000_log_spaced_levels():
     assert sampling.simple_scheduler(edm, 4).tolist() == pytest.approx(want, rel=2e-5)
     assert edm.percent_to_sigma(0.25) == pytest.approx(math.exp(math.log(0.002) + 0.75 * span), rel=1e-5)
     assert edm.percent_to_sigma(1e-17) == pytest.approx(700.0, rel=1e-5)  # the table's top level, not past it
+    assert edm.percent_to_sigma(0.0) == math.inf and edm.percent_to_sigma(1.0) == 0.0  # ComfyUI: above all, 0
+
+
+def test_an_ancestral_steps_noise_is_capped_at_the_next_sigma():
+    """k-diffusion's get_ancestral_step: sigma_up = min(sigma_to, eta * ...); an eta above 1 lands on the noise."""
+    down, up = sampling.ancestral_step(torch.tensor(10.0), torch.tensor(1.0), eta=5.0)
+    assert float(up) == 1.0 and float(down) == 0.0
+    down, up = sampling.ancestral_step(torch.tensor(2.0), torch.tensor(1.0), eta=1.0)
+    assert float(up) == pytest.approx(math.sqrt(0.75)) and float(down) == pytest.approx(0.5)
+
+
+def test_edm_time_input_is_a_quarter_of_log_sigma():
+    """SVD's c_noise = 0.25 ln(sigma) (EDM), and ``sigma`` its inverse."""
+    edm = sampling.ContinuousEDMSchedule()
+    assert float(edm.timestep(torch.tensor(math.exp(4.0)))) == pytest.approx(1.0, rel=1e-6)
+    assert float(edm.timestep(torch.tensor(700.0))) == pytest.approx(0.25 * math.log(700.0), rel=1e-6)
+    assert float(edm.sigma(torch.tensor(-0.5))) == pytest.approx(math.exp(-2.0), rel=1e-6)
+
+
+def test_discrete_percent_to_sigma_is_comfyuis_timestep_percent_of_999():
+    """ComfyUI's ModelSamplingDiscrete: ``sigma((1 - percent) * 999)``, log-linear between the two levels."""
+    s = sampling.DiscreteSchedule("scaled_linear")
+    logs = s.sigmas.double().log()
+    assert s.percent_to_sigma(0.5) == pytest.approx(math.exp(float(logs[499] + logs[500]) / 2), rel=1e-5)
+    assert s.percent_to_sigma(0.25) == pytest.approx(math.exp(float(0.75 * logs[749] + 0.25 * logs[750])), rel=1e-5)
+    assert s.percent_to_sigma(0.0) == math.inf and s.percent_to_sigma(1.0) == 0.0
 
 
 def test_ancestral_noise_is_comfyuis_default_noise_sampler():
