@@ -637,6 +637,14 @@ def test_chunks_are_padded_with_the_pad_token_not_the_end_token():
     assert [t for t, _ in chunks[1]] == [S] + [1000 + i for i in range(7)] + [E] + [0] * 68
 
 
+def test_a_chunk_closed_by_a_split_segment_ends_with_the_end_token_not_the_pad():
+    """A long segment split at the boundary closes the full chunk with the end token (ComfyUI appends
+    ``end_token`` there), also where ``pad`` is another token (SD2-style pad 0)."""
+    chunks = prompt.chunk_tokens([[(i + 1, 1.0) for i in range(80)]], S, E, 0)
+    assert [t for t, _ in chunks[0]] == [S] + list(range(1, 76)) + [E]
+    assert [t for t, _ in chunks[1]] == [S] + list(range(76, 81)) + [E] + [0] * 70
+
+
 def test_a_segment_filling_the_chunk_exactly_stays_one_chunk():
     chunks = prompt.chunk_tokens([[(i, 1.0) for i in range(75)]], S, E, E)
     assert len(chunks) == 1 and [t for t, _ in chunks[0]] == [S] + list(range(75)) + [E]
@@ -665,3 +673,35 @@ def test_embedding_files_with_empty_or_integer_vectors_are_refused(tmp_path, ten
     save_file({"emb_params": tensor}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(KinemaError, match=f"the embedding 'bad.safetensors' holds a tensor of {shown}.*: not"):
         load_embedding(str(tmp_path / "bad.safetensors"), HIDDEN)
+
+
+def test_a_token_table_one_row_short_is_refused(reference_model):
+    """49407 rows lack the end token's own row (49407): refused like any smaller table, not only far smaller ones."""
+    sd = _sd15_layout(reference_model)
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    sd[key] = sd[key][:E]
+    with pytest.raises(KinemaError, match="has 49407 tokens, the SD1.5 tokenizer needs 49408"):
+        encoders.TextEncoder.from_state_dict(sd)
+
+
+def test_a_long_context_encoder_chunks_prompts_at_its_own_position_count():
+    """A text encoder with 248 positions (long-context CLIP) takes chunks of 248 tokens, start + prompt + end +
+    padding, and encodes them as transformers does on those ids (not in 77-token chunks)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=1, max_position_embeddings=248, hidden_act="quick_gelu",
+                            bos_token_id=S, eos_token_id=E, pad_token_id=E)
+    torch.manual_seed(0)
+    model = CLIPTextModel(config).eval()
+    encoder = encoders.TextEncoder.from_state_dict(_sd15_layout(model))
+    text = ", ".join(["a photo of a red cat"] * 20)  # about 140 tokens: one chunk of 248, two of 77
+    tokens = encoders.tokenize(text)
+    assert 75 < len(tokens) < 246
+    cond, pooled = encoder.encode(text)
+    ids = torch.tensor([[S] + tokens + [E] * (248 - 1 - len(tokens))])
+    with torch.no_grad():
+        ref = model(input_ids=ids)
+    assert cond.shape == (1, 248, 64)
+    torch.testing.assert_close(cond, ref.last_hidden_state)
+    torch.testing.assert_close(pooled, ref.pooler_output)
