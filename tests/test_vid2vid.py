@@ -134,6 +134,24 @@ def test_constant_rate_of_frame_delays():
     assert video_io.constant_rate([0, 0]) == (None, [1, 1])
 
 
+def test_constant_rate_allows_exactly_four_frames_out_for_each_frame_in():
+    """The repeat limit is inclusive: 100 and 700 ms are 1 + 7 = 8 frames of 100 ms for 2 in (4 each), so 10 fps;
+    100 and 800 ms (9 for 2) keep each frame once at the mean rate, 2 frames in 0.9 s."""
+    assert video_io.constant_rate([100, 700]) == (pytest.approx(10.0), [1, 7])
+    assert video_io.constant_rate([100, 800]) == (pytest.approx(2000 / 900), [1, 1])
+
+
+def test_an_animation_without_frame_delays_reads_at_10_fps(tmp_path):
+    """A GIF whose frames carry no delay plays at 10 fps in browsers (0.1 s a frame): read at that rate."""
+    from PIL import Image
+
+    frames = [Image.new("RGB", (16, 16), (40 * i, 0, 0)) for i in range(3)]
+    path = str(tmp_path / "no_delay.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    images, fps = video_io.read_video(path)
+    assert images.shape == (3, 16, 16, 3) and fps == 10.0
+
+
 def test_variable_frame_rate_mp4_reads_each_frame_once_at_its_mean_rate(tmp_path):
     """A phone's variable-rate video: every decoded frame once (not padded with repeats to a constant rate),
     at ffmpeg's mean rate, so the frames last as long as the video."""

@@ -64,6 +64,14 @@ def test_to_uint8_long_video_in_chunks_matches():
     assert np.array_equal(video_io.to_uint8(x.double()), want)
 
 
+@pytest.mark.parametrize("frames", [17, 32, 33])
+def test_to_uint8_keeps_every_frame_of_a_long_video(frames):
+    """A long video converted 16 frames at a time keeps a last chunk of one frame, and exact multiples of 16."""
+    x = torch.arange(frames, dtype=torch.float32).reshape(frames, 1, 1, 1).expand(frames, 2, 2, 3) / 255
+    got = video_io.to_uint8(x)
+    assert got.shape == (frames, 2, 2, 3) and got[:, 0, 0, 0].tolist() == list(range(frames))
+
+
 def test_to_uint8_accepts_numpy_uint8_and_single_image():
     u = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
     assert video_io.to_uint8(u).shape == (1, 2, 2, 3)
