@@ -215,6 +215,10 @@ _TO_K = _UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     # SDXL LoRAs: kohya's two text encoders, and diffusers' second text encoder alone
     ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 8)}, "sdxl_lora"),
     ({"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": (4, 8)}, "sdxl_lora"),
+    # an SDXL LoRA in diffusers' attention-processor layout is SDXL, not the SD1.5 adapter layout
+    ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight": (4, 640),
+      "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": (4, 1280)},
+     "sdxl_lora"),
     # diffusers / peft LoRA keys
     ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": (4, 8)}, "lora"),
     # SD2.x: a 1024-wide cross-attention context, or OpenCLIP's text encoder; SD1.5's is 768 wide

@@ -310,6 +310,19 @@ def test_diffusers_to_ldm_mapping_matches_diffusers_conversion():
         assert targets["lora_unet_" + ldm.replace(".", "_")] == param
 
 
+
+def test_the_block_map_names_only_modules_both_unets_have():
+    """Every entry of the LDM -> diffusers block map is a module of our UNet and of diffusers' (no upsampler for the
+    outermost up block, which has none in either), and no two LDM modules map to one diffusers module."""
+    from fixtures import diffusers_unet2d
+
+    model = unet()
+    blocks = lora.ldm_to_diffusers_blocks(model.cfg)
+    ours, theirs = dict(model.named_modules()), dict(diffusers_unet2d().named_modules())
+    assert [k for k in blocks if k not in ours] == []
+    assert [v for v in blocks.values() if v not in theirs] == []
+    assert len(set(blocks.values())) == len(blocks)
+
 # -- SD1.5 LoRA: merging -------------------------------------------------------------------------------------------
 
 KNOWN = {  # kohya name -> (part, parameter), written by hand from the SD1.5 block structure
@@ -423,8 +436,10 @@ def test_a_peft_text_encoder_lora_equals_the_kohya_one(prefix):
     assert any(not torch.equal(pa[k], p) for k, p in te.model.named_parameters())
 
 
-@pytest.mark.parametrize("layout", ["lora_linear_layer", "attention_processor"])
-def test_an_earlier_diffusers_text_encoder_lora_equals_the_kohya_one(layout):
+@pytest.mark.parametrize("layout,prefix", [("lora_linear_layer", "text_encoder.text_model."),
+                                           ("attention_processor", "text_encoder.text_model."),
+                                           ("attention_processor", "text_encoder.")])
+def test_an_earlier_diffusers_text_encoder_lora_equals_the_kohya_one(layout, prefix):
     """diffusers' text-encoder LoRA names before peft: ``text_encoder.text_model.<path>.lora_linear_layer.{down,up}``
     (0.18 to 0.21), and before that ``self_attn.{to_q,to_k,to_v,to_out}_lora.{down,up}`` with the MLP in
     ``lora_linear_layer`` names (what diffusers' own conversion reads). Neither carries an alpha."""
@@ -442,9 +457,9 @@ def test_an_earlier_diffusers_text_encoder_lora_equals_the_kohya_one(layout):
         path, role = by_kohya[base[len("lora_te_text_model_"):]], rest.removeprefix("lora_").removesuffix(".weight")
         head, _, leaf = path.rpartition(".")
         if layout == "attention_processor" and leaf in early:
-            diffusers[f"text_encoder.text_model.{head}.{early[leaf]}_lora.{role}.weight"] = v
+            diffusers[f"{prefix}{head}.{early[leaf]}_lora.{role}.weight"] = v
         else:
-            diffusers[f"text_encoder.text_model.{path}.lora_linear_layer.{role}.weight"] = v
+            diffusers[f"{prefix}{path}.lora_linear_layer.{role}.weight"] = v
     assert kohya and len(diffusers) == len(kohya)
     assert checkpoint.detect_format({k: v for k, v in diffusers.items() if "lora_linear_layer" in k}) == "lora"
     _, a = lora.apply_sd15_loras(unet(), te, [(kohya, 1.0, 0.7, "kohya")])

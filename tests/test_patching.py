@@ -305,3 +305,31 @@ def test_changing_a_copys_buffers_or_hooks_leaves_the_original_as_it_is():
     base.eval()
     copy.eval()
     assert torch.equal(copy[0](x), torch.zeros(3, 4)) and not torch.equal(base[0](x), torch.zeros(3, 4))
+
+
+def test_replacing_no_weights_returns_the_model_itself_and_computes_nothing():
+    """``replace_parameters(m, {})`` (a cast that changes no weight) is ``m``: no copy, and a deferred ``m`` stays
+    deferred (its merge is not computed for nothing)."""
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    assert replace_parameters(base, {}) is base
+    calls = []
+
+    def compute(current):
+        calls.append(1)
+        return {n: w + 1 for n, w in current.items()}
+
+    deferred = defer(base, ["1.weight"], compute)
+    assert replace_parameters(deferred, {}) is deferred
+    assert is_deferred(deferred) and calls == []
+    assert defer(base, [], compute) is base and not is_deferred(base)
+
+
+def test_a_deferred_copy_takes_only_the_weights_it_names_from_its_compute():
+    """What ``compute`` returns beyond the deferred names is not put anywhere: the other layers stay the
+    original's modules and tensors."""
+    base = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    w0 = base[0].weight.detach().clone()
+    copy_ = defer(base, ["1.weight"], lambda cur: {"1.weight": cur["1.weight"] * 2, "0.weight": torch.zeros(8, 8)})
+    materialize(copy_)
+    assert copy_[0] is base[0] and copy_[0].weight is base[0].weight and torch.equal(base[0].weight, w0)
+    torch.testing.assert_close(copy_[1].weight, base[1].weight * 2)
