@@ -173,8 +173,10 @@ def _split_key(key: str) -> tuple[str, str] | None:
     ``processor.``) becomes ``X.to_q`` (``to_out`` -> ``to_out.0``).
     """
     for suffix, role in _PROCESSOR_SUFFIXES:
+        if not key.endswith(suffix):
+            continue
         base = key[: -len(suffix)]
-        if key.endswith(suffix) and (".processor." in key or base.endswith(_PROCESSOR_PROJECTIONS)):
+        if ".processor." in base or base.endswith(_PROCESSOR_PROJECTIONS):
             base = base.replace(".processor.", ".")
             if base.endswith(".to_out"):
                 base += ".0"

@@ -502,14 +502,11 @@ def _place(tmp: str, path: str, next_path: Callable[[], str] | None) -> str:
     while next_path is not None:
         try:
             os.link(tmp, path)
-        except FileExistsError:
-            path = os.path.abspath(next_path())
-            continue
-        except OSError:  # no hard links on this file system (FAT, some network shares): check, then replace
-            if os.path.lexists(path):
+        except OSError as e:  # the name is taken, or no hard links on this file system (FAT, some network shares)
+            if isinstance(e, FileExistsError) or os.path.lexists(path):
                 path = os.path.abspath(next_path())
                 continue
-            break
+            break  # free, without hard links: replace
         with contextlib.suppress(OSError):
             os.remove(tmp)
         return path
